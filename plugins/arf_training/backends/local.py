@@ -1,0 +1,256 @@
+"""The embedded default: each step is a local process group (torchrun when world size > 1).
+
+`LocalStepRunner` owns the processes (the "hook"); `LocalStepOperator` and
+`LocalEvaluateOperator` are the Airflow operators built on it. A step runs with an explicit
+environment (not the Airflow worker's), in its own session so that a timeout or a killed task
+stops every process it started, and its output is streamed line by line into the task log.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from airflow.sdk import BaseOperator
+
+from arf_training.backends.base import Backend
+from arf_training.errors import StepFailed, StepTimeout
+from arf_training.runtime import emit_model_event, models_to_evaluate, run_identity, trigger_conf
+from arf_training.settings import ArfSettings
+from arf_training.stepspec import StepSpec, build_step_spec
+
+if TYPE_CHECKING:
+    from arf_training.templates import LoadedTemplate
+
+# Variables a step may inherit from the worker; everything else it gets is in the StepSpec.
+PASSTHROUGH_ENV = ("HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "CUDA_VISIBLE_DEVICES",
+                   "MUJOCO_GL", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "OPENBLAS_CORETYPE",
+                   "OPENBLAS_L2_SIZE")
+TAIL_LINES = 60
+KILL_GRACE_S = 10.0
+
+
+def _bin(name: str) -> str:
+    """Prefer the executable next to this interpreter (the same venv), then PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise StepFailed(f"cannot find {name!r} next to {sys.executable} or on PATH; install "
+                         "arf-training with the 'trainer' extra in this environment")
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _threads(spec: StepSpec) -> str:
+    try:
+        cpu = float(spec.resources.cpu) if not str(spec.resources.cpu).endswith("m") \
+            else float(str(spec.resources.cpu)[:-1]) / 1000
+    except ValueError:
+        cpu = 1.0
+    return str(max(1, int(cpu)))
+
+
+class LocalStepRunner:
+    """Runs one StepSpec as local process groups and waits for them."""
+
+    def __init__(self, log: logging.Logger | Any | None = None):
+        self.log = log or logging.getLogger(__name__)
+        self._procs: list[subprocess.Popen] = []
+        self._killed = False
+
+    def commands(self, spec: StepSpec) -> list[list[str]]:
+        """One command per local "node": plain for a single process, torchrun otherwise."""
+        command = list(spec.command)
+        if command[0] == "arf-trainer":
+            command[0] = _bin("arf-trainer")
+        if spec.world_size == 1:
+            return [command]
+        torchrun = [_bin("torchrun"), f"--nproc-per-node={spec.procs_per_node}"]
+        if spec.nodes == 1:
+            return [torchrun + ["--standalone", "--no-python", *command]]
+        endpoint = f"127.0.0.1:{_free_port()}"
+        rdzv = [f"--nnodes={spec.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                f"--rdzv-id={abs(hash(str(spec.workspace))) % 10**9}"]
+        return [torchrun + rdzv + [f"--node-rank={rank}", "--no-python", *command]
+                for rank in range(spec.nodes)]
+
+    def environment(self, spec: StepSpec, job_spec_path: Path) -> dict[str, str]:
+        env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
+                                       os.environ.get("PATH", "/usr/bin:/bin")])
+        env["PYTHONUNBUFFERED"] = "1"
+        env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+        env["OMP_NUM_THREADS"] = _threads(spec)
+        env.update(spec.env)
+        env["ARF_JOB_SPEC"] = str(job_spec_path)
+        return env
+
+    def run(self, spec: StepSpec) -> dict[str, Any]:
+        spec.workspace.mkdir(parents=True, exist_ok=True)
+        try_number = spec.job_spec["run"]["try_number"]
+        job_spec_path = spec.workspace / "jobspec" / f"{spec.step}-try{try_number}.json"
+        job_spec_path.parent.mkdir(parents=True, exist_ok=True)
+        job_spec_path.write_text(json.dumps(spec.job_spec, indent=2, sort_keys=True))
+        env = self.environment(spec, job_spec_path)
+        commands = self.commands(spec)
+        self.log.info("step %s: world size %d, workspace %s", spec.step, spec.world_size,
+                      spec.workspace)
+        lines: queue.Queue[tuple[int, str | None]] = queue.Queue()
+        tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        for node, command in enumerate(commands):
+            self.log.info("$ %s", " ".join(command))
+            # A new session per node: killpg() then reaches torchrun and all of its workers.
+            proc = subprocess.Popen(command, env=env, cwd=spec.workspace, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, text=True, errors="replace", bufsize=1)
+            self._procs.append(proc)
+            threading.Thread(target=self._pump, args=(node, proc, lines), daemon=True).start()
+        deadline = time.monotonic() + spec.timeout_s
+        open_streams = len(self._procs)
+        prefix = len(self._procs) > 1
+        try:
+            while open_streams:
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise StepTimeout(
+                        f"step {spec.step!r} ran past its timeout of {spec.timeout_s:.0f}s "
+                        f"(training.timeout_minutes) and was stopped. Last lines:\n"
+                        + "\n".join(tail))
+                try:
+                    node, line = lines.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if line is None:
+                    open_streams -= 1
+                    continue
+                text = f"[node {node}] {line}" if prefix else line
+                tail.append(text)
+                self.log.info("%s", text)
+            codes = [proc.wait() for proc in self._procs]
+        finally:
+            self.kill()
+        failed = [(i, c) for i, c in enumerate(codes) if c != 0]
+        if failed:
+            what = ", ".join(f"node {i} exit code {c}" for i, c in failed)
+            raise StepFailed(f"step {spec.step!r} failed ({what}). Last lines of its output:\n"
+                             + "\n".join(tail))
+        if not spec.result_path.exists():
+            raise StepFailed(f"step {spec.step!r} exited 0 but wrote no result at "
+                             f"{spec.result_path}; a step must write its result JSON last")
+        return json.loads(spec.result_path.read_text())
+
+    @staticmethod
+    def _pump(node: int, proc: subprocess.Popen, lines: queue.Queue) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put((node, line.rstrip("\n")))
+        lines.put((node, None))
+
+    def kill(self) -> None:
+        """Stop every process group still running: SIGTERM, a grace period, then SIGKILL."""
+        alive = [p for p in self._procs if p.poll() is None]
+        for proc in alive:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + KILL_GRACE_S
+        for proc in alive:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self._procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # also reaps orphans left in the group
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+class LocalStepOperator(BaseOperator):
+    """Runs `arf-trainer <step>` (or the template's own command) as a local process group.
+
+    :param loaded: the validated template (with its path and content hash).
+    :param step: prepare, train or register.
+    """
+
+    ui_color = "#e8f4ea"
+
+    def __init__(self, *, loaded: LoadedTemplate, step: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.loaded = loaded
+        self.step = step
+        self._runner: LocalStepRunner | None = None
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        spec = build_step_spec(self.loaded, self.step, run_identity(context),
+                               trigger_conf(context), ArfSettings.from_env())
+        self._runner = LocalStepRunner(self.log)
+        result = self._runner.run(spec)
+        if self.step == "register":
+            emit_model_event(context, self.loaded, result)
+        return result
+
+    def on_kill(self) -> None:
+        if self._runner is not None:
+            self._runner.kill()
+
+
+class LocalEvaluateOperator(BaseOperator):
+    """Evaluates each model version named by the triggering Asset events (or params)."""
+
+    ui_color = "#fdf2e0"
+
+    def __init__(self, *, templates: dict[str, LoadedTemplate], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.templates = templates
+        self._runner: LocalStepRunner | None = None
+
+    def execute(self, context: Any) -> list[dict[str, Any]]:
+        settings = ArfSettings.from_env()
+        results = []
+        for target in models_to_evaluate(context, self.templates):
+            loaded = self.templates[target["model_name"]]
+            self.log.info("evaluating %s version %s (from %s)", target["model_name"],
+                          target["model_version"], target["source"])
+            # Evaluation is configured by the template, not by this run's conf.
+            spec = build_step_spec(loaded, "evaluate", run_identity(context), {}, settings,
+                                   inputs=target)
+            self._runner = LocalStepRunner(self.log)
+            results.append(self._runner.run(spec))
+        return results
+
+    def on_kill(self) -> None:
+        if self._runner is not None:
+            self._runner.kill()
+
+
+class LocalBackend(Backend):
+    """Steps as local processes; `torchrun` for multi-process training (gloo on CPU)."""
+
+    name: ClassVar[str] = "local"
+
+    def step_task(self, *, task_id: str, loaded: LoadedTemplate, step: str, **kwargs: Any):
+        return LocalStepOperator(task_id=task_id, loaded=loaded, step=step, **kwargs)
+
+    def evaluate_task(self, *, task_id: str, templates: dict[str, LoadedTemplate], **kwargs: Any):
+        return LocalEvaluateOperator(task_id=task_id, templates=templates, **kwargs)

@@ -1,0 +1,160 @@
+"""`arf`: the platform's command line.
+
+    arf templates lint [PATH ...]     validate templates (default: the templates folder)
+    arf templates schema [-o FILE]    JSON Schema of the template format, for editors
+    arf templates list                the templates and their DAGs
+    arf datahub seed [--force]        create the demo tables in the embedded data hub
+    arf demo [--template T]           seed, run T end to end through Airflow, evaluate
+    arf up | arf down                 start / stop Airflow + MLflow on localhost
+    arf airflow ARGS ...              any `airflow` command in the embedded environment
+    arf env                           print the embedded environment as shell exports
+
+Exit codes: 0 success, 1 the work failed, 2 bad input (template, argument).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from arf_training.errors import ArfError, ConfError, TemplateError
+
+
+def _lint(paths: list[str]) -> int:
+    from arf_training.settings import templates_dir
+    from arf_training.templates import load_folder, template_files
+
+    files: list[Path] = []
+    for raw in paths or [str(templates_dir())]:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(template_files(path))
+        elif path.exists():
+            files.append(path)
+        else:
+            print(f"arf templates lint: {raw}: no such file or folder", file=sys.stderr)
+            return 2
+    good, issues = load_folder(files)
+    for loaded in good:
+        print(f"ok     {loaded.path}  ({loaded.name} -> model {loaded.template.model.name})")
+    for issue in issues:
+        print(f"error  {issue}")
+    print(f"{len(good)} valid, {len({i.file for i in issues})} invalid")
+    return 2 if issues else 0
+
+
+def _list() -> int:
+    from arf_training.settings import templates_dir
+    from arf_training.templates import load_folder, template_files
+
+    good, issues = load_folder(template_files(templates_dir()))
+    for loaded in good:
+        t = loaded.template
+        how = t.training.recipe or "custom command"
+        print(f"{t.name:24} {how:12} {t.training.distributed.world_size} proc  "
+              f"schedule={t.schedule or 'manual'}  model={t.model.name}")
+    if issues:
+        print(f"({len({i.file for i in issues})} invalid template(s): run `arf templates lint`)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="arf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    templates = sub.add_parser("templates", help="validate and inspect training templates")
+    tsub = templates.add_subparsers(dest="sub", required=True)
+    lint = tsub.add_parser("lint", help="validate template files")
+    lint.add_argument("paths", nargs="*", help="files or folders (default: the templates folder)")
+    schema = tsub.add_parser("schema", help="print the JSON Schema of templates")
+    schema.add_argument("-o", "--output", help="write to this file instead of stdout")
+    tsub.add_parser("list", help="list the valid templates")
+    hub = sub.add_parser("datahub", help="the embedded data hub")
+    hsub = hub.add_subparsers(dest="sub", required=True)
+    seed = hsub.add_parser("seed", help="create the demo tables (idempotent)")
+    seed.add_argument("--force", action="store_true", help="write new versions even if seeded")
+    seed.add_argument("--episodes", type=int, default=200, help="expert reach episodes")
+    demo = sub.add_parser("demo", help="run a template end to end on the embedded default")
+    demo.add_argument("--template", default="reach_bc", help="template name (default reach_bc)")
+    demo.add_argument("--conf", default="{}", help="trigger conf as JSON, e.g. '{\"epochs\": 5}'")
+    demo.add_argument("-v", "--verbose", action="store_true", help="show the full Airflow output")
+    up = sub.add_parser("up", help="start Airflow (api-server, scheduler, dag-processor, "
+                                   "triggerer) and an MLflow server")
+    up.add_argument("--port", type=int, default=8080, help="Airflow UI/API port")
+    up.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port")
+    sub.add_parser("down", help="stop what `arf up` started")
+    af = sub.add_parser("airflow", help="run an airflow command in the embedded environment")
+    af.add_argument("args", nargs=argparse.REMAINDER)
+    sub.add_parser("env", help="print the embedded environment as shell exports")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "templates":
+            if args.sub == "lint":
+                return _lint(args.paths)
+            if args.sub == "list":
+                return _list()
+            from arf_training.templates import json_schema
+
+            text = json.dumps(json_schema(), indent=2)
+            if args.output:
+                Path(args.output).write_text(text + "\n")
+            else:
+                print(text)
+            return 0
+        if args.command == "datahub":
+            import subprocess
+
+            from arf_training.embedded import _bin, environment
+            from arf_training.settings import ArfSettings
+
+            settings = ArfSettings.from_env()
+            cmd = [_bin("arf-trainer"), "datahub", "seed", "--hub", settings.datahub_uri,
+                   "--episodes", str(args.episodes)] + (["--force"] if args.force else [])
+            return subprocess.run(cmd, env=environment(settings)).returncode
+        if args.command == "demo":
+            try:
+                conf = json.loads(args.conf)
+            except json.JSONDecodeError as exc:
+                raise ConfError(f"--conf is not valid JSON ({exc}): {args.conf!r}") from exc
+            from arf_training.demo import run_demo
+
+            run_demo(args.template, conf, verbose=args.verbose)
+            return 0
+        if args.command == "up":
+            from arf_training.embedded import up
+
+            started = up(api_port=args.port, mlflow_port=args.mlflow_port)
+            print("started: " + ", ".join(f"{k} (pid {v})" for k, v in started.items()))
+            print(f"Airflow UI  http://127.0.0.1:{args.port}    MLflow UI  "
+                  f"http://127.0.0.1:{args.mlflow_port}    stop with `make down`")
+            return 0
+        if args.command == "down":
+            from arf_training.embedded import down
+
+            print("stopped: " + (", ".join(down()) or "nothing was running"))
+            return 0
+        if args.command == "airflow":
+            from arf_training.embedded import airflow
+
+            return airflow(args.args, check=False).returncode
+        from arf_training.embedded import environment
+
+        keys = sorted(k for k in environment() if k.startswith(("AIRFLOW", "ARF_", "MLFLOW")))
+        env = environment()
+        for key in keys:
+            print(f"export {key}={shlex.quote(env[key])}")
+        return 0
+    except (TemplateError, ConfError) as exc:
+        print(f"arf {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ArfError as exc:
+        print(f"arf {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""`arf demo`: seed the embedded data hub, run a template end to end through Airflow, evaluate.
+
+The training DAG runs with `airflow dags test` (the real DAG, operators and steps, without a
+scheduler). Its `register_model` task emits the Asset event; the demo reads that event from the
+Airflow metadata DB and runs `arf_evaluate` with the event's payload, which is what the scheduler
+does when it sees the event (`make up` runs that path for real).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from arf_training.embedded import airflow, environment, migrate
+from arf_training.errors import ArfError
+from arf_training.factory import EVALUATE_DAG_ID
+from arf_training.settings import ArfSettings
+from arf_training.stepspec import workspace_for
+
+
+def seed_datahub(settings: ArfSettings, env: dict[str, str]) -> dict[str, Any]:
+    trainer = Path(sys.executable).parent / "arf-trainer"
+    proc = subprocess.run([str(trainer if trainer.exists() else "arf-trainer"), "datahub", "seed",
+                           "--hub", settings.datahub_uri], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ArfError(f"seeding the data hub failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout[proc.stdout.index("{"):])
+
+
+def _latest_run(dag_id: str) -> Any:
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        run = session.scalars(select(DagRun).where(DagRun.dag_id == dag_id)
+                              .order_by(DagRun.id.desc()).limit(1)).first()
+        if run is None:
+            raise ArfError(f"no run of {dag_id!r} was recorded; see the output above")
+        session.expunge(run)
+        return run
+
+
+def _asset_event(source_dag: str, source_run: str) -> dict[str, Any]:
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        event = session.scalars(select(AssetEvent).where(
+            AssetEvent.source_dag_id == source_dag, AssetEvent.source_run_id == source_run)
+            .order_by(AssetEvent.id.desc()).limit(1)).first()
+        if event is None:
+            raise ArfError(f"{source_dag}/{source_run} emitted no Asset event; was register_model "
+                           "successful?")
+        return {"id": event.id, "uri": event.asset.uri, "extra": dict(event.extra or {})}
+
+
+def _dags_test(dag_id: str, conf: dict[str, Any], env: dict[str, str], log_path: Path,
+               verbose: bool) -> tuple[Any, float]:
+    start = time.monotonic()
+    args = ["dags", "test", dag_id, "-c", json.dumps(conf)]
+    with open(log_path, "a") as log:
+        log.write(f"\n$ airflow {' '.join(args)}\n")
+        log.flush()
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), *args], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            if verbose or _interesting(line):
+                print(line.rstrip()[:220], flush=True)
+        proc.wait()
+    run = _latest_run(dag_id)
+    if proc.returncode != 0 or str(run.state) != "success":
+        raise ArfError(f"{dag_id} run {run.run_id} ended {run.state} (exit {proc.returncode}); "
+                       f"full log: {log_path}")
+    return run, time.monotonic() - start
+
+
+def _interesting(line: str) -> bool:
+    markers = ("| epoch", "progress", "prepare:", "registered", "evaluate:", "ERROR", "Error",
+               "Traceback", "failed", "success rate")
+    return any(m in line for m in markers)
+
+
+def run_demo(template: str = "reach_bc", conf: dict[str, Any] | None = None,
+             verbose: bool = False) -> dict[str, Any]:
+    settings = ArfSettings.from_env()
+    env = environment(settings)
+    os.environ.update(env)  # this process reads the Airflow DB below
+    logs = settings.home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"demo-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    t0 = time.monotonic()
+
+    print(f"[arf demo] data hub: {settings.datahub_uri}", flush=True)
+    seeded = seed_datahub(settings, env)
+    print(f"[arf demo] Airflow metadata DB: {env['AIRFLOW__DATABASE__SQL_ALCHEMY_CONN']}", flush=True)
+    migrate(env)
+    print(f"[arf demo] running DAG {template!r} with `airflow dags test` (log: {log_path})",
+          flush=True)
+    run, train_s = _dags_test(template, conf or {}, env, log_path, verbose)
+    ws = workspace_for(settings, template, run.run_id)
+    prepare = json.loads((ws / "prepare" / "result.json").read_text())
+    train = json.loads((ws / "train" / "result.json").read_text())
+    register = json.loads((ws / "register" / "result.json").read_text())
+    event = _asset_event(template, run.run_id)
+
+    evaluation = None
+    if _has_evaluation(template):
+        print(f"[arf demo] Asset event {event['uri']} -> running {EVALUATE_DAG_ID} with its "
+              f"payload", flush=True)
+        payload = {"model_name": event["extra"]["model_name"],
+                   "model_version": event["extra"]["model_version"]}
+        eval_run, eval_s = _dags_test(EVALUATE_DAG_ID, payload, env, log_path, verbose)
+        eval_ws = workspace_for(settings, EVALUATE_DAG_ID, eval_run.run_id)
+        evaluation = json.loads(next(eval_ws.glob("evaluate-*/result.json")).read_text())
+        evaluation.update(dag_run_id=eval_run.run_id, wall_s=round(eval_s, 1))
+
+    summary = {
+        "template": template, "dag_run_id": run.run_id, "state": str(run.state),
+        "wall_s": round(train_s, 1), "total_s": round(time.monotonic() - t0, 1),
+        "datahub": seeded, "dataset": prepare, "training": train, "model": register,
+        "asset_event": event, "evaluation": evaluation, "log": str(log_path),
+        "tracking_uri": settings.tracking_uri,
+    }
+    (ws / "demo-summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(format_summary(summary, settings), flush=True)
+    return summary
+
+
+def _has_evaluation(template: str) -> bool:
+    from arf_training.settings import templates_dir
+    from arf_training.templates import load_folder, template_files
+
+    loaded, _ = load_folder(template_files(templates_dir()))
+    return any(t.name == template and t.template.evaluation for t in loaded)
+
+
+def format_summary(s: dict[str, Any], settings: ArfSettings) -> str:
+    ds, tr, model, ev = s["dataset"], s["training"], s["model"], s["evaluation"]
+    tables = ", ".join(f"{n}@v{v['version'] if isinstance(v, dict) else v}"
+                       for n, v in (ds.get("tables") or {}).items())
+    metrics = ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                        for k, v in sorted((tr.get("metrics") or {}).items()))
+    lines = [
+        "",
+        "=" * 78,
+        f"ARF demo: template {s['template']!r}",
+        f"  DAG run     {s['template']} / {s['dag_run_id']}: {s['state']} in {s['wall_s']} s",
+        f"  dataset     {ds.get('rows')} rows (train {ds.get('train_rows')}, val "
+        f"{ds.get('val_rows')}) from {tables}; fingerprint {str(ds.get('fingerprint'))[:16]}",
+        f"  training    world size {tr.get('world_size')}, {tr.get('steps')} steps; {metrics}",
+        f"              weights sha256 {str(tr.get('weights_sha256'))[:16]}; MLflow run "
+        f"{tr.get('mlflow_run_id')}",
+        f"  model       {model['model_name']} version {model['model_version']} "
+        f"({model.get('model_uri')})",
+    ]
+    if ev:
+        lines.append(f"  evaluation  success rate {ev['success_rate']:.2%} over {ev['episodes']} "
+                     f"episodes, mean final distance {ev['mean_final_distance']:.4f} "
+                     f"({'passed' if ev.get('passed') else 'below threshold'}; "
+                     f"{EVALUATE_DAG_ID} run {ev['dag_run_id']})")
+    lines += [
+        f"  total       {s['total_s']} s; full log {s['log']}",
+        "Next:",
+        f"  MLflow UI   .venv/bin/mlflow ui --backend-store-uri {settings.tracking_uri} "
+        "--port 5000   (then http://127.0.0.1:5000)",
+        "  Airflow UI  make up   (then http://127.0.0.1:8080; `make down` stops it)",
+        "=" * 78,
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""One exception root for the Airflow side; each subclass names a kind of failure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ArfError(Exception):
+    """Root of every error arf-training raises on purpose on the Airflow side."""
+
+
+@dataclass(frozen=True)
+class TemplateIssue:
+    """One problem in one template file, located as precisely as the YAML allows."""
+
+    file: str
+    message: str
+    field: str = ""
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class TemplateError(ArfError):
+    """A template file is invalid. Carries every issue found, not only the first."""
+
+    def __init__(self, issues: list[TemplateIssue]):
+        self.issues = list(issues)
+        super().__init__("\n".join(str(i) for i in self.issues))
+
+
+class ConfError(ArfError):
+    """A trigger conf (UI form, REST API, CLI --set) is invalid for the template's Params."""
+
+
+class StepFailed(ArfError):
+    """A step process (local) or pod/job (Kubernetes) ended unsuccessfully."""
+
+
+class StepTimeout(StepFailed):
+    """A step ran past its template timeout and was stopped."""

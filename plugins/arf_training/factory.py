@@ -1,0 +1,141 @@
+"""The DAG factory: one Airflow DAG per valid training template, plus `arf_evaluate`.
+
+    prepare_data -> train -> register_model --(Asset arf-model://<model name>)--> arf_evaluate
+
+Called from the thin file in `dags/`. Reads YAML and builds operators only: no I/O besides the
+template files, no Airflow Variables, no heavy imports.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from arf_training.backends import get_backend
+from arf_training.errors import TemplateError, TemplateIssue
+from arf_training.params import build_params
+from arf_training.settings import backend_name, templates_dir
+from arf_training.templates import LoadedTemplate, load_folder, template_files
+
+EVALUATE_DAG_ID = "arf_evaluate"
+TASKS = (("prepare_data", "prepare"), ("train", "train"), ("register_model", "register"))
+
+
+def _doc(loaded: LoadedTemplate, backend: str) -> str:
+    t = loaded.template
+    how = f"recipe `{t.training.recipe}`" if t.training.recipe else \
+        f"custom command `{' '.join(t.training.command.command)}` in `{t.training.command.image}`"
+    return (
+        f"{t.metadata.description.strip()}\n\n"
+        f"| | |\n|---|---|\n"
+        f"| template | `{loaded.path.name}` (sha256 `{loaded.sha256[:12]}`) |\n"
+        f"| training | {how}, {t.training.distributed.nodes} node(s) x "
+        f"{t.training.distributed.procs_per_node} process(es) |\n"
+        f"| registers | `{t.model.name}` (Asset `{t.model_asset_uri}`) |\n"
+        f"| backend | `{backend}` |\n\n"
+        "Trigger with config to change hyperparameters; unknown or out-of-range values are "
+        "rejected before any step runs."
+    )
+
+
+def build_training_dag(loaded: LoadedTemplate, backend_id: str | None = None):
+    """The DAG of one template: prepare_data -> train -> register_model."""
+    from airflow.sdk import DAG, Asset
+
+    t = loaded.template
+    backend = get_backend(backend_id or backend_name())
+    dag = DAG(
+        dag_id=t.name,
+        description=(t.metadata.description.strip().splitlines() or [""])[0][:200],
+        doc_md=_doc(loaded, backend.name),
+        schedule=t.schedule,
+        start_date=datetime.combine(t.start_date, datetime.min.time(), tzinfo=timezone.utc),
+        catchup=False,
+        max_active_runs=t.max_active_runs,
+        tags=sorted({"arf", *t.metadata.tags}),
+        params=build_params(t),
+        default_args={
+            "owner": t.metadata.owner,
+            "retries": t.training.retries,
+            "retry_delay": timedelta(seconds=30),
+            "execution_timeout": timedelta(minutes=t.training.timeout_minutes),
+        },
+    )
+    with dag:
+        previous = None
+        for task_id, step in TASKS:
+            extra: dict[str, Any] = {}
+            if step == "register":
+                extra["outlets"] = [Asset(t.model_asset_uri, extra={"template": t.name})]
+            task = backend.step_task(task_id=task_id, loaded=loaded, step=step, **extra)
+            if previous is not None:
+                previous >> task
+            previous = task
+    return dag
+
+
+def build_evaluate_dag(templates: list[LoadedTemplate], backend_id: str | None = None):
+    """`arf_evaluate`: scheduled on the model Assets of every template with an evaluation."""
+    from airflow.sdk import DAG, Asset, Param
+
+    backend = get_backend(backend_id or backend_name())
+    evaluable = backend.evaluable(templates)
+    assets = [Asset(t.template.model_asset_uri) for t in evaluable.values()]
+    schedule = None
+    if assets:
+        schedule = assets[0]
+        for asset in assets[1:]:
+            schedule = schedule | asset  # any one model's new version triggers a run
+    dag = DAG(
+        dag_id=EVALUATE_DAG_ID,
+        description="Evaluates every newly registered model version in simulation.",
+        doc_md=("Runs when a training DAG registers a model (Asset `arf-model://<name>`), or by "
+                "hand with `model_name` and `model_version`. Records success rate and mean final "
+                "distance on the MLflow model version (tags `arf.eval.*`).\n\nEvaluable models: "
+                + (", ".join(f"`{m}`" for m in sorted(evaluable)) or "none")),
+        schedule=schedule,
+        start_date=datetime(2025, 1, 1, tzinfo=timezone.utc),
+        catchup=False,
+        max_active_runs=4,
+        tags=["arf", "evaluation"],
+        params={
+            "model_name": Param(None, type=["null", "string"], enum=[None, *sorted(evaluable)],
+                                description="Model to evaluate on a manual run."),
+            "model_version": Param(None, type=["null", "string"],
+                                   description="Its registry version, e.g. '3'."),
+        },
+        default_args={"owner": "arf", "retries": 1, "retry_delay": timedelta(seconds=30)},
+    )
+    with dag:
+        backend.evaluate_task(task_id="evaluate", templates=evaluable)
+    return dag
+
+
+def build_dags(folder: Path | None = None) -> dict[str, Any]:
+    """Every DAG the templates in `folder` define, keyed by dag_id (for the DAG file's globals).
+
+    Invalid templates are skipped here and reported by `template_issues` (the second DAG file
+    raises them so they show as import errors in the UI without hiding these DAGs).
+    """
+    loaded, _issues = load_folder(template_files(folder or templates_dir()))
+    dags = {t.name: build_training_dag(t) for t in loaded}
+    dags[EVALUATE_DAG_ID] = build_evaluate_dag(loaded)
+    return dags
+
+
+def template_issues(folder: Path | None = None) -> list[TemplateIssue]:
+    _loaded, issues = load_folder(template_files(folder or templates_dir()))
+    return issues
+
+
+def raise_template_issues(folder: Path | None = None) -> None:
+    """Raise every template problem as one error: Airflow shows it as this file's import error."""
+    issues = template_issues(folder)
+    if issues:
+        count = len({i.file for i in issues})
+        header = TemplateIssue(
+            file=str(folder or templates_dir()),
+            message=f"{count} invalid template(s); their DAGs are not built (the other templates' "
+                    "DAGs are). Fix them (`arf templates lint`) and save to reload:")
+        raise TemplateError([header, *issues])

@@ -1,0 +1,160 @@
+"""The step contract: what every backend receives to run one step of a training DAG.
+
+A step is a container command (`arf-trainer <step>` or a template's own command) plus an
+environment of `ARF_*` variables, a JSON job spec, resources and the distributed shape. The local
+backend runs it as a process group (torchrun when world size > 1); the Kubernetes backend as a
+Pod or PyTorchJob. Both receive the same `StepSpec`, built at task run time by `build_step_spec`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from arf_training import __version__
+from arf_training.params import resolve_conf
+from arf_training.settings import REPO_ROOT, ArfSettings
+from arf_training.templates import LoadedTemplate, Resources
+
+JOB_SPEC_VERSION = 1
+STEPS = ("prepare", "train", "register", "evaluate")
+DEFAULT_IMAGE = "ghcr.io/arf/arf-trainer:0.1.0"
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    dag_id: str
+    run_id: str
+    task_id: str
+    try_number: int = 1
+    logical_date: str | None = None
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One step, backend-independent. `env` holds every ARF_* variable the step reads."""
+
+    step: str
+    image: str
+    command: list[str]
+    env: dict[str, str]
+    job_spec: dict[str, Any]
+    workspace: Path
+    resources: Resources
+    nodes: int = 1
+    procs_per_node: int = 1
+    timeout_s: float = 3600.0
+    result_path: Path = field(default=Path())
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+
+@lru_cache(maxsize=1)
+def code_version() -> dict[str, str]:
+    """Package version and, in a git checkout, the commit (and whether the tree is dirty)."""
+    info = {"package": __version__}
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            info["git_commit"] = commit.stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain",
+                                    "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+            info["git_dirty"] = str(bool(dirty.stdout.strip())).lower()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def _safe(part: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.:+=-]", "_", part)
+
+
+def workspace_for(settings: ArfSettings, dag_id: str, run_id: str) -> Path:
+    return settings.workspace_root / _safe(dag_id) / _safe(run_id)
+
+
+def build_step_spec(
+    loaded: LoadedTemplate,
+    step: str,
+    run: RunIdentity,
+    conf: dict[str, Any] | None,
+    settings: ArfSettings,
+    inputs: dict[str, Any] | None = None,
+) -> StepSpec:
+    """Resolve template + trigger conf into the spec of one step (validates the conf first)."""
+    template = loaded.template
+    inputs = dict(inputs or {})
+    values = resolve_conf(template, conf)
+    seed = values.pop("seed")
+    query_override = values.pop("dataset_query", None)
+    hyperparameters = values
+    workspace = workspace_for(settings, run.dag_id, run.run_id)
+    template_dict = template.model_dump(mode="json", by_alias=True)
+    if query_override is not None and query_override.strip() != template.dataset.query.strip():
+        # Recorded as a conf entry so lineage shows the query that really ran.
+        conf = {**(conf or {}), "dataset_query": query_override}
+    job_spec = {
+        "spec_version": JOB_SPEC_VERSION,
+        "step": step,
+        "template": template_dict,
+        "template_path": str(loaded.path),
+        "template_sha256": loaded.sha256,
+        "conf": dict(conf or {}),
+        "hyperparameters": hyperparameters,
+        "seed": seed,
+        "run": {"dag_id": run.dag_id, "run_id": run.run_id, "task_id": run.task_id,
+                "try_number": run.try_number, "logical_date": run.logical_date},
+        "inputs": inputs,
+        "code_version": code_version(),
+    }
+    training = template.training
+    custom = training.command if step == "train" else None
+    distributed = step == "train"
+    # One evaluate task may score several versions: each gets its own result file.
+    step_dir = (f"{step}-{_safe(inputs['model_name'])}-v{_safe(str(inputs['model_version']))}"
+                if "model_name" in inputs else step)
+    result_path = workspace / step_dir / "result.json"
+    env = {
+        "ARF_STEP": step,
+        "ARF_WORKSPACE": str(workspace),
+        "ARF_RESULT_PATH": str(result_path),
+        "ARF_TRACKING_URI": settings.tracking_uri,
+        "ARF_ARTIFACT_ROOT": settings.artifact_root,
+        "ARF_DATAHUB_URI": settings.datahub_uri,
+        "ARF_DAG_ID": run.dag_id,
+        "ARF_RUN_ID": run.run_id,
+        "ARF_TASK_ID": run.task_id,
+        "ARF_TRY_NUMBER": str(run.try_number),
+        "ARF_SEED": str(seed),
+        "ARF_CHECKPOINT_DIR": str(workspace / "train" / "checkpoints"),
+        "ARF_DATA_DIR": str(workspace / "prepare"),
+    }
+    return StepSpec(
+        step=step,
+        image=custom.image if custom else DEFAULT_IMAGE,
+        command=list(custom.command) if custom else ["arf-trainer", step],
+        env=env,
+        job_spec=job_spec,
+        workspace=workspace,
+        resources=training.resources,
+        nodes=training.distributed.nodes if distributed else 1,
+        procs_per_node=training.distributed.procs_per_node if distributed else 1,
+        timeout_s=training.timeout_minutes * 60.0,
+        result_path=result_path,
+    )
+
+
+def config_hash(job_spec: dict[str, Any]) -> str:
+    """Hash of what determines the model: template, hyperparameters, seed (not run identity)."""
+    canonical = json.dumps({k: job_spec[k] for k in ("template", "hyperparameters", "seed")},
+                           sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()

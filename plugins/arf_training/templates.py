@@ -1,0 +1,486 @@
+"""Training template schema v1: the only schema of `config_templates/*.yaml`.
+
+One pydantic v2 model per YAML section, `extra="forbid"`, frozen. The JSON Schema for editors
+(`arf templates schema`) is exported from these models. Loading reports every problem of a file
+with its line, field path, the value received and how to fix it (`TemplateError`).
+
+Only pydantic and PyYAML are imported here: this module runs on every DAG parse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from arf_training.errors import TemplateError, TemplateIssue
+
+API_VERSION = "arf.dev/v1"
+KIND = "TrainingTemplate"
+
+# Hyperparameters each built-in recipe understands (the container side checks them again).
+RECIPE_HYPERPARAMETERS: dict[str, frozenset[str]] = {
+    "bc": frozenset({"epochs", "batch_size", "lr", "hidden_size", "num_layers", "weight_decay"}),
+    "classifier": frozenset({"epochs", "batch_size", "lr", "hidden_size", "num_layers", "weight_decay"}),
+}
+SCHEDULE_PRESETS = ("@once", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
+# Kubernetes resource quantities (the subset people write): 500m, 2, 1.5, 512Mi, 2Gi, 1G.
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+_SQL_COMMENT = re.compile(r"--[^\n]*|/\*.*?\*/", re.S)
+_SQL_STRING = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Metadata(_Section):
+    """Who owns the template and how it shows in the Airflow UI."""
+
+    name: str = Field(
+        pattern=r"^[a-z][a-z0-9_]{0,62}$",
+        description="Template name; also the DAG id. Lower-case letters, digits and '_'.",
+    )
+    description: str = Field("", description="Markdown shown as the DAG's documentation.")
+    owner: str = Field("arf", min_length=1, description="Owning team, shown in the DAG list.")
+    tags: list[str] = Field(default_factory=list, description="DAG tags for filtering in the UI.")
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name.startswith("arf_"):
+            raise ValueError(f"names starting with 'arf_' are reserved for platform DAGs "
+                             f"(got {name!r}); choose another name")
+        return name
+
+
+class _HyperparameterBase(_Section):
+    description: str = Field("", description="Help text shown under the field in the trigger form.")
+
+    def bounds_check(self) -> None:
+        lo, hi = getattr(self, "minimum", None), getattr(self, "maximum", None)
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"minimum {lo} is greater than maximum {hi}; swap them")
+        default, enum = self.default, getattr(self, "enum", None)
+        if enum is not None:
+            if not enum:
+                raise ValueError("enum is empty; list the allowed values or remove 'enum'")
+            if default not in enum:
+                raise ValueError(f"default {default!r} is not one of enum {enum}; add it or change it")
+        if lo is not None and default < lo:
+            raise ValueError(f"default {default} is below minimum {lo}")
+        if hi is not None and default > hi:
+            raise ValueError(f"default {default} is above maximum {hi}")
+
+
+class IntegerHyperparameter(_HyperparameterBase):
+    """A whole-number hyperparameter (an integer field in the trigger form)."""
+
+    type: Literal["integer"]
+    default: int = Field(description="Value used when the trigger conf does not set it.")
+    minimum: int | None = Field(None, description="Smallest accepted value.")
+    maximum: int | None = Field(None, description="Largest accepted value.")
+    enum: list[int] | None = Field(None, description="If set, the only accepted values (a dropdown).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "IntegerHyperparameter":
+        self.bounds_check()
+        return self
+
+
+class NumberHyperparameter(_HyperparameterBase):
+    """A real-valued hyperparameter."""
+
+    type: Literal["number"]
+    default: float = Field(description="Value used when the trigger conf does not set it.")
+    minimum: float | None = Field(None, description="Smallest accepted value.")
+    maximum: float | None = Field(None, description="Largest accepted value.")
+    enum: list[float] | None = Field(None, description="If set, the only accepted values.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "NumberHyperparameter":
+        self.bounds_check()
+        return self
+
+
+class StringHyperparameter(_HyperparameterBase):
+    """A string hyperparameter, usually a choice (`enum`)."""
+
+    type: Literal["string"]
+    default: str = Field(description="Value used when the trigger conf does not set it.")
+    enum: list[str] | None = Field(None, description="If set, the only accepted values (a dropdown).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "StringHyperparameter":
+        self.bounds_check()
+        return self
+
+
+class BooleanHyperparameter(_HyperparameterBase):
+    """An on/off hyperparameter (a toggle in the trigger form)."""
+
+    type: Literal["boolean"]
+    default: bool = Field(description="Value used when the trigger conf does not set it.")
+
+
+Hyperparameter = Annotated[
+    Union[IntegerHyperparameter, NumberHyperparameter, StringHyperparameter, BooleanHyperparameter],
+    Field(discriminator="type"),
+]
+
+
+class Dataset(_Section):
+    """What to pull from the data hub: one SQL SELECT over its versioned tables."""
+
+    hub: str = Field("default", pattern=r"^[a-z][a-z0-9_-]*$",
+                     description="Data hub to query; 'default' is the deployment's ARF_DATAHUB_URI.")
+    query: str = Field(min_length=1, description="A single SQL SELECT (DuckDB dialect) over hub tables.")
+    tables: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="Pinned table versions, e.g. {reach_demos: 3}; unpinned tables use the latest.",
+    )
+    validation_split: float = Field(0.1, ge=0.0, lt=1.0,
+                                    description="Fraction of rows held out for validation.")
+    features: list[str] = Field(min_length=1,
+                                description="Input columns; names or globs such as 'obs_*'.")
+    targets: list[str] = Field(min_length=1, description="Target columns; names or globs.")
+    allow_query_override: bool = Field(
+        False, description="Offer a 'dataset_query' field in the trigger form to replace the query."
+    )
+
+    @field_validator("query")
+    @classmethod
+    def _single_select(cls, query: str) -> str:
+        # A cheap first line of defence so lint catches it; the container enforces it with
+        # DuckDB's own parser inside the sandbox.
+        body = _SQL_STRING.sub("''", _SQL_COMMENT.sub(" ", query)).strip().rstrip(";").strip()
+        if ";" in body:
+            raise ValueError("holds more than one statement; keep a single SELECT")
+        first = body.split(None, 1)[0].upper() if body else ""
+        if first not in ("SELECT", "WITH", "FROM", "VALUES", "("):
+            raise ValueError(
+                f"must be a single SELECT, but starts with {first or 'nothing'!r}; "
+                "data hub queries are read-only (no COPY, ATTACH, INSTALL, CREATE, ...)"
+            )
+        return query
+
+
+class Model(_Section):
+    """Where the trained model goes in the registry (MLflow; the ARF plugin market)."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$",
+                      description="Registered model name.")
+    base_model: str | None = Field(
+        None, pattern=r"^models:/[A-Za-z][A-Za-z0-9_.-]*(/[0-9]+|@[A-Za-z0-9_-]+)$",
+        description="Model to start from, e.g. models:/reach_bc_policy@champion or models:/x/3.",
+    )
+
+
+class CustomCommand(_Section):
+    """Run your own container command instead of a built-in recipe (any framework)."""
+
+    image: str = Field(min_length=1, description="Container image (used by the Kubernetes backend).")
+    command: list[str] = Field(min_length=1, description="Command and arguments to run.")
+
+
+class Distributed(_Section):
+    """The distributed shape: nodes x processes per node (DDP world size = the product)."""
+
+    nodes: int = Field(1, ge=1, le=1024, description="Machines (pods); >1 uses a PyTorchJob.")
+    procs_per_node: int = Field(1, ge=1, le=64, description="Processes per machine (torchrun).")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+
+class Resources(_Section):
+    """Per-process-group resources of the training step (per pod on Kubernetes)."""
+
+    cpu: float | str = Field(1, description="CPU cores, as a number or a Kubernetes quantity (500m).")
+    memory: str = Field("2Gi", description="Memory, as a Kubernetes quantity (512Mi, 2Gi).")
+    gpu: int = Field(0, ge=0, le=16, description="GPUs per node (nvidia.com/gpu).")
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _quantity(cls, value: float | str) -> float | str:
+        text = str(value)
+        if not _QUANTITY.match(text) or float(re.sub(r"[a-zA-Z]+$", "", text)) <= 0:
+            raise ValueError(
+                f"{value!r} is not a positive Kubernetes quantity; write e.g. 2, 500m, 512Mi, 2Gi"
+            )
+        return value
+
+
+class Training(_Section):
+    """How to train: a built-in recipe or a custom command, with typed hyperparameters."""
+
+    recipe: Literal["bc", "classifier"] | None = Field(
+        None, description="Built-in recipe: 'bc' (behaviour cloning) or 'classifier'.")
+    command: CustomCommand | None = Field(None, description="Custom image + command instead of a recipe.")
+    hyperparameters: dict[str, Hyperparameter] = Field(
+        default_factory=dict, description="Typed hyperparameters; each becomes a trigger-form field.")
+    seed: int = Field(0, ge=0, description="Seed of every random number generator.")
+    distributed: Distributed = Field(default_factory=Distributed)
+    resources: Resources = Field(default_factory=Resources)
+    checkpoint_every_steps: int = Field(500, ge=1, description="Optimizer steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+    timeout_minutes: int = Field(60, ge=1, le=7 * 24 * 60, description="Per-step time limit.")
+    retries: int = Field(0, ge=0, le=10, description="Airflow retries of each step.")
+
+    @field_validator("hyperparameters")
+    @classmethod
+    def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not re.match(r"^[a-z][a-z0-9_]*$", name):
+                raise ValueError(f"hyperparameter name {name!r} must be lower_snake_case")
+            if name in RESERVED_PARAMS:
+                raise ValueError(f"hyperparameter name {name!r} is reserved; rename it")
+        return value
+
+    @model_validator(mode="after")
+    def _recipe_or_command(self) -> "Training":
+        if (self.recipe is None) == (self.command is None):
+            raise ValueError(
+                "set exactly one of 'recipe' (bc, classifier) or 'command' (image + command)"
+            )
+        if self.recipe is not None:
+            unknown = sorted(set(self.hyperparameters) - RECIPE_HYPERPARAMETERS[self.recipe])
+            if unknown:
+                raise ValueError(
+                    f"recipe {self.recipe!r} has no hyperparameter(s) {unknown}; it accepts "
+                    f"{sorted(RECIPE_HYPERPARAMETERS[self.recipe])}"
+                )
+        return self
+
+
+class Evaluation(_Section):
+    """How `arf_evaluate` scores a registered version of this template's model."""
+
+    environment: Literal["reach"] = Field(description="Simulated task: 'reach' (MuJoCo Reacher-v5).")
+    episodes: int = Field(50, ge=1, le=100_000, description="Rollouts per evaluation.")
+    seed: int = Field(100_000, ge=0, description="First episode seed; episodes use seed..seed+n-1.")
+    success_threshold: float = Field(0.8, ge=0.0, le=1.0,
+                                     description="Success rate at or above which a version passes.")
+
+
+class TrainingTemplate(_Section):
+    """A training template: one YAML file, one Airflow DAG."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    api_version: Literal["arf.dev/v1"] = Field(alias="apiVersion", description="Schema version.")
+    kind: Literal["TrainingTemplate"] = Field(description="Always TrainingTemplate.")
+    metadata: Metadata
+    schedule: str | None = Field(
+        None, description="None (manual/API only), a preset such as @daily, or a cron expression.")
+    start_date: date = Field(date(2025, 1, 1), description="First logical date for scheduled runs.")
+    max_active_runs: int = Field(1, ge=1, le=64, description="Concurrent runs of this DAG.")
+    dataset: Dataset
+    model: Model
+    training: Training
+    evaluation: Evaluation | None = Field(None, description="Evaluate each registered version.")
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        if value is None or value in SCHEDULE_PRESETS:
+            return value
+        if value.startswith("@"):
+            raise ValueError(f"unknown preset {value!r}; use one of {', '.join(SCHEDULE_PRESETS)}")
+        from croniter import croniter  # an Airflow dependency; only loaded for cron schedules
+
+        if not croniter.is_valid(value):
+            raise ValueError(
+                f"{value!r} is not a valid cron expression; write 5 fields, e.g. '0 2 * * *'"
+            )
+        return value
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def model_asset_uri(self) -> str:
+        return f"arf-model://{self.model.name}"
+
+
+# Params the factory adds next to the hyperparameters; hyperparameters may not take these names.
+RESERVED_PARAMS = frozenset({"seed", "dataset_query"})
+
+
+@dataclass(frozen=True)
+class LoadedTemplate:
+    """A validated template with where it came from (for lineage and error messages)."""
+
+    template: TrainingTemplate
+    path: Path
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return self.template.name
+
+
+def _yaml_loader() -> type:
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _node_at(root: yaml.Node | None, loc: tuple[Any, ...]) -> tuple[yaml.Node | None, int]:
+    """The YAML node for a pydantic error location (deepest one that exists), and its depth."""
+    node, depth = root, 0
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == str(part)), None)
+            key = next((k for k, _ in node.value if k.value == str(part)), None)
+            if match is None:
+                # Tags of discriminated unions (e.g. 'integer') are not keys; skip them.
+                continue
+            node, depth = (match if part != loc[-1] else key or match), depth + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node, depth = node.value[part], depth + 1
+    return node, depth
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """Field names allowed where an unknown key was found (walks the models along loc)."""
+    model: Any = TrainingTemplate
+    for part in loc[:-1]:
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return []
+        field = fields.get(str(part)) or next(
+            (f for f in fields.values() if f.alias == part), None)
+        if field is None:
+            # A dict key (hyperparameter name) or union tag: pick the model by the tag.
+            tag_model = {"integer": IntegerHyperparameter, "number": NumberHyperparameter,
+                         "string": StringHyperparameter, "boolean": BooleanHyperparameter}
+            if part in tag_model:
+                model = tag_model[part]
+            continue
+        ann = field.annotation
+        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)
+                      and issubclass(a, BaseModel)]
+        if candidates:
+            model = candidates[0]
+    fields = getattr(model, "model_fields", {})
+    return sorted(f.alias or n for n, f in fields.items())
+
+
+def _issues_from_validation(path: str, text: str, exc: ValidationError) -> list[TemplateIssue]:
+    try:
+        root = yaml.compose(text, Loader=_yaml_loader())
+    except yaml.YAMLError:
+        root = None
+    issues = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        # Drop discriminator tags (e.g. 'integer') from the displayed path.
+        shown = [str(p) for p in loc if p not in ("integer", "number", "string", "boolean")
+                 or loc.index(p) == 0]
+        field = ".".join(shown)
+        node, _ = _node_at(root, loc)
+        line = node.start_mark.line + 1 if node is not None and node is not root else None
+        kind, value = err["type"], err.get("input")
+        if kind == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            msg = f"unknown key {loc[-1]!r}" + (f"; allowed keys here: {', '.join(allowed)}"
+                                                 if allowed else "") + ". Check the spelling."
+        elif kind == "missing":
+            msg = "required field is missing; add it"
+        else:
+            text_msg = err["msg"].removeprefix("Value error, ")
+            shown_value = repr(value) if not isinstance(value, (dict, list)) else None
+            msg = text_msg + (f" (got {shown_value})" if shown_value and shown_value not in text_msg
+                              else "")
+        issues.append(TemplateIssue(file=path, field=field, message=msg, line=line))
+    return issues
+
+
+def parse_template(text: str, path: str = "<string>") -> TrainingTemplate:
+    """Validate one template's YAML text. Raises `TemplateError` listing every issue."""
+    try:
+        data = yaml.load(text, Loader=_yaml_loader())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise TemplateError([TemplateIssue(
+            file=path, line=mark.line + 1 if mark else None,
+            message=f"YAML syntax error: {problem}; fix the indentation/quoting at this line",
+        )]) from exc
+    if not isinstance(data, dict):
+        raise TemplateError([TemplateIssue(
+            file=path, message=f"expected a mapping with apiVersion, kind, metadata, ...; got "
+                               f"{type(data).__name__}")])
+    if data.get("apiVersion") not in (None, API_VERSION):
+        raise TemplateError([TemplateIssue(
+            file=path, field="apiVersion", line=1,
+            message=f"unsupported apiVersion {data.get('apiVersion')!r}; this arf-training "
+                    f"reads {API_VERSION!r}")])
+    try:
+        return TrainingTemplate.model_validate(data)
+    except ValidationError as exc:
+        raise TemplateError(_issues_from_validation(path, text, exc)) from exc
+
+
+def load_template(path: Path) -> LoadedTemplate:
+    raw = path.read_bytes()
+    template = parse_template(raw.decode("utf-8", errors="replace"), str(path))
+    return LoadedTemplate(template=template, path=path, sha256=hashlib.sha256(raw).hexdigest())
+
+
+def template_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()) \
+        if folder.is_dir() else []
+
+
+def load_folder(paths: list[Path]) -> tuple[list[LoadedTemplate], list[TemplateIssue]]:
+    """Load every template; a broken one never hides the others.
+
+    Returns the valid templates (in path order) and the issues of the invalid ones. Templates
+    that share a name are all rejected: which one would win depends on file order, so neither
+    is built until one is renamed.
+    """
+    good: list[LoadedTemplate] = []
+    issues: list[TemplateIssue] = []
+    for path in paths:
+        try:
+            good.append(load_template(path))
+        except TemplateError as exc:
+            issues.extend(exc.issues)
+        except OSError as exc:
+            issues.append(TemplateIssue(file=str(path), message=f"cannot read file: {exc}"))
+    by_name: dict[str, list[LoadedTemplate]] = {}
+    for loaded in good:
+        by_name.setdefault(loaded.name, []).append(loaded)
+    # Model names must be unique too: two DAGs registering one model would interleave versions.
+    by_model: dict[str, list[LoadedTemplate]] = {}
+    for loaded in good:
+        by_model.setdefault(loaded.template.model.name, []).append(loaded)
+    dupes: set[Path] = set()
+    for key, label, groups in (("metadata.name", "name", by_name),
+                               ("model.name", "model name", by_model)):
+        for value, group in groups.items():
+            if len(group) > 1:
+                files = ", ".join(str(g.path) for g in group)
+                for g in group:
+                    dupes.add(g.path)
+                    issues.append(TemplateIssue(
+                        file=str(g.path), field=key,
+                        message=f"duplicate {label} {value!r} (also in: {files}); "
+                                "every template needs its own; rename all but one"))
+    return [g for g in good if g.path not in dupes], issues
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the template file, for editors (yaml-language-server) and CI checks."""
+    schema = TrainingTemplate.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "ARF training template (arf.dev/v1)"
+    return schema

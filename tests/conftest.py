@@ -1,0 +1,35 @@
+"""Test session setup: an isolated embedded home (Airflow DB, MLflow, data hub) per session.
+
+The environment is set at import time, before any test imports Airflow: Airflow reads its
+configuration once, when it is first imported.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_HOME = Path(tempfile.mkdtemp(prefix="arf-test-home-"))
+os.environ["ARF_HOME"] = str(_HOME)
+os.environ.pop("ARF_TRACKING_URI", None)
+os.environ.pop("ARF_DATAHUB_URI", None)
+os.environ.pop("ARF_ARTIFACT_ROOT", None)
+os.environ.pop("ARF_TEMPLATES_DIR", None)
+
+from arf_training.embedded import environment  # noqa: E402
+
+os.environ.update(environment())
+
+
+@pytest.fixture(scope="session")
+def arf_home() -> Path:
+    return _HOME
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO

@@ -1,0 +1,108 @@
+"""The DAG folder: no import errors, one DAG per valid template, the expected task graphs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATE_DAGS = ["digits_smoke", "reach_bc"]
+
+
+@pytest.fixture(scope="module")
+def dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(str(REPO / "dags"))
+
+
+def test_no_import_errors(dagbag):
+    assert dagbag.import_errors == {}
+
+
+def test_one_dag_per_template_plus_evaluate(dagbag):
+    from arf_training.templates import load_folder, template_files
+
+    good, _ = load_folder(template_files(REPO / "config_templates"))
+    assert sorted(dagbag.dag_ids) == sorted([g.name for g in good] + ["arf_evaluate"])
+
+
+@pytest.mark.parametrize("dag_id", TEMPLATE_DAGS)
+def test_training_task_graph(dagbag, dag_id):
+    dag = dagbag.dags[dag_id]
+    assert [t.task_id for t in dag.topological_sort()] == ["prepare_data", "train", "register_model"]
+    assert dag.get_task("prepare_data").downstream_task_ids == {"train"}
+    assert dag.get_task("train").downstream_task_ids == {"register_model"}
+    register = dag.get_task("register_model")
+    assert [o.uri.rstrip("/") for o in register.outlets] == [
+        f"arf-model://{register.loaded.template.model.name}"]
+    assert {type(t).__name__ for t in dag.tasks} == {"LocalStepOperator"}
+    assert "arf" in dag.tags and dag.catchup is False
+    assert dag.doc_md and register.loaded.path.name in dag.doc_md
+    assert set(dag.params.keys()) >= {"epochs", "lr", "seed"}
+
+
+def test_dag_settings_come_from_the_template(dagbag):
+    dag = dagbag.dags["reach_bc"]
+    assert dag.max_active_runs == 2
+    assert dag.default_args["retries"] == 1 and dag.default_args["owner"] == "robotics-ml"
+    assert dag.get_task("train").execution_timeout.total_seconds() == 30 * 60
+    assert sorted(dag.tags) == ["arf", "behaviour-cloning", "demo", "reach"]
+
+
+def test_evaluate_dag_is_scheduled_on_model_assets(dagbag):
+    dag = dagbag.dags["arf_evaluate"]
+    assert [t.task_id for t in dag.tasks] == ["evaluate"]
+
+    def uris_of(condition):  # an Asset, or AssetAny/AssetAll of them
+        if hasattr(condition, "objects"):
+            return set().union(*(uris_of(o) for o in condition.objects))
+        return {condition.uri.rstrip("/")}
+
+    uris = uris_of(dag.timetable.asset_condition)
+    assert "arf-model://reach_bc_policy" in uris
+    # digits_smoke has no evaluation section: its model does not trigger evaluation.
+    assert "arf-model://digits_classifier" not in uris
+
+
+def _bag_in_subprocess(dags: Path, templates: Path) -> dict:
+    code = (
+        "import json, sys\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        f"b = DagBag({str(dags)!r})\n"
+        "heavy = [m for m in ('torch', 'mlflow', 'duckdb', 'pandas', 'optuna', 'gymnasium') "
+        "if m in sys.modules]\n"
+        "print('RESULT' + json.dumps({'dags': sorted(b.dag_ids), 'errors': b.import_errors, "
+        "'heavy': heavy}))\n"
+    )
+    env = {**os.environ, "ARF_TEMPLATES_DIR": str(templates)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])
+
+
+def test_parsing_imports_no_heavy_library():
+    result = _bag_in_subprocess(REPO / "dags", REPO / "config_templates")
+    assert result["errors"] == {}
+    assert result["heavy"] == []
+
+
+def test_broken_template_is_an_import_error_and_hides_nothing(tmp_path):
+    for name in ("digits_smoke.yaml", "reach_bc.yaml"):
+        (tmp_path / name).write_text((REPO / "config_templates" / name).read_text())
+    (tmp_path / "broken.yaml").write_text(
+        (REPO / "config_templates" / "digits_smoke.yaml").read_text()
+        .replace("name: digits_smoke", "name: broken_one").replace("cpu: 1", "cpu: -1"))
+    result = _bag_in_subprocess(REPO / "dags", tmp_path)
+    assert result["dags"] == ["arf_evaluate", "digits_smoke", "reach_bc"]
+    [(path, error)] = result["errors"].items()
+    assert path.endswith("arf_template_errors.py")
+    assert "1 invalid template(s)" in error
+    assert "broken.yaml:" in error and "training.resources.cpu" in error

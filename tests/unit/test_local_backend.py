@@ -1,0 +1,137 @@
+"""The local backend runs a step as its own process group: output streamed, failures with the
+tail of the log, timeouts and kills stop every process, the environment is explicit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from arf_training.backends.local import LocalStepRunner
+from arf_training.errors import StepFailed, StepTimeout
+from arf_training.stepspec import StepSpec
+from arf_training.templates import Resources
+
+
+def _spec(tmp_path: Path, code: str, *, timeout: float = 60.0, procs: int = 1) -> StepSpec:
+    result = tmp_path / "step" / "result.json"
+    return StepSpec(
+        step="train", image="img", command=[sys.executable, "-c", code],
+        env={"ARF_WORKSPACE": str(tmp_path), "ARF_RESULT_PATH": str(result), "ARF_X": "1"},
+        job_spec={"run": {"try_number": 1}}, workspace=tmp_path, resources=Resources(),
+        procs_per_node=procs, timeout_s=timeout, result_path=result,
+    )
+
+
+WRITE_RESULT = (
+    "import json, os, pathlib; p = pathlib.Path(os.environ['ARF_RESULT_PATH']); "
+    "p.parent.mkdir(parents=True, exist_ok=True); "
+    "p.write_text(json.dumps({'env_x': os.environ.get('ARF_X'), "
+    "'leak': os.environ.get('ARF_TEST_SECRET'), 'spec': os.environ['ARF_JOB_SPEC']}))"
+)
+
+
+def test_success_returns_result_and_streams_output(tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("ARF_TEST_SECRET", "must-not-leak")
+    caplog.set_level(logging.INFO)
+    runner = LocalStepRunner(logging.getLogger("t"))
+    result = runner.run(_spec(tmp_path, "print('hello from the step'); " + WRITE_RESULT))
+    assert result["env_x"] == "1"
+    assert result["leak"] is None  # only PASSTHROUGH_ENV and the spec's env reach the step
+    assert json.loads(Path(result["spec"]).read_text()) == {"run": {"try_number": 1}}
+    assert "hello from the step" in caplog.text
+
+
+def test_failure_carries_the_tail_of_the_log(tmp_path):
+    code = "import sys\nfor i in range(100): print('line', i)\nsys.exit(3)"
+    with pytest.raises(StepFailed) as info:
+        LocalStepRunner().run(_spec(tmp_path, code))
+    message = str(info.value)
+    assert "exit code 3" in message and "line 99" in message and "line 10\n" not in message
+
+
+def test_exit_zero_without_result_is_a_failure(tmp_path):
+    with pytest.raises(StepFailed, match="wrote no result"):
+        LocalStepRunner().run(_spec(tmp_path, "print('nothing')"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+SPAWN_CHILD = (
+    "import subprocess, sys, time, os, pathlib\n"
+    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+    "pathlib.Path(os.environ['ARF_WORKSPACE'], 'child.pid').write_text(str(child.pid))\n"
+    "print('spawned', flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+def _dies(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _wait_for(path: Path, timeout: float = 20) -> int:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+    time.sleep(0.1)
+    return int(path.read_text())
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(StepTimeout, match="ran past its timeout"):
+        LocalStepRunner().run(_spec(tmp_path, SPAWN_CHILD, timeout=3))
+    assert time.monotonic() - start < 20
+    child = _wait_for(tmp_path / "child.pid")
+    assert _dies(child), "grandchild survived the timeout"
+
+
+def test_kill_from_on_kill_stops_everything(tmp_path):
+    runner = LocalStepRunner()
+    errors = []
+
+    def run():
+        try:
+            runner.run(_spec(tmp_path, SPAWN_CHILD))
+        except StepFailed as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    child = _wait_for(tmp_path / "child.pid")
+    runner.kill()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert errors and "failed" in str(errors[0])
+    assert _dies(child), "grandchild survived on_kill"
+
+
+def test_multi_process_uses_torchrun(tmp_path):
+    spec = _spec(tmp_path, "", procs=2)
+    spec = StepSpec(**{**spec.__dict__, "command": ["arf-trainer", "train"]})
+    [command] = LocalStepRunner().commands(spec)
+    assert Path(command[0]).name == "torchrun"
+    assert "--standalone" in command and "--nproc-per-node=2" in command
+    assert command[-3] == "--no-python" and Path(command[-2]).name == "arf-trainer"
+    assert command[-1] == "train"

@@ -1,0 +1,158 @@
+"""Template schema: valid templates load; every malformed one says file, line, field and fix."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from arf_training.errors import TemplateError
+from arf_training.templates import json_schema, load_folder, parse_template, template_files
+
+REPO = Path(__file__).resolve().parents[2]
+GOOD = (REPO / "config_templates" / "digits_smoke.yaml").read_text()
+
+
+def test_shipped_templates_are_valid():
+    good, issues = load_folder(template_files(REPO / "config_templates"))
+    assert issues == []
+    assert {t.name for t in good} >= {"reach_bc", "digits_smoke"}
+    reach = next(t for t in good if t.name == "reach_bc")
+    assert reach.template.training.distributed.world_size == 2
+    assert len(reach.sha256) == 64
+
+
+def _edit(old: str, new: str) -> str:
+    assert old in GOOD, old
+    return GOOD.replace(old, new, 1)
+
+
+# (id, template text, expected fragments of the message, expected line or None)
+MALFORMED = [
+    pytest.param(_edit("  owner: platform", "  owner: platform\n  ownr: x"),
+                 ["metadata.ownr", "unknown key 'ownr'", "allowed keys here", "owner"], 10,
+                 id="unknown-key"),
+    pytest.param(_edit("procs_per_node: 2", "procs_per_node: two"),
+                 ["training.distributed.procs_per_node", "'two'"], None, id="wrong-type"),
+    pytest.param(_edit("schedule: null", "schedule: '0 25 * * *'"),
+                 ["schedule", "not a valid cron expression", "'0 2 * * *'"], 11, id="bad-cron"),
+    pytest.param(_edit("schedule: null", "schedule: '@fortnightly'"),
+                 ["schedule", "unknown preset", "@daily"], 11, id="bad-preset"),
+    pytest.param(_edit("cpu: 1", "cpu: -2"),
+                 ["training.resources.cpu", "not a positive Kubernetes quantity"], None,
+                 id="negative-cpu"),
+    pytest.param(_edit("memory: 1Gi", "memory: lots"),
+                 ["training.resources.memory", "'lots'"], None, id="bad-memory"),
+    pytest.param(_edit("SELECT * FROM digits", "COPY digits TO '/tmp/x.csv'"),
+                 ["dataset.query", "must be a single SELECT", "'COPY'"], None, id="non-select"),
+    pytest.param(_edit("SELECT * FROM digits", "SELECT 1; DROP TABLE digits"),
+                 ["dataset.query", "more than one statement"], None, id="two-statements"),
+    pytest.param(_edit("  name: digits_smoke", "  name: Digits Smoke"),
+                 ["metadata.name", "should match pattern"], None, id="bad-name"),
+    pytest.param(_edit("      default: 0.01", "      default: 5.0"),
+                 ["training.hyperparameters.lr", "default 5.0 is above maximum 1.0"], None,
+                 id="default-out-of-range"),
+    pytest.param(_edit("      default: 64\n      enum: [32, 64, 128]",
+                       "      default: 48\n      enum: [32, 64, 128]"),
+                 ["hidden_size", "default 48 is not one of enum"], None, id="default-not-in-enum"),
+    pytest.param(_edit("    epochs:\n      type: integer", "    epochz:\n      type: integer"),
+                 ["recipe 'classifier' has no hyperparameter(s) ['epochz']", "accepts"], None,
+                 id="unknown-hyperparameter"),
+    pytest.param(_edit("    epochs:\n      type: integer", "    epochs:\n      type: int"),
+                 ["training.hyperparameters.epochs", "'integer'"], None, id="bad-param-type"),
+    pytest.param(_edit("  recipe: classifier", "  recipe: classifier\n  command:\n    image: x\n"
+                                               "    command: [python, train.py]"),
+                 ["training", "exactly one of 'recipe'"], None, id="recipe-and-command"),
+    pytest.param(_edit("  recipe: classifier", "  recipe: xgboost"),
+                 ["training.recipe", "'bc' or 'classifier'"], None, id="unknown-recipe"),
+    pytest.param(_edit("validation_split: 0.2", "validation_split: 1.5"),
+                 ["dataset.validation_split", "less than 1"], None, id="split-range"),
+    pytest.param(_edit("apiVersion: arf.dev/v1", "apiVersion: arf.dev/v9"),
+                 ["apiVersion", "unsupported apiVersion 'arf.dev/v9'"], 1, id="api-version"),
+    pytest.param(_edit("model:\n  name: digits_classifier\n", ""),
+                 ["model", "required field is missing"], None, id="missing-section"),
+    pytest.param(_edit("  tags: [smoke, classifier]", "  tags: [smoke, classifier\n  x: ]"),
+                 ["YAML syntax error"], None, id="yaml-syntax"),
+    pytest.param(_edit("  name: digits_smoke", "  name: arf_evaluate"),
+                 ["metadata.name", "reserved"], None, id="reserved-name"),
+    pytest.param(_edit("model:\n  name: digits_classifier",
+                       "model:\n  name: digits_classifier\n  base_model: digits_classifier@champion"),
+                 ["model.base_model", "should match pattern"], None, id="bad-base-model"),
+]
+
+
+@pytest.mark.parametrize("text, fragments, line", MALFORMED)
+def test_malformed_template_messages(text, fragments, line):
+    with pytest.raises(TemplateError) as info:
+        parse_template(text, "config_templates/broken.yaml")
+    message = str(info.value)
+    assert message.startswith("config_templates/broken.yaml")
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in:\n{message}"
+    if line is not None:
+        assert info.value.issues[0].line == line, message
+
+
+def test_every_issue_is_reported_not_only_the_first():
+    text = _edit("cpu: 1", "cpu: -1").replace("procs_per_node: 2", "procs_per_node: 0")
+    with pytest.raises(TemplateError) as info:
+        parse_template(text, "t.yaml")
+    fields = {i.field for i in info.value.issues}
+    assert {"training.resources.cpu", "training.distributed.procs_per_node"} <= fields
+
+
+def test_broken_template_does_not_hide_the_others(tmp_path):
+    (tmp_path / "a.yaml").write_text(GOOD)
+    (tmp_path / "b.yaml").write_text(_edit("cpu: 1", "cpu: -1"))
+    good, issues = load_folder(template_files(tmp_path))
+    assert [g.name for g in good] == ["digits_smoke"]
+    assert {i.file for i in issues} == {str(tmp_path / "b.yaml")}
+
+
+def test_duplicate_names_are_errors_for_every_copy(tmp_path):
+    (tmp_path / "a.yaml").write_text(GOOD)
+    (tmp_path / "b.yaml").write_text(GOOD.replace("digits_classifier", "other_model"))
+    (tmp_path / "c.yaml").write_text(REPO.joinpath("config_templates/reach_bc.yaml").read_text())
+    good, issues = load_folder(template_files(tmp_path))
+    assert [g.name for g in good] == ["reach_bc"]
+    assert len(issues) == 2
+    assert all("duplicate name 'digits_smoke'" in i.message for i in issues)
+    assert all(str(tmp_path / "a.yaml") in i.message and str(tmp_path / "b.yaml") in i.message
+               for i in issues)
+
+
+def test_duplicate_model_names_are_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text(GOOD)
+    (tmp_path / "b.yaml").write_text(GOOD.replace("name: digits_smoke", "name: digits_two"))
+    good, issues = load_folder(template_files(tmp_path))
+    assert good == [] and all("duplicate model name" in i.message for i in issues)
+
+
+def test_json_schema_export_validates_the_shipped_templates():
+    import jsonschema
+    import yaml
+
+    schema = json_schema()
+    for path in template_files(REPO / "config_templates"):
+        jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**yaml.safe_load(GOOD), "bogus": 1}, schema)
+
+
+def test_lint_cli(tmp_path):
+    (tmp_path / "good.yaml").write_text(GOOD)
+    (tmp_path / "bad.yaml").write_text(_edit("cpu: 1", "cpu: -1"))
+    arf = Path(sys.executable).parent / "arf"
+    ok = subprocess.run([str(arf), "templates", "lint", str(tmp_path / "good.yaml")],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    bad = subprocess.run([str(arf), "templates", "lint", str(tmp_path)], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2
+    assert "bad.yaml:" in bad.stdout and "training.resources.cpu" in bad.stdout
+    assert "1 valid, 1 invalid" in bad.stdout
+    schema = subprocess.run([str(arf), "templates", "schema"], capture_output=True, text=True)
+    assert json.loads(schema.stdout)["title"].startswith("ARF training template")

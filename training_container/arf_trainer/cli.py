@@ -1,0 +1,77 @@
+"""`arf-trainer`: the container entrypoint. parse -> validate -> run one step -> write result.
+
+    arf-trainer prepare | train | register | evaluate     (configured by the ARF_* environment)
+    arf-trainer datahub seed [--hub PATH] [...]           (demo data for the embedded data hub)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from arf_trainer.errors import TrainerError
+
+STEPS = ("prepare", "train", "register", "evaluate")
+
+
+def _run_step(step: str) -> None:
+    from arf_trainer.spec import StepEnv, write_json_atomic
+
+    env = StepEnv.from_environ()
+    if env.spec.step != step:
+        from arf_trainer.errors import SpecError
+
+        raise SpecError(f"command is 'arf-trainer {step}' but the job spec is for step {env.spec.step!r}")
+    if step == "prepare":
+        from arf_trainer.datahub.prepare import run_prepare as run
+    elif step == "train":
+        from arf_trainer.trainer.run import run_train as run
+    elif step == "register":
+        from arf_trainer.publisher import run_register as run
+    else:
+        from arf_trainer.evaluator import run_evaluate as run
+    result = run(env)
+    # Only one process writes the result: under torchrun that is global rank 0.
+    if result is not None:
+        write_json_atomic(env.result_path, result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="arf-trainer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for step in STEPS:
+        sub.add_parser(step, help=f"run the {step} step described by the ARF_* environment")
+    hub = sub.add_parser("datahub", help="embedded data hub utilities")
+    hub_sub = hub.add_subparsers(dest="hub_command", required=True)
+    seed = hub_sub.add_parser("seed", help="create the demo tables (reach demonstrations, digits)")
+    seed.add_argument("--hub", required=True, help="data hub root directory")
+    seed.add_argument("--episodes", type=int, default=200, help="expert reach episodes to record")
+    seed.add_argument("--seed", type=int, default=0, help="RNG seed of the demonstrations")
+    seed.add_argument("--force", action="store_true", help="append a new version even if seeded")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout)
+    try:
+        if args.command in STEPS:
+            _run_step(args.command)
+        else:
+            from pathlib import Path
+
+            from arf_trainer.datahub.seed import seed_demo
+
+            summary = seed_demo(Path(args.hub), episodes=args.episodes, seed=args.seed,
+                                force=args.force)
+            import json
+
+            print(json.dumps(summary, indent=2, sort_keys=True))
+    except TrainerError as exc:
+        print(f"arf-trainer {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
