@@ -36,7 +36,15 @@ class ConfError(ArfError):
 
 
 class StepFailed(ArfError):
-    """A step process (local) or pod/job (Kubernetes) ended unsuccessfully."""
+    """A step process (local) or pod/job (Kubernetes) ended unsuccessfully.
+
+    `retryable` is False when the step said its input was bad (exit code 2): a retry would fail
+    the same way, so the task fails at once instead of burning its retries.
+    """
+
+    def __init__(self, message: str, retryable: bool = True):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class StepTimeout(StepFailed):

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
-from arf_training.errors import ArfError
+from arf_training.errors import ConfError, StepFailed
 from arf_training.stepspec import RunIdentity
 from arf_training.templates import LoadedTemplate
+
+
+@contextlib.contextmanager
+def fail_fast_on_bad_input() -> Iterator[None]:
+    """Bad input fails the task without retries (a retry would fail the same way)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        yield
+    except ConfError as exc:
+        raise AirflowFailException(str(exc)) from exc
+    except StepFailed as exc:
+        if not exc.retryable:
+            raise AirflowFailException(str(exc)) from exc
+        raise
 
 
 def run_identity(context: Any) -> RunIdentity:
@@ -60,16 +77,16 @@ def models_to_evaluate(context: Any, templates: dict[str, LoadedTemplate]) -> li
     params = context.get("params") or {}
     if not found and params.get("model_name"):
         if not params.get("model_version"):
-            raise ArfError("param 'model_version' is required with 'model_name' "
+            raise ConfError("param 'model_version' is required with 'model_name' "
                            "(e.g. --conf '{\"model_name\": \"reach_bc_policy\", \"model_version\": \"1\"}')")
         found[(params["model_name"], str(params["model_version"]))] = {
             "model_name": params["model_name"], "model_version": str(params["model_version"]),
             "source": "params"}
     if not found:
-        raise ArfError("nothing to evaluate: no triggering arf-model:// Asset event and no "
+        raise ConfError("nothing to evaluate: no triggering arf-model:// Asset event and no "
                        "'model_name'/'model_version' in the run's conf")
     for item in found.values():
         if item["model_name"] not in templates:
-            raise ArfError(f"model {item['model_name']!r} has no template with an 'evaluation' "
+            raise ConfError(f"model {item['model_name']!r} has no template with an 'evaluation' "
                            f"section; evaluable models: {sorted(templates)}")
     return list(found.values())

@@ -429,10 +429,28 @@ def parse_template(text: str, path: str = "<string>") -> TrainingTemplate:
         raise TemplateError(_issues_from_validation(path, text, exc)) from exc
 
 
+# Both DAG files load the same templates; within one process (a DagBag, `airflow dags test`)
+# the second load is a dictionary hit. Keyed on content, so an edited file is always re-read.
+_CACHE: dict[tuple[str, str], LoadedTemplate | TemplateError] = {}
+
+
 def load_template(path: Path) -> LoadedTemplate:
     raw = path.read_bytes()
-    template = parse_template(raw.decode("utf-8", errors="replace"), str(path))
-    return LoadedTemplate(template=template, path=path, sha256=hashlib.sha256(raw).hexdigest())
+    digest = hashlib.sha256(raw).hexdigest()
+    key = (str(path), digest)
+    cached = _CACHE.get(key)
+    if cached is None:
+        try:
+            cached = LoadedTemplate(template=parse_template(raw.decode("utf-8", errors="replace"),
+                                                            str(path)), path=path, sha256=digest)
+        except TemplateError as exc:
+            cached = exc
+        if len(_CACHE) > 4096:
+            _CACHE.clear()
+        _CACHE[key] = cached
+    if isinstance(cached, TemplateError):
+        raise TemplateError(cached.issues)
+    return cached
 
 
 def template_files(folder: Path) -> list[Path]:

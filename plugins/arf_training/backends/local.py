@@ -27,7 +27,13 @@ from airflow.sdk import BaseOperator
 
 from arf_training.backends.base import Backend
 from arf_training.errors import StepFailed, StepTimeout
-from arf_training.runtime import emit_model_event, models_to_evaluate, run_identity, trigger_conf
+from arf_training.runtime import (
+    emit_model_event,
+    fail_fast_on_bad_input,
+    models_to_evaluate,
+    run_identity,
+    trigger_conf,
+)
 from arf_training.settings import ArfSettings
 from arf_training.stepspec import StepSpec, build_step_spec
 
@@ -39,6 +45,7 @@ PASSTHROUGH_ENV = ("HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "CUDA_VISIB
                    "MUJOCO_GL", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "OPENBLAS_CORETYPE",
                    "OPENBLAS_L2_SIZE")
 TAIL_LINES = 60
+BAD_INPUT_EXIT = 2  # arf-trainer's exit code for a bad job spec, query or hyperparameter
 KILL_GRACE_S = 10.0
 
 
@@ -152,7 +159,8 @@ class LocalStepRunner:
         if failed:
             what = ", ".join(f"node {i} exit code {c}" for i, c in failed)
             raise StepFailed(f"step {spec.step!r} failed ({what}). Last lines of its output:\n"
-                             + "\n".join(tail))
+                             + "\n".join(tail),
+                             retryable=any(c != BAD_INPUT_EXIT for _, c in failed))
         if not spec.result_path.exists():
             raise StepFailed(f"step {spec.step!r} exited 0 but wrote no result at "
                              f"{spec.result_path}; a step must write its result JSON last")
@@ -202,10 +210,11 @@ class LocalStepOperator(BaseOperator):
         self._runner: LocalStepRunner | None = None
 
     def execute(self, context: Any) -> dict[str, Any]:
-        spec = build_step_spec(self.loaded, self.step, run_identity(context),
-                               trigger_conf(context), ArfSettings.from_env())
-        self._runner = LocalStepRunner(self.log)
-        result = self._runner.run(spec)
+        with fail_fast_on_bad_input():
+            spec = build_step_spec(self.loaded, self.step, run_identity(context),
+                                   trigger_conf(context), ArfSettings.from_env())
+            self._runner = LocalStepRunner(self.log)
+            result = self._runner.run(spec)
         if self.step == "register":
             emit_model_event(context, self.loaded, result)
         return result
@@ -228,7 +237,9 @@ class LocalEvaluateOperator(BaseOperator):
     def execute(self, context: Any) -> list[dict[str, Any]]:
         settings = ArfSettings.from_env()
         results = []
-        for target in models_to_evaluate(context, self.templates):
+        with fail_fast_on_bad_input():
+            targets = models_to_evaluate(context, self.templates)
+        for target in targets:
             loaded = self.templates[target["model_name"]]
             self.log.info("evaluating %s version %s (from %s)", target["model_name"],
                           target["model_version"], target["source"])
@@ -236,7 +247,8 @@ class LocalEvaluateOperator(BaseOperator):
             spec = build_step_spec(loaded, "evaluate", run_identity(context), {}, settings,
                                    inputs=target)
             self._runner = LocalStepRunner(self.log)
-            results.append(self._runner.run(spec))
+            with fail_fast_on_bad_input():
+                results.append(self._runner.run(spec))
         return results
 
     def on_kill(self) -> None:

@@ -1,0 +1,129 @@
+"""DAG parse time: 100 training templates vs dag-factory on 100 YAML DAGs of the same shape.
+
+Each measurement is a fresh Python process that imports Airflow first (the DAG processor has it
+loaded already) and then times `DagBag(<folder>)`, i.e. the parse of the DAG folder itself. The
+baseline, dag-factory 1.x, builds the same 3-task chain (prepare_data -> train ->
+register_model) per DAG from YAML with its `load_yaml_dags` loader.
+
+    .venv/bin/python bench/parse_time.py [--templates 100] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+MEASURE = """
+import json, sys, time
+from airflow.dag_processing.dagbag import DagBag
+t0 = time.perf_counter()
+bag = DagBag(sys.argv[1])
+elapsed = time.perf_counter() - t0
+print("RESULT" + json.dumps({"s": elapsed, "dags": len(bag.dag_ids), "errors": len(bag.import_errors)}))
+"""
+
+DAG_FACTORY_LOADER = """
+# dag-factory loader (the word dag is here for Airflow's safe-mode scan)
+from pathlib import Path
+from dagfactory import load_yaml_dags
+load_yaml_dags(globals_dict=globals(), dags_folder=str(Path(__file__).parent / "configs"))
+"""
+
+
+def make_arf(root: Path, n: int) -> tuple[Path, Path]:
+    templates = root / "arf_templates"
+    templates.mkdir()
+    base = (REPO / "config_templates" / "reach_bc.yaml").read_text()
+    for i in range(n):
+        text = base.replace("name: reach_bc\n", f"name: bench_{i:03d}\n", 1)
+        text = text.replace("name: reach_bc_policy", f"name: bench_model_{i:03d}")
+        (templates / f"bench_{i:03d}.yaml").write_text(text)
+    return REPO / "dags", templates
+
+
+def make_dag_factory(root: Path, n: int) -> Path:
+    dags = root / "dagfactory_dags"
+    configs = dags / "configs"
+    configs.mkdir(parents=True)
+    (dags / "load.py").write_text(DAG_FACTORY_LOADER)
+    for i in range(n):
+        (configs / f"bench_{i:03d}.yaml").write_text(f"""
+bench_{i:03d}:
+  default_args:
+    owner: robotics-ml
+    start_date: 2025-01-01
+    retries: 1
+  schedule: null
+  catchup: false
+  max_active_runs: 2
+  tags: [arf, bench]
+  description: benchmark DAG {i}
+  params:
+    epochs: 30
+    lr: 0.003
+  tasks:
+    - task_id: prepare_data
+      operator: airflow.providers.standard.operators.bash.BashOperator
+      bash_command: "arf-trainer prepare"
+    - task_id: train
+      operator: airflow.providers.standard.operators.bash.BashOperator
+      bash_command: "arf-trainer train"
+      dependencies: [prepare_data]
+    - task_id: register_model
+      operator: airflow.providers.standard.operators.bash.BashOperator
+      bash_command: "arf-trainer register"
+      dependencies: [train]
+""")
+    return dags
+
+
+def measure(folder: Path, env: dict[str, str], repeats: int) -> tuple[list[float], dict]:
+    times, last = [], {}
+    for _ in range(repeats):
+        proc = subprocess.run([sys.executable, "-c", MEASURE, str(folder)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise SystemExit(f"measurement failed:\n{proc.stderr[-3000:]}")
+        line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+        last = json.loads(line[len("RESULT"):])
+        times.append(last["s"])
+    return times, last
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--templates", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="arf-parse-bench-") as tmp:
+        root = Path(tmp)
+        env = {**os.environ, "AIRFLOW_HOME": str(root / "airflow"),
+               "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "ARF_HOME": str(root / "arf"),
+               "AIRFLOW__LOGGING__LOGGING_LEVEL": "ERROR"}
+        arf_dags, templates = make_arf(root, args.templates)
+        df_dags = make_dag_factory(root, args.templates)
+        arf_times, arf_last = measure(arf_dags, {**env, "ARF_TEMPLATES_DIR": str(templates)},
+                                      args.repeats)
+        df_times, df_last = measure(df_dags, env, args.repeats)
+    arf_median, df_median = statistics.median(arf_times), statistics.median(df_times)
+    print(f"templates: {args.templates}, fresh processes per side: {args.repeats}")
+    print(f"arf-training  DagBag: median {arf_median:.3f} s  (min {min(arf_times):.3f}, "
+          f"max {max(arf_times):.3f})  dags={arf_last['dags']} import_errors={arf_last['errors']}")
+    print(f"dag-factory   DagBag: median {df_median:.3f} s  (min {min(df_times):.3f}, "
+          f"max {max(df_times):.3f})  dags={df_last['dags']} import_errors={df_last['errors']}")
+    print(f"ratio arf / dag-factory: {arf_median / df_median:.2f}")
+    print(f"goal: arf median < 1.0 s -> {'PASS' if arf_median < 1.0 else 'FAIL'}")
+    return 0 if arf_median < 1.0 and arf_last["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""End to end through real Airflow (`airflow dags test`), torchrun DDP, MLflow and MuJoCo.
+
+The Asset event -> `arf_evaluate` hand-over is shown by running `arf_evaluate` with the payload
+of the event that `register_model` recorded in the Airflow metadata DB (no scheduler here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from arf_training.embedded import environment
+from arf_training.settings import ArfSettings
+from arf_training.stepspec import workspace_for
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def embedded(arf_home):
+    env = environment()
+    subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, check=True,
+                   capture_output=True, timeout=300)
+    seed = subprocess.run([str(BIN / "arf-trainer"), "datahub", "seed", "--hub",
+                           env["ARF_DATAHUB_URI"], "--episodes", "80"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert seed.returncode == 0, seed.stdout + seed.stderr
+    return env
+
+
+def dags_test(env, dag_id: str, conf: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "airflow"), "dags", "test", dag_id, "-c", json.dumps(conf)],
+                          env=env, capture_output=True, text=True, timeout=900)
+
+
+def latest_run(dag_id: str):
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        run = session.scalars(select(DagRun).where(DagRun.dag_id == dag_id)
+                              .order_by(DagRun.id.desc()).limit(1)).first()
+        session.expunge(run)
+        return run
+
+
+def task_states(dag_id: str, run_id: str) -> dict[str, str]:
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        tis = session.scalars(select(TaskInstance).where(TaskInstance.dag_id == dag_id,
+                                                         TaskInstance.run_id == run_id)).all()
+        return {ti.task_id: str(ti.state) for ti in tis}
+
+
+def mlflow_client(env):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=env["ARF_TRACKING_URI"], registry_uri=env["ARF_TRACKING_URI"])
+
+
+def test_digits_smoke_with_two_ddp_processes(embedded):
+    proc = dags_test(embedded, "digits_smoke", {"epochs": 2})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    run = latest_run("digits_smoke")
+    assert str(run.state) == "success"
+    assert task_states("digits_smoke", run.run_id) == {
+        "prepare_data": "success", "train": "success", "register_model": "success"}
+
+    ws = workspace_for(ArfSettings.from_env(), "digits_smoke", run.run_id)
+    train = json.loads((ws / "train" / "result.json").read_text())
+    register = json.loads((ws / "register" / "result.json").read_text())
+    assert train["world_size"] == 2
+
+    client = mlflow_client(embedded)
+    version = client.get_model_version("digits_classifier", str(register["model_version"]))
+    tags = version.tags
+    for key in ("arf.template", "arf.template_sha256", "arf.dag_run_id", "arf.data_fingerprint",
+                "arf.config_hash", "arf.code_version", "arf.weights_sha256", "arf.training_run_id"):
+        assert tags.get(key), f"model version lacks lineage tag {key}: {tags}"
+    assert tags["arf.template"] == "digits_smoke" and tags["arf.dag_run_id"] == run.run_id
+    assert tags["arf.weights_sha256"] == train["weights_sha256"]
+    training_run = client.get_run(version.run_id)
+    assert training_run.data.metrics, "training run has no metrics"
+    assert training_run.data.tags.get("arf.data_fingerprint") == tags["arf.data_fingerprint"]
+    artifacts = [a.path for a in client.list_artifacts(version.run_id)]
+    assert "arf_plugin.json" in artifacts, artifacts
+
+
+def test_reach_bc_asset_event_drives_arf_evaluate(embedded):
+    proc = dags_test(embedded, "reach_bc", {"epochs": 8})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    run = latest_run("reach_bc")
+    assert str(run.state) == "success"
+
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        event = session.scalars(select(AssetEvent).where(
+            AssetEvent.source_dag_id == "reach_bc", AssetEvent.source_run_id == run.run_id)).one()
+        uri, extra = event.asset.uri, dict(event.extra)
+    assert uri.rstrip("/") == "arf-model://reach_bc_policy"
+    assert extra["model_name"] == "reach_bc_policy" and extra["dag_run_id"] == run.run_id
+
+    payload = {"model_name": extra["model_name"], "model_version": extra["model_version"]}
+    proc = dags_test(embedded, "arf_evaluate", payload)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    version = mlflow_client(embedded).get_model_version("reach_bc_policy", extra["model_version"])
+    rate = float(version.tags["arf.eval.success_rate"])
+    assert 0.0 <= rate <= 1.0
+    assert float(version.tags["arf.eval.mean_final_distance"]) >= 0.0
+    assert version.tags["arf.eval.episodes"] == "50"
+
+
+def test_unknown_conf_key_fails_before_any_step_runs(embedded):
+    proc = dags_test(embedded, "digits_smoke", {"epochs": 2, "learning_rate": 0.1})
+    output = proc.stdout + proc.stderr
+    assert "unknown parameter 'learning_rate'" in output, output[-4000:]
+    run = latest_run("digits_smoke")
+    assert str(run.state) == "failed"
+    states = task_states("digits_smoke", run.run_id)
+    assert states["prepare_data"] == "failed" and states["train"] != "success"
+    ws = workspace_for(ArfSettings.from_env(), "digits_smoke", run.run_id)
+    assert not (ws / "prepare").exists() and not (ws / "train").exists()
+
+
+def test_wrong_type_conf_is_rejected_naming_the_parameter(embedded):
+    proc = dags_test(embedded, "digits_smoke", {"epochs": "many"})
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 or "failed" in output
+    assert "epochs" in output and ("integer" in output or "many" in output), output[-4000:]
