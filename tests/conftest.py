@@ -31,5 +31,22 @@ def arf_home() -> Path:
 
 
 @pytest.fixture(scope="session")
+def embedded(arf_home) -> dict[str, str]:
+    """The embedded default, ready to run DAGs: Airflow DB migrated, data hub seeded."""
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    env = environment()
+    subprocess.run([str(bin_dir / "airflow"), "db", "migrate"], env=env, check=True,
+                   capture_output=True, timeout=300)
+    seed = subprocess.run([str(bin_dir / "arf-trainer"), "datahub", "seed", "--hub",
+                           env["ARF_DATAHUB_URI"], "--episodes", "80"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert seed.returncode == 0, seed.stdout + seed.stderr
+    return env
+
+
+@pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

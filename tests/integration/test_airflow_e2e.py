@@ -7,31 +7,17 @@ of the event that `register_model` recorded in the Airflow metadata DB (no sched
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from arf_training.embedded import environment
 from arf_training.settings import ArfSettings
 from arf_training.stepspec import workspace_for
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="module")
-def embedded(arf_home):
-    env = environment()
-    subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, check=True,
-                   capture_output=True, timeout=300)
-    seed = subprocess.run([str(BIN / "arf-trainer"), "datahub", "seed", "--hub",
-                           env["ARF_DATAHUB_URI"], "--episodes", "80"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert seed.returncode == 0, seed.stdout + seed.stderr
-    return env
 
 
 def dags_test(env, dag_id: str, conf: dict) -> subprocess.CompletedProcess:

@@ -1,0 +1,97 @@
+"""With a real scheduler: a run triggered over the REST API registers a model, and its Asset event
+makes the scheduler start `arf_evaluate`, whose success rate lands on the model version.
+
+Starts api-server, scheduler, dag-processor, triggerer and MLflow with `arf up` on free ports,
+and stops every one of them afterwards (also when the test fails).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.request
+
+import pytest
+
+from arf_training import embedded
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _api(port: int, method: str, path: str, body: dict | None = None) -> dict:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/v2{path}", method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310 (localhost)
+        return json.loads(resp.read() or b"{}")
+
+
+def _poll(what: str, fn, timeout: float, interval: float = 3.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+        except OSError as exc:  # HTTP 404 while the DAG is not parsed yet, etc.
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}; last: {last}")
+
+
+@pytest.fixture
+def running_airflow(embedded):
+    api_port, mlflow_port = _free_port(), _free_port()
+    embedded.up(api_port=api_port, mlflow_port=mlflow_port)
+    try:
+        yield api_port
+    finally:
+        stopped = embedded.down()
+        assert set(stopped) == {"api-server", "scheduler", "dag-processor", "triggerer", "mlflow"}
+
+
+def test_asset_event_triggers_arf_evaluate_with_a_real_scheduler(running_airflow):
+    port = running_airflow
+    _poll("reach_bc to be parsed", lambda: _api(port, "GET", "/dags/reach_bc"), 180)
+    _poll("arf_evaluate to be parsed", lambda: _api(port, "GET", "/dags/arf_evaluate"), 180)
+    run = _api(port, "POST", "/dags/reach_bc/dagRuns",
+               {"logical_date": None, "conf": {"epochs": 3}})
+    run_id = run["dag_run_id"]
+
+    def finished():
+        state = _api(port, "GET", f"/dags/reach_bc/dagRuns/{run_id}")["state"]
+        assert state != "failed", f"reach_bc run {run_id} failed"
+        return state == "success"
+
+    _poll(f"reach_bc run {run_id}", finished, 900)
+
+    def evaluated():
+        runs = _api(port, "GET", "/dags/arf_evaluate/dagRuns")["dag_runs"]
+        done = [r for r in runs if r["run_type"] == "asset_triggered" and r["state"] == "success"]
+        failed = [r for r in runs if r["state"] == "failed"]
+        assert not failed, f"arf_evaluate failed: {failed}"
+        return done
+
+    [eval_run] = _poll("the asset-triggered arf_evaluate run", evaluated, 600)
+    xcom = _api(port, "GET", f"/dags/arf_evaluate/dagRuns/{eval_run['dag_run_id']}"
+                             "/taskInstances/evaluate/xcomEntries/return_value")
+    [result] = xcom["value"] if isinstance(xcom["value"], list) else json.loads(xcom["value"])
+    assert result["model_name"] == "reach_bc_policy"
+
+    from mlflow.tracking import MlflowClient
+
+    uri = embedded.environment()["ARF_TRACKING_URI"]
+    version = MlflowClient(uri, uri).get_model_version("reach_bc_policy",
+                                                       str(result["model_version"]))
+    assert float(version.tags["arf.eval.success_rate"]) == pytest.approx(result["success_rate"])
+    assert version.tags["arf.dag_run_id"] == run_id

@@ -1,0 +1,161 @@
+"""The evaluate step against a real MLflow (sqlite) registry and real MuJoCo rollouts."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from arf_trainer.errors import EvaluationError, SpecError
+from arf_trainer.evaluator import run_evaluate
+from arf_trainer.sim.reach import expert_action
+from arf_trainer.spec import JobSpec, StepEnv
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "reach_test_policy"
+EPISODES = 20
+
+
+class ExpertPolicy(nn.Module):
+    """The scripted expert behind the model contract: float32 obs [B, 10] -> actions [B, 2]."""
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(expert_action(obs.detach().numpy()))
+
+
+def zero_policy() -> nn.Module:
+    layer = nn.Linear(10, 2)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+@pytest.fixture(autouse=True)
+def _no_telemetry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A sqlite MLflow with MODEL v1 = the expert (pickle) and v2 = a zero policy (pt2)."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.create_experiment("training", artifact_location=str(root / "artifacts"))
+    with mlflow.start_run(experiment_id=experiment):
+        mlflow.pytorch.log_model(ExpertPolicy(), name="expert", registered_model_name=MODEL,
+                                 serialization_format="pickle", pip_requirements=["torch"])
+    with mlflow.start_run(experiment_id=experiment):
+        # Like the publisher: torch.export (pt2) with a batch of 2, so the batch is dynamic.
+        mlflow.pytorch.log_model(zero_policy(), name="zero", registered_model_name=MODEL,
+                                 serialization_format="pt2",
+                                 input_example=np.zeros((2, 10), dtype=np.float32),
+                                 pip_requirements=["torch"])
+    return {"uri": uri, "artifacts": root / "eval-artifacts"}
+
+
+def eval_env(registry: dict[str, Any], workspace: Path, version: Any, *,
+             run_id: str = "manual__1", evaluation: dict[str, Any] | None = None,
+             drop_evaluation: bool = False) -> StepEnv:
+    template = yaml.safe_load((REPO / "config_templates" / "reach_bc.yaml").read_text())
+    template["dataset"].setdefault("tables", {})
+    template["dataset"].setdefault("allow_query_override", False)
+    template["model"].setdefault("base_model", None)
+    template["evaluation"].update({"episodes": EPISODES, **(evaluation or {})})
+    if drop_evaluation:
+        template.pop("evaluation")
+    spec = JobSpec.from_dict({
+        "spec_version": 1, "step": "evaluate", "template": copy.deepcopy(template),
+        "template_sha256": "0" * 64, "conf": {}, "hyperparameters": {}, "seed": 0,
+        "run": {"dag_id": "arf_evaluate", "run_id": run_id, "task_id": "evaluate"},
+        "inputs": {"model_name": MODEL, "model_version": version},
+    })
+    return StepEnv(workspace=workspace, result_path=workspace / "evaluate" / "result.json",
+                   tracking_uri=registry["uri"], artifact_root=str(registry["artifacts"]),
+                   datahub=workspace / "hub", spec=spec)
+
+
+def _version_tags(registry: dict[str, Any], version: str) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=registry["uri"], registry_uri=registry["uri"])
+    return dict(client.get_model_version(MODEL, version).tags)
+
+
+def test_expert_passes_and_result_is_recorded_on_the_version(registry: dict[str, Any],
+                                                              tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    result = run_evaluate(eval_env(registry, tmp_path, 1))
+    assert result["model_name"] == MODEL and result["model_version"] == "1"
+    assert result["episodes"] == EPISODES
+    assert result["success_rate"] >= 0.8 and result["passed"] is True
+    assert result["mean_final_distance"] < 0.02
+    assert result["reused"] is False
+
+    tags = _version_tags(registry, "1")
+    assert tags["arf.eval.passed"] == "true"
+    assert float(tags["arf.eval.success_rate"]) == pytest.approx(result["success_rate"])
+    assert float(tags["arf.eval.mean_final_distance"]) == pytest.approx(
+        result["mean_final_distance"], rel=1e-5)
+    assert tags["arf.eval.episodes"] == str(EPISODES) and tags["arf.eval.seed"] == "100000"
+    assert tags["arf.eval.run_id"] == result["mlflow_run_id"]
+
+    client = MlflowClient(tracking_uri=registry["uri"])
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["success_rate"] == pytest.approx(result["success_rate"])
+    assert {k: run.data.tags[k] for k in ("arf.model_name", "arf.model_version", "arf.dag_id",
+                                          "arf.dag_run_id")} == {
+        "arf.model_name": MODEL, "arf.model_version": "1", "arf.dag_id": "arf_evaluate",
+        "arf.dag_run_id": "manual__1"}
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "reach_bc-evaluation"
+    assert experiment.artifact_location == f"{registry['artifacts']}/reach_bc-evaluation"
+    episodes = json.loads(Path(client.download_artifacts(
+        run.info.run_id, "evaluation/episodes.json", str(tmp_path))).read_text())["episodes"]
+    assert [e["seed"] for e in episodes] == list(range(100_000, 100_000 + EPISODES))
+
+
+def test_retry_reuses_the_finished_run(registry: dict[str, Any], tmp_path: Path) -> None:
+    first = run_evaluate(eval_env(registry, tmp_path, "1", run_id="retry__1"))
+    again = run_evaluate(eval_env(registry, tmp_path, 1, run_id="retry__1"))
+    assert again == {**first, "reused": True}
+    other_run = run_evaluate(eval_env(registry, tmp_path, 1, run_id="retry__2"))
+    assert other_run["mlflow_run_id"] != first["mlflow_run_id"]
+    assert other_run["success_rate"] == first["success_rate"]  # same seeds, same outcome
+
+
+def test_zero_policy_fails_the_gate(registry: dict[str, Any], tmp_path: Path) -> None:
+    result = run_evaluate(eval_env(registry, tmp_path, 2))
+    assert result["success_rate"] <= 0.1 and result["passed"] is False
+    assert _version_tags(registry, "2")["arf.eval.passed"] == "false"
+
+
+@pytest.mark.parametrize(("kwargs", "error", "fragment"), [
+    pytest.param({"evaluation": {"environment": "cartpole"}}, EvaluationError,
+                 "evaluation.environment is 'cartpole'", id="unknown-environment"),
+    pytest.param({"drop_evaluation": True}, EvaluationError, "no evaluation section",
+                 id="no-evaluation"),
+    pytest.param({"version": 9}, EvaluationError, "versions of 'reach_test_policy': 1, 2",
+                 id="missing-version"),
+    pytest.param({"version": "latest"}, SpecError, "model_version", id="not-a-number"),
+])
+def test_evaluate_errors(registry: dict[str, Any], tmp_path: Path, kwargs: dict[str, Any],
+                         error: type[Exception], fragment: str) -> None:
+    version = kwargs.pop("version", 1)
+    with pytest.raises(error, match=fragment):
+        run_evaluate(eval_env(registry, tmp_path, version, **kwargs))

@@ -1,0 +1,286 @@
+"""Sandboxed, read-only SQL over the data hub: `run_query(hub, query, pinned)`.
+
+Template authors and trigger-form users write the dataset query, so it is untrusted input
+running inside the training container. The sandbox, in the order it is built:
+
+1. DuckDB's own parser (`duckdb.extract_statements`, not regexes) must find exactly one
+   statement and it must be a SELECT; COPY, ATTACH, INSTALL/LOAD, PRAGMA, SET, CALL, EXPLAIN,
+   DDL and DML are refused before anything runs.
+2. The tables the statement references (from DuckDB's parse tree) must all be hub tables.
+   Only those are opened, at their pinned version (or the latest), so the versions reported
+   back are exactly the data the query could read.
+3. A fresh in-memory DuckDB with extension autoload/autoinstall off, Python replacement scans
+   off (otherwise `FROM some_name` would find any Python variable of that name in the caller's
+   frames), no temp directory (an in-memory database would otherwise spill to `./.tmp`), and a
+   memory limit. The referenced tables are registered as views over Arrow datasets, then
+   `enable_external_access=false` (no files, URLs, databases or extensions) and
+   `lock_configuration=true` (the query cannot undo any of the above).
+4. A timer interrupts the connection when the time limit passes.
+
+Rows come back in a canonical order: the query is run as `SELECT * FROM (<query>) ORDER BY ALL`
+(built with DuckDB's relational API, so no SQL text is spliced). DuckDB scans Arrow datasets and
+runs operators in parallel, so without it the row order of e.g. `SELECT * FROM t WHERE ...`
+depends on thread scheduling, and so would the shard hashes and the dataset fingerprint built
+from them. A query's own ORDER BY therefore does not decide the output order; LIMIT still
+decides which rows are picked. (Floating-point aggregates such as `sum(x)` over many rows can
+still differ in the last bits between thread counts; pass `threads=1` where that matters.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from arf_trainer.datahub.tables import TableSnapshot, list_tables, open_table
+from arf_trainer.errors import QueryError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_LIMIT = "1GB"
+DEFAULT_TIMEOUT_S = 60.0
+_SHOWN_QUERY_CHARS = 300
+
+_FIX_READ_ONLY = (
+    "the data hub accepts one read-only SELECT (WITH ... SELECT, FROM ..., VALUES also work) over "
+    "hub tables referenced by name; no COPY, ATTACH, INSTALL/LOAD, PRAGMA, SET, CALL or DDL/DML"
+)
+
+
+def _shown(query: str) -> str:
+    text = " ".join(query.split())
+    if len(text) > _SHOWN_QUERY_CHARS:
+        text = text[:_SHOWN_QUERY_CHARS] + "..."
+    return repr(text)
+
+
+def _parse_single_select(query: str) -> duckdb.Statement:
+    """Return the one SELECT statement in `query`, or raise QueryError saying what is wrong."""
+    if not query or not query.strip():
+        raise QueryError("the dataset query is empty; write one SELECT over hub tables, "
+                         "e.g. SELECT * FROM reach_demos")
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as exc:
+        raise QueryError(
+            f"the dataset query is not valid SQL: {exc}. Query: {_shown(query)}. "
+            "Fix the syntax (DuckDB dialect)"
+        ) from exc
+    if len(statements) != 1:
+        raise QueryError(
+            f"the dataset query holds {len(statements)} statements, expected exactly one. "
+            f"Query: {_shown(query)}. Fix: {_FIX_READ_ONLY}"
+        )
+    statement = statements[0]
+    if statement.type != duckdb.StatementType.SELECT:
+        keyword = statement.query.split(None, 1)[0].upper() if statement.query.split() else "?"
+        raise QueryError(
+            f"the dataset query is a {keyword} statement (DuckDB type {statement.type.name}), "
+            f"which is not allowed. Query: {_shown(query)}. Fix: {_FIX_READ_ONLY}"
+        )
+    return statement
+
+
+def _table_references(query: str) -> tuple[list[str], set[str]]:
+    """(table names in FROM/JOIN, possibly qualified; CTE names) from DuckDB's parse tree.
+
+    `json_serialize_sql` only parses, it does not bind. (`duckdb.get_table_names` binds against
+    placeholder tables and so fails on valid queries such as `JOIN ... USING (a)`.)
+    """
+    names: list[str] = []
+    ctes: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "BASE_TABLE" and "table_name" in node:
+                parts = [node.get("catalog_name") or "", node.get("schema_name") or "",
+                         node["table_name"]]
+                # The hub's tables are registered as temporary views: temp.main.<name>.
+                if parts[0].lower() in ("", "temp") and parts[1].lower() in ("", "main"):
+                    names.append(parts[2])
+                else:
+                    names.append(".".join(p for p in parts if p))
+            cte_map = node.get("cte_map")
+            if isinstance(cte_map, dict):
+                ctes.update(entry.get("key", "").lower() for entry in cte_map.get("map", []))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    con = duckdb.connect(":memory:", config={"autoload_known_extensions": False,
+                                             "autoinstall_known_extensions": False,
+                                             "enable_external_access": False})
+    try:
+        row = con.execute("SELECT json_serialize_sql(?)", [query]).fetchone()
+    except duckdb.Error as exc:
+        raise QueryError(f"cannot parse the dataset query: {exc}. Query: {_shown(query)}") from exc
+    finally:
+        con.close()
+    tree = json.loads(row[0]) if row else {}
+    if tree.get("error"):
+        raise QueryError(f"cannot parse the dataset query: {tree.get('error_message', tree)}. "
+                         f"Query: {_shown(query)}. Fix the syntax (DuckDB dialect)")
+    walk(tree)
+    return names, ctes
+
+
+def _referenced_tables(hub: Path, statement: duckdb.Statement) -> list[str]:
+    """Map the statement's table references onto hub tables; unknown names are an error."""
+    names, ctes = _table_references(statement.query)
+    available = list_tables(hub)
+    # SQL identifiers are case-insensitive in DuckDB; hub table names are lower case. A name
+    # that is also a CTE of the query counts as the hub table (recording a version too many
+    # is harmless; missing one is not).
+    by_lower = {name.lower(): name for name in available}
+    unknown = sorted({n for n in names if n.lower() not in by_lower and n.lower() not in ctes})
+    if unknown:
+        raise QueryError(
+            f"the dataset query references {', '.join(repr(n) for n in unknown)}, which "
+            f"{'is not a table' if len(unknown) == 1 else 'are not tables'} of the data hub at "
+            f"{hub}; {_available(available)}. Query: {_shown(statement.query)}. Fix: refer to "
+            "hub tables by name; reading files, URLs or other databases is not allowed"
+        )
+    return sorted({by_lower[n.lower()] for n in names if n.lower() in by_lower})
+
+
+def _available(available: list[str]) -> str:
+    return f"tables available: {', '.join(available) or 'none (seed the hub first)'}"
+
+
+def _open_snapshots(hub: Path, referenced: list[str],
+                    pinned: Mapping[str, int]) -> dict[str, TableSnapshot]:
+    for name in sorted(set(pinned) - set(referenced)):
+        # Validate the pin (a typo in a pin must not pass silently) but say it is unused:
+        # an overriding query may legitimately read other tables than the template's.
+        open_table(hub, name, pinned[name])
+        log.warning("dataset.tables pins %s=%s, but the query does not read %s; pin ignored",
+                    name, pinned[name], name)
+    return {name: open_table(hub, name, pinned.get(name)) for name in referenced}
+
+
+def _sandbox(snapshots: Mapping[str, TableSnapshot], memory_limit: str,
+             threads: int | None) -> duckdb.DuckDBPyConnection:
+    config: dict[str, str | bool | int | float | list[str]] = {
+        "autoinstall_known_extensions": False,
+        "autoload_known_extensions": False,
+        "allow_community_extensions": False,
+        "allow_persistent_secrets": False,
+        "python_enable_replacements": False,
+        "python_scan_all_frames": False,
+        "temp_directory": "",
+        "memory_limit": memory_limit,
+    }
+    if threads is not None:
+        config["threads"] = threads
+    try:
+        con = duckdb.connect(":memory:", config=config)
+    except duckdb.Error as exc:
+        raise QueryError(
+            f"cannot start the query sandbox with memory_limit={memory_limit!r}, "
+            f"threads={threads!r}: {exc}. Use a memory size such as '1GB' and threads >= 1"
+        ) from exc
+    try:
+        # Register before locking down: registration is the only step that needs Python
+        # objects, and it happens under our control, not the query's.
+        for name, snapshot in snapshots.items():
+            con.register(name, snapshot.dataset)
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def run_query(
+    hub: Path,
+    query: str,
+    pinned: Mapping[str, int] | None = None,
+    *,
+    memory_limit: str = DEFAULT_MEMORY_LIMIT,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    threads: int | None = None,
+) -> tuple[pa.Table, dict[str, int]]:
+    """Run one read-only SELECT over the hub's tables in the sandbox described above.
+
+    Args:
+        hub: data hub root (a directory of Delta tables).
+        query: the SQL text (DuckDB dialect); exactly one SELECT.
+        pinned: table name -> version to read; unpinned tables are read at their latest version.
+        memory_limit: DuckDB memory limit, e.g. "1GB"; exceeding it fails the query (nothing
+            spills to disk).
+        timeout_s: wall-clock limit of the execution, in seconds.
+        threads: DuckDB worker threads; None = DuckDB's default (one per core).
+
+    Returns:
+        The result rows in canonical order (`ORDER BY ALL`), and {table: version read} for the
+        tables the query references.
+
+    Raises:
+        QueryError: the query is not one SELECT, is invalid, references a table the hub does not
+            have, touches files/extensions/settings, or exceeds its time or memory limit.
+        DataHubError: a pinned table or version does not exist.
+    """
+    if timeout_s <= 0:
+        raise QueryError(f"timeout_s={timeout_s!r} must be a positive number of seconds")
+    statement = _parse_single_select(query)
+    referenced = _referenced_tables(hub, statement)
+    snapshots = _open_snapshots(hub, referenced, dict(pinned or {}))
+    con = _sandbox(snapshots, memory_limit, threads)
+
+    timed_out = threading.Event()
+
+    def _interrupt() -> None:
+        timed_out.set()
+        con.interrupt()
+
+    timer = threading.Timer(timeout_s, _interrupt)
+    timer.daemon = True
+    timer.start()
+    try:
+        relation = con.sql(statement.query)
+        if relation is None:  # cannot happen for a SELECT; kept so the type is honest
+            raise QueryError(f"the dataset query returned no result. Query: {_shown(query)}")
+        result = relation.order("ALL").to_arrow_table()
+    except duckdb.InterruptException as exc:
+        if timed_out.is_set():
+            raise QueryError(
+                f"the dataset query ran longer than its {timeout_s:g}s limit and was stopped. "
+                f"Query: {_shown(query)}. Fix: select fewer rows (WHERE), avoid cross joins, or "
+                "raise the time limit"
+            ) from exc
+        raise QueryError(f"the dataset query was interrupted: {exc}") from exc
+    except duckdb.OutOfMemoryException as exc:
+        raise QueryError(
+            f"the dataset query needs more than its memory limit of {memory_limit}: {exc}. "
+            f"Query: {_shown(query)}. Fix: select fewer rows or columns, or raise the limit"
+        ) from exc
+    except duckdb.PermissionException as exc:
+        raise QueryError(
+            f"the dataset query tried to reach outside the data hub ({exc}). "
+            f"Query: {_shown(query)}. Fix: {_FIX_READ_ONLY}; files, URLs, databases and "
+            "extensions are not reachable from the sandbox"
+        ) from exc
+    except duckdb.CatalogException as exc:
+        raise QueryError(
+            f"the dataset query failed: {exc}. Query: {_shown(query)}. Only hub tables named in "
+            f"FROM/JOIN clauses can be read; {_available(list_tables(hub))}"
+        ) from exc
+    except duckdb.Error as exc:
+        raise QueryError(f"the dataset query failed: {exc}. Query: {_shown(query)}") from exc
+    finally:
+        timer.cancel()
+        timer.join()  # never close the connection under a timer that is interrupting it
+        con.close()
+    versions = {name: snap.version for name, snap in snapshots.items()}
+    log.info("query read %s and returned %d rows",
+             ", ".join(f"{n}@v{v}" for n, v in versions.items()) or "no tables", result.num_rows)
+    return result, versions

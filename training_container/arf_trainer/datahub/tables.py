@@ -1,0 +1,158 @@
+"""The embedded data hub: versioned Delta Lake tables stored as `<hub>/<table_name>/`.
+
+Every write (append or overwrite) creates a new table version; old versions stay readable,
+which is what lets a template pin `dataset.tables: {reach_demos: 3}` and get the same rows
+forever. Reading goes through `open_table`, which returns a lazily scanned Arrow dataset
+(DuckDB scans it with projection and filter pushdown) together with the concrete version, so
+the caller can record exactly what it read.
+
+Only this module touches the Delta log; the query sandbox (`arf_trainer.datahub.query`) and the
+demo seeder (`arf_trainer.datahub.seed`) go through the functions here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import DeltaError, TableNotFoundError
+
+from arf_trainer.errors import DataHubError
+
+# Table names become directory names and SQL identifiers, so keep them to plain identifiers:
+# no path separators (a name like '../x' or '/etc' must never reach the filesystem) and no
+# quoting needed in SQL.
+TABLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,127}$")
+
+WriteMode = Literal["append", "overwrite"]
+
+
+@dataclass(frozen=True)
+class TableSnapshot:
+    """One table at one concrete version, ready to scan."""
+
+    name: str
+    version: int
+    uri: str
+    dataset: pads.Dataset
+
+
+def _seed_hint(hub: Path) -> str:
+    return f"create the demo tables with `arf-trainer datahub seed --hub {hub}`"
+
+
+def _check_name(name: str) -> None:
+    if not TABLE_NAME.match(name):
+        raise DataHubError(
+            f"table name {name!r} is not allowed; data hub table names are lower-case "
+            "identifiers matching [a-z_][a-z0-9_]* (e.g. reach_demos)"
+        )
+
+
+def table_path(hub: Path, name: str) -> Path:
+    """The directory of table `name` in `hub` (after checking the name is a plain identifier)."""
+    _check_name(name)
+    return hub / name
+
+
+def list_tables(hub: Path) -> list[str]:
+    """Names of the Delta tables directly under `hub`, sorted; [] if the hub does not exist."""
+    if not hub.is_dir():
+        return []
+    return sorted(
+        child.name
+        for child in hub.iterdir()
+        if TABLE_NAME.match(child.name) and (child / "_delta_log").is_dir()
+    )
+
+
+def _format_versions(versions: list[int]) -> str:
+    """'0-41' for a contiguous run, else the list; version lists can be long."""
+    if not versions:
+        return "none"
+    if versions == list(range(versions[0], versions[-1] + 1)) and len(versions) > 2:
+        return f"{versions[0]}-{versions[-1]}"
+    return ", ".join(str(v) for v in versions)
+
+
+def _missing_table(hub: Path, name: str, version: int | None) -> DataHubError:
+    available = list_tables(hub)
+    asked = "latest" if version is None else str(version)
+    return DataHubError(
+        f"data hub table {name!r} (version {asked}) does not exist in {hub}; tables available: "
+        f"{', '.join(available) or 'none'}. Fix the table name, or {_seed_hint(hub)}"
+    )
+
+
+def table_versions(hub: Path, name: str) -> list[int]:
+    """The versions of `name` that can still be read, ascending."""
+    path = table_path(hub, name)
+    try:
+        history = DeltaTable(str(path)).history()
+    except TableNotFoundError as exc:
+        raise _missing_table(hub, name, None) from exc
+    return sorted(int(entry["version"]) for entry in history if "version" in entry)
+
+
+def open_table(hub: Path, name: str, version: int | None = None) -> TableSnapshot:
+    """Open `name` at `version` (None = the latest) for scanning.
+
+    Raises `DataHubError` naming the table, the version asked for and the versions available
+    when the table or the version does not exist.
+    """
+    path = table_path(hub, name)
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)
+                                or version < 0):
+        raise DataHubError(
+            f"version {version!r} of table {name!r} is not a valid table version; "
+            "pin a non-negative integer (e.g. dataset.tables: {" + name + ": 0})"
+        )
+    try:
+        table = DeltaTable(str(path), version=version)
+    except TableNotFoundError as exc:
+        raise _missing_table(hub, name, version) from exc
+    except DeltaError as exc:
+        # delta-rs reports a missing version as a generic kernel error; list what exists.
+        try:
+            versions = table_versions(hub, name)
+        except DataHubError:
+            raise _missing_table(hub, name, version) from exc
+        raise DataHubError(
+            f"data hub table {name!r} has no version {version}; versions available: "
+            f"{_format_versions(versions)} (latest {versions[-1] if versions else 'none'}). "
+            f"Pin one of those in dataset.tables, or drop the pin to read the latest"
+        ) from exc
+    return TableSnapshot(
+        name=name,
+        version=int(table.version()),
+        uri=path.resolve().as_uri(),
+        dataset=table.to_pyarrow_dataset(),
+    )
+
+
+def write_table(hub: Path, name: str, data: pa.Table, mode: WriteMode = "append") -> int:
+    """Append `data` to (or overwrite) table `name`, creating it if needed; return the new version.
+
+    An append whose schema differs from the table's raises `DataHubError`; overwrite replaces
+    the schema as well (older versions keep theirs).
+    """
+    if mode not in ("append", "overwrite"):
+        raise DataHubError(f"write mode {mode!r} is not supported; use 'append' or 'overwrite'")
+    path = table_path(hub, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_deltalake(
+            str(path), data, mode=mode,
+            schema_mode="overwrite" if mode == "overwrite" else None,
+        )
+    except DeltaError as exc:
+        raise DataHubError(
+            f"could not {mode} {data.num_rows} rows to data hub table {name!r} at {path}: {exc}. "
+            "For a schema change write with mode='overwrite' (older versions stay readable)"
+        ) from exc
+    return int(DeltaTable(str(path)).version())

@@ -1,0 +1,270 @@
+"""The `evaluate` step: roll a registered model out in simulation and record the result.
+
+Inputs (job spec): `inputs = {"model_name", "model_version"}` and the template's `evaluation`
+section `{"environment": "reach", "episodes", "seed", "success_threshold"}`.
+
+Model contract: `mlflow.pytorch.load_model("models:/<name>/<version>")` gives a
+`torch.nn.Module` mapping float32 observations [B, 10] to actions [B, 2] in environment
+units; it carries its own input/output normalization. Actions are clipped to [-1, 1].
+
+Episodes use seeds seed .. seed+episodes-1, so two evaluations of one model agree exactly and
+two models are compared on the same initial states. The result is recorded twice:
+
+* an MLflow run in experiment `<template name>-evaluation` (metrics success_rate and
+  mean_final_distance, the settings as params, per-episode outcomes as
+  `evaluation/episodes.json` so failure episodes can be replayed), tagged with the model and
+  the DAG run;
+* tags on the model version (`arf.eval.*`), which is what promotion gates read.
+
+Idempotent per (DAG run, model version): a retry reuses the finished evaluation run of the
+same DAG run instead of rolling out again, and re-applies the model version tags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import numpy as np
+
+from arf_trainer.errors import EvaluationError, RegistryError, SpecError
+from arf_trainer.spec import StepEnv
+
+log = logging.getLogger(__name__)
+
+ENVIRONMENTS = ("reach",)
+_EPISODES_ARTIFACT = "evaluation/episodes.json"
+
+
+def _model_ref(inputs: dict[str, Any]) -> tuple[str, str]:
+    name, version = inputs.get("model_name"), inputs.get("model_version")
+    if not isinstance(name, str) or not name:
+        raise SpecError(f"job spec inputs.model_name must be a registered model name, got "
+                        f"{name!r}; the evaluate step is started with the model to evaluate")
+    text = str(version) if isinstance(version, int | str) and not isinstance(version, bool) else ""
+    if not text.isdigit():
+        raise SpecError(f"job spec inputs.model_version must be a model version number "
+                        f"(e.g. 3), got {version!r}")
+    return name, str(int(text))
+
+
+def _settings(env: StepEnv) -> tuple[str, int, int, float]:
+    evaluation = env.spec.evaluation
+    if not evaluation:
+        raise EvaluationError(
+            f"template {env.spec.name!r} has no evaluation section; add one "
+            "(evaluation: {environment: reach, episodes: 50}) to evaluate its models"
+        )
+    environment = evaluation.get("environment")
+    if environment not in ENVIRONMENTS:
+        raise EvaluationError(
+            f"evaluation.environment is {environment!r}, which this arf-trainer cannot simulate; "
+            f"use one of: {', '.join(ENVIRONMENTS)}"
+        )
+    episodes, seed = int(evaluation.get("episodes", 50)), int(evaluation.get("seed", 100_000))
+    threshold = float(evaluation.get("success_threshold", 0.8))
+    if episodes < 1:
+        raise EvaluationError(f"evaluation.episodes={episodes} must be at least 1")
+    return environment, episodes, seed, threshold
+
+
+def _experiment_id(client: Any, name: str, artifact_root: str | None) -> str:
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        location = f"{artifact_root.rstrip('/')}/{name}" if artifact_root else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException as exc:
+            # Two evaluations may race to create it; the loser uses the winner's.
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise RegistryError(f"cannot create MLflow experiment {name!r}: {exc}") from exc
+    if experiment.lifecycle_stage != "active":
+        raise EvaluationError(
+            f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore "
+            f"--experiment-id {experiment.experiment_id}) or delete it permanently"
+        )
+    return experiment.experiment_id
+
+
+def _check_version(client: Any, name: str, version: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as exc:
+        try:
+            known = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        except MlflowException:
+            known = []
+        raise EvaluationError(
+            f"model version models:/{name}/{version} is not in the registry; versions of "
+            f"{name!r}: {', '.join(map(str, known)) or 'none'}. Evaluate a registered version"
+        ) from exc
+
+
+def _load_policy(name: str, version: str) -> Any:
+    import mlflow.pytorch
+    import torch
+
+    uri = f"models:/{name}/{version}"
+    try:
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+    except Exception as exc:  # MLflow and unpickling raise many unrelated types
+        raise EvaluationError(f"cannot load {uri} with mlflow.pytorch.load_model: {exc}") from exc
+    if not callable(model):
+        raise EvaluationError(f"{uri} loaded as {type(model).__name__}, which is not callable; "
+                              "the model contract is a torch.nn.Module obs [B,10] -> action [B,2]")
+    if isinstance(model, torch.nn.Module):
+        # A torch.export (pt2) module is already an inference graph and refuses eval().
+        with contextlib.suppress(NotImplementedError):
+            model.eval()
+
+    # The observation is sent as a batch of two identical rows: a model exported with
+    # torch.export (MLflow's pt2 format, which the publisher uses) gets a dynamic batch
+    # dimension only for sizes >= 2 (size 1 is specialized), so a batch of one could fail its
+    # shape guards although the model is fine.
+    @torch.inference_mode()
+    def policy(obs: np.ndarray) -> np.ndarray:
+        row = np.asarray(obs, dtype=np.float32).reshape(1, -1)
+        batch = torch.from_numpy(np.repeat(row, 2, axis=0))
+        try:
+            out = model(batch)
+        except Exception as exc:
+            raise EvaluationError(
+                f"{uri} failed on an observation batch of shape (2, 10): {exc}; the model "
+                "contract is a torch.nn.Module mapping float32 [B, 10] -> actions [B, 2]"
+            ) from exc
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, 2):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise EvaluationError(
+                f"{uri} returned {shape} for an observation batch of shape (2, 10); the model "
+                "contract is a torch.nn.Module mapping float32 [B, 10] -> actions [B, 2]"
+            )
+        action = out[0].detach().cpu().numpy().astype(np.float32)
+        if not np.all(np.isfinite(action)):
+            raise EvaluationError(f"{uri} produced a non-finite action {action.tolist()} for "
+                                  f"observation {row[0].tolist()}")
+        return action
+
+    return policy
+
+
+def _rollouts(policy: Any, episodes: int, seed: int) -> list[dict[str, Any]]:
+    from arf_trainer.sim import reach
+
+    sim = reach.make_env()
+    try:
+        results = []
+        for episode_seed in range(seed, seed + episodes):
+            outcome = reach.rollout(policy, episode_seed, env=sim)
+            results.append({"seed": episode_seed, "final_distance": outcome.final_distance,
+                            "success": outcome.success})
+        return results
+    finally:
+        sim.close()
+
+
+def _previous_run(client: Any, experiment_id: str, tags: dict[str, str]) -> Any | None:
+    """The finished evaluation run of this DAG run and model version, if an earlier try made
+    one; unfinished ones (tries that died) are marked FAILED so they do not linger as RUNNING."""
+    filter_string = (f"tags.`arf.model_name` = '{tags['arf.model_name']}' and "
+                     f"tags.`arf.model_version` = '{tags['arf.model_version']}'")
+    # The DAG run id is free text (quotes would need escaping in the filter grammar): match it
+    # here instead.
+    mine = [run for run in client.search_runs([experiment_id], filter_string=filter_string)
+            if run.data.tags.get("arf.dag_id") == tags["arf.dag_id"]
+            and run.data.tags.get("arf.dag_run_id") == tags["arf.dag_run_id"]]
+    finished = None
+    for run in mine:
+        status = run.info.status
+        has_metrics = {"success_rate", "mean_final_distance"} <= run.data.metrics.keys()
+        if status == "FINISHED" and has_metrics:
+            finished = finished or run
+        elif status == "RUNNING":
+            log.warning("marking evaluation run %s of an earlier try as FAILED", run.info.run_id)
+            client.set_terminated(run.info.run_id, status="FAILED")
+    return finished
+
+
+def run_evaluate(env: StepEnv) -> dict[str, Any]:
+    """Run the evaluate step for `env`; return the result (also written as the step result)."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    environment, episodes, seed, threshold = _settings(env)
+    name, version = _model_ref(env.spec.inputs)
+    # load_model resolves models:/ URIs through the process-wide registry URI.
+    mlflow.set_tracking_uri(env.tracking_uri)
+    mlflow.set_registry_uri(env.tracking_uri)
+    client = MlflowClient(tracking_uri=env.tracking_uri, registry_uri=env.tracking_uri)
+    _check_version(client, name, version)
+    experiment_id = _experiment_id(client, f"{env.spec.name}-evaluation", env.artifact_root)
+    tags = {
+        "arf.model_name": name,
+        "arf.model_version": version,
+        "arf.dag_id": env.spec.run.dag_id,
+        "arf.dag_run_id": env.spec.run.run_id,
+        "arf.template": env.spec.name,
+        "arf.environment": environment,
+    }
+
+    previous = _previous_run(client, experiment_id, tags)
+    if previous is not None:
+        run_id = previous.info.run_id
+        success_rate = float(previous.data.metrics["success_rate"])
+        mean_distance = float(previous.data.metrics["mean_final_distance"])
+        log.info("reusing finished evaluation run %s from an earlier try", run_id)
+    else:
+        policy = _load_policy(name, version)
+        run = client.create_run(experiment_id, tags=tags, run_name=f"{name}-v{version}")
+        run_id = run.info.run_id
+        try:
+            outcomes = _rollouts(policy, episodes, seed)
+            success_rate = float(np.mean([o["success"] for o in outcomes]))
+            mean_distance = float(np.mean([o["final_distance"] for o in outcomes]))
+            from arf_trainer.sim.reach import SUCCESS_DISTANCE
+
+            params = {"environment": environment, "episodes": episodes, "seed": seed,
+                      "success_threshold": threshold, "success_distance": SUCCESS_DISTANCE}
+            client.log_batch(
+                run_id,
+                metrics=[Metric("success_rate", success_rate, 0, 0),
+                         Metric("mean_final_distance", mean_distance, 0, 0)],
+                params=[Param(k, str(v)) for k, v in params.items()],
+            )
+            client.log_dict(run_id, {"episodes": outcomes}, _EPISODES_ARTIFACT)
+        except BaseException:
+            client.set_terminated(run_id, status="FAILED")
+            raise
+        client.set_terminated(run_id, status="FINISHED")
+
+    passed = success_rate >= threshold
+    version_tags = {
+        "arf.eval.success_rate": f"{success_rate:.6g}",
+        "arf.eval.mean_final_distance": f"{mean_distance:.6g}",
+        "arf.eval.episodes": str(episodes),
+        "arf.eval.seed": str(seed),
+        "arf.eval.passed": str(passed).lower(),
+        "arf.eval.run_id": run_id,
+    }
+    for key, value in version_tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    log.info("evaluate: models:/%s/%s on %s: success rate %.1f%% over %d episodes (threshold "
+             "%.1f%%), mean final distance %.4f m -> %s", name, version, environment,
+             100 * success_rate, episodes, 100 * threshold, mean_distance,
+             "passed" if passed else "below threshold")
+    return {
+        "model_name": name,
+        "model_version": version,
+        "success_rate": success_rate,
+        "mean_final_distance": mean_distance,
+        "episodes": episodes,
+        "passed": passed,
+        "mlflow_run_id": run_id,
+        "reused": previous is not None,
+    }

@@ -1,0 +1,181 @@
+"""`arf-trainer register`: publish the trained model to the MLflow registry, once per training run.
+
+Reads ``<workspace>/train/result.json`` and ``model_info.json``, rebuilds the module, checks the
+weights against the recorded sha256, logs it as an MLflow model of the training run, registers
+a version of the template's ``model.name`` with lineage tags, and writes the ARF plugin manifest
+(``arf_plugin.json``) as an artifact of the run.
+
+Idempotent per training run: a retry finds the version already registered for that run
+(``search_model_versions`` filtered by run_id) and the model already logged (a READY logged model
+of the run with the same weights sha256), and creates neither again.
+
+Serialization: the model is logged in MLflow 3's default ``pt2`` format (`torch.export`), with
+an input example of real rows from the validation shard. MLflow 3 refuses to unpickle models
+unless MLFLOW_ALLOW_PICKLE_DESERIALIZATION is set, so a ``pickle``-format model would not load in
+an evaluator or server by default; ``pt2`` loads with torch alone (no arf_trainer import, no
+arbitrary code). The example has at least 2 rows because torch.export treats a size-1 batch
+dimension as a constant, and the model must accept any batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from arf_trainer import tracking
+from arf_trainer.errors import RegistryError
+from arf_trainer.spec import StepEnv, read_json
+from arf_trainer.trainer.checkpoint import load_weights, state_dict_sha256
+from arf_trainer.trainer.recipes import MLP, ModelInfo, get_recipe
+
+log = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+MANIFEST_ARTIFACT = "arf_plugin.json"
+LOGGED_MODEL_NAME = "model"
+EXAMPLE_ROWS = 8
+# Copied from the training run's tags onto the model version: its reproducibility record.
+LINEAGE_FROM_RUN = ("arf.template", "arf.template_sha256", "arf.dag_id", "arf.dag_run_id",
+                    "arf.data_fingerprint", "arf.data_tables", "arf.config_hash",
+                    "arf.code_version")
+
+
+def _read_train_output(path: Path) -> dict[str, Any]:
+    try:
+        return read_json(path)
+    except FileNotFoundError:
+        raise RegistryError(f"{path} does not exist; the train step must finish in this "
+                            "workspace before register runs") from None
+    except ValueError as exc:
+        raise RegistryError(f"{path} is not valid JSON ({exc}); rerun the train step") from exc
+
+
+def load_trained_model(workspace: Path) -> tuple[MLP, ModelInfo, dict[str, Any]]:
+    """Rebuild the trained module from the train step's outputs, checking the weights' sha256."""
+    train_dir = workspace / "train"
+    result = _read_train_output(train_dir / "result.json")
+    info = ModelInfo.from_json(_read_train_output(train_dir / "model_info.json"))
+    model = get_recipe(info.recipe).build_model(info)
+    weights = load_weights(workspace / result["weights"])
+    sha = state_dict_sha256(weights)
+    if sha != result["weights_sha256"]:
+        raise RegistryError(f"{workspace / result['weights']} has sha256 {sha} but the train "
+                            f"step recorded {result['weights_sha256']}: the file changed after "
+                            "training; rerun the train step")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise RegistryError(f"weights do not fit the module described by model_info.json: "
+                            f"{exc}") from exc
+    return model.eval(), info, result
+
+
+def input_example(workspace: Path, info: ModelInfo) -> np.ndarray:
+    """Up to EXAMPLE_ROWS (at least 2) feature rows, from the val shards, else train shards."""
+    import pyarrow.parquet as pq
+
+    prepare_dir = workspace / "prepare"
+    manifest = read_json(prepare_dir / "manifest.json")
+    for split in ("val", "train"):
+        for shard in manifest["shards"].get(split, []):
+            if shard.get("rows", 0) < 2:
+                continue
+            table = pq.read_table(prepare_dir / shard["path"], columns=info.features)
+            rows = table.slice(0, EXAMPLE_ROWS)
+            return np.stack([rows.column(c).to_numpy() for c in info.features],
+                            axis=1).astype(np.float32)
+    raise RegistryError(f"no shard in {prepare_dir / 'manifest.json'} has 2 rows for the input "
+                        "example that the pt2 export needs to keep the batch dimension dynamic")
+
+
+def plugin_manifest(name: str, version: str, info: ModelInfo, result: dict[str, Any],
+                    lineage: dict[str, str]) -> dict[str, Any]:
+    """The ARF plugin manifest: how a consumer feeds the model and reads its output."""
+    output: dict[str, Any]
+    if info.classes is not None:
+        output = {"kind": "logits", "classes": info.classes, "shape": [-1, len(info.classes)],
+                  "dtype": "float32"}
+    else:
+        output = {"kind": "regression", "targets": info.targets,
+                  "shape": [-1, len(info.targets)], "dtype": "float32"}
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "id": name,
+        "version": version,
+        "model_uri": f"models:/{name}/{version}",
+        "weights_sha256": result["weights_sha256"],
+        "recipe": info.recipe,
+        "input": {"features": info.features, "dtype": "float32", "shape": [-1, info.n_features]},
+        "output": output,
+        "lineage": lineage,
+    }
+
+
+def _registered_version(client: Any, name: str, run_id: str) -> str | None:
+    versions = client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
+    return min((v.version for v in versions), key=int, default=None)
+
+
+def _logged_model_uri(client: Any, experiment_id: str, run_id: str, sha: str) -> str | None:
+    """A finished earlier log_model of these weights into this run (a retry after it)."""
+    from mlflow.entities import LoggedModelStatus
+
+    models = client.search_logged_models(
+        experiment_ids=[experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND tags.`arf.weights_sha256` = '{sha}'")
+    ready = [m for m in models if m.status == LoggedModelStatus.READY]
+    return ready[0].model_uri if ready else None
+
+
+def run_register(env: StepEnv) -> dict[str, Any]:
+    """Register this DAG run's trained model (once) and return its version and manifest."""
+    import mlflow
+
+    name = env.spec.model["name"]
+    model, info, result = load_trained_model(env.workspace)
+    run_id, sha = result["mlflow_run_id"], result["weights_sha256"]
+    client = tracking.configure(env.tracking_uri)
+    with tracking.mlflow_errors(env.tracking_uri,
+                                f"find training run {run_id} (from train/result.json)"):
+        run = client.get_run(run_id)
+    missing = [key for key in LINEAGE_FROM_RUN if key not in run.data.tags]
+    if missing:
+        raise RegistryError(f"training run {run_id} lacks the lineage tag(s) {missing}; it was "
+                            "not made by arf-trainer train: retrain to get a complete record")
+    lineage = {key: run.data.tags[key] for key in LINEAGE_FROM_RUN}
+    lineage.update({"arf.training_run_id": run_id, "arf.weights_sha256": sha})
+
+    with tracking.mlflow_errors(env.tracking_uri, f"register {name!r} from run {run_id}"):
+        version = _registered_version(client, name, run_id)
+        if version is None:
+            model_uri = _logged_model_uri(client, run.info.experiment_id, run_id, sha)
+            if model_uri is None:
+                # MLflow 3 files the logged model under the *active* experiment, not the run's:
+                # without this it would land in "Default" with artifacts in ./mlruns.
+                mlflow.set_experiment(experiment_id=run.info.experiment_id)
+                logged = mlflow.pytorch.log_model(
+                    model, name=LOGGED_MODEL_NAME, run_id=run_id,
+                    serialization_format="pt2", input_example=input_example(env.workspace, info),
+                    # Explicit requirements: inferring them loads the model in a subprocess.
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                    tags={"arf.weights_sha256": sha})
+                model_uri = logged.model_uri
+            version = mlflow.register_model(model_uri, name, tags=lineage).version
+            log.info("registered %s version %s from run %s", name, version, run_id)
+        else:
+            log.info("%s version %s is already registered for run %s", name, version, run_id)
+        manifest = plugin_manifest(name, str(version), info, result, lineage)
+        # Re-logging on a retry rewrites the same content, so this stays idempotent.
+        client.log_dict(run_id, manifest, MANIFEST_ARTIFACT)
+    return {
+        "model_name": name,
+        "model_version": str(version),
+        "model_uri": f"models:/{name}/{version}",
+        "training_run_id": run_id,
+        "weights_sha256": sha,
+        "manifest": manifest,
+    }

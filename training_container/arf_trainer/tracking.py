@@ -1,0 +1,110 @@
+"""Thin MLflow helpers shared by the train and register steps.
+
+One MLflow experiment per template (named after ``metadata.name``) and one MLflow run per
+Airflow DAG run, found again by the tag ``arf.dag_run = "<dag_id>/<run_id>"`` so that an Airflow
+retry continues the same run instead of creating a second one.
+
+MLflow is imported inside the functions: importing it takes seconds, which the other steps
+(and `arf-trainer --help`) should not pay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from arf_trainer.errors import RegistryError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+DAG_RUN_TAG = "arf.dag_run"
+
+# A training job must not phone home. MLflow reads this when it is first imported, so it is set
+# when this module is imported (before any step imports mlflow); users can still opt in.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal values give equal text (and hashes)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      default=str)
+
+
+def sha256_json(value: Any) -> str:
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+def dag_run_key(dag_id: str, run_id: str) -> str:
+    return f"{dag_id}/{run_id}"
+
+
+@contextmanager
+def mlflow_errors(tracking_uri: str, what: str) -> Iterator[None]:
+    """Turn MLflow's exceptions into a `RegistryError` that says what we were doing, and where."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        raise RegistryError(f"MLflow at {tracking_uri} failed to {what}: {exc.message}") from exc
+
+
+def configure(tracking_uri: str) -> "MlflowClient":
+    """Point MLflow (tracking and registry) at `tracking_uri` and return a client for it."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def get_or_create_experiment(client: "MlflowClient", name: str, artifact_root: str | None) -> str:
+    """The experiment `name`, created with artifacts under ``<artifact_root>/<name>`` if new.
+
+    Without an artifact root MLflow would default to ``./mlruns`` of the working directory,
+    which differs between the local backend and a pod.
+    """
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        location = f"{artifact_root.rstrip('/')}/{name}" if artifact_root else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            # Another run of the same template created it between our get and create.
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        raise RegistryError(
+            f"MLflow experiment {name!r} (id {experiment.experiment_id}) is deleted; restore it "
+            "(mlflow experiments restore) or delete it permanently, then retry the task"
+        )
+    return experiment.experiment_id
+
+
+def find_run_by_tag(client: "MlflowClient", experiment_id: str, key: str, value: str) -> str | None:
+    """The id of the oldest active run in the experiment with tag `key` = `value`, if any."""
+    if "'" in value:
+        raise RegistryError(f"tag value {value!r} for {key} contains a quote; MLflow search "
+                            "filters cannot match it: use dag and run ids without quotes")
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{key}` = '{value}'",
+                              order_by=["attributes.start_time ASC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def find_or_create_run(client: "MlflowClient", experiment_id: str, dag_id: str, run_id: str,
+                       tags: dict[str, str]) -> tuple[str, bool]:
+    """The MLflow run of this DAG run: (run id, True if it already existed, e.g. on retry)."""
+    key = dag_run_key(dag_id, run_id)
+    existing = find_run_by_tag(client, experiment_id, DAG_RUN_TAG, key)
+    if existing is not None:
+        return existing, True
+    run = client.create_run(experiment_id, run_name=key, tags={**tags, DAG_RUN_TAG: key})
+    return run.info.run_id, False

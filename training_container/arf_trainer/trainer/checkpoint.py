@@ -1,0 +1,223 @@
+"""Checkpoints (torchtitan-style) and the weights file with its sha256.
+
+Layout under ``<workspace>/train/checkpoints/``::
+
+    step-120/                 complete: it exists only after every file in it was written
+        .complete             marker, written last before the rename (defence in depth)
+        shared.pt             rank 0: model, optimizer, progress, resolved config
+        rank-00000.pt         one per rank: RNG states (torch, numpy, python, cuda),
+        rank-00001.pt         the DataLoader generator state, the rank's partial epoch sums
+    .tmp-step-180/            being written, or left by a crash: ignored, removed on next save
+
+A checkpoint is written into ``.tmp-step-N`` and renamed to ``step-N`` by rank 0 once every
+rank has fsynced its file, so a reader sees a step complete or not at all. Resume picks the
+highest complete step; only the latest ``keep`` steps are kept. The folder must be shared by
+all ranks (one machine, or an RWX volume across nodes), like the rest of the run workspace.
+
+Model and optimizer states are identical on every rank under DDP, so only rank 0 writes them.
+The RNG and data-order states differ per rank, so each rank writes its own file; resuming with
+a different world size is refused because those cannot be redistributed exactly.
+
+Weights hash (`state_dict_sha256`): sha256 over the state_dict's entries in sorted key order;
+for each entry the key (UTF-8), the dtype name, the shape, each followed by a NUL byte, then the
+tensor's raw bytes (CPU, contiguous, native byte order). It depends only on names and values,
+not on torch.save's container format, so it is stable across torch versions and files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from arf_trainer.errors import TrainingError
+from arf_trainer.trainer import dist
+from arf_trainer.trainer.dist import DistEnv
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_COMPLETE = ".complete"
+_SHARED = "shared.pt"
+
+
+def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """The sha256 of a state_dict's names, dtypes, shapes and values (see module docstring)."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}\0{str(tensor.dtype).removeprefix('torch.')}\0"
+                      f"{list(tensor.shape)}\0".encode())
+        # A uint8 view gives the raw bytes of any dtype (bfloat16 has no numpy equivalent).
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cpu_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A detached CPU copy, keys in sorted order (so the saved file is deterministic too)."""
+    return {key: state_dict[key].detach().to("cpu").clone() for key in sorted(state_dict)}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_fsynced(obj: Any, path: Path) -> None:
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def save_weights(state_dict: Mapping[str, torch.Tensor], path: Path) -> str:
+    """Atomically write a state_dict (CPU, sorted keys) to `path`; return its sha256."""
+    weights = cpu_state_dict(state_dict)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _save_fsynced(weights, tmp)
+    os.replace(tmp, path)
+    return state_dict_sha256(weights)
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        # weights_only: the file holds tensors only, so refuse anything that would run code.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as exc:
+        raise TrainingError(f"cannot load weights from {path}: {exc}") from exc
+
+
+# -- RNG states, in a form torch.load(weights_only=True) accepts (tensors, tuples, ints) -------
+
+def capture_rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What `Checkpointer.load` returns: rank 0's shared state and this rank's own state."""
+
+    step: int
+    shared: dict[str, Any]
+    rank_state: dict[str, Any]
+
+
+class Checkpointer:
+    """Save, prune and load ``step-N`` checkpoints (see the module docstring for the layout).
+
+    Every method is collective: all ranks call it at the same step.
+    """
+
+    def __init__(self, folder: Path, denv: DistEnv, keep: int, every_steps: int) -> None:
+        if keep < 1:
+            raise TrainingError(
+                f"training.keep_checkpoints={keep} must be >= 1 (resume needs the latest one)"
+            )
+        if every_steps < 0:
+            raise TrainingError(
+                f"training.checkpoint_every_steps={every_steps} must be >= 0 "
+                "(0 = only the final checkpoint)"
+            )
+        self.folder, self.denv, self.keep, self.every_steps = folder, denv, keep, every_steps
+
+    def due(self, step: int) -> bool:
+        return self.every_steps > 0 and step % self.every_steps == 0
+
+    def complete_steps(self) -> list[int]:
+        if not self.folder.is_dir():
+            return []
+        steps = []
+        for child in self.folder.iterdir():
+            match = _STEP_DIR.match(child.name)
+            if match and (child / _COMPLETE).is_file():
+                steps.append(int(match.group(1)))
+        return sorted(steps)
+
+    def latest_step(self) -> int | None:
+        """The highest complete step, as rank 0 sees it (all ranks get the same answer)."""
+        steps = self.complete_steps() if self.denv.is_main else None
+        steps = dist.broadcast_from_main(self.denv, steps)
+        return steps[-1] if steps else None
+
+    def save(self, step: int, shared: Mapping[str, Any], rank_state: Mapping[str, Any]) -> None:
+        """Write ``step-N`` complete-or-absent. `shared` is taken from rank 0 only."""
+        final = self.folder / f"step-{step}"
+        tmp = self.folder / f".tmp-step-{step}"
+        exists = False
+        if self.denv.is_main:
+            exists = (final / _COMPLETE).is_file()
+            if not exists:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+        # Already written (e.g. the last periodic checkpoint is also the final one).
+        if dist.broadcast_from_main(self.denv, exists):
+            return
+        _save_fsynced(dict(rank_state), tmp / f"rank-{self.denv.rank:05d}.pt")
+        if self.denv.is_main:
+            _save_fsynced({**shared, "step": step, "world_size": self.denv.world_size},
+                          tmp / _SHARED)
+        dist.barrier(self.denv)  # every rank's file is on disk before the step becomes visible
+        if self.denv.is_main:
+            (tmp / _COMPLETE).write_text(f"{step}\n")
+            _fsync_dir(tmp)
+            os.rename(tmp, final)
+            _fsync_dir(self.folder)
+            self._prune()
+        dist.barrier(self.denv)
+
+    def _prune(self) -> None:
+        for old in self.complete_steps()[:-self.keep]:
+            shutil.rmtree(self.folder / f"step-{old}", ignore_errors=True)
+        for child in self.folder.iterdir():
+            # Temp folders of an interrupted save; ours was just renamed away.
+            if child.name.startswith(".tmp-step-"):
+                shutil.rmtree(child, ignore_errors=True)
+
+    def load(self, step: int) -> Checkpoint:
+        path = self.folder / f"step-{step}"
+        try:
+            shared = torch.load(path / _SHARED, map_location="cpu", weights_only=True)
+            if shared["world_size"] != self.denv.world_size:
+                raise TrainingError(
+                    f"checkpoint {path} was written by {shared['world_size']} processes but this "
+                    f"run has world size {self.denv.world_size}; per-rank RNG and data-order "
+                    "states cannot be redistributed exactly: rerun with the original "
+                    "training.distributed shape, or delete the checkpoints to start over"
+                )
+            rank_state = torch.load(path / f"rank-{self.denv.rank:05d}.pt", map_location="cpu",
+                                    weights_only=True)
+        except (OSError, RuntimeError, KeyError) as exc:
+            raise TrainingError(
+                f"checkpoint {path} is marked complete but cannot be read ({exc}); delete that "
+                "folder to resume from the previous checkpoint"
+            ) from exc
+        return Checkpoint(step=step, shared=shared, rank_state=rank_state)

@@ -1,0 +1,291 @@
+"""Built-in recipes: what model to build, how to turn target columns into tensors, which loss.
+
+A template picks one with `training.recipe`:
+
+``bc``          behaviour cloning: MLP regression obs -> action, MSE in standardized action units.
+``classifier``  MLP classifier over one label column, cross-entropy, reports accuracy.
+
+Both build an `MLP` that is self-contained for serving: it standardizes its inputs with the
+training split's mean/std (stored as buffers, so they travel in the state_dict and in the
+exported MLflow model) and, for ``bc``, maps its output back to the data's action units.
+Contract used by the evaluator and the plugin manifest:
+
+* ``bc``: float32 ``[B, n_features]`` -> float32 ``[B, n_targets]`` (actions, data units);
+* ``classifier``: float32 ``[B, n_features]`` -> logits ``[B, n_classes]``; column ``i`` is the
+  class ``ModelInfo.classes[i]`` (the sorted distinct training labels).
+
+Templates that need anything else bring their own image and command instead of a recipe.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arf_trainer.errors import TrainingError
+
+MODEL_INFO_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """The hyperparameters every built-in recipe accepts (template `training.hyperparameters`)."""
+
+    epochs: int
+    batch_size: int
+    """Global batch: samples per optimizer step summed over all DDP ranks."""
+    lr: float
+    hidden_size: int = 64
+    num_layers: int = 2
+    weight_decay: float = 0.0
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "lr")
+    INTEGERS: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "hidden_size", "num_layers")
+
+    @classmethod
+    def accepted(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def parse(cls, recipe: str, raw: Mapping[str, Any]) -> "Hyperparameters":
+        accepted = cls.accepted()
+        unknown = sorted(set(raw) - set(accepted))
+        if unknown:
+            raise TrainingError(
+                f"hyperparameter {', '.join(map(repr, unknown))} is not accepted by the "
+                f"built-in recipe {recipe!r}; accepted names: {', '.join(accepted)}. Remove it "
+                "from the template's training.hyperparameters (or the trigger conf), or use a "
+                "custom training.command"
+            )
+        missing = [name for name in cls.REQUIRED if name not in raw]
+        if missing:
+            raise TrainingError(
+                f"hyperparameter {missing[0]!r} is required by the built-in recipe {recipe!r} "
+                "but has no value; declare it with a default in training.hyperparameters"
+            )
+        values: dict[str, Any] = {}
+        for name, value in raw.items():
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if name in cls.INTEGERS:
+                ok, need = is_number and isinstance(value, int) and value >= 1, "an integer >= 1"
+            elif name == "weight_decay":
+                ok, need = is_number and 0 <= value < math.inf, "a finite number >= 0"
+            else:  # lr
+                ok, need = is_number and 0 < value < math.inf, "a finite number > 0"
+            if not ok:
+                raise TrainingError(
+                    f"hyperparameter {name}={value!r} is invalid for recipe {recipe!r}: it must "
+                    f"be {need}; fix the template default or the trigger conf"
+                )
+            values[name] = value if name in cls.INTEGERS else float(value)
+        return cls(**values)
+
+    def per_rank_batch_size(self, world_size: int) -> int:
+        """Split the global batch evenly over the ranks, or say how to fix it."""
+        if self.batch_size % world_size:
+            lower = self.batch_size - self.batch_size % world_size
+            raise TrainingError(
+                f"hyperparameter batch_size={self.batch_size} is the global batch and must be "
+                f"divisible by the world size {world_size} (nodes x procs_per_node); use "
+                f"{lower or world_size} or {lower + world_size}, or change training.distributed"
+            )
+        return self.batch_size // world_size
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Everything needed to rebuild the module before loading its state_dict (model_info.json).
+
+    The normalization statistics are buffers in the state_dict, not here.
+    """
+
+    recipe: str
+    features: list[str]
+    targets: list[str]
+    hidden_size: int
+    num_layers: int
+    n_outputs: int
+    classes: list[Any] | None = None
+    format_version: int = MODEL_INFO_VERSION
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["n_features"] = self.n_features
+        data["input"] = {"dtype": "float32", "shape": [-1, self.n_features]}
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ModelInfo":
+        if data.get("format_version") != MODEL_INFO_VERSION:
+            raise TrainingError(
+                f"model_info.json has format_version={data.get('format_version')!r}; this "
+                f"arf-trainer reads version {MODEL_INFO_VERSION}: register with the arf-trainer "
+                "version that trained the model"
+            )
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class MLP(nn.Module):
+    """standardize(x) -> [Linear, ReLU] x num_layers -> Linear -> (optional) de-standardize.
+
+    The statistics are buffers so that `state_dict()` (and torch.export) carries them: the
+    registered model needs no preprocessing code on the serving side.
+    """
+
+    def __init__(self, n_inputs: int, n_outputs: int, hidden_size: int, num_layers: int,
+                 denormalize_output: bool) -> None:
+        super().__init__()
+        self.register_buffer("input_mean", torch.zeros(n_inputs))
+        self.register_buffer("input_std", torch.ones(n_inputs))
+        layers: list[nn.Module] = []
+        width = n_inputs
+        for _ in range(num_layers):
+            layers += [nn.Linear(width, hidden_size), nn.ReLU()]
+            width = hidden_size
+        layers.append(nn.Linear(width, n_outputs))
+        self.net = nn.Sequential(*layers)
+        self.denormalize_output = denormalize_output
+        if denormalize_output:
+            self.register_buffer("output_mean", torch.zeros(n_outputs))
+            self.register_buffer("output_std", torch.ones(n_outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net((x - self.input_mean) / self.input_std)
+        if self.denormalize_output:
+            y = y * self.output_std + self.output_mean
+        return y
+
+
+def _mean_std(values: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column mean/std in float64, with constant columns given std 1 (no division by zero)."""
+    as64 = values.astype(np.float64, copy=False)
+    mean, std = as64.mean(axis=0), as64.std(axis=0)
+    std = np.where(std < 1e-6, 1.0, std)
+    return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(std.astype(np.float32))
+
+
+class Recipe:
+    """A built-in recipe. Subclasses define targets encoding, model shape, loss and metrics."""
+
+    name: ClassVar[str]
+    reports_accuracy: ClassVar[bool] = False
+
+    def describe(self, features: Sequence[str], targets: Sequence[str], hp: Hyperparameters,
+                 y_train: np.ndarray) -> ModelInfo:
+        raise NotImplementedError
+
+    def encode_targets(self, info: ModelInfo, y: np.ndarray, split: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, model: MLP, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def build_model(self, info: ModelInfo) -> MLP:
+        """A model with identity normalization; load a state_dict or call `fit_normalization`."""
+        return MLP(info.n_features, info.n_outputs, info.hidden_size, info.num_layers,
+                   denormalize_output=info.classes is None)
+
+    def fit_normalization(self, model: MLP, x_train: np.ndarray, y_train: torch.Tensor) -> None:
+        mean, std = _mean_std(x_train)
+        model.input_mean.copy_(mean)
+        model.input_std.copy_(std)
+
+
+class BehaviourCloning(Recipe):
+    name = "bc"
+
+    def describe(self, features: Sequence[str], targets: Sequence[str], hp: Hyperparameters,
+                 y_train: np.ndarray) -> ModelInfo:
+        return ModelInfo(recipe=self.name, features=list(features), targets=list(targets),
+                         hidden_size=hp.hidden_size, num_layers=hp.num_layers,
+                         n_outputs=len(targets))
+
+    def encode_targets(self, info: ModelInfo, y: np.ndarray, split: str) -> torch.Tensor:
+        try:
+            return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+        except (TypeError, ValueError) as exc:
+            raise TrainingError(
+                f"recipe 'bc' needs numeric target columns {info.targets}, but the {split} split "
+                f"has values that are not numbers ({exc}); fix dataset.targets or the query"
+            ) from exc
+
+    def fit_normalization(self, model: MLP, x_train: np.ndarray, y_train: torch.Tensor) -> None:
+        super().fit_normalization(model, x_train, y_train)
+        mean, std = _mean_std(y_train.numpy())
+        model.output_mean.copy_(mean)
+        model.output_std.copy_(std)
+
+    def loss(self, model: MLP, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # MSE in standardized action units, so that action dimensions with large ranges do
+        # not dominate the loss; the model itself still outputs data units.
+        return F.mse_loss(outputs / model.output_std, targets / model.output_std)
+
+
+class Classifier(Recipe):
+    name = "classifier"
+    reports_accuracy = True
+
+    def describe(self, features: Sequence[str], targets: Sequence[str], hp: Hyperparameters,
+                 y_train: np.ndarray) -> ModelInfo:
+        if len(targets) != 1:
+            raise TrainingError(
+                f"recipe 'classifier' needs exactly one target column (the label); dataset.targets "
+                f"resolved to {list(targets)}: list only the label column"
+            )
+        classes = np.unique(y_train.reshape(-1))
+        if len(classes) < 2:
+            raise TrainingError(
+                f"recipe 'classifier' found {len(classes)} distinct label value(s) "
+                f"{classes.tolist()} in the training split; it needs at least 2: check the query"
+            )
+        return ModelInfo(recipe=self.name, features=list(features), targets=list(targets),
+                         hidden_size=hp.hidden_size, num_layers=hp.num_layers,
+                         n_outputs=len(classes), classes=classes.tolist())
+
+    def encode_targets(self, info: ModelInfo, y: np.ndarray, split: str) -> torch.Tensor:
+        assert info.classes is not None  # set by describe() for this recipe
+        classes = np.asarray(info.classes)
+        labels = y.reshape(-1)
+        index = np.searchsorted(classes, labels)
+        known = (index < len(classes)) & (classes[np.minimum(index, len(classes) - 1)] == labels)
+        if not known.all():
+            unseen = sorted(set(labels[~known].tolist()))
+            raise TrainingError(
+                f"the {split} split has label value(s) {unseen[:5]} that do not occur in the "
+                f"training split (classes {info.classes}); the classifier cannot score them: "
+                "change the query or the validation_split"
+            )
+        return torch.from_numpy(index.astype(np.int64))
+
+    def loss(self, model: MLP, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs, targets)
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (BehaviourCloning(), Classifier())}
+
+
+def get_recipe(name: str | None) -> Recipe:
+    if name is None:
+        raise TrainingError(
+            "the template has no training.recipe; the built-in trainer runs recipes "
+            f"{sorted(RECIPES)} only. Set training.recipe, or give training.command to run a "
+            "custom image (that path does not call the built-in trainer)"
+        )
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise TrainingError(
+            f"training.recipe={name!r} is not a built-in recipe; choose one of {sorted(RECIPES)}"
+        ) from None

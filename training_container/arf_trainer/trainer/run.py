@@ -1,0 +1,558 @@
+"""`arf-trainer train`: parse -> validate -> build -> train -> close, in the shape of torchtitan's
+train.py, for the built-in recipes (`training.recipe`: bc, classifier).
+
+Runs as one process or under torchrun (DDP; gloo on CPU, NCCL on GPU). Reads the prepare step's
+manifest and Parquet shards, writes under ``<workspace>/train/``::
+
+    checkpoints/step-N/   see checkpoint.py; a retried task resumes from the highest one
+    model.pt              final state_dict (CPU tensors, sorted keys)
+    model_info.json       what the register step needs to rebuild the module (ModelInfo)
+    result.json           written last; its presence with valid weights means "done"
+
+Determinism: the same spec, data, world size and OMP_NUM_THREADS give bit-identical weights.
+Everything is seeded from the spec's seed (+rank for per-rank streams), deterministic
+algorithms are enforced, the DistributedSampler and the DataLoader's own generator are seeded,
+and data loading stays in the main process (num_workers=0).
+
+Rank 0 alone talks to MLflow: one run per DAG run (resumed on retry), params, the
+reproducibility record as ``arf.*`` tags, per-epoch metrics and the dataset lineage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
+
+from arf_trainer import __version__, tracking
+from arf_trainer.errors import SpecError, TrainingError
+from arf_trainer.spec import JobSpec, StepEnv, read_json, write_json_atomic
+from arf_trainer.trainer import dist
+from arf_trainer.trainer.checkpoint import (
+    Checkpointer,
+    capture_rng_state,
+    cpu_state_dict,
+    load_weights,
+    restore_rng_state,
+    save_weights,
+    state_dict_sha256,
+)
+from arf_trainer.trainer.dist import DistEnv
+from arf_trainer.trainer.recipes import MLP, Hyperparameters, ModelInfo, Recipe, get_recipe
+
+log = logging.getLogger(__name__)
+
+RESULT_KEYS = ("mlflow_run_id", "experiment_id", "weights", "weights_sha256", "metrics",
+               "world_size", "steps", "recipe", "config_hash")
+EVAL_CHUNK = 4096
+
+
+# -- parse + validate ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The validated training settings taken from the job spec."""
+
+    recipe: Recipe
+    hp: Hyperparameters
+    seed: int
+    per_rank_batch_size: int
+    checkpoint_every_steps: int
+    keep_checkpoints: int
+    resolved: dict[str, Any]
+    """template + hyperparameters + seed: stored in every checkpoint, hashed into config_hash."""
+    config_hash: str
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, world_size: int) -> "TrainConfig":
+        training = spec.training
+        if spec.model.get("base_model"):
+            # Silently training from scratch would register a model the user did not ask for.
+            raise SpecError(
+                f"model.base_model={spec.model['base_model']!r}: starting from a registered model "
+                "is not supported by the built-in recipes yet; remove base_model to train from "
+                "scratch")
+        recipe = get_recipe(training.get("recipe"))
+        hp = Hyperparameters.parse(recipe.name, spec.hyperparameters)
+        if not 0 <= spec.seed < 2**32 - world_size:
+            raise TrainingError(f"seed={spec.seed} must be in [0, 2**32 - world size) "
+                                "(numpy's seed range); pick a smaller non-negative seed")
+        resolved = {"template": spec.template, "hyperparameters": spec.hyperparameters,
+                    "seed": spec.seed}
+        return cls(
+            recipe=recipe,
+            hp=hp,
+            seed=spec.seed,
+            per_rank_batch_size=hp.per_rank_batch_size(world_size),
+            # Absent = the schema's defaults; an explicit 0 keep is refused by the Checkpointer.
+            checkpoint_every_steps=int(training.get("checkpoint_every_steps") or 0),
+            keep_checkpoints=int(1 if training.get("keep_checkpoints") is None
+                                 else training["keep_checkpoints"]),
+            resolved=resolved,
+            config_hash=tracking.sha256_json(resolved),
+        )
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The prepare step's splits, in memory: float32 features, raw target columns."""
+
+    manifest: dict[str, Any]
+    manifest_path: Path
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+    @property
+    def features(self) -> list[str]:
+        return list(self.manifest["features"])
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.manifest["targets"])
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_split(prepare_dir: Path, manifest: dict[str, Any], split: str,
+                columns: list[str]) -> list[np.ndarray]:
+    """One array per column, concatenated over the split's shards (sha256-checked)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for shard in manifest["shards"].get(split, []):
+        path = prepare_dir / shard["path"]
+        if not path.is_file():
+            raise TrainingError(f"shard {path} listed in the manifest is missing; rerun prepare")
+        if shard.get("sha256") and _file_sha256(path) != shard["sha256"]:
+            raise TrainingError(f"shard {path} does not match its sha256 in the manifest: the "
+                                "prepared data changed after prepare ran; rerun prepare")
+        try:
+            tables.append(pq.read_table(path, columns=columns))
+        except (pa.ArrowInvalid, KeyError) as exc:
+            raise TrainingError(f"cannot read columns {columns} from shard {path}: {exc}") from exc
+    if not tables:
+        return [np.empty(0) for _ in columns]
+    table = pa.concat_tables(tables)
+    arrays = []
+    for name in columns:
+        column = table.column(name)
+        if column.null_count:
+            raise TrainingError(f"column {name!r} has {column.null_count} null value(s) in the "
+                                f"{split} split; filter or fill them in the dataset query")
+        arrays.append(column.to_numpy())
+    return arrays
+
+
+def load_data(prepare_dir: Path) -> TrainData:
+    manifest_path = prepare_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise TrainingError(f"no prepared data at {manifest_path}; the prepare step must run "
+                            "first in the same workspace")
+    manifest = read_json(manifest_path)
+    try:
+        features, targets = list(manifest["features"]), list(manifest["targets"])
+        splits = {split: _read_split(prepare_dir, manifest, split, features + targets)
+                  for split in ("train", "val")}
+    except KeyError as exc:
+        raise TrainingError(f"manifest {manifest_path} lacks the field {exc.args[0]!r}; "
+                            "rerun prepare with a matching arf-trainer") from exc
+    if not features or not targets:
+        raise TrainingError(f"manifest {manifest_path} has features={features} and "
+                            f"targets={targets}; both must be non-empty (dataset.features/targets)")
+    n = len(features)
+
+    def features_of(arrays: list[np.ndarray]) -> np.ndarray:
+        try:
+            return np.stack(arrays[:n], axis=1).astype(np.float32)
+        except (TypeError, ValueError) as exc:
+            raise TrainingError(f"feature columns {features} must be numeric ({exc}); "
+                                "cast or drop them in the dataset query") from exc
+
+    train, val = splits["train"], splits["val"]
+    if len(train[0]) == 0:
+        raise TrainingError(f"the training split in {manifest_path} has no rows; the dataset "
+                            "query selected nothing, or validation_split took every row")
+    return TrainData(manifest=manifest, manifest_path=manifest_path,
+                     x_train=features_of(train), y_train=np.stack(train[n:], axis=1),
+                     x_val=features_of(val), y_val=np.stack(val[n:], axis=1))
+
+
+def completed_result(workspace: Path, config_hash: str) -> dict[str, Any] | None:
+    """The result of an earlier, finished attempt of this step, if there is a valid one."""
+    path = workspace / "train" / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        result = read_json(path)
+    except ValueError:
+        return None  # half-written by hand or a foreign tool: train again
+    if not isinstance(result, dict) or any(key not in result for key in RESULT_KEYS):
+        return None
+    if result["config_hash"] != config_hash:
+        raise TrainingError(
+            f"{path} was produced by a different configuration (config_hash "
+            f"{result['config_hash'][:12]}, this spec {config_hash[:12]}); one workspace holds "
+            "one training: use a new DAG run, or delete the workspace's train/ folder"
+        )
+    weights = workspace / result["weights"]
+    sha = state_dict_sha256(load_weights(weights)) if weights.is_file() else None
+    if sha != result["weights_sha256"]:
+        log.warning("%s exists but %s is missing or does not match its sha256; training again",
+                    path, weights)
+        return None
+    return result
+
+
+# -- build -----------------------------------------------------------------------------------
+
+@contextmanager
+def deterministic(threads: int | None) -> Iterator[None]:
+    """Enforce deterministic kernels (restored afterwards: tests call run_train in-process)."""
+    # cuBLAS only has deterministic GEMMs with a fixed workspace, set before CUDA starts.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+    torch.use_deterministic_algorithms(True)
+    if threads:
+        # CPU reductions are split per thread, so the thread count is part of the recipe for
+        # bit-identical weights; torchrun sets OMP_NUM_THREADS=1 unless told otherwise.
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.set_num_threads(previous[1])
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+@dataclass
+class Progress:
+    """Where training stands; what a checkpoint must restore besides weights and optimizer."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+    """Batches of `epoch` already trained (a resumed run skips them)."""
+    loss_sum: float = 0.0
+    """This rank's summed per-sample training loss in `epoch` (for the epoch's mean)."""
+    samples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The last finished epoch's metrics."""
+
+
+def _epoch_line(progress: Progress, epochs: int, total_steps: int, rate: float,
+                seconds_per_step: float) -> str:
+    eta = timedelta(seconds=round(seconds_per_step * (total_steps - progress.step)))
+    values = " | ".join(f"{k} {v:.4f}" for k, v in progress.metrics.items() if k != "epoch")
+    return (f"epoch {progress.epoch}/{epochs} | step {progress.step}/{total_steps} | {values} | "
+            f"{rate:,.0f} samples/s | ETA {eta}")
+
+
+@torch.no_grad()
+def evaluate(recipe: Recipe, model: MLP, x: torch.Tensor, y: torch.Tensor, denv: DistEnv,
+             device: torch.device) -> dict[str, float]:
+    """Validation loss (and accuracy) over the whole val split: each rank scores every
+    world_size-th row, then the sums are all-reduced (exact: no sampler padding)."""
+    model.eval()
+    x, y = x[denv.rank::denv.world_size], y[denv.rank::denv.world_size]
+    loss_sum = correct = 0.0
+    for start in range(0, len(x), EVAL_CHUNK):
+        xb, yb = x[start:start + EVAL_CHUNK].to(device), y[start:start + EVAL_CHUNK].to(device)
+        out = model(xb)
+        loss_sum += recipe.loss(model, out, yb).item() * len(yb)
+        if recipe.reports_accuracy:
+            correct += (out.argmax(dim=1) == yb).sum().item()
+    loss_sum, n, correct = dist.all_reduce_sum(denv, [loss_sum, float(len(x)), correct], device)
+    if n == 0:
+        return {}
+    metrics = {"val_loss": loss_sum / n}
+    if recipe.reports_accuracy:
+        metrics["val_accuracy"] = correct / n
+    return metrics
+
+
+# -- MLflow (rank 0) -------------------------------------------------------------------------
+
+def reproducibility_tags(spec: JobSpec, config_hash: str, data: TrainData,
+                         world_size: int) -> dict[str, str]:
+    code_version = {"arf_trainer": __version__, **spec.code_version}
+    tables = {name: t.get("version") for name, t in data.manifest.get("tables", {}).items()}
+    return {
+        "arf.template": spec.name,
+        "arf.template_sha256": spec.template_sha256,
+        "arf.dag_id": spec.run.dag_id,
+        "arf.dag_run_id": spec.run.run_id,
+        "arf.dag_run": tracking.dag_run_key(spec.run.dag_id, spec.run.run_id),
+        "arf.config_hash": config_hash,
+        "arf.code_version": tracking.canonical_json(code_version),
+        "arf.torch_version": torch.__version__,
+        "arf.world_size": str(world_size),
+        "arf.data_fingerprint": str(data.manifest.get("fingerprint", "")),
+        "arf.data_tables": tracking.canonical_json(tables),
+        "arf.recipe": spec.training["recipe"],
+        "arf.conf": tracking.canonical_json(spec.conf),
+        "arf.try_number": str(spec.run.try_number),
+    }
+
+
+def start_mlflow_run(env: StepEnv, cfg: TrainConfig, data: TrainData,
+                     denv: DistEnv) -> tuple[str, str]:
+    """Find or create this DAG run's MLflow run, make it active, log the record. (rank 0)"""
+    import mlflow
+
+    spec = env.spec
+    client = tracking.configure(env.tracking_uri)
+    experiment_id = tracking.get_or_create_experiment(client, spec.name, env.artifact_root)
+    tags = reproducibility_tags(spec, cfg.config_hash, data, denv.world_size)
+    run_id, resumed = tracking.find_or_create_run(client, experiment_id, spec.run.dag_id,
+                                                  spec.run.run_id, tags)
+    mlflow.start_run(run_id=run_id)
+    mlflow.set_tags(tags)
+    mlflow.log_params({**spec.hyperparameters, "seed": spec.seed,
+                       "world_size": denv.world_size, "recipe": cfg.recipe.name})
+    mlflow.log_dict(cfg.resolved, "arf/resolved_config.json")
+    # Lineage: the digest is the prepare fingerprint, so MLflow hashes nothing; MLflow caps
+    # dataset digests at 36 characters (the full sha256 is in the arf.data_fingerprint tag).
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source for both "" and "file" schemes and warns that
+        # a path is ambiguous between the two (identical) classes.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        dataset = mlflow.data.from_numpy(
+            data.x_train, targets=data.y_train, source=str(data.manifest_path),
+            name=f"{spec.name}-train",
+            digest=str(data.manifest.get("fingerprint", ""))[:36] or None)
+    mlflow.log_input(dataset, context="training")
+    log.info("MLflow run %s (%s) in experiment %s", run_id, "resumed" if resumed else "new",
+             experiment_id)
+    return run_id, experiment_id
+
+
+def _end_mlflow_run(status: str) -> None:
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    if status == "FINISHED":
+        mlflow.end_run(status=status)
+        return
+    try:
+        mlflow.end_run(status=status)
+    except Exception as exc:  # already failing: keep the original error, not this one
+        log.warning("could not mark MLflow run as %s: %s", status, exc)
+
+
+# -- train -----------------------------------------------------------------------------------
+
+def run_train(env: StepEnv) -> dict[str, Any] | None:
+    """Train the template's built-in recipe; return the result on rank 0, None elsewhere."""
+    denv = DistEnv.from_environ()
+    # Validate before any distributed init, so a bad spec fails at once on every rank.
+    cfg = TrainConfig.from_spec(env.spec, denv.world_size)
+    done = completed_result(env.workspace, cfg.config_hash)
+    if done is not None:
+        if denv.is_main:
+            log.info("training already finished for this run (%s); returning its result",
+                     env.workspace / "train" / "result.json")
+        return done if denv.is_main else None
+    data = load_data(env.workspace / "prepare")
+    threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS") else None
+    with deterministic(threads):
+        device = dist.init(denv)
+        try:
+            result = train(env, cfg, data, denv, device)
+        except BaseException:
+            # No barrier here: the other ranks may be inside a collective that will never end.
+            dist.teardown(denv, clean=False)
+            raise
+        dist.teardown(denv)
+    return result
+
+
+def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
+          device: torch.device) -> dict[str, Any] | None:
+    recipe, hp, out_dir = cfg.recipe, cfg.hp, env.workspace / "train"
+    info = recipe.describe(data.features, data.targets, hp, data.y_train)
+    x_train = torch.from_numpy(data.x_train)
+    y_train = recipe.encode_targets(info, data.y_train, "training")
+    x_val = torch.from_numpy(data.x_val)
+    y_val = recipe.encode_targets(info, data.y_val, "validation")
+
+    # Same seed on every rank: identical initial weights (DDP would broadcast rank 0's anyway).
+    seed_all(cfg.seed)
+    model = recipe.build_model(info)
+    recipe.fit_normalization(model, data.x_train, y_train)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    # The normalization buffers never change, so DDP need not re-broadcast them every forward.
+    ddp_model = DDP(model, forward_sync_buffers=False) if denv.enabled else model
+    seed_all(cfg.seed + denv.rank)  # from here on, per-rank streams
+
+    dataset = TensorDataset(x_train, y_train)
+    sampler = DistributedSampler(dataset, num_replicas=denv.world_size, rank=denv.rank,
+                                 shuffle=True, seed=cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed + denv.rank)
+    # The BatchSampler hands the dataset a list of indices, so TensorDataset slices a whole
+    # batch at once instead of collating per_rank_batch_size single rows.
+    loader = DataLoader(dataset, batch_size=None, num_workers=0,
+                        sampler=BatchSampler(sampler, cfg.per_rank_batch_size, drop_last=False),
+                        generator=generator)
+    steps_per_epoch = len(loader)
+    total_steps = hp.epochs * steps_per_epoch
+
+    checkpointer = Checkpointer(out_dir / "checkpoints", denv, keep=cfg.keep_checkpoints,
+                                every_steps=cfg.checkpoint_every_steps)
+    progress = Progress()
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        ckpt = checkpointer.load(latest)
+        if ckpt.shared["config_hash"] != cfg.config_hash:
+            raise TrainingError(
+                f"checkpoint step-{latest} in {checkpointer.folder} was written with another "
+                "configuration (config_hash differs); delete the checkpoints folder to start over"
+            )
+        model.load_state_dict(ckpt.shared["model"])
+        optimizer.load_state_dict(ckpt.shared["optimizer"])
+        progress = Progress(**ckpt.shared["progress"], loss_sum=ckpt.rank_state["loss_sum"],
+                            samples=ckpt.rank_state["samples"])
+        restore_rng_state(ckpt.rank_state["rng"])
+        generator.set_state(ckpt.rank_state["loader_generator"])
+        if denv.is_main:
+            log.info("resumed from %s/step-%d (epoch %d, after batch %d)", checkpointer.folder,
+                     latest, progress.epoch + 1, progress.batches_done)
+
+    def save_checkpoint(epoch_start_generator: torch.Tensor) -> None:
+        # Mid-epoch, the loader must replay this epoch from its start state and skip the
+        # batches done; at an epoch boundary the current state is the next epoch's start.
+        loader_state = epoch_start_generator if progress.batches_done else generator.get_state()
+        shared = {
+            "model": cpu_state_dict(model.state_dict()),
+            "optimizer": optimizer.state_dict(),
+            "progress": {"step": progress.step, "epoch": progress.epoch,
+                         "batches_done": progress.batches_done, "metrics": progress.metrics},
+            "config": cfg.resolved,
+            "config_hash": cfg.config_hash,
+        } if denv.is_main else {}
+        checkpointer.save(progress.step, shared, {
+            "rng": capture_rng_state(), "loader_generator": loader_state,
+            "loss_sum": progress.loss_sum, "samples": progress.samples})
+
+    def start_tracking() -> tuple[str, str]:
+        try:
+            with tracking.mlflow_errors(env.tracking_uri, "start the training run"):
+                return start_mlflow_run(env, cfg, data, denv)
+        except BaseException:
+            _end_mlflow_run("FAILED")
+            raise
+
+    started = dist.run_on_main(denv, start_tracking, "start the MLflow run")
+    try:
+        t_start, steps_run = time.perf_counter(), 0
+        for epoch in range(progress.epoch, hp.epochs):
+            sampler.set_epoch(epoch)
+            epoch_start_generator = generator.get_state()
+            ddp_model.train()
+            t_epoch, samples_run = time.perf_counter(), 0
+            for i, (x, y) in enumerate(loader):
+                if i < progress.batches_done:
+                    continue  # trained before the checkpoint we resumed from
+                x, y = x.to(device), y.to(device)
+                loss = recipe.loss(model, ddp_model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                progress.step += 1
+                progress.batches_done = i + 1
+                progress.loss_sum += loss.item() * len(y)
+                progress.samples += len(y)
+                samples_run += len(y) * denv.world_size
+                steps_run += 1
+                if checkpointer.due(progress.step):
+                    save_checkpoint(epoch_start_generator)
+
+            loss_sum, samples = dist.all_reduce_sum(denv, [progress.loss_sum, progress.samples],
+                                                    device)
+            metrics = {"train_loss": loss_sum / samples,
+                       **evaluate(recipe, model, x_val, y_val, denv, device)}
+            progress = Progress(step=progress.step, epoch=epoch + 1,
+                                metrics={**metrics, "epoch": float(epoch + 1)})
+            if denv.is_main:
+                rate = samples_run / max(time.perf_counter() - t_epoch, 1e-9)
+                per_step = (time.perf_counter() - t_start) / max(steps_run, 1)
+                log.info(_epoch_line(progress, hp.epochs, total_steps, rate, per_step))
+                import mlflow
+
+                # An epoch replayed entirely from a checkpoint has no throughput to report.
+                throughput = {"samples_per_s": rate} if samples_run else {}
+                with tracking.mlflow_errors(env.tracking_uri, "log metrics"):
+                    mlflow.log_metrics({**progress.metrics, **throughput}, step=progress.step)
+
+        save_checkpoint(generator.get_state())  # the final checkpoint (skipped if it exists)
+        return dist.run_on_main(
+            denv, lambda: finish(env, cfg, info, model, progress, started, denv),
+            "write the trained model")
+    except BaseException:
+        if denv.is_main:
+            _end_mlflow_run("FAILED")
+        raise
+
+
+def finish(env: StepEnv, cfg: TrainConfig, info: ModelInfo, model: MLP, progress: Progress,
+           started: tuple[str, str] | None, denv: DistEnv) -> dict[str, Any]:
+    """Rank 0: model.pt, model_info.json, the weights tag, then result.json last."""
+    import mlflow
+
+    assert started is not None  # run_on_main ran start_mlflow_run on rank 0
+    run_id, experiment_id = started
+    out_dir = env.workspace / "train"
+    sha = save_weights(model.state_dict(), out_dir / "model.pt")
+    write_json_atomic(out_dir / "model_info.json",
+                      {**info.to_json(), "weights": "model.pt", "weights_sha256": sha})
+    with tracking.mlflow_errors(env.tracking_uri, "tag the training run"):
+        mlflow.set_tag("arf.weights_sha256", sha)
+    metrics = {k: v for k, v in progress.metrics.items() if k != "epoch"}
+    result = {
+        "mlflow_run_id": run_id,
+        "experiment_id": experiment_id,
+        "weights": "train/model.pt",
+        "weights_sha256": sha,
+        "model_info": "train/model_info.json",
+        "metrics": metrics,
+        "world_size": denv.world_size,
+        "steps": progress.step,
+        "recipe": cfg.recipe.name,
+        "config_hash": cfg.config_hash,
+    }
+    with tracking.mlflow_errors(env.tracking_uri, "end the training run"):
+        _end_mlflow_run("FINISHED")
+    # Written here as well as by the CLI (at ARF_RESULT_PATH), because register and a retried
+    # train look for it at this fixed place in the workspace.
+    write_json_atomic(out_dir / "result.json", result)
+    log.info("trained %s: %d steps, weights sha256 %s", cfg.recipe.name, progress.step, sha)
+    return result
