@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from arf_training import embedded
+from arf_training import embedded as embedded_default
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -52,11 +52,11 @@ def _poll(what: str, fn, timeout: float, interval: float = 3.0):
 @pytest.fixture
 def running_airflow(embedded):
     api_port, mlflow_port = _free_port(), _free_port()
-    embedded.up(api_port=api_port, mlflow_port=mlflow_port)
+    embedded_default.up(api_port=api_port, mlflow_port=mlflow_port)
     try:
         yield api_port
     finally:
-        stopped = embedded.down()
+        stopped = embedded_default.down()
         assert set(stopped) == {"api-server", "scheduler", "dag-processor", "triggerer", "mlflow"}
 
 
@@ -90,7 +90,7 @@ def test_asset_event_triggers_arf_evaluate_with_a_real_scheduler(running_airflow
 
     from mlflow.tracking import MlflowClient
 
-    uri = embedded.environment()["ARF_TRACKING_URI"]
+    uri = embedded_default.environment()["ARF_TRACKING_URI"]
     version = MlflowClient(uri, uri).get_model_version("reach_bc_policy",
                                                        str(result["model_version"]))
     assert float(version.tags["arf.eval.success_rate"]) == pytest.approx(result["success_rate"])

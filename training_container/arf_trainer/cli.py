@@ -58,11 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in STEPS:
             _run_step(args.command)
         else:
-            from pathlib import Path
-
             from arf_trainer.datahub.seed import seed_demo
+            from arf_trainer.spec import uri_to_path
 
-            summary = seed_demo(Path(args.hub), episodes=args.episodes, seed=args.seed,
+            summary = seed_demo(uri_to_path(args.hub), episodes=args.episodes, seed=args.seed,
                                 force=args.force)
             import json
 
