@@ -8,6 +8,7 @@
     arf up | arf down                 start / stop Airflow + MLflow on localhost
     arf airflow ARGS ...              any `airflow` command in the embedded environment
     arf env                           print the embedded environment as shell exports
+    arf training reproduce RUN_ID     re-run a training run from its lineage; match/mismatch
 
 Exit codes: 0 success, 1 the work failed, 2 bad input (template, argument).
 """
@@ -89,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     af = sub.add_parser("airflow", help="run an airflow command in the embedded environment")
     af.add_argument("args", nargs=argparse.REMAINDER)
     sub.add_parser("env", help="print the embedded environment as shell exports")
+    training = sub.add_parser("training", help="training runs")
+    trsub = training.add_subparsers(dest="sub", required=True)
+    rep = trsub.add_parser("reproduce", help="re-run a training run from its recorded lineage "
+                                             "and compare data fingerprint and weights sha256")
+    rep.add_argument("run_id", help="MLflow run id of the training run (model version tag "
+                                    "arf.training_run_id)")
+    rep.add_argument("--output", choices=["text", "json"], default="text")
     args = parser.parse_args(argv)
 
     try:
@@ -137,6 +145,14 @@ def main(argv: list[str] | None = None) -> int:
 
             print("stopped: " + (", ".join(down()) or "nothing was running"))
             return 0
+        if args.command == "training":
+            from arf_training.embedded import environment
+            from arf_training.reproduce import main as reproduce_main
+
+            import os
+
+            os.environ.update({k: v for k, v in environment().items() if k.startswith("ARF_")})
+            return reproduce_main(args.run_id, as_json=args.output == "json")
         if args.command == "airflow":
             from arf_training.embedded import airflow
 

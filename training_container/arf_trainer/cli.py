@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     seed.add_argument("--episodes", type=int, default=200, help="expert reach episodes to record")
     seed.add_argument("--seed", type=int, default=0, help="RNG seed of the demonstrations")
     seed.add_argument("--force", action="store_true", help="append a new version even if seeded")
+    lineage = sub.add_parser("lineage", help="print what a training run recorded (JSON)")
+    lineage.add_argument("run_id", help="MLflow run id of a training run")
+    lineage.add_argument("--tracking-uri", help="MLflow tracking URI (default: ARF_TRACKING_URI)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -57,6 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in STEPS:
             _run_step(args.command)
+        elif args.command == "lineage":
+            import json
+            import os
+
+            from arf_trainer.errors import SpecError
+            from arf_trainer.lineage import read_lineage
+
+            uri = args.tracking_uri or os.environ.get("ARF_TRACKING_URI")
+            if not uri:
+                raise SpecError("no tracking URI: pass --tracking-uri or set ARF_TRACKING_URI")
+            print(json.dumps(read_lineage(uri, args.run_id), indent=2, sort_keys=True))
         else:
             from arf_trainer.datahub.seed import seed_demo
             from arf_trainer.spec import uri_to_path

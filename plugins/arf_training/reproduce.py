@@ -1,0 +1,103 @@
+"""`arf training reproduce RUN_ID`: re-run a training run from its recorded lineage and compare.
+
+The MLflow run of every training step records the resolved template, trigger conf, seed, data
+table versions, world size and the final weights' sha256. This re-runs `prepare` and `train`
+with the local backend in a fresh workspace, with every table pinned to the recorded version,
+and reports whether the data fingerprint and the weights' sha256 match. Nothing is registered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from arf_training.backends.local import LocalStepRunner, _bin
+from arf_training.errors import ArfError
+from arf_training.settings import ArfSettings
+from arf_training.stepspec import RunIdentity, build_step_spec
+from arf_training.templates import LoadedTemplate, TrainingTemplate
+
+REPRODUCE_DAG_ID = "arf_reproduce"
+
+
+def fetch_lineage(run_id: str, settings: ArfSettings) -> dict[str, Any]:
+    proc = subprocess.run([_bin("arf-trainer"), "lineage", run_id, "--tracking-uri",
+                           settings.tracking_uri], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ArfError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip()
+                       else f"arf-trainer lineage exited {proc.returncode}")
+    start = proc.stdout.find("\n{")
+    return json.loads(proc.stdout[start + 1 if start >= 0 else 0:])
+
+
+def pinned_template(lineage: dict[str, Any]) -> LoadedTemplate:
+    """The recorded template with every table pinned to the version the run read."""
+    data = json.loads(json.dumps(lineage["template"]))
+    data["dataset"]["tables"] = {**data["dataset"].get("tables", {}),
+                                 **{k: int(v) for k, v in lineage["data_tables"].items()}}
+    template = TrainingTemplate.model_validate(data)
+    return LoadedTemplate(template=template, path=Path(f"mlflow-run-{lineage['run_id']}"),
+                          sha256=lineage.get("template_sha256") or "")
+
+
+def reproduce(run_id: str, log: logging.Logger | None = None) -> dict[str, Any]:
+    log = log or logging.getLogger("arf.reproduce")
+    settings = ArfSettings.from_env()
+    lineage = fetch_lineage(run_id, settings)
+    loaded = pinned_template(lineage)
+    identity = RunIdentity(dag_id=REPRODUCE_DAG_ID,
+                           run_id=f"{run_id}-{time.strftime('%Y%m%dT%H%M%S')}",
+                           task_id="reproduce")
+    results: dict[str, Any] = {}
+    for step in ("prepare", "train"):
+        spec = build_step_spec(loaded, step, identity, lineage["conf"], settings)
+        if step == "train":
+            if spec.world_size != lineage["world_size"]:
+                raise ArfError(f"recorded world size {lineage['world_size']} differs from the "
+                               f"template's {spec.world_size}; the weights cannot be compared")
+            if spec.job_spec["hyperparameters"] != lineage["hyperparameters"] or \
+                    spec.job_spec["seed"] != lineage["seed"]:
+                raise ArfError("the recorded conf does not resolve to the recorded "
+                               "hyperparameters/seed; the run's record is inconsistent")
+        results[step] = LocalStepRunner(log).run(spec)
+    checks = {
+        "data_fingerprint": (lineage["data_fingerprint"], results["prepare"]["fingerprint"]),
+        "weights_sha256": (lineage["weights_sha256"], results["train"]["weights_sha256"]),
+    }
+    notes = []
+    here = lineage.get("local_torch_version")
+    if lineage.get("torch_version") and here and lineage["torch_version"] != here:
+        notes.append(f"torch {lineage['torch_version']} recorded, {here} here")
+    return {
+        "run_id": run_id,
+        "match": all(a == b for a, b in checks.values()),
+        "checks": {k: {"recorded": a, "rerun": b, "match": a == b} for k, (a, b) in checks.items()},
+        "world_size": lineage["world_size"],
+        "rerun_training_run_id": results["train"].get("mlflow_run_id"),
+        "workspace": str(build_step_spec(loaded, "train", identity, lineage["conf"],
+                                         settings).workspace),
+        "notes": notes,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"reproduce {report['run_id']} (world size {report['world_size']}, workspace "
+             f"{report['workspace']})"]
+    for name, check in report["checks"].items():
+        lines.append(f"  {name:17} recorded {check['recorded'][:16]}  re-run "
+                     f"{check['rerun'][:16]}  {'match' if check['match'] else 'MISMATCH'}")
+    lines += [f"  note: {n}" for n in report["notes"]]
+    lines.append(f"result: {'match' if report['match'] else 'mismatch'}")
+    return "\n".join(lines)
+
+
+def main(run_id: str, as_json: bool = False) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    report = reproduce(run_id)
+    print(json.dumps(report, indent=2) if as_json else format_report(report))
+    return 0 if report["match"] else 1
