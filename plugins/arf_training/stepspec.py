@@ -50,6 +50,7 @@ class StepSpec:
     nodes: int = 1
     procs_per_node: int = 1
     timeout_s: float = 3600.0
+    grace_s: float = 30.0
     result_path: Path = field(default=Path())
 
     @property
@@ -135,6 +136,7 @@ def build_step_spec(
         "ARF_TASK_ID": run.task_id,
         "ARF_TRY_NUMBER": str(run.try_number),
         "ARF_SEED": str(seed),
+        "ARF_PREEMPTION_GRACE_S": str(training.preemption_grace_seconds),
         "ARF_CHECKPOINT_DIR": str(workspace / "train" / "checkpoints"),
         "ARF_DATA_DIR": str(workspace / "prepare"),
     }
@@ -149,6 +151,7 @@ def build_step_spec(
         nodes=training.distributed.nodes if distributed else 1,
         procs_per_node=training.distributed.procs_per_node if distributed else 1,
         timeout_s=training.timeout_minutes * 60.0,
+        grace_s=float(training.preemption_grace_seconds),
         result_path=result_path,
     )
 

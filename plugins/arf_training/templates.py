@@ -232,6 +232,10 @@ class Training(_Section):
     checkpoint_every_steps: int = Field(500, ge=1, description="Optimizer steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
     timeout_minutes: int = Field(60, ge=1, le=7 * 24 * 60, description="Per-step time limit.")
+    preemption_grace_seconds: int = Field(
+        30, ge=1, le=3600,
+        description="After SIGTERM (preemption, timeout, a killed task) the step has this long to "
+                    "checkpoint and exit before it is killed.")
     retries: int = Field(0, ge=0, le=10, description="Airflow retries of each step.")
 
     @field_validator("hyperparameters")

@@ -19,13 +19,14 @@ from arf_training.stepspec import StepSpec
 from arf_training.templates import Resources
 
 
-def _spec(tmp_path: Path, code: str, *, timeout: float = 60.0, procs: int = 1) -> StepSpec:
+def _spec(tmp_path: Path, code: str, *, timeout: float = 60.0, procs: int = 1,
+          grace: float = 30.0) -> StepSpec:
     result = tmp_path / "step" / "result.json"
     return StepSpec(
         step="train", image="img", command=[sys.executable, "-c", code],
         env={"ARF_WORKSPACE": str(tmp_path), "ARF_RESULT_PATH": str(result), "ARF_X": "1"},
         job_spec={"run": {"try_number": 1}}, workspace=tmp_path, resources=Resources(),
-        procs_per_node=procs, timeout_s=timeout, result_path=result,
+        procs_per_node=procs, timeout_s=timeout, result_path=result, grace_s=grace,
     )
 
 
@@ -135,3 +136,39 @@ def test_multi_process_uses_torchrun(tmp_path):
     assert "--standalone" in command and "--nproc-per-node=2" in command
     assert command[-3] == "--no-python" and Path(command[-2]).name == "arf-trainer"
     assert command[-1] == "train"
+
+
+GRACEFUL = (
+    "import os, pathlib, signal, sys, time\n"
+    "ws = pathlib.Path(os.environ['ARF_WORKSPACE'])\n"
+    "def on_term(*_):\n"
+    "    time.sleep(1.0)  # a checkpoint being written\n"
+    "    (ws / 'checkpointed').write_text('yes')\n"
+    "    sys.exit(75)\n"
+    "signal.signal(signal.SIGTERM, on_term)\n"
+    "(ws / 'ready').write_text('1')\n"
+    "time.sleep(600)\n"
+)
+
+STUBBORN = (
+    "import os, pathlib, signal, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "pathlib.Path(os.environ['ARF_WORKSPACE'], 'ready').write_text(str(os.getpid()))\n"
+    "time.sleep(600)\n"
+)
+
+
+def test_timeout_gives_the_step_its_grace_period_to_checkpoint(tmp_path):
+    with pytest.raises(StepTimeout):
+        LocalStepRunner().run(_spec(tmp_path, GRACEFUL, timeout=2, grace=10))
+    assert (tmp_path / "checkpointed").read_text() == "yes"
+
+
+def test_a_step_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(StepTimeout):
+        LocalStepRunner().run(_spec(tmp_path, STUBBORN, timeout=2, grace=1))
+    elapsed = time.monotonic() - start
+    pid = int((tmp_path / "ready").read_text())
+    assert _dies(pid)
+    assert elapsed < 2 + 1 + 5 + 5  # timeout + grace + margin + slack

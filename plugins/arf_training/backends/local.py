@@ -46,7 +46,8 @@ PASSTHROUGH_ENV = ("HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "CUDA_VISIB
                    "OPENBLAS_L2_SIZE")
 TAIL_LINES = 60
 BAD_INPUT_EXIT = 2  # arf-trainer's exit code for a bad job spec, query or hyperparameter
-KILL_GRACE_S = 10.0
+# Beyond the step's own grace period: time for torchrun to pass SIGTERM on and reap workers.
+KILL_MARGIN_S = 5.0
 
 
 def _bin(name: str) -> str:
@@ -82,7 +83,7 @@ class LocalStepRunner:
     def __init__(self, log: logging.Logger | Any | None = None):
         self.log = log or logging.getLogger(__name__)
         self._procs: list[subprocess.Popen] = []
-        self._killed = False
+        self._grace_s = 30.0
 
     def commands(self, spec: StepSpec) -> list[list[str]]:
         """One command per local "node": plain for a single process, torchrun otherwise."""
@@ -119,6 +120,7 @@ class LocalStepRunner:
         job_spec_path.write_text(json.dumps(spec.job_spec, indent=2, sort_keys=True))
         env = self.environment(spec, job_spec_path)
         commands = self.commands(spec)
+        self._grace_s = spec.grace_s
         self.log.info("step %s: world size %d, workspace %s", spec.step, spec.world_size,
                       spec.workspace)
         lines: queue.Queue[tuple[int, str | None]] = queue.Queue()
@@ -174,14 +176,15 @@ class LocalStepRunner:
         lines.put((node, None))
 
     def kill(self) -> None:
-        """Stop every process group still running: SIGTERM, a grace period, then SIGKILL."""
+        """Stop every process group still running: SIGTERM, the step's grace period (to write a
+        checkpoint that a retry resumes from), then SIGKILL."""
         alive = [p for p in self._procs if p.poll() is None]
         for proc in alive:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + KILL_GRACE_S
+        deadline = time.monotonic() + self._grace_s + KILL_MARGIN_S
         for proc in alive:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
