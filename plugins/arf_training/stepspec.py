@@ -139,6 +139,7 @@ def build_step_spec(
         "ARF_PREEMPTION_GRACE_S": str(training.preemption_grace_seconds),
         "ARF_CHECKPOINT_DIR": str(workspace / "train" / "checkpoints"),
         "ARF_DATA_DIR": str(workspace / "prepare"),
+        "ARF_OUTPUT_DIR": str(workspace / "train" / "output"),
     }
     return StepSpec(
         step=step,

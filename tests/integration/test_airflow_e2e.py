@@ -145,3 +145,22 @@ def test_reproduce_unknown_run_is_a_clear_error(embedded):
                           env=embedded, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "MLflow run '0123456789abcdef' not found" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_custom_command_template_runs_through_the_same_dag(embedded):
+    """A non-PyTorch command (scikit-learn) gets the same contract, registry and lineage."""
+    proc = dags_test(embedded, "digits_sklearn", {"c": 0.5})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    run = latest_run("digits_sklearn")
+    assert str(run.state) == "success"
+    ws = workspace_for(ArfSettings.from_env(), "digits_sklearn", run.run_id)
+    assert (ws / "train" / "output" / "model.joblib").exists()
+    register = json.loads((ws / "register" / "result.json").read_text())
+    client = mlflow_client(embedded)
+    version = client.get_model_version("digits_sklearn_logreg", register["model_version"])
+    assert version.tags["arf.template"] == "digits_sklearn"
+    assert version.tags["arf.weights_sha256"] == register["weights_sha256"]
+    training_run = client.get_run(version.run_id)
+    assert training_run.data.metrics["val_accuracy"] > 0.9
+    assert training_run.data.params["c"] == "0.5"
+    assert "arf_plugin.json" in [a.path for a in client.list_artifacts(version.run_id)]

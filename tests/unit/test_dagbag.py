@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TEMPLATE_DAGS = ["digits_smoke", "reach_bc"]
+TEMPLATE_DAGS = ["digits_sklearn", "digits_smoke", "reach_bc"]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,8 @@ def test_training_task_graph(dagbag, dag_id):
     assert {type(t).__name__ for t in dag.tasks} == {"LocalStepOperator"}
     assert "arf" in dag.tags and dag.catchup is False
     assert dag.doc_md and register.loaded.path.name in dag.doc_md
-    assert set(dag.params.keys()) >= {"epochs", "lr", "seed"}
+    hyperparameters = set(register.loaded.template.training.hyperparameters)
+    assert hyperparameters and set(dag.params.keys()) >= hyperparameters | {"seed"}
 
 
 def test_dag_settings_come_from_the_template(dagbag):
@@ -101,7 +102,7 @@ def test_broken_template_is_an_import_error_and_hides_nothing(tmp_path):
         (REPO / "config_templates" / "digits_smoke.yaml").read_text()
         .replace("name: digits_smoke", "name: broken_one").replace("cpu: 1", "cpu: -1"))
     result = _bag_in_subprocess(REPO / "dags", tmp_path)
-    assert result["dags"] == ["arf_evaluate", "digits_smoke", "reach_bc"]
+    assert result["dags"] == ["arf_evaluate", "digits_smoke", "reach_bc"]  # only these copied
     [(path, error)] = result["errors"].items()
     assert path.endswith("arf_template_errors.py")
     assert "1 invalid template(s)" in error

@@ -2,6 +2,9 @@
 
     arf-trainer prepare | train | register | evaluate     (configured by the ARF_* environment)
     arf-trainer datahub seed [--hub PATH] [...]           (demo data for the embedded data hub)
+
+Exit codes: 0 done, 1 runtime failure, 2 bad input, 75 preempted by SIGTERM (train: rerun to
+resume from its checkpoint); see arf_trainer.errors and arf_trainer.preemption.
 """
 
 from __future__ import annotations
@@ -10,12 +13,24 @@ import argparse
 import logging
 import sys
 
-from arf_trainer.errors import TrainerError
+from arf_trainer.errors import Preempted, TrainerError
 
 STEPS = ("prepare", "train", "register", "evaluate")
 
 
 def _run_step(step: str) -> None:
+    if step == "train":
+        # Installed before torch is imported: a SIGTERM from here on is a preemption request
+        # (exit 75, with a checkpoint once training has started), not an instant death.
+        from arf_trainer.preemption import sigterm_guard
+
+        with sigterm_guard():
+            _dispatch(step)
+    else:
+        _dispatch(step)
+
+
+def _dispatch(step: str) -> None:
     from arf_trainer.spec import StepEnv, write_json_atomic
 
     env = StepEnv.from_environ()
@@ -27,6 +42,8 @@ def _run_step(step: str) -> None:
         from arf_trainer.datahub.prepare import run_prepare as run
     elif step == "train":
         from arf_trainer.trainer.run import run_train as run
+    elif step == "register" and env.spec.training.get("command"):
+        from arf_trainer.custom import register_custom as run
     elif step == "register":
         from arf_trainer.publisher import run_register as run
     else:
@@ -80,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             import json
 
             print(json.dumps(summary, indent=2, sort_keys=True))
+    except Preempted as exc:
+        print(f"arf-trainer {args.command}: preempted: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code  # PREEMPTED_EXIT
     except TrainerError as exc:
         print(f"arf-trainer {args.command}: error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code

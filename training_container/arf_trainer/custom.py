@@ -1,0 +1,108 @@
+"""Register the output of a template's own training command (any framework).
+
+Contract of a custom training command (see README, "The step contract"): it reads the prepared
+data at $ARF_DATA_DIR, writes its model files to $ARF_OUTPUT_DIR and, last, a result JSON to
+$ARF_RESULT_PATH (optionally with "metrics": {name: number}). It need not know MLflow.
+
+This step then does what the built-in recipes do themselves: an MLflow run per DAG run with the
+reproducibility record, the metrics, the output folder as the `model` artifact (its sha256 over
+sorted relative paths and bytes), and a registry version of the template's model with lineage
+tags and the ARF plugin manifest. Idempotent per DAG run, like `publisher.run_register`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from arf_trainer import __version__, tracking
+from arf_trainer.errors import RegistryError
+from arf_trainer.spec import StepEnv, read_json
+
+log = logging.getLogger(__name__)
+MANIFEST_ARTIFACT = "arf_plugin.json"
+
+
+def folder_sha256(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def register_custom(env: StepEnv) -> dict[str, Any]:
+    from mlflow.entities import Metric, Param
+    from mlflow.exceptions import MlflowException
+
+    spec, ws = env.spec, env.workspace
+    name = spec.model["name"]
+    output = ws / "train" / "output"
+    result_path = ws / "train" / "result.json"
+    if not result_path.exists() or not output.is_dir() or not any(output.iterdir()):
+        raise RegistryError(
+            f"the training command {spec.training['command']['command']} left no result at "
+            f"{result_path} or no files in {output}; a custom command must write its model to "
+            "$ARF_OUTPUT_DIR and its result JSON to $ARF_RESULT_PATH")
+    result = read_json(result_path)
+    manifest = read_json(ws / "prepare" / "manifest.json")
+    sha = folder_sha256(output)
+    tables = {n: t.get("version") for n, t in manifest.get("tables", {}).items()}
+    resolved = {"template": spec.template, "hyperparameters": spec.hyperparameters,
+                "seed": spec.seed}
+    lineage = {
+        "arf.template": spec.name,
+        "arf.template_sha256": spec.template_sha256,
+        "arf.dag_id": spec.run.dag_id,
+        "arf.dag_run_id": spec.run.run_id,
+        "arf.data_fingerprint": str(manifest.get("fingerprint", "")),
+        "arf.data_tables": tracking.canonical_json(tables),
+        "arf.config_hash": tracking.sha256_json(resolved),
+        "arf.code_version": tracking.canonical_json({"arf_trainer": __version__,
+                                                     **spec.code_version}),
+        "arf.weights_sha256": sha,
+    }
+    client = tracking.configure(env.tracking_uri)
+    with tracking.mlflow_errors(env.tracking_uri, f"register {name!r}"):
+        experiment_id = tracking.get_or_create_experiment(client, spec.name, env.artifact_root)
+        run_id, resumed = tracking.find_or_create_run(
+            client, experiment_id, spec.run.dag_id, spec.run.run_id,
+            {**lineage, "arf.recipe": "custom-command",
+             "arf.command": tracking.canonical_json(spec.training["command"])})
+        lineage["arf.training_run_id"] = run_id
+        versions = client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
+        if versions:
+            version = min((v.version for v in versions), key=int)
+            log.info("%s version %s is already registered for run %s", name, version, run_id)
+        else:
+            run = client.get_run(run_id)
+            now = int(time.time() * 1000)
+            if not run.data.metrics:  # a retry after logging must not log the points twice
+                client.log_batch(run_id, metrics=[
+                    Metric(k, float(v), now, 0) for k, v in (result.get("metrics") or {}).items()],
+                    params=[Param(k, str(v)) for k, v in
+                            {**spec.hyperparameters, "seed": spec.seed}.items()
+                            if k not in run.data.params])
+            client.log_dict(run_id, resolved, "arf/resolved_config.json")
+            client.log_artifacts(run_id, str(output), "model")
+            try:
+                client.create_registered_model(name)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            version = client.create_model_version(
+                name, source=f"{run.info.artifact_uri}/model", run_id=run_id, tags=lineage).version
+            client.set_terminated(run_id, "FINISHED")
+            log.info("registered %s version %s from run %s (custom command)", name, version, run_id)
+        plugin = {"manifest_version": 1, "id": name, "version": str(version),
+                  "model_uri": f"models:/{name}/{version}", "weights_sha256": sha,
+                  "recipe": "custom-command", "framework": result.get("framework"),
+                  "input": {"features": manifest.get("features")},
+                  "output": {"targets": manifest.get("targets")}, "lineage": lineage}
+        client.log_dict(run_id, plugin, MANIFEST_ARTIFACT)
+    return {"model_name": name, "model_version": str(version),
+            "model_uri": f"models:/{name}/{version}", "training_run_id": run_id,
+            "weights_sha256": sha, "manifest": plugin}
