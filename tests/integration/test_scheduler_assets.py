@@ -75,23 +75,34 @@ def test_asset_event_triggers_arf_evaluate_with_a_real_scheduler(running_airflow
 
     _poll(f"reach_bc run {run_id}", finished, 900)
 
+    register = _api(port, "GET", f"/dags/reach_bc/dagRuns/{run_id}/taskInstances/register_model"
+                                 "/xcomEntries/return_value")["value"]
+    register = register if isinstance(register, dict) else json.loads(register)
+    version = str(register["model_version"])
+
+    def xcom_of(eval_run_id: str) -> list[dict]:
+        value = _api(port, "GET", f"/dags/arf_evaluate/dagRuns/{eval_run_id}"
+                                  "/taskInstances/evaluate/xcomEntries/return_value")["value"]
+        return value if isinstance(value, list) else json.loads(value)
+
     def evaluated():
+        # Earlier tests of this session may have left Asset events of their own: the scheduler
+        # turns those into runs as well. Ours is the one that evaluated our version.
         runs = _api(port, "GET", "/dags/arf_evaluate/dagRuns")["dag_runs"]
-        done = [r for r in runs if r["run_type"] == "asset_triggered" and r["state"] == "success"]
         failed = [r for r in runs if r["state"] == "failed"]
         assert not failed, f"arf_evaluate failed: {failed}"
-        return done
+        return [result for r in runs
+                if r["run_type"] == "asset_triggered" and r["state"] == "success"
+                for result in xcom_of(r["dag_run_id"])
+                if result["model_name"] == "reach_bc_policy"
+                and str(result["model_version"]) == version]
 
-    [eval_run] = _poll("the asset-triggered arf_evaluate run", evaluated, 600)
-    xcom = _api(port, "GET", f"/dags/arf_evaluate/dagRuns/{eval_run['dag_run_id']}"
-                             "/taskInstances/evaluate/xcomEntries/return_value")
-    [result] = xcom["value"] if isinstance(xcom["value"], list) else json.loads(xcom["value"])
-    assert result["model_name"] == "reach_bc_policy"
+    [result] = _poll(f"an asset-triggered arf_evaluate run of version {version}", evaluated, 600)
 
     from mlflow.tracking import MlflowClient
 
     uri = embedded_default.environment()["ARF_TRACKING_URI"]
-    version = MlflowClient(uri, uri).get_model_version("reach_bc_policy",
-                                                       str(result["model_version"]))
-    assert float(version.tags["arf.eval.success_rate"]) == pytest.approx(result["success_rate"])
-    assert version.tags["arf.dag_run_id"] == run_id
+    model_version = MlflowClient(uri, uri).get_model_version("reach_bc_policy", version)
+    assert float(model_version.tags["arf.eval.success_rate"]) == pytest.approx(
+        result["success_rate"])
+    assert model_version.tags["arf.dag_run_id"] == run_id
