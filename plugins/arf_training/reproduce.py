@@ -97,7 +97,13 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def main(run_id: str, as_json: bool = False) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    report = reproduce(run_id)
+    # The steps' output goes to stderr, so stdout holds only the report (JSON for scripts).
+    log = logging.getLogger("arf.reproduce")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    report = reproduce(run_id, log)
     print(json.dumps(report, indent=2) if as_json else format_report(report))
     return 0 if report["match"] else 1

@@ -1,8 +1,22 @@
 """One exception root for the container side; each subclass names a kind of failure.
 
-The CLI turns any `TrainerError` into a one-paragraph message on stderr and exit code 2
-(bad input) or 1 (runtime failure), so the Airflow task log ends with the reason.
+The CLI turns any `TrainerError` into a one-paragraph message on stderr and its exit code, so
+the Airflow task log ends with the reason:
+
+===  ==============================================================================
+0    done (the result JSON is written)
+1    runtime failure (retrying may help)
+2    bad input: job spec, query, hyperparameters (retrying will not help)
+75   preempted: stopped on SIGTERM (see arf_trainer.preemption); the train step wrote a
+     checkpoint if it had trained anything; rerun the same command to resume
+===  ==============================================================================
+
+Under torchrun the workers exit 75 but torchrun itself, once it was sent SIGTERM, exits 1
+(it re-raises the signal as an exception after its workers stopped).
 """
+
+PREEMPTED_EXIT = 75
+"""EX_TEMPFAIL from sysexits.h: "temporary failure, try again later"."""
 
 
 class TrainerError(Exception):
@@ -39,3 +53,13 @@ class RegistryError(TrainerError):
 
 class EvaluationError(TrainerError):
     """Evaluation could not run (unknown environment, model cannot be loaded, ...)."""
+
+
+class Preempted(TrainerError):
+    """The step stopped on SIGTERM after saving what it had; rerunning it resumes."""
+
+    exit_code = PREEMPTED_EXIT
+
+
+class SpoolError(TrainerError):
+    """The tracking spool in the run workspace is held by another process or is damaged."""

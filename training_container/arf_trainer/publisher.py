@@ -5,6 +5,11 @@ weights against the recorded sha256, logs it as an MLflow model of the training 
 a version of the template's ``model.name`` with lineage tags, and writes the ARF plugin manifest
 (``arf_plugin.json``) as an artifact of the run.
 
+Before anything else it replays the train step's tracking spool (`tracking_spool.replay`):
+whatever MLflow missed during training (an outage) is sent now, exactly once, and if MLflow was
+unreachable for the whole training, the run is created now and its id written into
+train/result.json.
+
 Idempotent per training run: a retry finds the version already registered for that run
 (``search_model_versions`` filtered by run_id) and the model already logged (a READY logged model
 of the run with the same weights sha256), and creates neither again.
@@ -26,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from arf_trainer import tracking
+from arf_trainer import tracking, tracking_spool
 from arf_trainer.errors import RegistryError
-from arf_trainer.spec import StepEnv, read_json
+from arf_trainer.spec import StepEnv, read_json, write_json_atomic
 from arf_trainer.trainer.checkpoint import load_weights, state_dict_sha256
 from arf_trainer.trainer.recipes import MLP, ModelInfo, get_recipe
 
@@ -131,14 +136,35 @@ def _logged_model_uri(client: Any, experiment_id: str, run_id: str, sha: str) ->
     return ready[0].model_uri if ready else None
 
 
+def deliver_training_record(env: StepEnv, client: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """Send what the train step spooled and MLflow has not got yet; return the train result
+    with the MLflow run id filled in (and saved to train/result.json) if train never learned it.
+    """
+    state = tracking_spool.replay(env.workspace / "train", client, env.tracking_uri)
+    if state is None or state.run_id is None:
+        if result.get("mlflow_run_id"):
+            return result  # trained before the spool existed: MLflow has everything
+        raise RegistryError(f"train/result.json in {env.workspace} has no MLflow run id and "
+                            "there is no tracking spool to create the run from; rerun the "
+                            "train step")
+    if result.get("mlflow_run_id") != state.run_id:
+        if result.get("mlflow_run_id"):
+            log.warning("train/result.json names MLflow run %s but the tracking spool went to "
+                        "run %s; using the spool's", result["mlflow_run_id"], state.run_id)
+        result = {**result, "mlflow_run_id": state.run_id, "experiment_id": state.experiment_id}
+        write_json_atomic(env.workspace / "train" / "result.json", result)
+    return result
+
+
 def run_register(env: StepEnv) -> dict[str, Any]:
     """Register this DAG run's trained model (once) and return its version and manifest."""
     import mlflow
 
     name = env.spec.model["name"]
     model, info, result = load_trained_model(env.workspace)
-    run_id, sha = result["mlflow_run_id"], result["weights_sha256"]
     client = tracking.configure(env.tracking_uri)
+    result = deliver_training_record(env, client, result)
+    run_id, sha = result["mlflow_run_id"], result["weights_sha256"]
     with tracking.mlflow_errors(env.tracking_uri,
                                 f"find training run {run_id} (from train/result.json)"):
         run = client.get_run(run_id)

@@ -100,11 +100,16 @@ def find_run_by_tag(client: "MlflowClient", experiment_id: str, key: str, value:
 
 
 def find_or_create_run(client: "MlflowClient", experiment_id: str, dag_id: str, run_id: str,
-                       tags: dict[str, str]) -> tuple[str, bool]:
-    """The MLflow run of this DAG run: (run id, True if it already existed, e.g. on retry)."""
+                       tags: dict[str, str], start_time: int | None = None) -> tuple[str, bool]:
+    """The MLflow run of this DAG run: (run id, True if it already existed, e.g. on retry).
+
+    `start_time` (ms since the epoch) dates a run created after the fact, e.g. by the tracking
+    spool once MLflow is reachable again; None means now.
+    """
     key = dag_run_key(dag_id, run_id)
     existing = find_run_by_tag(client, experiment_id, DAG_RUN_TAG, key)
     if existing is not None:
         return existing, True
-    run = client.create_run(experiment_id, run_name=key, tags={**tags, DAG_RUN_TAG: key})
+    run = client.create_run(experiment_id, start_time=start_time, run_name=key,
+                            tags={**tags, DAG_RUN_TAG: key})
     return run.info.run_id, False

@@ -108,6 +108,10 @@ class LocalStepRunner:
         env["PYTHONUNBUFFERED"] = "1"
         env["MLFLOW_DISABLE_TELEMETRY"] = "true"
         env["OMP_NUM_THREADS"] = _threads(spec)
+        if spec.nodes > 1:
+            # torch 2.13's torchrun shares one rendezvous store across restarts without a
+            # per-attempt prefix: a restarted rank may read a dead predecessor's address.
+            env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
         env.update(spec.env)
         env["ARF_JOB_SPEC"] = str(job_spec_path)
         return env

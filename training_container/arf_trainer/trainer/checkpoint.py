@@ -42,6 +42,7 @@ import torch
 from arf_trainer.errors import TrainingError
 from arf_trainer.trainer import dist
 from arf_trainer.trainer.dist import DistEnv
+from arf_trainer.trainer.testhooks import TestHooks
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _COMPLETE = ".complete"
@@ -136,7 +137,8 @@ class Checkpointer:
     Every method is collective: all ranks call it at the same step.
     """
 
-    def __init__(self, folder: Path, denv: DistEnv, keep: int, every_steps: int) -> None:
+    def __init__(self, folder: Path, denv: DistEnv, keep: int, every_steps: int,
+                 hooks: TestHooks | None = None) -> None:
         if keep < 1:
             raise TrainingError(
                 f"training.keep_checkpoints={keep} must be >= 1 (resume needs the latest one)"
@@ -147,6 +149,7 @@ class Checkpointer:
                 "(0 = only the final checkpoint)"
             )
         self.folder, self.denv, self.keep, self.every_steps = folder, denv, keep, every_steps
+        self.hooks = hooks or TestHooks()
 
     def due(self, step: int) -> bool:
         return self.every_steps > 0 and step % self.every_steps == 0
@@ -187,6 +190,7 @@ class Checkpointer:
                           tmp / _SHARED)
         dist.barrier(self.denv)  # every rank's file is on disk before the step becomes visible
         if self.denv.is_main:
+            self.hooks.before_checkpoint_commit()  # tests: a window to kill a save half-way
             (tmp / _COMPLETE).write_text(f"{step}\n")
             _fsync_dir(tmp)
             os.rename(tmp, final)

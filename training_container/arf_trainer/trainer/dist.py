@@ -13,6 +13,7 @@ failure there ends the job on all ranks instead of leaving the others waiting in
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -81,9 +82,40 @@ def init(denv: DistEnv) -> torch.device:
         backend = "nccl" if device.type == "cuda" else "gloo"
         # device_id binds NCCL communicators eagerly; gloo has no use for it.
         kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+        store = _restart_store(denv)
+        if store is not None:
+            kwargs["store"] = store
         torch_dist.init_process_group(backend=backend, rank=denv.rank,
                                       world_size=denv.world_size, **kwargs)
     return device
+
+
+def _restart_store(denv: DistEnv) -> torch_dist.Store | None:
+    """After an elastic restart on one node, a store namespace of its own for this attempt.
+
+    torchrun keeps its agent's TCPStore for the whole job and, by default
+    (TORCHELASTIC_USE_AGENT_STORE=True), the env:// rendezvous reuses it without a per-attempt
+    prefix. The process group's keys written by the failed attempt (each rank's gloo/NCCL
+    address) are still there, so a restarted rank may read its dead predecessor's address and
+    fail with "Gloo connectFullMesh failed ... Connection refused": 3 restarts in 5 here with
+    torch 2.13 and a minimal script; 0 in 5 with this prefix, 0 in 5 with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 set for torchrun.
+
+    On a single node (GROUP_WORLD_SIZE=1) every worker of an attempt has the same
+    TORCHELASTIC_RESTART_COUNT, so it is the prefix. Across nodes it is not (an agent whose
+    workers were healthy restarts them without counting), so there the launcher must set
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun (a fresh store per attempt) and None is
+    returned (torch's default path).
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if (attempt in ("", "0") or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+            or os.environ.get("GROUP_WORLD_SIZE") != "1"):
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    client = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                 denv.world_size, is_master=False, timeout=default_pg_timeout)
+    return torch_dist.PrefixStore(f"arf/attempt-{attempt}", client)
 
 
 def teardown(denv: DistEnv, clean: bool = True) -> None:
@@ -113,6 +145,55 @@ def all_reduce_sum(denv: DistEnv, values: list[float], device: torch.device) -> 
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
     return tensor.tolist()
+
+
+def any_rank(denv: DistEnv, flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on at least one (one 1-element all_reduce)."""
+    if not denv.enabled:
+        return flag
+    tensor = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+class StopAgreement:
+    """Decides, identically on every rank, whether all ranks stop after the current step.
+
+    SIGTERM reaches the ranks at different moments, so each rank's own flag is not enough:
+    they must stop after the same step or the next collective hangs. Agreeing costs one
+    all_reduce: 0.3-0.9 ms with gloo on two busy CPU cores, which made every-step agreement
+    cost 17-29% of the samples/s (bench/preemption_check.py). So the ranks agree only every K
+    steps, with K such that about `interval_s` of training passes between agreements: the cost
+    drops into the noise, and stopping takes at most about `interval_s` longer. K comes from
+    the all-reduced (slowest rank's) step time, so every rank computes the same K and joins the
+    same collectives; steps slower than `interval_s` are agreed on every step.
+    A single process has nothing to agree with and checks its own flag every step.
+    """
+
+    MAX_EVERY = 1000
+
+    def __init__(self, denv: DistEnv, device: torch.device, interval_s: float = 0.25) -> None:
+        self.denv, self.device, self.interval_s = denv, device, interval_s
+        self._next_step: int | None = None  # None: agree after the first step seen
+        self._since_step: int | None = None
+        self._since = time.perf_counter()
+
+    def stop(self, step: int, requested: bool) -> bool:
+        """Called after every optimizer step `step` (same numbering on every rank)."""
+        if not self.denv.enabled:
+            return requested
+        if self._next_step is not None and step < self._next_step:
+            return False
+        now = time.perf_counter()
+        steps = step - self._since_step if self._since_step is not None else 1
+        tensor = torch.tensor([float(requested), (now - self._since) / max(steps, 1)],
+                              dtype=torch.float64, device=self.device)
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+        flag, seconds_per_step = tensor.tolist()
+        every = int(self.interval_s / seconds_per_step) if seconds_per_step > 0 else 1
+        self._next_step = step + min(max(every, 1), self.MAX_EVERY)
+        self._since_step, self._since = step, time.perf_counter()
+        return flag > 0
 
 
 def broadcast_from_main(denv: DistEnv, obj: T) -> T:

@@ -14,8 +14,15 @@ Everything is seeded from the spec's seed (+rank for per-rank streams), determin
 algorithms are enforced, the DistributedSampler and the DataLoader's own generator are seeded,
 and data loading stays in the main process (num_workers=0).
 
-Rank 0 alone talks to MLflow: one run per DAG run (resumed on retry), params, the
-reproducibility record as ``arf.*`` tags, per-epoch metrics and the dataset lineage.
+Preemption: SIGTERM (Kubernetes, spot instances, torchrun forwarding it) makes every rank
+finish its current step, agree to stop after the same step (one tiny all_reduce every ~0.25 s
+of training), save a checkpoint and exit 75 (`Preempted`) within ARF_PREEMPTION_GRACE_S;
+rerunning the same command resumes bit-identically. See arf_trainer.preemption.
+
+Rank 0 alone tracks: one MLflow run per DAG run (resumed on retry), params, the
+reproducibility record as ``arf.*`` tags, per-epoch metrics and the dataset lineage. It writes
+them to a spool in the workspace that a background thread sends to MLflow, so an MLflow outage
+neither stalls nor fails training and loses nothing (see arf_trainer.tracking_spool).
 """
 
 from __future__ import annotations
@@ -39,8 +46,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
 
 from arf_trainer import __version__, tracking
-from arf_trainer.errors import SpecError, TrainingError
+from arf_trainer.errors import PREEMPTED_EXIT, Preempted, SpecError, TrainingError
+from arf_trainer.preemption import GRACE_ENV, PreemptionGuard, sigterm_guard
 from arf_trainer.spec import JobSpec, StepEnv, read_json, write_json_atomic
+from arf_trainer.tracking_spool import TrackingSpool
 from arf_trainer.trainer import dist
 from arf_trainer.trainer.checkpoint import (
     Checkpointer,
@@ -53,6 +62,7 @@ from arf_trainer.trainer.checkpoint import (
 )
 from arf_trainer.trainer.dist import DistEnv
 from arf_trainer.trainer.recipes import MLP, Hyperparameters, ModelInfo, Recipe, get_recipe
+from arf_trainer.trainer.testhooks import TestHooks
 
 log = logging.getLogger(__name__)
 
@@ -322,22 +332,29 @@ def reproducibility_tags(spec: JobSpec, config_hash: str, data: TrainData,
     }
 
 
+_tracking: TrackingSpool | None = None
+"""Rank 0's open tracking spool, from start_mlflow_run to _end_mlflow_run."""
+
+
+def _active_tracking() -> TrackingSpool:
+    if _tracking is None:
+        raise TrainingError("no tracking spool is open: start_mlflow_run must run first (rank 0)")
+    return _tracking
+
+
 def start_mlflow_run(env: StepEnv, cfg: TrainConfig, data: TrainData,
-                     denv: DistEnv) -> tuple[str, str]:
-    """Find or create this DAG run's MLflow run, make it active, log the record. (rank 0)"""
+                     denv: DistEnv) -> tuple[str | None, str | None]:
+    """Open the tracking spool, record the run, its reproducibility record, params and
+    lineage, and start sending them. (rank 0)
+
+    Returns (run id, experiment id), or Nones when MLflow did not answer in time: the spool's
+    sender creates the run as soon as it can, at the latest during the register step.
+    """
+    global _tracking
     import mlflow
 
     spec = env.spec
-    client = tracking.configure(env.tracking_uri)
-    experiment_id = tracking.get_or_create_experiment(client, spec.name, env.artifact_root)
     tags = reproducibility_tags(spec, cfg.config_hash, data, denv.world_size)
-    run_id, resumed = tracking.find_or_create_run(client, experiment_id, spec.run.dag_id,
-                                                  spec.run.run_id, tags)
-    mlflow.start_run(run_id=run_id)
-    mlflow.set_tags(tags)
-    mlflow.log_params({**spec.hyperparameters, "seed": spec.seed,
-                       "world_size": denv.world_size, "recipe": cfg.recipe.name})
-    mlflow.log_dict(cfg.resolved, "arf/resolved_config.json")
     # Lineage: the digest is the prepare fingerprint, so MLflow hashes nothing; MLflow caps
     # dataset digests at 36 characters (the full sha256 is in the arf.data_fingerprint tag).
     with warnings.catch_warnings():
@@ -348,56 +365,90 @@ def start_mlflow_run(env: StepEnv, cfg: TrainConfig, data: TrainData,
             data.x_train, targets=data.y_train, source=str(data.manifest_path),
             name=f"{spec.name}-train",
             digest=str(data.manifest.get("fingerprint", ""))[:36] or None)
-    mlflow.log_input(dataset, context="training")
-    log.info("MLflow run %s (%s) in experiment %s", run_id, "resumed" if resumed else "new",
-             experiment_id)
-    return run_id, experiment_id
-
-
-def _end_mlflow_run(status: str) -> None:
-    import mlflow
-
-    if mlflow.active_run() is None:
-        return
-    if status == "FINISHED":
-        mlflow.end_run(status=status)
-        return
+    spool = TrackingSpool.open(env.workspace / "train", env.tracking_uri)
     try:
-        mlflow.end_run(status=status)
-    except Exception as exc:  # already failing: keep the original error, not this one
-        log.warning("could not mark MLflow run as %s: %s", status, exc)
+        spool.start_run(spec.name, env.artifact_root, spec.run.dag_id, spec.run.run_id, tags)
+        spool.set_tags(tags)  # a retry updates the tags of the run it resumes
+        spool.log_params({**spec.hyperparameters, "seed": spec.seed,
+                          "world_size": denv.world_size, "recipe": cfg.recipe.name})
+        spool.log_dict(cfg.resolved, "arf/resolved_config.json")
+        spool.log_input(dataset.to_dict(), context="training")
+        state = spool.start()
+    except BaseException:
+        spool.close()
+        raise
+    _tracking = spool
+    if state.run_id is None:
+        log.info("MLflow at %s did not answer yet; tracking goes to %s and is sent when it does",
+                 env.tracking_uri, spool.spool.path)
+    return state.run_id, state.experiment_id
+
+
+def _end_mlflow_run(status: str) -> tuple[str | None, str | None]:
+    """Record the run's final status, send what MLflow can take now (bounded), close the spool.
+
+    Returns the (run id, experiment id) known by then, Nones if MLflow was never reachable.
+    """
+    global _tracking
+    spool, _tracking = _tracking, None
+    if spool is None:
+        return None, None
+    try:
+        spool.end_run(status)
+    except Exception as exc:
+        if status == "FINISHED":
+            spool.close()
+            raise
+        log.warning("could not record the MLflow run as %s: %s", status, exc)  # keep the cause
+    state = spool.close()
+    return state.run_id, state.experiment_id
 
 
 # -- train -----------------------------------------------------------------------------------
 
 def run_train(env: StepEnv) -> dict[str, Any] | None:
-    """Train the template's built-in recipe; return the result on rank 0, None elsewhere."""
-    denv = DistEnv.from_environ()
-    # Validate before any distributed init, so a bad spec fails at once on every rank.
-    cfg = TrainConfig.from_spec(env.spec, denv.world_size)
-    done = completed_result(env.workspace, cfg.config_hash)
-    if done is not None:
+    """Train the template's built-in recipe; return the result on rank 0, None elsewhere.
+
+    On SIGTERM: raises `Preempted` (exit 75) after a checkpoint; see arf_trainer.preemption.
+    """
+    with sigterm_guard() as guard:
+        denv = DistEnv.from_environ()
+        # Validate before any distributed init, so a bad spec fails at once on every rank.
+        cfg = TrainConfig.from_spec(env.spec, denv.world_size)
+        done = completed_result(env.workspace, cfg.config_hash)
+        if done is not None:
+            if denv.is_main:
+                log.info("training already finished for this run (%s); returning its result",
+                         env.workspace / "train" / "result.json")
+            return done if denv.is_main else None
+        data = load_data(env.workspace / "prepare")
+        # No process group yet, so no collective to agree in: each rank stops on its own.
+        guard.check_setup("while loading the data")
+        threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS") else None
         if denv.is_main:
-            log.info("training already finished for this run (%s); returning its result",
-                     env.workspace / "train" / "result.json")
-        return done if denv.is_main else None
-    data = load_data(env.workspace / "prepare")
-    threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS") else None
-    with deterministic(threads):
-        device = dist.init(denv)
-        try:
-            result = train(env, cfg, data, denv, device)
-        except BaseException:
-            # No barrier here: the other ranks may be inside a collective that will never end.
-            dist.teardown(denv, clean=False)
-            raise
-        dist.teardown(denv)
-    return result
+            log.info("on SIGTERM: finish the step, checkpoint and exit %d within %g s (%s)",
+                     PREEMPTED_EXIT, guard.grace_s, GRACE_ENV)
+        with deterministic(threads):
+            device = dist.init(denv)
+            try:
+                result = train(env, cfg, data, denv, device, guard)
+            except Preempted:
+                # The ranks agreed to stop after the same step and saved collectively: they
+                # are in step with each other, so the clean (barrier) teardown is safe.
+                dist.teardown(denv)
+                raise
+            except BaseException:
+                # No barrier here: the other ranks may be inside a collective that will never end.
+                dist.teardown(denv, clean=False)
+                raise
+            dist.teardown(denv)
+        return result
 
 
 def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
-          device: torch.device) -> dict[str, Any] | None:
+          device: torch.device, guard: PreemptionGuard) -> dict[str, Any] | None:
     recipe, hp, out_dir = cfg.recipe, cfg.hp, env.workspace / "train"
+    hooks = TestHooks.from_environ()
     info = recipe.describe(data.features, data.targets, hp, data.y_train)
     x_train = torch.from_numpy(data.x_train)
     y_train = recipe.encode_targets(info, data.y_train, "training")
@@ -427,7 +478,7 @@ def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
     total_steps = hp.epochs * steps_per_epoch
 
     checkpointer = Checkpointer(out_dir / "checkpoints", denv, keep=cfg.keep_checkpoints,
-                                every_steps=cfg.checkpoint_every_steps)
+                                every_steps=cfg.checkpoint_every_steps, hooks=hooks)
     progress = Progress()
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -447,6 +498,10 @@ def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
             log.info("resumed from %s/step-%d (epoch %d, after batch %d)", checkpointer.folder,
                      latest, progress.epoch + 1, progress.batches_done)
 
+    # Wall seconds of the training loop and of the checkpoint saves in it (this process's view),
+    # reported in result.json so that the checkpoint cost can be measured without a profiler.
+    timing = {"checkpoint_seconds": 0.0, "train_seconds": 0.0}
+
     def save_checkpoint(epoch_start_generator: torch.Tensor) -> None:
         # Mid-epoch, the loader must replay this epoch from its start state and skip the
         # batches done; at an epoch boundary the current state is the next epoch's start.
@@ -459,9 +514,11 @@ def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
             "config": cfg.resolved,
             "config_hash": cfg.config_hash,
         } if denv.is_main else {}
+        t_save = time.perf_counter()
         checkpointer.save(progress.step, shared, {
             "rng": capture_rng_state(), "loader_generator": loader_state,
             "loss_sum": progress.loss_sum, "samples": progress.samples})
+        timing["checkpoint_seconds"] += time.perf_counter() - t_save
 
     def start_tracking() -> tuple[str, str]:
         try:
@@ -473,7 +530,14 @@ def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
 
     started = dist.run_on_main(denv, start_tracking, "start the MLflow run")
     try:
+        if dist.any_rank(denv, guard.requested, device):
+            resume_point = "none" if latest is None else f"step-{latest}"
+            raise Preempted(
+                "SIGTERM received during setup, before the first training step; no new "
+                f"checkpoint written (resume point: {resume_point}). Rerun the same command "
+                "to continue")
         t_start, steps_run = time.perf_counter(), 0
+        agreement = dist.StopAgreement(denv, device)
         for epoch in range(progress.epoch, hp.epochs):
             sampler.set_epoch(epoch)
             epoch_start_generator = generator.get_state()
@@ -493,8 +557,19 @@ def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
                 progress.samples += len(y)
                 samples_run += len(y) * denv.world_size
                 steps_run += 1
+                hooks.after_step(progress.step, denv.rank)
                 if checkpointer.due(progress.step):
                     save_checkpoint(epoch_start_generator)
+                # Preemption: the ranks agree (every few steps, see StopAgreement) whether
+                # any of them got SIGTERM, so that all of them stop after this same step.
+                if agreement.stop(progress.step, guard.requested):
+                    save_checkpoint(epoch_start_generator)  # no-op if the periodic one ran
+                    when = ("on another rank" if guard.received_at is None else
+                            f"{time.monotonic() - guard.received_at:.1f} s ago")
+                    raise Preempted(
+                        f"SIGTERM received ({when}); stopped after step {progress.step}/"
+                        f"{total_steps} and saved {checkpointer.folder}/step-{progress.step}. "
+                        "Rerun the same command to resume")
 
             loss_sum, samples = dist.all_reduce_sum(denv, [progress.loss_sum, progress.samples],
                                                     device)
@@ -506,36 +581,39 @@ def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
                 rate = samples_run / max(time.perf_counter() - t_epoch, 1e-9)
                 per_step = (time.perf_counter() - t_start) / max(steps_run, 1)
                 log.info(_epoch_line(progress, hp.epochs, total_steps, rate, per_step))
-                import mlflow
-
                 # An epoch replayed entirely from a checkpoint has no throughput to report.
                 throughput = {"samples_per_s": rate} if samples_run else {}
-                with tracking.mlflow_errors(env.tracking_uri, "log metrics"):
-                    mlflow.log_metrics({**progress.metrics, **throughput}, step=progress.step)
+                # Appends to the tracking spool: never waits for MLflow.
+                _active_tracking().log_metrics({**progress.metrics, **throughput},
+                                               step=progress.step)
 
         save_checkpoint(generator.get_state())  # the final checkpoint (skipped if it exists)
+        timing["train_seconds"] = time.perf_counter() - t_start
         return dist.run_on_main(
-            denv, lambda: finish(env, cfg, info, model, progress, started, denv),
+            denv, lambda: finish(env, cfg, info, model, progress, started, denv, timing),
             "write the trained model")
-    except BaseException:
+    except BaseException as exc:
         if denv.is_main:
-            _end_mlflow_run("FAILED")
+            _end_mlflow_run("KILLED" if isinstance(exc, Preempted) else "FAILED")
         raise
 
 
 def finish(env: StepEnv, cfg: TrainConfig, info: ModelInfo, model: MLP, progress: Progress,
-           started: tuple[str, str] | None, denv: DistEnv) -> dict[str, Any]:
-    """Rank 0: model.pt, model_info.json, the weights tag, then result.json last."""
-    import mlflow
+           started: tuple[str | None, str | None] | None, denv: DistEnv,
+           timing: dict[str, float] | None = None) -> dict[str, Any]:
+    """Rank 0: model.pt, model_info.json, the weights tag, then result.json last.
 
-    assert started is not None  # run_on_main ran start_mlflow_run on rank 0
-    run_id, experiment_id = started
+    result.json's mlflow_run_id is null if MLflow was unreachable for the whole training; the
+    register step then creates the run from the spool and writes the id in.
+    """
     out_dir = env.workspace / "train"
     sha = save_weights(model.state_dict(), out_dir / "model.pt")
     write_json_atomic(out_dir / "model_info.json",
                       {**info.to_json(), "weights": "model.pt", "weights_sha256": sha})
-    with tracking.mlflow_errors(env.tracking_uri, "tag the training run"):
-        mlflow.set_tag("arf.weights_sha256", sha)
+    _active_tracking().set_tags({"arf.weights_sha256": sha})
+    run_id, experiment_id = _end_mlflow_run("FINISHED")
+    if run_id is None and started:
+        run_id, experiment_id = started
     metrics = {k: v for k, v in progress.metrics.items() if k != "epoch"}
     result = {
         "mlflow_run_id": run_id,
@@ -548,11 +626,11 @@ def finish(env: StepEnv, cfg: TrainConfig, info: ModelInfo, model: MLP, progress
         "steps": progress.step,
         "recipe": cfg.recipe.name,
         "config_hash": cfg.config_hash,
+        "timing": timing or {},
     }
-    with tracking.mlflow_errors(env.tracking_uri, "end the training run"):
-        _end_mlflow_run("FINISHED")
     # Written here as well as by the CLI (at ARF_RESULT_PATH), because register and a retried
     # train look for it at this fixed place in the workspace.
     write_json_atomic(out_dir / "result.json", result)
-    log.info("trained %s: %d steps, weights sha256 %s", cfg.recipe.name, progress.step, sha)
+    log.info("trained %s: %d steps; weights %s (sha256 %s); checkpoints in %s", cfg.recipe.name,
+             progress.step, out_dir / "model.pt", sha, out_dir / "checkpoints")
     return result
