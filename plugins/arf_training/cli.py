@@ -116,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "datahub":
             import subprocess
 
-            from arf_training.embedded import _bin, environment
-            from arf_training.settings import ArfSettings
+            from arf_training.embedded import environment
+            from arf_training.settings import ArfSettings, venv_bin
 
             settings = ArfSettings.from_env()
-            cmd = [_bin("arf-trainer"), "datahub", "seed", "--hub", settings.datahub_uri,
+            cmd = [venv_bin("arf-trainer"), "datahub", "seed", "--hub", settings.datahub_uri,
                    "--episodes", str(args.episodes)] + (["--force"] if args.force else [])
             return subprocess.run(cmd, env=environment(settings)).returncode
         if args.command == "demo":

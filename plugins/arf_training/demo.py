@@ -11,21 +11,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from arf_training.embedded import airflow, environment, migrate
+from arf_training.embedded import environment, migrate
 from arf_training.errors import ArfError
 from arf_training.factory import EVALUATE_DAG_ID
-from arf_training.settings import ArfSettings
+from arf_training.settings import ArfSettings, venv_bin
 from arf_training.stepspec import workspace_for
 
 
 def seed_datahub(settings: ArfSettings, env: dict[str, str]) -> dict[str, Any]:
-    trainer = Path(sys.executable).parent / "arf-trainer"
-    proc = subprocess.run([str(trainer if trainer.exists() else "arf-trainer"), "datahub", "seed",
+    proc = subprocess.run([venv_bin("arf-trainer"), "datahub", "seed",
                            "--hub", settings.datahub_uri], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise ArfError(f"seeding the data hub failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -68,7 +66,7 @@ def _dags_test(dag_id: str, conf: dict[str, Any], env: dict[str, str], log_path:
     with open(log_path, "a") as log:
         log.write(f"\n$ airflow {' '.join(args)}\n")
         log.flush()
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), *args], env=env,
+        proc = subprocess.Popen([venv_bin("airflow"), *args], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
         for line in proc.stdout:

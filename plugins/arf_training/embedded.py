@@ -18,12 +18,7 @@ import time
 from pathlib import Path
 
 from arf_training.errors import ArfError
-from arf_training.settings import REPO_ROOT, ArfSettings, templates_dir
-
-
-def _bin(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else name
+from arf_training.settings import REPO_ROOT, ArfSettings, templates_dir, venv_bin
 
 
 def environment(settings: ArfSettings | None = None, *, api_port: int = 8080) -> dict[str, str]:
@@ -71,7 +66,7 @@ def environment(settings: ArfSettings | None = None, *, api_port: int = 8080) ->
 def airflow(args: list[str], *, env: dict[str, str] | None = None, check: bool = True,
             capture: bool = False) -> subprocess.CompletedProcess:
     """Run one `airflow` CLI command in the embedded environment."""
-    proc = subprocess.run([_bin("airflow"), *args], env=env or environment(), text=True,
+    proc = subprocess.run([venv_bin("airflow"), *args], env=env or environment(), text=True,
                           capture_output=capture)
     if check and proc.returncode != 0:
         detail = (proc.stdout or "")[-3000:] + (proc.stderr or "")[-3000:] if capture else ""
@@ -123,11 +118,11 @@ def up(api_port: int = 8080, mlflow_port: int = 5000) -> dict[str, str]:
                            f"is a previous `make up`) or pass another port")
     migrate(env)
     components = {
-        "api-server": [_bin("airflow"), "api-server", "--port", str(api_port)],
-        "scheduler": [_bin("airflow"), "scheduler"],
-        "dag-processor": [_bin("airflow"), "dag-processor"],
-        "triggerer": [_bin("airflow"), "triggerer"],
-        "mlflow": [_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+        "api-server": [venv_bin("airflow"), "api-server", "--port", str(api_port)],
+        "scheduler": [venv_bin("airflow"), "scheduler"],
+        "dag-processor": [venv_bin("airflow"), "dag-processor"],
+        "triggerer": [venv_bin("airflow"), "triggerer"],
+        "mlflow": [venv_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
                    "--backend-store-uri", settings.tracking_uri,
                    "--default-artifact-root", settings.artifact_root, "--workers", "1"],
     }

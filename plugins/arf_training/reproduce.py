@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from arf_training.backends.local import LocalStepRunner, _bin
+from arf_training.backends.local import LocalStepRunner
 from arf_training.errors import ArfError
-from arf_training.settings import ArfSettings
+from arf_training.settings import ArfSettings, venv_bin
 from arf_training.stepspec import RunIdentity, build_step_spec
 from arf_training.templates import LoadedTemplate, TrainingTemplate
 
@@ -26,7 +26,7 @@ REPRODUCE_DAG_ID = "arf_reproduce"
 
 
 def fetch_lineage(run_id: str, settings: ArfSettings) -> dict[str, Any]:
-    proc = subprocess.run([_bin("arf-trainer"), "lineage", run_id, "--tracking-uri",
+    proc = subprocess.run([venv_bin("arf-trainer"), "lineage", run_id, "--tracking-uri",
                            settings.tracking_uri], capture_output=True, text=True)
     if proc.returncode != 0:
         raise ArfError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip()
@@ -56,6 +56,7 @@ def reproduce(run_id: str, log: logging.Logger | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for step in ("prepare", "train"):
         spec = build_step_spec(loaded, step, identity, lineage["conf"], settings)
+        workspace = spec.workspace
         if step == "train":
             if spec.world_size != lineage["world_size"]:
                 raise ArfError(f"recorded world size {lineage['world_size']} differs from the "
@@ -79,8 +80,7 @@ def reproduce(run_id: str, log: logging.Logger | None = None) -> dict[str, Any]:
         "checks": {k: {"recorded": a, "rerun": b, "match": a == b} for k, (a, b) in checks.items()},
         "world_size": lineage["world_size"],
         "rerun_training_run_id": results["train"].get("mlflow_run_id"),
-        "workspace": str(build_step_spec(loaded, "train", identity, lineage["conf"],
-                                         settings).workspace),
+        "workspace": str(workspace),
         "notes": notes,
     }
 

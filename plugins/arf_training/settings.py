@@ -7,11 +7,27 @@ and `ARF_BACKEND` at parse time, where a Variable read would hit the metadata DB
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 # plugins/arf_training/settings.py -> the checkout root (holds config_templates/, dags/).
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def venv_bin(name: str) -> str:
+    """An executable of this installation: next to this interpreter (the same venv), else PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        from arf_training.errors import ArfError
+
+        raise ArfError(f"cannot find {name!r} next to {sys.executable} or on PATH; install "
+                       "arf-training with its extras ('pip install -e .[all]') here")
+    return found
 
 
 def default_home() -> Path:

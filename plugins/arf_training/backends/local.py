@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import queue
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,7 +33,7 @@ from arf_training.runtime import (
     run_identity,
     trigger_conf,
 )
-from arf_training.settings import ArfSettings
+from arf_training.settings import ArfSettings, venv_bin
 from arf_training.stepspec import StepSpec, build_step_spec
 
 if TYPE_CHECKING:
@@ -48,18 +47,6 @@ TAIL_LINES = 60
 BAD_INPUT_EXIT = 2  # arf-trainer's exit code for a bad job spec, query or hyperparameter
 # Beyond the step's own grace period: time for torchrun to pass SIGTERM on and reap workers.
 KILL_MARGIN_S = 5.0
-
-
-def _bin(name: str) -> str:
-    """Prefer the executable next to this interpreter (the same venv), then PATH."""
-    local = Path(sys.executable).parent / name
-    if local.exists():
-        return str(local)
-    found = shutil.which(name)
-    if not found:
-        raise StepFailed(f"cannot find {name!r} next to {sys.executable} or on PATH; install "
-                         "arf-training with the 'trainer' extra in this environment")
-    return found
 
 
 def _free_port() -> int:
@@ -89,10 +76,10 @@ class LocalStepRunner:
         """One command per local "node": plain for a single process, torchrun otherwise."""
         command = list(spec.command)
         if command[0] == "arf-trainer":
-            command[0] = _bin("arf-trainer")
+            command[0] = venv_bin("arf-trainer")
         if spec.world_size == 1:
             return [command]
-        torchrun = [_bin("torchrun"), f"--nproc-per-node={spec.procs_per_node}"]
+        torchrun = [venv_bin("torchrun"), f"--nproc-per-node={spec.procs_per_node}"]
         if spec.nodes == 1:
             return [torchrun + ["--standalone", "--no-python", *command]]
         endpoint = f"127.0.0.1:{_free_port()}"
