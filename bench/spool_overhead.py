@@ -14,27 +14,18 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "bench"))
 
+from _mlflow_server import free_port, mlflow_server  # noqa: E402
 from harness_overhead import _template  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _train(epochs: int, run: str, tracking_uri: str, prepared: Path) -> float:
@@ -60,42 +51,26 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="arf-spool-bench-"))
     os.environ.update({"ARF_HOME": str(root), "OMP_NUM_THREADS": "1",
                        "MLFLOW_DISABLE_TELEMETRY": "true"})
-    port = _free_port()
-    up, down = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{_free_port()}"
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root}/server.db", "--default-artifact-root",
-         str(root / "server-artifacts"), "--workers", "1"],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    down = f"http://127.0.0.1:{free_port()}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{up}/health", timeout=2)  # noqa: S310 (localhost)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("mlflow server did not start")
-                time.sleep(0.5)
-        subprocess.run([str(BIN / "arf-trainer"), "datahub", "seed", "--hub",
-                        str(root / "datahub")], check=True, capture_output=True)
-        from arf_training.backends.local import LocalStepRunner
-        from arf_training.settings import ArfSettings
-        from arf_training.stepspec import RunIdentity, build_step_spec
+        with mlflow_server(root) as up:
+            subprocess.run([str(BIN / "arf-trainer"), "datahub", "seed", "--hub",
+                            str(root / "datahub")], check=True, capture_output=True)
+            from arf_training.backends.local import LocalStepRunner
+            from arf_training.settings import ArfSettings
+            from arf_training.stepspec import RunIdentity, build_step_spec
 
-        prep = build_step_spec(_template(1), "prepare", RunIdentity("bench", "prep", "prepare"),
-                               {}, ArfSettings.from_env())
-        LocalStepRunner().run(prep)
-        prepared = prep.workspace / "prepare"
-        _train(2, "warmup", up, prepared)  # the server creates its experiment once
-        times: dict[str, list[float]] = {"up": [], "down": []}
-        for r in range(args.repeats):
-            order = (("up", up), ("down", down)) if r % 2 == 0 else (("down", down), ("up", up))
-            for mode, uri in order:
-                times[mode].append(_train(args.epochs, f"{mode}-{r}", uri, prepared))
+            prep = build_step_spec(_template(1), "prepare", RunIdentity("bench", "prep", "prepare"),
+                                   {}, ArfSettings.from_env())
+            LocalStepRunner().run(prep)
+            prepared = prep.workspace / "prepare"
+            _train(2, "warmup", up, prepared)  # the server creates its experiment once
+            times: dict[str, list[float]] = {"up": [], "down": []}
+            for r in range(args.repeats):
+                order = (("up", up), ("down", down)) if r % 2 == 0 else (("down", down), ("up", up))
+                for mode, uri in order:
+                    times[mode].append(_train(args.epochs, f"{mode}-{r}", uri, prepared))
     finally:
-        os.killpg(server.pid, signal.SIGKILL)
         shutil.rmtree(root, ignore_errors=True)
     t_up, t_down = statistics.median(times["up"]), statistics.median(times["down"])
     print(f"bc recipe, {args.epochs} epochs, 1 process; training loop seconds, median of "

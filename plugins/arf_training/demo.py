@@ -171,6 +171,8 @@ def format_summary(s: dict[str, Any], settings: ArfSettings) -> str:
         f"  MLflow UI   .venv/bin/mlflow ui --backend-store-uri {settings.tracking_uri} "
         "--port 5000   (then http://127.0.0.1:5000)",
         "  Airflow UI  make up   (then http://127.0.0.1:8080; `make down` stops it)",
+        f"  reproduce   .venv/bin/arf training reproduce {tr.get('mlflow_run_id')}   (re-runs "
+        "from the recorded lineage, compares the weights' sha256)",
         "=" * 78,
     ]
     return "\n".join(lines)

@@ -117,6 +117,12 @@ def test_reach_bc_asset_event_drives_arf_evaluate(embedded):
     assert float(version.tags["arf.eval.mean_final_distance"]) >= 0.0
     assert version.tags["arf.eval.episodes"] == "50"
 
+    # The demo's DAG, data and a 2-process DDP training: re-run from its lineage, same bits.
+    proc = subprocess.run([str(BIN / "arf"), "training", "reproduce", version.run_id],
+                          env=embedded, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "result: match" in proc.stdout, proc.stdout[-2000:]
+
 
 def test_unknown_conf_key_fails_before_any_step_runs(embedded):
     proc = dags_test(embedded, "digits_smoke", {"epochs": 2, "learning_rate": 0.1})

@@ -22,7 +22,7 @@ from arf_trainer.errors import TrainingError
 from arf_trainer.publisher import load_trained_model
 from arf_trainer.spec import read_json
 from arf_trainer.trainer.checkpoint import load_weights, state_dict_sha256
-from arf_trainer.trainer.run import run_train
+from arf_trainer.trainer.run import ShardedBatchSampler, run_train
 
 # Small enough to run in about a second: 1437 train rows / 64 = 23 steps per epoch.
 DIGITS_HP = {"epochs": 3, "hidden_size": 32}
@@ -176,3 +176,21 @@ def test_bad_config_fails_before_training(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(TrainingError, match=message):
         run_train(env)
     assert not (tmp_path / "ws").exists()
+
+
+@pytest.mark.parametrize("n,world,batch", [(1437, 1, 64), (1437, 2, 64), (10, 3, 4), (5, 8, 2), (2, 8, 1),
+                                           (256, 2, 256)])
+def test_sharded_batch_sampler_equals_torchs_samplers(n: int, world: int, batch: int) -> None:
+    from torch.utils.data import BatchSampler, DistributedSampler
+
+    for rank in range(world):
+        ours = ShardedBatchSampler(n, world, rank, batch, seed=7)
+        theirs = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True,
+                                    seed=7)
+        for epoch in (0, 1, 5):
+            ours.set_epoch(epoch)
+            theirs.set_epoch(epoch)
+            expected = list(BatchSampler(theirs, batch, drop_last=False))
+            got = [b.tolist() for b in ours]
+            assert got == expected, (n, world, rank, epoch)
+            assert len(ours) == len(expected)

@@ -474,6 +474,21 @@ class TrackingSpool:
             if name not in os.environ:
                 os.environ[name] = value
                 self._env_set.append(name)
+        if self._client is None:
+            # Built here, not in the sender: for a REST server that sends nothing, but for a
+            # database URI (the embedded sqlite default) it sets up the SQLAlchemy store, 3-6 s
+            # of Python that, past the wait below, would contend with the training loop for
+            # the GIL (15-40 % slower epochs while it lasts, bench/harness_overhead.py).
+            try:
+                import mlflow
+
+                self._client = mlflow.MlflowClient(tracking_uri=self.tracking_uri,
+                                                   registry_uri=self.tracking_uri)
+            except Exception as exc:  # the spool keeps everything; register replays it
+                log.warning("cannot set up an MLflow client for %s (%s); tracking stays in %s "
+                            "and the register step sends it", self.tracking_uri,
+                            _short(_message(exc)), self.spool.path)
+                return self.spool.state
         self._thread = threading.Thread(target=self._run, name="arf-tracking-spool",
                                         daemon=True)
         self._thread.start()
@@ -506,13 +521,7 @@ class TrackingSpool:
 
     def _run(self) -> None:
         try:
-            client = self._client
-            if client is None:
-                import mlflow
-
-                client = mlflow.MlflowClient(tracking_uri=self.tracking_uri,
-                                             registry_uri=self.tracking_uri)
-            self._loop(client)
+            self._loop(self._client)
         except Exception:  # the spool keeps everything; register replays it
             log.exception("the tracking sender stopped; the spool %s keeps the tracking data "
                           "for the register step", self.spool.path)

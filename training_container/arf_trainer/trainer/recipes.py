@@ -202,6 +202,21 @@ class Recipe:
         model.input_mean.copy_(mean)
         model.input_std.copy_(std)
 
+    # Training runs on the standardized core `model.net` with inputs (and, for regression,
+    # targets) standardized once up front: the same objective as `loss(model, model(x), y)`,
+    # without re-standardizing every batch inside the step (bench/harness_overhead.py).
+    # Validation and serving use the whole model on raw data.
+
+    @torch.no_grad()
+    def training_tensors(self, model: MLP, x: torch.Tensor,
+                         y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inputs and targets `model.net` is trained on, given raw ones."""
+        return (x - model.input_mean) / model.input_std, y
+
+    def training_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of `model.net`'s outputs against `training_tensors` targets."""
+        raise NotImplementedError
+
 
 class BehaviourCloning(Recipe):
     name = "bc"
@@ -231,6 +246,15 @@ class BehaviourCloning(Recipe):
         # MSE in standardized action units, so that action dimensions with large ranges do
         # not dominate the loss; the model itself still outputs data units.
         return F.mse_loss(outputs / model.output_std, targets / model.output_std)
+
+    @torch.no_grad()
+    def training_tensors(self, model: MLP, x: torch.Tensor,
+                         y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_in, _ = super().training_tensors(model, x, y)
+        return x_in, (y - model.output_mean) / model.output_std
+
+    def training_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(outputs, targets)
 
 
 class Classifier(Recipe):
@@ -270,6 +294,9 @@ class Classifier(Recipe):
         return torch.from_numpy(index.astype(np.int64))
 
     def loss(self, model: MLP, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs, targets)
+
+    def training_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(outputs, targets)
 
 

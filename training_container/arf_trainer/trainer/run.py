@@ -11,8 +11,8 @@ manifest and Parquet shards, writes under ``<workspace>/train/``::
 
 Determinism: the same spec, data, world size and OMP_NUM_THREADS give bit-identical weights.
 Everything is seeded from the spec's seed (+rank for per-rank streams), deterministic
-algorithms are enforced, the DistributedSampler and the DataLoader's own generator are seeded,
-and data loading stays in the main process (num_workers=0).
+algorithms are enforced, the batch sampler is seeded per epoch, the DataLoader's own generator
+is seeded, and data loading stays in the main process (num_workers=0).
 
 Preemption: SIGTERM (Kubernetes, spot instances, torchrun forwarding it) makes every rank
 finish its current step, agree to stop after the same step (one tiny all_reduce every ~0.25 s
@@ -27,8 +27,10 @@ neither stalls nor fails training and loses nothing (see arf_trainer.tracking_sp
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
+import math
 import os
 import random
 import time
@@ -43,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from arf_trainer import __version__, tracking
 from arf_trainer.errors import PREEMPTED_EXIT, Preempted, SpecError, TrainingError
@@ -262,6 +264,41 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+class ShardedBatchSampler(Sampler[torch.Tensor]):
+    """This rank's batches of an epoch, as index tensors: exactly the batches of
+    ``BatchSampler(DistributedSampler(n, world_size, rank, shuffle=True, seed=seed),
+    batch_size, drop_last=False)`` after ``set_epoch(epoch)``, computed without Python lists.
+
+    TensorDataset then slices each batch with one tensor index. DistributedSampler builds a
+    Python list of every index each epoch and BatchSampler hands out lists that each
+    TensorDataset indexing converts back into a tensor: ~30 us a step, 2% of a small MLP's
+    step on one CPU core (bench/harness_overhead.py). tests/unit/test_trainer.py checks the
+    equality with torch's samplers.
+    """
+
+    def __init__(self, n: int, world_size: int, rank: int, batch_size: int, seed: int) -> None:
+        if n <= 0 or batch_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"ShardedBatchSampler(n={n}, world_size={world_size}, rank={rank}, "
+                             f"batch_size={batch_size}): need n, batch_size > 0 and a valid rank")
+        self.n, self.world_size, self.rank = n, world_size, rank
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        self.per_rank = math.ceil(n / world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g)
+        total = self.per_rank * self.world_size
+        if total > self.n:  # pad by repeating the permutation from its start, as torch does
+            order = order.repeat(math.ceil(total / self.n))[:total]
+        yield from torch.split(order[self.rank:total:self.world_size], self.batch_size)
+
+    def __len__(self) -> int:
+        return math.ceil(self.per_rank / self.batch_size)
+
+
 @dataclass
 class Progress:
     """Where training stands; what a checkpoint must restore besides weights and optimizer."""
@@ -461,18 +498,17 @@ def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
     recipe.fit_normalization(model, data.x_train, y_train)
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-    # The normalization buffers never change, so DDP need not re-broadcast them every forward.
-    ddp_model = DDP(model, forward_sync_buffers=False) if denv.enabled else model
+    # The step trains the standardized core on standardized data (Recipe.training_tensors);
+    # the normalization buffers live outside it, so DDP has no buffers to broadcast.
+    ddp_net = DDP(model.net) if denv.enabled else model.net
     seed_all(cfg.seed + denv.rank)  # from here on, per-rank streams
 
-    dataset = TensorDataset(x_train, y_train)
-    sampler = DistributedSampler(dataset, num_replicas=denv.world_size, rank=denv.rank,
-                                 shuffle=True, seed=cfg.seed)
+    dataset = TensorDataset(*recipe.training_tensors(model, x_train, y_train))
+    sampler = ShardedBatchSampler(len(dataset), denv.world_size, denv.rank,
+                                  cfg.per_rank_batch_size, seed=cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed + denv.rank)
-    # The BatchSampler hands the dataset a list of indices, so TensorDataset slices a whole
-    # batch at once instead of collating per_rank_batch_size single rows.
-    loader = DataLoader(dataset, batch_size=None, num_workers=0,
-                        sampler=BatchSampler(sampler, cfg.per_rank_batch_size, drop_last=False),
+    # batch_size=None: each sampled index tensor is one batch, sliced by TensorDataset.
+    loader = DataLoader(dataset, batch_size=None, num_workers=0, sampler=sampler,
                         generator=generator)
     steps_per_epoch = len(loader)
     total_steps = hp.epochs * steps_per_epoch
@@ -500,7 +536,7 @@ def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
 
     # Wall seconds of the training loop and of the checkpoint saves in it (this process's view),
     # reported in result.json so that the checkpoint cost can be measured without a profiler.
-    timing = {"checkpoint_seconds": 0.0, "train_seconds": 0.0}
+    timing = {"checkpoint_seconds": 0.0, "train_seconds": 0.0, "train_cpu_seconds": 0.0}
 
     def save_checkpoint(epoch_start_generator: torch.Tensor) -> None:
         # Mid-epoch, the loader must replay this epoch from its start state and skip the
@@ -529,6 +565,11 @@ def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
             raise
 
     started = dist.run_on_main(denv, start_tracking, "start the MLflow run")
+    # Set-up leaves ~570k long-lived objects (torch, MLflow, SQLAlchemy, pyarrow); a full
+    # collection scans all of them: 0.3 s that lands somewhere in the training loop (15% of a
+    # short run in bench/harness_overhead.py, and a stall for every other rank under DDP).
+    # Frozen, they are out of the collector's way; the loop's own garbage is still collected.
+    gc.freeze()
     try:
         if dist.any_rank(denv, guard.requested, device):
             resume_point = "none" if latest is None else f"step-{latest}"
@@ -536,18 +577,18 @@ def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
                 "SIGTERM received during setup, before the first training step; no new "
                 f"checkpoint written (resume point: {resume_point}). Rerun the same command "
                 "to continue")
-        t_start, steps_run = time.perf_counter(), 0
+        t_start, cpu_start, steps_run = time.perf_counter(), time.process_time(), 0
         agreement = dist.StopAgreement(denv, device)
         for epoch in range(progress.epoch, hp.epochs):
             sampler.set_epoch(epoch)
             epoch_start_generator = generator.get_state()
-            ddp_model.train()
+            ddp_net.train()
             t_epoch, samples_run = time.perf_counter(), 0
             for i, (x, y) in enumerate(loader):
                 if i < progress.batches_done:
                     continue  # trained before the checkpoint we resumed from
                 x, y = x.to(device), y.to(device)
-                loss = recipe.loss(model, ddp_model(x), y)
+                loss = recipe.training_loss(ddp_net(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -589,6 +630,7 @@ def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
 
         save_checkpoint(generator.get_state())  # the final checkpoint (skipped if it exists)
         timing["train_seconds"] = time.perf_counter() - t_start
+        timing["train_cpu_seconds"] = time.process_time() - cpu_start
         return dist.run_on_main(
             denv, lambda: finish(env, cfg, info, model, progress, started, denv, timing),
             "write the trained model")
@@ -596,6 +638,8 @@ def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
         if denv.is_main:
             _end_mlflow_run("KILLED" if isinstance(exc, Preempted) else "FAILED")
         raise
+    finally:
+        gc.unfreeze()  # tests and benchmarks call run_train many times in one process
 
 
 def finish(env: StepEnv, cfg: TrainConfig, info: ModelInfo, model: MLP, progress: Progress,
