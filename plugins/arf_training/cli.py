@@ -3,6 +3,7 @@
     arf templates lint [PATH ...]     validate templates (default: the templates folder)
     arf templates schema [-o FILE]    JSON Schema of the template format, for editors
     arf templates list                the templates and their DAGs
+    arf templates render NAME         the Kubernetes manifests of its steps (like helm template)
     arf datahub seed [--force]        create the demo tables in the embedded data hub
     arf demo [--template T]           seed, run T end to end through Airflow, evaluate
     arf up | arf down                 start / stop Airflow + MLflow on localhost
@@ -62,6 +63,52 @@ def _list() -> int:
     return 0
 
 
+def _render(name: str, backend: str, steps: list[str] | None) -> int:
+    """Print the manifests of a template's steps as YAML documents (`helm template` style)."""
+    import yaml
+
+    from arf_training.kubernetes import (KubernetesConfigError, KubernetesSettings,
+                                         render_step_manifests)
+    from arf_training.kubernetes.render import placeholder_identity, steps_of
+    from arf_training.settings import templates_dir
+    from arf_training.templates import load_folder, template_files
+
+    good, issues = load_folder(template_files(templates_dir()))
+    found = next((t for t in good if t.name == name), None)
+    if found is None:
+        bad = [i for i in issues if Path(i.file).stem == name]
+        if bad:
+            raise TemplateError(bad)
+        known = ", ".join(sorted(t.name for t in good)) or "none"
+        print(f"arf templates render: no valid template named {name!r} in {templates_dir()} "
+              f"(valid templates: {known})", file=sys.stderr)
+        return 2
+    docs = []
+    try:
+        settings = KubernetesSettings.from_env()
+        for step in steps or steps_of(found):
+            docs.append(f"# Source: {found.path} step {step} (backend {backend}, "
+                        "placeholder run id)")
+            for manifest in render_step_manifests(found, step, settings,
+                                                  placeholder_identity(found.name, step)):
+                docs.append(yaml.safe_dump(manifest, sort_keys=False, width=100))
+    except KubernetesConfigError as exc:
+        print(f"arf templates render: error: {exc}", file=sys.stderr)
+        return 2
+    print("".join(_yaml_stream(docs)), end="")
+    return 0
+
+
+def _yaml_stream(docs: list[str]) -> list[str]:
+    """`---` before each manifest, its `# Source:` comment inside the document it describes."""
+    out: list[str] = []
+    for doc in docs:
+        if doc.startswith("# Source"):
+            out.append("---")
+        out.append(doc.rstrip("\n"))
+    return [line + "\n" for line in out]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="arf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     schema = tsub.add_parser("schema", help="print the JSON Schema of templates")
     schema.add_argument("-o", "--output", help="write to this file instead of stdout")
     tsub.add_parser("list", help="list the valid templates")
+    render = tsub.add_parser("render", help="print the Kubernetes manifests of a template's "
+                                            "steps as YAML documents (settings from ARF_K8S_*)")
+    render.add_argument("name", help="template name (metadata.name)")
+    render.add_argument("--backend", choices=["kubernetes"], default="kubernetes",
+                        help="backend whose manifests to render (default kubernetes)")
+    render.add_argument("--step", action="append", choices=["prepare", "train", "register",
+                                                             "evaluate"],
+                        help="render only this step (repeatable; default: every step)")
     hub = sub.add_parser("datahub", help="the embedded data hub")
     hsub = hub.add_subparsers(dest="sub", required=True)
     seed = hsub.add_parser("seed", help="create the demo tables (idempotent)")
@@ -105,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _lint(args.paths)
             if args.sub == "list":
                 return _list()
+            if args.sub == "render":
+                return _render(args.name, args.backend, args.step)
             from arf_training.templates import json_schema
 
             text = json.dumps(json_schema(), indent=2)

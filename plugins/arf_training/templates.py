@@ -206,6 +206,11 @@ class Resources(_Section):
     cpu: float | str = Field(1, description="CPU cores, as a number or a Kubernetes quantity (500m).")
     memory: str = Field("2Gi", description="Memory, as a Kubernetes quantity (512Mi, 2Gi).")
     gpu: int = Field(0, ge=0, le=16, description="GPUs per node (nvidia.com/gpu).")
+    spot: bool = Field(
+        False,
+        description="Schedule on spot/preemptible nodes (Kubernetes backend): adds the spot "
+                    "toleration and node affinity; the step checkpoints on SIGTERM within "
+                    "training.preemption_grace_seconds and a retry resumes from it.")
 
     @field_validator("cpu", "memory")
     @classmethod
