@@ -1,0 +1,339 @@
+"""`PyTorchJobOperator`: runs one step as a Kubeflow PyTorchJob (Master + Workers).
+
+The operator receives the rendered manifest as a plain dict (`body`, built by the pure renderers
+in `arf_training.kubernetes.jobs`); the provider's `KubernetesHook` owns the API client; the wait
+is `PyTorchJobTrigger` in the triggerer (deferrable, the default) or a poll loop on the worker.
+
+Retries and restarts never duplicate a job: the renderer names the job deterministically from
+(dag_id, run_id, task_id, try_number), so `execute` first looks the name up and *reattaches* to a
+job that already exists (a worker or scheduler restart re-runs `execute` for the same try), and a
+409 AlreadyExists on create (a race with such a restart) is handled the same way.
+
+The backend contract (`arf_training.backends.base`), Kubernetes side:
+
+- output: the master pod's log (rank 0) is copied into the task log when the job ends;
+- failure: the task fails with the job's `Failed` condition (reason, message) and the tail of the
+  master's log; a master exit code of 2 (bad input) fails it without retries;
+- kill: `on_kill` (worker) and `PyTorchJobTrigger.on_kill` (deferred) delete the job with
+  Foreground propagation, which stops every pod of the step;
+- result: the step's result JSON is written by rank 0 into the run's shared workspace (object
+  store or RWX volume, `ARF_RESULT_PATH`); the Kubernetes backend reads it from there. This
+  operator returns the job's status summary (the trigger event) as its XCom value.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException
+
+from arf_training.errors import ArfError, StepFailed
+
+if TYPE_CHECKING:
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+DeletePolicy = Literal["always", "on_success", "never"]
+DELETE_POLICIES: tuple[str, ...] = ("always", "on_success", "never")
+# Pod labels set by the training operator (kubeflow/common `constants.go`); the replica type
+# value is the lower-cased replica name.
+JOB_NAME_LABEL = "training.kubeflow.org/job-name"
+REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
+# A PyTorchJob's training container must be called "pytorch" (the operator finds it by name).
+CONTAINER_NAME = "pytorch"
+BAD_INPUT_EXIT = 2  # arf-trainer's exit code for a bad job spec, query or hyperparameter
+TAIL_LINES = 60
+
+
+class InvalidJobBody(ArfError, ValueError):
+    """The PyTorchJob manifest or an operator argument cannot be used as given."""
+
+
+class PyTorchJobFailed(StepFailed, AirflowException):
+    """The PyTorchJob ended `Failed`, or vanished before it finished.
+
+    Both an `ArfError` (the project's root, via `StepFailed`) and an `AirflowException`.
+    """
+
+
+class PyTorchJobOperator(BaseOperator):
+    """Creates (or reattaches to) a PyTorchJob and waits for it to finish.
+
+    :param body: the PyTorchJob manifest (`kubeflow.org/v1`), templated. Its `metadata.name` must
+        be set and deterministic per (dag_id, run_id, task_id, try_number): it is what makes a
+        re-run of `execute` reattach instead of starting a second job.
+    :param namespace: where the job runs; default: the manifest's `metadata.namespace`, then the
+        connection's namespace, then "default".
+    :param kubernetes_conn_id: the Kubernetes connection (the provider's connection type).
+    :param poll_interval: seconds between two reads of the job's status.
+    :param deferrable: wait in the triggerer (frees the worker slot) instead of on the worker.
+    :param fetch_logs: copy the master pod's log into the task log when the job ends.
+    :param delete_on_finish: "always" (default: logs are already in the task log), "on_success"
+        (keep a failed job and its pods for `kubectl` debugging) or "never" (leave clean-up to
+        the manifest's `runPolicy.ttlSecondsAfterFinished`).
+    :param cluster_context: kubeconfig context, overriding the connection's.
+    :param config_file: kubeconfig path, overriding the connection's.
+    :param in_cluster: use the in-cluster service account, overriding the connection.
+    """
+
+    template_fields = ("body", "namespace")
+    template_fields_renderers: ClassVar[dict[str, str]] = {"body": "json"}
+    ui_color = "#e5eefc"
+
+    def __init__(self, *, body: dict[str, Any], namespace: str | None = None,
+                 kubernetes_conn_id: str | None = "kubernetes_default",
+                 poll_interval: float = 30.0, deferrable: bool = True, fetch_logs: bool = True,
+                 delete_on_finish: DeletePolicy = "always", cluster_context: str | None = None,
+                 config_file: str | None = None, in_cluster: bool | None = None,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        if delete_on_finish not in DELETE_POLICIES:
+            raise InvalidJobBody(f"delete_on_finish={delete_on_finish!r} is not a policy; use "
+                                 f"one of {', '.join(DELETE_POLICIES)}")
+        if not isinstance(body, dict):
+            raise InvalidJobBody(f"body must be the PyTorchJob manifest as a dict, got "
+                                 f"{type(body).__name__}; render it with "
+                                 f"arf_training.kubernetes.jobs")
+        self.body = body
+        self.namespace = namespace
+        self.kubernetes_conn_id = kubernetes_conn_id
+        self.poll_interval = float(poll_interval)
+        self.deferrable = deferrable
+        self.fetch_logs = fetch_logs
+        self.delete_on_finish = delete_on_finish
+        self.cluster_context = cluster_context
+        self.config_file = config_file
+        self.in_cluster = in_cluster
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    @cached_property
+    def hook(self) -> KubernetesHook:
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+        return KubernetesHook(conn_id=self.kubernetes_conn_id, in_cluster=self.in_cluster,
+                              config_file=self.config_file, cluster_context=self.cluster_context)
+
+    def job_ref(self) -> tuple[str, str]:
+        """(name, namespace) of this try's job, from the (rendered) manifest."""
+        metadata = self.body.get("metadata") or {}
+        name = metadata.get("name")
+        if not name:
+            raise InvalidJobBody("the PyTorchJob manifest has no metadata.name; the renderer "
+                                 "must name the job from (dag_id, run_id, task_id, try_number) "
+                                 "so that a restarted task reattaches instead of duplicating it")
+        namespace = (self.namespace or metadata.get("namespace") or self.hook.get_namespace()
+                     or "default")
+        return str(name), str(namespace)
+
+    def _custom_object_args(self, namespace: str) -> dict[str, str]:
+        from arf_training.kubernetes.triggers import GROUP, PLURAL, VERSION
+
+        return {"group": GROUP, "version": VERSION, "plural": PLURAL, "namespace": namespace}
+
+    def _read_job(self, name: str, namespace: str) -> dict[str, Any] | None:
+        """The job, or None when it does not exist."""
+        from kubernetes.client import ApiException
+
+        try:
+            return self.hook.get_custom_object(name=name, **self._custom_object_args(namespace))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def _delete_job(self, name: str, namespace: str, propagation: str) -> bool:
+        """Delete the job and (through the garbage collector) its pods. False if already gone."""
+        from kubernetes.client import ApiException
+
+        try:
+            self.hook.delete_custom_object(name=name, propagation_policy=propagation,
+                                           **self._custom_object_args(namespace))
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        self.log.info("deleted PyTorchJob %s/%s (%s)", namespace, name, propagation)
+        return True
+
+    # -- execute -----------------------------------------------------------------------------
+
+    def create_or_reattach(self, name: str, namespace: str) -> dict[str, Any]:
+        """Create this try's job, or return the one a previous run of `execute` created."""
+        from kubernetes.client import ApiException
+
+        job = self._read_job(name, namespace)
+        if job is not None:
+            self.log.info("PyTorchJob %s/%s already exists: reattaching (no new job)",
+                          namespace, name)
+            return job
+        body = dict(self.body)
+        body["metadata"] = {**(self.body.get("metadata") or {}), "namespace": namespace}
+        try:
+            job = self.hook.create_custom_object(body=body, **self._custom_object_args(namespace))
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            # Created between our read and our create (a concurrent run of this same try).
+            self.log.info("PyTorchJob %s/%s was created concurrently (409): reattaching",
+                          namespace, name)
+            job = self._read_job(name, namespace)
+            if job is None:
+                raise PyTorchJobFailed(f"PyTorchJob {namespace}/{name} was reported as existing "
+                                       f"(409) but could not be read back") from exc
+            return job
+        self.log.info("created PyTorchJob %s/%s", namespace, name)
+        return job
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from arf_training.kubernetes.triggers import (
+            PyTorchJobTrigger,
+            conditions_of,
+            job_event,
+            job_outcome,
+        )
+
+        name, namespace = self.job_ref()
+        job = self.create_or_reattach(name, namespace)
+        outcome = job_outcome(job)
+        if outcome.terminal:  # reattached to a job that finished while nobody watched
+            return self.execute_complete(context, job_event(
+                name=name, namespace=namespace, status=outcome.status, reason=outcome.reason,
+                message=outcome.message, conditions=conditions_of(job)))
+        if not self.deferrable:
+            return self.execute_complete(context, self.wait(name, namespace))
+        # Frees the worker slot; Airflow calls execute_complete with the trigger's one event.
+        self.defer(trigger=PyTorchJobTrigger(
+            name=name, namespace=namespace, kubernetes_conn_id=self.kubernetes_conn_id,
+            poll_interval=self.poll_interval, cluster_context=self.cluster_context,
+            config_file=self.config_file, in_cluster=self.in_cluster),
+            method_name="execute_complete")
+
+    def wait(self, name: str, namespace: str) -> dict[str, Any]:
+        """The synchronous wait (deferrable=False): the trigger's loop, on the worker."""
+        from arf_training.kubernetes.triggers import conditions_of, job_event, job_outcome
+
+        last_status = None
+        while True:
+            job = self._read_job(name, namespace)  # the hook retries transient API errors
+            if job is None:
+                return job_event(name=name, namespace=namespace, status="error",
+                                 reason="NotFound",
+                                 message=f"PyTorchJob {namespace}/{name} no longer exists: it "
+                                         f"was deleted before it finished")
+            outcome = job_outcome(job)
+            if outcome.status != last_status:
+                self.log.info("PyTorchJob %s/%s: %s", namespace, name, outcome.status)
+                last_status = outcome.status
+            if outcome.terminal:
+                return job_event(name=name, namespace=namespace, status=outcome.status,
+                                 reason=outcome.reason, message=outcome.message,
+                                 conditions=conditions_of(job))
+            time.sleep(self.poll_interval)
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+        """Resume after the wait: copy the master's log, clean up, succeed or fail."""
+        from arf_training.runtime import fail_fast_on_bad_input
+
+        name, namespace = event["name"], event["namespace"]
+        status = event.get("status")
+        tail: list[str] = []
+        exit_code = None
+        if status != "error":
+            tail, exit_code = self.master_logs(name, namespace)
+        succeeded = status == "success"
+        if self.delete_on_finish == "always" or (succeeded and self.delete_on_finish ==
+                                                 "on_success"):
+            self._delete_job(name, namespace, "Background")
+        if succeeded:
+            self.log.info("PyTorchJob %s/%s succeeded", namespace, name)
+            return {k: event.get(k) for k in
+                    ("status", "name", "namespace", "reason", "message", "conditions")}
+        what = f"{event.get('reason') or 'no reason given'}: {event.get('message') or ''}"
+        text = f"PyTorchJob {namespace}/{name} {status or 'ended'} ({what.rstrip(': ')})"
+        if exit_code is not None:
+            text += f"; master exit code {exit_code}"
+        if tail:
+            text += ". Last lines of the master's output:\n" + "\n".join(tail)
+        with fail_fast_on_bad_input():  # exit code 2 = bad input: no retries
+            raise PyTorchJobFailed(text, retryable=exit_code != BAD_INPUT_EXIT)
+
+    # -- logs --------------------------------------------------------------------------------
+
+    def master_logs(self, name: str, namespace: str) -> tuple[list[str], int | None]:
+        """Copy the master pod's log into the task log. Returns (last lines, exit code).
+
+        Best effort: a pod already removed (`runPolicy.cleanPodPolicy`) or an API error is
+        logged as a warning and never hides the job's own outcome."""
+        try:
+            pods = self.hook.core_v1_client.list_namespaced_pod(
+                namespace=namespace,
+                label_selector=f"{JOB_NAME_LABEL}={name},{REPLICA_TYPE_LABEL}=master").items
+        except Exception as exc:
+            self.log.warning("could not list the pods of PyTorchJob %s/%s: %s", namespace, name,
+                             exc)
+            return [], None
+        if not pods:
+            self.log.warning("PyTorchJob %s/%s has no master pod left (cleaned up by its "
+                             "runPolicy.cleanPodPolicy?): no log to show", namespace, name)
+            return [], None
+        pod = pods[0]
+        exit_code = _exit_code(pod)
+        if not self.fetch_logs:
+            return [], exit_code
+        pod_name = pod.metadata.name
+        tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.log.info("----- log of %s (master, rank 0) -----", pod_name)
+        try:
+            response = self.hook.get_pod_logs(pod_name, container=CONTAINER_NAME,
+                                              namespace=namespace)
+            try:
+                for line in _lines(response):
+                    tail.append(line)
+                    self.log.info("%s", line)
+            finally:
+                response.release_conn()
+        except Exception as exc:
+            self.log.warning("could not read the log of pod %s/%s: %s", namespace, pod_name,
+                             exc)
+        self.log.info("----- end of log of %s -----", pod_name)
+        return list(tail), exit_code
+
+    # -- kill --------------------------------------------------------------------------------
+
+    def on_kill(self) -> None:
+        """The task was killed on the worker: delete the job (Foreground, so its pods go
+        first). Idempotent: a job already gone is fine."""
+        try:
+            name, namespace = self.job_ref()
+        except InvalidJobBody:
+            return
+        self._delete_job(name, namespace, "Foreground")
+
+
+def _lines(response: Any):
+    """Lines of a raw (`_preload_content=False`) log response, decoded leniently: training
+    output may hold bytes that are not UTF-8."""
+    pending = b""
+    for chunk in response.stream(65536):
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        for raw in complete:
+            yield raw.decode("utf-8", errors="replace").rstrip("\r")
+    if pending:
+        yield pending.decode("utf-8", errors="replace").rstrip("\r")
+
+
+def _exit_code(pod: Any) -> int | None:
+    """The exit code of the pod's training container, if it has terminated."""
+    for status in getattr(pod.status, "container_statuses", None) or []:
+        if status.name != CONTAINER_NAME:
+            continue
+        for state in (status.state, status.last_state):
+            terminated = getattr(state, "terminated", None) if state else None
+            if terminated is not None and terminated.exit_code is not None:
+                return int(terminated.exit_code)
+    return None

@@ -1,0 +1,247 @@
+"""A small in-memory Kubernetes API for unit tests (no cluster, no kubeconfig).
+
+`FakeCluster` stores custom objects, pods and pod logs and answers the calls the arf Kubernetes
+code makes: create/get/delete of custom objects and pod list/log reads. `install()` plugs it in at
+the client boundary only: the provider's real `KubernetesHook`/`AsyncKubernetesHook` methods run,
+but their `kubernetes` / `kubernetes_asyncio` API classes are replaced by the fakes below and
+`get_conn` returns no real connection.
+
+A scripted "controller" moves a job through its conditions: each read of the job applies the next
+scripted transition, as the Kubeflow training operator would between two polls.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import kubernetes.client
+import kubernetes_asyncio.client
+from airflow.providers.cncf.kubernetes.hooks.kubernetes import AsyncKubernetesHook, KubernetesHook
+from kubernetes.client import (
+    V1ContainerState,
+    V1ContainerStateTerminated,
+    V1ContainerStatus,
+    V1ObjectMeta,
+    V1Pod,
+    V1PodList,
+    V1PodStatus,
+)
+
+_T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+# How the training operator flips the other conditions when one becomes True.
+_TURNS_OFF = {
+    "Running": {"Restarting", "Suspended"},
+    "Restarting": {"Running"},
+    "Suspended": {"Running"},
+    "Succeeded": {"Running"},
+    "Failed": {"Running"},
+}
+
+
+@dataclass
+class FakeCluster:
+    """Objects keyed by (group, version, plural, namespace, name); every API call recorded."""
+
+    objects: dict[tuple[str, ...], dict[str, Any]] = field(default_factory=dict)
+    pods: dict[tuple[str, str], V1Pod] = field(default_factory=dict)
+    logs: dict[tuple[str, str], bytes] = field(default_factory=dict)
+    calls: list[tuple[str, ...]] = field(default_factory=list)
+    scripts: dict[str, collections.deque] = field(default_factory=dict)
+    # Simulate a concurrent creator: the next create stores the object, then answers 409.
+    conflict_on_next_create: bool = False
+    _clock: int = 0
+
+    # -- test set-up ---------------------------------------------------------------------------
+
+    def script(self, name: str, *transitions: str | tuple[str, str, str]) -> None:
+        """Transitions applied one per read of job `name`: "Running" or (type, reason, msg)."""
+        self.scripts[name] = collections.deque(
+            t if isinstance(t, tuple) else (t, f"PyTorchJob{t}", f"job is {t.lower()}")
+            for t in transitions)
+
+    def transition(self, key: tuple[str, ...], ctype: str, reason: str, message: str) -> None:
+        self._clock += 1
+        stamp = (_T0 + timedelta(seconds=self._clock)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        conditions = self.objects[key].setdefault("status", {}).setdefault("conditions", [])
+        for cond in conditions:
+            if cond["type"] in _TURNS_OFF.get(ctype, ()) and cond["status"] == "True":
+                cond.update(status="False", lastTransitionTime=stamp)
+        for cond in conditions:  # updated in place, as the controller does
+            if cond["type"] == ctype:
+                cond.update(status="True", reason=reason, message=message,
+                            lastTransitionTime=stamp, lastUpdateTime=stamp)
+                break
+        else:
+            conditions.append({"type": ctype, "status": "True", "reason": reason,
+                               "message": message, "lastTransitionTime": stamp,
+                               "lastUpdateTime": stamp})
+
+    def add_pod(self, namespace: str, name: str, *, job: str, replica_type: str = "master",
+                log: str | bytes = b"", exit_code: int | None = None) -> None:
+        """A pod as the training operator labels it, with its training container's log."""
+        terminated = (V1ContainerState(terminated=V1ContainerStateTerminated(exit_code=exit_code))
+                      if exit_code is not None else V1ContainerState())
+        self.pods[(namespace, name)] = V1Pod(
+            metadata=V1ObjectMeta(name=name, namespace=namespace, labels={
+                "training.kubeflow.org/job-name": job,
+                "training.kubeflow.org/replica-type": replica_type,
+                "training.kubeflow.org/operator-name": "pytorchjob-controller"}),
+            status=V1PodStatus(container_statuses=[V1ContainerStatus(
+                name="pytorch", image="arf-trainer", image_id="", ready=False, restart_count=0,
+                state=terminated)]))
+        self.logs[(namespace, name)] = log.encode() if isinstance(log, str) else log
+
+    def verbs(self, verb: str) -> list[tuple[str, ...]]:
+        return [c for c in self.calls if c[0] == verb]
+
+    # -- API semantics -------------------------------------------------------------------------
+
+    def create(self, exc_type: type, group: str, version: str, namespace: str, plural: str,
+               body: dict[str, Any]) -> dict[str, Any]:
+        name = (body.get("metadata") or {}).get("name")
+        self.calls.append(("create", plural, namespace, str(name)))
+        if not name:
+            raise exc_type(status=422, reason="Unprocessable Entity: metadata.name required")
+        if body.get("apiVersion") != f"{group}/{version}":
+            raise exc_type(status=400, reason=f"apiVersion {body.get('apiVersion')!r} != "
+                                              f"{group}/{version}")
+        if body["metadata"].get("namespace", namespace) != namespace:
+            raise exc_type(status=400, reason="the namespace of the object does not match")
+        key = (group, version, plural, namespace, name)
+        if self.conflict_on_next_create:
+            self.conflict_on_next_create = False
+            self._store(key, body)
+            raise exc_type(status=409, reason="AlreadyExists")
+        if key in self.objects:
+            raise exc_type(status=409, reason="AlreadyExists")
+        return copy.deepcopy(self._store(key, body))
+
+    def _store(self, key: tuple[str, ...], body: dict[str, Any]) -> dict[str, Any]:
+        obj = copy.deepcopy(body)
+        obj["metadata"] = {**obj.get("metadata", {}), "namespace": key[3],
+                           "uid": f"uid-{len(self.objects) + 1}"}
+        obj.setdefault("status", {})
+        self.objects[key] = obj
+        return obj
+
+    def get(self, exc_type: type, group: str, version: str, namespace: str, plural: str,
+            name: str) -> dict[str, Any]:
+        self.calls.append(("get", plural, namespace, name))
+        key = (group, version, plural, namespace, name)
+        if key not in self.objects:
+            raise exc_type(status=404, reason="Not Found")
+        pending = self.scripts.get(name)
+        if pending:
+            self.transition(key, *pending.popleft())
+        return copy.deepcopy(self.objects[key])
+
+    def delete(self, exc_type: type, group: str, version: str, namespace: str, plural: str,
+               name: str, **options: Any) -> dict[str, Any]:
+        self.calls.append(("delete", plural, namespace, name,
+                           str(options.get("propagation_policy"))))
+        key = (group, version, plural, namespace, name)
+        if key not in self.objects:
+            raise exc_type(status=404, reason="Not Found")
+        del self.objects[key]
+        for pod_key, pod in list(self.pods.items()):  # the garbage collector, at once
+            if pod_key[0] == namespace and \
+                    pod.metadata.labels.get("training.kubeflow.org/job-name") == name:
+                del self.pods[pod_key]
+        return {"kind": "Status", "status": "Success"}
+
+    def list_pods(self, namespace: str, label_selector: str = "") -> V1PodList:
+        self.calls.append(("list_pods", "pods", namespace, label_selector))
+        wanted = dict(part.split("=", 1) for part in label_selector.split(",") if part)
+        items = [copy.deepcopy(pod) for (ns, _), pod in sorted(self.pods.items())
+                 if ns == namespace and all(pod.metadata.labels.get(k) == v
+                                            for k, v in wanted.items())]
+        return V1PodList(items=items)
+
+    def read_log(self, exc_type: type, namespace: str, name: str, container: str | None) -> bytes:
+        self.calls.append(("read_log", "pods", namespace, name, str(container)))
+        if (namespace, name) not in self.pods:
+            raise exc_type(status=404, reason="Not Found")
+        if container not in (None, "", "pytorch"):
+            raise exc_type(status=400, reason=f"container {container} is not valid for pod")
+        return self.logs.get((namespace, name), b"")
+
+
+class FakeLogResponse:
+    """What `read_namespaced_pod_log(..., _preload_content=False)` returns (urllib3-like)."""
+
+    def __init__(self, data: bytes, chunk: int = 7):
+        self.data, self._chunk, self.released = data, chunk, False
+
+    def stream(self, amt: int = 65536):
+        step = min(amt, self._chunk)  # small chunks: lines arrive split across reads
+        for i in range(0, len(self.data), step):
+            yield self.data[i:i + step]
+
+    def release_conn(self) -> None:
+        self.released = True
+
+
+class FakeCustomObjectsApi:
+    exc = kubernetes.client.ApiException
+
+    def __init__(self, cluster: FakeCluster):
+        self.cluster = cluster
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body, **_):
+        return self.cluster.create(self.exc, group, version, namespace, plural, body)
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name, **_):
+        return self.cluster.get(self.exc, group, version, namespace, plural, name)
+
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, **kw):
+        return self.cluster.delete(self.exc, group, version, namespace, plural, name, **kw)
+
+
+class FakeCoreV1Api:
+    def __init__(self, cluster: FakeCluster):
+        self.cluster = cluster
+
+    def list_namespaced_pod(self, namespace, label_selector="", **_):
+        return self.cluster.list_pods(namespace, label_selector)
+
+    def read_namespaced_pod_log(self, name, namespace, container=None, _preload_content=True,
+                                **_):
+        data = self.cluster.read_log(kubernetes.client.ApiException, namespace, name, container)
+        return FakeLogResponse(data) if not _preload_content else data.decode()
+
+
+class FakeAsyncCustomObjectsApi:
+    exc = kubernetes_asyncio.client.ApiException
+
+    def __init__(self, cluster: FakeCluster):
+        self.cluster = cluster
+
+    async def get_namespaced_custom_object(self, group, version, namespace, plural, name, **_):
+        return self.cluster.get(self.exc, group, version, namespace, plural, name)
+
+    async def delete_namespaced_custom_object(self, group, version, namespace, plural, name,
+                                              **kw):
+        return self.cluster.delete(self.exc, group, version, namespace, plural, name, **kw)
+
+
+def install(monkeypatch: Any, cluster: FakeCluster) -> FakeCluster:
+    """Route the provider hooks' API clients (sync and async) to `cluster`."""
+    monkeypatch.setattr(KubernetesHook, "get_conn", lambda self: object())
+
+    @contextlib.asynccontextmanager
+    async def fake_async_conn(self):
+        yield object()
+
+    monkeypatch.setattr(AsyncKubernetesHook, "get_conn", fake_async_conn)
+    monkeypatch.setattr(kubernetes.client, "CustomObjectsApi",
+                        lambda api_client=None: FakeCustomObjectsApi(cluster))
+    monkeypatch.setattr(kubernetes.client, "CoreV1Api",
+                        lambda api_client=None: FakeCoreV1Api(cluster))
+    monkeypatch.setattr(kubernetes_asyncio.client, "CustomObjectsApi",
+                        lambda api_client=None: FakeAsyncCustomObjectsApi(cluster))
+    return cluster
