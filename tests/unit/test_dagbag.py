@@ -107,3 +107,26 @@ def test_broken_template_is_an_import_error_and_hides_nothing(tmp_path):
     assert path.endswith("arf_template_errors.py")
     assert "1 invalid template(s)" in error
     assert "broken.yaml:" in error and "training.resources.cpu" in error
+
+
+def test_airflow_plugin_loader_leaves_the_package_alone():
+    """Airflow imports every .py under plugins/ as a top-level module named after the file;
+    plugins/.airflowignore keeps it out of arf_training, whose backends/kubernetes.py would
+    otherwise become sys.modules["kubernetes"] and break the Kubernetes provider."""
+    code = (
+        "import sys, json\n"
+        "from airflow import plugins_manager\n"
+        "plugins_manager.ensure_plugins_loaded() if hasattr(plugins_manager, 'ensure_plugins_loaded')"
+        " else plugins_manager.get_plugin_info()\n"
+        "import kubernetes.client\n"
+        "ours = sorted(n for n, m in list(sys.modules.items())"
+        " if 'arf_training' in str(getattr(m, '__file__', '') or '')"
+        " and not n.startswith(('arf_training', '__editable__')))\n"
+        "print(json.dumps({'kubernetes': kubernetes.__file__, 'ours': ours}))\n")
+    env = {**os.environ, "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "site-packages" in result["kubernetes"], result
+    assert result["ours"] == [], result
