@@ -313,9 +313,9 @@ def test_conflict_on_create_is_a_reattach(cluster):
 def test_other_create_errors_are_raised(cluster):
     body = manifest()
     body["apiVersion"] = "kubeflow.org/v2"
-    import kubernetes.client
+    from kubernetes.client import ApiException
 
-    with pytest.raises(kubernetes.client.ApiException) as err:
+    with pytest.raises(ApiException) as err:
         operator(body=body).execute(context={})
     assert err.value.status == 400
 

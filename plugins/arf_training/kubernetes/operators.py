@@ -16,9 +16,10 @@ The backend contract (`arf_training.backends.base`), Kubernetes side:
   master's log; a master exit code of 2 (bad input) fails it without retries;
 - kill: `on_kill` (worker) and `PyTorchJobTrigger.on_kill` (deferred) delete the job with
   Foreground propagation, which stops every pod of the step;
-- result: the step's result JSON is written by rank 0 into the run's shared workspace (object
-  store or RWX volume, `ARF_RESULT_PATH`); the Kubernetes backend reads it from there. This
-  operator returns the job's status summary (the trigger event) as its XCom value.
+- result: the step's result JSON is written by rank 0 into the run's shared workspace (RWX
+  volume, `ARF_RESULT_PATH`), where the register step reads it. The Airflow worker does not
+  mount that volume, so this operator returns the job's status summary (the trigger event) and
+  the result's path as its XCom value.
 """
 
 from __future__ import annotations
