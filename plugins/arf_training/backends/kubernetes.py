@@ -47,10 +47,10 @@ from arf_training.kubernetes.jobs import DistributedJobRenderer, PyTorchJobRende
 from arf_training.kubernetes.operators import PyTorchJobOperator
 from arf_training.kubernetes.pod import (
     CONTAINER_NAME,
-    RUN_AS_UID,
     pod_env,
     render_pod,
     resource_name,
+    restricted_container_security_context,
 )
 from arf_training.kubernetes.render import pod_arf_settings
 from arf_training.runtime import (
@@ -73,16 +73,7 @@ ON_FINISH_ACTION = "delete_succeeded_pod"
 BAD_INPUT_EXIT = 2  # arf-trainer's exit code for a bad job spec, query or hyperparameter
 # The provider's xcom sidecar, admitted under the "restricted" Pod Security Standard like the
 # step container (alpine's `sh -c 'while true; do sleep 1; done'` needs no privilege).
-XCOM_SIDECAR_SECURITY_CONTEXT: dict[str, Any] = {
-    "allowPrivilegeEscalation": False,
-    "capabilities": {"drop": ["ALL"]},
-    "privileged": False,
-    "readOnlyRootFilesystem": True,
-    "runAsNonRoot": True,
-    "runAsUser": RUN_AS_UID,
-    "runAsGroup": RUN_AS_UID,
-    "seccompProfile": {"type": "RuntimeDefault"},
-}
+XCOM_SIDECAR_SECURITY_CONTEXT: dict[str, Any] = restricted_container_security_context()
 
 
 def runtime_settings(namespace: str | None) -> KubernetesSettings:

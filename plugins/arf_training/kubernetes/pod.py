@@ -39,6 +39,21 @@ from arf_training.kubernetes.config import KubernetesConfigError, KubernetesSett
 from arf_training.stepspec import DEFAULT_IMAGE, RunIdentity, StepSpec
 
 RUN_AS_UID = 10001
+
+
+def restricted_container_security_context() -> dict[str, Any]:
+    """A container securityContext the "restricted" Pod Security Standard admits, with a
+    read-only root filesystem (a fresh dict: callers may extend it)."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_UID,
+        "runAsGroup": RUN_AS_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 DNS1123_MAX = 63
 # Beyond Kubernetes' own limits: a Pod spec lives in etcd (about 1.5 MiB per object).
 MAX_JOB_SPEC_BYTES = 512 * 1024
@@ -265,16 +280,7 @@ def container(spec: StepSpec, settings: KubernetesSettings, *, name: str = CONTA
                     (settings.mlflow_secret, settings.datahub_secret) if s],
         "resources": _resources(spec),
         "volumeMounts": mounts,
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "privileged": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS_UID,
-            "runAsGroup": RUN_AS_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": restricted_container_security_context(),
     }
 
 
