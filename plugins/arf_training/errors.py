@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+BAD_INPUT_EXIT = 2
+"""A step's exit code for bad input (job spec, query, hyperparameter): retrying cannot help.
+The container side defines the same code (arf_trainer.errors); this side must not import it."""
+
 
 class ArfError(Exception):
     """Root of every error arf-training raises on purpose on the Airflow side."""

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 
 from arf_training.backends.base import Backend
-from arf_training.errors import StepFailed
+from arf_training.errors import BAD_INPUT_EXIT, StepFailed
 from arf_training.kubernetes.config import KubernetesSettings
 from arf_training.kubernetes.jobs import DistributedJobRenderer, PyTorchJobRenderer
 from arf_training.kubernetes.operators import PyTorchJobOperator
@@ -70,7 +70,6 @@ XCOM_RESULT_PATH = "/airflow/xcom/return.json"
 # Keep a failed pod (and its events, exit code, files) for `kubectl` debugging; its log is
 # already in the task log.
 ON_FINISH_ACTION = "delete_succeeded_pod"
-BAD_INPUT_EXIT = 2  # arf-trainer's exit code for a bad job spec, query or hyperparameter
 # The provider's xcom sidecar, admitted under the "restricted" Pod Security Standard like the
 # step container (alpine's `sh -c 'while true; do sleep 1; done'` needs no privilege).
 XCOM_SIDECAR_SECURITY_CONTEXT: dict[str, Any] = restricted_container_security_context()

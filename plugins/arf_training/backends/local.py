@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.sdk import BaseOperator
 
 from arf_training.backends.base import Backend
-from arf_training.errors import StepFailed, StepTimeout
+from arf_training.errors import BAD_INPUT_EXIT, StepFailed, StepTimeout
 from arf_training.runtime import (
     emit_model_event,
     fail_fast_on_bad_input,
@@ -44,7 +44,6 @@ PASSTHROUGH_ENV = ("HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "CUDA_VISIB
                    "MUJOCO_GL", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "OPENBLAS_CORETYPE",
                    "OPENBLAS_L2_SIZE")
 TAIL_LINES = 60
-BAD_INPUT_EXIT = 2  # arf-trainer's exit code for a bad job spec, query or hyperparameter
 # Beyond the step's own grace period: time for torchrun to pass SIGTERM on and reap workers.
 KILL_MARGIN_S = 5.0
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
-from arf_training.errors import ArfError, StepFailed
+from arf_training.errors import BAD_INPUT_EXIT, ArfError, StepFailed
 
 if TYPE_CHECKING:
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
@@ -45,7 +45,6 @@ JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
 # A PyTorchJob's training container must be called "pytorch" (the operator finds it by name).
 CONTAINER_NAME = "pytorch"
-BAD_INPUT_EXIT = 2  # arf-trainer's exit code for a bad job spec, query or hyperparameter
 TAIL_LINES = 60
 
 
