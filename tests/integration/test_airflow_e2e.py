@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from airflow_runs import latest_run, task_states
 from arf_training.settings import ArfSettings
 from arf_training.stepspec import workspace_for
 
@@ -23,29 +24,6 @@ BIN = Path(sys.executable).parent
 def dags_test(env, dag_id: str, conf: dict) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "airflow"), "dags", "test", dag_id, "-c", json.dumps(conf)],
                           env=env, capture_output=True, text=True, timeout=900)
-
-
-def latest_run(dag_id: str):
-    from airflow.models.dagrun import DagRun
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        run = session.scalars(select(DagRun).where(DagRun.dag_id == dag_id)
-                              .order_by(DagRun.id.desc()).limit(1)).first()
-        session.expunge(run)
-        return run
-
-
-def task_states(dag_id: str, run_id: str) -> dict[str, str]:
-    from airflow.models.taskinstance import TaskInstance
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        tis = session.scalars(select(TaskInstance).where(TaskInstance.dag_id == dag_id,
-                                                         TaskInstance.run_id == run_id)).all()
-        return {ti.task_id: str(ti.state) for ti in tis}
 
 
 def mlflow_client(env):

@@ -268,7 +268,8 @@ def test_rbac_is_namespaced_and_narrow():
                     granted.setdefault((group, res), set()).update(rule["verbs"])
     crud = {"create", "get", "list", "watch", "delete"}
     assert crud <= granted[("kubeflow.org", "pytorchjobs")]
-    assert crud <= granted[("trainer.kubeflow.org", "trainjobs")]
+    # Least privilege: nothing creates a TrainJob (no Trainer v2 renderer), so no right to one.
+    assert ("trainer.kubeflow.org", "trainjobs") not in granted
     assert crud <= granted[("", "pods")]
     assert "get" in granted[("", "pods/log")]
     # The step pods' result comes back through KubernetesPodOperator's xcom sidecar (an exec);
