@@ -161,8 +161,10 @@ def format_summary(s: dict[str, Any], settings: ArfSettings) -> str:
         f"({model.get('model_uri')})",
     ]
     if ev:
-        lines.append(f"  evaluation  success rate {ev['success_rate']:.2%} over {ev['episodes']} "
-                     f"episodes, mean final distance {ev['mean_final_distance']:.4f} "
+        ci = (f" (95% CI {ev['success_rate_ci95_low']:.0%}-{ev['success_rate_ci95_high']:.0%})"
+              if "success_rate_ci95_low" in ev else "")
+        lines.append(f"  evaluation  success rate {ev['success_rate']:.2%}{ci} over "
+                     f"{ev['episodes']} episodes, mean final distance {ev['mean_final_distance']:.4f} "
                      f"({'passed' if ev.get('passed') else 'below threshold'}; "
                      f"{EVALUATE_DAG_ID} run {ev['dag_run_id']})")
     lines += [

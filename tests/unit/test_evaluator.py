@@ -113,11 +113,19 @@ def test_expert_passes_and_result_is_recorded_on_the_version(registry: dict[str,
         result["mean_final_distance"], rel=1e-5)
     assert tags["arf.eval.episodes"] == str(EPISODES) and tags["arf.eval.seed"] == "100000"
     assert tags["arf.eval.run_id"] == result["mlflow_run_id"]
+    # 95 % intervals around each figure, on the version and in the result.
+    low, high = (float(x) for x in tags["arf.eval.success_rate_ci95"].split(","))
+    assert low <= result["success_rate"] <= high < 1.0 + 1e-9 and high - low > 0.05
+    assert (low, high) == pytest.approx((result["success_rate_ci95_low"],
+                                         result["success_rate_ci95_high"]), rel=1e-5)
+    d_low, d_high = (float(x) for x in tags["arf.eval.mean_final_distance_ci95"].split(","))
+    assert d_low <= result["mean_final_distance"] <= d_high
 
     client = MlflowClient(tracking_uri=registry["uri"])
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.metrics["success_rate"] == pytest.approx(result["success_rate"])
+    assert run.data.metrics["success_rate_ci95_low"] == pytest.approx(low, rel=1e-5)
     assert {k: run.data.tags[k] for k in ("arf.model_name", "arf.model_version", "arf.dag_id",
                                           "arf.dag_run_id")} == {
         "arf.model_name": MODEL, "arf.model_version": "1", "arf.dag_id": "arf_evaluate",

@@ -11,9 +11,9 @@ Episodes use seeds seed .. seed+episodes-1, so two evaluations of one model agre
 two models are compared on the same initial states. The result is recorded twice:
 
 * an MLflow run in experiment `<template name>-evaluation` (metrics success_rate and
-  mean_final_distance, the settings as params, per-episode outcomes as
-  `evaluation/episodes.json` so failure episodes can be replayed), tagged with the model and
-  the DAG run;
+  mean_final_distance with their 95 % intervals, `*_ci95_low` / `*_ci95_high`; the settings
+  as params; per-episode outcomes as `evaluation/episodes.json` so failure episodes can be
+  replayed), tagged with the model and the DAG run;
 * tags on the model version (`arf.eval.*`), which is what promotion gates read.
 
 Idempotent per (DAG run, model version): a retry reuses the finished evaluation run of the
@@ -168,6 +168,28 @@ def _rollouts(policy: Any, episodes: int, seed: int) -> list[dict[str, Any]]:
         sim.close()
 
 
+FIGURES = ("success_rate", "success_rate_ci95_low", "success_rate_ci95_high",
+           "mean_final_distance", "mean_final_distance_ci95_low", "mean_final_distance_ci95_high")
+
+
+def summarize(outcomes: list[dict[str, Any]]) -> dict[str, float]:
+    """Success rate and mean final distance of the episodes, each with its 95 % interval
+    (Wilson for the rate, bootstrap for the skewed distances); the keys are `FIGURES`."""
+    from arf_trainer.stats import bootstrap_mean_interval, wilson_interval
+
+    successes = sum(bool(o["success"]) for o in outcomes)
+    distances = [float(o["final_distance"]) for o in outcomes]
+    rate_low, rate_high = wilson_interval(successes, len(outcomes))
+    dist_low, dist_high = bootstrap_mean_interval(distances)
+    return {"success_rate": successes / len(outcomes), "success_rate_ci95_low": rate_low,
+            "success_rate_ci95_high": rate_high, "mean_final_distance": float(np.mean(distances)),
+            "mean_final_distance_ci95_low": dist_low, "mean_final_distance_ci95_high": dist_high}
+
+
+def _pair(figures: dict[str, float], name: str) -> str:
+    return f"{figures[f'{name}_ci95_low']:.6g},{figures[f'{name}_ci95_high']:.6g}"
+
+
 def _previous_run(client: Any, experiment_id: str, tags: dict[str, str]) -> Any | None:
     """The finished evaluation run of this DAG run and model version, if an earlier try made
     one; unfinished ones (tries that died) are marked FAILED so they do not linger as RUNNING."""
@@ -181,7 +203,8 @@ def _previous_run(client: Any, experiment_id: str, tags: dict[str, str]) -> Any 
     finished = None
     for run in mine:
         status = run.info.status
-        has_metrics = {"success_rate", "mean_final_distance"} <= run.data.metrics.keys()
+        # A run without the interval metrics predates them: evaluate again rather than guess.
+        has_metrics = set(FIGURES) <= run.data.metrics.keys()
         if status == "FINISHED" and has_metrics:
             finished = finished or run
         elif status == "RUNNING":
@@ -216,8 +239,7 @@ def run_evaluate(env: StepEnv) -> dict[str, Any]:
     previous = _previous_run(client, experiment_id, tags)
     if previous is not None:
         run_id = previous.info.run_id
-        success_rate = float(previous.data.metrics["success_rate"])
-        mean_distance = float(previous.data.metrics["mean_final_distance"])
+        figures = {k: float(v) for k, v in previous.data.metrics.items() if k in FIGURES}
         log.info("reusing finished evaluation run %s from an earlier try", run_id)
     else:
         policy = _load_policy(name, version)
@@ -225,16 +247,14 @@ def run_evaluate(env: StepEnv) -> dict[str, Any]:
         run_id = run.info.run_id
         try:
             outcomes = _rollouts(policy, episodes, seed)
-            success_rate = float(np.mean([o["success"] for o in outcomes]))
-            mean_distance = float(np.mean([o["final_distance"] for o in outcomes]))
+            figures = summarize(outcomes)
             from arf_trainer.sim.reach import SUCCESS_DISTANCE
 
             params = {"environment": environment, "episodes": episodes, "seed": seed,
                       "success_threshold": threshold, "success_distance": SUCCESS_DISTANCE}
             client.log_batch(
                 run_id,
-                metrics=[Metric("success_rate", success_rate, 0, 0),
-                         Metric("mean_final_distance", mean_distance, 0, 0)],
+                metrics=[Metric(key, value, 0, 0) for key, value in figures.items()],
                 params=[Param(k, str(v)) for k, v in params.items()],
             )
             client.log_dict(run_id, {"episodes": outcomes}, _EPISODES_ARTIFACT)
@@ -243,10 +263,14 @@ def run_evaluate(env: StepEnv) -> dict[str, Any]:
             raise
         client.set_terminated(run_id, status="FINISHED")
 
+    success_rate, mean_distance = figures["success_rate"], figures["mean_final_distance"]
     passed = success_rate >= threshold
     version_tags = {
         "arf.eval.success_rate": f"{success_rate:.6g}",
+        # 95 % intervals, "low,high": with 50 episodes a rate is +-10 points; read them together.
+        "arf.eval.success_rate_ci95": _pair(figures, "success_rate"),
         "arf.eval.mean_final_distance": f"{mean_distance:.6g}",
+        "arf.eval.mean_final_distance_ci95": _pair(figures, "mean_final_distance"),
         "arf.eval.episodes": str(episodes),
         "arf.eval.seed": str(seed),
         "arf.eval.passed": str(passed).lower(),
@@ -254,15 +278,15 @@ def run_evaluate(env: StepEnv) -> dict[str, Any]:
     }
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, value)
-    log.info("evaluate: models:/%s/%s on %s: success rate %.1f%% over %d episodes (threshold "
-             "%.1f%%), mean final distance %.4f m -> %s", name, version, environment,
-             100 * success_rate, episodes, 100 * threshold, mean_distance,
+    log.info("evaluate: models:/%s/%s on %s: success rate %.1f%% (95%% CI %.1f-%.1f%%) over %d "
+             "episodes (threshold %.1f%%), mean final distance %.4f m -> %s", name, version,
+             environment, 100 * success_rate, 100 * figures["success_rate_ci95_low"],
+             100 * figures["success_rate_ci95_high"], episodes, 100 * threshold, mean_distance,
              "passed" if passed else "below threshold")
     return {
         "model_name": name,
         "model_version": version,
-        "success_rate": success_rate,
-        "mean_final_distance": mean_distance,
+        **figures,
         "episodes": episodes,
         "passed": passed,
         "mlflow_run_id": run_id,

@@ -1,0 +1,48 @@
+"""Confidence intervals for evaluation results (numpy only; deterministic).
+
+Evaluations compare models on a fixed, recorded set of seeds, so a success rate over 50 episodes
+is an estimate with an error bar of several points: the interval is recorded next to it and is
+what people (and promotion gates) should read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+Z_95 = 1.959963984540054  # two-sided 95 % normal quantile
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 0  # fixed: the same outcomes always give the same interval
+
+
+def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (sound at 0 % and 100 %, unlike the
+    normal approximation, which collapses to a zero-width interval there)."""
+    if trials <= 0:
+        raise ValueError(f"wilson_interval needs at least one trial, got trials={trials}")
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes={successes} must lie between 0 and trials={trials}")
+    p = successes / trials
+    denom = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denom
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_mean_interval(values: Sequence[float], level: float = 0.95,
+                            samples: int = BOOTSTRAP_SAMPLES,
+                            seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean (no normality assumption: final distances are
+    skewed, a few failures far from the target and many successes near zero)."""
+    data = np.asarray(values, dtype=np.float64)
+    if data.size == 0:
+        raise ValueError("bootstrap_mean_interval needs at least one value")
+    if not 0 < level < 1:
+        raise ValueError(f"level={level} must lie strictly between 0 and 1, e.g. 0.95")
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(samples, data.size))].mean(axis=1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(low), float(high)
