@@ -141,7 +141,8 @@ def test_expert_passes_and_result_is_recorded_on_the_version(registry: dict[str,
 def test_retry_reuses_the_finished_run(registry: dict[str, Any], tmp_path: Path) -> None:
     first = run_evaluate(eval_env(registry, tmp_path, "1", run_id="retry__1"))
     again = run_evaluate(eval_env(registry, tmp_path, 1, run_id="retry__1"))
-    assert again == {**first, "reused": True}
+    assert again == {**first, "reused": True, "failures_recorded": 0,
+                     "failures_table_version": None}
     other_run = run_evaluate(eval_env(registry, tmp_path, 1, run_id="retry__2"))
     assert other_run["mlflow_run_id"] != first["mlflow_run_id"]
     assert other_run["success_rate"] == first["success_rate"]  # same seeds, same outcome
@@ -151,6 +152,15 @@ def test_zero_policy_fails_the_gate(registry: dict[str, Any], tmp_path: Path) ->
     result = run_evaluate(eval_env(registry, tmp_path, 2))
     assert result["success_rate"] <= 0.1 and result["passed"] is False
     assert _version_tags(registry, "2")["arf.eval.passed"] == "false"
+    # Its failed episodes are in the data hub's failures table, one row per step.
+    from arf_trainer.datahub.tables import open_table
+
+    failed = round((1 - result["success_rate"]) * EPISODES)
+    assert result["failures_recorded"] == failed > 0
+    rows = open_table(tmp_path / "hub", "failures").dataset.to_table()
+    assert rows.num_rows == failed * 50
+    assert set(rows["model_version"].to_pylist()) == {2}
+    assert set(rows["eval_run_id"].to_pylist()) == {result["mlflow_run_id"]}
 
 
 @pytest.mark.parametrize(("kwargs", "error", "fragment"), [

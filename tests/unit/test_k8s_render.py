@@ -464,3 +464,21 @@ def test_cli_render_prints_yaml_documents():
     bad = subprocess.run([str(arf), "templates", "render", "no_such_template"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert bad.returncode == 2 and "no_such_template" in bad.stderr and "reach_bc" in bad.stderr
+
+
+# --- data hub volume ---------------------------------------------------------------------------
+
+
+def test_only_evaluate_mounts_the_data_hub_writable():
+    """Steps query the hub read-only; evaluate appends its failed episodes (`failures`)."""
+    settings = _settings(datahub_pvc="arf-datahub", datahub_uri="/datahub")
+    seen = {}
+    for loaded, step in [(c.values[0], c.values[1]) for c in CASES]:
+        for pod in _pods_of(_render(loaded, step, settings)):
+            (mount,) = [m for m in _container(pod)["volumeMounts"] if m["name"] == "datahub"]
+            (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == "datahub"]
+            assert mount["mountPath"] == "/datahub"
+            assert mount["readOnly"] is volume["persistentVolumeClaim"]["readOnly"]
+            seen.setdefault(step, set()).add(mount["readOnly"])
+    assert seen.pop("evaluate") == {False}
+    assert seen and all(flags == {True} for flags in seen.values()), seen

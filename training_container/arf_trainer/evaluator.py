@@ -16,6 +16,9 @@ two models are compared on the same initial states. The result is recorded twice
   replayed), tagged with the model and the DAG run;
 * tags on the model version (`arf.eval.*`), which is what promotion gates read.
 
+Failed episodes (states, the model's actions, outcome) go to the data hub's `failures` table
+(`arf_trainer.datahub.failures`), where corrections are made from them.
+
 Idempotent per (DAG run, model version): a retry reuses the finished evaluation run of the
 same DAG run instead of rolling out again, and re-applies the model version tags.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -153,17 +157,13 @@ def _load_policy(name: str, version: str) -> Any:
     return policy
 
 
-def _rollouts(policy: Any, episodes: int, seed: int) -> list[dict[str, Any]]:
+def _rollouts(policy: Any, episodes: int, seed: int) -> list[tuple[int, Any]]:
+    """(seed, `reach.Rollout`) of each episode, seeds seed .. seed+episodes-1."""
     from arf_trainer.sim import reach
 
     sim = reach.make_env()
     try:
-        results = []
-        for episode_seed in range(seed, seed + episodes):
-            outcome = reach.rollout(policy, episode_seed, env=sim)
-            results.append({"seed": episode_seed, "final_distance": outcome.final_distance,
-                            "success": outcome.success})
-        return results
+        return [(s, reach.rollout(policy, s, env=sim)) for s in range(seed, seed + episodes)]
     finally:
         sim.close()
 
@@ -219,6 +219,8 @@ def run_evaluate(env: StepEnv) -> dict[str, Any]:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
+    from arf_trainer.datahub.failures import record_failures
+
     environment, episodes, seed, threshold = _settings(env)
     name, version = _model_ref(env.spec.inputs)
     # load_model resolves models:/ URIs through the process-wide registry URI.
@@ -241,13 +243,21 @@ def run_evaluate(env: StepEnv) -> dict[str, Any]:
         run_id = previous.info.run_id
         figures = {k: float(v) for k, v in previous.data.metrics.items() if k in FIGURES}
         log.info("reusing finished evaluation run %s from an earlier try", run_id)
+        failures = {"episodes": 0, "rows": 0, "version": None}  # that try recorded them
     else:
         policy = _load_policy(name, version)
         run = client.create_run(experiment_id, tags=tags, run_name=f"{name}-v{version}")
         run_id = run.info.run_id
         try:
-            outcomes = _rollouts(policy, episodes, seed)
+            rollouts = _rollouts(policy, episodes, seed)
+            outcomes = [{"seed": s, "final_distance": r.final_distance, "success": r.success}
+                        for s, r in rollouts]
             figures = summarize(outcomes)
+            # Before the run is FINISHED: a retry after a crash here evaluates again, and
+            # record_failures skips the seeds this try already wrote.
+            failures = record_failures(env.datahub, model_name=name, model_version=int(version),
+                                       eval_run_id=run_id, episodes=rollouts,
+                                       recorded_at=datetime.now(UTC))
             from arf_trainer.sim.reach import SUCCESS_DISTANCE
 
             params = {"environment": environment, "episodes": episodes, "seed": seed,
@@ -291,4 +301,6 @@ def run_evaluate(env: StepEnv) -> dict[str, Any]:
         "passed": passed,
         "mlflow_run_id": run_id,
         "reused": previous is not None,
+        "failures_recorded": failures["episodes"],
+        "failures_table_version": failures["version"],
     }

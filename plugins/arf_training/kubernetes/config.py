@@ -186,7 +186,7 @@ class KubernetesSettings:
     ARF_K8S_WORKSPACE_MOUNT             its mount path in the pods (/workspace)
     ARF_K8S_TRACKING_URI                MLflow URI seen from the pods (http://mlflow:5000)
     ARF_K8S_ARTIFACT_ROOT               artifact root of new experiments (server default)
-    ARF_K8S_DATAHUB_URI / _PVC          data hub path and the claim mounted read-only there
+    ARF_K8S_DATAHUB_URI / _PVC          data hub path and its claim (read-only but for evaluate)
     ARF_K8S_MLFLOW_SECRET               Secret injected with envFrom (MLFLOW_TRACKING_*)
     ARF_K8S_DATAHUB_SECRET              Secret injected with envFrom (data hub credentials)
     ARF_K8S_SECRET_ENV                  JSON {"ENV": "secret/key"} -> secretKeyRef

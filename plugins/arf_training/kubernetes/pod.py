@@ -58,6 +58,7 @@ DNS1123_MAX = 63
 # Beyond Kubernetes' own limits: a Pod spec lives in etcd (about 1.5 MiB per object).
 MAX_JOB_SPEC_BYTES = 512 * 1024
 CONTAINER_NAME = "step"
+HUB_WRITERS = frozenset({"evaluate"})  # steps that write data hub tables
 TMP_DIR = "/tmp"
 _SECRET_WORDS = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY", re.I)
 
@@ -251,10 +252,12 @@ def _volumes(spec: StepSpec, settings: KubernetesSettings
     mounts.append({"name": "workspace", "mountPath": settings.workspace_mount_path})
     datahub = _local_path(settings.datahub_uri)
     if settings.datahub_pvc and datahub:
-        # Read-only: steps query the hub; only the platform writes new table versions.
+        # Read-only for the steps that only query the hub; evaluate appends its failed episodes
+        # to the `failures` table.
+        read_only = spec.step not in HUB_WRITERS
         volumes.append({"name": "datahub", "persistentVolumeClaim": {
-            "claimName": settings.datahub_pvc, "readOnly": True}})
-        mounts.append({"name": "datahub", "mountPath": datahub, "readOnly": True})
+            "claimName": settings.datahub_pvc, "readOnly": read_only}})
+        mounts.append({"name": "datahub", "mountPath": datahub, "readOnly": read_only})
     if spec.world_size > 1 or spec.resources.gpu > 0:
         # DataLoader workers and NCCL exchange tensors through /dev/shm (64 MiB by default).
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})

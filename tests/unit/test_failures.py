@@ -1,0 +1,98 @@
+"""Failure episodes into the data hub and their expert corrections (real MuJoCo, real Delta)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pytest
+
+from arf_trainer.datahub.failures import (
+    CORRECTIONS_TABLE, FAILURES_TABLE, correct_failures, record_failures)
+from arf_trainer.datahub.tables import open_table
+from arf_trainer.errors import DataHubError
+from arf_trainer.sim import reach
+
+T0 = dt.datetime(2026, 11, 25, 3, 0, tzinfo=dt.UTC)
+SEEDS = range(100_000, 100_006)
+
+
+def zero_policy(obs: np.ndarray) -> np.ndarray:
+    return np.zeros(reach.ACT_DIM, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def episodes() -> dict[str, list[tuple[int, reach.Rollout]]]:
+    env = reach.make_env()
+    try:
+        return {"zero": [(s, reach.rollout(zero_policy, s, env=env)) for s in SEEDS],
+                "expert": [(s, reach.rollout(reach.expert_policy, s, env=env)) for s in SEEDS]}
+    finally:
+        env.close()
+
+
+def _rows(hub, table):
+    return open_table(hub, table).dataset.to_table()
+
+
+def test_only_failed_episodes_are_recorded_once(tmp_path, episodes):
+    zero, expert = episodes["zero"], episodes["expert"]
+    failed = [s for s, r in zero + expert if not r.success]
+    assert failed and any(r.success for _, r in expert)  # the fixture has both kinds
+
+    first = record_failures(tmp_path, model_name="m", model_version=3, eval_run_id="run-a",
+                            episodes=zero + expert, recorded_at=T0)
+    assert first["episodes"] == len(failed)
+    assert first["rows"] == len(failed) * reach.EPISODE_STEPS
+    rows = _rows(tmp_path, FAILURES_TABLE)
+    assert sorted(set(rows["seed"].to_pylist())) == sorted(set(failed))
+    assert not any(rows["success"].to_pylist())
+    # The recorded actions are what the model did (zeros), at the states it visited.
+    zero_rows = rows.filter(rows["seed"].to_numpy() == zero[0][0])
+    assert np.array_equal(zero_rows["obs_0"].to_numpy(), zero[0][1].observations[:, 0])
+    assert not zero_rows["act_0"].to_numpy().any()
+
+    retry = record_failures(tmp_path, model_name="m", model_version=3, eval_run_id="run-b",
+                            episodes=zero, recorded_at=T0 + dt.timedelta(hours=1))
+    assert retry == {"episodes": 0, "rows": 0, "version": None}
+    other = record_failures(tmp_path, model_name="m", model_version=4, eval_run_id="run-c",
+                            episodes=zero[:2], recorded_at=T0)
+    assert other["episodes"] == 2  # another version's failures are its own
+
+
+def test_corrections_relabel_with_the_expert_once(tmp_path, episodes):
+    zero = episodes["zero"]
+    record_failures(tmp_path, model_name="m", model_version=1, eval_run_id="r",
+                    episodes=zero, recorded_at=T0)
+    night = T0 + dt.timedelta(days=1)
+    first = correct_failures(tmp_path, collected_at=night, limit=2)
+    assert first["episodes"] == 2 and first["rows"] == 2 * reach.EPISODE_STEPS
+    rest = correct_failures(tmp_path, collected_at=night + dt.timedelta(days=1))
+    assert rest["episodes"] == len(zero) - 2
+    assert correct_failures(tmp_path, collected_at=night)["episodes"] == 0  # each once
+
+    rows = _rows(tmp_path, CORRECTIONS_TABLE)
+    obs = np.stack([rows[f"obs_{j}"].to_numpy() for j in range(reach.OBS_DIM)], axis=1)
+    act = np.stack([rows[f"act_{j}"].to_numpy() for j in range(reach.ACT_DIM)], axis=1)
+    assert np.array_equal(act, reach.expert_action(obs))  # DAgger: the expert's label
+    assert act.any()
+    episodes_ids = rows["episode"].to_numpy()
+    assert (episodes_ids < 0).all() and len(set(episodes_ids)) == len(zero)
+    assert sorted(set(rows["seed"].to_pylist())) == [s for s, _ in zero]
+    times = set(rows["collected_at"].to_pylist())
+    assert times == {night, night + dt.timedelta(days=1)}
+    assert set(rows["source_model_version"].to_pylist()) == {1}
+
+
+def test_model_filter_and_bad_input(tmp_path, episodes):
+    record_failures(tmp_path, model_name="a", model_version=1, eval_run_id="r",
+                    episodes=episodes["zero"][:1], recorded_at=T0)
+    record_failures(tmp_path, model_name="b", model_version=1, eval_run_id="r",
+                    episodes=episodes["zero"][:1], recorded_at=T0)
+    assert correct_failures(tmp_path, collected_at=T0, model_name="a")["episodes"] == 1
+    assert set(_rows(tmp_path, CORRECTIONS_TABLE)["source_model_name"].to_pylist()) == {"a"}
+    with pytest.raises(DataHubError, match="time zone"):
+        correct_failures(tmp_path, collected_at=dt.datetime(2026, 1, 1))
+    with pytest.raises(DataHubError, match="limit"):
+        correct_failures(tmp_path, collected_at=T0, limit=0)
+    assert correct_failures(tmp_path / "empty", collected_at=T0)["episodes"] == 0
