@@ -177,3 +177,31 @@ def test_evaluate_errors(registry: dict[str, Any], tmp_path: Path, kwargs: dict[
     version = kwargs.pop("version", 1)
     with pytest.raises(error, match=fragment):
         run_evaluate(eval_env(registry, tmp_path, version, **kwargs))
+
+
+def test_promotion_gate_moves_champion_only_to_a_better_version(registry: dict[str, Any],
+                                                                tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=registry["uri"], registry_uri=registry["uri"])
+    gated = {"promotion_margin": 0.02}
+    # No champion yet, and the zero policy is below the threshold: it does not become one.
+    weak = run_evaluate(eval_env(registry, tmp_path, 2, run_id="gate__1", evaluation=gated))
+    assert weak["gate"]["promoted"] is False and "set one by hand" in weak["gate"]["reason"]
+    # The expert passes: it becomes the first champion.
+    strong = run_evaluate(eval_env(registry, tmp_path, 1, run_id="gate__2", evaluation=gated))
+    assert strong["gate"]["promoted"] is True
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    # The zero policy against the champion, on the same seeds: rejected, with the evidence.
+    again = run_evaluate(eval_env(registry, tmp_path, 2, run_id="gate__3", evaluation=gated))
+    assert again["gate"] == {"promoted": False, "champion_version": "1",
+                             "reason": again["gate"]["reason"]}
+    assert "not better" in again["gate"]["reason"]
+    tags = _version_tags(registry, "2")
+    assert tags["arf.gate.decision"] == "rejected" and tags["arf.gate.champion_version"] == "1"
+    evidence = json.loads(tags["arf.gate.evidence"])
+    assert evidence["wins"] == 0 and evidence["losses"] > 0
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    # A retry of the promoting run changes nothing.
+    retry = run_evaluate(eval_env(registry, tmp_path, 1, run_id="gate__2", evaluation=gated))
+    assert retry["reused"] is True and retry["gate"]["reason"] == "already champion"

@@ -14,7 +14,12 @@ two models are compared on the same initial states. The result is recorded twice
   mean_final_distance with their 95 % intervals, `*_ci95_low` / `*_ci95_high`; the settings
   as params; per-episode outcomes as `evaluation/episodes.json` so failure episodes can be
   replayed), tagged with the model and the DAG run;
-* tags on the model version (`arf.eval.*`), which is what promotion gates read.
+* tags on the model version (`arf.eval.*`).
+
+With `evaluation.promotion_margin` set, the promotion gate (`arf_trainer.gate`) then rolls the
+current `champion` out on the same seeds and moves the alias to this version only if it is
+better by that margin; the decision and its evidence are `arf.gate.*` tags on this version and
+`evaluation/gate.json` in the run.
 
 Failed episodes (states, the model's actions, outcome) go to the data hub's `failures` table
 (`arf_trainer.datahub.failures`), where corrections are made from them.
@@ -213,6 +218,46 @@ def _previous_run(client: Any, experiment_id: str, tags: dict[str, str]) -> Any 
     return finished
 
 
+def _episodes_of(client: Any, run_id: str) -> list[dict[str, Any]]:
+    import json
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, _EPISODES_ARTIFACT, tmp)
+        return json.loads(Path(path).read_text())["episodes"]
+
+
+def _promotion_gate(client: Any, name: str, version: str, outcomes: list[dict[str, Any]],
+                    margin: float, passed: bool, episodes: int, seed: int,
+                    run_id: str) -> dict[str, Any]:
+    """Compare the candidate with `models:/<name>@champion` on the same seeds and move the
+    alias only if the candidate is better by `margin` (`arf_trainer.gate`)."""
+    from arf_trainer import gate
+
+    current = gate.champion_version(client, name)
+    if current == version:  # a retry after this version was promoted
+        return {"promoted": True, "reason": "already champion", "champion_version": version}
+    if current is None and not passed:
+        decision = gate.Decision(
+            False, f"no version has the '{gate.CHAMPION}' alias and this one is below the "
+            "success threshold; set one by hand to start from it: MlflowClient()."
+            f"set_registered_model_alias({name!r}, {gate.CHAMPION!r}, VERSION)",
+            None, margin, None)
+    elif current is None:
+        decision = gate.decide(None, margin, None)
+    else:
+        log.info("promotion gate: rolling out the champion, models:/%s/%s, on the same %d seeds",
+                 name, current, episodes)
+        champion = [{"seed": s, "success": r.success}
+                    for s, r in _rollouts(_load_policy(name, current), episodes, seed)]
+        decision = gate.decide(gate.compare(outcomes, champion), margin, current)
+    result = gate.apply(client, name, version, decision)
+    client.log_dict(run_id, {**result, "tags": gate.gate_tags(decision)}, "evaluation/gate.json")
+    log.info("promotion gate for models:/%s/%s: %s", name, version, decision.reason)
+    return result
+
+
 def run_evaluate(env: StepEnv) -> dict[str, Any]:
     """Run the evaluate step for `env`; return the result (also written as the step result)."""
     import mlflow
@@ -288,6 +333,13 @@ def run_evaluate(env: StepEnv) -> dict[str, Any]:
     }
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, value)
+    gate = None
+    margin = (env.spec.evaluation or {}).get("promotion_margin")
+    if margin is not None:
+        if previous is not None:
+            outcomes = _episodes_of(client, previous.info.run_id)
+        gate = _promotion_gate(client, name, version, outcomes, float(margin), passed,
+                               episodes, seed, run_id)
     log.info("evaluate: models:/%s/%s on %s: success rate %.1f%% (95%% CI %.1f-%.1f%%) over %d "
              "episodes (threshold %.1f%%), mean final distance %.4f m -> %s", name, version,
              environment, 100 * success_rate, 100 * figures["success_rate_ci95_low"],
@@ -301,6 +353,7 @@ def run_evaluate(env: StepEnv) -> dict[str, Any]:
         "passed": passed,
         "mlflow_run_id": run_id,
         "reused": previous is not None,
+        "gate": gate,
         "failures_recorded": failures["episodes"],
         "failures_table_version": failures["version"],
     }
