@@ -3,9 +3,9 @@
 Both versions are rolled out on the same evaluation seeds, so the comparison is paired: per
 seed, the candidate and the champion either agree (both succeed, both fail) or one wins. The
 candidate is promoted when its success rate beats the champion's, by at least the margin; a
-candidate that is worse or equal on these seeds never becomes champion, whatever the margin. The exact one-sided sign test on the discordant seeds
-(McNemar's exact test) is recorded with the evidence, for people to judge how much to trust a
-small difference.
+candidate that is worse or equal on these seeds never becomes champion, whatever the margin.
+The exact one-sided sign test on the discordant seeds (McNemar's exact test) is recorded with
+the evidence, for people to judge how much to trust a small difference.
 
 On promotion the old champion keeps an alias, `previous-champion`, so it stays addressable
 (`models:/<name>@previous-champion`) and a rollback is one alias move. The decision and its
