@@ -212,3 +212,50 @@ def test_queries_that_need_binding_to_resolve_columns(hub: Path, sql: str) -> No
 def test_indirect_or_foreign_references_are_refused(hub: Path, sql: str, fragment: str) -> None:
     with pytest.raises(QueryError, match=fragment):
         run_query(hub, sql)
+
+
+# --- bound parameters (the nightly fine-tune's data interval) --------------------------------
+
+def _collected(tmp_path: Path) -> Path:
+    import datetime as dt
+
+    root = tmp_path / "hub"
+    day = dt.datetime(2026, 11, 25, 2, 0, tzinfo=dt.UTC)
+    times = [day - dt.timedelta(microseconds=1), day, day + dt.timedelta(hours=12),
+             day + dt.timedelta(days=1) - dt.timedelta(microseconds=1), day + dt.timedelta(days=1)]
+    write_table(root, "corrections", pa.table({
+        "i": list(range(len(times))),
+        "collected_at": pa.array(times, type=pa.timestamp("us", tz="UTC"))}))
+    return root
+
+
+INTERVAL_SQL = ("SELECT i FROM corrections WHERE collected_at >= $data_interval_start "
+                "AND collected_at < $data_interval_end")
+
+
+def test_data_interval_is_bound_with_exact_boundaries(tmp_path: Path) -> None:
+    import datetime as dt
+
+    start = dt.datetime(2026, 11, 25, 2, 0, tzinfo=dt.UTC)
+    result, versions = run_query(_collected(tmp_path), INTERVAL_SQL, parameters={
+        "data_interval_start": start, "data_interval_end": start + dt.timedelta(days=1),
+        "logical_date": start})  # unused parameters are fine
+    # [start, end): the row at start is in, the row at end is out, one microsecond either side
+    # falls the other way.
+    assert result.column("i").to_pylist() == [1, 2, 3]
+    assert versions == {"corrections": 0}
+
+
+def test_parameter_values_are_data_not_sql(tmp_path: Path) -> None:
+    hub = _collected(tmp_path)
+    sql = "SELECT count(*) AS n FROM corrections WHERE CAST(i AS VARCHAR) = $data_interval_start"
+    result, _ = run_query(hub, sql, parameters={"data_interval_start": "1' OR '1'='1"})
+    assert result.column("n").to_pylist() == [0]  # compared as a string, never parsed as SQL
+
+
+def test_missing_parameter_is_named_with_those_available(tmp_path: Path) -> None:
+    with pytest.raises(QueryError, match=r"\$data_interval_end.*available: \$data_interval_start"):
+        run_query(_collected(tmp_path), INTERVAL_SQL,
+                  parameters={"data_interval_start": "2026-11-25"})
+    with pytest.raises(QueryError, match="available: none"):
+        run_query(_collected(tmp_path), INTERVAL_SQL)

@@ -132,6 +132,19 @@ def _table_references(query: str) -> tuple[list[str], set[str]]:
     return names, ctes
 
 
+def _bind(statement: duckdb.Statement, query: str, available: dict[str, Any]) -> dict[str, Any]:
+    """The values of the named parameters the statement uses (DuckDB refuses extra ones)."""
+    used = set(statement.named_parameters)
+    missing = sorted(used - set(available))
+    if missing:
+        offered = ", ".join(f"${name}" for name in sorted(available)) or "none"
+        raise QueryError(
+            f"the dataset query uses parameter(s) {', '.join('$' + m for m in missing)}, which "
+            f"this run does not provide (available: {offered}). Query: {_shown(query)}. Fix: "
+            "use one of the available parameters, or write the value into the query")
+    return {name: available[name] for name in used}
+
+
 def _referenced_tables(hub: Path, statement: duckdb.Statement) -> list[str]:
     """Map the statement's table references onto hub tables; unknown names are an error."""
     names, ctes = _table_references(statement.query)
@@ -208,6 +221,7 @@ def run_query(
     memory_limit: str = DEFAULT_MEMORY_LIMIT,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     threads: int | None = None,
+    parameters: Mapping[str, Any] | None = None,
 ) -> tuple[pa.Table, dict[str, int]]:
     """Run one read-only SELECT over the hub's tables in the sandbox described above.
 
@@ -219,6 +233,9 @@ def run_query(
             spills to disk).
         timeout_s: wall-clock limit of the execution, in seconds.
         threads: DuckDB worker threads; None = DuckDB's default (one per core).
+        parameters: values for the query's named parameters (`$data_interval_start`), bound by
+            DuckDB, never pasted into the SQL text. The query may use any subset of them; a
+            parameter it uses that is not given is an error naming the ones available.
 
     Returns:
         The result rows in canonical order (`ORDER BY ALL`), and {table: version read} for the
@@ -232,6 +249,7 @@ def run_query(
     if timeout_s <= 0:
         raise QueryError(f"timeout_s={timeout_s!r} must be a positive number of seconds")
     statement = _parse_single_select(query)
+    bound = _bind(statement, query, dict(parameters or {}))
     referenced = _referenced_tables(hub, statement)
     snapshots = _open_snapshots(hub, referenced, dict(pinned or {}))
     con = _sandbox(snapshots, memory_limit, threads)
@@ -246,7 +264,7 @@ def run_query(
     timer.daemon = True
     timer.start()
     try:
-        relation = con.sql(statement.query)
+        relation = con.sql(statement.query, params=bound or None)
         if relation is None:  # cannot happen for a SELECT; kept so the type is honest
             raise QueryError(f"the dataset query returned no result. Query: {_shown(query)}")
         result = relation.order("ALL").to_arrow_table()
