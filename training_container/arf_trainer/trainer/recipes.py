@@ -210,8 +210,10 @@ class Recipe:
     @torch.no_grad()
     def training_tensors(self, model: MLP, x: torch.Tensor,
                          y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The inputs and targets `model.net` is trained on, given raw ones."""
-        return (x - model.input_mean) / model.input_std, y
+        """The inputs and targets `model.net` is trained on, given raw ones. They stay on the
+        device of `x`/`y` (the host: batches move to the model's device one at a time), while
+        the model may already sit on a GPU."""
+        return (x - model.input_mean.to(x.device)) / model.input_std.to(x.device), y
 
     def training_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The loss of `model.net`'s outputs against `training_tensors` targets."""
@@ -251,7 +253,7 @@ class BehaviourCloning(Recipe):
     def training_tensors(self, model: MLP, x: torch.Tensor,
                          y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_in, _ = super().training_tensors(model, x, y)
-        return x_in, (y - model.output_mean) / model.output_std
+        return x_in, (y - model.output_mean.to(y.device)) / model.output_std.to(y.device)
 
     def training_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(outputs, targets)
