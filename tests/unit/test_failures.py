@@ -96,3 +96,22 @@ def test_model_filter_and_bad_input(tmp_path, episodes):
     with pytest.raises(DataHubError, match="limit"):
         correct_failures(tmp_path, collected_at=T0, limit=0)
     assert correct_failures(tmp_path / "empty", collected_at=T0)["episodes"] == 0
+
+
+def test_cli_correct(tmp_path, episodes, capsys):
+    import json
+
+    from arf_trainer.cli import main
+
+    record_failures(tmp_path, model_name="m", model_version=1, eval_run_id="r",
+                    episodes=episodes["zero"][:2], recorded_at=T0)
+    assert main(["datahub", "correct", "--hub", str(tmp_path), "--limit", "1",
+                 "--collected-at", "2026-11-26T01:00:00+00:00"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["episodes"] == 1 and summary["rows"] == reach.EPISODE_STEPS
+    times = set(_rows(tmp_path, CORRECTIONS_TABLE)["collected_at"].to_pylist())
+    assert times == {dt.datetime(2026, 11, 26, 1, 0, tzinfo=dt.UTC)}
+    with pytest.raises(SystemExit) as bad:
+        main(["datahub", "correct", "--hub", str(tmp_path), "--collected-at", "2026-11-26T01:00"])
+    assert bad.value.code == 2
+    assert "has no time zone" in capsys.readouterr().err

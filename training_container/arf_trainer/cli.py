@@ -2,6 +2,7 @@
 
     arf-trainer prepare | train | register | evaluate     (configured by the ARF_* environment)
     arf-trainer datahub seed [--hub PATH] [...]           (demo data for the embedded data hub)
+    arf-trainer datahub correct --hub PATH [...]          (expert corrections of failed episodes)
 
 Exit codes: 0 done, 1 runtime failure, 2 bad input, 75 preempted by SIGTERM (train: rerun to
 resume from its checkpoint); see arf_trainer.errors and arf_trainer.preemption.
@@ -54,6 +55,20 @@ def _dispatch(step: str) -> None:
         write_json_atomic(env.result_path, result)
 
 
+def _aware_time(text: str):
+    import datetime as dt
+
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time; write e.g. "
+                                         "2026-11-26T01:00:00+00:00") from None
+    if when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no time zone; add one, e.g. "
+                                         f"{text}+00:00")
+    return when
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="arf-trainer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,6 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     seed.add_argument("--episodes", type=int, default=200, help="expert reach episodes to record")
     seed.add_argument("--seed", type=int, default=0, help="RNG seed of the demonstrations")
     seed.add_argument("--force", action="store_true", help="append a new version even if seeded")
+    correct = hub_sub.add_parser(
+        "correct", help="relabel failed evaluation episodes with the scripted expert (DAgger) "
+        "into the corrections table, as the teleoperation module uploads corrections")
+    correct.add_argument("--hub", required=True, help="data hub root directory")
+    correct.add_argument("--collected-at", type=_aware_time, default=None,
+                         help="upload time to record, ISO 8601 with a zone "
+                         "(e.g. 2026-11-26T01:00:00+00:00); default: now")
+    correct.add_argument("--model", help="only this model's failures (default: all)")
+    correct.add_argument("--limit", type=int, help="at most this many episodes, oldest first")
     lineage = sub.add_parser("lineage", help="print what a training run recorded (JSON)")
     lineage.add_argument("run_id", help="MLflow run id of a training run")
     lineage.add_argument("--tracking-uri", help="MLflow tracking URI (default: ARF_TRACKING_URI)")
@@ -88,6 +112,17 @@ def main(argv: list[str] | None = None) -> int:
             if not uri:
                 raise SpecError("no tracking URI: pass --tracking-uri or set ARF_TRACKING_URI")
             print(json.dumps(read_lineage(uri, args.run_id), indent=2, sort_keys=True))
+        elif args.hub_command == "correct":
+            import datetime as dt
+            import json
+
+            from arf_trainer.datahub.failures import correct_failures
+            from arf_trainer.spec import uri_to_path
+
+            summary = correct_failures(uri_to_path(args.hub),
+                                       collected_at=args.collected_at or dt.datetime.now(dt.UTC),
+                                       model_name=args.model, limit=args.limit)
+            print(json.dumps(summary, indent=2, sort_keys=True))
         else:
             from arf_trainer.datahub.seed import seed_demo
             from arf_trainer.spec import uri_to_path
