@@ -1,6 +1,7 @@
 # arf-training: one command to set up and run the demo, one to run the tests.
 #   make demo   create .venv, install, seed the data hub, run reach_bc end to end, evaluate
-#   make test   run the test suite (what CI runs; installs the scanners in .tools-venv too)
+#   make test   run the test suite (what CI runs; installs the scanners in .tools-venv and,
+#               when missing, Debian's chromium for the browser test)
 #   make up     start Airflow (api-server, scheduler, dag-processor, triggerer) + MLflow
 #   make down   stop them
 
@@ -9,7 +10,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv tools demo test test-fast up down lint schema scan bench clean
+.PHONY: venv tools browser protos demo test test-fast up down lint schema scan bench clean
 
 # Reinstalls only when the dependency pins change; constraints.txt pins every package
 # (torch to the CPU build this machine carries, never a CUDA build).
@@ -35,10 +36,26 @@ $(TOOLS_STAMP):
 
 tools: $(TOOLS_STAMP)
 
+# The trigger-form browser test drives Debian's chromium with Playwright (Playwright's own browser
+# download is not reachable from these machines). Installed here when missing (needs root).
+browser:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's chromium for the browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else \
+	    echo "chromium is missing: run 'sudo apt-get install -y chromium' (the browser test fails without it)"; \
+	  fi; \
+	fi
+
+# Regenerate the gRPC code in plugins/arf_training/grpc_service/gen/ from protos/.
+protos: venv
+	$(BIN)/python -m arf_training.grpc_service.codegen
+
 demo: venv
 	$(BIN)/arf demo
 
-test: venv tools
+test: venv tools browser
 	$(BIN)/pytest
 
 test-fast: venv

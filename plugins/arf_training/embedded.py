@@ -107,6 +107,61 @@ def _wait_http(url: str, timeout: float) -> bool:
     return False
 
 
+def airflow_components(api_port: int) -> dict[str, list[str]]:
+    """The long-running Airflow 3 components of one deployment."""
+    return {
+        "api-server": [venv_bin("airflow"), "api-server", "--port", str(api_port)],
+        "scheduler": [venv_bin("airflow"), "scheduler"],
+        "dag-processor": [venv_bin("airflow"), "dag-processor"],
+        "triggerer": [venv_bin("airflow"), "triggerer"],
+    }
+
+
+def start_processes(components: dict[str, list[str]], env: dict[str, str],
+                    log_dir: Path) -> dict[str, subprocess.Popen]:
+    """Start each command in its own process group (so that stopping it stops its children),
+    output appended to `<log_dir>/<name>.log`."""
+    started = {}
+    for name, command in components.items():
+        with open(log_dir / f"{name}.log", "ab") as log:
+            started[name] = subprocess.Popen(command, env=env, stdout=log,
+                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             start_new_session=True)
+    return started
+
+
+def stop_process_groups(pids: dict[str, int], grace_s: float = 15) -> list[str]:
+    """SIGTERM every process group, SIGKILL what is left after `grace_s`; names stopped.
+
+    Airflow components do not stop their children on SIGTERM (task runners, gunicorn/uvicorn
+    workers), hence whole groups, and SIGKILL for whatever lingers.
+    """
+    for pid in pids.values():
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    deadline = time.monotonic() + grace_s
+    stopped = []
+    for name, pid in pids.items():
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.3)
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:  # reap our own child, if it is one (no zombie left behind)
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        stopped.append(name)
+    return stopped
+
+
 def up(api_port: int = 8080, mlflow_port: int = 5000) -> dict[str, str]:
     """Start api-server, scheduler, dag-processor, triggerer and an MLflow server."""
     settings = ArfSettings.from_env()
@@ -118,19 +173,13 @@ def up(api_port: int = 8080, mlflow_port: int = 5000) -> dict[str, str]:
                            f"is a previous `make up`) or pass another port")
     migrate(env)
     components = {
-        "api-server": [venv_bin("airflow"), "api-server", "--port", str(api_port)],
-        "scheduler": [venv_bin("airflow"), "scheduler"],
-        "dag-processor": [venv_bin("airflow"), "dag-processor"],
-        "triggerer": [venv_bin("airflow"), "triggerer"],
+        **airflow_components(api_port),
         "mlflow": [venv_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
                    "--backend-store-uri", settings.tracking_uri,
                    "--default-artifact-root", settings.artifact_root, "--workers", "1"],
     }
     started = {}
-    for name, command in components.items():
-        log = open(run_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+    for name, proc in start_processes(components, env, run_dir).items():
         (run_dir / f"{name}.pid").write_text(str(proc.pid))
         started[name] = str(proc.pid)
     if not _wait_http(f"http://127.0.0.1:{api_port}/api/v2/version", 120):
@@ -145,26 +194,13 @@ def down() -> list[str]:
     """Stop every process group `up` started (SIGTERM, then SIGKILL after 15 s)."""
     settings = ArfSettings.from_env()
     run_dir = _run_dir(settings)
-    stopped = []
     pids = {}
     for pid_file in sorted(run_dir.glob("*.pid")):
         try:
-            pids[pid_file] = int(pid_file.read_text())
-            os.killpg(pids[pid_file], signal.SIGTERM)
-        except (ValueError, ProcessLookupError, PermissionError):
+            pids[pid_file.stem] = int(pid_file.read_text())
+        except ValueError:
             pass
-    deadline = time.monotonic() + 15
-    for pid_file, pid in pids.items():
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.3)
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    stopped = stop_process_groups(pids)
+    for pid_file in run_dir.glob("*.pid"):
         pid_file.unlink(missing_ok=True)
-        stopped.append(pid_file.stem)
     return stopped

@@ -7,10 +7,12 @@ form. `resolve_conf` is the single check every step (and the CLI) runs before do
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from arf_training.errors import ConfError
-from arf_training.templates import TrainingTemplate
+
+if TYPE_CHECKING:  # the CLI and gRPC server check confs without loading the template models
+    from arf_training.templates import TrainingTemplate
 
 SECTION_TRAINING = "Training"
 SECTION_DATA = "Data"
@@ -27,8 +29,9 @@ def param_schemas(template: TrainingTemplate) -> dict[str, dict[str, Any]]:
             value = getattr(hp, key, None)
             if value is not None:
                 schema[key] = value
+        schema["title"] = _title(name, schema)
         schemas[name] = schema
-    schemas["seed"] = {"type": "integer", "minimum": 0, "title": "seed",
+    schemas["seed"] = {"type": "integer", "minimum": 0, "title": "seed (≥ 0)",
                        "default": template.training.seed, "section": SECTION_TRAINING,
                        "description": "Seed of every random number generator (reproducibility)."}
     if template.dataset.allow_query_override:
@@ -38,6 +41,17 @@ def param_schemas(template: TrainingTemplate) -> dict[str, dict[str, Any]]:
             "description": "SQL SELECT over the data hub that replaces the template's query.",
         }
     return schemas
+
+
+def _title(name: str, schema: dict[str, Any]) -> str:
+    """The form label: the Param name (what `--set` and the REST API use) plus its bounds, which
+    the UI's number inputs enforce but do not show."""
+    lo, hi = schema.get("minimum"), schema.get("maximum")
+    if "enum" in schema or (lo is None and hi is None):
+        return name
+    if lo is not None and hi is not None:
+        return f"{name} ({lo:g} – {hi:g})"
+    return f"{name} (≥ {lo:g})" if lo is not None else f"{name} (≤ {hi:g})"
 
 
 def build_params(template: TrainingTemplate) -> dict[str, Any]:
@@ -72,7 +86,7 @@ def _check_value(name: str, value: Any, schema: dict[str, Any]) -> str | None:
         "number": isinstance(value, (int, float)) and not isinstance(value, bool),
         "string": isinstance(value, str),
         "boolean": isinstance(value, bool),
-    }[kind]
+    }.get(kind, True)  # other JSON types (object, array) are left to Airflow
     if not ok:
         return f"{name!r} must be of type {kind}, got {value!r} ({type(value).__name__})"
     if "enum" in schema and value not in schema["enum"]:
@@ -84,16 +98,40 @@ def _check_value(name: str, value: Any, schema: dict[str, Any]) -> str | None:
     return None
 
 
-def resolve_conf(template: TrainingTemplate, conf: dict[str, Any] | None) -> dict[str, Any]:
-    """Validate a trigger conf and return every Param's value (defaults filled in).
+def parse_value(name: str, text: str, schema: dict[str, Any] | None) -> Any:
+    """A `--set name=text` value (CLI, gRPC) converted to its Param's type.
 
-    Raises `ConfError` naming each bad parameter, its type, bounds and description.
+    Unknown names are returned as given; `check_conf` reports them with the accepted names.
     """
+    if schema is None:
+        return text
+    kind = schema.get("type")
+    try:
+        if kind == "integer":
+            return int(text)
+        if kind == "number":
+            return float(text)
+        if kind == "boolean":
+            lowered = text.strip().lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(text)
+    except ValueError:
+        raise ConfError(f"{name}={text!r} is not a valid {kind}. Expected "
+                        f"{_describe(name, schema)}") from None
+    return text
+
+
+def check_conf(template_name: str, schemas: dict[str, dict[str, Any]],
+               conf: dict[str, Any] | None) -> dict[str, Any]:
+    """Validate a conf against Param schemas (`param_schemas`, or the same Params as a running
+    Airflow serves them: `schemas_from_airflow`) and return every value, defaults filled in."""
     conf = dict(conf or {})
-    schemas = param_schemas(template)
     problems = []
     for key in sorted(set(conf) - set(schemas)):
-        problems.append(f"unknown parameter {key!r}; template {template.name!r} accepts: "
+        problems.append(f"unknown parameter {key!r}; template {template_name!r} accepts: "
                         f"{', '.join(sorted(schemas))}")
     values = {}
     for name, schema in schemas.items():
@@ -103,5 +141,35 @@ def resolve_conf(template: TrainingTemplate, conf: dict[str, Any] | None) -> dic
             problems.append(f"{problem}. Expected {_describe(name, schema)}")
         values[name] = value
     if problems:
-        raise ConfError(f"invalid trigger conf for {template.name!r}:\n  - " + "\n  - ".join(problems))
+        raise ConfError(f"invalid trigger conf for {template_name!r}:\n  - "
+                        + "\n  - ".join(problems))
     return values
+
+
+def resolve_conf(template: TrainingTemplate, conf: dict[str, Any] | None) -> dict[str, Any]:
+    """Validate a trigger conf and return every Param's value (defaults filled in).
+
+    Raises `ConfError` naming each bad parameter, its type, bounds and description.
+    """
+    return check_conf(template.name, param_schemas(template), conf)
+
+
+def schemas_from_airflow(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The `param_schemas` shape of a DAG's Params as the REST API serves them
+    (`GET /api/v2/dags/{dag_id}/details` -> `params`: {name: {value, schema, description}}).
+
+    This is how a client that has no template files (the CLI on a laptop, the gRPC service)
+    checks a conf before submitting it: against the deployed DAG's own Params.
+    """
+    schemas: dict[str, dict[str, Any]] = {}
+    for name, raw in (params or {}).items():
+        raw = raw if isinstance(raw, dict) else {"value": raw}
+        schema = dict(raw.get("schema") or {})
+        kind = schema.get("type")
+        if isinstance(kind, list):  # ["null", "string"]: the first non-null type
+            kind = next((k for k in kind if k != "null"), "string")
+        schema["type"] = kind or "string"
+        schema["default"] = raw.get("value")
+        schema["description"] = raw.get("description") or schema.get("description")
+        schemas[name] = schema
+    return schemas

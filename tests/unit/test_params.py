@@ -77,3 +77,10 @@ def test_params_for_the_trigger_form():
 
     with pytest.raises(ParamValidationError):
         Param(5, **{k: v for k, v in lr.schema.items()}).resolve()
+
+
+def test_form_labels_show_bounds():
+    params = build_params(REACH)
+    assert params["epochs"].schema["title"] == "epochs (1 – 500)"
+    assert params["seed"].schema["title"] == "seed (≥ 0)"
+    assert params["hidden_size"].schema["title"] == "hidden_size"  # a dropdown: no bounds

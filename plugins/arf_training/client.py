@@ -1,0 +1,511 @@
+"""Training jobs on a running Airflow, over its REST API v2 (`apache-airflow-client`).
+
+The one implementation of "start / inspect / stop training": the `arf training` CLI and the gRPC
+`TrainingService` are thin adapters over `TrainingClient`. A *job* is a DAG run; its id is
+`<dag_id>/<dag_run_id>` (the template name is the DAG id).
+
+Settings (first found wins): arguments/flags, the environment (`ARF_AIRFLOW_URL`,
+`ARF_AIRFLOW_USERNAME`, `ARF_AIRFLOW_PASSWORD`, `ARF_AIRFLOW_TOKEN`), a YAML file
+(`--config`, `ARF_CLIENT_CONFIG`, default `~/.config/arf/client.yaml` with keys `url`,
+`username`, `password`, `token`). Authentication follows Airflow 3: a JWT from `POST /auth/token`
+(username + password), a given token, or `GET /auth/token` when the deployment lets everyone in
+(`simple_auth_manager_all_admins`). Credentials never appear in messages or `repr`.
+
+`apache-airflow-client` is imported lazily (it is an extra of the Airflow side); a missing
+install is reported with the command that fixes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from arf_training.errors import ArfError, ConfError
+
+# Exit codes a CI job can rely on (the `arf` CLI uses them for every `training` command).
+EXIT_OK = 0
+EXIT_RUN_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_UNREACHABLE = 3
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_CONFIG = Path("~/.config/arf/client.yaml")
+PLATFORM_DAGS = frozenset({"arf_evaluate"})
+FINISHED = frozenset({"success", "failed"})
+# Airflow DAG run state -> the job status of the seed API (protos/arf/cloud/v1/training.proto).
+STATUS = {"queued": "PENDING", "running": "RUNNING", "success": "SUCCEEDED", "failed": "FAILED"}
+CANCEL_NOTE = "cancelled via arf"
+# The train step's progress lines (arf_trainer.trainer.run._epoch_line).
+PROGRESS_LINE = re.compile(r"epoch \d+/\d+ \| step \d+/\d+")
+
+
+class ClientError(ArfError):
+    """A training-client call failed; `exit_code` is what the CLI exits with."""
+
+    exit_code = EXIT_RUN_FAILED
+
+
+class BadInput(ClientError):
+    """The request is wrong (argument, conf value, credentials); retrying cannot help."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, message: str, field: str = ""):
+        super().__init__(message)
+        self.field = field
+
+
+class NotFound(BadInput):
+    """No such template or job."""
+
+
+class Conflict(BadInput):
+    """The job is in a state that does not allow the request (cancelling a finished job)."""
+
+
+class AuthFailed(BadInput):
+    """Airflow rejected the credentials (401) or the user's permissions (403)."""
+
+
+class Unreachable(ClientError):
+    """Airflow did not answer (connection refused, timeout, 5xx)."""
+
+    exit_code = EXIT_UNREACHABLE
+
+
+def _airflow_client():
+    try:
+        import airflow_client.client as ac
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ClientError("the training client needs apache-airflow-client; install it with "
+                          "`pip install -e '.[client]'` (or `.[all]`)") from exc
+    return ac
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Where Airflow is and how to authenticate. `repr` never shows secrets."""
+
+    url: str = DEFAULT_URL
+    username: str | None = field(default=None)
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    timeout_s: float = 30.0
+
+    @classmethod
+    def resolve(cls, *, url: str | None = None, username: str | None = None,
+                password: str | None = None, token: str | None = None,
+                config_file: str | None = None) -> "ClientSettings":
+        path = Path(config_file or os.environ.get("ARF_CLIENT_CONFIG") or DEFAULT_CONFIG)
+        path = path.expanduser()
+        from_file: dict[str, Any] = {}
+        if path.is_file():
+            import yaml
+
+            try:
+                from_file = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise BadInput(f"client config {path} is not valid YAML ({exc}); write keys url, "
+                               "username, password, token", field="config") from exc
+            unknown = set(from_file) - {"url", "username", "password", "token"}
+            if unknown:
+                raise BadInput(f"client config {path}: unknown key(s) {sorted(unknown)}; allowed: "
+                               "url, username, password, token", field="config")
+        elif config_file:
+            raise BadInput(f"--config {config_file}: no such file", field="config")
+
+        def pick(value: str | None, env: str, key: str) -> str | None:
+            return value or os.environ.get(env) or from_file.get(key)
+
+        return cls(url=(pick(url, "ARF_AIRFLOW_URL", "url") or DEFAULT_URL).rstrip("/"),
+                   username=pick(username, "ARF_AIRFLOW_USERNAME", "username"),
+                   password=pick(password, "ARF_AIRFLOW_PASSWORD", "password"),
+                   token=pick(token, "ARF_AIRFLOW_TOKEN", "token"))
+
+
+@dataclass
+class Job:
+    """One training job (= DAG run) as the adapters show it."""
+
+    template: str
+    run_id: str
+    state: str
+    display_name: str = ""
+    note: str = ""
+    conf: dict[str, Any] = field(default_factory=dict)
+    queued_at: str | None = None
+    start_date: str | None = None
+    end_date: str | None = None
+    tasks: dict[str, str] = field(default_factory=dict)
+    model_version: str | None = None
+    model_name: str | None = None
+
+    @property
+    def job_id(self) -> str:
+        return f"{self.template}/{self.run_id}"
+
+    @property
+    def status(self) -> str:
+        return STATUS.get(self.state, "PENDING")
+
+    @property
+    def cancelled(self) -> bool:
+        return self.state == "failed" and self.note.endswith(CANCEL_NOTE)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "template": self.template, "run_id": self.run_id,
+                "state": self.state, "status": self.status, "cancelled": self.cancelled,
+                "display_name": self.display_name, "conf": self.conf,
+                "queued_at": self.queued_at, "start_date": self.start_date,
+                "end_date": self.end_date, "tasks": self.tasks,
+                "model_name": self.model_name, "model_version": self.model_version}
+
+
+def split_job_id(job_id: str) -> tuple[str, str]:
+    template, sep, run_id = job_id.partition("/")
+    if not sep or not template or not run_id:
+        raise BadInput(f"job id {job_id!r} is not of the form TEMPLATE/RUN_ID (as printed by "
+                       "`arf training start` and `arf training list`)", field="job_id")
+    return template, run_id
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+class TrainingClient:
+    """Start, inspect and stop training jobs on one Airflow deployment."""
+
+    def __init__(self, settings: ClientSettings | None = None):
+        self.settings = settings or ClientSettings.resolve()
+        self._api_client = None
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _token(self) -> str:
+        """A JWT for the REST API (Airflow 3: `/auth/token`, not part of the generated client)."""
+        import urllib3
+
+        s = self.settings
+        if s.token:
+            return s.token
+        http = urllib3.PoolManager(timeout=urllib3.Timeout(total=s.timeout_s), retries=False)
+        try:
+            if s.username:
+                resp = http.request("POST", f"{s.url}/auth/token",
+                                    body=json.dumps({"username": s.username,
+                                                     "password": s.password or ""}),
+                                    headers={"Content-Type": "application/json"})
+            else:
+                resp = http.request("GET", f"{s.url}/auth/token")
+        except urllib3.exceptions.HTTPError as exc:
+            raise Unreachable(f"Airflow at {s.url} is unreachable ({type(exc).__name__}); start "
+                              "it (`make up`) or pass --url / set ARF_AIRFLOW_URL") from exc
+        if resp.status >= 500:
+            raise Unreachable(f"Airflow at {s.url} answered HTTP {resp.status} to /auth/token")
+        if resp.status in (401, 403, 400, 422) or resp.status >= 300:
+            how = (f"user {s.username!r} was rejected" if s.username else
+                   "this deployment needs credentials")
+            raise AuthFailed(f"Airflow at {s.url}: {how} (HTTP {resp.status} from /auth/token); "
+                             "pass --username/--password, set ARF_AIRFLOW_USERNAME/"
+                             "ARF_AIRFLOW_PASSWORD or ARF_AIRFLOW_TOKEN", field="credentials")
+        return json.loads(resp.data)["access_token"]
+
+    def _api(self):
+        if self._api_client is None:
+            ac = _airflow_client()
+            config = ac.Configuration(host=self.settings.url, access_token=self._token())
+            config.retries = False
+            self._api_client = ac.ApiClient(config)
+        return self._api_client
+
+    def _call(self, fn: Callable[[], Any], *, what: str, not_found: str | None = None) -> Any:
+        """Run one REST call and translate its failure into a `ClientError` subclass."""
+        import urllib3
+
+        ac = _airflow_client()
+        try:
+            try:
+                return fn()
+            except ac.ApiException as exc:
+                # A JWT we fetched ourselves has expired (long-lived clients such as the gRPC
+                # server): fetch a new one once. A token given to us is the caller's business.
+                if exc.status in (401, 403) and not self.settings.token and self._api_client:
+                    self._api_client = None
+                    return fn()
+                raise
+        except ac.ApiException as exc:
+            detail = _detail(exc.body)
+            if exc.status == 404 and not_found:
+                raise NotFound(not_found) from exc
+            if exc.status in (401, 403):
+                raise AuthFailed(f"{what}: Airflow refused access (HTTP {exc.status}: {detail}); "
+                                 "check the credentials and the user's role",
+                                 field="credentials") from exc
+            if exc.status is not None and exc.status >= 500:
+                raise Unreachable(f"{what}: Airflow at {self.settings.url} failed with HTTP "
+                                  f"{exc.status}: {detail}") from exc
+            raise BadInput(f"{what}: HTTP {exc.status}: {detail}") from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise Unreachable(f"{what}: Airflow at {self.settings.url} is unreachable "
+                              f"({type(exc).__name__}); start it or check --url") from exc
+
+    def _dag_runs(self):
+        return _airflow_client().DagRunApi(self._api())
+
+    # -- templates -----------------------------------------------------------------------------
+
+    def templates(self) -> list[dict[str, Any]]:
+        """The training templates Airflow knows (DAGs tagged `arf`, minus platform DAGs)."""
+        ac = _airflow_client()
+        dags = self._call(lambda: ac.DAGApi(self._api()).get_dags(tags=["arf"], limit=1000),
+                          what="listing templates")
+        return [{"name": d.dag_id, "description": d.description or "",
+                 "paused": bool(d.is_paused)}
+                for d in dags.dags if d.dag_id not in PLATFORM_DAGS]
+
+    def param_schemas(self, template: str) -> dict[str, dict[str, Any]]:
+        """The template's Params as the running deployment has them (the trigger form's fields)."""
+        from arf_training.params import schemas_from_airflow
+
+        ac = _airflow_client()
+        if template in PLATFORM_DAGS:
+            raise NotFound(f"{template!r} is a platform DAG, not a training template",
+                           field="template")
+        details = self._call(lambda: ac.DAGApi(self._api()).get_dag_details(template),
+                             what=f"reading template {template!r}",
+                             not_found=self._unknown_template(template))
+        return schemas_from_airflow(details.params or {})
+
+    def _unknown_template(self, template: str) -> str:
+        try:
+            known = ", ".join(sorted(t["name"] for t in self.templates())) or "none"
+        except ClientError:
+            known = "(could not list them)"
+        return (f"unknown template {template!r}; templates on this Airflow: {known} "
+                "(`arf training templates list`)")
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def build_conf(self, template: str, sets: dict[str, str] | None = None,
+                   conf: dict[str, Any] | None = None,
+                   schemas: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The trigger conf from `--set` strings and a conf dict, checked against the template's
+        Params before anything is submitted (raises `ConfError`)."""
+        from arf_training.params import check_conf, parse_value
+
+        schemas = self.param_schemas(template) if schemas is None else schemas
+        merged = dict(conf or {})
+        for key, text in (sets or {}).items():
+            merged[key] = parse_value(key, text, schemas.get(key))
+        check_conf(template, schemas, merged)
+        return merged
+
+    def start(self, template: str, *, sets: dict[str, str] | None = None,
+              conf: dict[str, Any] | None = None, display_name: str = "",
+              dataset_query: str | None = None) -> Job:
+        """Validate the conf, then create a DAG run. Only the keys given are sent (the DAG's
+        Params fill in the rest, so a later template default change applies)."""
+        ac = _airflow_client()
+        schemas = self.param_schemas(template)
+        if dataset_query:
+            if "dataset_query" not in schemas:
+                raise BadInput(f"dataset_query: template {template!r} does not allow a query "
+                               "override (its dataset.allow_query_override is false); leave it "
+                               "empty or use a template that allows it", field="dataset_query")
+            conf = {**(conf or {}), "dataset_query": dataset_query}
+        try:
+            merged = self.build_conf(template, sets, conf, schemas=schemas)
+        except ConfError as exc:
+            raise BadInput(str(exc), field=_first_param(str(exc))) from exc
+        run_id = f"arf__{datetime.now(timezone.utc):%Y%m%dT%H%M%S}_{secrets.token_hex(3)}"
+        body = ac.TriggerDAGRunPostBody(dag_run_id=run_id, conf=merged, logical_date=None,
+                                        note=display_name or None)
+        run = self._call(lambda: self._dag_runs().trigger_dag_run(template, body),
+                         what=f"starting {template!r}",
+                         not_found=f"unknown template {template!r}")
+        return self._job(run)
+
+    def _job(self, run: Any) -> Job:
+        state = getattr(run.state, "value", run.state)
+        note = run.note or ""
+        name = note[:-len(CANCEL_NOTE)].rstrip(" -") if note.endswith(CANCEL_NOTE) else note
+        return Job(template=run.dag_id, run_id=run.dag_run_id, state=str(state),
+                   display_name=name, note=note, conf=dict(run.conf or {}),
+                   queued_at=_iso(run.queued_at), start_date=_iso(run.start_date),
+                   end_date=_iso(run.end_date))
+
+    def status(self, job_id: str, *, tasks: bool = True) -> Job:
+        template, run_id = split_job_id(job_id)
+        run = self._call(lambda: self._dag_runs().get_dag_run(template, run_id),
+                         what=f"reading job {job_id}",
+                         not_found=f"no job {job_id!r} (template {template!r}, run {run_id!r}); "
+                                   "list jobs with `arf training list`")
+        job = self._job(run)
+        if tasks:
+            job.tasks = self.task_states(template, run_id)
+            if job.state == "success":
+                self._add_model_version(job)
+        return job
+
+    def task_states(self, template: str, run_id: str) -> dict[str, str]:
+        ac = _airflow_client()
+        tis = self._call(lambda: ac.TaskInstanceApi(self._api()).get_task_instances(
+            template, run_id), what=f"reading the tasks of {template}/{run_id}")
+        return {ti.task_id: str(getattr(ti.state, "value", ti.state) or "none")
+                for ti in tis.task_instances}
+
+    def _add_model_version(self, job: Job) -> None:
+        ac = _airflow_client()
+        try:
+            entry = self._call(lambda: ac.XComApi(self._api()).get_xcom_entry(
+                job.template, "register_model", job.run_id, "return_value"),
+                what="reading the registered model", not_found="no register_model result")
+        except ClientError:
+            return
+        value = getattr(getattr(entry, "actual_instance", entry), "value", None)
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                return
+        if isinstance(value, dict):
+            job.model_name = value.get("model_name")
+            job.model_version = str(value["model_version"]) if "model_version" in value else None
+
+    def list(self, *, template: str | None = None, state: str | None = None,
+             limit: int = 50) -> list[Job]:
+        """Recent jobs, newest first, of one template or of all templates."""
+        if state and state not in STATUS and state.upper() not in STATUS.values():
+            raise BadInput(f"--state {state!r} is not a state; use one of "
+                           f"{', '.join(STATUS)} (or {', '.join(STATUS.values())})",
+                           field="state")
+        airflow_state = next((k for k, v in STATUS.items() if v == (state or "").upper()),
+                             state)
+        dag = template or "~"  # `~` = every DAG
+        runs = self._call(lambda: self._dag_runs().get_dag_runs(
+            dag, limit=limit, order_by=["-run_after"],
+            state=[airflow_state] if airflow_state else None),
+            what="listing jobs", not_found=f"unknown template {template!r}")
+        return [self._job(r) for r in runs.dag_runs if r.dag_id not in PLATFORM_DAGS]
+
+    def cancel(self, job_id: str) -> Job:
+        """Mark a queued or running job failed (Airflow stops its running tasks)."""
+        ac = _airflow_client()
+        job = self.status(job_id, tasks=False)
+        if job.state in FINISHED:
+            raise Conflict(f"job {job_id} already finished ({job.state}); nothing to cancel",
+                           field="job_id")
+        note = f"{job.display_name} - {CANCEL_NOTE}" if job.display_name else CANCEL_NOTE
+        body = ac.DAGRunPatchBody(state=ac.DagRunMutableStates.FAILED, note=note)
+        run = self._call(lambda: self._dag_runs().patch_dag_run(job.template, job.run_id, body),
+                         what=f"cancelling {job_id}", not_found=f"no job {job_id!r}")
+        return self._job(run)
+
+    # -- logs and waiting ----------------------------------------------------------------------
+
+    def log_chunk(self, template: str, run_id: str, task_id: str, try_number: int,
+                  token: str | None = None) -> tuple[list[str], str | None]:
+        """New log lines of one task try since `token`, and the token to continue from."""
+        ac = _airflow_client()
+        resp = self._call(lambda: ac.TaskInstanceApi(self._api()).get_log(
+            template, run_id, task_id, try_number, token=token, accept="application/json"),
+            what=f"reading the log of {task_id}", not_found=f"no log of {task_id} yet")
+        content = getattr(resp.content, "actual_instance", resp.content) or []
+        lines = []
+        for item in content if isinstance(content, list) else [content]:
+            event = getattr(item, "event", item)
+            if isinstance(event, str):
+                lines.extend(event.splitlines() or [""])
+        return lines, resp.continuation_token
+
+    def logs(self, job_id: str, *, task: str | None = None, follow: bool = False,
+             poll_s: float = 2.0) -> Iterator[tuple[str, str]]:
+        """(task_id, line) of every task's latest try; with `follow`, until the job finishes."""
+        template, run_id = split_job_id(job_id)
+        ac = _airflow_client()
+        offsets: dict[tuple[str, int], int] = {}
+        while True:
+            job = self.status(job_id, tasks=False)
+            tis = self._call(lambda: ac.TaskInstanceApi(self._api()).get_task_instances(
+                template, run_id), what="reading tasks").task_instances
+            if task and task not in {ti.task_id for ti in tis}:
+                raise BadInput(f"job {job_id} has no task {task!r}; its tasks: "
+                               f"{', '.join(ti.task_id for ti in tis)}", field="task")
+            for ti in tis:
+                if (task and ti.task_id != task) or not ti.try_number:
+                    continue
+                key = (ti.task_id, ti.try_number)
+                try:
+                    lines, _ = self.log_chunk(template, run_id, ti.task_id, ti.try_number)
+                except NotFound:
+                    continue
+                for line in lines[offsets.get(key, 0):]:
+                    yield ti.task_id, line
+                offsets[key] = len(lines)
+            if not follow or job.state in FINISHED:
+                return
+            time.sleep(poll_s)
+
+    def wait(self, job_id: str, *, on_task: Callable[[str, str], None] | None = None,
+             on_line: Callable[[str, str], None] | None = None, poll_s: float = 2.0,
+             timeout_s: float | None = None) -> Job:
+        """Poll until the job finishes; report task state changes and the train step's progress
+        lines as they appear. Returns the final `Job` (with the model version on success)."""
+        template, run_id = split_job_id(job_id)
+        seen: dict[str, str] = {}
+        offsets: dict[str, int] = {}
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            job = self.status(job_id, tasks=True)
+            for task_id, state in job.tasks.items():
+                if seen.get(task_id) != state:
+                    seen[task_id] = state
+                    if on_task:
+                        on_task(task_id, state)
+            if on_line and job.tasks.get("train") in ("running", "success", "failed"):
+                try:
+                    lines, _ = self.log_chunk(template, run_id, "train", self._try(job, "train"))
+                except ClientError:
+                    lines = []
+                for line in lines[offsets.get("train", 0):]:
+                    found = PROGRESS_LINE.search(line)
+                    if found:  # from "epoch ..." on: the logger's prefix is noise here
+                        on_line("train", line[found.start():].strip())
+                offsets["train"] = len(lines)
+            if job.state in FINISHED:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise ClientError(f"job {job_id} still {job.state} after {timeout_s:.0f} s")
+            time.sleep(poll_s)
+
+    def _try(self, job: Job, task_id: str) -> int:
+        ac = _airflow_client()
+        ti = self._call(lambda: ac.TaskInstanceApi(self._api()).get_task_instance(
+            job.template, job.run_id, task_id), what=f"reading task {task_id}")
+        return max(int(ti.try_number or 1), 1)
+
+
+def _detail(body: Any) -> str:
+    try:
+        data = json.loads(body)
+        return str(data.get("detail", data)) if isinstance(data, dict) else str(data)
+    except (TypeError, ValueError):
+        return str(body)[:300]
+
+
+def _first_param(message: str) -> str:
+    """The Param a `ConfError` message is about (its first problem), for INVALID_ARGUMENT."""
+    for line in message.splitlines():
+        found = re.match(r"\s*(?:- )?(?:unknown parameter )?'?([a-z_][a-z0-9_]*)'?"
+                         r"(?:=| =| must|;)", line)
+        if found:
+            return found.group(1)
+    return ""
