@@ -2,6 +2,11 @@
 
     prepare_data -> train -> register_model --(Asset arf-model://<model name>)--> arf_evaluate
 
+A template with an `hpo:` section searches first (see `arf_training.hpo`)::
+
+    prepare_data -> create_study -> [round_r.ask -> round_r.trials (mapped) -> round_r.tell]
+                 x rounds -> select_best -> train -> register_model
+
 Called from the thin file in `dags/`. Reads YAML and builds operators only: no I/O besides the
 template files, no Airflow Variables, no heavy imports.
 """
@@ -33,6 +38,10 @@ def _doc(loaded: LoadedTemplate, backend: str) -> str:
         f"| training | {how}, {t.training.distributed.nodes} node(s) x "
         f"{t.training.distributed.procs_per_node} process(es) |\n"
         f"| registers | `{t.model.name}` (Asset `{t.model_asset_uri}`) |\n"
+        + (f"| search | {t.hpo.trials} trials ({t.hpo.rounds} round(s) x {t.hpo.parallel}), "
+           f"{t.hpo.sampler} sampler, {t.hpo.pruner} pruner, {t.hpo.direction} "
+           f"`{t.hpo.metric}`, {t.hpo.budget.epochs} epoch(s) per trial |\n" if t.hpo else "")
+        + 
         f"| backend | `{backend}` |\n\n"
         "Trigger with config to change hyperparameters; unknown or out-of-range values are "
         "rejected before any step runs."
@@ -70,9 +79,60 @@ def build_training_dag(loaded: LoadedTemplate, backend_id: str | None = None):
                 extra["outlets"] = [Asset(t.model_asset_uri, extra={"template": t.name})]
             task = backend.step_task(task_id=task_id, loaded=loaded, step=step, **extra)
             if previous is not None:
+                if step == "train" and t.hpo is not None:
+                    previous = _search(loaded, backend, previous)
                 previous >> task
             previous = task
     return dag
+
+
+# The mapped trial instances' label in the grid: "trial 3: hidden_size=64, lr=0.00123".
+TRIAL_LABEL = "{{ task.trial['label'] }}"
+
+
+def _hpo_call(name: str, loaded: LoadedTemplate, *args: Any):
+    """A task callable that runs `arf_training.hpo.<name>` (Optuna is imported at run time).
+
+    An `HpoError` (no trial completed, no such study) fails the task without retries.
+    """
+    def call(**context: Any) -> Any:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from arf_training import hpo
+        try:
+            return getattr(hpo, name)(loaded, *args, context)
+        except hpo.HpoError as exc:
+            raise AirflowFailException(str(exc)) from exc
+
+    call.__name__ = name
+    return call
+
+
+def _search(loaded: LoadedTemplate, backend: Any, upstream: Any) -> Any:
+    """create_study -> [ask -> trials.expand -> tell] x rounds -> select_best, after `upstream`.
+
+    tell runs when every trial instance is done, failed ones included (trigger rule all_done):
+    it tells them FAIL and the study goes on; select_best fails the run if none completed.
+    """
+    from airflow.sdk import TaskGroup, task
+
+    hpo = loaded.template.hpo
+    previous = task(task_id="create_study")(_hpo_call("create_study", loaded))()
+    upstream >> previous
+    for round_index in range(hpo.rounds):
+        with TaskGroup(group_id=f"round_{round_index + 1}",
+                       tooltip=f"ask {hpo.parallel} trial(s), train them, tell the study"):
+            asked = task(task_id="ask")(_hpo_call("ask", loaded, round_index))()
+            trials = backend.trial_task(task_id="trials", loaded=loaded, trials=asked,
+                                        map_index_template=TRIAL_LABEL)
+            told = task(task_id="tell", trigger_rule="all_done")(
+                _hpo_call("tell", loaded, round_index))()
+            trials >> told
+        previous >> asked
+        previous = told
+    best = task(task_id="select_best")(_hpo_call("select_best", loaded))()
+    previous >> best
+    return best
 
 
 def build_evaluate_dag(templates: list[LoadedTemplate], backend_id: str | None = None):

@@ -90,8 +90,15 @@ def build_step_spec(
     conf: dict[str, Any] | None,
     settings: ArfSettings,
     inputs: dict[str, Any] | None = None,
+    trial: dict[str, Any] | None = None,
 ) -> StepSpec:
-    """Resolve template + trigger conf into the spec of one step (validates the conf first)."""
+    """Resolve template + trigger conf into the spec of one step (validates the conf first).
+
+    `trial` (a template with `hpo:`, train step only) is one trial asked by the study, as the
+    ask task returns it (`{"number": n, "params": {...}}`): the step trains that trial, with
+    its params and the per-trial budget, in ``<workspace>/trials/trial-<n>/``. Without it, the
+    train step of an `hpo:` template trains the study's best trial (chosen in the container).
+    """
     template = loaded.template
     inputs = dict(inputs or {})
     values = resolve_conf(template, conf)
@@ -99,6 +106,22 @@ def build_step_spec(
     query_override = values.pop("dataset_query", None)
     hyperparameters = values
     workspace = workspace_for(settings, run.dag_id, run.run_id)
+    train_dir = "train"
+    extra_env: dict[str, str] = {}
+    if trial is not None and (template.hpo is None or step != "train"):
+        from arf_training.errors import ArfError
+
+        raise ArfError(f"template {template.name!r}: a trial is trained by the train step of a "
+                       "template with an 'hpo' section only")
+    if template.hpo is not None and step == "train":
+        from arf_training import hpo
+
+        inputs["hpo"] = hpo.step_inputs(template, run, trial)
+        extra_env["ARF_OPTUNA_STORAGE"] = hpo.storage_url(settings)
+        if trial is not None:
+            hyperparameters = hpo.trial_hyperparameters(template, hyperparameters, trial)
+            train_dir = inputs["hpo"]["train_dir"]
+            inputs["train_dir"] = train_dir
     template_dict = template.model_dump(mode="json", by_alias=True)
     if query_override is not None and query_override.strip() != template.dataset.query.strip():
         # Recorded as a conf entry so lineage shows the query that really ran.
@@ -123,6 +146,8 @@ def build_step_spec(
     # One evaluate task may score several versions: each gets its own result file.
     step_dir = (f"{step}-{_safe(inputs['model_name'])}-v{_safe(str(inputs['model_version']))}"
                 if "model_name" in inputs else step)
+    if train_dir != "train":
+        step_dir = train_dir
     result_path = workspace / step_dir / "result.json"
     env = {
         "ARF_STEP": step,
@@ -137,9 +162,10 @@ def build_step_spec(
         "ARF_TRY_NUMBER": str(run.try_number),
         "ARF_SEED": str(seed),
         "ARF_PREEMPTION_GRACE_S": str(training.preemption_grace_seconds),
-        "ARF_CHECKPOINT_DIR": str(workspace / "train" / "checkpoints"),
+        "ARF_CHECKPOINT_DIR": str(workspace / train_dir / "checkpoints"),
         "ARF_DATA_DIR": str(workspace / "prepare"),
-        "ARF_OUTPUT_DIR": str(workspace / "train" / "output"),
+        "ARF_OUTPUT_DIR": str(workspace / train_dir / "output"),
+        **extra_env,
     }
     return StepSpec(
         step=step,

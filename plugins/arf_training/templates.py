@@ -279,6 +279,121 @@ class Evaluation(_Section):
                                      description="Success rate at or above which a version passes.")
 
 
+# -- hyperparameter search (`hpo:`) ------------------------------------------------------------
+
+class FloatSearch(_Section):
+    """A real-valued dimension: uniform or log-uniform in [low, high] (Optuna FloatDistribution)."""
+
+    type: Literal["float"]
+    low: float = Field(description="Smallest value tried.")
+    high: float = Field(description="Largest value tried (inclusive).")
+    log: bool = Field(False, description="Sample on a log scale (learning rates); needs low > 0.")
+    step: float | None = Field(None, gt=0, description="Discretization step; not with log.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "FloatSearch":
+        if not self.low < self.high:
+            raise ValueError(f"empty range: low {self.low} must be below high {self.high}; "
+                             "widen it, or drop the dimension and set the hyperparameter's default")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs a positive low bound, got low {self.low}; use e.g. "
+                             "1.0e-5, or log: false")
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined (Optuna refuses it); drop one")
+        return self
+
+
+class IntSearch(_Section):
+    """A whole-number dimension: low, low+step, ..., high (Optuna IntDistribution)."""
+
+    type: Literal["int"]
+    low: int = Field(description="Smallest value tried.")
+    high: int = Field(description="Largest value tried (inclusive).")
+    step: int = Field(1, ge=1, description="Spacing of the values tried.")
+    log: bool = Field(False, description="Sample on a log scale; needs low >= 1 and step 1.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "IntSearch":
+        if not self.low < self.high:
+            raise ValueError(f"empty range: low {self.low} must be below high {self.high}; "
+                             "widen it, or drop the dimension and set the hyperparameter's default")
+        if self.log and self.low < 1:
+            raise ValueError(f"log: true needs low >= 1, got low {self.low}")
+        if self.log and self.step != 1:
+            raise ValueError(f"log: true needs step 1, got step {self.step} (Optuna refuses it)")
+        extra = (self.high - self.low) % self.step
+        if extra:
+            raise ValueError(f"high - low = {self.high - self.low} is not a multiple of step "
+                             f"{self.step}; set high to {self.high - extra}")
+        return self
+
+
+class CategoricalSearch(_Section):
+    """A choice among listed values (Optuna CategoricalDistribution)."""
+
+    type: Literal["categorical"]
+    choices: list[bool | int | float | str] = Field(
+        min_length=2, description="The values tried; at least two, all distinct.")
+
+    @field_validator("choices")
+    @classmethod
+    def _distinct(cls, choices: list[Any]) -> list[Any]:
+        if len({(type(c), c) for c in choices}) != len(choices):
+            raise ValueError(f"choices {choices} repeat a value; list each value once")
+        return choices
+
+
+SearchDimension = Annotated[Union[FloatSearch, IntSearch, CategoricalSearch],
+                            Field(discriminator="type")]
+
+
+class HpoBudget(_Section):
+    """What one trial may spend; the pruner's resource axis (one intermediate value per epoch)."""
+
+    epochs: int = Field(ge=1, le=10_000, description="Epochs each trial trains (replaces the "
+                                                     "'epochs' hyperparameter in trials).")
+
+
+class Hpo(_Section):
+    """Hyperparameter search: an Optuna study per DAG run, trials as mapped Airflow tasks.
+
+    trials = rounds x parallel: each round asks `parallel` trials at once, trains them as
+    mapped tasks and tells their results, so the sampler learns between rounds.
+    """
+
+    search_space: dict[str, SearchDimension] = Field(
+        min_length=1, description="Hyperparameters to search and their ranges; each name must be "
+                                  "one of training.hyperparameters.")
+    metric: Literal["val_loss", "val_accuracy", "train_loss"] = Field(
+        "val_loss", description="Per-epoch metric reported to Optuna; the last epoch's is the "
+                                "trial's value.")
+    direction: Literal["minimize", "maximize"] = Field(
+        "minimize", description="Whether a lower or a higher metric is better.")
+    trials: int = Field(ge=1, le=10_000, description="Trials in the study (rounds x parallel).")
+    parallel: int = Field(1, ge=1, le=256,
+                          description="Trials per round, trained side by side (the mapped width).")
+    sampler: Literal["tpe", "random", "gp", "qmc"] = Field(
+        "tpe", description="Optuna sampler; seeded with `seed` (+ the round number).")
+    seed: int = Field(0, ge=0, description="Seed of the sampler.")
+    pruner: Literal["median", "successive_halving", "hyperband", "none"] = Field(
+        "median", description="Optuna pruner that stops unpromising trials early.")
+    budget: HpoBudget = Field(description="Per-trial budget.")
+
+    @model_validator(mode="after")
+    def _rounds(self) -> "Hpo":
+        if self.trials % self.parallel:
+            low = self.trials - self.trials % self.parallel
+            raise ValueError(
+                f"trials {self.trials} is not a multiple of parallel {self.parallel} (trials = "
+                f"rounds x parallel); use trials {low or self.parallel} or "
+                f"{low + self.parallel}, or change parallel")
+        return self
+
+    @property
+    def rounds(self) -> int:
+        return self.trials // self.parallel
+
+
 class TrainingTemplate(_Section):
     """A training template: one YAML file, one Airflow DAG."""
 
@@ -295,6 +410,7 @@ class TrainingTemplate(_Section):
     model: Model
     training: Training
     evaluation: Evaluation | None = Field(None, description="Evaluate each registered version.")
+    hpo: Hpo | None = Field(None, description="Search hyperparameters before the final training.")
 
     @field_validator("schedule")
     @classmethod
@@ -311,6 +427,51 @@ class TrainingTemplate(_Section):
             )
         return value
 
+    @model_validator(mode="after")
+    def _hpo_fits_training(self) -> "TrainingTemplate":
+        if self.hpo is None:
+            return self
+        training, problems = self.training, []
+        if training.recipe is None:
+            problems.append("hpo needs a built-in training.recipe: trials report per-epoch "
+                            "metrics and are pruned by arf-trainer; remove hpo or use a recipe")
+        hps = training.hyperparameters
+        for name, dim in self.hpo.search_space.items():
+            where = f"hpo.search_space.{name}"
+            hp = hps.get(name)
+            if hp is None:
+                problems.append(f"{where}: {name!r} is not a hyperparameter of this template; "
+                                f"searchable names: {sorted(hps)}")
+                continue
+            if name == "epochs":
+                problems.append(f"{where}: epochs is the per-trial budget (hpo.budget.epochs), "
+                                "not a search dimension; remove it from search_space")
+                continue
+            values = dim.choices if isinstance(dim, CategoricalSearch) else [dim.low, dim.high]
+            want = {"integer": IntSearch, "number": FloatSearch}.get(hp.type)
+            if not isinstance(dim, CategoricalSearch) and not isinstance(dim, want or ()):
+                kind = {"integer": "int", "number": "float"}.get(hp.type, "categorical")
+                problems.append(f"{where}: type {dim.type!r} does not fit the {hp.type} "
+                                f"hyperparameter {name!r}; use type: {kind}")
+                continue
+            for value in values:
+                problem = _hp_value_problem(hp, value)
+                if problem:
+                    problems.append(f"{where}: {problem}")
+                    break
+        if "epochs" not in hps and training.recipe is not None:
+            problems.append("hpo.budget.epochs: the template has no 'epochs' hyperparameter for "
+                            "the budget to replace; declare it in training.hyperparameters")
+        if self.hpo.metric.startswith("val_") and self.dataset.validation_split <= 0:
+            problems.append(f"hpo.metric: {self.hpo.metric!r} needs validation data, but "
+                            "dataset.validation_split is 0; raise it or use train_loss")
+        if self.hpo.metric == "val_accuracy" and training.recipe != "classifier":
+            problems.append(f"hpo.metric: 'val_accuracy' is reported by the classifier recipe "
+                            f"only (recipe is {training.recipe!r}); use val_loss")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     @property
     def name(self) -> str:
         return self.metadata.name
@@ -318,6 +479,25 @@ class TrainingTemplate(_Section):
     @property
     def model_asset_uri(self) -> str:
         return f"arf-model://{self.model.name}"
+
+
+def _hp_value_problem(hp: Any, value: Any) -> str | None:
+    """Why `value` cannot be a value of hyperparameter `hp` (type, bounds, enum), or None."""
+    kind = hp.type
+    ok = {"integer": isinstance(value, int) and not isinstance(value, bool),
+          "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "string": isinstance(value, str), "boolean": isinstance(value, bool)}[kind]
+    if not ok:
+        return f"value {value!r} is not of the hyperparameter's type {kind}"
+    enum = getattr(hp, "enum", None)
+    if enum is not None and value not in enum:
+        return f"value {value!r} is not one of the hyperparameter's enum {enum}"
+    lo, hi = getattr(hp, "minimum", None), getattr(hp, "maximum", None)
+    if lo is not None and value < lo:
+        return f"value {value!r} is below the hyperparameter's minimum {lo}; narrow the range"
+    if hi is not None and value > hi:
+        return f"value {value!r} is above the hyperparameter's maximum {hi}; narrow the range"
+    return None
 
 
 # Params the factory adds next to the hyperparameters; hyperparameters may not take these names.
@@ -335,6 +515,10 @@ class LoadedTemplate:
     @property
     def name(self) -> str:
         return self.template.name
+
+
+# Tags of discriminated unions (hyperparameter and search-dimension types): not YAML keys.
+_UNION_TAGS = ("integer", "number", "string", "boolean", "float", "int", "categorical")
 
 
 def _yaml_loader() -> type:
@@ -369,7 +553,9 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
         if field is None:
             # A dict key (hyperparameter name) or union tag: pick the model by the tag.
             tag_model = {"integer": IntegerHyperparameter, "number": NumberHyperparameter,
-                         "string": StringHyperparameter, "boolean": BooleanHyperparameter}
+                         "string": StringHyperparameter, "boolean": BooleanHyperparameter,
+                         "float": FloatSearch, "int": IntSearch,
+                         "categorical": CategoricalSearch}
             if part in tag_model:
                 model = tag_model[part]
             continue
@@ -391,8 +577,7 @@ def _issues_from_validation(path: str, text: str, exc: ValidationError) -> list[
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
         # Drop discriminator tags (e.g. 'integer') from the displayed path.
-        shown = [str(p) for p in loc if p not in ("integer", "number", "string", "boolean")
-                 or loc.index(p) == 0]
+        shown = [str(p) for p in loc if p not in _UNION_TAGS or loc.index(p) == 0]
         field = ".".join(shown)
         node, _ = _node_at(root, loc)
         line = node.start_mark.line + 1 if node is not None and node is not root else None

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 DAG_RUN_TAG = "arf.dag_run"
+PARENT_RUN_TAG = "mlflow.parentRunId"
 
 # A training job must not phone home. MLflow reads this when it is first imported, so it is set
 # when this module is imported (before any step imports mlflow); users can still opt in.
@@ -100,16 +101,43 @@ def find_run_by_tag(client: "MlflowClient", experiment_id: str, key: str, value:
 
 
 def find_or_create_run(client: "MlflowClient", experiment_id: str, dag_id: str, run_id: str,
-                       tags: dict[str, str], start_time: int | None = None) -> tuple[str, bool]:
+                       tags: dict[str, str], start_time: int | None = None,
+                       key: str | None = None, parent_key: str | None = None
+                       ) -> tuple[str, bool]:
     """The MLflow run of this DAG run: (run id, True if it already existed, e.g. on retry).
 
     `start_time` (ms since the epoch) dates a run created after the fact, e.g. by the tracking
-    spool once MLflow is reachable again; None means now.
+    spool once MLflow is reachable again; None means now. `key` replaces the DAG-run key (a
+    trial of a study has its own run, ``<dag_id>/<run_id>/trial-<n>``); `parent_key` nests the
+    new run under the run with that key (the study's parent run), created if needed.
     """
-    key = dag_run_key(dag_id, run_id)
+    key = key or dag_run_key(dag_id, run_id)
     existing = find_run_by_tag(client, experiment_id, DAG_RUN_TAG, key)
     if existing is not None:
         return existing, True
-    run = client.create_run(experiment_id, start_time=start_time, run_name=key,
-                            tags={**tags, DAG_RUN_TAG: key})
+    tags = {**tags, DAG_RUN_TAG: key}
+    if parent_key:
+        tags[PARENT_RUN_TAG] = find_or_create_parent_run(
+            client, experiment_id, parent_key,
+            {"arf.dag_id": dag_id, "arf.dag_run_id": run_id, "arf.hpo.study": parent_key})
+    run = client.create_run(experiment_id, start_time=start_time, run_name=key, tags=tags)
     return run.info.run_id, False
+
+
+def find_or_create_parent_run(client: "MlflowClient", experiment_id: str, key: str,
+                              tags: dict[str, str]) -> str:
+    """The run with tag arf.dag_run = `key`, created if missing (a study's parent run).
+
+    Trials running side by side may both create it: each then settles on the oldest run with
+    the key and deletes its own duplicate, so every trial nests under the same parent.
+    """
+    existing = find_run_by_tag(client, experiment_id, DAG_RUN_TAG, key)
+    if existing is not None:
+        return existing
+    mine = client.create_run(experiment_id, run_name=key,
+                             tags={**tags, DAG_RUN_TAG: key}).info.run_id
+    oldest = find_run_by_tag(client, experiment_id, DAG_RUN_TAG, key)
+    if oldest is not None and oldest != mine:
+        client.delete_run(mine)
+        return oldest
+    return mine

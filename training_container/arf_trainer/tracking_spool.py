@@ -336,7 +336,8 @@ def deliver(spool: Spool, client: "MlflowClient", deadline: float | None = None)
                     client, record["experiment"], record.get("artifact_root"))
                 run_id, existed = tracking.find_or_create_run(
                     client, experiment_id, record["dag_id"], record["dag_run_id"],
-                    record["tags"], start_time=record["ts"])
+                    record["tags"], start_time=record["ts"], key=record.get("run_key"),
+                    parent_key=record.get("parent_key"))
                 spool.save_state(run_id=run_id, experiment_id=experiment_id)
                 log.info("MLflow run %s (%s) in experiment %s", run_id,
                          "resumed" if existed else "new", experiment_id)
@@ -436,10 +437,14 @@ class TrackingSpool:
 
     # -- records --
     def start_run(self, experiment: str, artifact_root: str | None, dag_id: str,
-                  dag_run_id: str, tags: Mapping[str, str]) -> None:
+                  dag_run_id: str, tags: Mapping[str, str], run_key: str | None = None,
+                  parent_key: str | None = None) -> None:
+        """`run_key`: the run's arf.dag_run key if not the DAG run's (a study's trial);
+        `parent_key`: nest the run under the run with that key (see tracking.find_or_create_run)."""
+        extra = {k: v for k, v in (("run_key", run_key), ("parent_key", parent_key)) if v}
         self.spool.append("run", ts=_now_ms(), experiment=experiment,
                           artifact_root=artifact_root, dag_id=dag_id, dag_run_id=dag_run_id,
-                          tags={k: str(v) for k, v in tags.items()})
+                          tags={k: str(v) for k, v in tags.items()}, **extra)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():

@@ -14,6 +14,11 @@ operator must:
 
 Retries re-run the same step with the same workspace (keyed by dag_id and run_id); steps are
 written to resume or reuse what a previous try completed.
+
+A template with an `hpo:` section also needs `trial_task`: the train step mapped over the
+study's trials (`Operator.partial(...).expand(trial=...)`), each instance honouring the
+contract above with `build_step_spec(..., trial=trial)`; instances of one task must not share
+the names of what they create (Pods, jobs).
 """
 
 from __future__ import annotations
@@ -36,6 +41,18 @@ class Backend(ABC):
     def step_task(self, *, task_id: str, loaded: "LoadedTemplate", step: str,
                   **operator_kwargs: Any) -> "BaseOperator":
         """An operator that runs `step` of `loaded` (prepare, train or register)."""
+
+    def trial_task(self, *, task_id: str, loaded: "LoadedTemplate", trials: Any,
+                   **operator_kwargs: Any) -> Any:
+        """The mapped train step of an `hpo:` template: one task instance per trial.
+
+        `trials` is the ask task's output (a list of ``{"number", "params", "label"}``); each
+        mapped instance runs the train step like `step_task` does, with `trial=` one element
+        (passed on to `build_step_spec`), so it trains that trial in its own folder. Returns
+        the mapped operator (``Operator.partial(...).expand(trial=trials)``).
+        """
+        raise NotImplementedError(f"backend {self.name!r} cannot run hyperparameter-search "
+                                  "trials (no trial_task)")
 
     @abstractmethod
     def evaluate_task(self, *, task_id: str, templates: dict[str, "LoadedTemplate"],

@@ -83,7 +83,8 @@ def runtime_settings(namespace: str | None) -> KubernetesSettings:
 
 def pod_step_spec(loaded: LoadedTemplate, step: str, context: Any,
                   settings: KubernetesSettings, *, conf: dict[str, Any] | None = None,
-                  inputs: dict[str, Any] | None = None) -> StepSpec:
+                  inputs: dict[str, Any] | None = None,
+                  trial: dict[str, Any] | None = None) -> StepSpec:
     """The step's StepSpec as the local operators build it, with the pod's workspace root.
 
     `conf` None means the run's trigger conf (evaluate passes {}: the template configures it).
@@ -91,7 +92,16 @@ def pod_step_spec(loaded: LoadedTemplate, step: str, context: Any,
     """
     return build_step_spec(loaded, step, run_identity(context),
                            trigger_conf(context) if conf is None else conf,
-                           pod_arf_settings(settings), inputs=inputs)
+                           pod_arf_settings(settings), inputs=inputs, trial=trial)
+
+
+def trial_identity(context: Any, trial: dict[str, Any] | None) -> RunIdentity:
+    """The run identity that names a step's Pod/PyTorchJob; a study's trials (mapped instances
+    of one task) each get their own name, with the trial number in the identity."""
+    identity = run_identity(context)
+    if trial is None:
+        return identity
+    return dataclasses.replace(identity, task_id=f"{identity.task_id}:trial-{trial['number']}")
 
 
 def is_distributed(template: Any) -> bool:
@@ -204,20 +214,22 @@ class StepPodOperator(_ArfPodOperator):
     :param namespace: where the pod runs (`ARF_K8S_NAMESPACE` when the DAG was built).
     """
 
-    def __init__(self, *, loaded: LoadedTemplate, step: str, **kwargs: Any):
+    def __init__(self, *, loaded: LoadedTemplate, step: str,
+                 trial: dict[str, Any] | None = None, **kwargs: Any):
         if not writes_result_to_xcom(loaded, step):
             kwargs.setdefault("do_xcom_push", False)
         super().__init__(**kwargs)
         self.loaded = loaded
         self.step = step
+        self.trial = trial
 
     def render_pod(self, context: Any) -> dict[str, Any]:
         settings = runtime_settings(self.namespace)
         with fail_fast_on_bad_input():
-            spec = pod_step_spec(self.loaded, self.step, context, settings)
+            spec = pod_step_spec(self.loaded, self.step, context, settings, trial=self.trial)
         if writes_result_to_xcom(self.loaded, self.step):
             spec = with_xcom_result(spec)
-        return render_pod(spec, run_identity(context), settings)
+        return render_pod(spec, trial_identity(context, self.trial), settings)
 
     def execute(self, context: Any) -> Any:
         self._use(self.render_pod(context))
@@ -309,7 +321,8 @@ class StepPyTorchJobOperator(PyTorchJobOperator):
 
     renderer: ClassVar[DistributedJobRenderer] = PyTorchJobRenderer()
 
-    def __init__(self, *, loaded: LoadedTemplate, step: str = "train", **kwargs: Any):
+    def __init__(self, *, loaded: LoadedTemplate, step: str = "train",
+                 trial: dict[str, Any] | None = None, **kwargs: Any):
         kwargs.setdefault("deferrable", True)
         # Like the pods: keep a failed job (and its pods) for `kubectl` debugging; the job's
         # runPolicy.ttlSecondsAfterFinished garbage-collects it later.
@@ -317,16 +330,18 @@ class StepPyTorchJobOperator(PyTorchJobOperator):
         super().__init__(body={}, **kwargs)
         self.loaded = loaded
         self.step = step
+        self.trial = trial
 
     def step_spec(self, context: Any) -> tuple[StepSpec, KubernetesSettings]:
         settings = runtime_settings(self.namespace)
         with fail_fast_on_bad_input():
-            return pod_step_spec(self.loaded, self.step, context, settings), settings
+            return pod_step_spec(self.loaded, self.step, context, settings,
+                                 trial=self.trial), settings
 
     def render_body(self, context: Any) -> dict[str, Any]:
         """The PyTorchJob of this try (a plain dict). Validates the trigger conf first."""
         spec, settings = self.step_spec(context)
-        return self.renderer.render(spec, run_identity(context), settings)
+        return self.renderer.render(spec, trial_identity(context, self.trial), settings)
 
     def execute(self, context: Any) -> dict[str, Any]:
         self.body = self.render_body(context)
@@ -352,6 +367,12 @@ class KubernetesBackend(Backend):
         if step == "train" and is_distributed(loaded.template):
             return StepPyTorchJobOperator(task_id=task_id, loaded=loaded, step=step, **kwargs)
         return StepPodOperator(task_id=task_id, loaded=loaded, step=step, **kwargs)
+
+    def trial_task(self, *, task_id: str, loaded: LoadedTemplate, trials: Any, **kwargs: Any):
+        kwargs.setdefault("namespace", self.settings.namespace)
+        cls = StepPyTorchJobOperator if is_distributed(loaded.template) else StepPodOperator
+        return cls.partial(task_id=task_id, loaded=loaded, step="train",
+                           **kwargs).expand(trial=trials)
 
     def evaluate_task(self, *, task_id: str, templates: dict[str, LoadedTemplate], **kwargs: Any):
         kwargs.setdefault("namespace", self.settings.namespace)

@@ -192,20 +192,25 @@ class LocalStepOperator(BaseOperator):
 
     :param loaded: the validated template (with its path and content hash).
     :param step: prepare, train or register.
+    :param trial: for the mapped trial tasks of an `hpo:` template, the trial to train (one
+        element of the ask task's list: number, params, label).
     """
 
     ui_color = "#e8f4ea"
 
-    def __init__(self, *, loaded: LoadedTemplate, step: str, **kwargs: Any):
+    def __init__(self, *, loaded: LoadedTemplate, step: str,
+                 trial: dict[str, Any] | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.loaded = loaded
         self.step = step
+        self.trial = trial
         self._runner: LocalStepRunner | None = None
 
     def execute(self, context: Any) -> dict[str, Any]:
         with fail_fast_on_bad_input():
             spec = build_step_spec(self.loaded, self.step, run_identity(context),
-                                   trigger_conf(context), ArfSettings.from_env())
+                                   trigger_conf(context), ArfSettings.from_env(),
+                                   trial=self.trial)
             self._runner = LocalStepRunner(self.log)
             result = self._runner.run(spec)
         if self.step == "register":
@@ -256,6 +261,10 @@ class LocalBackend(Backend):
 
     def step_task(self, *, task_id: str, loaded: LoadedTemplate, step: str, **kwargs: Any):
         return LocalStepOperator(task_id=task_id, loaded=loaded, step=step, **kwargs)
+
+    def trial_task(self, *, task_id: str, loaded: LoadedTemplate, trials: Any, **kwargs: Any):
+        return LocalStepOperator.partial(task_id=task_id, loaded=loaded, step="train",
+                                         **kwargs).expand(trial=trials)
 
     def evaluate_task(self, *, task_id: str, templates: dict[str, LoadedTemplate], **kwargs: Any):
         return LocalEvaluateOperator(task_id=task_id, templates=templates, **kwargs)

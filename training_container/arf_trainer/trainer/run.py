@@ -212,9 +212,19 @@ def load_data(prepare_dir: Path) -> TrainData:
                      x_val=features_of(val), y_val=np.stack(val[n:], axis=1))
 
 
-def completed_result(workspace: Path, config_hash: str) -> dict[str, Any] | None:
+def train_dir_of(spec: JobSpec) -> str:
+    """Where this training writes, relative to the workspace: ``train`` or a trial's folder."""
+    folder = str(spec.inputs.get("train_dir") or "train")
+    if Path(folder).is_absolute() or ".." in Path(folder).parts:
+        raise SpecError(f"inputs.train_dir={folder!r} must be a relative folder inside the "
+                        "workspace")
+    return folder
+
+
+def completed_result(workspace: Path, config_hash: str,
+                     train_dir: str = "train") -> dict[str, Any] | None:
     """The result of an earlier, finished attempt of this step, if there is a valid one."""
-    path = workspace / "train" / "result.json"
+    path = workspace / train_dir / "result.json"
     if not path.is_file():
         return None
     try:
@@ -347,16 +357,39 @@ def evaluate(recipe: Recipe, model: MLP, x: torch.Tensor, y: torch.Tensor, denv:
 
 # -- MLflow (rank 0) -------------------------------------------------------------------------
 
+def run_keys(spec: JobSpec) -> tuple[str, str | None]:
+    """(this training's MLflow run key, its parent's key or None).
+
+    A study's trial has its own run, nested under the study's parent run; the final training
+    of an hpo template keeps the DAG run's key (register finds it) and nests under the parent.
+    """
+    key = tracking.dag_run_key(spec.run.dag_id, spec.run.run_id)
+    hpo = spec.inputs.get("hpo")
+    if not hpo:
+        return key, None
+    parent = f"{key}/study"
+    if "trial_number" in hpo:
+        return f"{key}/trial-{int(hpo['trial_number'])}", parent
+    return key, parent
+
+
 def reproducibility_tags(spec: JobSpec, config_hash: str, data: TrainData,
                          world_size: int) -> dict[str, str]:
     code_version = {"arf_trainer": __version__, **spec.code_version}
     tables = {name: t.get("version") for name, t in data.manifest.get("tables", {}).items()}
+    hpo = spec.inputs.get("hpo") or {}
+    hpo_tags = {"arf.hpo.study": str(hpo["study"])} if hpo else {}
+    if "trial_number" in hpo:
+        hpo_tags["arf.hpo.trial_number"] = str(hpo["trial_number"])
+    if "best_trial" in hpo:
+        hpo_tags["arf.hpo.best_trial"] = str(hpo["best_trial"])
     return {
+        **hpo_tags,
         "arf.template": spec.name,
         "arf.template_sha256": spec.template_sha256,
         "arf.dag_id": spec.run.dag_id,
         "arf.dag_run_id": spec.run.run_id,
-        "arf.dag_run": tracking.dag_run_key(spec.run.dag_id, spec.run.run_id),
+        "arf.dag_run": run_keys(spec)[0],
         "arf.config_hash": config_hash,
         "arf.code_version": tracking.canonical_json(code_version),
         "arf.torch_version": torch.__version__,
@@ -402,9 +435,11 @@ def start_mlflow_run(env: StepEnv, cfg: TrainConfig, data: TrainData,
             data.x_train, targets=data.y_train, source=str(data.manifest_path),
             name=f"{spec.name}-train",
             digest=str(data.manifest.get("fingerprint", ""))[:36] or None)
-    spool = TrackingSpool.open(env.workspace / "train", env.tracking_uri)
+    spool = TrackingSpool.open(env.workspace / train_dir_of(spec), env.tracking_uri)
+    run_key, parent_key = run_keys(spec)
     try:
-        spool.start_run(spec.name, env.artifact_root, spec.run.dag_id, spec.run.run_id, tags)
+        spool.start_run(spec.name, env.artifact_root, spec.run.dag_id, spec.run.run_id, tags,
+                        run_key=run_key, parent_key=parent_key)
         spool.set_tags(tags)  # a retry updates the tags of the run it resumes
         spool.log_params({**spec.hyperparameters, "seed": spec.seed,
                           "world_size": denv.world_size, "recipe": cfg.recipe.name})
@@ -450,14 +485,22 @@ def run_train(env: StepEnv) -> dict[str, Any] | None:
     """
     with sigterm_guard() as guard:
         denv = DistEnv.from_environ()
+        hpo = env.spec.inputs.get("hpo")
+        if hpo and hpo.get("select") == "best":
+            env = with_best_trial(env)
         # Validate before any distributed init, so a bad spec fails at once on every rank.
         cfg = TrainConfig.from_spec(env.spec, denv.world_size)
-        done = completed_result(env.workspace, cfg.config_hash)
+        train_dir = train_dir_of(env.spec)
+        done = completed_result(env.workspace, cfg.config_hash, train_dir)
         if done is not None:
             if denv.is_main:
                 log.info("training already finished for this run (%s); returning its result",
-                         env.workspace / "train" / "result.json")
+                         env.workspace / train_dir / "result.json")
             return done if denv.is_main else None
+        if hpo and hpo.get("select") == "best":
+            reused = reuse_best_trial(env, cfg)
+            if reused is not None:
+                return reused if denv.is_main else None
         data = load_data(env.workspace / "prepare")
         # No process group yet, so no collective to agree in: each rank stops on its own.
         guard.check_setup("while loading the data")
@@ -482,9 +525,105 @@ def run_train(env: StepEnv) -> dict[str, Any] | None:
         return result
 
 
+def with_best_trial(env: StepEnv) -> StepEnv:
+    """The final training of an hpo template: the job spec with the best trial's params.
+
+    Every rank reads the (finished) study itself: no process group exists yet, and the best
+    trial of a told study no longer changes.
+    """
+    import dataclasses
+
+    from arf_trainer import hpo as hpo_mod
+
+    spec = env.spec
+    best = hpo_mod.best_trial(spec.template["hpo"], spec.inputs["hpo"]["study"])
+    inputs = {**spec.inputs, "hpo": {**spec.inputs["hpo"], "best_trial": best.number,
+                                     "best_value": best.value}}
+    hyperparameters = {**spec.hyperparameters, **best.params}
+    log.info("final training with trial %d's params %s (%s = %g)", best.number, best.params,
+             spec.template["hpo"]["metric"], best.value)
+    spec = dataclasses.replace(spec, hyperparameters=hyperparameters, inputs=inputs)
+    return dataclasses.replace(env, spec=spec)
+
+
+def reuse_best_trial(env: StepEnv, cfg: TrainConfig) -> dict[str, Any] | None:
+    """When the best trial trained exactly this configuration (same hyperparameters - the
+    budget equals the final epochs - same seed and template: same config_hash), its weights are
+    the final model: copy them to ``train/`` instead of training again. Returns the result on
+    every rank (rank 0 writes the files), or None when the trial's result differs or is gone.
+    """
+    import shutil
+
+    from arf_trainer import hpo as hpo_mod
+
+    number = env.spec.inputs["hpo"]["best_trial"]
+    folder = env.workspace / hpo_mod.trial_dir(number)
+    path = folder / "result.json"
+    try:
+        trial = read_json(path)
+    except (OSError, ValueError):
+        return None
+    if (trial.get("config_hash") != cfg.config_hash
+            or (trial.get("hpo") or {}).get("state") != "complete"):
+        return None
+    weights = env.workspace / trial["weights"]
+    if (not weights.is_file()
+            or state_dict_sha256(load_weights(weights)) != trial["weights_sha256"]):
+        return None
+    denv = DistEnv.from_environ()
+    if not denv.is_main:
+        return {}
+    out_dir = env.workspace / "train"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(weights, out_dir / "model.pt")
+    shutil.copyfile(folder / "model_info.json", out_dir / "model_info.json")
+    result = {**trial, "weights": "train/model.pt", "model_info": "train/model_info.json",
+              "reused_trial": number, "steps": 0}
+    if not result.get("mlflow_run_id"):
+        # MLflow was away during the trial: send its spool now so the run exists to register.
+        from arf_trainer import tracking_spool
+
+        client = tracking.configure(env.tracking_uri)
+        state = tracking_spool.replay(folder, client, env.tracking_uri)
+        if state is not None:
+            result.update(mlflow_run_id=state.run_id, experiment_id=state.experiment_id)
+    log.info("trial %d trained this exact configuration (config_hash %s): its weights are the "
+             "final model; no training needed", number, cfg.config_hash[:12])
+    summarize_on_parent(env)
+    write_json_atomic(out_dir / "result.json", result)
+    return result
+
+
+def summarize_on_parent(env: StepEnv) -> None:
+    """Rank 0 of the final training: the study's summary on its parent MLflow run. Best
+    effort: a tracking failure here is logged and does not fail the training."""
+    from arf_trainer import hpo as hpo_mod
+
+    spec = env.spec
+    _key, parent_key = run_keys(spec)
+    try:
+        with tracking.mlflow_errors(env.tracking_uri, "record the study on its parent run"):
+            client = tracking.configure(env.tracking_uri)
+            experiment_id = tracking.get_or_create_experiment(client, spec.name,
+                                                              env.artifact_root)
+            parent = tracking.find_or_create_parent_run(
+                client, experiment_id, parent_key,
+                {"arf.dag_id": spec.run.dag_id, "arf.dag_run_id": spec.run.run_id,
+                 "arf.hpo.study": parent_key})
+            summary = hpo_mod.summarize_study(spec.template["hpo"], spec.inputs["hpo"]["study"],
+                                              client, parent)
+            client.set_terminated(parent, "FINISHED")
+        log.info("study %s: best trial %d (%s = %g) of %s; summary, importances and plot on "
+                 "MLflow run %s", summary["study"], summary["best_trial"], summary["metric"],
+                 summary["best_value"], summary["counts"], parent)
+    except Exception as exc:  # the model is what matters; the summary can be re-made
+        log.warning("could not record the study summary on its parent MLflow run: %s", exc)
+
+
 def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
           device: torch.device, guard: PreemptionGuard) -> dict[str, Any] | None:
-    recipe, hp, out_dir = cfg.recipe, cfg.hp, env.workspace / "train"
+    recipe, hp = cfg.recipe, cfg.hp
+    out_dir = env.workspace / train_dir_of(env.spec)
     hooks = TestHooks.from_environ()
     info = recipe.describe(data.features, data.targets, hp, data.y_train)
     x_train = torch.from_numpy(data.x_train)
@@ -565,6 +704,15 @@ def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
             raise
 
     started = dist.run_on_main(denv, start_tracking, "start the MLflow run")
+    hpo_inputs = env.spec.inputs.get("hpo") or {}
+    reporter = None
+    if "trial_number" in hpo_inputs:
+        from arf_trainer.hpo import TrialReporter
+
+        reporter = dist.run_on_main(
+            denv, lambda: TrialReporter.open(env.spec.template["hpo"], hpo_inputs),
+            "open the trial in the Optuna storage")
+    pruned = False
     # Set-up leaves ~570k long-lived objects (torch, MLflow, SQLAlchemy, pyarrow); a full
     # collection scans all of them: 0.3 s that lands somewhere in the training loop (15% of a
     # short run in bench/harness_overhead.py, and a stall for every other rank under DDP).
@@ -627,12 +775,28 @@ def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
                 # Appends to the tracking spool: never waits for MLflow.
                 _active_tracking().log_metrics({**progress.metrics, **throughput},
                                                step=progress.step)
+            if "trial_number" in hpo_inputs:
+                # Rank 0 reports and asks the pruner; every rank gets the same answer, so all
+                # of them stop after this same epoch. Not after the last epoch: pruning then
+                # saves nothing, and a complete trial tells the sampler more than a pruned one.
+                last = epoch + 1 == hp.epochs
+                stop = dist.run_on_main(
+                    denv, lambda: reporter.report(epoch + 1, metrics, ask_pruner=not last),
+                    "report to the Optuna trial")
+                if dist.broadcast_from_main(denv, stop):
+                    pruned = True
+                    if denv.is_main:
+                        log.info("trial %s pruned after epoch %d/%d (%s = %g)",
+                                 hpo_inputs["trial_number"], epoch + 1, hp.epochs,
+                                 reporter.metric, metrics[reporter.metric])
+                    break
 
         save_checkpoint(generator.get_state())  # the final checkpoint (skipped if it exists)
         timing["train_seconds"] = time.perf_counter() - t_start
         timing["train_cpu_seconds"] = time.process_time() - cpu_start
         return dist.run_on_main(
-            denv, lambda: finish(env, cfg, info, model, progress, started, denv, timing),
+            denv, lambda: finish(env, cfg, info, model, progress, started, denv, timing,
+                                 reporter=reporter, pruned=pruned),
             "write the trained model")
     except BaseException as exc:
         if denv.is_main:
@@ -644,27 +808,35 @@ def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
 
 def finish(env: StepEnv, cfg: TrainConfig, info: ModelInfo, model: MLP, progress: Progress,
            started: tuple[str | None, str | None] | None, denv: DistEnv,
-           timing: dict[str, float] | None = None) -> dict[str, Any]:
+           timing: dict[str, float] | None = None, reporter: Any = None,
+           pruned: bool = False) -> dict[str, Any]:
     """Rank 0: model.pt, model_info.json, the weights tag, then result.json last.
 
     result.json's mlflow_run_id is null if MLflow was unreachable for the whole training; the
     register step then creates the run from the spool and writes the id in.
     """
-    out_dir = env.workspace / "train"
+    train_dir = train_dir_of(env.spec)
+    out_dir = env.workspace / train_dir
     sha = save_weights(model.state_dict(), out_dir / "model.pt")
     write_json_atomic(out_dir / "model_info.json",
                       {**info.to_json(), "weights": "model.pt", "weights_sha256": sha})
     _active_tracking().set_tags({"arf.weights_sha256": sha})
+    metrics = {k: v for k, v in progress.metrics.items() if k != "epoch"}
+    if reporter is not None:
+        value = metrics.get(reporter.metric)
+        _active_tracking().set_tags({"arf.hpo.state": "pruned" if pruned else "complete",
+                                     "arf.hpo.value": repr(value)})
+        if value is not None:
+            _active_tracking().log_metrics({"hpo_value": value}, step=progress.step)
     run_id, experiment_id = _end_mlflow_run("FINISHED")
     if run_id is None and started:
         run_id, experiment_id = started
-    metrics = {k: v for k, v in progress.metrics.items() if k != "epoch"}
     result = {
         "mlflow_run_id": run_id,
         "experiment_id": experiment_id,
-        "weights": "train/model.pt",
+        "weights": f"{train_dir}/model.pt",
         "weights_sha256": sha,
-        "model_info": "train/model_info.json",
+        "model_info": f"{train_dir}/model_info.json",
         "metrics": metrics,
         "world_size": denv.world_size,
         "steps": progress.step,
@@ -672,6 +844,11 @@ def finish(env: StepEnv, cfg: TrainConfig, info: ModelInfo, model: MLP, progress
         "config_hash": cfg.config_hash,
         "timing": timing or {},
     }
+    if reporter is not None:
+        # Recorded on the trial before result.json: a result on disk means Optuna has it too.
+        result["hpo"] = reporter.finish(pruned, metrics, progress.step, run_id)
+    elif (env.spec.inputs.get("hpo") or {}).get("select") == "best":
+        summarize_on_parent(env)
     # Written here as well as by the CLI (at ARF_RESULT_PATH), because register and a retried
     # train look for it at this fixed place in the workspace.
     write_json_atomic(out_dir / "result.json", result)

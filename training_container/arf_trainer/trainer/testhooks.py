@@ -64,10 +64,12 @@ class TestHooks:
         mode = env.get("ARF_TEST_CRASH_MODE", "raise")
         if mode not in CRASH_MODES:
             raise SpecError(f"test hook ARF_TEST_CRASH_MODE={mode!r} must be one of {CRASH_MODES}")
+        crash_rank = _number(env, "ARF_TEST_CRASH_RANK", int)
         hooks = cls(step_delay_s=_number(env, "ARF_TEST_STEP_DELAY_S", float),
                     checkpoint_delay_s=_number(env, "ARF_TEST_CHECKPOINT_DELAY_S", float),
                     crash_at_step=crash_at,  # type: ignore[arg-type]
-                    crash_rank=int(_number(env, "ARF_TEST_CRASH_RANK", int) or 1),
+                    # `or 1` would turn rank 0 into 1: a single process could not crash.
+                    crash_rank=1 if crash_rank is None else int(crash_rank),
                     crash_mode=mode)
         if hooks != cls(crash_rank=hooks.crash_rank, crash_mode=hooks.crash_mode):
             log.warning("fault-injection test hooks are active: %s", hooks)

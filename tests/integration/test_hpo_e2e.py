@@ -1,0 +1,130 @@
+"""Hyperparameter search end to end through real Airflow (`airflow dags test`), Optuna, MLflow.
+
+`hpo_reach_bc` as shipped: 8 trials in 4 rounds of 2 mapped tasks, 6 epochs each, median
+pruning; the best trial's weights are the final model (budget = final epochs), registered with
+its lineage. About 3 minutes on 2 busy cores. A second, tiny search (one round of 2 trials on
+the digits table) whose every trial fails shows the DAG run failing with the study's counts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_airflow_e2e import dags_test, latest_run, mlflow_client
+
+from arf_training.settings import ArfSettings
+from arf_training.stepspec import workspace_for
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+def task_instances(dag_id: str, run_id: str) -> list[tuple[str, int, str, str | None]]:
+    """(task_id, map_index, state, rendered map index) of every task instance of the run."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        tis = session.scalars(select(TaskInstance).where(TaskInstance.dag_id == dag_id,
+                                                         TaskInstance.run_id == run_id)).all()
+        return sorted((ti.task_id, ti.map_index, str(ti.state), ti.rendered_map_index)
+                      for ti in tis)
+
+
+def study(dag_id: str, run_id: str):
+    import optuna
+
+    from arf_training.hpo import storage_url
+
+    return optuna.load_study(study_name=f"{dag_id}/{run_id}",
+                             storage=storage_url(ArfSettings.from_env()))
+
+
+def test_hpo_reach_bc_searches_prunes_and_registers_the_best(embedded):
+    from optuna.trial import TrialState
+
+    proc = dags_test(embedded, "hpo_reach_bc", {})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    run = latest_run("hpo_reach_bc")
+    assert str(run.state) == "success"
+
+    tis = task_instances("hpo_reach_bc", run.run_id)
+    trials_tis = [ti for ti in tis if ti[0].endswith(".trials")]
+    assert len(trials_tis) == 8 and all(state == "success" for _, _, state, _ in trials_tis)
+    # The grid's label of each mapped instance: the trial number and its params.
+    labels = sorted(label for *_, label in trials_tis)
+    assert labels[0].startswith("trial 0: hidden_size=") and "lr=" in labels[0], labels
+
+    s = study("hpo_reach_bc", run.run_id)
+    states = [t.state for t in s.trials]
+    assert len(states) == 8, states  # the configured number, no duplicates
+    assert states.count(TrialState.PRUNED) >= 1, states
+    assert states.count(TrialState.COMPLETE) >= 2 and TrialState.RUNNING not in states
+    best = s.best_trial
+
+    ws = workspace_for(ArfSettings.from_env(), "hpo_reach_bc", run.run_id)
+    train = json.loads((ws / "train" / "result.json").read_text())
+    register = json.loads((ws / "register" / "result.json").read_text())
+    assert train["reused_trial"] == best.number  # budget == final epochs: no retraining
+    client = mlflow_client(embedded)
+    version = client.get_model_version("reach_bc_policy_hpo", register["model_version"])
+    assert version.run_id == best.user_attrs["arf.mlflow_run_id"]
+    assert version.tags["arf.weights_sha256"] == train["weights_sha256"]
+
+    # The parent run of the study with a nested run per trial, and the study's summary.
+    trial_run = client.get_run(version.run_id)
+    assert trial_run.data.params["lr"] == str(best.params["lr"])
+    assert trial_run.data.params["seed"] == "0" and trial_run.data.params["epochs"] == "6"
+    assert trial_run.data.metrics["val_loss"] == pytest.approx(best.value)
+    parent_id = trial_run.data.tags["mlflow.parentRunId"]
+    children = client.search_runs([trial_run.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    assert len(children) == 8
+    parent = client.get_run(parent_id)
+    assert parent.data.params["best.lr"] == str(best.params["lr"])
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(best.value)
+    assert parent.data.metrics["trials_pruned"] == states.count(TrialState.PRUNED)
+    artifacts = {a.path for a in client.list_artifacts(parent_id, "hpo")}
+    assert artifacts == {"hpo/optimization_history.png", "hpo/param_importances.json",
+                         "hpo/summary.json"}
+    importances = json.loads(Path(client.download_artifacts(
+        parent_id, "hpo/param_importances.json")).read_text())["importances"]
+    assert set(importances) == set(best.params)
+
+
+TINY = (REPO / "config_templates" / "digits_smoke.yaml").read_text() \
+    .replace("name: digits_smoke", "name: hpo_all_fail") \
+    .replace("name: digits_classifier", "name: hpo_all_fail_model") \
+    .replace("procs_per_node: 2", "procs_per_node: 1") + """
+hpo:
+  search_space:
+    lr: {type: float, low: 1.0e-3, high: 1.0e-1, log: true}
+  metric: val_loss
+  trials: 2
+  parallel: 2
+  budget: {epochs: 1}
+"""
+
+
+def test_a_search_whose_trials_all_fail_fails_the_run_clearly(embedded, tmp_path):
+    (tmp_path / "hpo_all_fail.yaml").write_text(TINY)
+    env = {**embedded, "ARF_TEMPLATES_DIR": str(tmp_path)}
+    # A seed the Params accept but the trainer refuses: every trial fails in its container.
+    proc = dags_test(env, "hpo_all_fail", {"seed": 2**32 - 1})
+    output = proc.stdout + proc.stderr
+    run = latest_run("hpo_all_fail")
+    assert str(run.state) == "failed"
+    states = {(task, index): state for task, index, state, _ in
+              task_instances("hpo_all_fail", run.run_id)}
+    assert states[("round_1.trials", 0)] == "failed" == states[("round_1.trials", 1)]
+    assert states[("round_1.tell", -1)] == "success"  # all_done: the failures were told
+    assert states[("select_best", -1)] == "failed"
+    assert states[("train", -1)] == "upstream_failed"
+    assert "no trial of study 'hpo_all_fail/" in output and "2 failed, 0 pruned" in output, \
+        output[-4000:]
+    from optuna.trial import TrialState
+
+    assert [t.state for t in study("hpo_all_fail", run.run_id).trials] == [TrialState.FAIL] * 2
