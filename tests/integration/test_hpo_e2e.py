@@ -128,3 +128,31 @@ def test_a_search_whose_trials_all_fail_fails_the_run_clearly(embedded, tmp_path
     from optuna.trial import TrialState
 
     assert [t.state for t in study("hpo_all_fail", run.run_id).trials] == [TrialState.FAIL] * 2
+
+
+def test_a_failed_trial_is_told_fail_and_the_search_goes_on(embedded, tmp_path):
+    """One of two trials crashes in its container: it is told FAIL, the other completes, and
+    the run succeeds with the surviving trial's model registered."""
+    template = TINY.replace("hpo_all_fail", "hpo_one_fails")
+    (tmp_path / "hpo_one_fails.yaml").write_text(template)
+    env = {**embedded, "ARF_TEMPLATES_DIR": str(tmp_path), "ARF_TEST_CRASH_AT_STEP": "1",
+           "ARF_TEST_CRASH_RANK": "0", "ARF_TEST_CRASH_TRIAL": "0"}
+    proc = dags_test(env, "hpo_one_fails", {})
+    output = proc.stdout + proc.stderr
+    run = latest_run("hpo_one_fails")
+    assert str(run.state) == "success", output[-4000:]
+    states = {(task, index): state for task, index, state, _ in
+              task_instances("hpo_one_fails", run.run_id)}
+    assert states[("round_1.trials", 0)] == "failed"
+    assert states[("round_1.trials", 1)] == "success"
+    assert states[("register_model", -1)] == "success"
+    from optuna.trial import TrialState
+
+    trials = study("hpo_one_fails", run.run_id).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    # The final training (5 epochs, not the 1-epoch budget) used the surviving trial's params.
+    ws = workspace_for(ArfSettings.from_env(), "hpo_one_fails", run.run_id)
+    train = json.loads((ws / "train" / "result.json").read_text())
+    training_run = mlflow_client(embedded).get_run(train["mlflow_run_id"])
+    assert training_run.data.tags["arf.hpo.best_trial"] == "1"
+    assert training_run.data.params["lr"] == str(trials[1].params["lr"])

@@ -132,3 +132,10 @@ def test_sigterm_mid_training_checkpoints_and_resumes_bit_identically(
     resumed = run_train(env)
     assert resumed is not None and resumed["steps"] == 26
     assert resumed["weights_sha256"] == reference["weights_sha256"]
+
+
+def test_crash_hook_can_target_one_hpo_trial():
+    env = {"ARF_TEST_CRASH_AT_STEP": "3", "ARF_TEST_CRASH_RANK": "0", "ARF_TEST_CRASH_TRIAL": "2"}
+    assert TestHooks.from_environ(env, trial_number=2).crash_at_step == 3
+    assert TestHooks.from_environ(env, trial_number=1).crash_at_step is None
+    assert TestHooks.from_environ(env).crash_at_step is None  # not a trial: no crash

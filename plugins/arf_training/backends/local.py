@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 PASSTHROUGH_ENV = ("HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "CUDA_VISIBLE_DEVICES",
                    "MUJOCO_GL", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "OPENBLAS_CORETYPE",
                    "OPENBLAS_L2_SIZE")
+TEST_HOOK_PREFIX = "ARF_TEST_"
 TAIL_LINES = 60
 # Beyond the step's own grace period: time for torchrun to pass SIGTERM on and reap workers.
 KILL_MARGIN_S = 5.0
@@ -89,6 +90,9 @@ class LocalStepRunner:
 
     def environment(self, spec: StepSpec, job_spec_path: Path) -> dict[str, str]:
         env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
+        # Fault-injection hooks (arf_trainer.trainer.testhooks) reach the steps, so end-to-end
+        # tests can fail one step through the real DAG; the trainer warns when one is set.
+        env.update({k: v for k, v in os.environ.items() if k.startswith(TEST_HOOK_PREFIX)})
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
                                        os.environ.get("PATH", "/usr/bin:/bin")])
         env["PYTHONUNBUFFERED"] = "1"

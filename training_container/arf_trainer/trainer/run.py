@@ -624,7 +624,8 @@ def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
           device: torch.device, guard: PreemptionGuard) -> dict[str, Any] | None:
     recipe, hp = cfg.recipe, cfg.hp
     out_dir = env.workspace / train_dir_of(env.spec)
-    hooks = TestHooks.from_environ()
+    hooks = TestHooks.from_environ(
+        trial_number=(env.spec.inputs.get("hpo") or {}).get("trial_number"))
     info = recipe.describe(data.features, data.targets, hp, data.y_train)
     x_train = torch.from_numpy(data.x_train)
     y_train = recipe.encode_targets(info, data.y_train, "training")

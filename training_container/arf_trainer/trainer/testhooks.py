@@ -15,6 +15,8 @@ ARF_TEST_CRASH_AT_STEP         after this optimizer step, fail on rank ARF_TEST_
                                (TORCHELASTIC_RESTART_COUNT unset or 0), as ARF_TEST_CRASH_MODE
                                says: ``raise`` (default) a TrainingError, or ``kill`` the process
                                with SIGKILL (a worker lost to the OOM killer or a dead node)
+ARF_TEST_CRASH_TRIAL           with ARF_TEST_CRASH_AT_STEP: crash only in this HPO trial (its
+                               number); the study's other trials train normally
 =============================  ==================================================================
 """
 
@@ -56,11 +58,16 @@ class TestHooks:
     crash_mode: str = "raise"
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] | None = None) -> "TestHooks":
+    def from_environ(cls, environ: Mapping[str, str] | None = None,
+                     trial_number: int | None = None) -> "TestHooks":
+        """The hooks set in `environ`; `trial_number` is the HPO trial this process trains."""
         env = os.environ if environ is None else environ
         crash_at = _number(env, "ARF_TEST_CRASH_AT_STEP", int)
         if crash_at is not None and env.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
             crash_at = None  # a restarted attempt: let it finish
+        crash_trial = _number(env, "ARF_TEST_CRASH_TRIAL", int)
+        if crash_trial is not None and crash_trial != trial_number:
+            crash_at = None  # another trial crashes, not this one
         mode = env.get("ARF_TEST_CRASH_MODE", "raise")
         if mode not in CRASH_MODES:
             raise SpecError(f"test hook ARF_TEST_CRASH_MODE={mode!r} must be one of {CRASH_MODES}")
