@@ -8,6 +8,11 @@ BAD_INPUT_EXIT = 2
 """A step's exit code for bad input (job spec, query, hyperparameter): retrying cannot help.
 The container side defines the same code (arf_trainer.errors); this side must not import it."""
 
+SKIP_EXIT = 99
+"""A step's exit code for "nothing to do" (prepare with dataset.skip_if_empty and no new rows):
+the task is skipped, and so are the later ones; the run is not failed. The container side
+defines the same code (arf_trainer.errors.SKIP_EXIT)."""
+
 
 class ArfError(Exception):
     """Root of every error arf-training raises on purpose on the Airflow side."""
@@ -53,3 +58,8 @@ class StepFailed(ArfError):
 
 class StepTimeout(StepFailed):
     """A step ran past its template timeout and was stopped."""
+
+
+class StepSkipped(ArfError):
+    """A step exited with `SKIP_EXIT`: it found nothing to do. Operators turn it into
+    AirflowSkipException (see `arf_training.runtime.fail_fast_on_bad_input`)."""

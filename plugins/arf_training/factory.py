@@ -48,6 +48,21 @@ def _doc(loaded: LoadedTemplate, backend: str) -> str:
     )
 
 
+def _schedule(t: Any) -> Any:
+    """The template's schedule; a data-interval timetable when its query reads the interval.
+
+    Airflow 3 turns a cron string into a CronTriggerTimetable, whose runs have an empty data
+    interval (start == end == the fire time). A query selecting `[data_interval_start,
+    data_interval_end)` needs contiguous intervals instead: each run covers the time since the
+    previous fire time (CronDataIntervalTimetable, UTC), so no row is read twice or missed.
+    """
+    if t.schedule is None or not t.uses_data_interval:
+        return t.schedule
+    from airflow.sdk import CronDataIntervalTimetable
+
+    return CronDataIntervalTimetable(t.schedule, timezone="UTC")
+
+
 def build_training_dag(loaded: LoadedTemplate, backend_id: str | None = None):
     """The DAG of one template: prepare_data -> train -> register_model."""
     from airflow.sdk import DAG, Asset
@@ -58,7 +73,7 @@ def build_training_dag(loaded: LoadedTemplate, backend_id: str | None = None):
         dag_id=t.name,
         description=(t.metadata.description.strip().splitlines() or [""])[0][:200],
         doc_md=_doc(loaded, backend.name),
-        schedule=t.schedule,
+        schedule=_schedule(t),
         start_date=datetime.combine(t.start_date, datetime.min.time(), tzinfo=timezone.utc),
         catchup=False,
         max_active_runs=t.max_active_runs,

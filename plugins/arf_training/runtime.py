@@ -6,18 +6,21 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from arf_training.errors import ConfError, StepFailed
+from arf_training.errors import ConfError, StepFailed, StepSkipped
 from arf_training.stepspec import RunIdentity
 from arf_training.templates import LoadedTemplate
 
 
 @contextlib.contextmanager
 def fail_fast_on_bad_input() -> Iterator[None]:
-    """Bad input fails the task without retries (a retry would fail the same way)."""
-    from airflow.sdk.exceptions import AirflowFailException
+    """Bad input fails the task without retries (a retry would fail the same way); a step
+    that found nothing to do (`StepSkipped`, exit code 99) skips the task."""
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
     try:
         yield
+    except StepSkipped as exc:
+        raise AirflowSkipException(str(exc)) from exc
     except ConfError as exc:
         raise AirflowFailException(str(exc)) from exc
     except StepFailed as exc:
@@ -29,13 +32,20 @@ def fail_fast_on_bad_input() -> Iterator[None]:
 def run_identity(context: Any) -> RunIdentity:
     ti = context["ti"]
     dag_run = context["dag_run"]
-    logical = getattr(dag_run, "logical_date", None)
+
+    def iso(name: str) -> str | None:
+        # A manual run may have no logical date and no data interval (None).
+        value = getattr(dag_run, name, None)
+        return value.isoformat() if value is not None else None
+
     return RunIdentity(
         dag_id=ti.dag_id,
         run_id=dag_run.run_id,
         task_id=ti.task_id,
         try_number=int(getattr(ti, "try_number", 1) or 1),
-        logical_date=logical.isoformat() if logical else None,
+        logical_date=iso("logical_date"),
+        data_interval_start=iso("data_interval_start"),
+        data_interval_end=iso("data_interval_end"),
     )
 
 

@@ -34,6 +34,9 @@ class RunIdentity:
     task_id: str
     try_number: int = 1
     logical_date: str | None = None
+    data_interval_start: str | None = None
+    """ISO 8601 with zone; None for a run without a data interval (some manual runs)."""
+    data_interval_end: str | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,15 @@ def build_step_spec(
             train_dir = inputs["hpo"]["train_dir"]
             inputs["train_dir"] = train_dir
     template_dict = template.model_dump(mode="json", by_alias=True)
+    if query_override is not None:
+        from arf_training.errors import ConfError
+        from arf_training.templates import rewrite_query_macros
+
+        try:
+            query_override = rewrite_query_macros(query_override)
+        except ValueError as exc:
+            raise ConfError(f"invalid trigger conf for {template.name!r}: dataset_query {exc}") \
+                from None
     if query_override is not None and query_override.strip() != template.dataset.query.strip():
         # Recorded as a conf entry so lineage shows the query that really ran.
         conf = {**(conf or {}), "dataset_query": query_override}
@@ -136,7 +148,10 @@ def build_step_spec(
         "hyperparameters": hyperparameters,
         "seed": seed,
         "run": {"dag_id": run.dag_id, "run_id": run.run_id, "task_id": run.task_id,
-                "try_number": run.try_number, "logical_date": run.logical_date},
+                "try_number": run.try_number, "logical_date": run.logical_date,
+                # Bound to the dataset query's $data_interval_start/... by the prepare step.
+                "data_interval_start": run.data_interval_start,
+                "data_interval_end": run.data_interval_end},
         "inputs": inputs,
         "code_version": code_version(),
     }

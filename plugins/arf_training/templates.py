@@ -34,6 +34,60 @@ SCHEDULE_PRESETS = ("@once", "@hourly", "@daily", "@weekly", "@monthly", "@quart
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
 _SQL_COMMENT = re.compile(r"--[^\n]*|/\*.*?\*/", re.S)
 _SQL_STRING = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"")
+# Airflow's data-interval macros a dataset query may use. They are not pasted into the SQL:
+# `rewrite_query_macros` turns each into a DuckDB named parameter ($data_interval_start), and
+# the prepare step binds the run's values (TIMESTAMP WITH TIME ZONE) to it.
+QUERY_MACROS = ("data_interval_start", "data_interval_end", "logical_date")
+_MACRO = re.compile(r"\{\{(.*?)\}\}|\{%.*?%\}|\{#.*?#\}", re.S)
+_PARAMETER = re.compile(r"\$(" + "|".join(QUERY_MACROS) + r")\b")
+
+
+def rewrite_query_macros(query: str) -> str:
+    """`{{ data_interval_start }}` (and the other QUERY_MACROS) -> `$data_interval_start`.
+
+    Raises ValueError naming the expression for anything else in braces (other macros, Jinja
+    blocks, filters) and for a macro inside a quoted SQL string, where it would be text.
+    """
+    for literal in _SQL_STRING.findall(_SQL_COMMENT.sub(" ", query)):
+        if "{{" in literal or "{%" in literal:
+            raise ValueError(
+                f"the string literal {literal} holds a template expression; write "
+                "{{ data_interval_start }} without quotes: it is bound as a TIMESTAMP WITH TIME "
+                "ZONE parameter, not pasted into the SQL")
+
+    def replace(match: re.Match[str]) -> str:
+        name = (match.group(1) or "").strip()
+        if match.group(1) is None or name not in QUERY_MACROS:
+            raise ValueError(
+                f"uses the template expression {match.group(0)!r}; only "
+                + ", ".join("{{ " + m + " }}" for m in QUERY_MACROS)
+                + " are allowed (bound as query parameters, never pasted into the SQL); "
+                "write other values into the query")
+        return f"${name}"
+
+    return _MACRO.sub(replace, query)
+
+
+def uses_data_interval(query: str) -> bool:
+    """Whether a (rewritten) query reads one of the run's data-interval parameters."""
+    return bool(_PARAMETER.search(_SQL_STRING.sub("''", _SQL_COMMENT.sub(" ", query))))
+
+
+def _check_single_select(query: str) -> str:
+    """Rewrite the macros and check for one SELECT; returns the rewritten query."""
+    query = rewrite_query_macros(query)
+    # A cheap first line of defence so lint catches it; the container enforces it with
+    # DuckDB's own parser inside the sandbox.
+    body = _SQL_STRING.sub("''", _SQL_COMMENT.sub(" ", query)).strip().rstrip(";").strip()
+    if ";" in body:
+        raise ValueError("holds more than one statement; keep a single SELECT")
+    first = body.split(None, 1)[0].upper() if body else ""
+    if first not in ("SELECT", "WITH", "FROM", "VALUES", "("):
+        raise ValueError(
+            f"must be a single SELECT, but starts with {first or 'nothing'!r}; "
+            "data hub queries are read-only (no COPY, ATTACH, INSTALL, CREATE, ...)"
+        )
+    return query
 
 
 class _Section(BaseModel):
@@ -135,12 +189,32 @@ Hyperparameter = Annotated[
 ]
 
 
+class Replay(_Section):
+    """Replay of old data: `round(ratio x new rows)` rows sampled (seeded with the template's
+    seed, without replacement) from this query's result and added to the new rows."""
+
+    query: str = Field(min_length=1, description="A single SELECT over hub tables returning the "
+                       "same columns as dataset.query; may use the data-interval macros too.")
+    ratio: float = Field(gt=0, le=1000, description="Replay rows per new row, e.g. 1.0 for as "
+                                                    "many old rows as new ones.")
+
+    @field_validator("query")
+    @classmethod
+    def _single_select(cls, query: str) -> str:
+        return _check_single_select(query)
+
+
 class Dataset(_Section):
     """What to pull from the data hub: one SQL SELECT over its versioned tables."""
 
     hub: str = Field("default", pattern=r"^[a-z][a-z0-9_-]*$",
                      description="Data hub to query; 'default' is the deployment's ARF_DATAHUB_URI.")
-    query: str = Field(min_length=1, description="A single SQL SELECT (DuckDB dialect) over hub tables.")
+    query: str = Field(
+        min_length=1,
+        description="A single SQL SELECT (DuckDB dialect) over hub tables. May use "
+                    "{{ data_interval_start }}, {{ data_interval_end }} and {{ logical_date }}: "
+                    "bound as TIMESTAMP WITH TIME ZONE parameters ($data_interval_start, ...), "
+                    "never pasted in; such a template needs a schedule.")
     tables: dict[str, Annotated[int, Field(ge=0)]] = Field(
         default_factory=dict,
         description="Pinned table versions, e.g. {reach_demos: 3}; unpinned tables use the latest.",
@@ -154,21 +228,19 @@ class Dataset(_Section):
         False, description="Offer a 'dataset_query' field in the trigger form to replace the query."
     )
 
+    skip_if_empty: bool = Field(
+        False,
+        description="When the query returns no rows, skip the run (prepare exits 99; the later "
+                    "tasks are skipped and the run is not failed) instead of failing it. For "
+                    "incremental queries over the data interval, e.g. a nightly fine-tune.")
+    replay: Replay | None = Field(
+        None, description="Old data mixed into the new rows (against forgetting): a second "
+                          "SELECT and how many of its rows to add per new row.")
+
     @field_validator("query")
     @classmethod
     def _single_select(cls, query: str) -> str:
-        # A cheap first line of defence so lint catches it; the container enforces it with
-        # DuckDB's own parser inside the sandbox.
-        body = _SQL_STRING.sub("''", _SQL_COMMENT.sub(" ", query)).strip().rstrip(";").strip()
-        if ";" in body:
-            raise ValueError("holds more than one statement; keep a single SELECT")
-        first = body.split(None, 1)[0].upper() if body else ""
-        if first not in ("SELECT", "WITH", "FROM", "VALUES", "("):
-            raise ValueError(
-                f"must be a single SELECT, but starts with {first or 'nothing'!r}; "
-                "data hub queries are read-only (no COPY, ATTACH, INSTALL, CREATE, ...)"
-            )
-        return query
+        return _check_single_select(query)
 
 
 class Model(_Section):
@@ -242,6 +314,10 @@ class Training(_Section):
         description="After SIGTERM (preemption, timeout, a killed task) the step has this long to "
                     "checkpoint and exit before it is killed.")
     retries: int = Field(0, ge=0, le=10, description="Airflow retries of each step.")
+    freeze_layers: int = Field(
+        0, ge=0, le=64,
+        description="Fine-tuning (model.base_model): the first N hidden layers of the MLP keep "
+                    "the base model's weights; 0 trains every layer.")
 
     @field_validator("hyperparameters")
     @classmethod
@@ -277,6 +353,11 @@ class Evaluation(_Section):
     seed: int = Field(100_000, ge=0, description="First episode seed; episodes use seed..seed+n-1.")
     success_threshold: float = Field(0.8, ge=0.0, le=1.0,
                                      description="Success rate at or above which a version passes.")
+    promotion_margin: float | None = Field(
+        None, ge=0.0, lt=1.0,
+        description="Promotion gate: move the 'champion' alias to an evaluated version only if "
+                    "its success rate beats the champion's on the same seeds by at least this "
+                    "much (e.g. 0.02); the first version becomes champion. Unset: no gate.")
 
 
 # -- hyperparameter search (`hpo:`) ------------------------------------------------------------
@@ -426,6 +507,37 @@ class TrainingTemplate(_Section):
                 f"{value!r} is not a valid cron expression; write 5 fields, e.g. '0 2 * * *'"
             )
         return value
+
+    @model_validator(mode="after")
+    def _fine_tune_fits(self) -> "TrainingTemplate":
+        problems = []
+        queries = [("dataset.query", self.dataset.query)]
+        if self.dataset.replay is not None:
+            queries.append(("dataset.replay.query", self.dataset.replay.query))
+        for where, query in queries:
+            if uses_data_interval(query) and self.schedule in (None, "@once"):
+                problems.append(
+                    f"{where} reads the run's data interval, but schedule is "
+                    f"{self.schedule!r}: such runs have no interval to select. Set a schedule, "
+                    "e.g. '0 2 * * *' (each run reads the period since the previous one)")
+        if self.training.freeze_layers and self.model.base_model is None:
+            problems.append(
+                f"training.freeze_layers is {self.training.freeze_layers}, but model.base_model "
+                "is not set: freezing freshly initialised layers trains nothing useful; set "
+                "base_model (e.g. models:/reach_bc_policy@champion) or freeze_layers: 0")
+        if self.training.freeze_layers and self.training.recipe is None:
+            problems.append("training.freeze_layers needs a built-in training.recipe; a custom "
+                            "command decides itself what to train")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def uses_data_interval(self) -> bool:
+        """Whether the dataset query (or its replay) reads the run's data interval."""
+        replay = self.dataset.replay
+        return uses_data_interval(self.dataset.query) or (
+            replay is not None and uses_data_interval(replay.query))
 
     @model_validator(mode="after")
     def _hpo_fits_training(self) -> "TrainingTemplate":
@@ -661,6 +773,7 @@ def load_folder(paths: list[Path]) -> tuple[list[LoadedTemplate], list[TemplateI
     """
     good: list[LoadedTemplate] = []
     issues: list[TemplateIssue] = []
+    dupes_early: set[Path] = set()
     for path in paths:
         try:
             good.append(load_template(path))
@@ -672,10 +785,21 @@ def load_folder(paths: list[Path]) -> tuple[list[LoadedTemplate], list[TemplateI
     for loaded in good:
         by_name.setdefault(loaded.name, []).append(loaded)
     # Model names must be unique too: two DAGs registering one model would interleave versions.
+    # Except for fine-tunes of that model (base_model models:/<name>...): they register
+    # candidates under the same name on purpose, so that arf_evaluate's promotion gate compares
+    # them with the champion. At most one template per name may train it from scratch.
     by_model: dict[str, list[LoadedTemplate]] = {}
     for loaded in good:
-        by_model.setdefault(loaded.template.model.name, []).append(loaded)
-    dupes: set[Path] = set()
+        if not fine_tunes_own_model(loaded.template):
+            by_model.setdefault(loaded.template.model.name, []).append(loaded)
+    for loaded in good:
+        if fine_tunes_own_model(loaded.template):
+            owners = by_model.get(loaded.template.model.name, [])
+            problem = _evaluation_mismatch(loaded, owners)
+            if problem:
+                issues.append(problem)
+                dupes_early.add(loaded.path)
+    dupes: set[Path] = set(dupes_early)
     for key, label, groups in (("metadata.name", "name", by_name),
                                ("model.name", "model name", by_model)):
         for value, group in groups.items():
@@ -688,6 +812,33 @@ def load_folder(paths: list[Path]) -> tuple[list[LoadedTemplate], list[TemplateI
                         message=f"duplicate {label} {value!r} (also in: {files}); "
                                 "every template needs its own; rename all but one"))
     return [g for g in good if g.path not in dupes], issues
+
+
+def fine_tunes_own_model(template: TrainingTemplate) -> bool:
+    """True when the template starts from a version of the model it registers (a fine-tune)."""
+    base = template.model.base_model
+    if base is None:
+        return False
+    name = re.split(r"[/@]", base.removeprefix("models:/"), maxsplit=1)[0]
+    return name == template.model.name
+
+
+def _evaluation_mismatch(loaded: LoadedTemplate,
+                         owners: list[LoadedTemplate]) -> TemplateIssue | None:
+    """A fine-tune must evaluate its candidates like the template that trains the model from
+    scratch: the promotion gate compares versions on the same seeds."""
+    mine = loaded.template.evaluation
+    for owner in owners:
+        theirs = owner.template.evaluation
+        if mine is not None and theirs is not None and mine != theirs:
+            return TemplateIssue(
+                file=str(loaded.path), field="evaluation",
+                message=f"differs from the evaluation section of {owner.path} ({owner.name!r}), "
+                        f"which registers the same model {loaded.template.model.name!r}: "
+                        "arf_evaluate scores every version of a model the same way (the "
+                        f"promotion gate pairs them by seed). Copy {owner.name!r}'s evaluation "
+                        "section, or remove this one")
+    return None
 
 
 def json_schema() -> dict[str, Any]:

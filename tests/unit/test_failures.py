@@ -115,3 +115,9 @@ def test_cli_correct(tmp_path, episodes, capsys):
         main(["datahub", "correct", "--hub", str(tmp_path), "--collected-at", "2026-11-26T01:00"])
     assert bad.value.code == 2
     assert "has no time zone" in capsys.readouterr().err
+
+
+def test_corrections_schema_matches_the_task():
+    from arf_trainer.datahub import failures
+
+    assert (failures.OBS_DIM, failures.ACT_DIM) == (reach.OBS_DIM, reach.ACT_DIM)

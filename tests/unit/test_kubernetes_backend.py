@@ -153,8 +153,9 @@ def test_evaluate_operator(k8s_dags):
     assert isinstance(task, EvaluatePodOperator) and isinstance(task, KubernetesPodOperator)
     assert task.deferrable is True and task.namespace == NAMESPACE and task.do_xcom_push
     assert task.on_finish_action.value == "delete_succeeded_pod"
-    assert sorted(task.templates) == sorted(t.template.model.name for t in SHIPPED
-                                            if t.template.evaluation)
+    # A fine-tune registers under its base model's name: one entry per model.
+    assert sorted(task.templates) == sorted({t.template.model.name for t in SHIPPED
+                                             if t.template.evaluation})
 
 
 def test_shipped_shapes_cover_both_train_operators():
@@ -204,7 +205,8 @@ def test_run_time_manifest_is_valid(k8s_dags, loaded, task_id, pytorchjob_schema
     job_spec = json.loads(env["ARF_JOB_SPEC_JSON"])
     assert job_spec["step"] == STEP_OF[task_id] and job_spec["seed"] == 7
     assert job_spec["run"] == {"dag_id": loaded.name, "run_id": RUN_ID, "task_id": task_id,
-                               "try_number": 3, "logical_date": None}
+                               "try_number": 3, "logical_date": None,
+                               "data_interval_start": None, "data_interval_end": None}
     workspace = env["ARF_WORKSPACE"]
     assert workspace.startswith("/workspace/" + loaded.name + "/")
     if task_id == "train" and (_custom(loaded) or _world_size(loaded) > 1):

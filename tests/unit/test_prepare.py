@@ -87,10 +87,12 @@ def test_seed_is_idempotent_deterministic_and_force_appends(tmp_path: Path, hub:
     root = tmp_path / "hub"
     first = seed_demo(root, episodes=3, seed=0, force=False)
     assert first == {"reach_demos": {"rows": 150, "version": 0, "action": "created"},
-                     "digits": {"rows": 1797, "version": 0, "action": "created"}}
+                     "digits": {"rows": 1797, "version": 0, "action": "created"},
+                     "corrections": {"rows": 0, "version": 0, "action": "created"}}
     again = seed_demo(root, episodes=3, seed=0, force=False)
     assert {t: e["action"] for t, e in again.items()} == {"reach_demos": "unchanged",
-                                                          "digits": "unchanged"}
+                                                          "digits": "unchanged",
+                                                          "corrections": "unchanged"}
     # Same seed, same episodes: the same rows as the first 3 episodes of the shared hub.
     columns = [f"obs_{i}" for i in range(10)] + ["act_0", "act_1", "success"]
     mine = open_table(root, "reach_demos").dataset.to_table(columns=columns)

@@ -5,7 +5,8 @@
     arf-trainer datahub correct --hub PATH [...]          (expert corrections of failed episodes)
 
 Exit codes: 0 done, 1 runtime failure, 2 bad input, 75 preempted by SIGTERM (train: rerun to
-resume from its checkpoint); see arf_trainer.errors and arf_trainer.preemption.
+resume from its checkpoint), 99 nothing to do (the task is skipped); see arf_trainer.errors and
+arf_trainer.preemption.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from arf_trainer.errors import Preempted, TrainerError
+from arf_trainer.errors import NothingToDo, Preempted, TrainerError
 
 STEPS = ("prepare", "train", "register", "evaluate")
 
@@ -132,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             import json
 
             print(json.dumps(summary, indent=2, sort_keys=True))
+    except NothingToDo as exc:
+        # The last line of the output: the local backend shows it as the skip reason.
+        print(f"arf-trainer {args.command}: skipped: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code  # SKIP_EXIT
     except Preempted as exc:
         print(f"arf-trainer {args.command}: preempted: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code  # PREEMPTED_EXIT

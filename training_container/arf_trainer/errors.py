@@ -9,6 +9,8 @@ the Airflow task log ends with the reason:
 2    bad input: job spec, query, hyperparameters (retrying will not help)
 75   preempted: stopped on SIGTERM (see arf_trainer.preemption); the train step wrote a
      checkpoint if it had trained anything; rerun the same command to resume
+99   nothing to do: prepare with dataset.skip_if_empty found no rows; the task and the
+     later ones are skipped, the run is not failed (arf_training.errors.SKIP_EXIT)
 ===  ==============================================================================
 
 Under torchrun the workers exit 75 but torchrun itself, once it was sent SIGTERM, exits 1
@@ -17,6 +19,10 @@ Under torchrun the workers exit 75 but torchrun itself, once it was sent SIGTERM
 
 PREEMPTED_EXIT = 75
 """EX_TEMPFAIL from sysexits.h: "temporary failure, try again later"."""
+
+SKIP_EXIT = 99
+"""Nothing to do: the backends skip the task (and the tasks after it) instead of failing it.
+The Airflow side defines the same code (arf_training.errors.SKIP_EXIT)."""
 
 
 class TrainerError(Exception):
@@ -63,3 +69,9 @@ class Preempted(TrainerError):
 
 class SpoolError(TrainerError):
     """The tracking spool in the run workspace is held by another process or is damaged."""
+
+
+class NothingToDo(TrainerError):
+    """The step found no work (no new rows in the data interval): skip, do not fail."""
+
+    exit_code = SKIP_EXIT

@@ -3,7 +3,8 @@
 Reads ``<workspace>/train/result.json`` and ``model_info.json``, rebuilds the module, checks the
 weights against the recorded sha256, logs it as an MLflow model of the training run, registers
 a version of the template's ``model.name`` with lineage tags, and writes the ARF plugin manifest
-(``arf_plugin.json``) as an artifact of the run.
+(``arf_plugin.json``) as an artifact of the run. The exact state_dict and ``model_info.json``
+are logged under ``arf/model/`` of the run too: what a fine-tune (``model.base_model``) loads.
 
 Before anything else it replays the train step's tracking spool (`tracking_spool.replay`):
 whatever MLflow missed during training (an outage) is sent now, exactly once, and if MLflow was
@@ -47,6 +48,8 @@ EXAMPLE_ROWS = 8
 LINEAGE_FROM_RUN = ("arf.template", "arf.template_sha256", "arf.dag_id", "arf.dag_run_id",
                     "arf.data_fingerprint", "arf.data_tables", "arf.config_hash",
                     "arf.code_version")
+# Copied too when the training run has them (a fine-tune: the base it started from).
+OPTIONAL_LINEAGE = ("arf.base_model", "arf.base_model_version", "arf.base_model_run_id")
 
 
 def _read_train_output(path: Path) -> dict[str, Any]:
@@ -136,6 +139,21 @@ def _logged_model_uri(client: Any, experiment_id: str, run_id: str, sha: str) ->
     return ready[0].model_uri if ready else None
 
 
+def log_base_artifacts(client: Any, workspace: Path, run_id: str, result: dict[str, Any]) -> None:
+    """The exact state_dict and model_info.json as artifacts `arf/model/` of the training run:
+    what a fine-tune (`model.base_model`) starts from (`arf_trainer.trainer.base_model`).
+    Re-logging on a retry writes the same bytes."""
+    import shutil
+    import tempfile
+
+    from arf_trainer.trainer import base_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(workspace / result["weights"], Path(tmp) / base_model.WEIGHTS_FILE)
+        shutil.copyfile(workspace / "train" / "model_info.json", Path(tmp) / base_model.INFO_FILE)
+        client.log_artifacts(run_id, tmp, base_model.ARTIFACT_DIR)
+
+
 def deliver_training_record(env: StepEnv, client: Any, result: dict[str, Any]) -> dict[str, Any]:
     """Send what the train step spooled and MLflow has not got yet; return the train result
     with the MLflow run id filled in (and saved to train/result.json) if train never learned it.
@@ -173,9 +191,12 @@ def run_register(env: StepEnv) -> dict[str, Any]:
         raise RegistryError(f"training run {run_id} lacks the lineage tag(s) {missing}; it was "
                             "not made by arf-trainer train: retrain to get a complete record")
     lineage = {key: run.data.tags[key] for key in LINEAGE_FROM_RUN}
+    lineage.update({key: run.data.tags[key] for key in OPTIONAL_LINEAGE if key in run.data.tags})
     lineage.update({"arf.training_run_id": run_id, "arf.weights_sha256": sha})
 
     with tracking.mlflow_errors(env.tracking_uri, f"register {name!r} from run {run_id}"):
+        # Before registering: every registered version has its exact weights to fine-tune from.
+        log_base_artifacts(client, env.workspace, run_id, result)
         version = _registered_version(client, name, run_id)
         if version is None:
             model_uri = _logged_model_uri(client, run.info.experiment_id, run_id, sha)

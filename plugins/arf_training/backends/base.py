@@ -63,7 +63,19 @@ class Backend(ABC):
 
     @staticmethod
     def evaluable(templates: list["LoadedTemplate"]) -> dict[str, "LoadedTemplate"]:
-        return {t.template.model.name: t for t in templates if t.template.evaluation}
+        """Model name -> the template whose `evaluation` section scores its versions.
+
+        A fine-tune registers under the name of the model it starts from (`load_folder` checks
+        that both evaluate alike); the template that trains the model from scratch is the one
+        named here, whichever file comes first.
+        """
+        from arf_training.templates import fine_tunes_own_model
+
+        chosen: dict[str, "LoadedTemplate"] = {}
+        for t in sorted(templates, key=lambda t: fine_tunes_own_model(t.template)):
+            if t.template.evaluation:
+                chosen.setdefault(t.template.model.name, t)
+        return chosen
 
     def describe(self, template: "TrainingTemplate") -> str:
         return self.name

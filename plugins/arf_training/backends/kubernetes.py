@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 
 from arf_training.backends.base import Backend
-from arf_training.errors import BAD_INPUT_EXIT, StepFailed
+from arf_training.errors import BAD_INPUT_EXIT, SKIP_EXIT, StepFailed
 from arf_training.kubernetes.config import KubernetesSettings
 from arf_training.kubernetes.jobs import DistributedJobRenderer, PyTorchJobRenderer
 from arf_training.kubernetes.operators import PyTorchJobOperator
@@ -151,6 +151,9 @@ class _ArfPodOperator(KubernetesPodOperator):
         kwargs.setdefault("get_logs", True)
         kwargs.setdefault("on_finish_action", ON_FINISH_ACTION)
         kwargs.setdefault("do_xcom_push", True)
+        # A step that found nothing to do (prepare, dataset.skip_if_empty) exits 99: the
+        # provider raises AirflowSkipException, so the later tasks are skipped, not failed.
+        kwargs.setdefault("skip_on_exit_code", SKIP_EXIT)
         kwargs.setdefault("xcom_sidecar_container_security_context",
                           dict(XCOM_SIDECAR_SECURITY_CONTEXT))
         super().__init__(

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.sdk import BaseOperator
 
 from arf_training.backends.base import Backend
-from arf_training.errors import BAD_INPUT_EXIT, StepFailed, StepTimeout
+from arf_training.errors import BAD_INPUT_EXIT, SKIP_EXIT, StepFailed, StepSkipped, StepTimeout
 from arf_training.runtime import (
     emit_model_event,
     fail_fast_on_bad_input,
@@ -43,7 +43,10 @@ if TYPE_CHECKING:
 PASSTHROUGH_ENV = ("HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "CUDA_VISIBLE_DEVICES",
                    "MUJOCO_GL", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "OPENBLAS_CORETYPE",
                    "OPENBLAS_L2_SIZE")
-TEST_HOOK_PREFIX = "ARF_TEST_"
+# The trainer's fault-injection hooks (arf_trainer/trainer/testhooks.py), by name: only these
+# pass, not every ARF_TEST_* variable of the worker.
+TEST_HOOKS = ("ARF_TEST_STEP_DELAY_S", "ARF_TEST_CHECKPOINT_DELAY_S", "ARF_TEST_CRASH_AT_STEP",
+              "ARF_TEST_CRASH_RANK", "ARF_TEST_CRASH_MODE", "ARF_TEST_CRASH_TRIAL")
 TAIL_LINES = 60
 # Beyond the step's own grace period: time for torchrun to pass SIGTERM on and reap workers.
 KILL_MARGIN_S = 5.0
@@ -92,7 +95,7 @@ class LocalStepRunner:
         env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
         # Fault-injection hooks (arf_trainer.trainer.testhooks) reach the steps, so end-to-end
         # tests can fail one step through the real DAG; the trainer warns when one is set.
-        env.update({k: v for k, v in os.environ.items() if k.startswith(TEST_HOOK_PREFIX)})
+        env.update({k: os.environ[k] for k in TEST_HOOKS if k in os.environ})
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
                                        os.environ.get("PATH", "/usr/bin:/bin")])
         env["PYTHONUNBUFFERED"] = "1"
@@ -152,6 +155,11 @@ class LocalStepRunner:
         finally:
             self.kill()
         failed = [(i, c) for i, c in enumerate(codes) if c != 0]
+        if failed and all(c == SKIP_EXIT for _, c in failed):
+            # The step's last line says why (e.g. no new rows in the data interval).
+            reason = next((line for line in reversed(tail) if line.strip()), "")
+            raise StepSkipped(f"step {spec.step!r} found nothing to do (exit code {SKIP_EXIT}): "
+                              f"{reason}")
         if failed:
             what = ", ".join(f"node {i} exit code {c}" for i, c in failed)
             raise StepFailed(f"step {spec.step!r} failed ({what}). Last lines of its output:\n"

@@ -40,6 +40,23 @@ log = logging.getLogger(__name__)
 FAILURES_TABLE = "failures"
 CORRECTIONS_TABLE = "corrections"
 _KEY = ("model_name", "model_version", "seed")
+OBS_DIM, ACT_DIM = 10, 2  # the reach task's (arf_trainer.sim.reach), without importing MuJoCo
+# Fixed, so that the empty table the demo seeds and every upload append to the same schema.
+CORRECTIONS_SCHEMA = pa.schema(
+    [("episode", pa.int64()), ("step", pa.int32())]
+    + [(f"obs_{j}", pa.float32()) for j in range(OBS_DIM)]
+    + [(f"act_{j}", pa.float32()) for j in range(ACT_DIM)]
+    + [("success", pa.bool_()), ("seed", pa.int64()),
+       ("collected_at", pa.timestamp("us", tz="UTC")),
+       ("source_model_name", pa.string()), ("source_model_version", pa.int64())])
+
+
+def create_corrections_table(hub: Path) -> int | None:
+    """Create the empty `corrections` table if the hub has none (the nightly fine-tune then finds
+    no new rows and skips, instead of failing on a missing table); return its new version."""
+    if CORRECTIONS_TABLE in list_tables(hub):
+        return None
+    return write_table(hub, CORRECTIONS_TABLE, CORRECTIONS_SCHEMA.empty_table())
 
 
 def _utc(when: dt.datetime) -> dt.datetime:
@@ -145,7 +162,7 @@ def correct_failures(hub: Path, *, collected_at: dt.datetime, model_name: str | 
     columns["collected_at"] = pa.array([collected_at] * n, type=pa.timestamp("us", tz="UTC"))
     columns["source_model_name"] = rows["model_name"]
     columns["source_model_version"] = rows["model_version"]
-    version = write_table(hub, CORRECTIONS_TABLE, pa.table(columns))
+    version = write_table(hub, CORRECTIONS_TABLE, pa.table(columns, schema=CORRECTIONS_SCHEMA))
     log.info("corrected %d failure episode(s) (%d states) into %s version %d, collected at %s",
              len(chosen), n, CORRECTIONS_TABLE, version, collected_at.isoformat())
     return {"episodes": len(chosen), "rows": n, "version": version}

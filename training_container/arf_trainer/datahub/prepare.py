@@ -17,7 +17,26 @@ Layout, under the run workspace (shared by every step of one DAG run)::
      "fingerprint": sha256 over the lines "<path> <shard sha256>\\n", train shards then val,
      "shards": {"train": [{"path", "rows", "sha256"}], "val": [...]} (a split with no rows
                has no shards),
-     "validation_split", "seed", "created_with": {"duckdb", "pyarrow"}}
+     "validation_split", "seed", "created_with": {"duckdb", "pyarrow"},
+     "new_rows": rows of dataset.query, "replay": null or {"query", "ratio", "rows_available",
+               "rows_requested", "rows", "tables"} (see below),
+     "parameters": {name: ISO time} bound to the queries ($data_interval_start, ...)}
+
+Data interval: a query may use `$data_interval_start`, `$data_interval_end` and `$logical_date`
+(the template's `{{ data_interval_start }}` macros, rewritten by arf_training.templates). Their
+values come from the job spec's `run` (the Airflow run's data interval) and are bound by DuckDB
+as TIMESTAMP WITH TIME ZONE, never pasted into the SQL. A run without a data interval (a manual
+run without a logical date) cannot run such a query: that is bad input (exit 2) with a message
+saying how to trigger it, not an empty result.
+
+Skip: with `dataset.skip_if_empty`, a query that returns no rows raises `NothingToDo` (exit 99):
+the backends skip this task and the later ones; the run is not failed. Without it, no rows is an
+error as before.
+
+Replay: with `dataset.replay: {query, ratio}`, `round(ratio x new rows)` rows of the replay
+query's result (all of them if it has fewer) are sampled without replacement with a generator
+seeded from the spec's seed, and appended to the new rows before the train/val split. Both
+queries' tables are in "tables"; the fingerprint covers the shards of the union.
 
 Reproducibility: the query returns rows in canonical order (see `arf_trainer.datahub.query`),
 the split is a permutation drawn from the job spec's seed, and shards are written with fixed
@@ -31,6 +50,7 @@ against their hashes and reuses them without querying again.
 
 from __future__ import annotations
 
+import datetime as dt
 import fnmatch
 import hashlib
 import logging
@@ -47,7 +67,7 @@ import pyarrow.parquet as pq
 
 from arf_trainer.datahub.query import run_query
 from arf_trainer.datahub.tables import table_path
-from arf_trainer.errors import DataHubError, QueryError, SpecError
+from arf_trainer.errors import DataHubError, NothingToDo, QueryError, SpecError
 from arf_trainer.spec import StepEnv, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -71,6 +91,8 @@ _PARQUET_OPTIONS: dict[str, Any] = {
     "write_statistics": True,
 }
 _HASH_CHUNK = 1 << 20
+# Run values a dataset query may read as named parameters (the template's data-interval macros).
+INTERVAL_PARAMETERS = ("data_interval_start", "data_interval_end", "logical_date")
 
 
 def _sha256_file(path: Path) -> str:
@@ -186,21 +208,122 @@ def _hub(env: StepEnv) -> Path:
     return env.datahub
 
 
+def query_parameters(env: StepEnv) -> dict[str, dt.datetime | None]:
+    """The run's data interval and logical date from the job spec (None where the run has none)."""
+    run = env.spec.raw.get("run") or {}
+    values: dict[str, dt.datetime | None] = {}
+    for name in INTERVAL_PARAMETERS:
+        text = run.get(name)
+        if text is None:
+            values[name] = None
+            continue
+        try:
+            when = dt.datetime.fromisoformat(str(text))
+        except ValueError:
+            raise SpecError(f"job spec run.{name}={text!r} is not an ISO 8601 time; the "
+                            "arf-training operator writes the Airflow run's value there") from None
+        if when.tzinfo is None:
+            raise SpecError(f"job spec run.{name}={text!r} has no time zone; write e.g. "
+                            f"{text}+00:00")
+        values[name] = when.astimezone(dt.UTC)
+    return values
+
+
+def _parameters_for(field: str, query: str,
+                    values: dict[str, dt.datetime | None]) -> dict[str, dt.datetime]:
+    """The run values `query` uses; a used one that this run lacks is bad input (exit 2)."""
+    try:
+        statements = duckdb.extract_statements(query)
+        used = set(statements[0].named_parameters) if len(statements) == 1 else set()
+    except duckdb.Error:
+        used = set()  # run_query reports the syntax error itself
+    missing = sorted(name for name in used if name in values and values[name] is None)
+    if missing:
+        raise SpecError(
+            f"{field} uses {', '.join('$' + m for m in missing)} (the template's "
+            f"{{{{ {missing[0]} }}}}), but this run has no data interval (a manual run without a "
+            "logical date). Let the scheduler run it, or trigger it with a logical date, e.g. "
+            "`airflow dags test <dag_id> 2026-11-26T02:00:00+00:00` (the run then reads the "
+            "schedule's interval ending at or before that time)")
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _tables_text(versions: dict[str, int]) -> str:
+    return ", ".join(f"{n}@v{v}" for n, v in versions.items()) or "none"
+
+
+def _empty(env: StepEnv, versions: dict[str, int], bound: dict[str, dt.datetime]) -> Exception:
+    """The error (or, with dataset.skip_if_empty, the skip) for a query with no rows."""
+    if not env.spec.dataset.get("skip_if_empty"):
+        return QueryError(
+            f"the dataset query returned 0 rows (tables read: {_tables_text(versions)}); there "
+            "is nothing to train on. Check the WHERE clause and the pinned table versions, or "
+            "set dataset.skip_if_empty: true to skip such runs instead of failing them")
+    start, end = bound.get("data_interval_start"), bound.get("data_interval_end")
+    when = (f"between {start.isoformat()} and {end.isoformat()} (the run's data interval, "
+            "end excluded)" if start is not None and end is not None else "for this run")
+    return NothingToDo(
+        f"no new rows {when} in {_tables_text(versions)}: dataset.query returned 0 rows and "
+        "dataset.skip_if_empty is set, so this run is skipped (nothing new to train on)")
+
+
+def _with_replay(hub: Path, replay: dict[str, Any], new: pa.Table, pins: dict[str, int],
+                 values: dict[str, dt.datetime | None],
+                 seed: int) -> tuple[pa.Table, dict[str, Any], dict[str, int]]:
+    """`new` followed by round(ratio x new rows) seeded samples of the replay query's rows."""
+    query, ratio = replay["query"], float(replay["ratio"])
+    if not ratio > 0:
+        raise SpecError(f"dataset.replay.ratio={ratio!r} must be above 0, e.g. 1.0")
+    old, versions = run_query(hub, query, pins, memory_limit=QUERY_MEMORY_LIMIT,
+                              timeout_s=QUERY_TIMEOUT_S,
+                              parameters=_parameters_for("dataset.replay.query", query, values))
+    missing = [c for c in new.column_names if c not in old.column_names]
+    extra = [c for c in old.column_names if c not in new.column_names]
+    if missing or extra:
+        raise SpecError(
+            "dataset.replay.query must return the same columns as dataset.query (the rows are "
+            f"stacked); missing: {missing or 'none'}, extra: {extra or 'none'}. Select the same "
+            "columns in both queries (e.g. list them explicitly instead of *)")
+    try:
+        old = old.select(new.column_names).cast(new.schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise SpecError(f"dataset.replay.query's columns do not convert to dataset.query's "
+                        f"types ({exc}); CAST them in the replay query") from exc
+    wanted = round(ratio * new.num_rows)
+    take = min(wanted, old.num_rows)
+    if take < wanted:
+        log.warning("dataset.replay asks for %d rows (ratio %g x %d new rows) but its query "
+                    "returned %d; replaying all of them", wanted, ratio, new.num_rows, old.num_rows)
+    # Its own stream (seed, 1): the train/val split keeps drawing from default_rng(seed).
+    picked = np.sort(np.random.default_rng([seed, 1]).choice(old.num_rows, size=take,
+                                                             replace=False))
+    combined = pa.concat_tables([new, old.take(pa.array(picked, type=pa.int64()))])
+    info = {"query": query, "ratio": ratio, "rows_available": old.num_rows,
+            "rows_requested": wanted, "rows": take,
+            "tables": {n: v for n, v in versions.items()}}
+    log.info("replay: %d of %d rows from %s added to %d new rows", take, old.num_rows,
+             _tables_text(versions), new.num_rows)
+    return combined, info, versions
+
+
 def _build(env: StepEnv, root: Path) -> dict[str, Any]:
     """Query, split, write shards + manifest into `root` (a fresh folder); return the manifest."""
     dataset = env.spec.dataset
     hub = _hub(env)
     query = resolve_query(env)
     pins = dict(dataset.get("tables") or {})
+    values = query_parameters(env)
+    bound = _parameters_for("dataset.query", query, values)
     result, versions = run_query(hub, query, pins, memory_limit=QUERY_MEMORY_LIMIT,
-                                 timeout_s=QUERY_TIMEOUT_S)
-    columns = result.column_names
+                                 timeout_s=QUERY_TIMEOUT_S, parameters=bound)
     if result.num_rows == 0:
-        raise QueryError(
-            f"the dataset query returned 0 rows (tables read: "
-            f"{', '.join(f'{n}@v{v}' for n, v in versions.items()) or 'none'}); there is nothing "
-            "to train on. Check the WHERE clause and the pinned table versions"
-        )
+        raise _empty(env, versions, bound)
+    new_rows, replay_info = result.num_rows, None
+    if dataset.get("replay"):
+        result, replay_info, replay_versions = _with_replay(hub, dataset["replay"], result, pins,
+                                                            values, env.spec.seed)
+        versions = {**replay_versions, **versions}
+    columns = result.column_names
     features = resolve_columns("dataset.features", dataset["features"], columns)
     targets = resolve_columns("dataset.targets", dataset["targets"], columns)
     both = [c for c in features if c in targets]
@@ -232,6 +355,10 @@ def _build(env: StepEnv, root: Path) -> dict[str, Any]:
         "validation_split": split,
         "seed": env.spec.seed,
         "created_with": {"duckdb": duckdb.__version__, "pyarrow": pa.__version__},
+        "new_rows": new_rows,
+        "replay": replay_info,
+        "parameters": {name: value.isoformat() for name, value in values.items()
+                       if value is not None},
     }
     write_json_atomic(root / MANIFEST_NAME, manifest)
     return manifest

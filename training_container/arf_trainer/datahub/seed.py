@@ -9,6 +9,8 @@ Two tables:
   actually visited (DAgger-style): behaviour cloning then also learns how to recover from
   small drifts instead of only the expert's own narrow state distribution. `success` is the
   outcome of the whole (noisy) episode, so `WHERE success` keeps good demonstrations.
+* `corrections`: created empty (the schema `arf_trainer.datahub.failures` appends to), so
+  the nightly fine-tune finds no corrections and skips until the first ones are uploaded.
 * `digits`: scikit-learn's 8x8 digits (shipped with scikit-learn, no download) as
   pixel_0..pixel_63 FLOAT32 in [0, 1] and label INT64.
 
@@ -29,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from arf_trainer.datahub.failures import CORRECTIONS_TABLE, create_corrections_table
 from arf_trainer.datahub.tables import list_tables, open_table, write_table
 from arf_trainer.errors import DataHubError
 from arf_trainer.spec import uri_to_path
@@ -137,6 +140,11 @@ def seed_demo(hub: Path, episodes: int = 200, seed: int = 0, force: bool = False
         action = "unchanged"
     rows, version = _row_count(hub, DIGITS_TABLE)
     summary[DIGITS_TABLE] = {"rows": rows, "version": version, "action": action}
+
+    created = create_corrections_table(hub)
+    rows, version = _row_count(hub, CORRECTIONS_TABLE)
+    summary[CORRECTIONS_TABLE] = {"rows": rows, "version": version,
+                                  "action": "unchanged" if created is None else "created"}
 
     if all(entry["action"] == "unchanged" for entry in summary.values()):
         log.info("data hub %s is already seeded (%s); pass --force to add a new version",

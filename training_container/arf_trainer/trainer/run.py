@@ -5,6 +5,8 @@ Runs as one process or under torchrun (DDP; gloo on CPU, NCCL on GPU). Reads the
 manifest and Parquet shards, writes under ``<workspace>/train/``::
 
     checkpoints/step-N/   see checkpoint.py; a retried task resumes from the highest one
+    base_model/           a fine-tune's base (model.base_model), resolved once and pinned:
+                          base_model.json, model.pt, model_info.json (see base_model.py)
     model.pt              final state_dict (CPU tensors, sorted keys)
     model_info.json       what the register step needs to rebuild the module (ModelInfo)
     result.json           written last; its presence with valid weights means "done"
@@ -52,7 +54,7 @@ from arf_trainer.errors import PREEMPTED_EXIT, Preempted, SpecError, TrainingErr
 from arf_trainer.preemption import GRACE_ENV, PreemptionGuard, sigterm_guard
 from arf_trainer.spec import JobSpec, StepEnv, read_json, write_json_atomic
 from arf_trainer.tracking_spool import TrackingSpool
-from arf_trainer.trainer import dist
+from arf_trainer.trainer import base_model, dist
 from arf_trainer.trainer.checkpoint import (
     Checkpointer,
     capture_rng_state,
@@ -88,16 +90,23 @@ class TrainConfig:
     resolved: dict[str, Any]
     """template + hyperparameters + seed: stored in every checkpoint, hashed into config_hash."""
     config_hash: str
+    base_model: str | None = None
+    """model.base_model as written (models:/<name>@<alias> or /<version>); None: from scratch."""
+    freeze_layers: int = 0
 
     @classmethod
     def from_spec(cls, spec: JobSpec, world_size: int) -> "TrainConfig":
         training = spec.training
-        if spec.model.get("base_model"):
-            # Silently training from scratch would register a model the user did not ask for.
-            raise SpecError(
-                f"model.base_model={spec.model['base_model']!r}: starting from a registered model "
-                "is not supported by the built-in recipes yet; remove base_model to train from "
-                "scratch")
+        base = spec.model.get("base_model") or None
+        if base is not None:
+            base_model.parse_uri(base)  # a malformed URI fails before any distributed init
+        freeze_layers = training.get("freeze_layers") or 0
+        if isinstance(freeze_layers, bool) or not isinstance(freeze_layers, int) \
+                or freeze_layers < 0:
+            raise SpecError(f"training.freeze_layers={freeze_layers!r} must be an integer >= 0")
+        if freeze_layers and base is None:
+            raise SpecError(f"training.freeze_layers={freeze_layers} needs model.base_model: "
+                            "freezing freshly initialised layers trains nothing useful")
         recipe = get_recipe(training.get("recipe"))
         hp = Hyperparameters.parse(recipe.name, spec.hyperparameters)
         if not 0 <= spec.seed < 2**32 - world_size:
@@ -116,6 +125,8 @@ class TrainConfig:
                                  else training["keep_checkpoints"]),
             resolved=resolved,
             config_hash=tracking.sha256_json(resolved),
+            base_model=base,
+            freeze_layers=freeze_layers,
         )
 
 
@@ -413,7 +424,8 @@ def _active_tracking() -> TrackingSpool:
 
 
 def start_mlflow_run(env: StepEnv, cfg: TrainConfig, data: TrainData,
-                     denv: DistEnv) -> tuple[str | None, str | None]:
+                     denv: DistEnv, extra_tags: dict[str, str] | None = None
+                     ) -> tuple[str | None, str | None]:
     """Open the tracking spool, record the run, its reproducibility record, params and
     lineage, and start sending them. (rank 0)
 
@@ -424,7 +436,8 @@ def start_mlflow_run(env: StepEnv, cfg: TrainConfig, data: TrainData,
     import mlflow
 
     spec = env.spec
-    tags = reproducibility_tags(spec, cfg.config_hash, data, denv.world_size)
+    tags = {**reproducibility_tags(spec, cfg.config_hash, data, denv.world_size),
+            **(extra_tags or {})}  # e.g. arf.base_model, arf.base_model_version
     # Lineage: the digest is the prepare fingerprint, so MLflow hashes nothing; MLflow caps
     # dataset digests at 36 characters (the full sha256 is in the arf.data_fingerprint tag).
     with warnings.catch_warnings():
@@ -627,6 +640,18 @@ def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
     hooks = TestHooks.from_environ(
         trial_number=(env.spec.inputs.get("hpo") or {}).get("trial_number"))
     info = recipe.describe(data.features, data.targets, hp, data.y_train)
+    base = None
+    if cfg.base_model is not None:
+        # Resolved once (rank 0) and pinned in the workspace: a retry or a resumed run starts
+        # from the same version even if the alias has moved since.
+        folder = out_dir / base_model.FOLDER
+        record = dist.broadcast_from_main(denv, dist.run_on_main(
+            denv, lambda: base_model.pin(cfg.base_model, folder, env.tracking_uri),
+            "resolve model.base_model"))
+        base = base_model.load(record, folder)
+        base_model.check_compatible(base, recipe.name, data.features, data.targets,
+                                    env.spec.hyperparameters)
+        info = base.info  # the base's architecture (and, for a classifier, its classes)
     x_train = torch.from_numpy(data.x_train)
     y_train = recipe.encode_targets(info, data.y_train, "training")
     x_val = torch.from_numpy(data.x_val)
@@ -635,9 +660,19 @@ def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
     # Same seed on every rank: identical initial weights (DDP would broadcast rank 0's anyway).
     seed_all(cfg.seed)
     model = recipe.build_model(info)
-    recipe.fit_normalization(model, data.x_train, y_train)
+    if base is None:
+        recipe.fit_normalization(model, data.x_train, y_train)
+    else:
+        # The base's weights and its input/output normalization: the fine-tune keeps serving
+        # the same units, and the new data is standardized the way the base saw its data.
+        model.load_state_dict(base.weights)
+        frozen = base_model.freeze(model, cfg.freeze_layers)
+        if frozen and denv.is_main:
+            log.info("fine-tuning %s version %s with %s frozen", base.uri, base.version,
+                     ", ".join(frozen))
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=hp.lr, weight_decay=hp.weight_decay)
     # The step trains the standardized core on standardized data (Recipe.training_tensors);
     # the normalization buffers live outside it, so DDP has no buffers to broadcast.
     ddp_net = DDP(model.net) if denv.enabled else model.net
@@ -699,7 +734,8 @@ def train(env: StepEnv, cfg: TrainConfig, data: TrainData, denv: DistEnv,
     def start_tracking() -> tuple[str, str]:
         try:
             with tracking.mlflow_errors(env.tracking_uri, "start the training run"):
-                return start_mlflow_run(env, cfg, data, denv)
+                return start_mlflow_run(env, cfg, data, denv,
+                                        extra_tags=base.tags if base is not None else None)
         except BaseException:
             _end_mlflow_run("FAILED")
             raise

@@ -1,0 +1,118 @@
+"""The nightly failure fine-tune end to end through real Airflow (`airflow dags test`), MLflow,
+the Delta data hub and MuJoCo: reach_bc registers a version, it becomes champion, corrections
+of failed episodes are collected inside one night's data interval, and the fine-tune DAG run for
+that night registers a candidate of the same model that names its base version and the
+corrections table version. A night without corrections is skipped, not failed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from airflow_runs import latest_run, task_states
+from arf_training.settings import ArfSettings
+from arf_training.stepspec import workspace_for
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+DAG = "reach_bc_failure_finetune"
+# dags test with this logical date runs the interval [2026-11-25 02:00, 2026-11-26 02:00) UTC.
+NIGHT = "2026-11-26T02:00:00+00:00"
+INSIDE = dt.datetime(2026, 11, 25, 13, tzinfo=dt.UTC)
+BEFORE = dt.datetime(2026, 11, 24, 13, tzinfo=dt.UTC)  # the previous night's corrections
+
+
+def dags_test(env, dag_id: str, conf: dict, logical_date: str | None = None):
+    command = [str(BIN / "airflow"), "dags", "test", dag_id]
+    if logical_date:
+        command.append(logical_date)
+    return subprocess.run(command + ["-c", json.dumps(conf)], env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def _corrections(hub: Path) -> dict[str, int]:
+    """Failed episodes of a do-nothing policy -> `failures`; then corrections of one of them
+    collected the night before, and of the others inside the night under test."""
+    from arf_trainer.datahub.failures import correct_failures, record_failures
+    from arf_trainer.sim import reach
+
+    sim = reach.make_env()
+    try:
+        episodes = [(s, reach.rollout(lambda obs: np.zeros(2, dtype=np.float32), s, env=sim))
+                    for s in range(900_000, 900_003)]
+    finally:
+        sim.close()
+    assert not any(r.success for _, r in episodes)
+    record_failures(hub, model_name="reach_bc_policy", model_version=0, eval_run_id="e2e",
+                    episodes=episodes, recorded_at=BEFORE)
+    before = correct_failures(hub, collected_at=BEFORE, limit=1)
+    inside = correct_failures(hub, collected_at=INSIDE)
+    assert before["episodes"] == 1 and inside["episodes"] == 2
+    return {"rows_inside": inside["rows"], "version": inside["version"]}
+
+
+def test_nightly_finetune_registers_a_candidate_of_the_champion(embedded):
+    from mlflow.tracking import MlflowClient
+
+    proc = dags_test(embedded, "reach_bc", {"epochs": 2})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    base_run = latest_run("reach_bc")
+    ws = workspace_for(ArfSettings.from_env(), "reach_bc", base_run.run_id)
+    base_version = json.loads((ws / "register" / "result.json").read_text())["model_version"]
+    client = MlflowClient(tracking_uri=embedded["ARF_TRACKING_URI"],
+                          registry_uri=embedded["ARF_TRACKING_URI"])
+    client.set_registered_model_alias("reach_bc_policy", "champion", base_version)
+
+    corrections = _corrections(_hub(embedded))
+
+    proc = dags_test(embedded, DAG, {"epochs": 2}, NIGHT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    run = latest_run(DAG)
+    assert str(run.state) == "success"
+    assert task_states(DAG, run.run_id) == {
+        "prepare_data": "success", "train": "success", "register_model": "success"}
+
+    ws = workspace_for(ArfSettings.from_env(), DAG, run.run_id)
+    manifest = json.loads((ws / "prepare" / "manifest.json").read_text())
+    # Only the corrections collected inside the night; as many replayed demonstrations.
+    assert manifest["new_rows"] == corrections["rows_inside"]
+    assert manifest["replay"]["rows"] == corrections["rows_inside"]
+    assert manifest["parameters"]["data_interval_start"] == "2026-11-25T02:00:00+00:00"
+    assert manifest["parameters"]["data_interval_end"] == "2026-11-26T02:00:00+00:00"
+
+    register = json.loads((ws / "register" / "result.json").read_text())
+    assert register["model_name"] == "reach_bc_policy"
+    assert int(register["model_version"]) > int(base_version)
+    tags = client.get_model_version("reach_bc_policy", register["model_version"]).tags
+    assert tags["arf.base_model"] == "models:/reach_bc_policy@champion"
+    assert tags["arf.base_model_version"] == base_version
+    tables = json.loads(tags["arf.data_tables"])
+    assert tables["corrections"] == corrections["version"] and "reach_demos" in tables
+    assert tags["arf.template"] == DAG
+
+
+def _hub(embedded) -> Path:
+    from arf_trainer.spec import uri_to_path
+
+    return uri_to_path(embedded["ARF_DATAHUB_URI"])
+
+
+def test_a_night_without_corrections_is_skipped_not_failed(embedded):
+    from arf_trainer.datahub.tables import list_tables
+
+    if "corrections" not in list_tables(_hub(embedded)):  # this test run on its own
+        _corrections(_hub(embedded))
+    proc = dags_test(embedded, DAG, {"epochs": 2}, "2027-03-02T02:00:00+00:00")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    run = latest_run(DAG)
+    assert str(run.state) == "success"
+    assert task_states(DAG, run.run_id) == {
+        "prepare_data": "skipped", "train": "skipped", "register_model": "skipped"}
+    assert "no new rows between 2027-03-01T02:00:00+00:00 and 2027-03-02T02:00:00+00:00" in \
+        proc.stdout + proc.stderr
