@@ -26,6 +26,7 @@ DAG = "reach_bc_failure_finetune"
 NIGHT = "2026-11-26T02:00:00+00:00"
 INSIDE = dt.datetime(2026, 11, 25, 13, tzinfo=dt.UTC)
 BEFORE = dt.datetime(2026, 11, 24, 13, tzinfo=dt.UTC)  # the previous night's corrections
+SOURCE = "e2e_do_nothing_policy"  # whose failures the corrections relabel
 
 
 def dags_test(env, dag_id: str, conf: dict, logical_date: str | None = None):
@@ -49,10 +50,12 @@ def _corrections(hub: Path) -> dict[str, int]:
     finally:
         sim.close()
     assert not any(r.success for _, r in episodes)
-    record_failures(hub, model_name="reach_bc_policy", model_version=0, eval_run_id="e2e",
+    # A model name of its own: evaluations earlier in the session left failures of
+    # reach_bc_policy in the hub, which are not this test's to correct.
+    record_failures(hub, model_name=SOURCE, model_version=0, eval_run_id="e2e",
                     episodes=episodes, recorded_at=BEFORE)
-    before = correct_failures(hub, collected_at=BEFORE, limit=1)
-    inside = correct_failures(hub, collected_at=INSIDE)
+    before = correct_failures(hub, collected_at=BEFORE, model_name=SOURCE, limit=1)
+    inside = correct_failures(hub, collected_at=INSIDE, model_name=SOURCE)
     assert before["episodes"] == 1 and inside["episodes"] == 2
     return {"rows_inside": inside["rows"], "version": inside["version"]}
 
