@@ -12,6 +12,7 @@ training when the signal lands; the other fault-injection hooks are described in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -86,11 +87,20 @@ class Run:
             pytest.fail(f"run did not end within {timeout} s:\n{self.output[-4000:]}")
 
     def kill(self) -> None:
+        import psutil
+
         for proc in self.procs:
+            # torchrun starts each worker in a session of its own: killing torchrun's group
+            # alone would leave workers behind, so reach every descendant.
             try:
+                workers = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                workers = []
+            for victim in workers:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    victim.kill()
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 class Workspace:

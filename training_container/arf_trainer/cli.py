@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import NoReturn
 
 from arf_trainer.errors import NothingToDo, Preempted, TrainerError
 
@@ -142,8 +143,44 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code  # PREEMPTED_EXIT
     except TrainerError as exc:
         print(f"arf-trainer {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        if args.command == "train" and _is_rank_of_a_group():
+            _exit_failed_worker(exc.exit_code)
         return exc.exit_code
+    except Exception:
+        if args.command == "train" and _is_rank_of_a_group():
+            import traceback
+
+            traceback.print_exc()
+            _exit_failed_worker(1)
+        raise
     return 0
+
+
+def _is_rank_of_a_group() -> bool:
+    """True in a process that torchrun (or a PyTorchJob) started as one of several ranks."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE") or 1) > 1
+
+
+def _exit_failed_worker(code: int) -> NoReturn:
+    """End a failed rank of a multi-process job at once, without interpreter shutdown.
+
+    Why: freeing the DDP Reducer (when the exception's frames are released, or at shutdown)
+    runs ProcessGroupGloo's destructor, which joins gloo's worker threads while holding the
+    GIL; a worker thread destroying an in-flight AsyncWork needs the GIL, so both wait
+    forever (seen with py-spy). The peers then sit in their collective until gloo's timeout
+    and torchrun never learns of the failure. `os._exit` closes the sockets now: the peers'
+    collectives fail, torchrun sees a failed worker and stops the job. What is worth keeping
+    (checkpoints, the MLflow run's FAILED status, the error line) is written by then.
+    """
+    import os
+
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

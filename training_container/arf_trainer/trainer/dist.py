@@ -118,17 +118,17 @@ def _restart_store(denv: DistEnv) -> torch_dist.Store | None:
     return torch_dist.PrefixStore(f"arf/attempt-{attempt}", client)
 
 
-def teardown(denv: DistEnv, clean: bool = True) -> None:
-    """Destroy the process group; on a clean exit, only after every rank has arrived.
+def teardown(denv: DistEnv) -> None:
+    """Destroy the process group after every rank has arrived (clean exits only).
 
     Without the barrier, a fast rank can tear down gloo while a slower peer still has a
     collective in flight, and that peer then aborts ("Connection closed by peer"). After a
-    failure (`clean=False`) the peers may never reach a barrier, so none is attempted.
+    failure nothing is torn down: the peers may never reach a barrier, and destroying a gloo
+    group with work in flight can deadlock (see `arf_trainer.cli._exit_failed_worker`).
     """
     if denv.enabled and torch_dist.is_initialized():
         try:
-            if clean:
-                torch_dist.barrier()
+            torch_dist.barrier()
         finally:
             torch_dist.destroy_process_group()
 

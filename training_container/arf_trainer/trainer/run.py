@@ -530,10 +530,8 @@ def run_train(env: StepEnv) -> dict[str, Any] | None:
                 # are in step with each other, so the clean (barrier) teardown is safe.
                 dist.teardown(denv)
                 raise
-            except BaseException:
-                # No barrier here: the other ranks may be inside a collective that will never end.
-                dist.teardown(denv, clean=False)
-                raise
+            # Any other failure: no teardown; the CLI ends a failed rank without destructors
+            # (arf_trainer.cli._exit_failed_worker says why).
             dist.teardown(denv)
         return result
 
