@@ -6,6 +6,8 @@
     arf templates render NAME         the Kubernetes manifests of its steps (like helm template)
     arf datahub seed [--force]        create the demo tables in the embedded data hub
     arf demo [--template T]           seed, run T end to end through Airflow, evaluate
+    arf demo failure-loop [--nights N]   weak champion -> N nightly fine-tunes on corrected
+                                      field failures, gated; vs a from-scratch retrain
     arf up | arf down                 start / stop Airflow + MLflow on localhost
     arf airflow ARGS ...              any `airflow` command in the embedded environment
     arf env                           print the embedded environment as shell exports
@@ -252,9 +254,20 @@ def main(argv: list[str] | None = None) -> int:
     seed = hsub.add_parser("seed", help="create the demo tables (idempotent)")
     seed.add_argument("--force", action="store_true", help="write new versions even if seeded")
     seed.add_argument("--episodes", type=int, default=200, help="expert reach episodes")
-    demo = sub.add_parser("demo", help="run a template end to end on the embedded default")
+    demo = sub.add_parser("demo", help="run a template end to end on the embedded default; "
+                          "`arf demo failure-loop` runs the measured failure-learning loop")
+    demo.add_argument("what", nargs="?", choices=["failure-loop"],
+                      help="failure-loop: weak champion -> nightly field failures, corrections, "
+                      "fine-tunes and gate, vs a from-scratch retrain (in a home of its own)")
     demo.add_argument("--template", default="reach_bc", help="template name (default reach_bc)")
     demo.add_argument("--conf", default="{}", help="trigger conf as JSON, e.g. '{\"epochs\": 5}'")
+    demo.add_argument("--nights", type=int, default=4, help="failure-loop: nightly iterations")
+    demo.add_argument("--demos", type=int, default=50,
+                      help="failure-loop: expert episodes the weak champion learns from")
+    demo.add_argument("--field-episodes", type=int, default=150,
+                      help="failure-loop: field rollouts of the champion per night")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="failure-loop: seed of the demonstrations and the field episodes")
     demo.add_argument("-v", "--verbose", action="store_true", help="show the full Airflow output")
     up = sub.add_parser("up", help="start Airflow (api-server, scheduler, dag-processor, "
                                    "triggerer) and an MLflow server")
@@ -339,6 +352,14 @@ def main(argv: list[str] | None = None) -> int:
                 conf = json.loads(args.conf)
             except json.JSONDecodeError as exc:
                 raise ConfError(f"--conf is not valid JSON ({exc}): {args.conf!r}") from exc
+            if args.what == "failure-loop":
+                from arf_training.failure_loop import LoopConfig, run_failure_loop
+
+                run_failure_loop(LoopConfig(nights=args.nights, demos=args.demos,
+                                            field_episodes=args.field_episodes,
+                                            seed=args.seed, finetune_conf=conf),
+                                 verbose=args.verbose)
+                return 0
             from arf_training.demo import run_demo
 
             run_demo(args.template, conf, verbose=args.verbose)

@@ -59,10 +59,22 @@ def _asset_event(source_dag: str, source_run: str) -> dict[str, Any]:
         return {"id": event.id, "uri": event.asset.uri, "extra": dict(event.extra or {})}
 
 
+def task_states(dag_id: str, run_id: str) -> dict[str, str]:
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        rows = session.execute(select(TaskInstance.task_id, TaskInstance.state).where(
+            TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id)).all()
+        return {task: str(state) for task, state in rows}
+
+
 def _dags_test(dag_id: str, conf: dict[str, Any], env: dict[str, str], log_path: Path,
-               verbose: bool) -> tuple[Any, float]:
+               verbose: bool, logical_date: str | None = None) -> tuple[Any, float]:
     start = time.monotonic()
-    args = ["dags", "test", dag_id, "-c", json.dumps(conf)]
+    args = ["dags", "test", dag_id, *([logical_date] if logical_date else []),
+            "-c", json.dumps(conf)]
     with open(log_path, "a") as log:
         log.write(f"\n$ airflow {' '.join(args)}\n")
         log.flush()

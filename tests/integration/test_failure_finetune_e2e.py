@@ -83,9 +83,11 @@ def test_nightly_finetune_registers_a_candidate_of_the_champion(embedded):
 
     ws = workspace_for(ArfSettings.from_env(), DAG, run.run_id)
     manifest = json.loads((ws / "prepare" / "manifest.json").read_text())
-    # Only the corrections collected inside the night; as many replayed demonstrations.
+    # Only the corrections collected inside the night; twice as many replayed rows, drawn from
+    # the demonstrations and the corrections of earlier nights (not tonight's).
     assert manifest["new_rows"] == corrections["rows_inside"]
-    assert manifest["replay"]["rows"] == corrections["rows_inside"]
+    assert manifest["replay"]["rows"] == 2 * corrections["rows_inside"]
+    assert set(manifest["replay"]["tables"]) == {"reach_demos", "corrections"}
     assert manifest["parameters"]["data_interval_start"] == "2026-11-25T02:00:00+00:00"
     assert manifest["parameters"]["data_interval_end"] == "2026-11-26T02:00:00+00:00"
 

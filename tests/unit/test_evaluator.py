@@ -207,3 +207,47 @@ def test_promotion_gate_moves_champion_only_to_a_better_version(registry: dict[s
     # A retry of the promoting run changes nothing.
     retry = run_evaluate(eval_env(registry, tmp_path, 1, run_id="gate__2", evaluation=gated))
     assert retry["reused"] is True and retry["gate"]["reason"] == "already champion"
+
+
+def test_fleet_records_field_failures_of_the_aliased_version(registry: dict[str, Any],
+                                                             tmp_path: Path, capsys) -> None:
+    """`arf-trainer fleet`: the alias is resolved to its version, the field episodes are rolled
+    out on their own seeds, and only the failed ones land in `failures`, as fleet rows."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from arf_trainer.cli import main
+    from arf_trainer.datahub.failures import FAILURES_TABLE
+    from arf_trainer.datahub.tables import open_table
+
+    client = MlflowClient(tracking_uri=registry["uri"], registry_uri=registry["uri"])
+    client.set_registered_model_alias(MODEL, "field", "2")  # the zero policy: fails everywhere
+    hub = tmp_path / "hub"
+    assert main(["fleet", "--model", f"models:/{MODEL}@field", "--hub", str(hub),
+                 "--first-seed", "300000", "--episodes", "3", "--label", "night-1",
+                 "--recorded-at", "2026-11-25T12:00:00+00:00",
+                 "--tracking-uri", registry["uri"]]) == 0
+    out = capsys.readouterr().out  # log lines, then the JSON summary
+    summary = json.loads(out[out.rindex("\n{") + 1:] if "\n{" in out else out)
+    assert summary["model_version"] == "2" and summary["successes"] == 0
+    assert summary["failures_recorded"] == 3
+    rows = open_table(hub, FAILURES_TABLE).dataset.to_table()
+    assert sorted(set(rows["seed"].to_pylist())) == [300000, 300001, 300002]
+    assert set(rows["eval_run_id"].to_pylist()) == {"fleet:night-1"}
+    assert set(rows["model_version"].to_pylist()) == {2}
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("reach_test_policy", "--model='reach_test_policy' is not a registry URI"),
+    (f"models:/{MODEL}@nobody", "has no alias 'nobody'"),
+    (f"models:/{MODEL}/99", "has no version 99"),
+])
+def test_fleet_bad_model_uri_is_a_clear_input_error(registry: dict[str, Any], tmp_path: Path,
+                                                    capsys, uri: str, message: str) -> None:
+    from arf_trainer.cli import main
+
+    code = main(["fleet", "--model", uri, "--hub", str(tmp_path), "--first-seed", "300000",
+                 "--episodes", "1", "--tracking-uri", registry["uri"]])
+    assert code == 2
+    assert message in capsys.readouterr().err

@@ -121,3 +121,30 @@ def test_corrections_schema_matches_the_task():
     from arf_trainer.datahub import failures
 
     assert (failures.OBS_DIM, failures.ACT_DIM) == (reach.OBS_DIM, reach.ACT_DIM)
+
+
+def test_seed_filter_keeps_evaluation_seeds_out_of_corrections(tmp_path, episodes, capsys):
+    """The field's failures are corrected, the evaluation seeds' never: the promotion gate
+    measures on those, and training on them would leak the test set."""
+    from arf_trainer.cli import main
+
+    zero = episodes["zero"]
+    field = [(300_000 + i, rollout) for i, (_, rollout) in enumerate(zero[:3])]
+    record_failures(tmp_path, model_name="m", model_version=1, eval_run_id="eval",
+                    episodes=zero, recorded_at=T0)
+    record_failures(tmp_path, model_name="m", model_version=1, eval_run_id="fleet:night-1",
+                    episodes=field, recorded_at=T0)
+    done = correct_failures(tmp_path, collected_at=T0, seeds=(300_000, 300_002))
+    assert done["episodes"] == 2
+    assert sorted(set(_rows(tmp_path, CORRECTIONS_TABLE)["seed"].to_pylist())) == [
+        300_000, 300_001]  # STOP excluded, evaluation seeds untouched
+    assert main(["datahub", "correct", "--hub", str(tmp_path), "--seeds", "300000:400000",
+                 "--collected-at", "2026-11-26T01:00:00+00:00"]) == 0
+    assert '"episodes": 1' in capsys.readouterr().out
+    with pytest.raises(DataHubError, match="START:STOP"):
+        correct_failures(tmp_path, collected_at=T0, seeds=(5, 5))
+    for bad in ("300000", "a:b", "9:3"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["datahub", "correct", "--hub", str(tmp_path), "--seeds", bad])
+        assert exit_info.value.code == 2
+        assert "--seeds" in capsys.readouterr().err

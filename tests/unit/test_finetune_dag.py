@@ -30,8 +30,9 @@ def test_macros_become_bound_parameters():
     query = template.dataset.query
     assert "collected_at >= $data_interval_start AND collected_at < $data_interval_end" in query
     assert "{{" not in query and template.uses_data_interval
-    assert template.dataset.skip_if_empty and template.dataset.replay.ratio == 1.0
-    assert template.training.freeze_layers == 1
+    assert template.dataset.skip_if_empty and template.dataset.replay.ratio == 2.0
+    assert "collected_at < $data_interval_start" in template.dataset.replay.query
+    assert template.training.freeze_layers == 0
     assert template.evaluation.promotion_margin == 0.02
     assert parse_template(REACH).evaluation.promotion_margin == 0.02
     assert not parse_template(REACH).uses_data_interval
@@ -53,19 +54,20 @@ MALFORMED = [
     pytest.param(_edit("  promotion_margin: 0.02", "  promotion_margin: -0.1"),
                  ["evaluation.promotion_margin", "greater than or equal to 0"],
                  id="margin-negative"),
-    pytest.param(_edit("    ratio: 1.0", "    ratio: 0"),
+    pytest.param(_edit("    ratio: 2.0", "    ratio: 0"),
                  ["dataset.replay.ratio", "greater than 0"], id="replay-ratio-zero"),
-    pytest.param(_edit("    ratio: 1.0", "    ratio: 1.0\n    limit: 5"),
+    pytest.param(_edit("    ratio: 2.0", "    ratio: 2.0\n    limit: 5"),
                  ["dataset.replay.limit", "unknown key 'limit'", "query, ratio"],
                  id="replay-unknown-key"),
     pytest.param(_edit("FROM reach_demos WHERE success", "FROM reach_demos; DROP TABLE x"),
                  ["dataset.replay.query", "more than one statement"], id="replay-two-statements"),
     pytest.param(_edit("  skip_if_empty: true", "  skip_if_empty: sometimes"),
                  ["dataset.skip_if_empty", "'sometimes'"], id="skip-not-bool"),
-    pytest.param(_edit("  freeze_layers: 1", "  freeze_layers: -1"),
+    pytest.param(_edit("  freeze_layers: 0", "  freeze_layers: -1"),
                  ["training.freeze_layers", "greater than or equal to 0"], id="freeze-negative"),
     pytest.param(_edit("  base_model: models:/reach_bc_policy@champion\n", "")
-                 .replace("  name: reach_bc_policy", "  name: other_policy"),
+                 .replace("  name: reach_bc_policy", "  name: other_policy")
+                 .replace("  freeze_layers: 0", "  freeze_layers: 1"),
                  ["freeze_layers is 1, but model.base_model is not set"], id="freeze-no-base"),
     pytest.param(_edit("  base_model: models:/reach_bc_policy@champion",
                        "  base_model: reach_bc_policy@champion"),

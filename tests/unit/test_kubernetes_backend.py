@@ -272,7 +272,9 @@ def _event(model: str, version: str, event_id: int) -> SimpleNamespace:
 def test_evaluate_renders_one_pod_per_model_version(k8s_dags, pytorchjob_schema):
     dag = k8s_dags["arf_evaluate"]
     (task,) = dag.tasks
-    (model,) = task.templates
+    # Every evaluable model: reach_bc's (its fine-tune shares it) and the from-scratch retrain's.
+    assert set(task.templates) == {"reach_bc_policy", "reach_bc_policy_retrain"}
+    model = "reach_bc_policy"
     ctx = context(dag, "evaluate", events={"asset": [_event(model, "3", 1), _event(model, "4", 2)]})
     targets = task.targets(ctx)
     assert [t["model_version"] for t in targets] == ["3", "4"]

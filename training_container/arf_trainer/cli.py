@@ -3,6 +3,7 @@
     arf-trainer prepare | train | register | evaluate     (configured by the ARF_* environment)
     arf-trainer datahub seed [--hub PATH] [...]           (demo data for the embedded data hub)
     arf-trainer datahub correct --hub PATH [...]          (expert corrections of failed episodes)
+    arf-trainer fleet --model URI --hub PATH [...]        (field rollouts: failures into the hub)
 
 Exit codes: 0 done, 1 runtime failure, 2 bad input, 75 preempted by SIGTERM (train: rerun to
 resume from its checkpoint), 99 nothing to do (the task is skipped); see arf_trainer.errors and
@@ -71,6 +72,20 @@ def _aware_time(text: str):
     return when
 
 
+def _seed_range(text: str) -> tuple[int, int]:
+    start, sep, stop = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        first, last = int(start), int(stop)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not START:STOP; write e.g. "
+                                         "200000:200100 (STOP excluded)") from None
+    if not 0 <= first < last:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= START < STOP")
+    return first, last
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="arf-trainer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,6 +108,21 @@ def main(argv: list[str] | None = None) -> int:
                          "(e.g. 2026-11-26T01:00:00+00:00); default: now")
     correct.add_argument("--model", help="only this model's failures (default: all)")
     correct.add_argument("--limit", type=int, help="at most this many episodes, oldest first")
+    correct.add_argument("--seeds", type=_seed_range, help="only episodes with START <= seed < "
+                         "STOP, e.g. 200000:200100 (keep the evaluation seeds out of training)")
+    fleet = sub.add_parser(
+        "fleet", help="roll a registered model out on field seeds, as deployed robots would, "
+        "and record the failed episodes in the data hub's failures table")
+    fleet.add_argument("--model", required=True,
+                       help="registry URI, e.g. models:/reach_bc_policy@champion")
+    fleet.add_argument("--hub", required=True, help="data hub root directory")
+    fleet.add_argument("--first-seed", type=int, required=True,
+                       help="seed of the first episode; keep clear of the evaluation seeds")
+    fleet.add_argument("--episodes", type=int, default=100, help="episodes to roll out")
+    fleet.add_argument("--recorded-at", type=_aware_time, default=None,
+                       help="time to record, ISO 8601 with a zone; default: now")
+    fleet.add_argument("--label", default="manual", help="recorded as eval_run_id fleet:LABEL")
+    fleet.add_argument("--tracking-uri", help="MLflow tracking URI (default: ARF_TRACKING_URI)")
     lineage = sub.add_parser("lineage", help="print what a training run recorded (JSON)")
     lineage.add_argument("run_id", help="MLflow run id of a training run")
     lineage.add_argument("--tracking-uri", help="MLflow tracking URI (default: ARF_TRACKING_URI)")
@@ -114,6 +144,23 @@ def main(argv: list[str] | None = None) -> int:
             if not uri:
                 raise SpecError("no tracking URI: pass --tracking-uri or set ARF_TRACKING_URI")
             print(json.dumps(read_lineage(uri, args.run_id), indent=2, sort_keys=True))
+        elif args.command == "fleet":
+            import datetime as dt
+            import json
+            import os
+
+            from arf_trainer.errors import SpecError
+            from arf_trainer.fleet import run_fleet
+            from arf_trainer.spec import uri_to_path
+
+            uri = args.tracking_uri or os.environ.get("ARF_TRACKING_URI")
+            if not uri:
+                raise SpecError("no tracking URI: pass --tracking-uri or set ARF_TRACKING_URI")
+            summary = run_fleet(tracking_uri=uri, model_uri=args.model,
+                                hub=uri_to_path(args.hub), first_seed=args.first_seed,
+                                episodes=args.episodes, label=args.label,
+                                recorded_at=args.recorded_at or dt.datetime.now(dt.UTC))
+            print(json.dumps(summary, indent=2, sort_keys=True))
         elif args.hub_command == "correct":
             import datetime as dt
             import json
@@ -123,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = correct_failures(uri_to_path(args.hub),
                                        collected_at=args.collected_at or dt.datetime.now(dt.UTC),
-                                       model_name=args.model, limit=args.limit)
+                                       model_name=args.model, limit=args.limit, seeds=args.seeds)
             print(json.dumps(summary, indent=2, sort_keys=True))
         else:
             from arf_trainer.datahub.seed import seed_demo

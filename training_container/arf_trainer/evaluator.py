@@ -115,7 +115,7 @@ def _check_version(client: Any, name: str, version: str) -> None:
         ) from exc
 
 
-def _load_policy(name: str, version: str) -> Any:
+def load_policy(name: str, version: str) -> Any:
     import mlflow.pytorch
     import torch
 
@@ -162,7 +162,7 @@ def _load_policy(name: str, version: str) -> Any:
     return policy
 
 
-def _rollouts(policy: Any, episodes: int, seed: int) -> list[tuple[int, Any]]:
+def rollouts(policy: Any, episodes: int, seed: int) -> list[tuple[int, Any]]:
     """(seed, `reach.Rollout`) of each episode, seeds seed .. seed+episodes-1."""
     from arf_trainer.sim import reach
 
@@ -250,7 +250,7 @@ def _promotion_gate(client: Any, name: str, version: str, outcomes: list[dict[st
         log.info("promotion gate: rolling out the champion, models:/%s/%s, on the same %d seeds",
                  name, current, episodes)
         champion = [{"seed": s, "success": r.success}
-                    for s, r in _rollouts(_load_policy(name, current), episodes, seed)]
+                    for s, r in rollouts(load_policy(name, current), episodes, seed)]
         decision = gate.decide(gate.compare(outcomes, champion), margin, current)
     result = gate.apply(client, name, version, decision)
     client.log_dict(run_id, {**result, "tags": gate.gate_tags(decision)}, "evaluation/gate.json")
@@ -290,18 +290,18 @@ def run_evaluate(env: StepEnv) -> dict[str, Any]:
         log.info("reusing finished evaluation run %s from an earlier try", run_id)
         failures = {"episodes": 0, "rows": 0, "version": None}  # that try recorded them
     else:
-        policy = _load_policy(name, version)
+        policy = load_policy(name, version)
         run = client.create_run(experiment_id, tags=tags, run_name=f"{name}-v{version}")
         run_id = run.info.run_id
         try:
-            rollouts = _rollouts(policy, episodes, seed)
+            done = rollouts(policy, episodes, seed)
             outcomes = [{"seed": s, "final_distance": r.final_distance, "success": r.success}
-                        for s, r in rollouts]
+                        for s, r in done]
             figures = summarize(outcomes)
             # Before the run is FINISHED: a retry after a crash here evaluates again, and
             # record_failures skips the seeds this try already wrote.
             failures = record_failures(env.datahub, model_name=name, model_version=int(version),
-                                       eval_run_id=run_id, episodes=rollouts,
+                                       eval_run_id=run_id, episodes=done,
                                        recorded_at=datetime.now(UTC))
             from arf_trainer.sim.reach import SUCCESS_DISTANCE
 

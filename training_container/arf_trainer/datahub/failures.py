@@ -114,23 +114,32 @@ def record_failures(hub: Path, *, model_name: str, model_version: int, eval_run_
 
 
 def correct_failures(hub: Path, *, collected_at: dt.datetime, model_name: str | None = None,
-                     limit: int | None = None) -> dict[str, Any]:
+                     limit: int | None = None, seeds: tuple[int, int] | None = None
+                     ) -> dict[str, Any]:
     """Relabel not-yet-corrected failure episodes with the scripted expert's actions and append
     them to `corrections` with `collected_at`. Returns {"episodes", "rows", "version"}.
 
-    `model_name` restricts to one model's failures; `limit` takes at most that many episodes
-    (oldest first, then by seed), e.g. to model an operator's nightly capacity.
+    `model_name` restricts to one model's failures; `seeds=(start, stop)` to episodes with
+    start <= seed < stop (e.g. the field's, never the evaluation seeds, which the promotion gate
+    measures on: correcting those would leak the test set into training); `limit` takes at
+    most that many episodes (oldest first, then by seed), e.g. an operator's nightly capacity.
     """
     from arf_trainer.sim.reach import expert_action
 
     collected_at = _utc(collected_at)
     if limit is not None and limit < 1:
         raise DataHubError(f"limit={limit} must be at least 1 (or omitted for all)")
+    if seeds is not None and not 0 <= seeds[0] < seeds[1]:
+        raise DataHubError(f"seeds={seeds[0]}:{seeds[1]} must be START:STOP with "
+                           "0 <= START < STOP (STOP excluded), e.g. 200000:200100")
     if FAILURES_TABLE not in list_tables(hub):
         return {"episodes": 0, "rows": 0, "version": None}
     failures = open_table(hub, FAILURES_TABLE).dataset.to_table()
     if model_name is not None:
         failures = failures.filter(pc.equal(failures["model_name"], model_name))
+    if seeds is not None:
+        failures = failures.filter(pc.and_(pc.greater_equal(failures["seed"], seeds[0]),
+                                           pc.less(failures["seed"], seeds[1])))
     done = _keys(hub, CORRECTIONS_TABLE,
                  ("source_model_name", "source_model_version", "seed"))
     episodes: dict[tuple[Any, ...], dt.datetime] = {}

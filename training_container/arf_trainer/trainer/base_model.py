@@ -62,21 +62,21 @@ class BaseModel:
                 "arf.base_model_run_id": self.run_id}
 
 
-def parse_uri(uri: str) -> tuple[str, str | None, str | None]:
+def parse_uri(uri: str, field: str = "model.base_model") -> tuple[str, str | None, str | None]:
     """(name, version or None, alias or None) of a models:/ URI."""
     match = _URI.match(uri or "")
     if match is None:
-        raise SpecError(f"model.base_model={uri!r} is not a registry URI; write "
+        raise SpecError(f"{field}={uri!r} is not a registry URI; write "
                         "models:/<name>@<alias> (e.g. models:/reach_bc_policy@champion) or "
                         "models:/<name>/<version>")
     return match["name"], match["version"], match["alias"]
 
 
-def _resolve(client: Any, uri: str, tracking_uri: str) -> Any:
+def resolve(client: Any, uri: str, tracking_uri: str, field: str = "model.base_model") -> Any:
     """The ModelVersion behind `uri`, or a SpecError (exit 2) saying how to make it exist."""
     from mlflow.exceptions import MlflowException
 
-    name, version, alias = parse_uri(uri)
+    name, version, alias = parse_uri(uri, field)
     try:
         if alias is not None:
             return client.get_model_version_by_alias(name, alias)
@@ -84,7 +84,7 @@ def _resolve(client: Any, uri: str, tracking_uri: str) -> Any:
     except MlflowException as exc:
         if getattr(exc, "error_code", "") not in ("RESOURCE_DOES_NOT_EXIST",
                                                   "INVALID_PARAMETER_VALUE"):
-            raise RegistryError(f"MLflow at {tracking_uri} failed to resolve model.base_model "
+            raise RegistryError(f"MLflow at {tracking_uri} failed to resolve {field} "
                                 f"{uri!r}: {exc.message}") from exc
         try:
             known = sorted(int(v.version) for v in
@@ -94,13 +94,13 @@ def _resolve(client: Any, uri: str, tracking_uri: str) -> Any:
         versions = ", ".join(map(str, known)) or "none (train one from scratch first)"
         if alias is not None:
             raise SpecError(
-                f"model.base_model {uri!r}: registered model {name!r} has no alias {alias!r} "
+                f"{field} {uri!r}: registered model {name!r} has no alias {alias!r} "
                 f"in the registry at {tracking_uri} (its versions: {versions}). Point the alias "
                 f"at the version to start from: MlflowClient().set_registered_model_alias("
                 f"{name!r}, {alias!r}, '<version>')"
                 + (" - or evaluate a version with evaluation.promotion_margin set, whose "
                    "promotion gate sets it" if alias == "champion" else "")) from exc
-        raise SpecError(f"model.base_model {uri!r}: {name!r} has no version {version} in the "
+        raise SpecError(f"{field} {uri!r}: {name!r} has no version {version} in the "
                         f"registry at {tracking_uri} (its versions: {versions}); pin an "
                         "existing version or an alias") from exc
 
@@ -122,7 +122,7 @@ def pin(uri: str, folder: Path, tracking_uri: str) -> dict[str, Any]:
                         f"model.base_model {uri!r}; one workspace holds one training: use a new "
                         "DAG run, or delete the workspace's train/ folder")
     client = tracking.configure(tracking_uri)
-    version = _resolve(client, uri, tracking_uri)
+    version = resolve(client, uri, tracking_uri)
     sha = (version.tags or {}).get("arf.weights_sha256")
     if not version.run_id or not sha:
         raise SpecError(f"model.base_model {uri!r} resolved to version {version.version}, which "
