@@ -1,7 +1,8 @@
 # arf-training: one command to set up and run the demo, one to run the tests.
 #   make demo   create .venv, install, seed the data hub, run reach_bc end to end, evaluate
-#   make test   run the test suite (what CI runs; installs the scanners in .tools-venv and,
-#               when missing, Debian's chromium for the browser test)
+#   make test   run the default test suite (~16 min on 2 cores; installs the scanners in
+#               .tools-venv); `make test-slow` runs the long end-to-end suites (marker `slow`:
+#               the Airflow-stack CLI/gRPC/browser tests, HPO, the scheduler); CI runs both
 #   make up     start Airflow (api-server, scheduler, dag-processor, triggerer) + MLflow
 #   make down   stop them
 
@@ -10,7 +11,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv tools browser protos demo test test-fast up down lint schema scan bench clean
+.PHONY: venv tools browser protos demo test test-slow test-fast up down lint schema scan bench clean
 
 # Reinstalls only when the dependency pins change; constraints.txt pins every package
 # (torch to the CPU build this machine carries, never a CUDA build).
@@ -55,8 +56,11 @@ protos: venv
 demo: venv
 	$(BIN)/arf demo
 
-test: venv tools browser
-	$(BIN)/pytest
+test: venv tools
+	$(BIN)/pytest -m "not slow"
+
+test-slow: venv tools browser
+	$(BIN)/pytest -m slow
 
 test-fast: venv
 	$(BIN)/pytest -m "not integration and not slow"

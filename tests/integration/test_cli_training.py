@@ -14,7 +14,8 @@ import pytest
 
 from airflow_procs import free_port
 
-pytestmark = [pytest.mark.integration]
+# slow: one shared Airflow stack (api-server, scheduler, ...) for the three files, ~7 min.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ARF = str(Path(sys.executable).parent / "arf")
 
 

@@ -21,7 +21,8 @@ from airflow_procs import free_port
 from arf_training.grpc_service.gen import training_pb2 as pb
 from arf_training.grpc_service.gen import training_pb2_grpc as pb_grpc
 
-pytestmark = [pytest.mark.integration]
+# slow: one shared Airflow stack (api-server, scheduler, ...) for the three files, ~7 min.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ARF = str(Path(sys.executable).parent / "arf")
 
 

@@ -17,7 +17,7 @@ from test_airflow_e2e import dags_test, latest_run, mlflow_client
 from arf_training.settings import ArfSettings
 from arf_training.stepspec import workspace_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~3 min of 8-trial searches
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -21,7 +21,8 @@ from arf_training.client import TrainingClient
 from arf_training.params import param_schemas
 from arf_training.templates import load_template
 
-pytestmark = [pytest.mark.integration]
+# slow: one shared Airflow stack (api-server, scheduler, ...) for the three files, ~7 min.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("ARF_TEST_ARTIFACTS") or REPO / ".arf" / "test-artifacts")
 
