@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="failure-loop: weak champion -> nightly field failures, corrections, "
                       "fine-tunes and gate, vs a from-scratch retrain (in a home of its own)")
     demo.add_argument("--template", default="reach_bc", help="template name (default reach_bc)")
-    demo.add_argument("--conf", default="{}", help="trigger conf as JSON, e.g. '{\"epochs\": 5}'")
+    demo.add_argument("--conf", default="{}", help="trigger conf as JSON, e.g. '{\"epochs\": 5}' "
+                      "(failure-loop: the nightly fine-tune's)")
     demo.add_argument("--nights", type=int, default=4, help="failure-loop: nightly iterations")
     demo.add_argument("--demos", type=int, default=50,
                       help="failure-loop: expert episodes the weak champion learns from")
