@@ -30,7 +30,7 @@ def seed_datahub(settings: ArfSettings, env: dict[str, str]) -> dict[str, Any]:
     return json.loads(proc.stdout[proc.stdout.index("{"):])
 
 
-def _latest_run(dag_id: str) -> Any:
+def latest_run(dag_id: str) -> Any:
     from airflow.models.dagrun import DagRun
     from airflow.utils.session import create_session
     from sqlalchemy import select
@@ -86,7 +86,7 @@ def _dags_test(dag_id: str, conf: dict[str, Any], env: dict[str, str], log_path:
             if verbose or _interesting(line):
                 print(line.rstrip()[:220], flush=True)
         proc.wait()
-    run = _latest_run(dag_id)
+    run = latest_run(dag_id)
     if proc.returncode != 0 or str(run.state) != "success":
         raise ArfError(f"{dag_id} run {run.run_id} ended {run.state} (exit {proc.returncode}); "
                        f"full log: {log_path}")

@@ -246,7 +246,7 @@ class Loop:
         gate = result.get("gate") or {}
         night.promoted = gate.get("promoted")
         night.gate_reason = gate.get("reason")
-        night.champion_rate = _champion_rate(gate.get("reason"))
+        night.champion_rate = gate.get("champion_rate")
         if name != MODEL:  # the from-scratch reference is a model of its own
             return
         if night.promoted:
@@ -280,14 +280,6 @@ class Loop:
 
     def _say(self, text: str) -> None:
         print(f"[failure-loop] {text}", flush=True)
-
-
-def _champion_rate(reason: str | None) -> float | None:
-    """The champion's rate on the paired seeds, from the gate's reason text."""
-    import re
-
-    match = re.search(r"vs champion v\d+ ([\d.]+)%", reason or "")
-    return float(match[1]) / 100 if match else None
 
 
 def _row(n: Night) -> str:

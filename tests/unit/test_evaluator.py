@@ -197,6 +197,7 @@ def test_promotion_gate_moves_champion_only_to_a_better_version(registry: dict[s
     # The zero policy against the champion, on the same seeds: rejected, with the evidence.
     again = run_evaluate(eval_env(registry, tmp_path, 2, run_id="gate__3", evaluation=gated))
     assert again["gate"] == {"promoted": False, "champion_version": "1",
+                             "champion_rate": strong["success_rate"],
                              "reason": again["gate"]["reason"]}
     assert "not better" in again["gate"]["reason"]
     tags = _version_tags(registry, "2")

@@ -1,13 +1,12 @@
 """The failure-loop benchmark's bookkeeping: the goals are computed from the rows (not
-assumed), the gate's own reason text is parsed for the champion's rate, the table and the plot
-are written. The loop itself runs through Airflow in `bench/failure_loop.py`; its parts (fleet,
-corrections, the nightly DAG, the gate) have their own tests."""
+assumed), the table and the plot are written. The loop itself runs through Airflow in
+`bench/failure_loop.py`; its parts (fleet, corrections, the nightly DAG, the gate) have their
+own tests."""
 
 from __future__ import annotations
 
 import pytest
 
-from arf_trainer import gate
 from arf_training import failure_loop as fl
 from arf_training.cli import main as arf_main
 from arf_training.errors import ConfError
@@ -54,16 +53,6 @@ def test_each_goal_fails_on_its_own_evidence():
     assert not goals["champion >= 90% within 4 nights"]
     assert not goals["fine-tunes <= 25% of from-scratch steps"]  # 520 / 1000
     assert not goals["final champion within 2 points of from scratch (or better)"]
-
-
-def test_the_champion_rate_is_read_from_the_gate_reason():
-    comparison = gate.compare(
-        [{"seed": s, "success": s % 4 != 0} for s in range(100)],
-        [{"seed": s, "success": s % 2 == 0} for s in range(100)])
-    decision = gate.decide(comparison, 0.02, "3")
-    assert decision.promote
-    assert fl._champion_rate(decision.reason) == pytest.approx(0.50)
-    assert fl._champion_rate("no version has the 'champion' alias yet") is None
 
 
 def test_table_and_plot(tmp_path):

@@ -81,6 +81,7 @@ def test_aliases_move_only_for_a_better_candidate(registry):
     worse = decide(compare(outcomes({100}), outcomes({100, 101, 102})), 0.02, "2")
     result = apply(client, "policy", "3", worse)
     assert not result["promoted"] and result["champion_version"] == "2"
+    assert result["champion_rate"] == pytest.approx(3 / len(SEEDS)) and first["champion_rate"] is None
     assert str(client.get_model_version_by_alias("policy", CHAMPION).version) == "2"
     assert str(client.get_model_version_by_alias("policy", PREVIOUS_CHAMPION).version) == "1"
     tags = client.get_model_version("policy", "3").tags

@@ -143,7 +143,10 @@ def apply(client: Any, name: str, candidate_version: str, decision: Decision) ->
             client.set_registered_model_alias(name, CHAMPION, str(candidate_version))
     return {"promoted": decision.promote, "reason": decision.reason,
             "champion_version": str(candidate_version) if decision.promote
-            else decision.champion_version}
+            else decision.champion_version,
+            # The champion's rate on the same seeds (None when there was no champion).
+            "champion_rate": (decision.comparison.champion_rate
+                              if decision.comparison is not None else None)}
 
 
 def gate_tags(decision: Decision) -> dict[str, str]:
