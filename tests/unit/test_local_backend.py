@@ -49,6 +49,24 @@ def test_success_returns_result_and_streams_output(tmp_path, caplog, monkeypatch
     assert "hello from the step" in caplog.text
 
 
+def test_step_log_lines_are_relayed_whole_with_one_timestamp_and_their_level(tmp_path, caplog):
+    # The trainer's logging format (arf_trainer/cli.py): its own time, level, logger name.
+    words = " ".join(f"word{i}" for i in range(80))  # ~550 characters
+    code = ("import logging, sys\n"
+            "logging.basicConfig(level=logging.INFO, stream=sys.stdout,\n"
+            "                    format='%(asctime)s %(levelname)s %(name)s: %(message)s')\n"
+            "logging.getLogger('arf_trainer.trainer.run').info('epoch 1/2 | " + words + "')\n"
+            "logging.getLogger('arf_trainer.x').warning('disk almost full')\n"
+            "print('a plain print stays as it is')\n" + WRITE_RESULT)
+    caplog.set_level(logging.INFO, logger="relay")
+    LocalStepRunner(logging.getLogger("relay")).run(_spec(tmp_path, code))
+    records = {r.getMessage(): r for r in caplog.records if r.name == "relay"}
+    epoch = f"arf_trainer.trainer.run: epoch 1/2 | {words}"
+    assert epoch in records, sorted(records)  # no second timestamp, nothing cut
+    assert records["arf_trainer.x: disk almost full"].levelno == logging.WARNING
+    assert records["a plain print stays as it is"].levelno == logging.INFO
+
+
 def test_failure_carries_the_tail_of_the_log(tmp_path):
     code = "import sys\nfor i in range(100): print('line', i)\nsys.exit(3)"
     with pytest.raises(StepFailed) as info:

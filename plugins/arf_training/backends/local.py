@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -50,6 +51,19 @@ TEST_HOOKS = ("ARF_TEST_STEP_DELAY_S", "ARF_TEST_CHECKPOINT_DELAY_S", "ARF_TEST_
 TAIL_LINES = 60
 # Beyond the step's own grace period: time for torchrun to pass SIGTERM on and reap workers.
 KILL_MARGIN_S = 5.0
+# The step's Python logging prefix ("2026-12-03 17:42:12,099 INFO name: ..."). The task log
+# stamps every relayed line itself, so the step's own time is dropped and its level kept.
+_STEP_LOG_PREFIX = re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:[,.]\d+)? "
+                              r"(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+
+
+def relay_line(line: str) -> tuple[int, str]:
+    """(logging level, text) under which one line of step output enters the task log: whole,
+    with one timestamp (the task log's) and the step's own level."""
+    match = _STEP_LOG_PREFIX.match(line)
+    if match is None:
+        return logging.INFO, line
+    return logging.getLevelName(match["level"]), line[match.end():]
 
 
 def _free_port() -> int:
@@ -148,9 +162,10 @@ class LocalStepRunner:
                 if line is None:
                     open_streams -= 1
                     continue
-                text = f"[node {node}] {line}" if prefix else line
+                level, text = relay_line(line)
+                text = f"[node {node}] {text}" if prefix else text
                 tail.append(text)
-                self.log.info("%s", text)
+                self.log.log(level, "%s", text)
             codes = [proc.wait() for proc in self._procs]
         finally:
             self.kill()
