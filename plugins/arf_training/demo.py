@@ -8,9 +8,12 @@ does when it sees the event (`make up` runs that path for real).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -83,8 +86,9 @@ def _dags_test(dag_id: str, conf: dict[str, Any], env: dict[str, str], log_path:
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            if verbose or _interesting(line):
-                print(line.rstrip()[:220], flush=True)
+            shown = line.rstrip() if verbose else demo_line(line)
+            if shown is not None:
+                print(shown, flush=True)
         proc.wait()
     run = latest_run(dag_id)
     if proc.returncode != 0 or str(run.state) != "success":
@@ -93,10 +97,29 @@ def _dags_test(dag_id: str, conf: dict[str, Any], env: dict[str, str], log_path:
     return run, time.monotonic() - start
 
 
-def _interesting(line: str) -> bool:
-    markers = ("| epoch", "progress", "prepare:", "registered", "evaluate:", "ERROR", "Error",
-               "Traceback", "failed", "success rate")
-    return any(m in line for m in markers)
+# One log record as `airflow dags test` prints it: "<ISO time>Z [<level>  ] <event> [<logger>]
+# key=value ...". The demo keeps the time of day, a level other than info, and the event.
+_AIRFLOW_RECORD = re.compile(r"\d{4}-\d\d-\d\dT(?P<time>\d\d:\d\d:\d\d)\S* "
+                             r"\[(?P<level>[a-z]+) *\] (?P<event>.*?)"
+                             r"(?: \[[\w.]+\])?(?: [\w.]+=\S*)*")
+# What a new user follows of a run: each step's start, the training epochs (the progress line
+# `arf training start --wait` shows too), data, registration, evaluation, and any error.
+_SHOWN = re.compile(r"^step \w+:|epoch \d+/\d+ \| step \d+/\d+|progress|prepare[d:]|MLflow run "
+                    r"|registered|evaluate:|success rate|ERROR|Error|Traceback|failed")
+
+
+def demo_line(line: str) -> str | None:
+    """The demo's console line for one line of `airflow dags test` output, or None to show
+    only in the full log. Never cut: a step's line is shown whole, with one timestamp."""
+    line = line.rstrip()
+    record = _AIRFLOW_RECORD.fullmatch(line)
+    if record is None:  # a traceback's lines, a plain print
+        return line if _SHOWN.search(line) else None
+    event = record["event"]
+    if not _SHOWN.search(event):
+        return None
+    level = "" if record["level"] == "info" else f" {record['level'].upper()}"
+    return f"  {record['time']}{level} {event}"
 
 
 def run_demo(template: str = "reach_bc", conf: dict[str, Any] | None = None,
@@ -182,6 +205,7 @@ def format_summary(s: dict[str, Any], settings: ArfSettings) -> str:
     lines += [
         f"  total       {s['total_s']} s; full log {s['log']}",
         "Next:",
+        *_activate_line(),
         f"  MLflow UI   .venv/bin/mlflow ui --backend-store-uri {settings.tracking_uri} "
         "--port 5000   (then http://127.0.0.1:5000)",
         "  Airflow UI  make up   (then http://127.0.0.1:8080; `make down` stops it)",
@@ -190,3 +214,15 @@ def format_summary(s: dict[str, Any], settings: ArfSettings) -> str:
         "=" * 78,
     ]
     return "\n".join(lines)
+
+
+def _activate_line() -> list[str]:
+    """How to put `arf` on PATH: `make demo` installs into a venv that is not active, while the
+    README writes `arf ...` (as a user types it once the venv is active)."""
+    activate = Path(sys.executable).parent / "activate"
+    if not activate.exists():  # not a venv: `arf` is wherever pip put it
+        return []
+    with contextlib.suppress(ValueError):
+        activate = activate.relative_to(Path.cwd())
+    return [f"  shell       source {activate}   (puts `arf`, `airflow` and `mlflow` on PATH, "
+            "as the README's commands expect)"]
