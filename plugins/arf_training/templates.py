@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from arf_training.errors import TemplateError, TemplateIssue
+from arf_training.template_yaml import read_yaml
 
 API_VERSION = "arf.dev/v1"
 KIND = "TrainingTemplate"
@@ -40,6 +41,10 @@ _SQL_STRING = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"")
 QUERY_MACROS = ("data_interval_start", "data_interval_end", "logical_date")
 _MACRO = re.compile(r"\{\{(.*?)\}\}|\{%.*?%\}|\{#.*?#\}", re.S)
 _PARAMETER = re.compile(r"\$(" + "|".join(QUERY_MACROS) + r")\b")
+# Longest dataset query (characters): the container refuses longer ones before parsing them
+# (arf_trainer.datahub.sqlcheck.MAX_QUERY_CHARS, the same number; a test keeps them equal).
+# This side may not import the container's module, and refusing here shows it at lint time.
+MAX_QUERY_CHARS = 32_768
 
 
 def rewrite_query_macros(query: str) -> str:
@@ -75,6 +80,11 @@ def uses_data_interval(query: str) -> bool:
 
 def _check_single_select(query: str) -> str:
     """Rewrite the macros and check for one SELECT; returns the rewritten query."""
+    if len(query) > MAX_QUERY_CHARS:  # before any regex runs over it
+        raise ValueError(
+            f"is {len(query):,} characters long, over the limit of {MAX_QUERY_CHARS:,} "
+            f"(starts {' '.join(query[:60].split())!r}); shorten it, e.g. join a hub table of "
+            "ids instead of a long IN list")
     query = rewrite_query_macros(query)
     # A cheap first line of defence so lint catches it; the container enforces it with
     # DuckDB's own parser inside the sandbox.
@@ -633,10 +643,6 @@ class LoadedTemplate:
 _UNION_TAGS = ("integer", "number", "string", "boolean", "float", "int", "categorical")
 
 
-def _yaml_loader() -> type:
-    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
 def _node_at(root: yaml.Node | None, loc: tuple[Any, ...]) -> tuple[yaml.Node | None, int]:
     """The YAML node for a pydantic error location (deepest one that exists), and its depth."""
     node, depth = root, 0
@@ -680,11 +686,8 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     return sorted(f.alias or n for n, f in fields.items())
 
 
-def _issues_from_validation(path: str, text: str, exc: ValidationError) -> list[TemplateIssue]:
-    try:
-        root = yaml.compose(text, Loader=_yaml_loader())
-    except yaml.YAMLError:
-        root = None
+def _issues_from_validation(path: str, root: yaml.Node | None,
+                            exc: ValidationError) -> list[TemplateIssue]:
     issues = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
@@ -711,15 +714,8 @@ def _issues_from_validation(path: str, text: str, exc: ValidationError) -> list[
 
 def parse_template(text: str, path: str = "<string>") -> TrainingTemplate:
     """Validate one template's YAML text. Raises `TemplateError` listing every issue."""
-    try:
-        data = yaml.load(text, Loader=_yaml_loader())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise TemplateError([TemplateIssue(
-            file=path, line=mark.line + 1 if mark else None,
-            message=f"YAML syntax error: {problem}; fix the indentation/quoting at this line",
-        )]) from exc
+    document = read_yaml(text, path)  # syntax errors and duplicate keys, with their lines
+    data = document.data
     if not isinstance(data, dict):
         raise TemplateError([TemplateIssue(
             file=path, message=f"expected a mapping with apiVersion, kind, metadata, ...; got "
@@ -732,7 +728,7 @@ def parse_template(text: str, path: str = "<string>") -> TrainingTemplate:
     try:
         return TrainingTemplate.model_validate(data)
     except ValidationError as exc:
-        raise TemplateError(_issues_from_validation(path, text, exc)) from exc
+        raise TemplateError(_issues_from_validation(path, document.root, exc)) from exc
 
 
 # Both DAG files load the same templates; within one process (a DagBag, `airflow dags test`)

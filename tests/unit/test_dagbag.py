@@ -109,6 +109,24 @@ def test_broken_template_is_an_import_error_and_hides_nothing(tmp_path):
     assert "broken.yaml:" in error and "training.resources.cpu" in error
 
 
+def test_duplicate_keys_and_yaml_syntax_errors_are_import_errors_with_their_line(tmp_path):
+    good = (REPO / "config_templates" / "digits_smoke.yaml").read_text()
+    (tmp_path / "digits_smoke.yaml").write_text(good)
+    # A second metadata.name: without the check, the DAG would silently be called 'renamed'.
+    dup = good.replace("  owner: platform", "  owner: platform\n  name: renamed", 1)
+    (tmp_path / "dup.yaml").write_text(dup)
+    bad = good.replace("  tags: [smoke, classifier]", "  tags: [smoke, classifier\n  x: 1", 1)
+    (tmp_path / "bad.yaml").write_text(bad)
+    result = _bag_in_subprocess(REPO / "dags", tmp_path)
+    assert result["dags"] == ["arf_evaluate", "digits_smoke"]
+    [(path, error)] = result["errors"].items()
+    assert path.endswith("arf_template_errors.py")
+    dup_line = dup.splitlines().index("  name: renamed") + 1
+    bad_line = bad.splitlines().index("  tags: [smoke, classifier") + 1
+    assert f"dup.yaml:{dup_line}: metadata.name: duplicate key 'name'" in error, error
+    assert f"bad.yaml:{bad_line}: YAML syntax error" in error, error
+
+
 def test_airflow_plugin_loader_leaves_the_package_alone():
     """Airflow imports every .py under plugins/ as a top-level module named after the file;
     plugins/.airflowignore keeps it out of arf_training, whose backends/kubernetes.py would

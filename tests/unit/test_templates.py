@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from arf_training.errors import TemplateError
+from arf_training.template_yaml import read_yaml
 from arf_training.templates import json_schema, load_folder, parse_template, template_files
 
 REPO = Path(__file__).resolve().parents[2]
@@ -156,3 +157,76 @@ def test_lint_cli(tmp_path):
     assert "1 valid, 1 invalid" in bad.stdout
     schema = subprocess.run([str(arf), "templates", "schema"], capture_output=True, text=True)
     assert json.loads(schema.stdout)["title"].startswith("ARF training template")
+
+
+# -- YAML problems PyYAML lets through or places late (issue 13) ---------------------------------
+
+def _line_of(text: str, fragment: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if fragment in line)
+
+
+def test_duplicate_key_is_rejected_with_both_lines():
+    # A second metadata.name would otherwise silently rename the DAG.
+    text = _edit("  owner: platform", "  owner: platform\n  name: renamed_dag")
+    with pytest.raises(TemplateError) as info:
+        parse_template(text, "dup.yaml")
+    [issue] = info.value.issues
+    assert (issue.file, issue.field) == ("dup.yaml", "metadata.name")
+    assert issue.line == _line_of(text, "name: renamed_dag")
+    assert f"first at line {_line_of(text, 'name: digits_smoke')}" in issue.message
+    assert str(info.value).startswith(f"dup.yaml:{issue.line}: metadata.name: duplicate key 'name'")
+
+
+def test_every_duplicate_key_is_reported_at_any_depth():
+    text = (_edit("      default: 0.01", "      default: 0.01\n      default: 0.5")
+            .replace("schedule: null", "schedule: null\nschedule: '@daily'"))
+    with pytest.raises(TemplateError) as info:
+        parse_template(text, "dup.yaml")
+    found = {(i.field, i.line) for i in info.value.issues}
+    assert found == {("schedule", _line_of(text, "schedule: '@daily'")),
+                     ("training.hyperparameters.lr.default", _line_of(text, "default: 0.5"))}
+
+
+def test_merge_keys_may_be_overridden():
+    # Keys merged in with `<<` are defaults that the mapping's own keys replace: no duplicate.
+    doc = read_yaml("base: &b {x: 1, y: 2}\nd:\n  <<: *b\n  x: 3\n", "m.yaml")
+    assert doc.data["d"] == {"x": 3, "y": 2}
+
+
+# (id, text, the line the issue must point at, fragments of the message)
+YAML_SYNTAX = [
+    pytest.param(_edit("  tags: [smoke, classifier]", "  tags: [smoke, classifier\n  x: 1"),
+                 "tags: [smoke", ["flow sequence", "close the '['"], id="unclosed-bracket"),
+    pytest.param(_edit("  owner: platform", "  owner platform"), "owner platform",
+                 ["add the ':'"], id="missing-colon"),
+    pytest.param(_edit("  owner: platform", "  owner: \"platform"), "owner: \"platform",
+                 ["quoted value opened at line", "close its quote"], id="unclosed-quote"),
+    pytest.param(_edit("  owner: platform", "  owner: platform\n   extra: 1"), "extra: 1",
+                 ["indented deeper"], id="over-indented"),
+]
+
+
+@pytest.mark.parametrize("text, culprit, fragments", YAML_SYNTAX)
+def test_yaml_syntax_error_points_at_the_broken_line(text, culprit, fragments):
+    with pytest.raises(TemplateError) as info:
+        parse_template(text, "syntax.yaml")
+    [issue] = info.value.issues
+    message = str(info.value)
+    assert issue.line == _line_of(text, culprit), message
+    assert message.startswith(f"syntax.yaml:{issue.line}: YAML syntax error"), message
+    assert f"line {issue.line}" in message  # named in the text too, next to PyYAML's own line
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_lint_reports_duplicate_keys_and_syntax_lines(tmp_path):
+    dup = _edit("  owner: platform", "  owner: platform\n  name: renamed_dag")
+    bad = _edit("  tags: [smoke, classifier]", "  tags: [smoke, classifier\n  x: 1")
+    (tmp_path / "dup.yaml").write_text(dup)
+    (tmp_path / "bad.yaml").write_text(bad)
+    arf = Path(sys.executable).parent / "arf"
+    out = subprocess.run([str(arf), "templates", "lint", str(tmp_path)], capture_output=True,
+                         text=True)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"dup.yaml:{_line_of(dup, 'renamed_dag')}: metadata.name: duplicate key" in out.stdout
+    assert f"bad.yaml:{_line_of(bad, 'tags: [smoke')}: YAML syntax error" in out.stdout

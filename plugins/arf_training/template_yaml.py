@@ -1,0 +1,195 @@
+"""Reading a template's YAML: the data, its node tree (for line numbers), and the two problems
+PyYAML itself lets through or misplaces.
+
+1. **Duplicate keys.** PyYAML keeps the last value of a repeated key without a word, so a second
+   `metadata.name` silently renames the DAG. Every repeated key is an error here, with the line
+   of each occurrence and the field path.
+2. **Syntax error lines.** PyYAML reports where it *noticed* a problem, which is often after it:
+   an unclosed `[` or quote is noticed lines later, a key without its `:` on the next key's line.
+   The issue points at the line where the broken construct starts and names both lines.
+
+The document is composed once (the C parser when libyaml is there) and constructed from that
+node tree, which validation errors reuse to find their line. Only PyYAML is imported: this runs
+on every DAG parse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from arf_training.errors import TemplateError, TemplateIssue
+
+_LOADER: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+@dataclass(frozen=True)
+class YamlDocument:
+    """A template file's data and the node tree it was built from (None for an empty file)."""
+
+    data: Any
+    root: yaml.Node | None
+
+
+def read_yaml(text: str, path: str) -> YamlDocument:
+    """Parse one template file. Raises `TemplateError` for a syntax error or repeated keys."""
+    loader = _LOADER(text)
+    try:
+        root = loader.get_single_node()
+        duplicates = duplicate_key_issues(root, path)
+        if duplicates:
+            raise TemplateError(duplicates)
+        data = loader.construct_document(root) if root is not None else None
+    except yaml.YAMLError as exc:
+        raise TemplateError([syntax_issue(text, path, exc)]) from exc
+    finally:
+        loader.dispose()
+    return YamlDocument(data=data, root=root)
+
+
+# -- duplicate keys ------------------------------------------------------------------------------
+
+def duplicate_key_issues(root: yaml.Node | None, path: str) -> list[TemplateIssue]:
+    """One issue per repeated key of any mapping in the tree, at the repeat's line.
+
+    Keys brought in by a merge (`<<: *defaults`) may be overridden; only keys written in the
+    mapping itself count.
+    """
+    issues: list[TemplateIssue] = []
+    seen_nodes: set[int] = set()  # aliases share nodes (and may even form a cycle)
+    stack: list[tuple[yaml.Node | None, tuple[str, ...]]] = [(root, ())]
+    while stack:
+        node, where = stack.pop()
+        if node is None or id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((item, (*where, str(i))) for i, item in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            first_line: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.tag == _MERGE_TAG:
+                    stack.append((value, where))
+                    continue
+                line = key.start_mark.line + 1
+                identity = (key.tag, key.value)
+                if identity in first_line:
+                    issues.append(TemplateIssue(
+                        file=path, line=line, field=".".join((*where, key.value)),
+                        message=f"duplicate key {key.value!r} (first at line "
+                                f"{first_line[identity]}): YAML would silently keep only the "
+                                "last value; keep one of them"))
+                else:
+                    first_line[identity] = line
+                stack.append((value, (*where, key.value)))
+    return sorted(issues, key=lambda i: i.line or 0)
+
+
+# -- syntax errors -------------------------------------------------------------------------------
+
+class _TracingLoader(yaml.SafeLoader):
+    """The pure-Python loader, remembering the scalars it scanned: the one just before an
+    error often spans lines it should not (an unclosed quote, a key without its colon), and
+    its first line is the one to fix. Used only to explain an error, never on the normal path."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.scalars: list[Any] = []
+
+    def scan_plain(self) -> Any:
+        token = super().scan_plain()
+        self.scalars.append(token)
+        return token
+
+    def scan_flow_scalar(self, style: Any) -> Any:
+        token = super().scan_flow_scalar(style)
+        self.scalars.append(token)
+        return token
+
+
+def _python_error(text: str) -> tuple[yaml.MarkedYAMLError | None, Any]:
+    """The pure-Python loader's error for `text` (its messages are more specific than
+    libyaml's) and the last scalar that ended before the error's position."""
+    loader = _TracingLoader(text)
+    try:
+        loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        before = [t for t in loader.scalars if mark is None or t.end_mark.index <= mark.index]
+        return exc, before[-1] if before else None
+    except yaml.YAMLError:
+        pass
+    finally:
+        loader.dispose()
+    return None, None
+
+
+def _at(mark: Any) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def syntax_issue(text: str, path: str, exc: yaml.YAMLError) -> TemplateIssue:
+    """The issue for a YAML error, at the line where the broken construct starts.
+
+    PyYAML's `problem_mark` is where it gave up. When the error has a context that *starts*
+    the broken construct (an unclosed quote, flow `[`/`{`, a simple key), that context's line
+    is where to look; a block mapping's context is only the enclosing section, so there the
+    problem line stays. A `:` that is "not allowed here" after a value spanning several lines
+    means the value's first line is a key missing its colon.
+    """
+    detailed, scalar = _python_error(text)
+    error = detailed or exc
+    problem = getattr(error, "problem", None) or str(error)
+    context = getattr(error, "context", None)
+    problem_mark = getattr(error, "problem_mark", None)
+    context_mark = getattr(error, "context_mark", None)
+    if problem_mark is None:
+        return TemplateIssue(file=path, message=f"YAML syntax error: {problem}")
+    line = problem_mark.line + 1
+    parts = [f"{problem} ({_at(problem_mark)})"]
+    if context and context_mark is not None:
+        parts.insert(0, f"{context} ({_at(context_mark)})")
+        if context.startswith(("while scanning", "while parsing a flow")):
+            line = context_mark.line + 1
+    hint = _hint(problem, context, line)
+    if scalar is not None and scalar.start_mark.line < min(line - 1, problem_mark.line):
+        # The value just before the problem began lines earlier: that is where it went wrong.
+        if scalar.style in ("'", '"'):
+            line = scalar.start_mark.line + 1
+            hint = (f"the quoted value opened at line {line} runs on to line "
+                    f"{scalar.end_mark.line + 1}: close its quote at line {line}")
+        elif problem.startswith("mapping values are not allowed"):
+            line, hint = _run_on_value(text, scalar.start_mark, problem_mark)
+    return TemplateIssue(file=path, line=line,
+                         message=f"YAML syntax error: {': '.join(parts)}; {hint}")
+
+
+def _hint(problem: str, context: str | None, line: int) -> str:
+    if isinstance(context, str) and context.startswith("while parsing a flow"):
+        return f"close the '[' or '{{' opened at line {line}, or add the missing ','"
+    if isinstance(context, str) and context.startswith("while scanning a simple key"):
+        return f"add the ':' after the key at line {line}"
+    if isinstance(context, str) and context.startswith("while scanning a quoted"):
+        return f"close the quote opened at line {line}"
+    if "'\\t'" in problem:  # the tab, as PyYAML quotes it
+        return "indent with spaces: YAML does not allow tabs"
+    if "constructor for the tag" in problem:
+        return "templates are plain YAML: remove the '!!' tag"
+    return f"fix the indentation or quoting at line {line}"
+
+
+def _run_on_value(text: str, start: Any, problem: Any) -> tuple[int, str]:
+    """Where a plain value that ran on from an earlier line onto the `:` at `problem` went
+    wrong: a key without its colon when the value is at the start of its line, else the
+    problem line, indented deeper than the key whose value it continues."""
+    first, last = start.line + 1, problem.line + 1
+    start_line = text.splitlines()[start.line] if text else ""
+    in_key_position = start.column == len(start_line) - len(start_line.lstrip(" -"))
+    if in_key_position:
+        return first, (f"'{start_line.strip()}' at line {first} is read as the start of a "
+                       f"value running on to line {last}: add the ':' after its key")
+    return last, (f"line {last} is indented deeper than the key above it, so it continues the "
+                  f"value from line {first}; align it with that key")
