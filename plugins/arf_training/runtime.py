@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import sys
 from collections.abc import Iterator
-from typing import Any
+from datetime import datetime, timezone
+from typing import IO, Any
 
 from arf_training.errors import ConfError, StepFailed, StepSkipped
 from arf_training.stepspec import RunIdentity
@@ -27,6 +31,75 @@ def fail_fast_on_bad_input() -> Iterator[None]:
         if not exc.retryable:
             raise AirflowFailException(str(exc)) from exc
         raise
+
+
+class _TeeLog:
+    """The operator's logger, each line also written as a JSON record to the task's log file
+    (the format a supervisor writes and `FileTaskHandler` parses: timestamp, level, event)."""
+
+    def __init__(self, log: Any, file: IO[str], logger_name: str):
+        self._log, self._file, self._name = log, file, logger_name
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        self._log.log(level, msg, *args)
+        record = {"timestamp": datetime.now(timezone.utc).isoformat(),
+                  "level": logging.getLevelName(level).lower(),
+                  "event": msg % args if args else msg, "logger": self._name}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()  # the UI may read the file while the task runs
+
+    def info(self, msg: str, *args: Any) -> None:
+        self.log(logging.INFO, msg, *args)
+
+    def warning(self, msg: str, *args: Any) -> None:
+        self.log(logging.WARNING, msg, *args)
+
+    def error(self, msg: str, *args: Any) -> None:
+        self.log(logging.ERROR, msg, *args)
+
+
+def _runs_without_supervisor() -> bool:
+    """True inside `airflow dags test` (and so `arf demo`): Airflow runs the task in its own
+    process through `run_task_in_process`, whose in-process comms write no log file."""
+    supervisor = sys.modules.get("airflow.sdk.execution_time.supervisor")
+    runner = sys.modules.get("airflow.sdk.execution_time.task_runner")
+    if supervisor is None or runner is None:
+        return False
+    comms = getattr(runner, "SUPERVISOR_COMMS", None)
+    return isinstance(comms, supervisor.InProcessSupervisorComms)
+
+
+@contextlib.contextmanager
+def task_log(context: Any, log: Any) -> Iterator[Any]:
+    """The logger a task's operator should write to: `log` itself, or under `airflow dags test`
+    a tee that also writes the task's log file where the UI reads it.
+
+    Under a scheduler the task's supervisor writes `[logging] base_log_folder` /
+    `log_filename_template` (dag_id=.../run_id=.../task_id=.../attempt=N.log). `dags test` has
+    no supervisor: the log went to the console only, and the UI, finding no file, asked the
+    worker's log server and showed "Log file not found on worker". This writes that file with
+    the operator's lines (the step's output) and, if the task fails, the reason.
+    """
+    if not _runs_without_supervisor():
+        yield log
+        return
+    from airflow.sdk.exceptions import AirflowSkipException
+    from airflow.sdk.log import init_log_file
+    from airflow.utils.helpers import log_filename_template_renderer
+
+    ti = context["ti"]
+    path = init_log_file(log_filename_template_renderer()(ti=ti, try_number=ti.try_number))
+    with open(path, "a") as file:
+        tee = _TeeLog(log, file, f"airflow.task.operators.{type(ti.task).__module__}."
+                                 f"{type(ti.task).__name__}")
+        try:
+            yield tee
+        except AirflowSkipException as exc:
+            tee.info("Task skipped: %s", exc)
+            raise
+        except BaseException as exc:
+            tee.error("Task failed with exception: %s: %s", type(exc).__name__, exc)
+            raise
 
 
 def run_identity(context: Any) -> RunIdentity:

@@ -7,6 +7,7 @@ of the event that `register_model` recorded in the Airflow metadata DB (no sched
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from airflow_runs import latest_run, task_states
+from arf_training.demo import demo_line
 from arf_training.settings import ArfSettings
 from arf_training.stepspec import workspace_for
 
@@ -24,6 +26,21 @@ BIN = Path(sys.executable).parent
 def dags_test(env, dag_id: str, conf: dict) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "airflow"), "dags", "test", dag_id, "-c", json.dumps(conf)],
                           env=env, capture_output=True, text=True, timeout=900)
+
+
+def ui_task_log(dag_id: str, run_id: str, task_id: str) -> str:
+    """A task's log as the api-server reads it for the UI (TaskLogReader: the file under
+    `[logging] base_log_folder`, else the worker's log server)."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.log.log_reader import TaskLogReader
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        ti = session.scalars(select(TaskInstance).where(
+            TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id,
+            TaskInstance.task_id == task_id)).one()
+        return "".join(TaskLogReader().read_log_stream(ti, ti.try_number, {}))
 
 
 def mlflow_client(env):
@@ -75,6 +92,17 @@ def test_reach_bc_asset_event_drives_arf_evaluate(embedded):
     run = latest_run("reach_bc")
     assert str(run.state) == "success"
 
+    # `arf demo` shows each epoch as it ends, whole and with one timestamp.
+    shown = [demo_line(line) for line in (proc.stdout + proc.stderr).splitlines()]
+    epochs = [line for line in shown if line and re.search(r"epoch \d+/8 \| step", line)]
+    assert [re.search(r"epoch (\d+)/8", line)[1] for line in epochs] == \
+        [str(n) for n in range(1, 9)], epochs
+    assert not any(re.search(r"\d{4}[-/]\d\d[-/]\d\d", line) for line in epochs), epochs
+    # The UI finds each task's log of this `dags test` run, with the step's output in it.
+    train_log = ui_task_log("reach_bc", run.run_id, "train")
+    assert "task_id=train/attempt=1.log" in train_log, train_log[-3000:]
+    assert "epoch 8/8 | step" in train_log and "Could not read served logs" not in train_log
+
     from airflow.models.asset import AssetEvent
     from airflow.utils.session import create_session
     from sqlalchemy import select
@@ -89,6 +117,8 @@ def test_reach_bc_asset_event_drives_arf_evaluate(embedded):
     payload = {"model_name": extra["model_name"], "model_version": extra["model_version"]}
     proc = dags_test(embedded, "arf_evaluate", payload)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    assert "success rate" in ui_task_log("arf_evaluate", latest_run("arf_evaluate").run_id,
+                                         "evaluate")
     version = mlflow_client(embedded).get_model_version("reach_bc_policy", extra["model_version"])
     rate = float(version.tags["arf.eval.success_rate"])
     assert 0.0 <= rate <= 1.0
@@ -110,6 +140,9 @@ def test_unknown_conf_key_fails_before_any_step_runs(embedded):
     assert str(run.state) == "failed"
     states = task_states("digits_smoke", run.run_id)
     assert states["prepare_data"] == "failed" and states["train"] != "success"
+    # The UI shows why, in the failed task's log.
+    assert "unknown parameter 'learning_rate'" in ui_task_log("digits_smoke", run.run_id,
+                                                              "prepare_data")
     ws = workspace_for(ArfSettings.from_env(), "digits_smoke", run.run_id)
     assert not (ws / "prepare").exists() and not (ws / "train").exists()
 

@@ -57,6 +57,12 @@ def test_step_log_lines_are_relayed_whole_with_one_timestamp_and_their_level(tmp
             "                    format='%(asctime)s %(levelname)s %(name)s: %(message)s')\n"
             "logging.getLogger('arf_trainer.trainer.run').info('epoch 1/2 | " + words + "')\n"
             "logging.getLogger('arf_trainer.x').warning('disk almost full')\n"
+            # MLflow's own format: another date style.
+            "h = logging.StreamHandler(sys.stdout)\n"
+            "h.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s',\n"
+            "                                 datefmt='%Y/%m/%d %H:%M:%S'))\n"
+            "m = logging.getLogger('mlflow.store'); m.addHandler(h); m.propagate = False\n"
+            "m.info('Creating initial MLflow database tables...')\n"
             "print('a plain print stays as it is')\n" + WRITE_RESULT)
     caplog.set_level(logging.INFO, logger="relay")
     LocalStepRunner(logging.getLogger("relay")).run(_spec(tmp_path, code))
@@ -65,6 +71,7 @@ def test_step_log_lines_are_relayed_whole_with_one_timestamp_and_their_level(tmp
     assert epoch in records, sorted(records)  # no second timestamp, nothing cut
     assert records["arf_trainer.x: disk almost full"].levelno == logging.WARNING
     assert records["a plain print stays as it is"].levelno == logging.INFO
+    assert "mlflow.store: Creating initial MLflow database tables..." in records
 
 
 def test_failure_carries_the_tail_of_the_log(tmp_path):

@@ -32,6 +32,7 @@ from arf_training.runtime import (
     fail_fast_on_bad_input,
     models_to_evaluate,
     run_identity,
+    task_log,
     trigger_conf,
 )
 from arf_training.settings import ArfSettings, venv_bin
@@ -51,9 +52,10 @@ TEST_HOOKS = ("ARF_TEST_STEP_DELAY_S", "ARF_TEST_CHECKPOINT_DELAY_S", "ARF_TEST_
 TAIL_LINES = 60
 # Beyond the step's own grace period: time for torchrun to pass SIGTERM on and reap workers.
 KILL_MARGIN_S = 5.0
-# The step's Python logging prefix ("2026-12-03 17:42:12,099 INFO name: ..."). The task log
-# stamps every relayed line itself, so the step's own time is dropped and its level kept.
-_STEP_LOG_PREFIX = re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:[,.]\d+)? "
+# The step's Python logging prefix ("2026-12-03 17:42:12,099 INFO name: ...", MLflow's
+# "2026/12/03 17:42:12 INFO ..."). The task log stamps every relayed line itself, so the
+# step's own time is dropped and its level kept.
+_STEP_LOG_PREFIX = re.compile(r"\d{4}[-/]\d\d[-/]\d\d[ T]\d\d:\d\d:\d\d(?:[,.]\d+)? "
                               r"(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 
 
@@ -234,11 +236,11 @@ class LocalStepOperator(BaseOperator):
         self._runner: LocalStepRunner | None = None
 
     def execute(self, context: Any) -> dict[str, Any]:
-        with fail_fast_on_bad_input():
+        with task_log(context, self.log) as log, fail_fast_on_bad_input():
             spec = build_step_spec(self.loaded, self.step, run_identity(context),
                                    trigger_conf(context), ArfSettings.from_env(),
                                    trial=self.trial)
-            self._runner = LocalStepRunner(self.log)
+            self._runner = LocalStepRunner(log)
             result = self._runner.run(spec)
         if self.step == "register":
             emit_model_event(context, self.loaded, result)
@@ -260,18 +262,22 @@ class LocalEvaluateOperator(BaseOperator):
         self._runner: LocalStepRunner | None = None
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
+        with task_log(context, self.log) as log:
+            return self._evaluate(context, log)
+
+    def _evaluate(self, context: Any, log: Any) -> list[dict[str, Any]]:
         settings = ArfSettings.from_env()
         results = []
         with fail_fast_on_bad_input():
             targets = models_to_evaluate(context, self.templates)
         for target in targets:
             loaded = self.templates[target["model_name"]]
-            self.log.info("evaluating %s version %s (from %s)", target["model_name"],
-                          target["model_version"], target["source"])
+            log.info("evaluating %s version %s (from %s)", target["model_name"],
+                     target["model_version"], target["source"])
             # Evaluation is configured by the template, not by this run's conf.
             spec = build_step_spec(loaded, "evaluate", run_identity(context), {}, settings,
                                    inputs=target)
-            self._runner = LocalStepRunner(self.log)
+            self._runner = LocalStepRunner(log)
             with fail_fast_on_bad_input():
                 results.append(self._runner.run(spec))
         return results
