@@ -134,7 +134,8 @@ def run_demo(template: str = "reach_bc", conf: dict[str, Any] | None = None,
 
     print(f"[arf demo] data hub: {settings.datahub_uri}", flush=True)
     seeded = seed_datahub(settings, env)
-    print(f"[arf demo] Airflow metadata DB: {env['AIRFLOW__DATABASE__SQL_ALCHEMY_CONN']}", flush=True)
+    print(f"[arf demo] Airflow metadata DB: "
+          f"{shown_uri(env['AIRFLOW__DATABASE__SQL_ALCHEMY_CONN'])}", flush=True)
     migrate(env)
     print(f"[arf demo] running DAG {template!r} with `airflow dags test` (log: {log_path})",
           flush=True)
@@ -214,6 +215,13 @@ def format_summary(s: dict[str, Any], settings: ArfSettings) -> str:
         "=" * 78,
     ]
     return "\n".join(lines)
+
+
+def shown_uri(uri: str) -> str:
+    """A database URI fit for the console: its password (the embedded server's) masked."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(uri).render_as_string(hide_password=True)
 
 
 def _activate_line() -> list[str]:

@@ -85,3 +85,12 @@ def test_readme_activates_the_venv_before_its_first_arf_command(repo):
     assert first is not None
     assert "source .venv/bin/activate" in text[:first.start()], \
         "README writes `arf ...` before saying how to put it on PATH"
+
+
+def test_the_metadata_db_is_shown_without_its_password():
+    from arf_training.demo import shown_uri
+
+    uri = "postgresql+psycopg://arf:s3cret-Pw@/airflow?host=/tmp/h/postgres/run&port=5432"
+    assert "s3cret-Pw" not in shown_uri(uri)
+    assert shown_uri(uri).startswith("postgresql+psycopg://arf:***@/airflow")
+    assert shown_uri("sqlite:////tmp/h/airflow/airflow.db") == "sqlite:////tmp/h/airflow/airflow.db"
