@@ -62,14 +62,22 @@ def _list() -> int:
     from arf_training.templates import load_folder, template_files
 
     good, issues = load_folder(template_files(templates_dir()))
-    for loaded in good:
-        t = loaded.template
-        how = t.training.recipe or "custom command"
-        print(f"{t.name:24} {how:12} {t.training.distributed.world_size} proc  "
-              f"schedule={t.schedule or 'manual'}  model={t.model.name}")
+    rows = [[t.name, t.training.recipe or "custom command",
+             f"{t.training.distributed.world_size} proc", f"schedule={t.schedule or 'manual'}",
+             f"model={t.model.name}"] for t in (loaded.template for loaded in good)]
+    for line in _table(rows):
+        print(line)
     if issues:
         print(f"({len({i.file for i in issues})} invalid template(s): run `arf templates lint`)")
     return 0
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    """Rows as lines with every column as wide as its widest cell (names of any length stay
+    aligned); the last column is not padded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)] if rows else []
+    return ["  ".join([cell.ljust(w) for cell, w in zip(row, widths)] + row[-1:]).rstrip()
+            for row in rows]
 
 
 def _render(name: str, backend: str, steps: list[str] | None) -> int:
@@ -161,8 +169,10 @@ def _training(args: argparse.Namespace) -> int:
         templates = client.templates()
         if as_json:
             print(json.dumps(templates, indent=2))
-        for t in [] if as_json else templates:
-            print(f"{t['name']:24} {'paused' if t['paused'] else 'active':7} {t['description']}")
+        for line in [] if as_json else _table(
+                [[t["name"], "paused" if t["paused"] else "active",
+                  " ".join(t["description"].split())] for t in templates]):
+            print(line)
         return EXIT_OK
     if args.sub == "start":
         conf = {}
@@ -197,8 +207,9 @@ def _training(args: argparse.Namespace) -> int:
         jobs = client.list(template=args.template, state=args.state, limit=args.limit)
         if as_json:
             print(json.dumps([j.to_dict() for j in jobs], indent=2, default=str))
-        for j in [] if as_json else jobs:
-            print(f"{j.job_id:58} {j.state:8} {j.start_date or j.queued_at or ''}")
+        for line in [] if as_json else _table(
+                [[j.job_id, j.state, j.start_date or j.queued_at or ""] for j in jobs]):
+            print(line)
         return EXIT_OK
     if args.sub == "cancel":
         job = client.cancel(args.job)
@@ -320,6 +331,14 @@ def main(argv: list[str] | None = None) -> int:
                              help="the gRPC TrainingService (health + reflection enabled)")
     grpc_p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     grpc_p.add_argument("--port", type=int, default=50051, help="port (0: a free one)")
+    grpc_p.add_argument("--allow-anonymous", action="store_true",
+                        help="serve calls without `authorization: Bearer <JWT>` metadata with "
+                             "this server's Airflow credentials even off loopback (warned about; "
+                             "on loopback they are always served)")
+    grpc_p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (with --tls-key)")
+    grpc_p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    grpc_p.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates "
+                                                "signed by it (mutual TLS)")
     args = parser.parse_args(argv)
 
     try:
@@ -379,9 +398,12 @@ def main(argv: list[str] | None = None) -> int:
             print("stopped: " + (", ".join(down()) or "nothing was running"))
             return 0
         if args.command == "serve":
+            from arf_training.grpc_service.security import TlsFiles
             from arf_training.grpc_service.server import serve
 
-            return serve(_client(args).settings, host=args.host, port=args.port)
+            tls = TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_client_ca)
+            return serve(_client(args).settings, host=args.host, port=args.port,
+                         allow_anonymous=args.allow_anonymous, tls=tls)
         if args.command == "training" and args.sub != "reproduce":
             return _training(args)
         if args.command == "training":

@@ -27,13 +27,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from arf_training.errors import ArfError, ConfError
-
-# Exit codes a CI job can rely on (the `arf` CLI uses them for every `training` command).
-EXIT_OK = 0
-EXIT_RUN_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_UNREACHABLE = 3
+from arf_training.client_errors import (EXIT_BAD_INPUT, EXIT_OK, EXIT_RUN_FAILED,  # noqa: F401
+                                        EXIT_UNREACHABLE, AuthFailed, BadInput, ClientError,
+                                        Conflict, NotFound, Unreachable)
+from arf_training.errors import ConfError
+from arf_training.limits import (MAX_DISPLAY_NAME, MAX_JOB_ID, MAX_LIST_LIMIT, MAX_NAME,
+                                 MAX_VALUE, check_length, quote)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_CONFIG = Path("~/.config/arf/client.yaml")
@@ -44,40 +43,6 @@ STATUS = {"queued": "PENDING", "running": "RUNNING", "success": "SUCCEEDED", "fa
 CANCEL_NOTE = "cancelled via arf"
 # The train step's progress lines (arf_trainer.trainer.run._epoch_line).
 PROGRESS_LINE = re.compile(r"epoch \d+/\d+ \| step \d+/\d+")
-
-
-class ClientError(ArfError):
-    """A training-client call failed; `exit_code` is what the CLI exits with."""
-
-    exit_code = EXIT_RUN_FAILED
-
-
-class BadInput(ClientError):
-    """The request is wrong (argument, conf value, credentials); retrying cannot help."""
-
-    exit_code = EXIT_BAD_INPUT
-
-    def __init__(self, message: str, field: str = ""):
-        super().__init__(message)
-        self.field = field
-
-
-class NotFound(BadInput):
-    """No such template or job."""
-
-
-class Conflict(BadInput):
-    """The job is in a state that does not allow the request (cancelling a finished job)."""
-
-
-class AuthFailed(BadInput):
-    """Airflow rejected the credentials (401) or the user's permissions (403)."""
-
-
-class Unreachable(ClientError):
-    """Airflow did not answer (connection refused, timeout, 5xx)."""
-
-    exit_code = EXIT_UNREACHABLE
 
 
 def _airflow_client():
@@ -169,11 +134,20 @@ class Job:
 
 
 def split_job_id(job_id: str) -> tuple[str, str]:
+    check_length("job_id", job_id, MAX_JOB_ID)
     template, sep, run_id = job_id.partition("/")
     if not sep or not template or not run_id:
-        raise BadInput(f"job id {job_id!r} is not of the form TEMPLATE/RUN_ID (as printed by "
+        raise BadInput(f"job id {quote(job_id)} is not of the form TEMPLATE/RUN_ID (as printed by "
                        "`arf training start` and `arf training list`)", field="job_id")
     return template, run_id
+
+
+def _checked_sets(sets: dict[str, str] | None) -> dict[str, str]:
+    """`--set` names and values within their caps (`limits`), or `BadInput` naming the one."""
+    for key, text in (sets or {}).items():
+        check_length("hyperparameter name", key, MAX_NAME)
+        check_length(key, text, MAX_VALUE)
+    return sets or {}
 
 
 def _iso(value: Any) -> str | None:
@@ -276,6 +250,7 @@ class TrainingClient:
         from arf_training.params import schemas_from_airflow
 
         ac = _airflow_client()
+        check_length("template", template, MAX_NAME)
         if template in PLATFORM_DAGS:
             raise NotFound(f"{template!r} is a platform DAG, not a training template",
                            field="template")
@@ -286,10 +261,12 @@ class TrainingClient:
 
     def _unknown_template(self, template: str) -> str:
         try:
-            known = ", ".join(sorted(t["name"] for t in self.templates())) or "none"
+            names = sorted(t["name"] for t in self.templates())
+            more = f" and {len(names) - 20} more" if len(names) > 20 else ""  # a short message
+            known = (", ".join(names[:20]) + more) or "none"
         except ClientError:
             known = "(could not list them)"
-        return (f"unknown template {template!r}; templates on this Airflow: {known} "
+        return (f"unknown template {quote(template)}; templates on this Airflow: {known} "
                 "(`arf training templates list`)")
 
     # -- jobs ----------------------------------------------------------------------------------
@@ -303,7 +280,7 @@ class TrainingClient:
 
         schemas = self.param_schemas(template) if schemas is None else schemas
         merged = dict(conf or {})
-        for key, text in (sets or {}).items():
+        for key, text in _checked_sets(sets).items():
             merged[key] = parse_value(key, text, schemas.get(key))
         check_conf(template, schemas, merged)
         return merged
@@ -314,6 +291,10 @@ class TrainingClient:
         """Validate the conf, then create a DAG run. Only the keys given are sent (the DAG's
         Params fill in the rest, so a later template default change applies)."""
         ac = _airflow_client()
+        check_length("template", template, MAX_NAME)
+        check_length("display_name", display_name, MAX_DISPLAY_NAME)
+        check_length("dataset_query", dataset_query, MAX_VALUE)
+        _checked_sets(sets)  # all sizes before the first HTTP call
         schemas = self.param_schemas(template)
         if dataset_query:
             if "dataset_query" not in schemas:
@@ -383,8 +364,13 @@ class TrainingClient:
     def list(self, *, template: str | None = None, state: str | None = None,
              limit: int = 50) -> list[Job]:
         """Recent jobs, newest first, of one template or of all templates."""
+        check_length("template", template, MAX_NAME)
+        if type(limit) is not int or not 1 <= limit <= MAX_LIST_LIMIT:
+            raise BadInput(f"limit {quote(limit)} is out of range; give a whole number from 1 to "
+                           f"{MAX_LIST_LIMIT} (--limit, or ListTrainingJobs' limit: 0 means 50)",
+                           field="limit")
         if state and state not in STATUS and state.upper() not in STATUS.values():
-            raise BadInput(f"--state {state!r} is not a state; use one of "
+            raise BadInput(f"--state {quote(state)} is not a state; use one of "
                            f"{', '.join(STATUS)} (or {', '.join(STATUS.values())})",
                            field="state")
         airflow_state = next((k for k, v in STATUS.items() if v == (state or "").upper()),
@@ -430,6 +416,7 @@ class TrainingClient:
              poll_s: float = 2.0) -> Iterator[tuple[str, str]]:
         """(task_id, line) of every task's latest try; with `follow`, until the job finishes."""
         template, run_id = split_job_id(job_id)
+        check_length("task", task, MAX_NAME)
         ac = _airflow_client()
         offsets: dict[tuple[str, int], int] = {}
         while True:
@@ -437,7 +424,7 @@ class TrainingClient:
             tis = self._call(lambda: ac.TaskInstanceApi(self._api()).get_task_instances(
                 template, run_id), what="reading tasks").task_instances
             if task and task not in {ti.task_id for ti in tis}:
-                raise BadInput(f"job {job_id} has no task {task!r}; its tasks: "
+                raise BadInput(f"job {job_id} has no task {quote(task)}; its tasks: "
                                f"{', '.join(ti.task_id for ti in tis)}", field="task")
             for ti in tis:
                 if (task and ti.task_id != task) or not ti.try_number:
@@ -496,9 +483,12 @@ class TrainingClient:
 def _detail(body: Any) -> str:
     try:
         data = json.loads(body)
-        return str(data.get("detail", data)) if isinstance(data, dict) else str(data)
+        text = str(data.get("detail", data)) if isinstance(data, dict) else str(data)
     except (TypeError, ValueError):
-        return str(body)[:300]
+        text = str(body)
+    # Airflow's detail may echo what was sent (a long name, a whole conf): keep a prefix.
+    return text if len(text) <= 300 else text[:300] + "..."
+
 
 
 def _first_param(message: str) -> str:

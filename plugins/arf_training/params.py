@@ -7,15 +7,29 @@ form. `resolve_conf` is the single check every step (and the CLI) runs before do
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from arf_training.errors import ConfError
+from arf_training.limits import quote
 
 if TYPE_CHECKING:  # the CLI and gRPC server check confs without loading the template models
     from arf_training.templates import TrainingTemplate
 
 SECTION_TRAINING = "Training"
 SECTION_DATA = "Data"
+_MAX_FLOAT = 1.7976931348623157e308
+# JSON Schema has no "finite" keyword, and every bound check passes for NaN (`nan < x` and
+# `nan > x` are both false), so a "number" Param alone lets NaN and infinities through Airflow's
+# validation (UI, REST API). Each alternative below matches only what must be refused, and "not"
+# refuses it: NaN is the only number that passes exclusiveMinimum 0 and exclusiveMaximum 0 at once
+# (validators refuse x <= 0 and x >= 0, both false for NaN); +inf the only one above the largest
+# float, -inf the only one below its negative.
+NOT_FINITE = {"anyOf": [
+    {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 0},
+    {"type": "number", "exclusiveMinimum": _MAX_FLOAT},
+    {"type": "number", "exclusiveMaximum": -_MAX_FLOAT},
+]}
 
 
 def param_schemas(template: TrainingTemplate) -> dict[str, dict[str, Any]]:
@@ -29,6 +43,8 @@ def param_schemas(template: TrainingTemplate) -> dict[str, dict[str, Any]]:
             value = getattr(hp, key, None)
             if value is not None:
                 schema[key] = value
+        if hp.type == "number":
+            schema["not"] = NOT_FINITE
         schema["title"] = _title(name, schema)
         schemas[name] = schema
     schemas["seed"] = {"type": "integer", "minimum": 0, "title": "seed (≥ 0)",
@@ -88,9 +104,11 @@ def _check_value(name: str, value: Any, schema: dict[str, Any]) -> str | None:
         "boolean": isinstance(value, bool),
     }.get(kind, True)  # other JSON types (object, array) are left to Airflow
     if not ok:
-        return f"{name!r} must be of type {kind}, got {value!r} ({type(value).__name__})"
+        return f"{name!r} must be of type {kind}, got {quote(value)} ({type(value).__name__})"
+    if kind == "number" and isinstance(value, float) and not math.isfinite(value):
+        return f"{name!r} must be a finite number, got {value!r}"
     if "enum" in schema and value not in schema["enum"]:
-        return f"{name!r} must be one of {schema['enum']}, got {value!r}"
+        return f"{name!r} must be one of {schema['enum']}, got {quote(value)}"
     if "minimum" in schema and value < schema["minimum"]:
         return f"{name!r} = {value!r} is below its minimum {schema['minimum']}"
     if "maximum" in schema and value > schema["maximum"]:
@@ -110,7 +128,11 @@ def parse_value(name: str, text: str, schema: dict[str, Any] | None) -> Any:
         if kind == "integer":
             return int(text)
         if kind == "number":
-            return float(text)
+            value = float(text)
+            if not math.isfinite(value):  # float() reads "nan", "inf", "-Infinity", "1e999"
+                raise ConfError(f"{name}={quote(text)} is not a finite number. Expected "
+                                f"{_describe(name, schema)}")
+            return value
         if kind == "boolean":
             lowered = text.strip().lower()
             if lowered in ("true", "1", "yes", "on"):
@@ -119,7 +141,7 @@ def parse_value(name: str, text: str, schema: dict[str, Any] | None) -> Any:
                 return False
             raise ValueError(text)
     except ValueError:
-        raise ConfError(f"{name}={text!r} is not a valid {kind}. Expected "
+        raise ConfError(f"{name}={quote(text)} is not a valid {kind}. Expected "
                         f"{_describe(name, schema)}") from None
     return text
 
@@ -131,7 +153,7 @@ def check_conf(template_name: str, schemas: dict[str, dict[str, Any]],
     conf = dict(conf or {})
     problems = []
     for key in sorted(set(conf) - set(schemas)):
-        problems.append(f"unknown parameter {key!r}; template {template_name!r} accepts: "
+        problems.append(f"unknown parameter {quote(key)}; template {template_name!r} accepts: "
                         f"{', '.join(sorted(schemas))}")
     values = {}
     for name, schema in schemas.items():

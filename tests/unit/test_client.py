@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from arf_training.cli import main
-from arf_training.client import BadInput, ClientSettings, Job, split_job_id
+from arf_training.client import BadInput, ClientSettings, Job, TrainingClient, split_job_id
 from arf_training.errors import ConfError
 from arf_training.params import parse_value, schemas_from_airflow
 
@@ -64,3 +66,70 @@ def test_bad_set_syntax_fails_before_contacting_airflow(capsys):
     code = main(["training", "start", "digits_smoke", "--set", "epochs",
                  "--url", "http://127.0.0.1:9"])
     assert code == 2 and "is not KEY=VALUE" in capsys.readouterr().err
+
+
+UNREACHABLE = "http://127.0.0.1:9"  # nothing listens: a call that got this far exits 3
+
+
+def test_non_finite_set_values_refused_before_submitting():
+    schemas = schemas_from_airflow({"lr": {"value": 0.01, "schema": {
+        "type": "number", "minimum": 0.0, "maximum": 1.0}}})
+    client = TrainingClient(ClientSettings(url=UNREACHABLE))
+    for text in ("nan", "inf", "-inf"):
+        with pytest.raises(ConfError, match=rf"lr='{text}' is not a finite number"):
+            client.build_conf("reach_bc", sets={"lr": text}, schemas=schemas)
+    with pytest.raises(ConfError, match="'lr' must be a finite number, got nan"):
+        client.build_conf("reach_bc", conf=json.loads('{"lr": NaN}'), schemas=schemas)
+    assert client.build_conf("reach_bc", sets={"lr": "0.5"}, schemas=schemas) == {"lr": 0.5}
+
+
+@pytest.mark.parametrize("args, field", [
+    pytest.param(["list", "--limit", "-1"], "limit", id="limit-negative"),
+    pytest.param(["list", "--limit", "0"], "limit", id="limit-zero"),
+    pytest.param(["list", "--state", "s" * 100_000], "--state", id="state-100kB"),
+    pytest.param(["list", "--template", "t" * 100_000], "template", id="list-template-100kB"),
+    pytest.param(["start", "t" * 100_000], "template", id="template-100kB"),
+    pytest.param(["start", "digits_smoke", "--set", "lr=" + "1" * 100_000], "lr",
+                 id="set-value-100kB"),
+    pytest.param(["start", "digits_smoke", "--set", "n" * 100_000 + "=1"],
+                 "hyperparameter name", id="set-name-100kB"),
+    pytest.param(["start", "digits_smoke", "--name", "d" * 100_000], "display_name",
+                 id="display-name-100kB"),
+    pytest.param(["status", "j" * 100_000], "job_id", id="job-id-100kB"),
+    pytest.param(["cancel", "t/" + "r" * 100_000], "job_id", id="cancel-job-id-100kB"),
+    pytest.param(["logs", "t/r", "--task", "x" * 100_000], "task", id="task-100kB"),
+])
+def test_bad_input_exits_2_before_contacting_airflow(capsys, args, field):
+    code = main(["training", *args, "--url", UNREACHABLE])
+    err = capsys.readouterr().err
+    assert code == 2, err[:300]
+    assert err.startswith(f"arf training: error: {field}") and len(err) < 1000, err[:300]
+    assert "Traceback" not in err
+
+
+def test_templates_list_columns_fit_long_names(tmp_path, monkeypatch, capsys):
+    from arf_training.settings import REPO_ROOT
+
+    source = (REPO_ROOT / "config_templates" / "digits_smoke.yaml").read_text()
+    long_name = "digits_smoke_with_a_name_longer_than_the_old_columns"
+    (tmp_path / "digits_smoke.yaml").write_text(source)
+    (tmp_path / f"{long_name}.yaml").write_text(  # names are unique: template and model
+        source.replace("name: digits_smoke", f"name: {long_name}", 1)
+        .replace("name: digits_classifier", "name: long_named_classifier", 1))
+    monkeypatch.setenv("ARF_TEMPLATES_DIR", str(tmp_path))
+    assert main(["templates", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["digits_smoke", long_name]
+    assert len({line.index(" classifier") for line in lines}) == 1, lines  # one column
+
+
+def test_job_table_columns_fit_long_ids():
+    from arf_training.cli import _table
+
+    jobs = [Job(template="t", run_id="manual__1", state="running", start_date="2026-12-03"),
+            Job(template="a_template_with_a_long_name", run_id="arf__20261203T174000_abcdef" * 3,
+                state="success", queued_at="2026-12-02")]
+    lines = _table([[j.job_id, j.state, j.start_date or j.queued_at or ""] for j in jobs])
+    assert len({line.index(" running") if "running" in line else line.index(" success")
+                for line in lines}) == 1, lines
+    assert lines[0].split() == ["t/manual__1", "running", "2026-12-03"]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from arf_training.errors import ConfError
-from arf_training.params import build_params, resolve_conf
+from arf_training.params import NOT_FINITE, build_params, param_schemas, parse_value, resolve_conf
 from arf_training.templates import load_template
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,3 +85,79 @@ def test_form_labels_show_bounds():
     assert params["epochs"].schema["title"] == "epochs (1 – 500)"
     assert params["seed"].schema["title"] == "seed (≥ 0)"
     assert params["hidden_size"].schema["title"] == "hidden_size"  # a dropdown: no bounds
+
+
+@pytest.mark.parametrize("value", [
+    pytest.param(float("nan"), id="nan"), pytest.param(float("inf"), id="inf"),
+    pytest.param(float("-inf"), id="-inf"),
+])
+def test_non_finite_numbers_are_refused_naming_the_parameter(value):
+    with pytest.raises(ConfError, match=r"'lr' must be a finite number, got (nan|inf|-inf)"):
+        resolve_conf(REACH, {"lr": value})
+
+
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-Infinity", "1e999"])
+def test_non_finite_set_values_are_refused(text):
+    schema = param_schemas(REACH)["lr"]
+    with pytest.raises(ConfError, match=r"lr='.*' is not a finite number. Expected lr"):
+        parse_value("lr", text, schema)
+    assert parse_value("lr", "0.01", schema) == 0.01
+
+
+def test_airflow_param_schema_refuses_non_finite_numbers():
+    """The trigger form's and the REST API's own validation (Airflow `Param`), not ours."""
+    from airflow.sdk import Param
+    from airflow.sdk.exceptions import ParamValidationError
+
+    lr = build_params(REACH)["lr"]
+    with pytest.raises(ParamValidationError):
+        Param(float("nan"), description=lr.description, **lr.schema).resolve()
+    assert Param(0.01, **lr.schema).resolve() == 0.01
+    # Without bounds only the `not` clause stands between infinities and the run.
+    unbounded = {"type": "number", "not": NOT_FINITE}
+    for value in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(ParamValidationError):
+            Param(value, **unbounded).resolve()
+    for value in (0, -3.5, 1e308, -1e308):
+        assert Param(value, **unbounded).resolve() == value
+
+
+def test_long_values_are_quoted_short():
+    with pytest.raises(ConfError) as info:
+        resolve_conf(REACH, {"k" * 100_000: 1, "epochs": "e" * 100_000})
+    message = str(info.value)
+    assert len(message) < 2000 and "(100000 chars)" in message
+
+
+def _job_spec(**changes):
+    raw = {"spec_version": 1, "step": "train", "template": {}, "template_sha256": "0" * 64,
+           "conf": {"lr": 0.01}, "hyperparameters": {"lr": 0.01}, "seed": 0,
+           "run": {"dag_id": "reach_bc", "run_id": "r1", "task_id": "train"}}
+    return {**raw, **changes}
+
+
+@pytest.mark.parametrize("changes, where", [
+    pytest.param({"conf": {"lr": float("nan")}}, "conf.lr", id="conf"),
+    pytest.param({"hyperparameters": {"lr": float("inf")}}, "hyperparameters.lr",
+                 id="hyperparameters"),
+    pytest.param({"seed": float("nan")}, "seed", id="seed"),
+])
+def test_container_refuses_non_finite_numbers_in_the_job_spec(changes, where):
+    from arf_trainer.errors import SpecError
+    from arf_trainer.spec import JobSpec
+
+    assert JobSpec.from_dict(_job_spec()).hyperparameters == {"lr": 0.01}
+    with pytest.raises(SpecError, match=rf"job spec {where} = (nan|inf) is not a finite number"):
+        JobSpec.from_dict(_job_spec(**changes))
+
+
+def test_container_refuses_nan_tokens_in_the_job_spec_json(tmp_path):
+    from arf_trainer.errors import SpecError
+    from arf_trainer.spec import StepEnv
+
+    text = json.dumps(_job_spec()).replace('"lr": 0.01}, "seed"', '"lr": NaN}, "seed"')
+    assert "NaN" in text  # json.loads reads this non-standard token as float("nan")
+    env = {"ARF_JOB_SPEC_JSON": text, "ARF_WORKSPACE": str(tmp_path),
+           "ARF_TRACKING_URI": str(tmp_path / "mlruns"), "ARF_DATAHUB_URI": str(tmp_path)}
+    with pytest.raises(SpecError, match="hyperparameters.lr = nan"):
+        StepEnv.from_environ(env)

@@ -22,6 +22,7 @@ seed, the run identity and step-specific `inputs`.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,13 +98,16 @@ class JobSpec:
                     f"reads version {SPEC_VERSION}: rebuild the spec with a matching arf-training"
                 )
             run = raw["run"]
+            conf = _finite("conf", raw.get("conf") or {})
+            hyperparameters = _finite("hyperparameters", raw.get("hyperparameters") or {})
+            seed = _finite("", {"seed": raw["seed"]})["seed"]
             return cls(
                 step=raw["step"],
                 template=raw["template"],
                 template_sha256=raw["template_sha256"],
-                conf=raw.get("conf") or {},
-                hyperparameters=raw.get("hyperparameters") or {},
-                seed=int(raw["seed"]),
+                conf=conf,
+                hyperparameters=hyperparameters,
+                seed=int(seed),
                 run=RunIdentity(
                     dag_id=run["dag_id"],
                     run_id=run["run_id"],
@@ -116,6 +120,21 @@ class JobSpec:
             )
         except KeyError as exc:
             raise SpecError(f"job spec is missing the field {exc.args[0]!r}") from exc
+
+
+def _finite(where: str, values: dict[str, Any]) -> dict[str, Any]:
+    """`values`, or `SpecError` for a NaN or infinite number among them.
+
+    The Airflow side refuses them in the trigger conf, but a spec can come from elsewhere, and
+    `json.loads` reads the non-standard `NaN` / `Infinity` tokens. A NaN learning rate would
+    train garbage silently, and custom commands receive the hyperparameters as they are.
+    """
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            name = f"{where}.{key}" if where else key
+            raise SpecError(f"job spec {name} = {value!r} is not a finite number; NaN and "
+                            "infinities are refused: fix the trigger conf or the template default")
+    return values
 
 
 @dataclass(frozen=True)

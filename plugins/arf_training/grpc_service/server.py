@@ -3,12 +3,15 @@
 Each RPC is a few lines: request fields -> a `TrainingClient` call -> response message. Client
 errors become gRPC status codes (`_STATUS`): bad input INVALID_ARGUMENT (the message names the
 field), unknown template/job NOT_FOUND, Airflow unreachable UNAVAILABLE, rejected credentials
-UNAUTHENTICATED, cancelling a finished job FAILED_PRECONDITION.
+UNAUTHENTICATED, cancelling a finished job FAILED_PRECONDITION; anything else INTERNAL (logged
+with its traceback). Messages are cut to `limits.MAX_MESSAGE` characters.
 
 Authentication is passed through: a caller's `authorization: Bearer <Airflow JWT>` metadata is
-the token used against Airflow; without it the server's own settings apply. Metadata and
-credentials are never logged; the access log names the method, the code and the duration.
-Health checking (`grpc.health.v1`) and server reflection are enabled.
+the token used against Airflow. Calls without it act with the server's own settings only on a
+loopback-only server or with `--allow-anonymous`; TLS and mutual TLS are optional (both in
+`security`). Metadata and credentials are never logged; the access log names the method, the
+status code the caller got and the duration. Health checking (`grpc.health.v1`) and server
+reflection are enabled.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from arf_training.client import (STATUS, AuthFailed, BadInput, ClientError, Clie
                                  Conflict, Job, NotFound, TrainingClient, Unreachable)
 from arf_training.grpc_service.gen import training_pb2 as pb
 from arf_training.grpc_service.gen import training_pb2_grpc as pb_grpc
+from arf_training.grpc_service.security import (TlsFiles, anonymous_allowed, caller_token,
+                                                refuse_anonymous, startup_warnings)
+from arf_training.limits import clip, quote
 
 log = logging.getLogger("arf.grpc")
 SERVICE = pb.DESCRIPTOR.services_by_name["TrainingService"].full_name
@@ -54,18 +60,20 @@ def _job_message(job: Job) -> pb.TrainingJob:
 
 
 class TrainingService(pb_grpc.TrainingServiceServicer):
-    """The RPCs; every one goes through `_run` (client choice, error mapping, access log)."""
+    """The RPCs; every one goes through `_run` (caller check, client choice, error mapping,
+    access log). `anonymous`: serve calls without authorization metadata with `settings`'
+    credentials (`security.anonymous_allowed`); otherwise they get UNAUTHENTICATED."""
 
-    def __init__(self, settings: ClientSettings):
+    def __init__(self, settings: ClientSettings, *, anonymous: bool = False):
         self.settings = settings
+        self.anonymous = anonymous
         self._clients: dict[str | None, TrainingClient] = {}
         self._lock = threading.Lock()
 
     def _client(self, context: grpc.ServicerContext) -> TrainingClient:
-        token = None
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and value.lower().startswith("bearer "):
-                token = value[7:].strip()
+        token = caller_token(context.invocation_metadata())
+        if token is None and not self.anonymous:
+            raise refuse_anonymous()
         with self._lock:
             client = self._clients.get(token)
             if client is None:
@@ -85,8 +93,13 @@ class TrainingService(pb_grpc.TrainingServiceServicer):
         except ClientError as exc:
             code = next(c for kind, c in _STATUS if isinstance(exc, kind))
             field = getattr(exc, "field", "")
-            context.abort(code, f"{field}: {exc}" if field and not str(exc).startswith(field)
-                          else str(exc))
+            context.abort(code, clip(f"{field}: {exc}" if field and not str(exc).startswith(field)
+                                     else str(exc)))
+        except Exception:  # a bug of ours: the caller gets INTERNAL, the log the traceback
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", name)
+            context.abort(code, f"{name}: internal error of the arf gRPC server (its log has the "
+                                "details); please report it")
         finally:
             log.info("%s %s %.0f ms", name, code.name, (time.perf_counter() - start) * 1000)
 
@@ -97,7 +110,7 @@ class TrainingService(pb_grpc.TrainingServiceServicer):
                                "(see ListTrainingJobs or `arf training templates list`)",
                                field="training_script_plugin")
             if request.base_model_plugin:
-                raise BadInput(f"base_model_plugin {request.base_model_plugin!r} is not "
+                raise BadInput(f"base_model_plugin {quote(request.base_model_plugin)} is not "
                                "supported yet: a template's base model comes from its file "
                                "(model.base_model); leave it empty", field="base_model_plugin")
             job = client.start(request.training_script_plugin,
@@ -120,6 +133,10 @@ class TrainingService(pb_grpc.TrainingServiceServicer):
         def list_jobs(client: TrainingClient) -> pb.ListTrainingJobsResponse:
             status = None
             if request.status:
+                if request.status not in pb.TrainingJobStatus.values():
+                    raise BadInput(f"status {request.status} is not a TrainingJobStatus; use one "
+                                   f"of {', '.join(pb.TrainingJobStatus.keys())} (0 = every "
+                                   "status)", field="status")
                 status = pb.TrainingJobStatus.Name(request.status)
             jobs = client.list(template=request.training_script_plugin or None, state=status,
                                limit=request.limit or 50)
@@ -143,37 +160,57 @@ class TrainingService(pb_grpc.TrainingServiceServicer):
                 if not context.is_active():
                     return
                 yield pb.LogLine(task=task_id, line=line)
-        except ClientError as exc:
+        except ClientError as exc:  # while following: after the access log line of the call
             code = next(c for kind, c in _STATUS if isinstance(exc, kind))
-            context.abort(code, str(exc))
+            log.info("StreamTrainingJobLogs %s (while streaming)", code.name)
+            context.abort(code, clip(str(exc)))
 
 
-def make_server(settings: ClientSettings, host: str = "127.0.0.1",
-                port: int = 50051) -> tuple[grpc.Server, int]:
-    """A started-ready (not yet started) server with the service, health and reflection."""
+def make_server(settings: ClientSettings, host: str = "127.0.0.1", port: int = 50051, *,
+                anonymous: bool | None = None,
+                tls: TlsFiles | None = None) -> tuple[grpc.Server, int]:
+    """A started-ready (not yet started) server with the service, health and reflection.
+    `anonymous`: see `TrainingService` (None: only if `host` is loopback); `tls`: serve TLS
+    (mutual TLS with a client CA)."""
+    if anonymous is None:
+        anonymous = anonymous_allowed(host, allow_anonymous=False)
+    credentials = tls.credentials() if tls else None  # bad files fail before anything else
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-    pb_grpc.add_TrainingServiceServicer_to_server(TrainingService(settings), server)
+    pb_grpc.add_TrainingServiceServicer_to_server(
+        TrainingService(settings, anonymous=anonymous), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    try:
+        bound = (server.add_secure_port(address, credentials) if credentials
+                 else server.add_insecure_port(address))
+    except RuntimeError as exc:  # grpc checks the certificate and key only here
+        raise ClientError(f"cannot listen on {address} with TLS: gRPC refused --tls-cert "
+                          f"{tls.cert} / --tls-key {tls.key} (a key that does not match the "
+                          "certificate?)") from exc
     if not bound:
-        raise ClientError(f"cannot listen on {host}:{port}; is the port in use? pass --port")
+        raise ClientError(f"cannot listen on {address}; is the port in use? pass --port")
     return server, bound
 
 
-def serve(settings: ClientSettings, host: str = "127.0.0.1", port: int = 50051) -> int:
+def serve(settings: ClientSettings, host: str = "127.0.0.1", port: int = 50051, *,
+          allow_anonymous: bool = False, tls: TlsFiles | None = None) -> int:
     """Run until SIGTERM/SIGINT. Prints `listening on HOST:PORT` once ready (port 0 = any)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    server, bound = make_server(settings, host, port)
+    anonymous = anonymous_allowed(host, allow_anonymous)
+    server, bound = make_server(settings, host, port, anonymous=anonymous, tls=tls)
+    for warning in startup_warnings(host, allow_anonymous, tls):
+        log.warning("WARNING: %s", warning)
     server.start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"listening on {host}:{bound} (Airflow {settings.url})", flush=True)
+    print(f"listening on {host}:{bound} (Airflow {settings.url}; {tls.mode if tls else 'plaintext'}"
+          f"; anonymous calls {'served' if anonymous else 'refused'})", flush=True)
     stop.wait()
     server.stop(grace=5).wait()
     print("stopped", file=sys.stderr, flush=True)
