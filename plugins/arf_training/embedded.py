@@ -1,20 +1,16 @@
 """The embedded default: Airflow + MLflow + data hub on one machine, state under `.arf/`.
 
 `environment()` is the single definition of how Airflow is configured here; `arf airflow ...`,
-`arf demo`, `arf up` and the tests all use it. `up()`/`down()` start and stop the long-running
-components with pid files, and stop each process group (Airflow's own `standalone` leaves its
-children running on SIGTERM).
+`arf demo`, `arf up` and the tests all use it. `ensure_migrated()` migrates the metadata DB on
+first use. The supervisor of `arf up` lives in `arf_training.stack`.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from arf_training.errors import ArfError
@@ -76,131 +72,52 @@ def airflow(args: list[str], *, env: dict[str, str] | None = None, check: bool =
 
 
 def migrate(env: dict[str, str] | None = None) -> None:
+    env = env or environment()
     airflow(["db", "migrate"], env=env, capture=True)
+    _migration_stamp(env).write_text(_migration_key(env))
+
+
+def ensure_migrated(env: dict[str, str] | None = None) -> bool:
+    """Migrate the metadata DB unless this Airflow version already migrated this database
+    (a fresh `ARF_HOME` works without `arf airflow db migrate`); True if it migrated now."""
+    env = env or environment()
+    stamp = _migration_stamp(env)
+    conn = env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    db_file = Path(conn.removeprefix("sqlite:///")) if conn.startswith("sqlite:///") else None
+    current = (stamp.exists() and stamp.read_text() == _migration_key(env)
+               and (db_file is None or db_file.exists()))
+    if not current:
+        migrate(env)
+    return not current
+
+
+def _migration_stamp(env: dict[str, str]) -> Path:
+    return Path(env["AIRFLOW_HOME"]) / ".arf-migrated"
+
+
+def _migration_key(env: dict[str, str]) -> str:
+    """Airflow version + database, hashed (the database URI may carry a password)."""
+    import hashlib
+    from importlib.metadata import version
+
+    key = f"{version('apache-airflow-core')} {env['AIRFLOW__DATABASE__SQL_ALCHEMY_CONN']}"
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
-# make up / make down
+# The Airflow components (started by the supervisor of `arf up`, see `arf_training.stack`)
 
-def _run_dir(settings: ArfSettings) -> Path:
-    path = settings.home / "run"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def airflow_components(api_port: int, host: str = "127.0.0.1") -> dict[str, list[str]]:
+    """The long-running Airflow 3 components of one deployment.
 
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
-
-
-def _wait_http(url: str, timeout: float) -> bool:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 (localhost only)
-                if resp.status < 500:
-                    return True
-        except OSError:
-            time.sleep(1)
-    return False
-
-
-def airflow_components(api_port: int) -> dict[str, list[str]]:
-    """The long-running Airflow 3 components of one deployment."""
-    return {
-        "api-server": [venv_bin("airflow"), "api-server", "--port", str(api_port)],
-        "scheduler": [venv_bin("airflow"), "scheduler"],
-        "dag-processor": [venv_bin("airflow"), "dag-processor"],
-        "triggerer": [venv_bin("airflow"), "triggerer"],
-    }
-
-
-def start_processes(components: dict[str, list[str]], env: dict[str, str],
-                    log_dir: Path) -> dict[str, subprocess.Popen]:
-    """Start each command in its own process group (so that stopping it stops its children),
-    output appended to `<log_dir>/<name>.log`."""
-    started = {}
-    for name, command in components.items():
-        with open(log_dir / f"{name}.log", "ab") as log:
-            started[name] = subprocess.Popen(command, env=env, stdout=log,
-                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             start_new_session=True)
-    return started
-
-
-def stop_process_groups(pids: dict[str, int], grace_s: float = 15) -> list[str]:
-    """SIGTERM every process group, SIGKILL what is left after `grace_s`; names stopped.
-
-    Airflow components do not stop their children on SIGTERM (task runners, gunicorn/uvicorn
-    workers), hence whole groups, and SIGKILL for whatever lingers.
+    `--skip-serve-logs`: the scheduler's and the triggerer's log servers bind every interface
+    (Airflow has no setting for their address); on one machine the api-server reads task logs
+    from the local files instead.
     """
-    for pid in pids.values():
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-    deadline = time.monotonic() + grace_s
-    stopped = []
-    for name, pid in pids.items():
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pid, 0)
-            except (ProcessLookupError, PermissionError):
-                break
-            time.sleep(0.3)
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:  # reap our own child, if it is one (no zombie left behind)
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        stopped.append(name)
-    return stopped
-
-
-def up(api_port: int = 8080, mlflow_port: int = 5000) -> dict[str, str]:
-    """Start api-server, scheduler, dag-processor, triggerer and an MLflow server."""
-    settings = ArfSettings.from_env()
-    run_dir = _run_dir(settings)
-    env = environment(settings, api_port=api_port)
-    for port in (api_port, mlflow_port):
-        if not _port_free(port):
-            raise ArfError(f"port {port} is already in use; stop what holds it (`make down` if it "
-                           f"is a previous `make up`) or pass another port")
-    migrate(env)
-    components = {
-        **airflow_components(api_port),
-        "mlflow": [venv_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                   "--backend-store-uri", settings.tracking_uri,
-                   "--default-artifact-root", settings.artifact_root, "--workers", "1"],
+    airflow_bin = venv_bin("airflow")
+    return {
+        "api-server": [airflow_bin, "api-server", "--host", host, "--port", str(api_port)],
+        "scheduler": [airflow_bin, "scheduler", "--skip-serve-logs"],
+        "dag-processor": [airflow_bin, "dag-processor"],
+        "triggerer": [airflow_bin, "triggerer", "--skip-serve-logs"],
     }
-    started = {}
-    for name, proc in start_processes(components, env, run_dir).items():
-        (run_dir / f"{name}.pid").write_text(str(proc.pid))
-        started[name] = str(proc.pid)
-    if not _wait_http(f"http://127.0.0.1:{api_port}/api/v2/version", 120):
-        down()
-        raise ArfError(f"the Airflow api-server did not answer within 120 s; see "
-                       f"{run_dir / 'api-server.log'}")
-    _wait_http(f"http://127.0.0.1:{mlflow_port}/health", 60)
-    return started
-
-
-def down() -> list[str]:
-    """Stop every process group `up` started (SIGTERM, then SIGKILL after 15 s)."""
-    settings = ArfSettings.from_env()
-    run_dir = _run_dir(settings)
-    pids = {}
-    for pid_file in sorted(run_dir.glob("*.pid")):
-        try:
-            pids[pid_file.stem] = int(pid_file.read_text())
-        except ValueError:
-            pass
-    stopped = stop_process_groups(pids)
-    for pid_file in run_dir.glob("*.pid"):
-        pid_file.unlink(missing_ok=True)
-    return stopped

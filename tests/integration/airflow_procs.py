@@ -1,5 +1,5 @@
 """A real Airflow 3 deployment for tests and benchmarks: api-server, scheduler, dag-processor and
-triggerer (LocalExecutor, SQLite) on a free localhost port, serving this repo's DAGs.
+triggerer (LocalExecutor) on a free localhost port, serving this repo's DAGs.
 
 It has its own Airflow home (metadata DB, logs) under `<arf home>/stack-<port>`, so that it never
 shares a SQLite DB with the `airflow dags test` runs of other tests, and the session's data hub
@@ -20,8 +20,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from arf_training.embedded import (airflow_components, environment, start_processes,
-                                   stop_process_groups)
+from arf_training.embedded import airflow_components, environment
+from arf_training.procs import start_process, stop_groups
 from arf_training.settings import ArfSettings, venv_bin
 
 USERNAME = "arf-admin"
@@ -75,7 +75,8 @@ class AirflowProcesses:
         log_dir.mkdir(parents=True, exist_ok=True)
         subprocess.run([venv_bin("airflow"), "db", "migrate"], env=env, check=True,
                        capture_output=True, timeout=600)
-        self.procs = start_processes(airflow_components(self.port), env, log_dir)
+        self.procs = {name: start_process(command, env, log_dir / f"{name}.log")
+                      for name, command in airflow_components(self.port).items()}
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
@@ -126,7 +127,7 @@ class AirflowProcesses:
 
     def stop(self) -> list[str]:
         # Short grace: nothing of a test deployment needs a clean shutdown, and SIGKILL follows.
-        stopped = stop_process_groups({n: p.pid for n, p in self.procs.items()}, grace_s=5)
+        stopped = stop_groups({n: p.pid for n, p in self.procs.items()}, grace_s=5)
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=5)

@@ -1,8 +1,8 @@
 """With a real scheduler: a run triggered over the REST API registers a model, and its Asset event
 makes the scheduler start `arf_evaluate`, whose success rate lands on the model version.
 
-Starts api-server, scheduler, dag-processor, triggerer and MLflow with `arf up` on free ports,
-and stops every one of them afterwards (also when the test fails).
+Starts api-server, scheduler, dag-processor, triggerer and MLflow with `arf up` (the supervised
+stack) on free ports, and stops every one of them afterwards (also when the test fails).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 
 from arf_training import embedded as embedded_default
+from arf_training import stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -52,12 +53,12 @@ def _poll(what: str, fn, timeout: float, interval: float = 3.0):
 @pytest.fixture
 def running_airflow(embedded):
     api_port, mlflow_port = _free_port(), _free_port()
-    embedded_default.up(api_port=api_port, mlflow_port=mlflow_port)
+    stack.up(stack.StackOptions(api_port=api_port, mlflow_port=mlflow_port))
     try:
         yield api_port
     finally:
-        stopped = embedded_default.down()
-        assert set(stopped) == {"api-server", "scheduler", "dag-processor", "triggerer", "mlflow"}
+        stopped = stack.down()
+        assert set(stopped) >= {"api-server", "scheduler", "dag-processor", "triggerer", "mlflow"}
 
 
 def test_asset_event_triggers_arf_evaluate_with_a_real_scheduler(running_airflow):

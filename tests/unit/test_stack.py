@@ -1,0 +1,112 @@
+"""What `arf up` runs, without starting it: loopback by default, real users beyond it, steps
+tracking through the MLflow server, worker counts from the core count."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+
+from arf_training import stack
+from arf_training.errors import ArfError
+from arf_training.settings import ArfSettings
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch) -> ArfSettings:
+    monkeypatch.setenv("ARF_DB", "sqlite")  # no database server for these
+    monkeypatch.delenv("AIRFLOW__CORE__PARALLELISM", raising=False)
+    return ArfSettings(home=tmp_path, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                       datahub_uri=str(tmp_path / "datahub"),
+                       artifact_root=str(tmp_path / "mlartifacts"))
+
+
+def _by_name(components) -> dict:
+    return {c.name: c for c in components}
+
+
+def test_every_component_listens_on_loopback_by_default(settings):
+    comps = _by_name(stack.components(settings, stack.StackOptions(api_port=18080)))
+    api = comps["api-server"].command
+    assert api[api.index("--host") + 1] == "127.0.0.1"
+    mlflow = comps["mlflow"].command
+    assert mlflow[mlflow.index("--host") + 1] == "127.0.0.1"
+    # Their log servers would bind every interface (Airflow has no setting for the address).
+    assert "--skip-serve-logs" in comps["scheduler"].command
+    assert "--skip-serve-logs" in comps["triggerer"].command
+    assert comps["scheduler"].env["AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK"] == "False"
+
+
+def test_start_order_puts_the_scheduler_after_the_api_server(settings):
+    names = [c.name for c in stack.components(settings, stack.StackOptions())]
+    assert names == ["mlflow", "api-server", "dag-processor", "triggerer", "scheduler"]
+
+
+def test_a_public_host_gets_real_users_with_a_generated_password_never_all_admins(settings):
+    comps = _by_name(stack.components(settings, stack.StackOptions(host="0.0.0.0")))
+    env = comps["api-server"].env
+    assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] == "False"
+    assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] == "admin:admin"
+    passwords = settings.home / "airflow" / "passwords.json"
+    assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"] == str(passwords)
+    assert stat.S_IMODE(passwords.stat().st_mode) == 0o600
+    password = json.loads(passwords.read_text())["admin"]
+    assert len(password) >= 20
+    # Generated once: later starts keep it (and do not print it again).
+    assert stack.ensure_public_password(settings) == (passwords, None)
+    assert json.loads(passwords.read_text())["admin"] == password
+    # MLflow has no authentication here: it stays on loopback even then.
+    mlflow = comps["mlflow"].command
+    assert mlflow[mlflow.index("--host") + 1] == "127.0.0.1"
+
+
+def test_loopback_keeps_all_admins(settings):
+    env = stack.stack_environment(settings, stack.StackOptions(host="127.0.0.1"))
+    assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] == "True"
+    assert not (settings.home / "airflow" / "passwords.json").exists()
+
+
+@pytest.mark.parametrize("host, public", [pytest.param("127.0.0.1", False, id="ipv4-loopback"),
+                                          pytest.param("::1", False, id="ipv6-loopback"),
+                                          pytest.param("localhost", False, id="localhost"),
+                                          pytest.param("0.0.0.0", True, id="any-ipv4"),
+                                          pytest.param("192.168.1.5", True, id="lan")])
+def test_which_hosts_are_public(host, public):
+    assert stack.StackOptions(host=host).public is public
+
+
+def test_a_host_name_is_a_clear_error():
+    with pytest.raises(ArfError, match=r"--host 'myhost' is not an IP address.*0\.0\.0\.0"):
+        stack.StackOptions(host="myhost").public
+
+
+def test_steps_track_through_the_mlflow_server_which_owns_the_store(settings):
+    comps = _by_name(stack.components(settings, stack.StackOptions(mlflow_port=15000)))
+    for name in ("api-server", "scheduler", "dag-processor", "triggerer"):
+        assert comps[name].env["ARF_TRACKING_URI"] == "http://127.0.0.1:15000"
+        assert comps[name].env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:15000"
+    mlflow = comps["mlflow"].command
+    assert mlflow[mlflow.index("--backend-store-uri") + 1] == settings.tracking_uri
+
+
+@pytest.mark.parametrize("cpus, parallelism, workers", [pytest.param(2, 4, 1, id="2-cores"),
+                                                        pytest.param(8, 16, 4, id="8-cores"),
+                                                        pytest.param(64, 128, 4, id="64-cores")])
+def test_worker_counts_follow_the_core_count(cpus, parallelism, workers):
+    size = stack.sizing(cpus)
+    assert size["parallelism"] == parallelism  # Airflow's default: 32 on any machine
+    assert size["api_workers"] == workers and size["mlflow_workers"] == workers
+
+
+def test_the_stack_is_sized_to_this_machine_unless_the_user_says_otherwise(settings,
+                                                                          monkeypatch):
+    comps = _by_name(stack.components(settings, stack.StackOptions()))
+    expected = stack.sizing()
+    assert comps["scheduler"].env["AIRFLOW__CORE__PARALLELISM"] == str(expected["parallelism"])
+    assert comps["api-server"].env["AIRFLOW__API__WORKERS"] == str(expected["api_workers"])
+    mlflow = comps["mlflow"].command
+    assert mlflow[mlflow.index("--workers") + 1] == str(expected["mlflow_workers"])
+    monkeypatch.setenv("AIRFLOW__CORE__PARALLELISM", "7")
+    env = stack.stack_environment(settings, stack.StackOptions())
+    assert env["AIRFLOW__CORE__PARALLELISM"] == "7"
