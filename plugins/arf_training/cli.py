@@ -8,7 +8,9 @@
     arf demo [--template T]           seed, run T end to end through Airflow, evaluate
     arf demo failure-loop [--nights N]   weak champion -> N nightly fine-tunes on corrected
                                       field failures, gated; vs a from-scratch retrain
-    arf up | arf down                 start / stop Airflow + MLflow on localhost
+    arf up [--host H] | arf down      start / stop Airflow + MLflow (+ PostgreSQL) under one
+                                      supervisor; loopback only unless --host says otherwise
+    arf status                        each component's pid, uptime, restarts, port
     arf airflow ARGS ...              any `airflow` command in the embedded environment
     arf env                           print the embedded environment as shell exports
     arf training reproduce RUN_ID     re-run a training run from its lineage; match/mismatch
@@ -225,6 +227,30 @@ def _training(args: argparse.Namespace) -> int:
     raise ConfError(f"unknown training command {args.sub!r}")
 
 
+def _stack(args: argparse.Namespace) -> int:
+    """`arf up | down | status`: the supervised embedded stack (`arf_training.stack`)."""
+    from arf_training import stack
+
+    if args.command == "down":
+        print("stopped: " + (", ".join(stack.down()) or "nothing was running"))
+        return 0
+    if args.command == "status":
+        report = stack.status()
+        print(stack.format_status(report))
+        return 0 if report["running"] else 3
+    opts = stack.StackOptions(api_port=args.port, mlflow_port=args.mlflow_port, host=args.host)
+    report = stack.up(opts)
+    if report["already_running"]:
+        print("the stack is already running; components waiting to restart were restarted now")
+    print(stack.format_status(report))
+    if report.get("password"):
+        print(f"Airflow user '{stack.PUBLIC_USER}', password {report['password']} (shown "
+              f"once; kept 0600 in {report['passwords_file']})")
+    print(f"Airflow UI  http://{args.host}:{args.port}    MLflow UI  "
+          f"http://127.0.0.1:{args.mlflow_port}    status `arf status`, stop `make down`")
+    return 0
+
+
 def _client_options() -> argparse.ArgumentParser:
     opts = argparse.ArgumentParser(add_help=False)
     opts.add_argument("--url", help="Airflow base URL (env ARF_AIRFLOW_URL; default "
@@ -282,10 +308,16 @@ def main(argv: list[str] | None = None) -> int:
                       help="failure-loop: seed of the demonstrations and the field episodes")
     demo.add_argument("-v", "--verbose", action="store_true", help="show the full Airflow output")
     up = sub.add_parser("up", help="start Airflow (api-server, scheduler, dag-processor, "
-                                   "triggerer) and an MLflow server")
+                                   "triggerer), MLflow and the database under one supervisor "
+                                   "(restarts what exits); repairs a running stack")
     up.add_argument("--port", type=int, default=8080, help="Airflow UI/API port")
-    up.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port")
+    up.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port (loopback)")
+    up.add_argument("--host", default="127.0.0.1",
+                    help="address of the Airflow UI/API (default 127.0.0.1: this machine only, "
+                         "every user an admin); any other (e.g. 0.0.0.0) turns on real users: "
+                         "an 'admin' with a generated password, printed once")
     sub.add_parser("down", help="stop what `arf up` started")
+    sub.add_parser("status", help="the components of `arf up`: pid, uptime, restarts, port")
     af = sub.add_parser("airflow", help="run an airflow command in the embedded environment")
     af.add_argument("args", nargs=argparse.REMAINDER)
     sub.add_parser("env", help="print the embedded environment as shell exports")
@@ -384,19 +416,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(args.template, conf, verbose=args.verbose)
             return 0
-        if args.command == "up":
-            from arf_training.embedded import up
-
-            started = up(api_port=args.port, mlflow_port=args.mlflow_port)
-            print("started: " + ", ".join(f"{k} (pid {v})" for k, v in started.items()))
-            print(f"Airflow UI  http://127.0.0.1:{args.port}    MLflow UI  "
-                  f"http://127.0.0.1:{args.mlflow_port}    stop with `make down`")
-            return 0
-        if args.command == "down":
-            from arf_training.embedded import down
-
-            print("stopped: " + (", ".join(down()) or "nothing was running"))
-            return 0
+        if args.command in ("up", "down", "status"):
+            return _stack(args)
         if args.command == "serve":
             from arf_training.grpc_service.security import TlsFiles
             from arf_training.grpc_service.server import serve
@@ -415,9 +436,12 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.update({k: v for k, v in environment().items() if k.startswith("ARF_")})
             return reproduce_main(args.run_id, as_json=args.output == "json")
         if args.command == "airflow":
-            from arf_training.embedded import airflow
+            from arf_training.embedded import airflow, ensure_migrated, environment
 
-            return airflow(args.args, check=False).returncode
+            env = environment()
+            if args.args[:1] != ["db"]:  # a fresh ARF_HOME: migrate on first use
+                ensure_migrated(env)
+            return airflow(args.args, env=env, check=False).returncode
         from arf_training.embedded import environment
 
         keys = sorted(k for k in environment() if k.startswith(("AIRFLOW", "ARF_", "MLFLOW")))
