@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -207,8 +208,9 @@ def format_summary(s: dict[str, Any], settings: ArfSettings) -> str:
         f"  total       {s['total_s']} s; full log {s['log']}",
         "Next:",
         *_activate_line(),
-        f"  MLflow UI   .venv/bin/mlflow ui --backend-store-uri {settings.tracking_uri} "
-        "--port 5000   (then http://127.0.0.1:5000)",
+        # Quoted: a PostgreSQL URI carries "&port=...", which a shell would take as "&".
+        f"  MLflow UI   .venv/bin/mlflow ui --backend-store-uri "
+        f"{shlex.quote(settings.tracking_uri)} --port 5000   (then http://127.0.0.1:5000)",
         "  Airflow UI  make up   (then http://127.0.0.1:8080; `make down` stops it)",
         f"  reproduce   .venv/bin/arf training reproduce {tr.get('mlflow_run_id')}   (re-runs "
         "from the recorded lineage, compares the weights' sha256)",

@@ -94,3 +94,19 @@ def test_the_metadata_db_is_shown_without_its_password():
     assert "s3cret-Pw" not in shown_uri(uri)
     assert shown_uri(uri).startswith("postgresql+psycopg://arf:***@/airflow")
     assert shown_uri("sqlite:////tmp/h/airflow/airflow.db") == "sqlite:////tmp/h/airflow/airflow.db"
+
+
+def test_the_mlflow_ui_command_survives_the_shell(tmp_path):
+    from arf_training.demo import format_summary
+    from arf_training.settings import ArfSettings
+
+    uri = "postgresql+psycopg://arf:pw@/mlflow?host=/tmp/h/postgres/run&port=5432"
+    settings = ArfSettings(home=tmp_path, tracking_uri=uri, datahub_uri="hub",
+                           artifact_root="art")
+    [line] = [line for line in format_summary(_summary(), settings).splitlines()
+              if "MLflow UI" in line]
+    command = line.split("MLflow UI", 1)[1].split("(then", 1)[0]
+    # The words a shell passes to mlflow, one per line (an unquoted "&" would end the command).
+    echo = command.replace(".venv/bin/mlflow", "printf '%s\\n'", 1)
+    proc = subprocess.run(["bash", "-c", echo], capture_output=True, text=True)
+    assert proc.stdout.splitlines() == ["ui", "--backend-store-uri", uri, "--port", "5000"]
