@@ -6,6 +6,7 @@ configuration once, when it is first imported.
 
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
 from pathlib import Path
@@ -21,7 +22,11 @@ os.environ.pop("ARF_ARTIFACT_ROOT", None)
 os.environ.pop("ARF_TEMPLATES_DIR", None)
 
 from arf_training.embedded import environment  # noqa: E402
+from arf_training.postgres import stop_started  # noqa: E402
 
+# environment() starts the home's PostgreSQL (unless ARF_DB=sqlite); stop it, and any other
+# server this session started (the Airflow stack's home), when the session's process exits.
+atexit.register(stop_started)
 os.environ.update(environment())
 
 

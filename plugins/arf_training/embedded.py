@@ -14,12 +14,23 @@ import sys
 from pathlib import Path
 
 from arf_training.errors import ArfError
-from arf_training.settings import REPO_ROOT, ArfSettings, templates_dir, venv_bin
+from arf_training.settings import (REPO_ROOT, ArfSettings, database_backend, templates_dir,
+                                   venv_bin)
 
 
-def environment(settings: ArfSettings | None = None, *, api_port: int = 8080) -> dict[str, str]:
-    """The process environment for every Airflow command of the embedded default."""
+def environment(settings: ArfSettings | None = None, *, api_port: int = 8080,
+                start_database: bool = True) -> dict[str, str]:
+    """The process environment for every Airflow command of the embedded default.
+
+    With the PostgreSQL backend (the default, see `settings.database_backend`) the home's
+    server is started detached unless it runs already; a supervisor that runs the server itself
+    passes ``start_database=False``."""
     settings = settings or ArfSettings.from_env()
+    if start_database and database_backend() == "postgres":
+        from arf_training.postgres import EmbeddedPostgres
+
+        EmbeddedPostgres(settings.home).ensure_running()
+    metadata_db = settings.database_uri("airflow")
     home = settings.home
     airflow_home = home / "airflow"
     airflow_home.mkdir(parents=True, exist_ok=True)
@@ -40,7 +51,9 @@ def environment(settings: ArfSettings | None = None, *, api_port: int = 8080) ->
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": env.get(
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "True"),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home}/airflow.db",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_db,
+        # psycopg 3 is sync and async; Airflow would otherwise derive asyncpg for postgresql.
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": _async_uri(metadata_db),
         "AIRFLOW__API_AUTH__JWT_SECRET": secret_file.read_text().strip(),
         "AIRFLOW__API__PORT": str(api_port),
         # New templates show up within seconds instead of Airflow's default 5 minutes.
@@ -57,6 +70,13 @@ def environment(settings: ArfSettings | None = None, *, api_port: int = 8080) ->
         "MLFLOW_TRACKING_URI": settings.tracking_uri,
     })
     return env
+
+
+def _async_uri(sync_uri: str) -> str:
+    """Airflow's async engine URL for `sync_uri` (aiosqlite for SQLite, as Airflow derives)."""
+    if sync_uri.startswith("sqlite:"):
+        return "sqlite+aiosqlite:" + sync_uri.split(":", 1)[1]
+    return sync_uri
 
 
 def airflow(args: list[str], *, env: dict[str, str] | None = None, check: bool = True,

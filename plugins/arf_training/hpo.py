@@ -6,7 +6,8 @@ A template with an `hpo:` section becomes (see `arf_training.factory`)::
                  x rounds -> select_best -> train -> register_model
 
 One Optuna study per DAG run, named ``<dag_id>/<run_id>``, in the RDB storage named by
-``ARF_OPTUNA_STORAGE`` (default: SQLite ``<ARF home>/optuna.db``; PostgreSQL in production).
+``ARF_OPTUNA_STORAGE`` (default: the embedded PostgreSQL's ``optuna`` database, see
+`arf_training.postgres`; SQLite ``<ARF home>/optuna.db`` with ARF_DB=sqlite).
 
 Where things happen, and why:
 
@@ -63,8 +64,9 @@ class HpoError(ArfError):
 # -- pure helpers (also used by build_step_spec) --------------------------------------------
 
 def storage_url(settings: ArfSettings) -> str:
-    """The Optuna RDB storage: ARF_OPTUNA_STORAGE, else SQLite in the ARF home."""
-    return os.environ.get(STORAGE_ENV) or f"sqlite:///{settings.home}/optuna.db"
+    """The Optuna RDB storage: ARF_OPTUNA_STORAGE, else the ARF home's embedded database
+    (PostgreSQL; SQLite with ARF_DB=sqlite)."""
+    return os.environ.get(STORAGE_ENV) or settings.database_uri("optuna")
 
 
 def study_name(dag_id: str, run_id: str) -> str:

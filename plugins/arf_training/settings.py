@@ -46,6 +46,34 @@ def backend_name() -> str:
     return os.environ.get("ARF_BACKEND", "local")
 
 
+DATABASE_BACKENDS = ("postgres", "sqlite")
+_SQLITE_FILES = {"airflow": "airflow/airflow.db", "mlflow": "mlflow.db", "optuna": "optuna.db"}
+
+
+def database_backend() -> str:
+    """Where the embedded default keeps Airflow, MLflow and Optuna state: "postgres" (the
+    embedded server, default) or "sqlite" (only when asked for: ARF_DB=sqlite)."""
+    value = os.environ.get("ARF_DB", "postgres").strip().lower() or "postgres"
+    if value not in DATABASE_BACKENDS:
+        from arf_training.errors import ArfError
+
+        raise ArfError(f"ARF_DB={os.environ['ARF_DB']!r} is not a database backend; use one of "
+                       f"{list(DATABASE_BACKENDS)} (or unset it for postgres)")
+    return value
+
+
+def database_uri(home: Path, name: str) -> str:
+    """The SQLAlchemy URI of one embedded database ("airflow", "mlflow", "optuna") of `home`.
+
+    Does not start the server (see `EmbeddedPostgres.ensure_running`); with postgres it creates
+    the generated password on first use."""
+    if database_backend() == "sqlite":
+        return f"sqlite:///{home}/{_SQLITE_FILES[name]}"
+    from arf_training.postgres import EmbeddedPostgres  # stdlib only; not needed for sqlite
+
+    return EmbeddedPostgres(home).uri(name)
+
+
 @dataclass(frozen=True)
 class ArfSettings:
     """Runtime settings shared by every step of the embedded default."""
@@ -59,12 +87,16 @@ class ArfSettings:
     def workspace_root(self) -> Path:
         return Path(os.environ.get("ARF_WORKSPACE_ROOT") or self.home / "workspace")
 
+    def database_uri(self, name: str) -> str:
+        """The embedded database `name` of this home (see `database_uri`)."""
+        return database_uri(self.home, name)
+
     @classmethod
     def from_env(cls) -> "ArfSettings":
         home = default_home()
         return cls(
             home=home,
-            tracking_uri=os.environ.get("ARF_TRACKING_URI") or f"sqlite:///{home}/mlflow.db",
+            tracking_uri=os.environ.get("ARF_TRACKING_URI") or database_uri(home, "mlflow"),
             datahub_uri=os.environ.get("ARF_DATAHUB_URI") or str(home / "datahub"),
             artifact_root=os.environ.get("ARF_ARTIFACT_ROOT") or str(home / "mlartifacts"),
         )

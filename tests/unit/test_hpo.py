@@ -1,9 +1,10 @@
 """Hyperparameter search: the `hpo:` schema, the DAG shape, and the ask/train/tell loop for real.
 
-Optuna (SQLite storage in tmp), MLflow (sqlite) and the trainer run for real: the Airflow-side
-task callables of `arf_training.hpo` get a small fake task context (dag_id and run_id are all
-they read), and each trial is the train step of the StepSpec that `build_step_spec(...,
-trial=...)` makes, run in this process on prepared digits shards (23 steps per epoch).
+Optuna (the session's embedded PostgreSQL), MLflow (sqlite) and the trainer run for real: the
+Airflow-side task callables of `arf_training.hpo` get a small fake task context (dag_id and
+run_id are all they read), and each trial is the train step of the StepSpec that
+`build_step_spec(..., trial=...)` makes, run in this process on prepared digits shards (23 steps
+per epoch).
 """
 
 from __future__ import annotations
@@ -57,7 +58,11 @@ def context(run_id: str) -> dict[str, Any]:
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Optuna storage, workspaces and MLflow of their own; one thread (as the local backend)."""
-    monkeypatch.setenv("ARF_OPTUNA_STORAGE", f"sqlite:///{tmp_path}/optuna.db")
+    from arf_training.settings import ArfSettings
+
+    # The session's embedded PostgreSQL (conftest; SQLite with ARF_DB=sqlite), as the backend
+    # hands it to the trials; the tests keep their studies apart by run id.
+    monkeypatch.setenv("ARF_OPTUNA_STORAGE", ArfSettings.from_env().database_uri("optuna"))
     monkeypatch.setenv("ARF_WORKSPACE_ROOT", str(tmp_path / "workspace"))
     monkeypatch.setenv("ARF_TRACKING_URI", fresh_tracking_uri(tmp_path / "mlflow"))
     monkeypatch.setenv("ARF_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
@@ -194,9 +199,11 @@ def test_shipped_hpo_template_builds_the_search_dag():
     assert sorted(rebuilt.task_ids) == sorted(dag.task_ids)
 
 
-def test_trial_step_spec_has_its_own_folder_params_and_budget(home):
+def test_trial_step_spec_has_its_own_folder_params_and_budget(home, monkeypatch):
     from arf_training.settings import ArfSettings
     from arf_training.stepspec import RunIdentity, build_step_spec, config_hash
+
+    monkeypatch.delenv("ARF_OPTUNA_STORAGE")  # the default: the home's embedded database
 
     loaded = hpo_template()
     run = RunIdentity(DAG_ID, "manual__1", "round_1.trials")
@@ -209,7 +216,7 @@ def test_trial_step_spec_has_its_own_folder_params_and_budget(home):
                                               "train_dir": "trials/trial-0003"}
     assert spec.result_path == spec.workspace / "trials/trial-0003/result.json"
     assert spec.env["ARF_CHECKPOINT_DIR"].endswith("trials/trial-0003/checkpoints")
-    assert spec.env["ARF_OPTUNA_STORAGE"].startswith("sqlite:///")
+    assert spec.env["ARF_OPTUNA_STORAGE"] == ArfSettings.from_env().database_uri("optuna")
     other = build_step_spec(loaded, "train", run, {"epochs": 9}, ArfSettings.from_env(),
                             trial={**trial, "number": 4, "params": {**trial["params"], "lr": .03}})
     assert config_hash(other.job_spec) != config_hash(spec.job_spec)
@@ -403,6 +410,7 @@ def test_kubernetes_trials_are_mapped_pods_with_one_name_per_trial(monkeypatch):
     from arf_training.factory import build_training_dag
 
     monkeypatch.setenv("ARF_K8S_NAMESPACE", NAMESPACE)
+    monkeypatch.setenv("ARF_OPTUNA_STORAGE", PROD_STORAGE)
     loaded = load_template(REPO / "config_templates" / "hpo_reach_bc.yaml")
     dag = build_training_dag(loaded, "kubernetes")
     mapped = dag.get_task("round_1.trials")
@@ -425,6 +433,29 @@ def test_kubernetes_trials_are_mapped_pods_with_one_name_per_trial(monkeypatch):
         assert job_spec["inputs"]["hpo"]["trial_number"] == number
         assert job_spec["hyperparameters"]["lr"] == 0.01
         assert env["ARF_CHECKPOINT_DIR"].endswith(f"trials/trial-{number:04d}/checkpoints")
-        assert "ARF_OPTUNA_STORAGE" in env
+        assert env["ARF_OPTUNA_STORAGE"] == PROD_STORAGE
         names.add(pod["metadata"]["name"])
     assert len(names) == 2  # mapped instances of one task must not share a pod name
+
+
+PROD_STORAGE = "postgresql+psycopg://optuna@postgres.arf.svc:5432/optuna"
+
+
+def test_kubernetes_trials_without_a_storage_url_fail_naming_the_variable(monkeypatch):
+    """A pod cannot reach the embedded PostgreSQL (a socket on the Airflow machine)."""
+    from test_kubernetes_backend import NAMESPACE, context as k8s_context
+
+    from arf_training.backends.kubernetes import StepPodOperator
+    from arf_training.factory import build_training_dag
+    from arf_training.kubernetes.config import KubernetesConfigError
+
+    monkeypatch.setenv("ARF_K8S_NAMESPACE", NAMESPACE)
+    monkeypatch.delenv("ARF_OPTUNA_STORAGE", raising=False)
+    loaded = load_template(REPO / "config_templates" / "hpo_reach_bc.yaml")
+    dag = build_training_dag(loaded, "kubernetes")
+    trial = {"number": 0, "params": {"lr": 0.01, "hidden_size": 64, "num_layers": 2},
+             "label": "trial 0"}
+    task = StepPodOperator(task_id="round_1.trials", loaded=loaded, step="train", trial=trial,
+                           namespace=NAMESPACE)
+    with pytest.raises(KubernetesConfigError, match="set ARF_OPTUNA_STORAGE"):
+        task.render_pod(k8s_context(dag, "round_1.trials"))

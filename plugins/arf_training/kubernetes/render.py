@@ -37,6 +37,12 @@ class PodArfSettings(ArfSettings):
     def workspace_root(self) -> Path:  # type: ignore[override]
         return self.pod_workspace_root
 
+    def database_uri(self, name: str) -> str:
+        # A pod cannot reach the embedded server (a Unix socket on the Airflow machine).
+        raise KubernetesConfigError(
+            f"on Kubernetes the {name} database is the deployment's PostgreSQL, not the "
+            "embedded one: set ARF_OPTUNA_STORAGE (Optuna) to its SQLAlchemy URL")
+
 
 def pod_arf_settings(settings: KubernetesSettings) -> PodArfSettings:
     root = Path(settings.workspace_mount_path)
