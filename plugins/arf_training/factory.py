@@ -78,7 +78,6 @@ def build_training_dag(loaded: LoadedTemplate, backend_id: str | None = None):
         catchup=False,
         max_active_runs=t.max_active_runs,
         tags=sorted({"arf", *t.metadata.tags}),
-        params=build_params(t),
         default_args={
             "owner": t.metadata.owner,
             "retries": t.training.retries,
@@ -98,6 +97,11 @@ def build_training_dag(loaded: LoadedTemplate, backend_id: str | None = None):
                     previous = _search(loaded, backend, previous)
                 previous >> task
             previous = task
+    # The trigger form's Params are set once the tasks exist. Every operator class in a task's
+    # hierarchy deep-copies the DAG's params into the task (Airflow's apply_defaults), which
+    # was half of a DAG's build time, and no task needs its own copy: at run time the task's
+    # params are the DAG's, merged with the run's conf (`process_params`).
+    dag.params = build_params(t)
     return dag
 
 

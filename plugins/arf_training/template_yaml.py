@@ -23,7 +23,6 @@ import yaml
 from arf_training.errors import TemplateError, TemplateIssue
 
 _LOADER: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 @dataclass(frozen=True)
@@ -39,53 +38,96 @@ def read_yaml(text: str, path: str) -> YamlDocument:
     loader = _LOADER(text)
     try:
         root = loader.get_single_node()
-        duplicates = duplicate_key_issues(root, path)
-        if duplicates:
-            raise TemplateError(duplicates)
-        data = loader.construct_document(root) if root is not None else None
+        builder = _Builder(loader, path)
+        data = builder.build(root, ()) if root is not None else None
     except yaml.YAMLError as exc:
         raise TemplateError([syntax_issue(text, path, exc)]) from exc
     finally:
         loader.dispose()
+    if builder.duplicates:
+        raise TemplateError(sorted(builder.duplicates, key=lambda i: i.line or 0))
     return YamlDocument(data=data, root=root)
 
 
-# -- duplicate keys ------------------------------------------------------------------------------
+# -- building the data, and duplicate keys -------------------------------------------------------
 
-def duplicate_key_issues(root: yaml.Node | None, path: str) -> list[TemplateIssue]:
-    """One issue per repeated key of any mapping in the tree, at the repeat's line.
+_STR, _SEQ, _MAP = (f"tag:yaml.org,2002:{t}" for t in ("str", "seq", "map"))
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
-    Keys brought in by a merge (`<<: *defaults`) may be overridden; only keys written in the
-    mapping itself count.
+
+class _Builder:
+    """Python data from the node tree, noting every repeated key on the way (one walk).
+
+    PyYAML's own constructors handle non-string scalars (int, float, bool, null, timestamp)
+    and other collection tags; strings, lists and dicts are built here, which is faster than
+    PyYAML's generic constructor and gives each key its path. Keys merged in with
+    `<<: *defaults` may be overridden: only keys written in the mapping itself are compared.
     """
-    issues: list[TemplateIssue] = []
-    seen_nodes: set[int] = set()  # aliases share nodes (and may even form a cycle)
-    stack: list[tuple[yaml.Node | None, tuple[str, ...]]] = [(root, ())]
-    while stack:
-        node, where = stack.pop()
-        if node is None or id(node) in seen_nodes:
-            continue
-        seen_nodes.add(id(node))
-        if isinstance(node, yaml.SequenceNode):
-            stack.extend((item, (*where, str(i))) for i, item in enumerate(node.value))
-        elif isinstance(node, yaml.MappingNode):
-            first_line: dict[tuple[str, str], int] = {}
-            for key, value in node.value:
-                if not isinstance(key, yaml.ScalarNode) or key.tag == _MERGE_TAG:
-                    stack.append((value, where))
-                    continue
-                line = key.start_mark.line + 1
-                identity = (key.tag, key.value)
+
+    def __init__(self, loader: Any, path: str):
+        self.loader = loader
+        self.path = path
+        self.duplicates: list[TemplateIssue] = []
+        self._open: set[int] = set()  # collections being built: an alias to one is a cycle
+
+    def build(self, node: yaml.Node, where: tuple[str, ...]) -> Any:
+        if isinstance(node, yaml.ScalarNode):
+            return node.value if node.tag == _STR else self.loader.construct_object(node)
+        if id(node) in self._open:
+            raise yaml.constructor.ConstructorError(
+                None, None, "found a recursive alias (an anchor used inside itself)",
+                node.start_mark)
+        self._open.add(id(node))
+        try:
+            if isinstance(node, yaml.SequenceNode) and node.tag == _SEQ:
+                return [self.build(item, (*where, str(i))) for i, item in enumerate(node.value)]
+            if isinstance(node, yaml.MappingNode) and node.tag == _MAP:
+                return self._mapping(node, where)
+            return self.loader.construct_object(node, deep=True)  # !!set, !!omap, ...
+        finally:
+            self._open.discard(id(node))
+
+    def _mapping(self, node: yaml.MappingNode, where: tuple[str, ...]) -> dict[Any, Any]:
+        data: dict[Any, Any] = {}
+        merged: dict[Any, Any] = {}
+        first_line: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                merged.update(self._merge_sources(node, value_node, where))
+                continue
+            key = self.build(key_node, where)
+            if isinstance(key_node, yaml.ScalarNode):
+                line, identity = key_node.start_mark.line + 1, (key_node.tag, key_node.value)
                 if identity in first_line:
-                    issues.append(TemplateIssue(
-                        file=path, line=line, field=".".join((*where, key.value)),
-                        message=f"duplicate key {key.value!r} (first at line "
+                    self.duplicates.append(TemplateIssue(
+                        file=self.path, line=line, field=".".join((*where, key_node.value)),
+                        message=f"duplicate key {key_node.value!r} (first at line "
                                 f"{first_line[identity]}): YAML would silently keep only the "
                                 "last value; keep one of them"))
                 else:
                     first_line[identity] = line
-                stack.append((value, (*where, key.value)))
-    return sorted(issues, key=lambda i: i.line or 0)
+            value = self.build(value_node, (*where, str(key)))
+            try:
+                data[key] = value
+            except TypeError as exc:  # a list or mapping used as a key
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, "found unhashable key",
+                    key_node.start_mark) from exc
+        return {**merged, **data} if merged else data
+
+    def _merge_sources(self, node: yaml.Node, value: yaml.Node,
+                       where: tuple[str, ...]) -> dict[Any, Any]:
+        """`<<: *a` or `<<: [*a, *b]` (earlier sources win, as in PyYAML)."""
+        sources = value.value if isinstance(value, yaml.SequenceNode) else [value]
+        merged: dict[Any, Any] = {}
+        for source in reversed(sources):
+            built = self.build(source, where)
+            if not isinstance(built, dict):
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    "expected a mapping (or a list of mappings) for merging", source.start_mark)
+            merged.update(built)
+        return merged
 
 
 # -- syntax errors -------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Only pydantic and PyYAML are imported here: this module runs on every DAG parse.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from datetime import date
@@ -756,8 +757,14 @@ def load_template(path: Path) -> LoadedTemplate:
 
 
 def template_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()) \
-        if folder.is_dir() else []
+    """The folder's *.yaml/*.yml files, by name. (scandir knows the file type without a stat
+    per file, and names sort far faster than Paths: this runs on every DAG parse.)"""
+    if not folder.is_dir():
+        return []
+    with os.scandir(folder) as entries:
+        names = sorted(e.name for e in entries
+                       if os.path.splitext(e.name)[1] in (".yaml", ".yml") and e.is_file())
+    return [folder / name for name in names]
 
 
 def load_folder(paths: list[Path]) -> tuple[list[LoadedTemplate], list[TemplateIssue]]:

@@ -56,6 +56,25 @@ def test_dag_settings_come_from_the_template(dagbag):
     assert sorted(dag.tags) == ["arf", "behaviour-cloning", "demo", "reach"]
 
 
+def test_tasks_see_the_dag_params_at_run_time(dagbag):
+    """The factory sets the DAG's Params after creating the tasks (so that Airflow does not
+    deep-copy them into every task): each task must still resolve them, with the run's conf
+    on top and validation, also after the scheduler's serialization round trip."""
+    from airflow.sdk.definitions.param import process_params
+    from airflow.sdk.exceptions import ParamValidationError
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    dag = dagbag.dags["reach_bc"]
+    restored = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    assert restored.params.keys() == dag.params.keys() >= {"epochs", "seed"}
+    for task_id in ("prepare_data", "train", "register_model"):
+        values = process_params(dag, dag.get_task(task_id), {"epochs": 7},
+                                suppress_exception=False)
+        assert values["epochs"] == 7 and values["batch_size"] == 256
+        with pytest.raises(ParamValidationError, match="epochs"):
+            process_params(dag, dag.get_task(task_id), {"epochs": 0}, suppress_exception=False)
+
+
 def test_evaluate_dag_is_scheduled_on_model_assets(dagbag):
     dag = dagbag.dags["arf_evaluate"]
     assert [t.task_id for t in dag.tasks] == ["evaluate"]
