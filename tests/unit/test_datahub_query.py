@@ -259,3 +259,84 @@ def test_missing_parameter_is_named_with_those_available(tmp_path: Path) -> None
                   parameters={"data_interval_start": "2026-11-25"})
     with pytest.raises(QueryError, match="available: none"):
         run_query(_collected(tmp_path), INTERVAL_SQL)
+
+
+# --- the static check (issue 13): allowlisted functions, size cap, parse cost ----------------
+
+@pytest.mark.parametrize(("sql", "fragment"), [
+    pytest.param("SELECT current_setting('temp_directory') AS d, a FROM t",
+                 "calls current_setting()", id="current_setting"),
+    pytest.param("SELECT * FROM duckdb_settings()", "reads FROM duckdb_settings()",
+                 id="duckdb_settings"),
+    pytest.param("SELECT a, (SELECT max(value) FROM duckdb_settings()) AS s FROM t",
+                 "reads FROM duckdb_settings()", id="settings-in-subquery"),
+    pytest.param("SELECT a, main.current_setting('memory_limit') AS m FROM t",
+                 "calls main.current_setting()", id="qualified"),
+    pytest.param("SELECT list_transform([1], lambda x: current_setting('threads')) AS v FROM t",
+                 "calls current_setting()", id="in-lambda"),
+    pytest.param("SELECT version() AS v", "calls version()", id="version"),
+    pytest.param("SHOW memory_limit", "SHOW_REF", id="show-setting"),
+    pytest.param("SUMMARIZE t", "SHOW_REF", id="summarize"),
+    pytest.param("SELECT * FROM duckdb_tables()", "reads FROM duckdb_tables()", id="catalog"),
+    pytest.param("SELECT a, now() AS at FROM t", "different value on every run", id="now"),
+])
+def test_functions_reading_the_sandbox_or_varying_per_run_are_refused(hub: Path, sql: str,
+                                                                       fragment: str) -> None:
+    with pytest.raises(QueryError) as info:
+        run_query(hub, sql)
+    message = str(info.value)
+    assert fragment in message and "not allowed" in message and "Query: " in message
+    assert "Fix: " in message
+
+
+def test_query_using_every_allowed_family_runs(hub: Path) -> None:
+    sql = """
+        WITH w AS (SELECT a, b, row_number() OVER (ORDER BY a) AS n, lag(a) OVER (ORDER BY a) AS p
+                   FROM t)
+        SELECT a, abs(a - 3) + pow(a, 2) // 1 % 7 AS math, coalesce(p, -1) AS p,
+               upper(b) || lpad(b, 3, '.') AS s, regexp_replace(b, '[a-c]', 'z') AS r,
+               hash(a) % 10 AS bucket, date_trunc('day', TIMESTAMP '2026-11-25 02:00') AS d,
+               list_sum(list_transform([a, a], lambda y: y * 2)) AS l, struct_pack(k := a).k AS k,
+               CASE WHEN a > 2 THEN 'big' ELSE 'small' END AS c, a::DOUBLE AS f,
+               json_extract_string('{"x": 1}', '$.x') AS j, x
+        FROM w JOIN (SELECT x, x::INT AS a FROM u) USING (a), range(1) AS r0
+        WHERE b LIKE '%' AND a IN (SELECT unnest(generate_series(1, 5)))
+    """
+    table, versions = run_query(hub, sql)
+    assert table.column("a").to_pylist() == [1, 2]
+    assert table.column("l").to_pylist() == [4, 8]
+    assert versions == {"t": 1, "u": 0}
+
+
+def test_oversized_query_is_refused_before_it_is_parsed(hub: Path) -> None:
+    from arf_trainer.datahub.sqlcheck import MAX_QUERY_CHARS
+
+    invalid = "SELECT 1 " + "?" * MAX_QUERY_CHARS  # would be a syntax error if it were parsed
+    with pytest.raises(QueryError, match=r"over the limit of 32,768.*Fix: shorten it"):
+        run_query(hub, invalid)
+    started = time.monotonic()
+    huge = "SELECT " + ",".join(["a"] * 500_000) + " FROM t"  # 1 MB: ~11 s and ~3 GB to parse
+    with pytest.raises(QueryError, match="1,000,013 characters long") as info:
+        run_query(hub, huge)
+    assert time.monotonic() - started < 1.0
+    assert len(str(info.value)) < 400  # quotes a short prefix, not the megabyte
+
+
+def test_parse_cost_up_to_the_cap_stays_small(hub: Path) -> None:
+    from arf_trainer.datahub.sqlcheck import MAX_QUERY_CHARS, check_query
+
+    # The shapes with the largest parse trees per character (measured): long column and IN lists.
+    n = (MAX_QUERY_CHARS - 40) // 2
+    for sql in ("SELECT " + ",".join(["a"] * n) + " FROM t",
+                "SELECT a FROM t WHERE a IN (" + ",".join(["1"] * n) + ")"):
+        assert len(sql) <= MAX_QUERY_CHARS
+        started = time.monotonic()
+        check_query(sql, ["t"])
+        assert time.monotonic() - started < 5.0  # ~0.3 s measured on an idle core
+
+
+def test_deeply_nested_expression_is_a_clear_error(hub: Path) -> None:
+    # Under DuckDB's own depth limit (1000), but deeper than Python's JSON decoder recurses.
+    sql = "SELECT " + "+".join(["a"] * 500) + " AS s FROM t"
+    with pytest.raises(QueryError, match="nests expressions too deeply.*list_sum"):
+        run_query(hub, sql)

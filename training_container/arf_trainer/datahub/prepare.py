@@ -22,12 +22,8 @@ Layout, under the run workspace (shared by every step of one DAG run)::
                "rows_requested", "rows", "tables"} (see below),
      "parameters": {name: ISO time} bound to the queries ($data_interval_start, ...)}
 
-Data interval: a query may use `$data_interval_start`, `$data_interval_end` and `$logical_date`
-(the template's `{{ data_interval_start }}` macros, rewritten by arf_training.templates). Their
-values come from the job spec's `run` (the Airflow run's data interval) and are bound by DuckDB
-as TIMESTAMP WITH TIME ZONE, never pasted into the SQL. A run without a data interval (a manual
-run without a logical date) cannot run such a query: that is bad input (exit 2) with a message
-saying how to trigger it, not an empty result.
+The query (template's or trigger's), its data-interval parameters and its memory limits:
+`arf_trainer.datahub.dataset_query`.
 
 Skip: with `dataset.skip_if_empty`, a query that returns no rows raises `NothingToDo` (exit 99):
 the backends skip this task and the later ones; the run is not failed. Without it, no rows is an
@@ -65,7 +61,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from arf_trainer.datahub.query import run_query
+from arf_trainer.datahub.dataset_query import (
+    hub_path,
+    parameters_for,
+    query_parameters,
+    resolve_query,
+    run_dataset_query,
+)
 from arf_trainer.datahub.tables import table_path
 from arf_trainer.errors import DataHubError, NothingToDo, QueryError, SpecError
 from arf_trainer.spec import StepEnv, read_json, write_json_atomic
@@ -76,9 +78,6 @@ PREPARE_DIR = "prepare"
 MANIFEST_NAME = "manifest.json"
 _TMP_PREFIX = ".prepare-tmp-"
 SHARD_ROWS = 262_144
-# Limits of the dataset query inside the prepare step (see run_query).
-QUERY_TIMEOUT_S = 600.0
-QUERY_MEMORY_LIMIT = "2GB"
 # Fixed writer options: shard bytes (and so the fingerprint) must not depend on defaults that
 # could change between runs. `created_by` still carries the pyarrow version, recorded too.
 _PARQUET_OPTIONS: dict[str, Any] = {
@@ -91,8 +90,6 @@ _PARQUET_OPTIONS: dict[str, Any] = {
     "write_statistics": True,
 }
 _HASH_CHUNK = 1 << 20
-# Run values a dataset query may read as named parameters (the template's data-interval macros).
-INTERVAL_PARAMETERS = ("data_interval_start", "data_interval_end", "logical_date")
 
 
 def _sha256_file(path: Path) -> str:
@@ -109,30 +106,6 @@ def _fingerprint(shards: dict[str, list[dict[str, Any]]]) -> str:
         for shard in shards[split]:
             digest.update(f"{shard['path']} {shard['sha256']}\n".encode())
     return digest.hexdigest()
-
-
-def resolve_query(env: StepEnv) -> str:
-    """The template's query, or the trigger conf's `dataset_query` where the template allows it."""
-    dataset = env.spec.dataset
-    query: str = dataset["query"]
-    override = env.spec.conf.get("dataset_query")
-    # The trigger form may send the default (the template's own query) or an empty field;
-    # neither is an override.
-    if override is None or (isinstance(override, str) and override.strip() in ("", query.strip())):
-        return query
-    if not isinstance(override, str):
-        raise SpecError(
-            f"conf.dataset_query must be an SQL string, got {type(override).__name__} "
-            f"{override!r}; pass the query text or leave the field out"
-        )
-    if not dataset.get("allow_query_override", False):
-        raise SpecError(
-            f"conf.dataset_query is set, but template {env.spec.name!r} has "
-            "dataset.allow_query_override: false; remove dataset_query from the trigger conf, "
-            "or set allow_query_override: true in the template's dataset section"
-        )
-    log.info("using the trigger's dataset_query instead of the template's query")
-    return override
 
 
 def resolve_columns(field: str, patterns: list[str], columns: list[str]) -> list[str]:
@@ -198,56 +171,6 @@ def _verify(prepared: Path, manifest: dict[str, Any]) -> None:
                 )
 
 
-def _hub(env: StepEnv) -> Path:
-    name = env.spec.dataset.get("hub", "default")
-    if name != "default":
-        raise SpecError(
-            f"dataset.hub is {name!r}, but this arf-trainer reads only the 'default' hub "
-            f"(ARF_DATAHUB_URI={env.datahub}); set dataset.hub: default"
-        )
-    return env.datahub
-
-
-def query_parameters(env: StepEnv) -> dict[str, dt.datetime | None]:
-    """The run's data interval and logical date from the job spec (None where the run has none)."""
-    run = env.spec.raw.get("run") or {}
-    values: dict[str, dt.datetime | None] = {}
-    for name in INTERVAL_PARAMETERS:
-        text = run.get(name)
-        if text is None:
-            values[name] = None
-            continue
-        try:
-            when = dt.datetime.fromisoformat(str(text))
-        except ValueError:
-            raise SpecError(f"job spec run.{name}={text!r} is not an ISO 8601 time; the "
-                            "arf-training operator writes the Airflow run's value there") from None
-        if when.tzinfo is None:
-            raise SpecError(f"job spec run.{name}={text!r} has no time zone; write e.g. "
-                            f"{text}+00:00")
-        values[name] = when.astimezone(dt.UTC)
-    return values
-
-
-def _parameters_for(field: str, query: str,
-                    values: dict[str, dt.datetime | None]) -> dict[str, dt.datetime]:
-    """The run values `query` uses; a used one that this run lacks is bad input (exit 2)."""
-    try:
-        statements = duckdb.extract_statements(query)
-        used = set(statements[0].named_parameters) if len(statements) == 1 else set()
-    except duckdb.Error:
-        used = set()  # run_query reports the syntax error itself
-    missing = sorted(name for name in used if name in values and values[name] is None)
-    if missing:
-        raise SpecError(
-            f"{field} uses {', '.join('$' + m for m in missing)} (the template's "
-            f"{{{{ {missing[0]} }}}}), but this run has no data interval (a manual run without a "
-            "logical date). Let the scheduler run it, or trigger it with a logical date, e.g. "
-            "`airflow dags test <dag_id> 2026-11-26T02:00:00+00:00` (the run then reads the "
-            "schedule's interval ending at or before that time)")
-    return {name: value for name, value in values.items() if value is not None}
-
-
 def _tables_text(versions: dict[str, int]) -> str:
     return ", ".join(f"{n}@v{v}" for n, v in versions.items()) or "none"
 
@@ -267,16 +190,14 @@ def _empty(env: StepEnv, versions: dict[str, int], bound: dict[str, dt.datetime]
         "dataset.skip_if_empty is set, so this run is skipped (nothing new to train on)")
 
 
-def _with_replay(hub: Path, replay: dict[str, Any], new: pa.Table, pins: dict[str, int],
+def _with_replay(env: StepEnv, replay: dict[str, Any], new: pa.Table, pins: dict[str, int],
                  values: dict[str, dt.datetime | None],
                  seed: int) -> tuple[pa.Table, dict[str, Any], dict[str, int]]:
     """`new` followed by round(ratio x new rows) seeded samples of the replay query's rows."""
     query, ratio = replay["query"], float(replay["ratio"])
     if not ratio > 0:
         raise SpecError(f"dataset.replay.ratio={ratio!r} must be above 0, e.g. 1.0")
-    old, versions = run_query(hub, query, pins, memory_limit=QUERY_MEMORY_LIMIT,
-                              timeout_s=QUERY_TIMEOUT_S,
-                              parameters=_parameters_for("dataset.replay.query", query, values))
+    old, versions = run_dataset_query(env, "dataset.replay.query", query, pins, values)
     missing = [c for c in new.column_names if c not in old.column_names]
     extra = [c for c in old.column_names if c not in new.column_names]
     if missing or extra:
@@ -309,18 +230,16 @@ def _with_replay(hub: Path, replay: dict[str, Any], new: pa.Table, pins: dict[st
 def _build(env: StepEnv, root: Path) -> dict[str, Any]:
     """Query, split, write shards + manifest into `root` (a fresh folder); return the manifest."""
     dataset = env.spec.dataset
-    hub = _hub(env)
+    hub = hub_path(env)
     query = resolve_query(env)
     pins = dict(dataset.get("tables") or {})
     values = query_parameters(env)
-    bound = _parameters_for("dataset.query", query, values)
-    result, versions = run_query(hub, query, pins, memory_limit=QUERY_MEMORY_LIMIT,
-                                 timeout_s=QUERY_TIMEOUT_S, parameters=bound)
+    result, versions = run_dataset_query(env, "dataset.query", query, pins, values)
     if result.num_rows == 0:
-        raise _empty(env, versions, bound)
+        raise _empty(env, versions, parameters_for("dataset.query", query, values))
     new_rows, replay_info = result.num_rows, None
     if dataset.get("replay"):
-        result, replay_info, replay_versions = _with_replay(hub, dataset["replay"], result, pins,
+        result, replay_info, replay_versions = _with_replay(env, dataset["replay"], result, pins,
                                                             values, env.spec.seed)
         versions = {**replay_versions, **versions}
     columns = result.column_names

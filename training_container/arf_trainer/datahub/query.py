@@ -3,9 +3,11 @@
 Template authors and trigger-form users write the dataset query, so it is untrusted input
 running inside the training container. The sandbox, in the order it is built:
 
-1. DuckDB's own parser (`duckdb.extract_statements`, not regexes) must find exactly one
-   statement and it must be a SELECT; COPY, ATTACH, INSTALL/LOAD, PRAGMA, SET, CALL, EXPLAIN,
-   DDL and DML are refused before anything runs.
+1. The static check `arf_trainer.datahub.sqlcheck.check_query` (also what `arf templates
+   lint` runs): a length cap before any parsing, then DuckDB's own parser (not regexes) must
+   find exactly one SELECT (COPY, ATTACH, INSTALL/LOAD, PRAGMA, SET, CALL, EXPLAIN, DDL and
+   DML are refused before anything runs), reading only tables by name and calling only
+   allowlisted functions (nothing that reads DuckDB's settings, catalog or files).
 2. The tables the statement references (from DuckDB's parse tree) must all be hub tables.
    Only those are opened, at their pinned version (or the latest), so the versions reported
    back are exactly the data the query could read.
@@ -28,7 +30,6 @@ still differ in the last bits between thread counts; pass `threads=1` where that
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Mapping
@@ -38,6 +39,12 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from arf_trainer.datahub.sqlcheck import (
+    _FIX_READ_ONLY,
+    available_text,
+    check_query,
+)
+from arf_trainer.datahub.sqlcheck import shown as _shown
 from arf_trainer.datahub.tables import TableSnapshot, list_tables, open_table
 from arf_trainer.errors import QueryError
 
@@ -45,91 +52,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_LIMIT = "1GB"
 DEFAULT_TIMEOUT_S = 60.0
-_SHOWN_QUERY_CHARS = 300
-
-_FIX_READ_ONLY = (
-    "the data hub accepts one read-only SELECT (WITH ... SELECT, FROM ..., VALUES also work) over "
-    "hub tables referenced by name; no COPY, ATTACH, INSTALL/LOAD, PRAGMA, SET, CALL or DDL/DML"
-)
-
-
-def _shown(query: str) -> str:
-    text = " ".join(query.split())
-    if len(text) > _SHOWN_QUERY_CHARS:
-        text = text[:_SHOWN_QUERY_CHARS] + "..."
-    return repr(text)
-
-
-def _parse_single_select(query: str) -> duckdb.Statement:
-    """Return the one SELECT statement in `query`, or raise QueryError saying what is wrong."""
-    if not query or not query.strip():
-        raise QueryError("the dataset query is empty; write one SELECT over hub tables, "
-                         "e.g. SELECT * FROM reach_demos")
-    try:
-        statements = duckdb.extract_statements(query)
-    except duckdb.Error as exc:
-        raise QueryError(
-            f"the dataset query is not valid SQL: {exc}. Query: {_shown(query)}. "
-            "Fix the syntax (DuckDB dialect)"
-        ) from exc
-    if len(statements) != 1:
-        raise QueryError(
-            f"the dataset query holds {len(statements)} statements, expected exactly one. "
-            f"Query: {_shown(query)}. Fix: {_FIX_READ_ONLY}"
-        )
-    statement = statements[0]
-    if statement.type != duckdb.StatementType.SELECT:
-        keyword = statement.query.split(None, 1)[0].upper() if statement.query.split() else "?"
-        raise QueryError(
-            f"the dataset query is a {keyword} statement (DuckDB type {statement.type.name}), "
-            f"which is not allowed. Query: {_shown(query)}. Fix: {_FIX_READ_ONLY}"
-        )
-    return statement
-
-
-def _table_references(query: str) -> tuple[list[str], set[str]]:
-    """(table names in FROM/JOIN, possibly qualified; CTE names) from DuckDB's parse tree.
-
-    `json_serialize_sql` only parses, it does not bind. (`duckdb.get_table_names` binds against
-    placeholder tables and so fails on valid queries such as `JOIN ... USING (a)`.)
-    """
-    names: list[str] = []
-    ctes: set[str] = set()
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.get("type") == "BASE_TABLE" and "table_name" in node:
-                parts = [node.get("catalog_name") or "", node.get("schema_name") or "",
-                         node["table_name"]]
-                # The hub's tables are registered as temporary views: temp.main.<name>.
-                if parts[0].lower() in ("", "temp") and parts[1].lower() in ("", "main"):
-                    names.append(parts[2])
-                else:
-                    names.append(".".join(p for p in parts if p))
-            cte_map = node.get("cte_map")
-            if isinstance(cte_map, dict):
-                ctes.update(entry.get("key", "").lower() for entry in cte_map.get("map", []))
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    con = duckdb.connect(":memory:", config={"autoload_known_extensions": False,
-                                             "autoinstall_known_extensions": False,
-                                             "enable_external_access": False})
-    try:
-        row = con.execute("SELECT json_serialize_sql(?)", [query]).fetchone()
-    except duckdb.Error as exc:
-        raise QueryError(f"cannot parse the dataset query: {exc}. Query: {_shown(query)}") from exc
-    finally:
-        con.close()
-    tree = json.loads(row[0]) if row else {}
-    if tree.get("error"):
-        raise QueryError(f"cannot parse the dataset query: {tree.get('error_message', tree)}. "
-                         f"Query: {_shown(query)}. Fix the syntax (DuckDB dialect)")
-    walk(tree)
-    return names, ctes
 
 
 def _bind(statement: duckdb.Statement, query: str, available: dict[str, Any]) -> dict[str, Any]:
@@ -145,27 +67,15 @@ def _bind(statement: duckdb.Statement, query: str, available: dict[str, Any]) ->
     return {name: available[name] for name in used}
 
 
-def _referenced_tables(hub: Path, statement: duckdb.Statement) -> list[str]:
-    """Map the statement's table references onto hub tables; unknown names are an error."""
-    names, ctes = _table_references(statement.query)
-    available = list_tables(hub)
-    # SQL identifiers are case-insensitive in DuckDB; hub table names are lower case. A name
-    # that is also a CTE of the query counts as the hub table (recording a version too many
-    # is harmless; missing one is not).
-    by_lower = {name.lower(): name for name in available}
-    unknown = sorted({n for n in names if n.lower() not in by_lower and n.lower() not in ctes})
-    if unknown:
-        raise QueryError(
-            f"the dataset query references {', '.join(repr(n) for n in unknown)}, which "
-            f"{'is not a table' if len(unknown) == 1 else 'are not tables'} of the data hub at "
-            f"{hub}; {_available(available)}. Query: {_shown(statement.query)}. Fix: refer to "
-            "hub tables by name; reading files, URLs or other databases is not allowed"
-        )
+def _referenced_tables(hub: Path, names: tuple[str, ...]) -> list[str]:
+    """The hub tables behind the checked query's table names (already known to exist).
+    SQL identifiers are case-insensitive in DuckDB; hub table names are lower case."""
+    by_lower = {name.lower(): name for name in list_tables(hub)}
     return sorted({by_lower[n.lower()] for n in names if n.lower() in by_lower})
 
 
 def _available(available: list[str]) -> str:
-    return f"tables available: {', '.join(available) or 'none (seed the hub first)'}"
+    return available_text(available)
 
 
 def _open_snapshots(hub: Path, referenced: list[str],
@@ -213,6 +123,19 @@ def _sandbox(snapshots: Mapping[str, TableSnapshot], memory_limit: str,
     return con
 
 
+def _out_of_memory(what: str, query: str, memory_limit: str, ceiling: str | None,
+                   exc: BaseException) -> QueryError:
+    # DuckDB's limit covers its buffer manager only; values such as repeat('x', 10**8) are
+    # allocated outside it and fail only at the process's own ceiling (a failed malloc).
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    limits = f"memory limit of {memory_limit}" + (f" within {ceiling}" if ceiling else "")
+    raise_it = "raise resources.memory in the template's training section" if ceiling \
+        else "raise the limit"
+    return QueryError(f"{what} needs more than its {limits} ({reason}). Query: {_shown(query)}. "
+                      f"Fix: select fewer rows or columns, avoid building huge values, or "
+                      f"{raise_it}")
+
+
 def run_query(
     hub: Path,
     query: str,
@@ -222,6 +145,8 @@ def run_query(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     threads: int | None = None,
     parameters: Mapping[str, Any] | None = None,
+    what: str = "the dataset query",
+    memory_ceiling: str | None = None,
 ) -> tuple[pa.Table, dict[str, int]]:
     """Run one read-only SELECT over the hub's tables in the sandbox described above.
 
@@ -236,6 +161,9 @@ def run_query(
         parameters: values for the query's named parameters (`$data_interval_start`), bound by
             DuckDB, never pasted into the SQL text. The query may use any subset of them; a
             parameter it uses that is not given is an error naming the ones available.
+        what: how error messages name the query, e.g. "dataset.replay.query".
+        memory_ceiling: the process's own memory limit as the user set it (e.g.
+            "resources.memory: 2Gi"), named when the query runs out of memory.
 
     Returns:
         The result rows in canonical order (`ORDER BY ALL`), and {table: version read} for the
@@ -248,9 +176,10 @@ def run_query(
     """
     if timeout_s <= 0:
         raise QueryError(f"timeout_s={timeout_s!r} must be a positive number of seconds")
-    statement = _parse_single_select(query)
+    checked = check_query(query, list_tables(hub), what=what)
+    statement = checked.statement
     bound = _bind(statement, query, dict(parameters or {}))
-    referenced = _referenced_tables(hub, statement)
+    referenced = _referenced_tables(hub, checked.tables)
     snapshots = _open_snapshots(hub, referenced, dict(pinned or {}))
     con = _sandbox(snapshots, memory_limit, threads)
 
@@ -276,11 +205,8 @@ def run_query(
                 "raise the time limit"
             ) from exc
         raise QueryError(f"the dataset query was interrupted: {exc}") from exc
-    except duckdb.OutOfMemoryException as exc:
-        raise QueryError(
-            f"the dataset query needs more than its memory limit of {memory_limit}: {exc}. "
-            f"Query: {_shown(query)}. Fix: select fewer rows or columns, or raise the limit"
-        ) from exc
+    except (duckdb.OutOfMemoryException, MemoryError) as exc:
+        raise _out_of_memory(what, query, memory_limit, memory_ceiling, exc) from exc
     except duckdb.PermissionException as exc:
         raise QueryError(
             f"the dataset query tried to reach outside the data hub ({exc}). "
