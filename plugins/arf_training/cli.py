@@ -136,6 +136,19 @@ def _client(args: argparse.Namespace):
                                                  config_file=args.config))
 
 
+def _seconds(text: str) -> float:
+    """argparse type: seconds, finite and > 0 (`--timeout nan` would wait forever)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text[:60]!r} is not a number of seconds > 0")
+    return value
+
+
 def _parse_sets(items: list[str]) -> dict[str, str]:
     sets = {}
     for item in items or []:
@@ -339,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--wait", action="store_true",
                        help="follow task states and training progress until the job ends; exit "
                             "0 if it succeeded, 1 if it failed")
-    start.add_argument("--timeout", type=float, default=None,
+    start.add_argument("--timeout", type=_seconds, default=None,
                        help="with --wait: give up after this many seconds (exit 1)")
     st = trsub.add_parser("status", parents=[copts], help="state of a job, its tasks and model")
     st.add_argument("job", help="TEMPLATE/RUN_ID")

@@ -142,12 +142,13 @@ def split_job_id(job_id: str) -> tuple[str, str]:
     return template, run_id
 
 
-def _checked_sets(sets: dict[str, str] | None) -> dict[str, str]:
-    """`--set` names and values within their caps (`limits`), or `BadInput` naming the one."""
-    for key, text in (sets or {}).items():
-        check_length("hyperparameter name", key, MAX_NAME)
-        check_length(key, text, MAX_VALUE)
-    return sets or {}
+def _checked_sizes(values: dict[str, Any] | None) -> dict[str, Any]:
+    """`--set` / conf names and text values within their caps (`limits`), or `BadInput`."""
+    for key, value in (values or {}).items():
+        check_length("hyperparameter name", str(key), MAX_NAME)
+        if isinstance(value, str):
+            check_length(key, value, MAX_VALUE)
+    return values or {}
 
 
 def _iso(value: Any) -> str | None:
@@ -279,8 +280,8 @@ class TrainingClient:
         from arf_training.params import check_conf, parse_value
 
         schemas = self.param_schemas(template) if schemas is None else schemas
-        merged = dict(conf or {})
-        for key, text in _checked_sets(sets).items():
+        merged = dict(_checked_sizes(conf))
+        for key, text in _checked_sizes(sets).items():
             merged[key] = parse_value(key, text, schemas.get(key))
         check_conf(template, schemas, merged)
         return merged
@@ -294,7 +295,8 @@ class TrainingClient:
         check_length("template", template, MAX_NAME)
         check_length("display_name", display_name, MAX_DISPLAY_NAME)
         check_length("dataset_query", dataset_query, MAX_VALUE)
-        _checked_sets(sets)  # all sizes before the first HTTP call
+        _checked_sizes(sets)  # all sizes before the first HTTP call
+        _checked_sizes(conf)
         schemas = self.param_schemas(template)
         if dataset_query:
             if "dataset_query" not in schemas:

@@ -104,6 +104,9 @@ def test_cancel_a_running_job(airflow_stack):
     pytest.param(["--set", "learning_rate=0.1"], ["unknown parameter 'learning_rate'",
                                                   "accepts:", "lr"], id="unknown-param"),
     pytest.param(["--set", "epochs"], ["--set 'epochs' is not KEY=VALUE"], id="not-key-value"),
+    pytest.param(["--set", "lr=nan"], ["lr='nan' is not a finite number", "type number"],
+                 id="nan"),
+    pytest.param(["--set", "lr=-inf"], ["lr='-inf' is not a finite number"], id="infinity"),
 ])
 def test_bad_set_values_are_rejected_before_submitting(airflow_stack, args, fragments):
     before = job_ids(airflow_stack)
@@ -112,6 +115,24 @@ def test_bad_set_values_are_rejected_before_submitting(airflow_stack, args, frag
     for fragment in fragments:
         assert fragment in out.stderr, out.stderr
     assert job_ids(airflow_stack) == before  # nothing was submitted
+
+
+def test_nan_in_a_conf_file_and_bad_list_limit(airflow_stack, tmp_path):
+    conf = tmp_path / "conf.json"
+    conf.write_text('{"lr": NaN}')  # Python's json reads this non-standard token
+    before = job_ids(airflow_stack)
+    out = arf(airflow_stack, "start", "digits_smoke", "--conf-file", str(conf))
+    assert out.returncode == 2 and "'lr' must be a finite number, got nan" in out.stderr
+    assert job_ids(airflow_stack) == before
+    out = arf(airflow_stack, "list", "--limit", "-1")
+    assert out.returncode == 2 and "limit -1 is out of range" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_oversized_name_is_not_echoed(airflow_stack):
+    out = arf(airflow_stack, "start", "x" * 100_000)
+    assert out.returncode == 2 and "template is too long: 100000 characters" in out.stderr
+    assert len(out.stderr) < 1000, len(out.stderr)
 
 
 def test_unknown_template_and_job(airflow_stack):

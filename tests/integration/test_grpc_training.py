@@ -121,6 +121,12 @@ def test_start_then_poll_until_succeeded(stub, auth):
     pytest.param({"training_script_plugin": "digits_smoke", "hyperparameters": {"lr": "fast"}},
                  grpc.StatusCode.INVALID_ARGUMENT, ["lr='fast' is not a valid number"],
                  id="hyperparameter-wrong-type"),
+    pytest.param({"training_script_plugin": "digits_smoke", "hyperparameters": {"lr": "nan"}},
+                 grpc.StatusCode.INVALID_ARGUMENT, ["lr='nan' is not a finite number"],
+                 id="hyperparameter-nan"),
+    pytest.param({"training_script_plugin": "t" * 1024 * 1024},
+                 grpc.StatusCode.INVALID_ARGUMENT, ["template is too long: 1048576 characters"],
+                 id="template-1MB"),
     pytest.param({"training_script_plugin": "reach_bc", "dataset_query": "SELECT 1"},
                  grpc.StatusCode.INVALID_ARGUMENT, ["dataset_query", "allow_query_override"],
                  id="query-override-not-allowed"),
@@ -154,6 +160,14 @@ def test_unknown_job_and_bad_credentials(stub, auth):
         stub.ListTrainingJobs(pb.ListTrainingJobsRequest(),
                               metadata=[("authorization", "Bearer not-a-jwt")])
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_list_bad_status_and_limit(stub, auth):
+    for request in (pb.ListTrainingJobsRequest(status=99), pb.ListTrainingJobsRequest(limit=-1)):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ListTrainingJobs(request, metadata=auth)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert info.value.details().startswith("limit -1 is out of range")
 
 
 def test_health_and_reflection(grpc_server):

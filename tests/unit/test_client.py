@@ -107,6 +107,20 @@ def test_bad_input_exits_2_before_contacting_airflow(capsys, args, field):
     assert "Traceback" not in err
 
 
+def test_oversized_conf_file_value_and_nan_timeout_exit_2(tmp_path, capsys):
+    conf = tmp_path / "conf.json"
+    conf.write_text(json.dumps({"dataset_query": "q" * 100_000}))
+    code = main(["training", "start", "digits_smoke", "--conf-file", str(conf),
+                 "--url", UNREACHABLE])
+    err = capsys.readouterr().err
+    assert code == 2 and "dataset_query is too long: 100000 characters" in err, err[:300]
+    assert len(err) < 1000
+    with pytest.raises(SystemExit) as info:  # argparse: exit 2 naming the option
+        main(["training", "start", "digits_smoke", "--wait", "--timeout", "nan"])
+    assert info.value.code == 2
+    assert "argument --timeout: 'nan' is not a number of seconds > 0" in capsys.readouterr().err
+
+
 def test_templates_list_columns_fit_long_names(tmp_path, monkeypatch, capsys):
     from arf_training.settings import REPO_ROOT
 

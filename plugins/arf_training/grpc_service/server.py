@@ -164,6 +164,10 @@ class TrainingService(pb_grpc.TrainingServiceServicer):
             code = next(c for kind, c in _STATUS if isinstance(exc, kind))
             log.info("StreamTrainingJobLogs %s (while streaming)", code.name)
             context.abort(code, clip(str(exc)))
+        except Exception:
+            log.exception("StreamTrainingJobLogs INTERNAL (while streaming)")
+            context.abort(grpc.StatusCode.INTERNAL, "StreamTrainingJobLogs: internal error of "
+                                                    "the arf gRPC server (its log has the details)")
 
 
 def make_server(settings: ClientSettings, host: str = "127.0.0.1", port: int = 50051, *,
