@@ -53,8 +53,10 @@ def running(settings: ClientSettings | None = None, *, anonymous: bool | None = 
 
 def call(channel: grpc.Channel, method: str, request, metadata=AUTH) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
-        getattr(pb_grpc.TrainingServiceStub(channel), method)(request, metadata=metadata,
-                                                              timeout=30)
+        reply = getattr(pb_grpc.TrainingServiceStub(channel), method)(
+            request, metadata=metadata, timeout=30)
+        if method.startswith("Stream"):
+            list(reply)
     return info.value
 
 
@@ -257,11 +259,14 @@ def test_list_bad_input_is_invalid_argument_and_logged_so(caplog, request_fields
                  "job_id", id="job-id"),
     pytest.param("CancelTrainingJob", pb.CancelTrainingJobRequest(job_id="t/" + "r" * MB),
                  "job_id", id="cancel-job-id"),
+    pytest.param("StreamTrainingJobLogs", pb.StreamTrainingJobLogsRequest(
+        job_id="digits_smoke/arf__1", task="t" * MB), "task", id="log-task"),
 ])
-def test_oversized_input_is_refused_with_a_short_message(method, message, field):
-    with running() as address, grpc.insecure_channel(
-            address, options=[("grpc.max_send_message_length", 8 * MB)]) as channel:
+def test_oversized_input_is_refused_with_a_short_message(caplog, method, message, field):
+    caplog.set_level(logging.INFO, logger="arf.grpc")
+    with running() as address, grpc.insecure_channel(address) as channel:
         err = call(channel, method, message)
+    assert f"{method} INVALID_ARGUMENT" in caplog.text
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details()[:200])
     assert err.details().startswith(field), err.details()[:200]
     assert len(err.details()) < 500

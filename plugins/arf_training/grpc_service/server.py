@@ -35,7 +35,7 @@ from arf_training.grpc_service.gen import training_pb2 as pb
 from arf_training.grpc_service.gen import training_pb2_grpc as pb_grpc
 from arf_training.grpc_service.security import (TlsFiles, anonymous_allowed, caller_token,
                                                 refuse_anonymous, startup_warnings)
-from arf_training.limits import clip, quote
+from arf_training.limits import MAX_NAME, check_length, clip, quote
 
 log = logging.getLogger("arf.grpc")
 SERVICE = pb.DESCRIPTOR.services_by_name["TrainingService"].full_name
@@ -150,7 +150,9 @@ class TrainingService(pb_grpc.TrainingServiceServicer):
 
     def StreamTrainingJobLogs(self, request, context):
         def lines(client: TrainingClient) -> list:
-            # Validate (job exists, task exists) before the first message, so errors are codes.
+            # Check what can be checked before the first message, so errors are status codes
+            # (the task name's length, the job); an unknown task shows with the first lines.
+            check_length("task", request.task, MAX_NAME)
             client.status(request.job_id, tasks=False)
             return client.logs(request.job_id, task=request.task or None, follow=request.follow)
 
