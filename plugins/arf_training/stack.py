@@ -105,7 +105,8 @@ def ensure_public_password(settings: ArfSettings) -> tuple[Path, str | None]:
 
 
 def stack_environment(settings: ArfSettings, opts: StackOptions) -> dict[str, str]:
-    env = environment(settings, api_port=opts.api_port)
+    # The supervisor runs the database server itself (first, see `components`).
+    env = environment(settings, api_port=opts.api_port, start_database=False)
     size = sizing()
     for key, value in {
         "AIRFLOW__CORE__PARALLELISM": size["parallelism"],
@@ -154,8 +155,10 @@ def _database_component(settings: ArfSettings, env: dict[str, str]) -> Component
 
     pg = EmbeddedPostgres(settings.home)
     pg.ensure_initialized()
+    pg.stop()  # a server started detached (`arf demo`, `airflow dags test`): supervise it now
+    # SIGINT: PostgreSQL's fast shutdown (SIGTERM would wait for every client to disconnect).
     return Component("postgres", pg.server_command(), env, ready=pg.is_ready,
-                     popen_kwargs=pg.popen_kwargs(), stop_last=True)
+                     popen_kwargs=pg.popen_kwargs(), stop_last=True, stop_signal=signal.SIGINT)
 
 
 def components(settings: ArfSettings, opts: StackOptions) -> list[Component]:
@@ -165,11 +168,13 @@ def components(settings: ArfSettings, opts: StackOptions) -> list[Component]:
         found.append(Component(
             "mlflow", [venv_bin("mlflow"), "server", "--host", "127.0.0.1",
                        "--port", str(opts.mlflow_port),
-                       "--backend-store-uri", settings.tracking_uri,
                        "--default-artifact-root", settings.artifact_root,
                        "--workers", str(sizing()["mlflow_workers"])],
-            # MLflow's job runner (GenAI jobs, unused here) adds seven ~180 MiB processes.
-            {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, port=opts.mlflow_port,
+            # The store's URI may carry the database password: in the environment, not in argv
+            # (argv is in `ps` and in the supervisor's log). MLflow's job runner (GenAI jobs,
+            # unused here) would add seven ~180 MiB processes.
+            {**env, "MLFLOW_BACKEND_STORE_URI": settings.tracking_uri,
+             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, port=opts.mlflow_port,
             ready=lambda: _http_ready(f"http://127.0.0.1:{opts.mlflow_port}/health")))
     commands = airflow_components(opts.api_port, host=opts.host)
     found.append(Component(
@@ -271,12 +276,16 @@ def down(grace_s: float = 60) -> list[str]:
     names = [c["name"] for c in state.get("components", []) if c.get("pid")]
     pid = supervisor_pid(rdir)
     if pid:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and supervisor_pid(rdir):
-            time.sleep(0.3)
-        if supervisor_pid(rdir):
-            os.kill(pid, signal.SIGKILL)
+        import psutil
+
+        supervisor = psutil.Process(pid)
+        supervisor.terminate()  # it stops every component, then exits
+        try:
+            supervisor.wait(timeout=grace_s)
+        except psutil.TimeoutExpired:
+            supervisor.kill()  # and its components are stopped as leftovers below
+        except psutil.NoSuchProcess:
+            pass
     return names + [n for n in _stop_leftovers(rdir) if n not in names]
 
 

@@ -48,6 +48,7 @@ class Component:
     before_start: Callable[[], None] | None = None  # e.g. migrate once the DB is up
     popen_kwargs: dict = field(default_factory=dict)
     stop_last: bool = False  # the database: the others need it while they shut down
+    stop_signal: int = signal.SIGTERM  # to the leader first; its group gets SIGTERM/SIGKILL after
 
 
 @dataclass
@@ -228,6 +229,8 @@ class Supervisor:
             batch = [s for s in running if s.component.stop_last == last]
             for slot in batch:
                 slot.descendants.snapshot(slot.proc.pid)
+                if slot.component.stop_signal != signal.SIGTERM:
+                    self._stop_leader(slot)
             stopped += stop_groups({s.component.name: s.proc.pid for s in batch},
                                    grace_s=self.grace_s,
                                    descendants={s.component.name: s.descendants for s in batch})
@@ -237,6 +240,14 @@ class Supervisor:
         if stopped:
             self.log("stopped " + ", ".join(stopped))
         return stopped
+
+    def _stop_leader(self, slot: _Slot) -> None:
+        """Its own stop signal to the leader alone, and a grace period to act on it."""
+        try:
+            slot.proc.send_signal(slot.component.stop_signal)
+            slot.proc.wait(timeout=self.grace_s)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
 
     # -- state file -------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -70,8 +71,9 @@ def _stack_env(home: Path, hub: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def stack(embedded, tmp_path_factory):
-    home = tmp_path_factory.mktemp("stack")
+def stack(embedded):
+    # Not under pytest's 0700 tmp root: the database server runs as an unprivileged user.
+    home = Path(tempfile.mkdtemp(prefix="arf-stack-"))
     s = Stack(home, _stack_env(home, embedded["ARF_DATAHUB_URI"]), free_port(), free_port())
     up = s.arf("up", "--port", str(s.api_port), "--mlflow-port", str(s.mlflow_port))
     assert up.returncode == 0, up.stdout + up.stderr
