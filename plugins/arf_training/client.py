@@ -4,12 +4,11 @@ The one implementation of "start / inspect / stop training": the `arf training` 
 `TrainingService` are thin adapters over `TrainingClient`. A *job* is a DAG run; its id is
 `<dag_id>/<dag_run_id>` (the template name is the DAG id).
 
-Settings (first found wins): arguments/flags, the environment (`ARF_AIRFLOW_URL`,
-`ARF_AIRFLOW_USERNAME`, `ARF_AIRFLOW_PASSWORD`, `ARF_AIRFLOW_TOKEN`), a YAML file
-(`--config`, `ARF_CLIENT_CONFIG`, default `~/.config/arf/client.yaml` with keys `url`,
-`username`, `password`, `token`). Authentication follows Airflow 3: a JWT from `POST /auth/token`
-(username + password), a given token, or `GET /auth/token` when the deployment lets everyone in
-(`simple_auth_manager_all_admins`). Credentials never appear in messages or `repr`.
+Settings: `client_settings.ClientSettings` (flags, environment, YAML file). Authentication
+follows Airflow 3: a JWT from `POST /auth/token` (username + password), a given token, or
+`GET /auth/token` when the deployment lets everyone in (`simple_auth_manager_all_admins`).
+Credentials never appear in messages or `repr`. The job record is `client_jobs.Job`, the errors
+`client_errors`, the input caps `limits`; all are importable from here too.
 
 `apache-airflow-client` is imported lazily (it is an extra of the Airflow side); a missing
 install is reported with the command that fixes it.
@@ -18,29 +17,23 @@ install is reported with the command that fixes it.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from arf_training.client_errors import (EXIT_BAD_INPUT, EXIT_OK, EXIT_RUN_FAILED,  # noqa: F401
                                         EXIT_UNREACHABLE, AuthFailed, BadInput, ClientError,
                                         Conflict, NotFound, Unreachable)
+from arf_training.client_jobs import (CANCEL_NOTE, FINISHED, STATUS, Job,  # noqa: F401
+                                     split_job_id)
+from arf_training.client_settings import DEFAULT_CONFIG, DEFAULT_URL, ClientSettings  # noqa: F401
 from arf_training.errors import ConfError
-from arf_training.limits import (MAX_DISPLAY_NAME, MAX_JOB_ID, MAX_LIST_LIMIT, MAX_NAME,
-                                 MAX_VALUE, check_length, quote)
+from arf_training.limits import (MAX_DISPLAY_NAME, MAX_LIST_LIMIT, MAX_NAME, MAX_VALUE,
+                                 check_length, quote)
 
-DEFAULT_URL = "http://127.0.0.1:8080"
-DEFAULT_CONFIG = Path("~/.config/arf/client.yaml")
 PLATFORM_DAGS = frozenset({"arf_evaluate"})
-FINISHED = frozenset({"success", "failed"})
-# Airflow DAG run state -> the job status of the seed API (protos/arf/cloud/v1/training.proto).
-STATUS = {"queued": "PENDING", "running": "RUNNING", "success": "SUCCEEDED", "failed": "FAILED"}
-CANCEL_NOTE = "cancelled via arf"
 # The train step's progress lines (arf_trainer.trainer.run._epoch_line).
 PROGRESS_LINE = re.compile(r"epoch \d+/\d+ \| step \d+/\d+")
 
@@ -52,94 +45,6 @@ def _airflow_client():
         raise ClientError("the training client needs apache-airflow-client; install it with "
                           "`pip install -e '.[client]'` (or `.[all]`)") from exc
     return ac
-
-
-@dataclass(frozen=True)
-class ClientSettings:
-    """Where Airflow is and how to authenticate. `repr` never shows secrets."""
-
-    url: str = DEFAULT_URL
-    username: str | None = field(default=None)
-    password: str | None = field(default=None, repr=False)
-    token: str | None = field(default=None, repr=False)
-    timeout_s: float = 30.0
-
-    @classmethod
-    def resolve(cls, *, url: str | None = None, username: str | None = None,
-                password: str | None = None, token: str | None = None,
-                config_file: str | None = None) -> "ClientSettings":
-        path = Path(config_file or os.environ.get("ARF_CLIENT_CONFIG") or DEFAULT_CONFIG)
-        path = path.expanduser()
-        from_file: dict[str, Any] = {}
-        if path.is_file():
-            import yaml
-
-            try:
-                from_file = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise BadInput(f"client config {path} is not valid YAML ({exc}); write keys url, "
-                               "username, password, token", field="config") from exc
-            unknown = set(from_file) - {"url", "username", "password", "token"}
-            if unknown:
-                raise BadInput(f"client config {path}: unknown key(s) {sorted(unknown)}; allowed: "
-                               "url, username, password, token", field="config")
-        elif config_file:
-            raise BadInput(f"--config {config_file}: no such file", field="config")
-
-        def pick(value: str | None, env: str, key: str) -> str | None:
-            return value or os.environ.get(env) or from_file.get(key)
-
-        return cls(url=(pick(url, "ARF_AIRFLOW_URL", "url") or DEFAULT_URL).rstrip("/"),
-                   username=pick(username, "ARF_AIRFLOW_USERNAME", "username"),
-                   password=pick(password, "ARF_AIRFLOW_PASSWORD", "password"),
-                   token=pick(token, "ARF_AIRFLOW_TOKEN", "token"))
-
-
-@dataclass
-class Job:
-    """One training job (= DAG run) as the adapters show it."""
-
-    template: str
-    run_id: str
-    state: str
-    display_name: str = ""
-    note: str = ""
-    conf: dict[str, Any] = field(default_factory=dict)
-    queued_at: str | None = None
-    start_date: str | None = None
-    end_date: str | None = None
-    tasks: dict[str, str] = field(default_factory=dict)
-    model_version: str | None = None
-    model_name: str | None = None
-
-    @property
-    def job_id(self) -> str:
-        return f"{self.template}/{self.run_id}"
-
-    @property
-    def status(self) -> str:
-        return STATUS.get(self.state, "PENDING")
-
-    @property
-    def cancelled(self) -> bool:
-        return self.state == "failed" and self.note.endswith(CANCEL_NOTE)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "template": self.template, "run_id": self.run_id,
-                "state": self.state, "status": self.status, "cancelled": self.cancelled,
-                "display_name": self.display_name, "conf": self.conf,
-                "queued_at": self.queued_at, "start_date": self.start_date,
-                "end_date": self.end_date, "tasks": self.tasks,
-                "model_name": self.model_name, "model_version": self.model_version}
-
-
-def split_job_id(job_id: str) -> tuple[str, str]:
-    check_length("job_id", job_id, MAX_JOB_ID)
-    template, sep, run_id = job_id.partition("/")
-    if not sep or not template or not run_id:
-        raise BadInput(f"job id {quote(job_id)} is not of the form TEMPLATE/RUN_ID (as printed by "
-                       "`arf training start` and `arf training list`)", field="job_id")
-    return template, run_id
 
 
 def _checked_sizes(values: dict[str, Any] | None) -> dict[str, Any]:
