@@ -3,9 +3,11 @@ tail of the log, timeouts and kills stop every process, the environment is expli
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from arf_training.backends.local import LocalStepRunner
+from arf_training.backends.memory import MemoryCeiling
 from arf_training.errors import StepFailed, StepTimeout
 from arf_training.stepspec import StepSpec
 from arf_training.templates import Resources
@@ -197,3 +200,99 @@ def test_a_step_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path):
     pid = int((tmp_path / "ready").read_text())
     assert _dies(pid)
     assert elapsed < 2 + 1 + 5 + 5  # timeout + grace + margin + slack
+
+
+# --- memory ceiling (issue 13): every step process runs under resources.memory -------------
+
+REPORT_LIMITS = (
+    "import json, os, pathlib, resource, subprocess, sys\n"
+    "own = resource.getrlimit(resource.RLIMIT_DATA)\n"
+    "probe = 'import resource; print(resource.getrlimit(resource.RLIMIT_DATA)[0])'\n"
+    "child = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True)\n"
+    "p = pathlib.Path(os.environ['ARF_RESULT_PATH']); p.parent.mkdir(parents=True, exist_ok=True)\n"
+    "p.write_text(json.dumps({'own': list(own), 'child': int(child.stdout)}))\n"
+)
+
+
+def _with_memory(spec: StepSpec, memory: str) -> StepSpec:
+    return dataclasses.replace(spec, resources=Resources(memory=memory))
+
+
+def test_step_and_its_children_run_under_a_ceiling_from_resources_memory(tmp_path):
+    result = LocalStepRunner().run(_with_memory(_spec(tmp_path, REPORT_LIMITS), "512Mi"))
+    ceiling = 512 * 2**20 + 2 * 2**30  # resources.memory + the default headroom
+    # Hard limit too: the step cannot raise it; its children (torchrun's workers) inherit it.
+    assert result == {"own": [ceiling, ceiling], "child": ceiling}
+
+
+def test_ceiling_is_shared_by_a_nodes_processes_plus_headroom(monkeypatch):
+    assert MemoryCeiling("1Gi", 2).bytes == 2**29 + 2 * 2**30
+    monkeypatch.setenv("ARF_STEP_MEMORY_HEADROOM", "512Mi")
+    assert MemoryCeiling("1Gi", 1).bytes == 2**30 + 2**29
+    assert "resources.memory: 1Gi + 512Mi headroom" in MemoryCeiling("1Gi", 1).describe()
+    monkeypatch.setenv("ARF_STEP_MEMORY_HEADROOM", "lots")
+    with pytest.raises(StepFailed, match="ARF_STEP_MEMORY_HEADROOM='lots'.*e.g. 512Mi") as info:
+        MemoryCeiling("1Gi", 1)
+    assert not info.value.retryable
+
+
+def test_allocation_over_the_ceiling_fails_naming_the_limit(tmp_path):
+    # 3 GiB is over 256Mi + 2Gi. Without a ceiling the (untouched) allocation would succeed.
+    spec = _with_memory(_spec(tmp_path, "bytearray(3 * 2**30)"), "256Mi")
+    with pytest.raises(StepFailed) as info:
+        LocalStepRunner().run(spec)
+    message = str(info.value)
+    assert "MemoryError" in message
+    assert "memory ceiling of 2.25 GiB" in message and "resources.memory: 256Mi" in message
+    assert "raise training.resources.memory" in message
+
+
+def _prepare_spec(tmp_path: Path, query: str, memory: str) -> StepSpec:
+    """The real prepare step of a digits_smoke variant over a small `digits` table."""
+    import pyarrow as pa
+    import yaml
+
+    from arf_trainer.datahub.tables import write_table
+    from arf_training.settings import REPO_ROOT, ArfSettings
+    from arf_training.stepspec import RunIdentity, build_step_spec
+    from arf_training.templates import load_template
+
+    hub = tmp_path / "hub"
+    write_table(hub, "digits", pa.table({"pixel_0": [float(i) for i in range(40)],
+                                         "label": [i % 10 for i in range(40)]}))
+    raw = yaml.safe_load((REPO_ROOT / "config_templates" / "digits_smoke.yaml").read_text())
+    raw["dataset"]["query"] = query
+    raw["training"]["resources"]["memory"] = memory
+    path = tmp_path / "digits_smoke.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    settings = ArfSettings(home=tmp_path, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                           datahub_uri=str(hub), artifact_root=str(tmp_path / "artifacts"))
+    run = RunIdentity("digits_smoke", f"manual__{tmp_path.name}", "prepare_data")
+    return build_step_spec(load_template(path), "prepare", run, {}, settings)
+
+
+@pytest.mark.parametrize("query", [
+    # The issue's query: repeat()'s strings are allocated outside DuckDB's memory_limit.
+    pytest.param("SELECT *, repeat('x', 200000000) FROM digits", id="repeat"),
+    # Another value DuckDB builds outside its buffer manager: printf's padding.
+    pytest.param("SELECT *, printf('%200000000d', label) AS padded FROM digits", id="printf-pad"),
+])
+def test_prepare_query_escaping_duckdbs_limit_stops_at_the_ceiling(tmp_path, query):
+    # As in the issue: DuckDB's limit is ~2 GB and the query grows past it, here until a
+    # malloc fails at the process's ceiling (2Gi + 2Gi headroom) instead of at 8+ GiB.
+    started = time.monotonic()
+    with pytest.raises(StepFailed) as info:
+        LocalStepRunner().run(_prepare_spec(tmp_path, query, "2Gi"))
+    message = str(info.value)
+    assert "needs more than its memory limit of 1907MiB within resources.memory: 2Gi" in message
+    assert re.search("bad allocation|Allocation failure", message)  # malloc failed: the rlimit
+    assert "raise resources.memory in the template's training section" in message
+    # ... and the backend names the OS limit that stopped it.
+    assert "memory ceiling of 4 GiB of data memory per process (RLIMIT_DATA)" in message
+    assert not info.value.retryable  # bad input (exit 2): a retry would fail the same way
+    assert time.monotonic() - started < 120
+
+
+def test_prepare_of_a_normal_query_fits_under_the_same_ceiling(tmp_path):
+    result = LocalStepRunner().run(_prepare_spec(tmp_path, "SELECT * FROM digits", "256Mi"))
+    assert (result["rows"], result["train_rows"], result["val_rows"]) == (40, 32, 8)

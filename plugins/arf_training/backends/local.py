@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.sdk import BaseOperator
 
 from arf_training.backends.base import Backend
+from arf_training.backends.memory import MemoryCeiling
 from arf_training.errors import BAD_INPUT_EXIT, SKIP_EXIT, StepFailed, StepSkipped, StepTimeout
 from arf_training.runtime import (
     emit_model_event,
@@ -90,6 +91,7 @@ class LocalStepRunner:
         self.log = log or logging.getLogger(__name__)
         self._procs: list[subprocess.Popen] = []
         self._grace_s = 30.0
+        self._stopped = False  # kill() found processes running: their exit codes are ours
 
     def commands(self, spec: StepSpec) -> list[list[str]]:
         """One command per local "node": plain for a single process, torchrun otherwise."""
@@ -134,6 +136,7 @@ class LocalStepRunner:
         env = self.environment(spec, job_spec_path)
         commands = self.commands(spec)
         self._grace_s = spec.grace_s
+        ceiling = MemoryCeiling(str(spec.resources.memory), spec.procs_per_node)
         self.log.info("step %s: world size %d, workspace %s", spec.step, spec.world_size,
                       spec.workspace)
         lines: queue.Queue[tuple[int, str | None]] = queue.Queue()
@@ -145,7 +148,10 @@ class LocalStepRunner:
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, text=True, errors="replace", bufsize=1)
             self._procs.append(proc)
+            if not ceiling.apply(proc.pid):  # see arf_training.backends.memory for why so
+                self.log.warning("no memory ceiling on this OS (prlimit is Linux only)")
             threading.Thread(target=self._pump, args=(node, proc, lines), daemon=True).start()
+        self.log.info("memory ceiling: %s", ceiling.describe())
         deadline = time.monotonic() + spec.timeout_s
         open_streams = len(self._procs)
         prefix = len(self._procs) > 1
@@ -179,8 +185,9 @@ class LocalStepRunner:
                               f"{reason}")
         if failed:
             what = ", ".join(f"node {i} exit code {c}" for i, c in failed)
+            note = "" if self._stopped else ceiling.failure_note(codes, tail)
             raise StepFailed(f"step {spec.step!r} failed ({what}). Last lines of its output:\n"
-                             + "\n".join(tail),
+                             + "\n".join(tail) + note,
                              retryable=any(c != BAD_INPUT_EXIT for _, c in failed))
         if not spec.result_path.exists():
             raise StepFailed(f"step {spec.step!r} exited 0 but wrote no result at "
@@ -198,6 +205,7 @@ class LocalStepRunner:
         """Stop every process group still running: SIGTERM, the step's grace period (to write a
         checkpoint that a retry resumes from), then SIGKILL."""
         alive = [p for p in self._procs if p.poll() is None]
+        self._stopped = self._stopped or bool(alive)
         for proc in alive:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)

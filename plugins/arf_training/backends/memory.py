@@ -1,0 +1,99 @@
+"""The local backend's hard memory ceiling on step processes, from `resources.memory`.
+
+On Kubernetes the pod's memory limit bounds a step. Locally nothing did: the query
+`SELECT *, repeat('x', 200000000) FROM digits` grew past 8 GiB in 18 s (DuckDB's own
+`memory_limit` covers its buffer manager only, not values such as repeat()'s strings) until a
+watchdog killed it. So every step process now runs under an OS limit, set by the backend.
+
+Why this mechanism (measured on the shipped templates, bench/step_memory.py):
+- A cgroup would count resident memory exactly, but creating one needs root or a delegated
+  hierarchy (systemd), which an embedded install cannot count on; an rlimit needs neither, and
+  torchrun's workers inherit it.
+- RLIMIT_AS counts every address-space reservation, and the runtimes reserve far more than
+  they use: a digits prepare maps 2.8 GB for a resident peak of 240 MB, a DDP train rank
+  2.6 GB for 540 MB (CUDA reserves tens of GB more). An AS limit near resources.memory breaks
+  normal steps: at 1 GiB the prepare step aborts while importing deltalake.
+- RLIMIT_DATA counts only private writable memory (heap, anonymous maps, thread stacks), not
+  code or PROT_NONE reservations, so CUDA's reservations pass. Its baseline is still 1.4-1.5 GB
+  per process (1 GiB of it pyarrow's mimalloc arena, reserved up front), nearly independent of
+  the data. Hence the ceiling is `resources.memory` shared by the node's processes, plus a
+  fixed headroom for that baseline (`ARF_STEP_MEMORY_HEADROOM`, default 2Gi).
+
+The ceiling applies per process: each torchrun worker (and torchrun itself) gets
+`resources.memory / procs_per_node + headroom`, so one node's workers together stay near the
+pod limit they would share on Kubernetes. It is set with prlimit() on the child right after it
+started (the interpreter has not imported anything yet; its own children inherit the limit),
+not in a preexec_fn, which is unsafe in a multi-threaded Airflow worker.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import signal
+from collections.abc import Iterable
+
+from arf_training.errors import StepFailed
+
+HEADROOM_ENV = "ARF_STEP_MEMORY_HEADROOM"
+DEFAULT_HEADROOM = "2Gi"
+_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(k|M|G|T|Ki|Mi|Gi|Ti)?$")
+# How an allocation failure shows in a step's output: Python, DuckDB, torch, glibc, Rust.
+_OUT_OF_MEMORY = re.compile(r"MemoryError|out of memory|bad allocation|bad_alloc|"
+                            r"can't allocate memory|cannot allocate memory|"
+                            r"memory allocation of \d+ bytes failed", re.IGNORECASE)
+# Deaths an allocation failure causes: the kernel's OOM killer, abort() in native code
+# (Rust's allocator, std::terminate), or a crash on a NULL it did not check.
+_FATAL_SIGNALS = frozenset({signal.SIGKILL, signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS})
+
+
+def quantity_bytes(text: str, field: str = "resources.memory") -> int:
+    """Bytes of a Kubernetes memory quantity (512Mi, 2Gi, 1G, 1500000000)."""
+    match = _QUANTITY.match(str(text).strip())
+    if match is None or float(match[1]) <= 0:
+        raise ValueError(f"{field}={text!r} is not a positive memory quantity; write e.g. "
+                         "512Mi or 2Gi")
+    return int(float(match[1]) * _UNITS[match[2] or ""])
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f}".rstrip("0").rstrip(".") + " GiB"
+
+
+class MemoryCeiling:
+    """The RLIMIT_DATA each process of one local step runs under."""
+
+    def __init__(self, memory: str, procs_per_node: int, headroom: str | None = None):
+        self.memory = memory
+        self.procs = max(1, procs_per_node)
+        self.headroom_text = headroom or os.environ.get(HEADROOM_ENV) or DEFAULT_HEADROOM
+        try:
+            self.headroom = quantity_bytes(self.headroom_text, HEADROOM_ENV)
+            self.bytes = quantity_bytes(memory) // self.procs + self.headroom
+        except ValueError as exc:  # bad input: a retry would fail the same way
+            raise StepFailed(str(exc), retryable=False) from None
+
+    def describe(self) -> str:
+        share = f" / {self.procs} processes" if self.procs > 1 else ""
+        return (f"{_gib(self.bytes)} of data memory per process (RLIMIT_DATA) = resources.memory:"
+                f" {self.memory}{share} + {self.headroom_text} headroom ({HEADROOM_ENV})")
+
+    def apply(self, pid: int) -> bool:
+        """Limit process `pid` (and the children it starts later); False where the OS cannot."""
+        if not hasattr(resource, "prlimit"):  # Linux only; elsewhere the step runs unlimited
+            return False
+        resource.prlimit(pid, resource.RLIMIT_DATA, (self.bytes, self.bytes))
+        return True
+
+    def failure_note(self, codes: Iterable[int], tail: Iterable[str]) -> str:
+        """A note for a failed step that looks like it ran out of memory, else ''."""
+        killed = any(code < 0 and -code in _FATAL_SIGNALS for code in codes)
+        if not killed and not any(_OUT_OF_MEMORY.search(line) for line in tail):
+            return ""
+        how = "died from a signal" if killed else "reported a failed memory allocation"
+        return (f"\nThe step {how}; it ran under a memory ceiling of {self.describe()}. If it "
+                "needs more, raise training.resources.memory in the template (or make the "
+                "query or batch smaller).")
