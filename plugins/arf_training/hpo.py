@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 from arf_training.errors import ArfError
@@ -120,16 +121,33 @@ def trial_hyperparameters(template: "TrainingTemplate", values: dict[str, Any],
 
 # -- run time: the study ---------------------------------------------------------------------
 
+OPEN_ATTEMPTS = 5
+
+
 def _storage(url: str) -> "optuna.storages.BaseStorage":
     import optuna
+    import sqlalchemy.exc
 
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-    except Exception as exc:
-        shown = url.split("@")[-1]  # never log credentials
-        raise HpoError(f"cannot open the Optuna storage ...@{shown} ({STORAGE_ENV}): {exc}; "
-                       "check the URL and that the database is reachable") from exc
+    race: Exception | None = None
+    for attempt in range(OPEN_ATTEMPTS):
+        time.sleep(0.3 * attempt)
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            # Several create_study tasks on a fresh database (simultaneous triggers): Optuna
+            # creates its tables without a lock, and on PostgreSQL all creators but one fail
+            # on the catalog's unique index. Once the winner is done the tables exist.
+            race = exc
+        except Exception as exc:
+            raise _storage_error(url, exc) from exc
+    raise _storage_error(url, race) from race
+
+
+def _storage_error(url: str, exc: Exception) -> HpoError:
+    shown = url.split("@")[-1]  # never log credentials
+    return HpoError(f"cannot open the Optuna storage ...@{shown} ({STORAGE_ENV}): {exc}; "
+                    "check the URL and that the database is reachable")
 
 
 def open_study(template: "TrainingTemplate", dag_id: str, run_id: str, *,
