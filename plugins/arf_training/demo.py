@@ -103,10 +103,11 @@ def _dags_test(dag_id: str, conf: dict[str, Any], env: dict[str, str], log_path:
 _AIRFLOW_RECORD = re.compile(r"\d{4}-\d\d-\d\dT(?P<time>\d\d:\d\d:\d\d)\S* "
                              r"\[(?P<level>[a-z]+) *\] (?P<event>.*?)"
                              r"(?: \[[\w.]+\])?(?: [\w.]+=\S*)*")
-# What a new user follows of a run: each step's start, the training epochs (the progress line
-# `arf training start --wait` shows too), data, registration, evaluation, and any error.
-_SHOWN = re.compile(r"^step \w+:|epoch \d+/\d+ \| step \d+/\d+|progress|prepare[d:]|MLflow run "
-                    r"|registered|evaluate:|success rate|ERROR|Error|Traceback|failed")
+# What a new user follows of a run: each step's start and every line of the trainer's own log
+# (data, setup, one progress line per epoch as `arf training start --wait` shows, registration,
+# evaluation, promotion gate), and any error.
+_SHOWN = re.compile(r"^step \w+:|^arf_trainer\.|epoch \d+/\d+ \| step \d+/\d+|registered"
+                    r"|evaluate:|success rate|ERROR|Error|Traceback|failed")
 
 
 def demo_line(line: str) -> str | None:

@@ -37,7 +37,20 @@ def test_a_long_step_line_is_shown_whole_with_one_timestamp():
     assert shown == f"  17:41:59 {event}"  # nothing cut, Airflow's logger suffix dropped
 
 
+@pytest.mark.parametrize("event", [
+    pytest.param("arf_trainer.trainer.run: on SIGTERM: finish the step, checkpoint and exit 75",
+                 id="setup"),
+    pytest.param("arf_trainer.trainer.run: trained bc: 990 steps; weights /w/train/model.pt",
+                 id="trained"),
+    pytest.param("arf_trainer.evaluator: promotion gate for models:/reach_bc_policy/1: no version "
+                 "has the 'champion' alias yet", id="gate"),
+])
+def test_every_line_of_the_trainers_own_log_is_shown(event):
+    assert demo_line(airflow_line(event)) == f"  17:41:59 {event}"
+
+
 @pytest.mark.parametrize("event, logger", [
+    pytest.param("$ /work/main/.venv/bin/arf-trainer prepare", LOGGER, id="command"),
     pytest.param("Pushing xcom", "[task] loc=task_runner.py:2280", id="xcom"),
     pytest.param("::group::Post Execute", "[task] loc=task_runner.py:1580", id="group"),
     pytest.param("Task instance state updated",
