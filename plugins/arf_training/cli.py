@@ -36,8 +36,8 @@ from pathlib import Path
 from arf_training.errors import ArfError, ConfError, TemplateError
 
 
-def _lint(paths: list[str]) -> int:
-    from arf_training.settings import templates_dir
+def _lint(paths: list[str], hub: str | None = None) -> int:
+    from arf_training.settings import ArfSettings, templates_dir
     from arf_training.templates import load_folder, template_files
 
     files: list[Path] = []
@@ -51,12 +51,52 @@ def _lint(paths: list[str]) -> int:
             print(f"arf templates lint: {raw}: no such file or folder", file=sys.stderr)
             return 2
     good, issues = load_folder(files)
+    query_issues = _lint_queries(good, hub or ArfSettings.from_env().datahub_uri)
     for loaded in good:
-        print(f"ok     {loaded.path}  ({loaded.name} -> model {loaded.template.model.name})")
+        if loaded.path not in query_issues:
+            print(f"ok     {loaded.path}  ({loaded.name} -> model {loaded.template.model.name})")
     for issue in issues:
         print(f"error  {issue}")
-    print(f"{len(good)} valid, {len({i.file for i in issues})} invalid")
-    return 2 if issues else 0
+    for path, messages in query_issues.items():
+        for message in messages:
+            print(f"error  {path}: {message}")
+    invalid = {str(i.file) for i in issues} | {str(p) for p in query_issues}
+    print(f"{len(good) - len(query_issues)} valid, {len(invalid)} invalid")
+    return 2 if invalid else 0
+
+
+def _lint_queries(good: list, hub_uri: str) -> dict[Path, list[str]]:
+    """The prepare step's own static query check (arf_trainer.datahub.sqlcheck) over each
+    template's queries, with the hub's table names when the hub is a local folder."""
+    try:  # the container side's check: lint is a command, not DAG parsing, so import it here
+        from arf_trainer.datahub.sqlcheck import check_query
+        from arf_trainer.datahub.tables import list_tables
+        from arf_trainer.errors import QueryError
+    except ImportError as exc:
+        print(f"note   queries not checked with DuckDB's parser ({exc}); install the trainer "
+              "extra: pip install -e '.[trainer]'")
+        return {}
+    from arf_training.templates import QUERY_MACROS
+
+    hub = Path(hub_uri.removeprefix("file://"))
+    tables = list_tables(hub) if "://" not in str(hub) else []
+    if tables:
+        print(f"note   data hub {hub}: query table names checked against {', '.join(tables)}")
+    else:
+        print(f"note   no data hub tables at {hub_uri}: query table names not checked (seed it "
+              "with `arf datahub seed`, or pass --hub / set ARF_DATAHUB_URI)")
+    found: dict[Path, list[str]] = {}
+    for loaded in good:
+        dataset = loaded.template.dataset
+        queries = [("dataset.query", dataset.query)]
+        if dataset.replay is not None:
+            queries.append(("dataset.replay.query", dataset.replay.query))
+        for what, query in queries:
+            try:
+                check_query(query, tables or None, what=what, parameters=QUERY_MACROS)
+            except QueryError as exc:
+                found.setdefault(loaded.path, []).append(str(exc))
+    return found
 
 
 def _list() -> int:
@@ -288,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     tsub = templates.add_subparsers(dest="sub", required=True)
     lint = tsub.add_parser("lint", help="validate template files")
     lint.add_argument("paths", nargs="*", help="files or folders (default: the templates folder)")
+    lint.add_argument("--hub", help="data hub folder whose table names the queries may use "
+                                    "(default: ARF_DATAHUB_URI, else the embedded hub)")
     schema = tsub.add_parser("schema", help="print the JSON Schema of templates")
     schema.add_argument("-o", "--output", help="write to this file instead of stdout")
     tsub.add_parser("list", help="list the valid templates")
@@ -389,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "templates":
             if args.sub == "lint":
-                return _lint(args.paths)
+                return _lint(args.paths, args.hub)
             if args.sub == "list":
                 return _list()
             if args.sub == "render":

@@ -79,13 +79,20 @@ def uses_data_interval(query: str) -> bool:
     return bool(_PARAMETER.search(_SQL_STRING.sub("''", _SQL_COMMENT.sub(" ", query))))
 
 
-def _check_single_select(query: str) -> str:
-    """Rewrite the macros and check for one SELECT; returns the rewritten query."""
-    if len(query) > MAX_QUERY_CHARS:  # before any regex runs over it
+def _check_query_size(data: Any, field: str) -> Any:
+    """Refuse an oversized query before any regex or parser runs over it. A model-level check
+    (not a field validator), so that the issue quotes a short prefix, not the whole value."""
+    query = data.get("query") if isinstance(data, dict) else None
+    if isinstance(query, str) and len(query) > MAX_QUERY_CHARS:
         raise ValueError(
-            f"is {len(query):,} characters long, over the limit of {MAX_QUERY_CHARS:,} "
+            f"{field} is {len(query):,} characters long, over the limit of {MAX_QUERY_CHARS:,} "
             f"(starts {' '.join(query[:60].split())!r}); shorten it, e.g. join a hub table of "
             "ids instead of a long IN list")
+    return data
+
+
+def _check_single_select(query: str) -> str:
+    """Rewrite the macros and check for one SELECT; returns the rewritten query."""
     query = rewrite_query_macros(query)
     # A cheap first line of defence so lint catches it; the container enforces it with
     # DuckDB's own parser inside the sandbox.
@@ -209,6 +216,11 @@ class Replay(_Section):
     ratio: float = Field(gt=0, le=1000, description="Replay rows per new row, e.g. 1.0 for as "
                                                     "many old rows as new ones.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _query_size(cls, data: Any) -> Any:
+        return _check_query_size(data, "dataset.replay.query")
+
     @field_validator("query")
     @classmethod
     def _single_select(cls, query: str) -> str:
@@ -247,6 +259,11 @@ class Dataset(_Section):
     replay: Replay | None = Field(
         None, description="Old data mixed into the new rows (against forgetting): a second "
                           "SELECT and how many of its rows to add per new row.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _query_size(cls, data: Any) -> Any:
+        return _check_query_size(data, "dataset.query")
 
     @field_validator("query")
     @classmethod

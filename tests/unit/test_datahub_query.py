@@ -332,7 +332,7 @@ def test_parse_cost_up_to_the_cap_stays_small(hub: Path) -> None:
         assert len(sql) <= MAX_QUERY_CHARS
         started = time.monotonic()
         check_query(sql, ["t"])
-        assert time.monotonic() - started < 5.0  # ~0.3 s measured on an idle core
+        assert time.monotonic() - started < 10.0  # ~0.3-0.6 s measured; generous for busy CI
 
 
 def test_deeply_nested_expression_is_a_clear_error(hub: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -230,3 +231,82 @@ def test_lint_reports_duplicate_keys_and_syntax_lines(tmp_path):
     assert out.returncode == 2, out.stdout + out.stderr
     assert f"dup.yaml:{_line_of(dup, 'renamed_dag')}: metadata.name: duplicate key" in out.stdout
     assert f"bad.yaml:{_line_of(bad, 'tags: [smoke')}: YAML syntax error" in out.stdout
+
+
+# -- lint runs the prepare step's own query check (issue 13, query sandbox) ----------------------
+
+def _with_queries(query: str, replay: str | None = None) -> str:
+    import yaml
+
+    raw = yaml.safe_load(GOOD)
+    raw["dataset"]["query"] = query
+    if replay is not None:
+        raw["dataset"]["replay"] = {"query": replay, "ratio": 1.0}
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+@pytest.fixture
+def digits_hub(tmp_path: Path) -> Path:
+    import pyarrow as pa
+
+    from arf_trainer.datahub.tables import write_table
+
+    write_table(tmp_path / "hub", "digits", pa.table({"pixel_0": [0.0], "label": [1]}))
+    return tmp_path / "hub"
+
+
+@pytest.mark.parametrize(("query", "fragment"), [
+    pytest.param("SELECT * FROM read_csv('/etc/passwd')", "reads FROM read_csv()", id="read_csv"),
+    pytest.param("SELECT current_setting('temp_directory') AS d, * FROM digits",
+                 "calls current_setting()", id="current_setting"),
+    pytest.param("FROM duckdb_settings()", "reads FROM duckdb_settings()", id="duckdb_settings"),
+    pytest.param("SELECT * FROM digitz", "references 'digitz', which is not a table of the "
+                 "data hub; tables available: digits", id="unknown-table"),
+    pytest.param("SELECT * FROM digits WHERE label = $label",
+                 "uses parameter(s) $label, which the run does not provide", id="unknown-parameter"),
+])
+def test_lint_refuses_what_prepare_would_refuse(tmp_path, digits_hub, capsys, query, fragment):
+    from arf_trainer.datahub.query import run_query
+    from arf_trainer.errors import QueryError
+    from arf_training.cli import _lint
+
+    path = tmp_path / "t.yaml"
+    path.write_text(_with_queries(query, replay=query))
+    assert _lint([str(path)], str(digits_hub)) == 2
+    out = capsys.readouterr().out
+    # Both queries, each named, with the message the prepare step gives for the same query.
+    assert f"dataset.query {fragment}" in out and f"dataset.replay.query {fragment}" in out
+    assert "0 valid, 1 invalid" in out
+    query = parse_template(path.read_text()).dataset.query  # macros rewritten, as prepare sees it
+    with pytest.raises(QueryError, match=re.escape(fragment)):
+        run_query(digits_hub, query)
+
+
+def test_lint_says_when_it_cannot_check_table_names(tmp_path, digits_hub, capsys):
+    from arf_training.cli import _lint
+
+    path = tmp_path / "t.yaml"
+    path.write_text(_with_queries("SELECT * FROM digitz"))
+    assert _lint([str(path)], str(tmp_path / "none")) == 0
+    assert f"no data hub tables at {tmp_path / 'none'}: query table names not checked" \
+        in capsys.readouterr().out
+    arf = Path(sys.executable).parent / "arf"
+    with_hub = subprocess.run([str(arf), "templates", "lint", "--hub", str(digits_hub),
+                               str(path)], capture_output=True, text=True)
+    assert with_hub.returncode == 2
+    assert "query table names checked against digits" in with_hub.stdout
+    assert "'digitz', which is not a table of the data hub" in with_hub.stdout
+
+
+def test_oversized_query_is_a_template_error_before_any_parsing():
+    from arf_trainer.datahub import sqlcheck
+    from arf_training import templates
+
+    assert templates.MAX_QUERY_CHARS == sqlcheck.MAX_QUERY_CHARS  # one limit on both sides
+    with pytest.raises(TemplateError) as info:
+        parse_template(_with_queries("SELECT 1 AS a, " + "2 AS b, " * 5000 + "3 AS c"))
+    message = str(info.value)
+    assert "dataset.query" in message and "over the limit of 32,768" in message
+    assert len(message) < 1000  # a short prefix of the query, not all 40 000 characters
+    with pytest.raises(TemplateError, match="dataset.replay.query is 40,0"):
+        parse_template(_with_queries("SELECT 1", replay="SELECT 1 AS a, " + "2 AS b, " * 5000))

@@ -54,19 +54,6 @@ DEFAULT_MEMORY_LIMIT = "1GB"
 DEFAULT_TIMEOUT_S = 60.0
 
 
-def _bind(statement: duckdb.Statement, query: str, available: dict[str, Any]) -> dict[str, Any]:
-    """The values of the named parameters the statement uses (DuckDB refuses extra ones)."""
-    used = set(statement.named_parameters)
-    missing = sorted(used - set(available))
-    if missing:
-        offered = ", ".join(f"${name}" for name in sorted(available)) or "none"
-        raise QueryError(
-            f"the dataset query uses parameter(s) {', '.join('$' + m for m in missing)}, which "
-            f"this run does not provide (available: {offered}). Query: {_shown(query)}. Fix: "
-            "use one of the available parameters, or write the value into the query")
-    return {name: available[name] for name in used}
-
-
 def _referenced_tables(hub: Path, names: tuple[str, ...]) -> list[str]:
     """The hub tables behind the checked query's table names (already known to exist).
     SQL identifiers are case-insensitive in DuckDB; hub table names are lower case."""
@@ -176,9 +163,10 @@ def run_query(
     """
     if timeout_s <= 0:
         raise QueryError(f"timeout_s={timeout_s!r} must be a positive number of seconds")
-    checked = check_query(query, list_tables(hub), what=what)
+    bound_values = dict(parameters or {})
+    checked = check_query(query, list_tables(hub), what=what, parameters=list(bound_values))
     statement = checked.statement
-    bound = _bind(statement, query, dict(parameters or {}))
+    bound = {name: bound_values[name] for name in set(statement.named_parameters)}
     referenced = _referenced_tables(hub, checked.tables)
     snapshots = _open_snapshots(hub, referenced, dict(pinned or {}))
     con = _sandbox(snapshots, memory_limit, threads)

@@ -179,9 +179,9 @@ def check_query(query: str, tables: Collection[str] | None = None, *,
         offered = ", ".join("$" + p for p in sorted(parameters)) or "none"
         if unknown:
             raise QueryError(
-                f"{what} uses {', '.join('$' + p for p in unknown)}, which no run provides "
-                f"(runs provide {offered}). Query: {shown(query)}. Fix: write the value into "
-                "the query")
+                f"{what} uses parameter(s) {', '.join('$' + p for p in unknown)}, which the run "
+                f"does not provide (available: {offered}). Query: {shown(query)}. Fix: use one "
+                "of the available parameters, or write the value into the query")
     names, ctes = _walk(_parse_tree(statement.query, what), statement.query, what, tables)
     if tables is not None:
         by_lower = {name.lower() for name in tables}
