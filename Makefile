@@ -3,15 +3,17 @@
 #   make test   run the default test suite (~16 min on 2 cores; installs the scanners in
 #               .tools-venv); `make test-slow` runs the long end-to-end suites (marker `slow`:
 #               the Airflow-stack CLI/gRPC/browser tests, HPO, the scheduler); CI runs both
-#   make up     start Airflow (api-server, scheduler, dag-processor, triggerer) + MLflow
-#   make down   stop them
+#   make up     start PostgreSQL, MLflow and Airflow (api-server, dag-processor, triggerer,
+#               scheduler) under one supervisor that restarts what exits; loopback only
+#   make status each component's pid, uptime, restarts, port
+#   make down   stop them all
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv tools browser protos demo test test-slow test-fast up down lint schema scan bench clean
+.PHONY: venv tools browser protos demo test test-slow test-fast up down status lint schema scan bench clean
 
 # Reinstalls only when the dependency pins change; constraints.txt pins every package
 # (torch to the CPU build this machine carries, never a CUDA build).
@@ -70,6 +72,9 @@ up: venv
 
 down:
 	@test -x $(BIN)/arf && $(BIN)/arf down || true
+
+status:
+	@$(BIN)/arf status
 
 lint: venv
 	$(BIN)/arf templates lint

@@ -230,6 +230,22 @@ def _stop_leftovers(rdir: Path) -> list[str]:
     return stop_groups(groups, grace_s=10) if groups else []
 
 
+def seed_empty_hub(settings: ArfSettings) -> None:
+    """Seed the demo tables into a local data hub that has none (a fresh clone): the nightly
+    fine-tune's first scheduled run would otherwise fail on a missing table instead of finding
+    nothing new and skipping."""
+    hub = Path(settings.datahub_uri.removeprefix("file://"))
+    if "://" in settings.datahub_uri[:12] and not settings.datahub_uri.startswith("file://"):
+        return  # an object store: the platform's hub, not ours to seed
+    if hub.is_dir() and any(hub.iterdir()):
+        return
+    proc = subprocess.run([venv_bin("arf-trainer"), "datahub", "seed", "--hub", str(hub)],
+                          env=dict(os.environ), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ArfError(f"seeding the empty data hub {hub} failed (exit {proc.returncode}):\n"
+                       f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+
+
 def up(opts: StackOptions | None = None, *, timeout_s: float = 600) -> dict:
     """Start the stack (or report and repair a running one); the status afterwards, with
     `already_running` and, when generated now, the public admin's `password`."""
@@ -247,6 +263,7 @@ def up(opts: StackOptions | None = None, *, timeout_s: float = 600) -> dict:
         if holder:
             raise ArfError(f"port {port} for the {what} is in use by {holder}; stop that "
                            "process or choose another port")
+    seed_empty_hub(settings)
     passwords_file, password = (ensure_public_password(settings) if opts.public
                                 else (None, None))
     log_path = rdir / "supervisor.log"

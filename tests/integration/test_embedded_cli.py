@@ -22,3 +22,21 @@ def test_a_fresh_home_is_migrated_on_first_use(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "migration required" not in proc.stdout + proc.stderr
+
+
+def test_arf_up_seeds_an_empty_data_hub_and_leaves_a_seeded_one_alone(tmp_path):
+    """A fresh clone's `make up`: the nightly fine-tune's first scheduled run must find its
+    tables (and skip: nothing new), not fail on a missing one."""
+    from arf_training.settings import ArfSettings
+    from arf_training.stack import seed_empty_hub
+
+    hub = tmp_path / "datahub"
+    settings = ArfSettings(home=tmp_path, tracking_uri="sqlite:///x.db", datahub_uri=str(hub),
+                           artifact_root=str(tmp_path / "art"))
+    seed_empty_hub(settings)
+    tables = sorted(p.name for p in hub.iterdir())
+    assert {"corrections", "digits", "reach_demos"} <= set(tables), tables
+    marker = hub / "digits" / "untouched"
+    marker.write_text("")
+    seed_empty_hub(settings)
+    assert marker.exists() and sorted(p.name for p in hub.iterdir()) == tables
