@@ -6,6 +6,7 @@ that records the status code the caller got. An RPC that reached Airflow would b
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import logging
 import os
 import signal
@@ -126,7 +127,6 @@ def _cert(subject: str, issuer_key, issuer_name, key, *, ca: bool = False, ip: b
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
     now = datetime.datetime.now(datetime.timezone.utc)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
