@@ -70,8 +70,8 @@ def _lint_queries(good: list, hub_uri: str) -> dict[Path, list[str]]:
     template's queries, with the hub's table names when the hub is a local folder."""
     try:  # the container side's check: lint is a command, not DAG parsing, so import it here
         from arf_trainer.datahub.sqlcheck import check_query
-        from arf_trainer.datahub.tables import list_tables
-        from arf_trainer.errors import QueryError
+        from arf_trainer.datahub.tables import list_tables, open_table
+        from arf_trainer.errors import DataHubError, QueryError
     except ImportError as exc:
         print(f"note   queries not checked with DuckDB's parser ({exc}); install the trainer "
               "extra: pip install -e '.[trainer]'")
@@ -96,6 +96,11 @@ def _lint_queries(good: list, hub_uri: str) -> dict[Path, list[str]]:
                 check_query(query, tables or None, what=what, parameters=QUERY_MACROS)
             except QueryError as exc:
                 found.setdefault(loaded.path, []).append(str(exc))
+        for name, version in dataset.tables.items() if tables else ():
+            try:  # prepare opens every pin, used or not: a typo must not pass silently
+                open_table(hub, name, version)
+            except DataHubError as exc:
+                found.setdefault(loaded.path, []).append(f"dataset.tables: {exc}")
     return found
 
 

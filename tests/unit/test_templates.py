@@ -282,6 +282,19 @@ def test_lint_refuses_what_prepare_would_refuse(tmp_path, digits_hub, capsys, qu
         run_query(digits_hub, query)
 
 
+def test_lint_checks_pinned_tables_and_versions_like_prepare(tmp_path, digits_hub, capsys):
+    from arf_training.cli import _lint
+
+    text = _with_queries("SELECT * FROM digits").replace(
+        "  allow_query_override: true", "  allow_query_override: true\n  tables: {digits: 7, nope: 0}")
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    assert _lint([str(path)], str(digits_hub)) == 2
+    out = capsys.readouterr().out
+    assert "dataset.tables: data hub table 'digits' has no version 7; versions available: 0" in out
+    assert "'nope' (version 0)" in out and "0 valid, 1 invalid" in out
+
+
 def test_lint_says_when_it_cannot_check_table_names(tmp_path, digits_hub, capsys):
     from arf_training.cli import _lint
 
