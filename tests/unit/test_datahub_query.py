@@ -314,11 +314,11 @@ def test_oversized_query_is_refused_before_it_is_parsed(hub: Path) -> None:
     invalid = "SELECT 1 " + "?" * MAX_QUERY_CHARS  # would be a syntax error if it were parsed
     with pytest.raises(QueryError, match=r"over the limit of 32,768.*Fix: shorten it"):
         run_query(hub, invalid)
-    started = time.monotonic()
     huge = "SELECT " + ",".join(["a"] * 500_000) + " FROM t"  # 1 MB: ~11 s and ~3 GB to parse
+    started = time.process_time()
     with pytest.raises(QueryError, match="1,000,013 characters long") as info:
         run_query(hub, huge)
-    assert time.monotonic() - started < 1.0
+    assert time.process_time() - started < 1.0
     assert len(str(info.value)) < 400  # quotes a short prefix, not the megabyte
 
 
@@ -330,9 +330,9 @@ def test_parse_cost_up_to_the_cap_stays_small(hub: Path) -> None:
     for sql in ("SELECT " + ",".join(["a"] * n) + " FROM t",
                 "SELECT a FROM t WHERE a IN (" + ",".join(["1"] * n) + ")"):
         assert len(sql) <= MAX_QUERY_CHARS
-        started = time.monotonic()
+        started = time.process_time()  # CPU time: wall time on a shared machine is noise
         check_query(sql, ["t"])
-        assert time.monotonic() - started < 10.0  # ~0.3-0.6 s measured; generous for busy CI
+        assert time.process_time() - started < 5.0  # 0.45-0.7 s measured
 
 
 def test_deeply_nested_expression_is_a_clear_error(hub: Path) -> None:
