@@ -139,20 +139,27 @@ def test_operator_classes_and_settings(k8s_dags, loaded):
             assert isinstance(task, PyTorchJobOperator)
             assert task.delete_on_finish == "on_success" and task.fetch_logs is True
             continue
-        assert isinstance(task, StepPodOperator) and isinstance(task, KubernetesPodOperator)
-        assert task.on_finish_action.value == "delete_succeeded_pod"
-        assert task.get_logs is True and task.base_container_name == "step"
+        # A light operator in the DAG; the provider's pod operator is created when it runs.
+        assert isinstance(task, StepPodOperator) and not isinstance(task, KubernetesPodOperator)
+        pod = task.pod_operator()
+        assert isinstance(pod, KubernetesPodOperator) and pod.task_id == task_id
+        assert pod.namespace == NAMESPACE and pod.deferrable is True
+        assert pod.on_finish_action.value == "delete_succeeded_pod"
+        assert pod.get_logs is True and pod.base_container_name == "step"
+        assert pod.execution_timeout == task.execution_timeout
         # The result comes back through the xcom sidecar, except from a custom train command.
-        assert task.do_xcom_push is not (step == "train" and _custom(loaded))
+        assert task.do_xcom_push is pod.do_xcom_push is not (step == "train" and _custom(loaded))
 
 
 def test_evaluate_operator(k8s_dags):
     from arf_training.backends.kubernetes import EvaluatePodOperator
 
     (task,) = k8s_dags["arf_evaluate"].tasks
-    assert isinstance(task, EvaluatePodOperator) and isinstance(task, KubernetesPodOperator)
+    assert isinstance(task, EvaluatePodOperator) and not isinstance(task, KubernetesPodOperator)
     assert task.deferrable is True and task.namespace == NAMESPACE and task.do_xcom_push
-    assert task.on_finish_action.value == "delete_succeeded_pod"
+    pod = task.pod_operator()
+    assert isinstance(pod, KubernetesPodOperator) and pod.templates == task.templates
+    assert pod.on_finish_action.value == "delete_succeeded_pod" and pod.do_xcom_push
     # A fine-tune registers under its base model's name: one entry per model.
     assert sorted(task.templates) == sorted({t.template.model.name for t in SHIPPED
                                              if t.template.evaluation})
@@ -167,7 +174,8 @@ def test_switching_backend_needs_no_template_change_and_parses_cleanly(k8s_env):
     result = _bag_in_subprocess(REPO / "dags", REPO / "config_templates")
     assert result["errors"] == {}
     assert result["dags"] == sorted([t.name for t in SHIPPED] + ["arf_evaluate"])
-    assert result["heavy"] == []  # the provider pulls the kubernetes clients, never torch/MLflow
+    # Not even the Kubernetes clients: the provider's pod operator is created at run time.
+    assert result["heavy"] == []
 
 
 def test_unknown_backend_lists_the_valid_ones(monkeypatch):
@@ -190,7 +198,7 @@ def test_run_time_manifest_is_valid(k8s_dags, loaded, task_id, pytorchjob_schema
     dag = k8s_dags[loaded.name]
     task = dag.get_task(task_id)
     ctx = context(dag, task_id, conf={"seed": 7}, try_number=3)
-    if isinstance(task, KubernetesPodOperator):
+    if hasattr(task, "render_pod"):
         manifest = task.render_pod(ctx)
         box = manifest["spec"]["containers"][0]
     else:
@@ -225,8 +233,9 @@ def test_pod_request_as_the_provider_builds_it(k8s_dags, loaded, task_id):
     task = dag.get_task(task_id)
     ctx = context(dag, task_id)
     rendered = task.render_pod(ctx)
-    task._use(rendered)
-    pod = ApiClient().sanitize_for_serialization(task.build_pod_request_obj(ctx, dry_run=True))
+    provider = task.pod_operator()
+    provider._use(rendered)
+    pod = ApiClient().sanitize_for_serialization(provider.build_pod_request_obj(ctx, dry_run=True))
     for version in K8S_VERSIONS:
         assert kubernetes_validate.validate(pod, version, strict=True) == version
     assert pod["metadata"]["name"] == rendered["metadata"]["name"]  # no random suffix
@@ -309,11 +318,11 @@ def test_register_result_becomes_the_model_asset_event(k8s_dags):
     ctx = context(dag, "register_model")
     result = {"model_name": "reach_bc_policy", "model_version": 4, "model_uri": "models:/x/4",
               "training_run_id": "abc"}
-    assert task._finish(ctx, result) == result
+    assert task.pod_operator()._finish(ctx, result) == result
     (event,) = ctx["outlet_events"].values()
     assert event.extra["model_version"] == "4" and event.extra["dag_run_id"] == RUN_ID
     with pytest.raises(StepFailed, match="wrote no result"):
-        task._finish(ctx, None)
+        task.pod_operator()._finish(ctx, None)
 
 
 def _terminated_pod(exit_code: int) -> V1Pod:
@@ -328,7 +337,7 @@ def _terminated_pod(exit_code: int) -> V1Pod:
 def test_bad_input_exit_code_is_not_retried(k8s_dags, exit_code, fail_fast):
     from airflow.sdk.exceptions import AirflowException
 
-    task = k8s_dags["reach_bc"].get_task("prepare_data")
+    task = k8s_dags["reach_bc"].get_task("prepare_data").pod_operator()
     task.remote_pod = _terminated_pod(exit_code)
 
     def failing(_context):

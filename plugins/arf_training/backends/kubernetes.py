@@ -28,8 +28,10 @@ How the step's result JSON becomes the task's XCom (contract item 4):
   Airflow worker does not mount; the task returns the job's status summary plus `result_path`
   (the file in the pods), not the result itself. See `StepPyTorchJobOperator`.
 
-Importing this module imports the provider's `KubernetesPodOperator` (the kubernetes clients,
-about 1-2 s, no torch/MLflow). It is imported only when ARF_BACKEND=kubernetes.
+Parse time: this module imports no Kubernetes client. The Pod steps are light operators that
+create the provider's KubernetesPodOperator (`arf_training.backends.kubernetes_pods`, which loads
+both Kubernetes clients, about a second) only when the task runs; the PyTorchJob operator talks to
+the API through the provider's hook, also imported at run time.
 """
 
 from __future__ import annotations
@@ -38,23 +40,16 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.sdk import BaseOperator
 
 from arf_training.backends.base import Backend
-from arf_training.errors import BAD_INPUT_EXIT, SKIP_EXIT, StepFailed
 from arf_training.kubernetes.config import KubernetesSettings
 from arf_training.kubernetes.jobs import DistributedJobRenderer, PyTorchJobRenderer
 from arf_training.kubernetes.operators import PyTorchJobOperator
-from arf_training.kubernetes.pod import (
-    CONTAINER_NAME,
-    pod_env,
-    render_pod,
-    resource_name,
-    restricted_container_security_context,
-)
+from arf_training.kubernetes.pod import pod_env, restricted_container_security_context
 from arf_training.kubernetes.render import pod_arf_settings
+from arf_training.links import JOB_LINKS, STEP_LINKS
 from arf_training.runtime import (
-    emit_model_event,
     fail_fast_on_bad_input,
     models_to_evaluate,
     run_identity,
@@ -121,100 +116,80 @@ def with_xcom_result(spec: StepSpec) -> StepSpec:
                                result_path=Path(XCOM_RESULT_PATH))
 
 
-def _exit_code(pod: Any, container: str = CONTAINER_NAME) -> int | None:
-    status = getattr(pod, "status", None)
-    for item in getattr(status, "container_statuses", None) or []:
-        if item.name != container:
-            continue
-        for state in (item.state, item.last_state):
-            terminated = getattr(state, "terminated", None) if state else None
-            if terminated is not None and terminated.exit_code is not None:
-                return int(terminated.exit_code)
-    return None
+class _PodTask(BaseOperator):
+    """A task whose step runs in a Pod, through the provider's KubernetesPodOperator.
 
+    The DAG holds this light operator; the provider's operator (`kubernetes_pods`) is created
+    when the task runs, because importing it loads both Kubernetes clients (about a second per
+    DAG parse). Its arguments are kept here and passed on; the run is handed over whole:
+    `execute`, `trigger_reentry` (a deferred task resumes on this object) and `on_kill`.
 
-class _ArfPodOperator(KubernetesPodOperator):
-    """A KubernetesPodOperator whose pod is rendered from a StepSpec when the task runs.
-
-    The rendered Pod is handed over as `pod_template_dict`; the provider merges its own
-    arguments over it (`PodGenerator.reconcile_pods`), so those left unset here keep the
-    rendered values (image, command, env, resources, security contexts, volumes, deadline).
-    The xcom sidecar and the provider's pod labels (used to reattach after a worker restart)
-    are added by the provider.
+    :param namespace: where the pod runs (`ARF_K8S_NAMESPACE` when the DAG was built).
+    :param kubernetes_conn_id: the provider's Kubernetes connection.
+    :param deferrable: wait for the pod in the triggerer instead of a worker slot.
+    :param get_logs: stream the step's output into the task log.
+    :param on_finish_action: the provider's `on_finish_action` (default: keep failed pods).
     """
 
     ui_color = "#e5eefc"
+    operator_extra_links = STEP_LINKS  # MLflow run, model version (arf_training.links)
 
     def __init__(self, *, namespace: str, kubernetes_conn_id: str | None = "kubernetes_default",
+                 deferrable: bool = True, get_logs: bool = True,
+                 on_finish_action: str = ON_FINISH_ACTION, do_xcom_push: bool = True,
                  **kwargs: Any):
-        kwargs.setdefault("deferrable", True)
-        kwargs.setdefault("get_logs", True)
-        kwargs.setdefault("on_finish_action", ON_FINISH_ACTION)
-        kwargs.setdefault("do_xcom_push", True)
-        # A step that found nothing to do (prepare, dataset.skip_if_empty) exits 99: the
-        # provider raises AirflowSkipException, so the later tasks are skipped, not failed.
-        kwargs.setdefault("skip_on_exit_code", SKIP_EXIT)
-        kwargs.setdefault("xcom_sidecar_container_security_context",
-                          dict(XCOM_SIDECAR_SECURITY_CONTEXT))
-        super().__init__(
-            namespace=namespace,
-            kubernetes_conn_id=kubernetes_conn_id,
-            # The rendered container's name: logs and exit status are read from it.
-            base_container_name=CONTAINER_NAME,
-            # The rendered name is already unique per (dag_id, run_id, task_id, try_number).
-            random_name_suffix=False,
-            **kwargs,
-        )
+        super().__init__(do_xcom_push=do_xcom_push, **kwargs)
+        self.namespace = namespace
+        self.kubernetes_conn_id = kubernetes_conn_id
+        self.deferrable = deferrable
+        self.get_logs = get_logs
+        self.on_finish_action = on_finish_action
+        self._pod_operator: Any = None
 
-    # -- rendering (pure; tests call it with a fake context) ---------------------------------
+    def _pod_arguments(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "namespace": self.namespace,
+                "kubernetes_conn_id": self.kubernetes_conn_id, "deferrable": self.deferrable,
+                "get_logs": self.get_logs, "on_finish_action": self.on_finish_action,
+                "do_xcom_push": self.do_xcom_push, "execution_timeout": self.execution_timeout}
 
-    def render_pod(self, context: Any) -> dict[str, Any]:
-        """The v1 Pod of this try (a plain dict). Validates the trigger conf first."""
+    def _create_pod_operator(self, pods: Any) -> Any:
         raise NotImplementedError
 
-    def _use(self, pod: dict[str, Any]) -> None:
-        self.pod_template_dict = pod
-        self.pod_request_obj = None
-        self.pod = None
-        self.remote_pod = None
-        # The provider's on_kill deletes with this grace: let the step checkpoint on SIGTERM.
-        self.termination_grace_period = pod["spec"].get("terminationGracePeriodSeconds")
+    def pod_operator(self) -> Any:
+        """The provider operator that runs this try (created on first use)."""
+        if self._pod_operator is None:
+            from arf_training.backends import kubernetes_pods
 
-    # -- outcome -----------------------------------------------------------------------------
+            self._pod_operator = self._create_pod_operator(kubernetes_pods)
+        return self._pod_operator
 
-    def _fail_fast_on_bad_input(self, exc: Exception) -> None:
-        """Exit code 2 (bad input) fails the task without retries, as with the local backend."""
-        pod = getattr(self, "remote_pod", None) or getattr(self, "pod", None)
-        if _exit_code(pod) == BAD_INPUT_EXIT:
-            from airflow.sdk.exceptions import AirflowFailException
+    def execute(self, context: Any) -> Any:
+        from airflow.sdk.bases.operator import ExecutorSafeguard
 
-            raise AirflowFailException(f"{exc} (exit code {BAD_INPUT_EXIT}: bad input; "
-                                       "not retried)") from exc
-
-    def _run(self, context: Any, run: Any, *args: Any) -> Any:
-        from airflow.sdk.exceptions import AirflowException, TaskDeferred
-
+        operator = self.pod_operator()
+        # The task runner marks the task it runs for Airflow's ExecutorSafeguard, which warns
+        # that an operator executed inside another is "called outside of the Task Runner".
+        # The provider's operator *is* this task's work: mark it instead while it runs.
+        token = ExecutorSafeguard.tracker.set(operator)
         try:
-            return run(context, *args)
-        except TaskDeferred:
-            raise
-        except AirflowException as exc:
-            self._fail_fast_on_bad_input(exc)
-            raise
+            return operator.execute(context)
+        finally:
+            ExecutorSafeguard.tracker.reset(token)
 
-    def _expect_result(self, result: Any, what: str) -> Any:
-        if self.do_xcom_push and result is None:
-            raise StepFailed(f"{what} exited 0 but wrote no result at {XCOM_RESULT_PATH} "
-                             "(ARF_RESULT_PATH); a step must write its result JSON last")
-        return result
+    def trigger_reentry(self, context: Any, event: dict[str, Any]) -> Any:
+        return self.pod_operator().trigger_reentry(context, event)
+
+    def on_kill(self) -> None:
+        if self._pod_operator is not None:
+            self._pod_operator.on_kill()
 
 
-class StepPodOperator(_ArfPodOperator):
+class StepPodOperator(_PodTask):
     """Runs one step (prepare, register, or a 1-process train) as a Pod.
 
     :param loaded: the validated template (with its path and content hash).
     :param step: prepare, train or register.
-    :param namespace: where the pod runs (`ARF_K8S_NAMESPACE` when the DAG was built).
+    :param trial: for the mapped trials of an `hpo:` template, the trial to train.
     """
 
     def __init__(self, *, loaded: LoadedTemplate, step: str,
@@ -226,38 +201,20 @@ class StepPodOperator(_ArfPodOperator):
         self.step = step
         self.trial = trial
 
+    def _create_pod_operator(self, pods: Any) -> Any:
+        return pods.StepPod(loaded=self.loaded, step=self.step, trial=self.trial,
+                            **self._pod_arguments())
+
     def render_pod(self, context: Any) -> dict[str, Any]:
-        settings = runtime_settings(self.namespace)
-        with fail_fast_on_bad_input():
-            spec = pod_step_spec(self.loaded, self.step, context, settings, trial=self.trial)
-        if writes_result_to_xcom(self.loaded, self.step):
-            spec = with_xcom_result(spec)
-        return render_pod(spec, trial_identity(context, self.trial), settings)
-
-    def execute(self, context: Any) -> Any:
-        self._use(self.render_pod(context))
-        # Returns here only when not deferrable; otherwise trigger_reentry finishes the task.
-        return self._finish(context, self._run(context, super().execute))
-
-    def trigger_reentry(self, context: Any, event: dict[str, Any]) -> Any:
-        return self._finish(context, self._run(context, super().trigger_reentry, event))
-
-    def _finish(self, context: Any, result: Any) -> Any:
-        if not self.do_xcom_push:
-            return None  # a template's own training command: see the module docstring
-        result = self._expect_result(result, f"step {self.step!r}")
-        if self.step == "register":
-            emit_model_event(context, self.loaded, result)
-        return result
+        """The v1 Pod of this try (a plain dict). Validates the trigger conf first."""
+        return self.pod_operator().render_pod(context)
 
 
-class EvaluatePodOperator(_ArfPodOperator):
+class EvaluatePodOperator(_PodTask):
     """Evaluates each model version named by the triggering Asset events (or params), one Pod
-    per version, and returns the list of their results (as `LocalEvaluateOperator` does).
+    per version (see `kubernetes_pods.EvaluatePod`).
 
-    One version (the usual case: one Asset event, or a manual run) waits in the triggerer.
-    Several versions in one run are evaluated one after the other on the worker (a deferred
-    task resumes with the outcome of one pod only).
+    :param templates: model name -> the template whose `evaluation` section scores it.
     """
 
     ui_color = "#fdf2e0"
@@ -266,47 +223,17 @@ class EvaluatePodOperator(_ArfPodOperator):
         super().__init__(**kwargs)
         self.templates = templates
 
+    def _create_pod_operator(self, pods: Any) -> Any:
+        return pods.EvaluatePod(templates=self.templates, **self._pod_arguments())
+
     def targets(self, context: Any) -> list[dict[str, str]]:
         with fail_fast_on_bad_input():
             return models_to_evaluate(context, self.templates)
 
     def render_pod(self, context: Any, target: dict[str, str] | None = None) -> dict[str, Any]:
         """The Pod that evaluates `target` (default: the only target of this run)."""
-        if target is None:
-            (target,) = self.targets(context)
-        settings = runtime_settings(self.namespace)
-        loaded = self.templates[target["model_name"]]
-        with fail_fast_on_bad_input():
-            # Evaluation is configured by the template, not by this run's conf.
-            spec = with_xcom_result(pod_step_spec(loaded, "evaluate", context, settings,
-                                                  conf={}, inputs=target))
-        identity = run_identity(context)
-        pod = render_pod(spec, identity, settings)
-        # One pod per version within this try: the version joins the name's identity.
-        pod["metadata"]["name"] = resource_name(RunIdentity(
-            dag_id=identity.dag_id, run_id=identity.run_id,
-            task_id=f"{identity.task_id}:{target['model_name']}:{target['model_version']}",
-            try_number=identity.try_number))
-        pod["metadata"]["labels"]["app.kubernetes.io/instance"] = pod["metadata"]["name"]
-        return pod
+        return self.pod_operator().render_pod(context, target)
 
-    def execute(self, context: Any) -> list[Any]:
-        targets = self.targets(context)
-        results = []
-        for target in targets:
-            self.log.info("evaluating %s version %s (from %s)", target["model_name"],
-                          target["model_version"], target["source"])
-            self._use(self.render_pod(context, target))
-            if len(targets) == 1 and self.deferrable:
-                self.execute_async(context)  # defers: trigger_reentry returns the result
-            result = self._run(context, self.execute_sync)
-            results.append(self._expect_result(result, f"evaluation of {target['model_name']} "
-                                                       f"version {target['model_version']}"))
-        return results
-
-    def trigger_reentry(self, context: Any, event: dict[str, Any]) -> list[Any]:
-        result = self._run(context, super().trigger_reentry, event)
-        return [self._expect_result(result, "evaluation")]
 
 
 class StepPyTorchJobOperator(PyTorchJobOperator):
@@ -323,6 +250,8 @@ class StepPyTorchJobOperator(PyTorchJobOperator):
     """
 
     renderer: ClassVar[DistributedJobRenderer] = PyTorchJobRenderer()
+    # Its result stays in the pods (see above): the job is what there is to link to.
+    operator_extra_links = JOB_LINKS
 
     def __init__(self, *, loaded: LoadedTemplate, step: str = "train",
                  trial: dict[str, Any] | None = None, **kwargs: Any):

@@ -28,6 +28,7 @@ from airflow.sdk import BaseOperator
 from arf_training.backends.base import Backend
 from arf_training.backends.memory import MemoryCeiling
 from arf_training.errors import BAD_INPUT_EXIT, SKIP_EXIT, StepFailed, StepSkipped, StepTimeout
+from arf_training.links import STEP_LINKS
 from arf_training.runtime import (
     emit_model_event,
     fail_fast_on_bad_input,
@@ -234,6 +235,7 @@ class LocalStepOperator(BaseOperator):
     """
 
     ui_color = "#e8f4ea"
+    operator_extra_links = STEP_LINKS  # MLflow run, model version (arf_training.links)
 
     def __init__(self, *, loaded: LoadedTemplate, step: str,
                  trial: dict[str, Any] | None = None, **kwargs: Any):
@@ -263,6 +265,7 @@ class LocalEvaluateOperator(BaseOperator):
     """Evaluates each model version named by the triggering Asset events (or params)."""
 
     ui_color = "#fdf2e0"
+    operator_extra_links = STEP_LINKS
 
     def __init__(self, *, templates: dict[str, LoadedTemplate], **kwargs: Any):
         super().__init__(**kwargs)

@@ -1,0 +1,225 @@
+"""The provider's KubernetesPodOperator, specialised to run a step's rendered Pod.
+
+Imported only when a task runs (by `StepPodOperator` and `EvaluatePodOperator` in
+`arf_training.backends.kubernetes`), never at DAG parse time: the provider's pod operator pulls
+in both Kubernetes clients, about a second per parse, which a DAG file must not pay for every
+template. The operators in the DAG are light; each creates one of these when it executes and
+hands it the run (`execute`, `trigger_reentry` after a deferral, `on_kill`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+from arf_training.backends.kubernetes import (
+    ON_FINISH_ACTION,
+    XCOM_RESULT_PATH,
+    XCOM_SIDECAR_SECURITY_CONTEXT,
+    pod_step_spec,
+    runtime_settings,
+    trial_identity,
+    with_xcom_result,
+    writes_result_to_xcom,
+)
+from arf_training.errors import BAD_INPUT_EXIT, SKIP_EXIT, StepFailed
+from arf_training.kubernetes.pod import CONTAINER_NAME, render_pod, resource_name
+from arf_training.runtime import (
+    emit_model_event,
+    fail_fast_on_bad_input,
+    models_to_evaluate,
+    run_identity,
+)
+from arf_training.stepspec import RunIdentity
+
+if TYPE_CHECKING:
+    from arf_training.templates import LoadedTemplate
+
+
+def _exit_code(pod: Any, container: str = CONTAINER_NAME) -> int | None:
+    status = getattr(pod, "status", None)
+    for item in getattr(status, "container_statuses", None) or []:
+        if item.name != container:
+            continue
+        for state in (item.state, item.last_state):
+            terminated = getattr(state, "terminated", None) if state else None
+            if terminated is not None and terminated.exit_code is not None:
+                return int(terminated.exit_code)
+    return None
+
+
+class _ArfPodOperator(KubernetesPodOperator):
+    """A KubernetesPodOperator whose pod is rendered from a StepSpec when the task runs.
+
+    The rendered Pod is handed over as `pod_template_dict`; the provider merges its own
+    arguments over it (`PodGenerator.reconcile_pods`), so those left unset here keep the
+    rendered values (image, command, env, resources, security contexts, volumes, deadline).
+    The xcom sidecar and the provider's pod labels (used to reattach after a worker restart)
+    are added by the provider.
+    """
+
+    ui_color = "#e5eefc"
+
+    def __init__(self, *, namespace: str, kubernetes_conn_id: str | None = "kubernetes_default",
+                 **kwargs: Any):
+        kwargs.setdefault("deferrable", True)
+        kwargs.setdefault("get_logs", True)
+        kwargs.setdefault("on_finish_action", ON_FINISH_ACTION)
+        kwargs.setdefault("do_xcom_push", True)
+        # A step that found nothing to do (prepare, dataset.skip_if_empty) exits 99: the
+        # provider raises AirflowSkipException, so the later tasks are skipped, not failed.
+        kwargs.setdefault("skip_on_exit_code", SKIP_EXIT)
+        kwargs.setdefault("xcom_sidecar_container_security_context",
+                          dict(XCOM_SIDECAR_SECURITY_CONTEXT))
+        super().__init__(
+            namespace=namespace,
+            kubernetes_conn_id=kubernetes_conn_id,
+            # The rendered container's name: logs and exit status are read from it.
+            base_container_name=CONTAINER_NAME,
+            # The rendered name is already unique per (dag_id, run_id, task_id, try_number).
+            random_name_suffix=False,
+            **kwargs,
+        )
+
+    # -- rendering (pure; tests call it with a fake context) ---------------------------------
+
+    def render_pod(self, context: Any) -> dict[str, Any]:
+        """The v1 Pod of this try (a plain dict). Validates the trigger conf first."""
+        raise NotImplementedError
+
+    def _use(self, pod: dict[str, Any]) -> None:
+        self.pod_template_dict = pod
+        self.pod_request_obj = None
+        self.pod = None
+        self.remote_pod = None
+        # The provider's on_kill deletes with this grace: let the step checkpoint on SIGTERM.
+        self.termination_grace_period = pod["spec"].get("terminationGracePeriodSeconds")
+
+    # -- outcome -----------------------------------------------------------------------------
+
+    def _fail_fast_on_bad_input(self, exc: Exception) -> None:
+        """Exit code 2 (bad input) fails the task without retries, as with the local backend."""
+        pod = getattr(self, "remote_pod", None) or getattr(self, "pod", None)
+        if _exit_code(pod) == BAD_INPUT_EXIT:
+            from airflow.sdk.exceptions import AirflowFailException
+
+            raise AirflowFailException(f"{exc} (exit code {BAD_INPUT_EXIT}: bad input; "
+                                       "not retried)") from exc
+
+    def _run(self, context: Any, run: Any, *args: Any) -> Any:
+        from airflow.sdk.exceptions import AirflowException, TaskDeferred
+
+        try:
+            return run(context, *args)
+        except TaskDeferred:
+            raise
+        except AirflowException as exc:
+            self._fail_fast_on_bad_input(exc)
+            raise
+
+    def _expect_result(self, result: Any, what: str) -> Any:
+        if self.do_xcom_push and result is None:
+            raise StepFailed(f"{what} exited 0 but wrote no result at {XCOM_RESULT_PATH} "
+                             "(ARF_RESULT_PATH); a step must write its result JSON last")
+        return result
+
+
+class StepPod(_ArfPodOperator):
+    """Runs one step (prepare, register, or a 1-process train) as a Pod (for `StepPodOperator`).
+
+    :param loaded: the validated template (with its path and content hash).
+    :param step: prepare, train or register.
+    :param namespace: where the pod runs (`ARF_K8S_NAMESPACE` when the DAG was built).
+    """
+
+    def __init__(self, *, loaded: LoadedTemplate, step: str,
+                 trial: dict[str, Any] | None = None, **kwargs: Any):
+        if not writes_result_to_xcom(loaded, step):
+            kwargs.setdefault("do_xcom_push", False)
+        super().__init__(**kwargs)
+        self.loaded = loaded
+        self.step = step
+        self.trial = trial
+
+    def render_pod(self, context: Any) -> dict[str, Any]:
+        settings = runtime_settings(self.namespace)
+        with fail_fast_on_bad_input():
+            spec = pod_step_spec(self.loaded, self.step, context, settings, trial=self.trial)
+        if writes_result_to_xcom(self.loaded, self.step):
+            spec = with_xcom_result(spec)
+        return render_pod(spec, trial_identity(context, self.trial), settings)
+
+    def execute(self, context: Any) -> Any:
+        self._use(self.render_pod(context))
+        # Returns here only when not deferrable; otherwise trigger_reentry finishes the task.
+        return self._finish(context, self._run(context, super().execute))
+
+    def trigger_reentry(self, context: Any, event: dict[str, Any]) -> Any:
+        return self._finish(context, self._run(context, super().trigger_reentry, event))
+
+    def _finish(self, context: Any, result: Any) -> Any:
+        if not self.do_xcom_push:
+            return None  # a template's own training command: see the module docstring
+        result = self._expect_result(result, f"step {self.step!r}")
+        if self.step == "register":
+            emit_model_event(context, self.loaded, result)
+        return result
+
+
+class EvaluatePod(_ArfPodOperator):
+    """Evaluates each model version named by the triggering Asset events (or params), one Pod
+    per version, and returns the list of their results (as `LocalEvaluateOperator` does).
+
+    One version (the usual case: one Asset event, or a manual run) waits in the triggerer.
+    Several versions in one run are evaluated one after the other on the worker (a deferred
+    task resumes with the outcome of one pod only).
+    """
+
+    ui_color = "#fdf2e0"
+
+    def __init__(self, *, templates: dict[str, LoadedTemplate], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.templates = templates
+
+    def targets(self, context: Any) -> list[dict[str, str]]:
+        with fail_fast_on_bad_input():
+            return models_to_evaluate(context, self.templates)
+
+    def render_pod(self, context: Any, target: dict[str, str] | None = None) -> dict[str, Any]:
+        """The Pod that evaluates `target` (default: the only target of this run)."""
+        if target is None:
+            (target,) = self.targets(context)
+        settings = runtime_settings(self.namespace)
+        loaded = self.templates[target["model_name"]]
+        with fail_fast_on_bad_input():
+            # Evaluation is configured by the template, not by this run's conf.
+            spec = with_xcom_result(pod_step_spec(loaded, "evaluate", context, settings,
+                                                  conf={}, inputs=target))
+        identity = run_identity(context)
+        pod = render_pod(spec, identity, settings)
+        # One pod per version within this try: the version joins the name's identity.
+        pod["metadata"]["name"] = resource_name(RunIdentity(
+            dag_id=identity.dag_id, run_id=identity.run_id,
+            task_id=f"{identity.task_id}:{target['model_name']}:{target['model_version']}",
+            try_number=identity.try_number))
+        pod["metadata"]["labels"]["app.kubernetes.io/instance"] = pod["metadata"]["name"]
+        return pod
+
+    def execute(self, context: Any) -> list[Any]:
+        targets = self.targets(context)
+        results = []
+        for target in targets:
+            self.log.info("evaluating %s version %s (from %s)", target["model_name"],
+                          target["model_version"], target["source"])
+            self._use(self.render_pod(context, target))
+            if len(targets) == 1 and self.deferrable:
+                self.execute_async(context)  # defers: trigger_reentry returns the result
+            result = self._run(context, self.execute_sync)
+            results.append(self._expect_result(result, f"evaluation of {target['model_name']} "
+                                                       f"version {target['model_version']}"))
+        return results
+
+    def trigger_reentry(self, context: Any, event: dict[str, Any]) -> list[Any]:
+        result = self._run(context, super().trigger_reentry, event)
+        return [self._expect_result(result, "evaluation")]
