@@ -136,6 +136,21 @@ def storm(port: int, mlflow_port: int, n: int, epochs: int, timeout_s: float,
     }
 
 
+def footprint(supervisor_pid: int) -> dict:
+    """Processes and proportional set size (PSS) of the whole stack (issue 14.4)."""
+    import psutil
+
+    root = psutil.Process(supervisor_pid)
+    pss = 0
+    procs = [root, *root.children(recursive=True)]
+    for proc in procs:
+        try:
+            pss += proc.memory_full_info().pss
+        except psutil.Error:
+            pass
+    return {"processes": len(procs), "pss_mib": pss / 2**20}
+
+
 def _versions(mlflow_port: int, run_ids: set[str]) -> int:
     from mlflow.tracking import MlflowClient
 
@@ -168,6 +183,9 @@ def run_backend(backend: str, root: Path, hub: str, args) -> list[dict]:
             if time.monotonic() > deadline:
                 raise SystemExit(f"[{backend}] {DAG} was not parsed within 300 s")
             time.sleep(3)
+        rest = footprint(stack.status()["supervisor_pid"])
+        print(f"[{backend}] at rest: {rest['processes']} processes, PSS {rest['pss_mib']:.0f} MiB",
+              flush=True)
         for load in args.loads:
             for n in args.n:
                 cpu = CpuLoad(args.timeout) if load else None

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -184,3 +185,47 @@ def test_sixteen_simultaneous_triggers_all_run_and_succeed(stack):
 
     _poll("16 successful runs", states, 1500, 5)
     assert sum(len(_versions_of_run(stack, run_id)) for run_id in run_ids) == 16
+
+
+def test_a_public_host_serves_real_users_only(embedded):
+    """`arf up --host 0.0.0.0`: the api-server on every interface, but no request without a
+    login; the generated admin password (0600 file, printed once) logs in; the rest stays on
+    loopback."""
+    home = Path(tempfile.mkdtemp(prefix="arf-public-"))
+    s = Stack(home, _stack_env(home, embedded["ARF_DATAHUB_URI"]), free_port(), free_port())
+    up = s.arf("up", "--host", "0.0.0.0", "--port", str(s.api_port),
+               "--mlflow-port", str(s.mlflow_port))
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        passwords = home / "airflow" / "passwords.json"
+        assert passwords.stat().st_mode & 0o777 == 0o600
+        password = json.loads(passwords.read_text())["admin"]
+        assert password in up.stdout  # printed once ...
+        again = s.arf("up", "--host", "0.0.0.0", "--port", str(s.api_port),
+                      "--mlflow-port", str(s.mlflow_port))
+        assert again.returncode == 0 and password not in again.stdout  # ... and only once
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            s.api("GET", "/dags")
+        assert denied.value.code == 401
+        login = urllib.request.Request(
+            f"http://127.0.0.1:{s.api_port}/auth/token", method="POST",
+            data=json.dumps({"username": "admin", "password": password}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(login, timeout=60) as resp:  # noqa: S310 (loopback)
+            token = json.loads(resp.read())["access_token"]
+        dags = urllib.request.Request(f"http://127.0.0.1:{s.api_port}/api/v2/dags",
+                                      headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(dags, timeout=60) as resp:  # noqa: S310 (loopback)
+            assert resp.status == 200
+        beyond = {c.laddr.port for p in s.processes()
+                  for c in _listening(p) if c.laddr.ip not in ("127.0.0.1", "::1")}
+        assert beyond == {s.api_port}, beyond
+    finally:
+        s.arf("down", timeout=300)
+
+
+def _listening(proc: psutil.Process) -> list:
+    try:
+        return [c for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:
+        return []
