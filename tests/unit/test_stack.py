@@ -111,3 +111,35 @@ def test_the_stack_is_sized_to_this_machine_unless_the_user_says_otherwise(setti
     monkeypatch.setenv("AIRFLOW__CORE__PARALLELISM", "7")
     env = stack.stack_environment(settings, stack.StackOptions())
     assert env["AIRFLOW__CORE__PARALLELISM"] == "7"
+
+
+def test_a_dead_supervisors_components_are_stopped_by_the_next_up(tmp_path):
+    """`arf up` after a crashed supervisor: its components still hold the ports; they are
+    stopped (a pid that was reused by another program is left alone)."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                              start_new_session=True)
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                                start_new_session=True)
+    try:
+        created = psutil.Process(orphan.pid).create_time()
+        (run / "state.json").write_text(json.dumps({"supervisor": {"pid": 1}, "components": [
+            {"name": "scheduler", "pid": orphan.pid, "started_at": created},
+            # recorded long before the process with this pid started: not ours any more
+            {"name": "api-server", "pid": stranger.pid, "started_at": created - 3600}]}))
+        assert stack._stop_leftovers(run) == ["scheduler"]
+        assert orphan.wait(timeout=30) is not None
+        time.sleep(0.5)
+        assert stranger.poll() is None
+        assert not (run / "state.json").exists()
+    finally:
+        for proc in (orphan, stranger):
+            proc.kill()
+            proc.wait()

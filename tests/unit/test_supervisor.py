@@ -161,3 +161,23 @@ def test_sigterm_stops_every_process_group_and_clears_the_state(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_repair_restarts_a_component_waiting_in_backoff_at_once(tmp_path, logs):
+    """What a second `arf up` asks for (SIGHUP): no waiting out a long backoff."""
+    flag = tmp_path / "may-run"
+    code = (f"import pathlib, sys, time; p = pathlib.Path({str(flag)!r})\n"
+            "if not p.exists(): sys.exit(1)\ntime.sleep(600)")
+    sup = Supervisor([Component("api", _python(code), dict(os.environ))], tmp_path,
+                     backoff_s=(60.0, 60.0), log=logs.append)
+    try:
+        sup._start(sup.slots[0])
+        _wait("the first exit", lambda: sup.slots[0].next_start is not None, tick=sup.tick)
+        flag.touch()
+        sup._on_repair(signal.SIGHUP, None)
+        started = time.monotonic()
+        _wait("the restart", lambda: sup.slots[0].proc is not None, timeout=10, tick=sup.tick)
+        assert time.monotonic() - started < 10  # not the 60 s backoff
+        assert sup.state()["components"][0]["restarts"] == 1
+    finally:
+        sup.stop_all()
