@@ -1,9 +1,10 @@
 """DAG parse time: 100 training templates vs dag-factory on 100 YAML DAGs of the same shape.
 
 Each measurement is a fresh Python process that imports Airflow first (the DAG processor has it
-loaded already) and then times `DagBag(<folder>)`, i.e. the parse of the DAG folder itself. The
-baseline, dag-factory 1.x, builds the same 3-task chain (prepare_data -> train ->
-register_model) per DAG from YAML with its `load_yaml_dags` loader.
+loaded already) and then times `DagBag(<folder>)`, i.e. the parse of the DAG folder itself; the
+two sides alternate, so both see the same load on a shared machine. The baseline, dag-factory
+1.x, builds the same 3-task chain (prepare_data -> train -> register_model) per DAG from YAML
+with its `load_yaml_dags` loader.
 
     .venv/bin/python bench/parse_time.py [--templates 100] [--repeats 7] [--backend kubernetes]
 
@@ -92,17 +93,25 @@ bench_{i:03d}:
     return dags
 
 
-def measure(folder: Path, env: dict[str, str], repeats: int) -> tuple[list[float], dict]:
-    times, last = [], {}
+def measure_once(folder: Path, env: dict[str, str]) -> dict:
+    proc = subprocess.run([sys.executable, "-c", MEASURE, str(folder)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise SystemExit(f"measurement failed:\n{proc.stderr[-3000:]}")
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])
+
+
+def measure(sides: dict[str, tuple[Path, dict[str, str]]],
+            repeats: int) -> dict[str, tuple[list[float], dict]]:
+    """Each side `repeats` times, alternating, so that both see the same load on a shared
+    machine (one side's runs all after the other's would compare two different loads)."""
+    results: dict[str, tuple[list[float], dict]] = {name: ([], {}) for name in sides}
     for _ in range(repeats):
-        proc = subprocess.run([sys.executable, "-c", MEASURE, str(folder)], env=env,
-                              capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise SystemExit(f"measurement failed:\n{proc.stderr[-3000:]}")
-        line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
-        last = json.loads(line[len("RESULT"):])
-        times.append(last["s"])
-    return times, last
+        for name, (folder, env) in sides.items():
+            last = measure_once(folder, env)
+            results[name] = (results[name][0] + [last["s"]], last)
+    return results
 
 
 def main() -> int:
@@ -121,8 +130,9 @@ def main() -> int:
         arf_dags, templates = make_arf(root, args.templates)
         df_dags = make_dag_factory(root, args.templates)
         arf_env = {**env, "ARF_TEMPLATES_DIR": str(templates), "ARF_BACKEND": args.backend}
-        arf_times, arf_last = measure(arf_dags, arf_env, args.repeats)
-        df_times, df_last = measure(df_dags, env, args.repeats)
+        results = measure({"arf": (arf_dags, arf_env), "dag-factory": (df_dags, env)},
+                          args.repeats)
+        (arf_times, arf_last), (df_times, df_last) = results["arf"], results["dag-factory"]
     arf_median, df_median = statistics.median(arf_times), statistics.median(df_times)
     print(f"templates: {args.templates}, fresh processes per side: {args.repeats}, "
           f"ARF_BACKEND={args.backend}")
