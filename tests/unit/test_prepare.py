@@ -216,6 +216,23 @@ def test_query_override(tmp_path: Path, hub: Path, allow: bool, conf: dict[str, 
         assert query == env.spec.dataset["query"]
 
 
+@pytest.mark.parametrize(("override", "fragment"), [
+    # Invalid SQL past the cap: the length is reported, so nothing parsed it.
+    pytest.param("SELECT 1 " + "?" * 40_000, "dataset.query is 40,009 characters long, over the "
+                 "limit of 32,768", id="oversized-text"),
+    pytest.param(["SELECT 1"] * 100_000, "got list ['SELECT 1', ", id="huge-non-string"),
+])
+def test_oversized_override_is_refused_quoting_a_prefix(tmp_path: Path, hub: Path, override: Any,
+                                                        fragment: str) -> None:
+    env = step_env(tmp_path / "ws", hub, dataset={"allow_query_override": True},
+                   conf={"dataset_query": override})
+    with pytest.raises((QueryError, SpecError)) as info:
+        run_prepare(env)
+    assert fragment in str(info.value)
+    assert len(str(info.value)) < 700
+    assert not (tmp_path / "ws" / "prepare").exists()
+
+
 def test_query_override_refused_when_not_allowed(tmp_path: Path, hub: Path) -> None:
     env = step_env(tmp_path / "ws", hub,
                    conf={"dataset_query": "SELECT * FROM reach_demos WHERE step < 10"})

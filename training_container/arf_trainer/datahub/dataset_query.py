@@ -38,6 +38,11 @@ _UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 
 
+def _prefix(text: str, limit: int = 80) -> str:
+    """At most `limit` characters of a value for a message (trigger confs can be huge)."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
+
+
 def resolve_query(env: StepEnv) -> str:
     """The template's query, or the trigger conf's `dataset_query` where the template allows it."""
     dataset = env.spec.dataset
@@ -50,7 +55,7 @@ def resolve_query(env: StepEnv) -> str:
     if not isinstance(override, str):
         raise SpecError(
             f"conf.dataset_query must be an SQL string, got {type(override).__name__} "
-            f"{override!r}; pass the query text or leave the field out"
+            f"{_prefix(repr(override))}; pass the query text or leave the field out"
         )
     if not dataset.get("allow_query_override", False):
         raise SpecError(
