@@ -7,7 +7,8 @@ RLIMIT_AS would count), VmData (private writable memory, what RLIMIT_DATA counts
 (resident). The ceiling must sit above VmData with room to spare; the gap between VmPeak and
 VmHWM is why RLIMIT_AS is not used.
 
-    .venv/bin/python bench/step_memory.py [--templates digits_smoke,reach_bc] [--steps prepare,train]
+    .venv/bin/python bench/step_memory.py [--templates digits_smoke,reach_bc]
+                                          [--steps prepare,train]
 """
 
 from __future__ import annotations

@@ -263,7 +263,8 @@ def digits_hub(tmp_path: Path) -> Path:
     pytest.param("SELECT * FROM digitz", "references 'digitz', which is not a table of the "
                  "data hub; tables available: digits", id="unknown-table"),
     pytest.param("SELECT * FROM digits WHERE label = $label",
-                 "uses parameter(s) $label, which the run does not provide", id="unknown-parameter"),
+                 "uses parameter(s) $label, which the run does not provide",
+                 id="unknown-parameter"),
 ])
 def test_lint_refuses_what_prepare_would_refuse(tmp_path, digits_hub, capsys, query, fragment):
     from arf_trainer.datahub.query import run_query
@@ -286,7 +287,8 @@ def test_lint_checks_pinned_tables_and_versions_like_prepare(tmp_path, digits_hu
     from arf_training.cli import _lint
 
     text = _with_queries("SELECT * FROM digits").replace(
-        "  allow_query_override: true", "  allow_query_override: true\n  tables: {digits: 7, nope: 0}")
+        "  allow_query_override: true",
+        "  allow_query_override: true\n  tables: {digits: 7, nope: 0}")
     path = tmp_path / "t.yaml"
     path.write_text(text)
     assert _lint([str(path)], str(digits_hub)) == 2

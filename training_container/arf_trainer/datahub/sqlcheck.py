@@ -264,7 +264,10 @@ def _walk(tree: dict[str, Any], query: str, what: str,
             continue
         if not isinstance(node, dict):
             continue
-        if "class" not in node and key in _TABLE_REF_KEYS and "type" in node:
+        # A FROM item sits under one of _TABLE_REF_KEYS; any classless node typed like one is
+        # checked too, wherever a future parse tree puts it.
+        if "class" not in node and "type" in node and (
+                key in _TABLE_REF_KEYS or node["type"] in _TABLE_REF_TYPES | {"SHOW_REF"}):
             _check_table_ref(node, query, what, tables, names)
             table_functions.add(id(node.get("function")))
         elif node.get("class") in ("FUNCTION", "WINDOW") and id(node) not in table_functions:
@@ -281,7 +284,7 @@ def _check_table_ref(node: dict[str, Any], query: str, what: str,
     kind = node["type"]
     if kind not in _TABLE_REF_TYPES:
         raise QueryError(
-            f"{what} uses a {kind} in FROM (DESCRIBE, SHOW or SUMMARIZE), which is not allowed: "
+            f"{what} uses a {kind} in FROM (e.g. DESCRIBE, SHOW, SUMMARIZE), which is not allowed: "
             f"it reads the database's catalog or settings. Query: {shown(query)}. Fix: select "
             "columns of hub tables")
     if kind == "BASE_TABLE" and "table_name" in node:
