@@ -32,10 +32,11 @@ GOAL_RATIO = 0.5
 MEASURE = """
 import json, sys, time
 from airflow.dag_processing.dagbag import DagBag
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 bag = DagBag(sys.argv[1])
-elapsed = time.perf_counter() - t0
-print("RESULT" + json.dumps({"s": elapsed, "dags": len(bag.dag_ids), "errors": len(bag.import_errors)}))
+elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+print("RESULT" + json.dumps({"s": elapsed, "cpu": cpu, "dags": len(bag.dag_ids),
+                             "errors": len(bag.import_errors)}))
 """
 
 DAG_FACTORY_LOADER = """
@@ -103,14 +104,14 @@ def measure_once(folder: Path, env: dict[str, str]) -> dict:
 
 
 def measure(sides: dict[str, tuple[Path, dict[str, str]]],
-            repeats: int) -> dict[str, tuple[list[float], dict]]:
+            repeats: int) -> dict[str, tuple[list[dict], dict]]:
     """Each side `repeats` times, alternating, so that both see the same load on a shared
     machine (one side's runs all after the other's would compare two different loads)."""
-    results: dict[str, tuple[list[float], dict]] = {name: ([], {}) for name in sides}
+    results: dict[str, tuple[list[dict], dict]] = {name: ([], {}) for name in sides}
     for _ in range(repeats):
         for name, (folder, env) in sides.items():
             last = measure_once(folder, env)
-            results[name] = (results[name][0] + [last["s"]], last)
+            results[name] = (results[name][0] + [last], last)
     return results
 
 
@@ -133,15 +134,20 @@ def main() -> int:
         results = measure({"arf": (arf_dags, arf_env), "dag-factory": (df_dags, env)},
                           args.repeats)
         (arf_times, arf_last), (df_times, df_last) = results["arf"], results["dag-factory"]
-    arf_median, df_median = statistics.median(arf_times), statistics.median(df_times)
     print(f"templates: {args.templates}, fresh processes per side: {args.repeats}, "
           f"ARF_BACKEND={args.backend}")
-    print(f"arf-training  DagBag: median {arf_median:.3f} s  (min {min(arf_times):.3f}, "
-          f"max {max(arf_times):.3f})  dags={arf_last['dags']} import_errors={arf_last['errors']}")
-    print(f"dag-factory   DagBag: median {df_median:.3f} s  (min {min(df_times):.3f}, "
-          f"max {max(df_times):.3f})  dags={df_last['dags']} import_errors={df_last['errors']}")
+    medians = {}
+    for label, runs, last in (("arf-training", arf_times, arf_last),
+                              ("dag-factory", df_times, df_last)):
+        wall, cpu = [r["s"] for r in runs], [r["cpu"] for r in runs]
+        medians[label] = statistics.median(wall), statistics.median(cpu)
+        print(f"{label:13} DagBag: median {medians[label][0]:.3f} s (min {min(wall):.3f}, "
+              f"max {max(wall):.3f}); CPU time median {medians[label][1]:.3f} s  "
+              f"dags={last['dags']} import_errors={last['errors']}")
+    (arf_median, arf_cpu), (df_median, df_cpu) = medians["arf-training"], medians["dag-factory"]
     ratio = arf_median / df_median
-    print(f"ratio arf / dag-factory: {ratio:.2f}")
+    # CPU time is the work itself; on a shared machine the wall time also holds waiting.
+    print(f"ratio arf / dag-factory: {ratio:.2f} (wall), {arf_cpu / df_cpu:.2f} (CPU time)")
     ok = arf_median < GOAL_S and ratio < GOAL_RATIO
     print(f"goal: arf median < {GOAL_S} s and < {GOAL_RATIO}x dag-factory -> "
           f"{'PASS' if ok else 'FAIL'}")
