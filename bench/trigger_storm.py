@@ -230,6 +230,7 @@ def main() -> int:
     args = parser.parse_args()
     args.loads = {"both": [False, True], "on": [True], "off": [False]}[args.load]
     root = Path(tempfile.mkdtemp(prefix="arf-storm-"))
+    root.chmod(0o711)  # the database server runs as an unprivileged user: let it pass
     hub = str(root / "datahub")
     env = {**os.environ, "ARF_HOME": str(root / "seed"), "ARF_DATAHUB_URI": hub,
            "ARF_DB": "sqlite"}

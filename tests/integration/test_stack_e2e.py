@@ -162,6 +162,8 @@ def test_a_sigkilled_scheduler_is_restarted_and_the_run_finishes_once(stack):
     log = (stack.home / "run" / "supervisor.log").read_text()
     assert f"component scheduler (pid {scheduler}) exited: killed by signal SIGKILL" in log
     assert len(_versions_of_run(stack, run_id)) == 1
+    # The steps tracked through the MLflow server of `arf up`, not straight into its store.
+    assert "POST /api/2.0/mlflow/runs/create" in (stack.home / "run" / "mlflow.log").read_text()
 
 
 def test_sixteen_simultaneous_triggers_all_run_and_succeed(stack):
