@@ -236,6 +236,24 @@ def test_ceiling_is_shared_by_a_nodes_processes_plus_headroom(monkeypatch):
     assert not info.value.retryable
 
 
+def test_ceiling_never_raises_a_lower_limit_the_worker_already_has():
+    import resource
+    import subprocess
+
+    lower = 3 * 10**9  # below 2Gi + 2Gi: e.g. a worker started under its own ulimit -d
+    child = subprocess.Popen(  # a test-only preexec_fn: this process has no other threads
+        [sys.executable, "-c", "import time; time.sleep(30)"],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_DATA, (lower, lower)))
+    try:
+        ceiling = MemoryCeiling("2Gi", 1)
+        assert ceiling.apply(child.pid)
+        assert resource.prlimit(child.pid, resource.RLIMIT_DATA) == (lower, lower)
+        assert "lowered to 2.79 GiB (the worker's own hard limit)" in ceiling.describe()
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_allocation_over_the_ceiling_fails_naming_the_limit(tmp_path):
     # 3 GiB is over 256Mi + 2Gi. Without a ceiling the (untouched) allocation would succeed.
     spec = _with_memory(_spec(tmp_path, "bytearray(3 * 2**30)"), "256Mi")

@@ -75,17 +75,27 @@ class MemoryCeiling:
             self.bytes = quantity_bytes(memory) // self.procs + self.headroom
         except ValueError as exc:  # bad input: a retry would fail the same way
             raise StepFailed(str(exc), retryable=False) from None
+        self.inherited: int | None = None  # a lower hard limit the worker already had
 
     def describe(self) -> str:
         share = f" / {self.procs} processes" if self.procs > 1 else ""
+        lowered = (f", lowered to {_gib(self.inherited)} (the worker's own hard limit)"
+                   if self.inherited else "")
         return (f"{_gib(self.bytes)} of data memory per process (RLIMIT_DATA) = resources.memory:"
-                f" {self.memory}{share} + {self.headroom_text} headroom ({HEADROOM_ENV})")
+                f" {self.memory}{share} + {self.headroom_text} headroom ({HEADROOM_ENV}){lowered}")
 
     def apply(self, pid: int) -> bool:
         """Limit process `pid` (and the children it starts later); False where the OS cannot."""
         if not hasattr(resource, "prlimit"):  # Linux only; elsewhere the step runs unlimited
             return False
-        resource.prlimit(pid, resource.RLIMIT_DATA, (self.bytes, self.bytes))
+        try:
+            # Never above a hard limit the worker already runs under (only root may raise it).
+            _, hard = resource.prlimit(pid, resource.RLIMIT_DATA)
+            limit = self.bytes if hard == resource.RLIM_INFINITY else min(self.bytes, hard)
+            resource.prlimit(pid, resource.RLIMIT_DATA, (limit, limit))
+            self.inherited = limit if limit < self.bytes else None
+        except ProcessLookupError:  # it has already exited: nothing left to limit
+            pass
         return True
 
     def failure_note(self, codes: Iterable[int], tail: Iterable[str]) -> str:
