@@ -49,6 +49,22 @@ def read_yaml(text: str, path: str) -> YamlDocument:
     return YamlDocument(data=data, root=root)
 
 
+def node_at(root: yaml.Node | None, loc: tuple[Any, ...]) -> tuple[yaml.Node | None, int]:
+    """The YAML node for a pydantic error location (deepest one that exists), and its depth."""
+    node, depth = root, 0
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == str(part)), None)
+            key = next((k for k, _ in node.value if k.value == str(part)), None)
+            if match is None:
+                # Tags of discriminated unions (e.g. 'integer') are not keys; skip them.
+                continue
+            node, depth = (match if part != loc[-1] else key or match), depth + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node, depth = node.value[part], depth + 1
+    return node, depth
+
+
 # -- building the data, and duplicate keys -------------------------------------------------------
 
 _STR, _SEQ, _MAP = (f"tag:yaml.org,2002:{t}" for t in ("str", "seq", "map"))

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from arf_training.errors import TemplateError, TemplateIssue
-from arf_training.template_yaml import read_yaml
+from arf_training.template_yaml import node_at, read_yaml
 
 API_VERSION = "arf.dev/v1"
 KIND = "TrainingTemplate"
@@ -661,22 +661,6 @@ class LoadedTemplate:
 _UNION_TAGS = ("integer", "number", "string", "boolean", "float", "int", "categorical")
 
 
-def _node_at(root: yaml.Node | None, loc: tuple[Any, ...]) -> tuple[yaml.Node | None, int]:
-    """The YAML node for a pydantic error location (deepest one that exists), and its depth."""
-    node, depth = root, 0
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = next((v for k, v in node.value if k.value == str(part)), None)
-            key = next((k for k, _ in node.value if k.value == str(part)), None)
-            if match is None:
-                # Tags of discriminated unions (e.g. 'integer') are not keys; skip them.
-                continue
-            node, depth = (match if part != loc[-1] else key or match), depth + 1
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node, depth = node.value[part], depth + 1
-    return node, depth
-
-
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     """Field names allowed where an unknown key was found (walks the models along loc)."""
     model: Any = TrainingTemplate
@@ -712,7 +696,7 @@ def _issues_from_validation(path: str, root: yaml.Node | None,
         # Drop discriminator tags (e.g. 'integer') from the displayed path.
         shown = [str(p) for p in loc if p not in _UNION_TAGS or loc.index(p) == 0]
         field = ".".join(shown)
-        node, _ = _node_at(root, loc)
+        node, _ = node_at(root, loc)
         line = node.start_mark.line + 1 if node is not None and node is not root else None
         kind, value = err["type"], err.get("input")
         if kind == "extra_forbidden":
