@@ -7,7 +7,9 @@ through the real code paths of the DAG's tasks, without Airflow's scheduling: th
 `ask`/`tell` of `arf_training.hpo` around `arf-trainer train` of the trial's StepSpec (built by
 `build_step_spec(..., trial=...)`), run in this process (torch and MLflow are imported once, so
 the comparison is about training steps, not process start-ups). The only difference between
-the sides is `hpo.pruner` (the template's, vs `none`).
+the sides is `hpo.pruner` (the template's, vs `none`). The two searches of a seed run round by
+round in turn, the side going first alternating, so that this machine's drifting speed weighs
+on both alike.
 
 Printed per seed and in total: the optimizer steps that all trials trained (the work) and the
 wall time of each whole search (ask, trials, tell, on the embedded PostgreSQL like the DAG; what
@@ -78,8 +80,9 @@ def prepare(root: Path) -> Path:
     return spec.workspace / "prepare"
 
 
-def search(loaded, run_id: str, prepared: Path) -> dict[str, Any]:
-    """One study, round by round: ask, train every trial in-process, tell; then its summary."""
+def search(loaded, run_id: str, prepared: Path, clock: dict[str, float]):
+    """One study as a generator: each `next()` runs one round (ask, train its trials in-process,
+    tell), adding its seconds to `clock["seconds"]`; it returns the study's summary."""
     import shutil
 
     from optuna.trial import TrialState
@@ -93,9 +96,11 @@ def search(loaded, run_id: str, prepared: Path) -> dict[str, Any]:
     settings = ArfSettings.from_env()
     dag_id = "bench_hpo"
     context = {"ti": SimpleNamespace(dag_id=dag_id), "dag_run": SimpleNamespace(run_id=run_id)}
-    hpo.create_study(loaded, context)
     steps = 0
     for round_index in range(loaded.template.hpo.rounds):
+        t0 = time.perf_counter()
+        if round_index == 0:
+            hpo.create_study(loaded, context)
         for trial in hpo.ask(loaded, round_index, context):
             spec = build_step_spec(loaded, "train", RunIdentity(
                 dag_id, run_id, f"round_{round_index + 1}.trials"), {}, settings, trial=trial)
@@ -110,11 +115,33 @@ def search(loaded, run_id: str, prepared: Path) -> dict[str, Any]:
             result = run_train(env)
             steps += int(result["steps"])
         hpo.tell(loaded, round_index, context)
+        clock["seconds"] += time.perf_counter() - t0
+        yield
     study = hpo.open_study(loaded.template, dag_id, run_id)
     states = [t.state for t in study.trials]
     return {"steps": steps, "best": study.best_value, "best_trial": study.best_trial.number,
             "complete": states.count(TrialState.COMPLETE),
             "pruned": states.count(TrialState.PRUNED), "failed": states.count(TrialState.FAIL)}
+
+
+def paired_searches(sides: dict[str, Any], seed: int, prepared: Path) -> dict[str, dict]:
+    """Both searches of one seed, round by round in turn (the first side alternating), so that
+    this machine's drifting speed weighs on both alike; each side's wall time is its rounds'."""
+    clocks = {side: {"seconds": 0.0} for side in sides}
+    running = {side: search(loaded, f"{side}-seed{seed}", prepared, clocks[side])
+               for side, loaded in sides.items()}
+    results: dict[str, dict] = {}
+    order = list(sides)
+    while running:
+        for side in order:
+            if side in running:
+                try:
+                    next(running[side])
+                except StopIteration as done:
+                    results[side] = {**done.value, "seconds": clocks[side]["seconds"]}
+                    del running[side]
+        order.reverse()
+    return results
 
 
 def main() -> int:
@@ -148,23 +175,18 @@ def main() -> int:
         stop_started()
 
 
-def warm_up() -> None:
-    """Imports and first-use schema migrations (MLflow's, Optuna's) before any clock starts:
-    otherwise the first side timed would pay them alone."""
-    import mlflow
-
-    from arf_trainer.trainer.run import run_train  # noqa: F401 (torch and the trainer)
-    from arf_training import hpo
-    from arf_training.settings import ArfSettings
-
-    settings = ArfSettings.from_env()
-    mlflow.MlflowClient(tracking_uri=settings.tracking_uri).search_experiments()
-    hpo._storage(hpo.storage_url(settings))
+def warm_up(prepared: Path) -> None:
+    """A throwaway two-trial search before any clock starts: imports, MLflow's and Optuna's
+    schema migrations, the experiment and every first-use path; otherwise the side that goes
+    first would pay them alone."""
+    clock = {"seconds": 0.0}
+    for _ in search(load("none", 0, 2, 2, 1), "warm-up", prepared, clock):
+        pass
 
 
 def run(args: argparse.Namespace, root: Path, database: str) -> int:
     prepared = prepare(root)
-    warm_up()
+    warm_up(prepared)
     pruner = args.pruner or load_template_pruner()
     hpo_cfg = load(pruner, 0, args.trials, args.parallel, args.epochs).template.hpo
     print(f"search: {hpo_cfg.trials} trials = {hpo_cfg.rounds} rounds x {hpo_cfg.parallel}, "
@@ -173,12 +195,9 @@ def run(args: argparse.Namespace, root: Path, database: str) -> int:
           f"seeds {args.seeds}; Optuna and MLflow on {database}")
     totals = {"none": [0, [], 0.0], pruner: [0, [], 0.0]}
     for seed in args.seeds:
-        row = {}
-        for side in ("none", pruner):  # the baseline first, in the same run
-            t0 = time.perf_counter()
-            loaded = load(side, seed, args.trials, args.parallel, args.epochs)
-            row[side] = search(loaded, f"{side}-seed{seed}", prepared)
-            row[side]["seconds"] = time.perf_counter() - t0
+        row = paired_searches({side: load(side, seed, args.trials, args.parallel, args.epochs)
+                               for side in ("none", pruner)}, seed, prepared)
+        for side in ("none", pruner):
             totals[side][0] += row[side]["steps"]
             totals[side][1].append(row[side]["best"])
             totals[side][2] += row[side]["seconds"]

@@ -122,9 +122,19 @@ def trial_hyperparameters(template: "TrainingTemplate", values: dict[str, Any],
 # -- run time: the study ---------------------------------------------------------------------
 
 OPEN_ATTEMPTS = 5
+_opened: dict[str, "optuna.storages.BaseStorage"] = {}
 
 
 def _storage(url: str) -> "optuna.storages.BaseStorage":
+    """The storage of `url`, opened once per process: each RDBStorage has its own engine, whose
+    pooled connections stay open until garbage collection, so a storage per call made a long
+    process (the pruning benchmark, a test session) run out of PostgreSQL's connection slots."""
+    if url not in _opened:
+        _opened[url] = _open_storage(url)
+    return _opened[url]
+
+
+def _open_storage(url: str) -> "optuna.storages.BaseStorage":
     import optuna
     import sqlalchemy.exc
 

@@ -237,3 +237,35 @@ def test_simultaneous_first_opens_of_the_optuna_storage_all_succeed(server):
               if p.returncode != 0]
     assert failed == [], failed
     assert all(out.strip() == "opened" for out, _ in outputs)
+
+
+def test_opening_the_optuna_storage_again_and_again_holds_few_connections(server, monkeypatch):
+    """The pruning benchmark (one long process) ran the server out of connection slots ("too
+    many clients already"): each open made an engine whose pooled connection lived until the
+    cyclic garbage collector ran. Both sides now open a URL once per process."""
+    import gc
+
+    from arf_trainer.hpo import storage_from_env
+    from arf_training.hpo import _storage
+
+    url = server.uri("optuna")
+    monkeypatch.setenv("ARF_OPTUNA_STORAGE", url)
+
+    def connections() -> int:
+        with connect(server, "postgres") as conn:
+            return conn.execute("SELECT count(*) FROM pg_stat_activity "
+                                "WHERE datname = 'optuna'").fetchone()[0]
+
+    gc.disable()  # as between two collections of a busy process
+    try:
+        _storage(url).get_all_studies()
+        storage_from_env().get_all_studies()
+        after_first = connections()
+        for _ in range(20):
+            _storage(url).get_all_studies()
+            storage_from_env().get_all_studies()
+        after_more = connections()
+    finally:
+        gc.enable()
+    assert after_more == after_first, f"{after_more - after_first} more connections after 40 opens"
+    assert _storage(url) is _storage(url) and storage_from_env() is storage_from_env()

@@ -119,15 +119,23 @@ def build_pruner(hpo: dict[str, Any]) -> "optuna.pruners.BasePruner":
                     "hyperband or none")
 
 
+_opened: dict[str, Any] = {}
+
+
 def storage_from_env() -> "optuna.storages.BaseStorage":
+    """The storage named by ARF_OPTUNA_STORAGE, opened once per process: each RDBStorage has its
+    own engine and connection pool, and a storage per call ran a long process (the pruning
+    benchmark, a test session) out of PostgreSQL's connection slots."""
     import optuna
 
     url = os.environ.get(STORAGE_ENV)
     if not url:
         raise SpecError(f"{STORAGE_ENV} is not set; the train step of an hpo template is started "
                         "by arf-training with the study's storage URL")
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    if url not in _opened:
+        engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+        _opened[url] = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    return _opened[url]
 
 
 def load_study(hpo: dict[str, Any], study_name: str) -> "optuna.Study":
