@@ -13,6 +13,9 @@ template files, no Airflow Variables, no heavy imports.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -197,15 +200,36 @@ def build_dags(folder: Path | None = None) -> dict[str, Any]:
     Invalid templates are skipped here and reported by `template_issues` (the second DAG file
     raises them so they show as import errors in the UI without hiding these DAGs).
     """
-    loaded, _issues = load_folder(template_files(folder or templates_dir()))
-    dags = {t.name: build_training_dag(t) for t in loaded}
-    dags[EVALUATE_DAG_ID] = build_evaluate_dag(loaded)
+    with _gc_paused():
+        loaded, _issues = load_folder(template_files(folder or templates_dir()))
+        dags = {t.name: build_training_dag(t) for t in loaded}
+        dags[EVALUATE_DAG_ID] = build_evaluate_dag(loaded)
     return dags
 
 
 def template_issues(folder: Path | None = None) -> list[TemplateIssue]:
-    _loaded, issues = load_folder(template_files(folder or templates_dir()))
+    with _gc_paused():
+        _loaded, issues = load_folder(template_files(folder or templates_dir()))
     return issues
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while the templates are read and the DAGs built.
+
+    Both allocate some 100,000 objects and free few: the collector would run dozens of times
+    over them for nothing, and once over every object of the process (Airflow's included), a
+    full collection that cost a fifth of a 100-template parse. Nothing is lost: reference
+    counting frees as usual, and the collector resumes (and catches up) when this ends.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def raise_template_issues(folder: Path | None = None) -> None:

@@ -75,6 +75,30 @@ def test_tasks_see_the_dag_params_at_run_time(dagbag):
             process_params(dag, dag.get_task(task_id), {"epochs": 0}, suppress_exception=False)
 
 
+def test_building_leaves_the_garbage_collector_as_it_was(monkeypatch):
+    """The factory pauses the cyclic GC while it builds (parse time); the DAG processor's
+    setting must be back afterwards, also after a failure."""
+    import gc
+
+    from arf_training.errors import ArfError
+    from arf_training.factory import build_dags, raise_template_issues
+
+    assert gc.isenabled()
+    build_dags(REPO / "config_templates")
+    assert gc.isenabled()
+    monkeypatch.setenv("ARF_BACKEND", "slurm")  # fails while building
+    with pytest.raises(ArfError, match="slurm"):
+        build_dags(REPO / "config_templates")
+    assert gc.isenabled()
+    monkeypatch.delenv("ARF_BACKEND")
+    gc.disable()
+    try:
+        raise_template_issues(REPO / "config_templates")
+        assert not gc.isenabled()  # left off when it was off
+    finally:
+        gc.enable()
+
+
 def test_evaluate_dag_is_scheduled_on_model_assets(dagbag):
     dag = dagbag.dags["arf_evaluate"]
     assert [t.task_id for t in dag.tasks] == ["evaluate"]
