@@ -308,6 +308,51 @@ def test_a_failing_trial_is_told_fail_and_the_study_goes_on(home, monkeypatch):
     assert best["number"] == 0 and best["counts"]["fail"] == 1
 
 
+def test_an_epoch_report_reads_nothing_back_from_the_storage(home):
+    """A report is the write of the epoch's value: the trial's reported epochs are known since
+    `open` (reading the whole trial back each epoch cost a round trip that pruning never saves,
+    on both sides of bench/hpo_pruning.py)."""
+    import sqlalchemy
+
+    from arf_trainer.hpo import TrialReporter
+    from arf_training import hpo
+
+    loaded, run_id = hpo_template(), "manual__report"
+    hpo.create_study(loaded, context(run_id))
+    first, second = hpo.ask(loaded, 0, context(run_id))
+    section = loaded.template.model_dump(mode="json")["hpo"]
+    reporter = TrialReporter.open(section, {"study": f"{DAG_ID}/{run_id}",
+                                            "trial_number": first["number"]})
+    storage = reporter.study._storage
+    engine = getattr(storage, "_backend", storage).engine  # under Optuna's _CachedStorage
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, *args) -> None:
+        statements.append(statement)
+
+    sqlalchemy.event.listen(engine, "before_cursor_execute", record)
+    try:
+        other = storage.get_trial_id_from_study_id_trial_number(
+            storage.get_study_id_from_name(f"{DAG_ID}/{run_id}"), second["number"])
+        statements.clear()
+        storage.set_trial_intermediate_value(other, 1, 0.5)  # the write alone
+        write = len(statements)
+        statements.clear()
+        assert reporter.report(1, {"val_accuracy": 0.5}, ask_pruner=False) is False
+        assert len(statements) == write, statements
+        statements.clear()
+        storage.get_trial(reporter.trial_id)  # what each report did before: reads
+        assert statements, "reading the trial back costs statements"
+        statements.clear()
+        reporter.report(1, {"val_accuracy": 0.6}, ask_pruner=False)  # a replayed epoch
+        assert statements == []
+    finally:
+        sqlalchemy.event.remove(engine, "before_cursor_execute", record)
+    reopened = TrialReporter.open(section, {"study": f"{DAG_ID}/{run_id}",
+                                            "trial_number": first["number"]})
+    assert reopened.reported == {1}  # a resumed trial replays no report
+
+
 def test_a_dead_worker_leaves_a_running_trial_that_tell_fails(home):
     """The worker was killed mid-trial (OOM, node lost): the trial stays RUNNING in the storage
     with its intermediate values and no outcome; the round's tell fails it, once."""

@@ -25,7 +25,7 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from arf_trainer.errors import SpecError, TrainingError
@@ -158,6 +158,7 @@ class TrialReporter:
     trial: Any
     trial_id: int
     metric: str
+    reported: set[int] = field(default_factory=set)  # epochs already in the storage
 
     @classmethod
     def open(cls, hpo: dict[str, Any], inputs: dict[str, Any]) -> "TrialReporter":
@@ -171,12 +172,13 @@ class TrialReporter:
                 storage.get_study_id_from_name(study.study_name), number)
         except KeyError as exc:
             raise TrainingError(f"study {study.study_name!r} has no trial {number}") from exc
-        state = storage.get_trial(trial_id).state
+        frozen = storage.get_trial(trial_id)
+        state = frozen.state
         if state != TrialState.RUNNING:
             raise TrainingError(f"trial {number} of study {study.study_name!r} is {state.name}, "
                                 "not RUNNING: it was told already; it cannot be trained again")
         return cls(study=study, trial=Trial(study, trial_id), trial_id=trial_id,
-                   metric=hpo["metric"])
+                   metric=hpo["metric"], reported=set(frozen.intermediate_values))
 
     def report(self, epoch: int, metrics: dict[str, float], ask_pruner: bool = True) -> bool:
         """Report the epoch's metric; True if the pruner says to stop (asked if `ask_pruner`)."""
@@ -184,9 +186,11 @@ class TrialReporter:
             raise TrainingError(f"hpo.metric {self.metric!r} was not computed this epoch "
                                 f"(metrics: {sorted(metrics)})")
         step = int(epoch)
-        reported = self.study._storage.get_trial(self.trial_id).intermediate_values  # noqa: SLF001
-        if step not in reported:  # a resumed trial replays no report
+        # A resumed trial replays no report. Known from `open` on: reading the trial back
+        # every epoch was a database round trip per epoch that pruning does not save.
+        if step not in self.reported:
             self.trial.report(float(metrics[self.metric]), step)
+            self.reported.add(step)
         return ask_pruner and bool(self.trial.should_prune())
 
     def finish(self, pruned: bool, metrics: dict[str, float], steps: int,
