@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,6 +87,7 @@ def stack(embedded):
         assert down.returncode == 0, down.stdout + down.stderr
         left = [p.pid for p in started if p.is_running() and p.status() != "zombie"]
         assert not left, f"`arf down` left these running: {left}"
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _poll(what: str, fn, timeout: float, interval: float = 3.0):
@@ -224,6 +226,7 @@ def test_a_public_host_serves_real_users_only(embedded):
         assert beyond == {s.api_port}, beyond
     finally:
         s.arf("down", timeout=300)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _listening(proc: psutil.Process) -> list:
