@@ -59,6 +59,8 @@ def _custom(loaded) -> bool:
 def k8s_env(monkeypatch):
     monkeypatch.setenv("ARF_BACKEND", "kubernetes")
     monkeypatch.setenv("ARF_K8S_NAMESPACE", NAMESPACE)
+    # A pod cannot reach the embedded PostgreSQL: a deployment names its Optuna database.
+    monkeypatch.setenv("ARF_OPTUNA_STORAGE", "postgresql+psycopg://optuna@postgres.arf.svc/optuna")
     # The provider's hook reads its connection (xcom sidecar image, in-cluster flag) even for a
     # dry run; a plain connection from the environment, as a deployment would define it.
     monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT",
