@@ -40,6 +40,14 @@ K8S_VERSIONS = ("1.30", "1.33")
 DNS1123_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 SHIPPED = [load_template(p) for p in template_files(REPO / "config_templates")]
 CASES = [pytest.param(t, step, id=f"{t.name}-{step}") for t in SHIPPED for step in steps_of(t)]
+# A pod cannot reach the embedded PostgreSQL: a deployment names its Optuna database (the
+# password comes from a Secret, e.g. ARF_K8S_SECRET_ENV's PGPASSWORD, never from the URL).
+OPTUNA_STORAGE = "postgresql+psycopg://optuna@postgres.arf.svc/optuna"
+
+
+@pytest.fixture(autouse=True)
+def _optuna_storage(monkeypatch):
+    monkeypatch.setenv("ARF_OPTUNA_STORAGE", OPTUNA_STORAGE)
 
 
 def _strict(schema: Any) -> Any:

@@ -7,6 +7,7 @@ tests are skipped; the static checks on the Dockerfile and its pins always run.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -119,7 +120,9 @@ def test_scanners_pass_on_every_rendered_template(tmp_path):
     for template in sorted((REPO / "config_templates").glob("*.yaml")):
         name = yaml.safe_load(template.read_text())["metadata"]["name"]
         proc = subprocess.run([str(arf), "templates", "render", name], capture_output=True,
-                              text=True, timeout=120, check=False)
+                              text=True, timeout=120, check=False, env=dict(
+                                  os.environ, ARF_OPTUNA_STORAGE="postgresql+psycopg://optuna@"
+                                  "postgres.arf.svc/optuna"))
         assert proc.returncode == 0, proc.stderr
         (rendered / f"{name}.yaml").write_text(proc.stdout)
     proc = _run(*sorted(str(p) for p in rendered.iterdir()))
