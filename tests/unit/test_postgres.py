@@ -18,8 +18,8 @@ import psutil
 import pytest
 
 from arf_training.errors import ArfError
-from arf_training.postgres import (DATABASES, SYSTEM_USER, EmbeddedPostgres, PostgresError,
-                                   redacted)
+from arf_training.postgres import (DATABASES, FALLBACK_ROOT, SYSTEM_USER, EmbeddedPostgres,
+                                   PostgresError, binaries_dir, redacted, server_binaries)
 
 pytestmark = pytest.mark.integration
 
@@ -168,11 +168,30 @@ def test_an_interrupted_initialization_is_started_over(home):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root hands the server to another user")
-def test_a_home_the_server_user_cannot_reach_is_named_with_the_fix(tmp_path):
-    # pytest's base folder is 0700 root: the server's user cannot pass it.
-    blocked = next(p for p in reversed(tmp_path.parents) if not p.stat().st_mode & 0o001)
-    with pytest.raises(PostgresError, match=f"{blocked} \\(mode 0o700\\) denies it.*chmod o\\+x"):
-        EmbeddedPostgres(tmp_path).ensure_initialized()
+def test_a_home_and_binaries_the_server_user_cannot_reach_move_to_its_own_folder(
+        tmp_path, monkeypatch):
+    # pytest's base folder is 0700 root, like /root: the server's user cannot pass it. The
+    # server must still run (a root checkout's `make demo`), from state and binaries it reaches.
+    assert any(not p.stat().st_mode & 0o001 for p in tmp_path.parents)
+    package = binaries_dir().parent.parent  # the wheel's layout, in a blocked "venv"
+    venv = tmp_path / "venv"
+    shutil.copytree(package, venv / package.name, symlinks=True)
+    shutil.copytree(package.parent / f"{package.name}.libs", venv / f"{package.name}.libs")
+    monkeypatch.setenv("ARF_POSTGRES_BIN", str(venv / package.name / "pginstall" / "bin"))
+    pg = EmbeddedPostgres(tmp_path / "home")
+    assert pg.root.parent == FALLBACK_ROOT and pg.root == EmbeddedPostgres(pg.home).root
+    copy = server_binaries()
+    cache = FALLBACK_ROOT / copy.relative_to(FALLBACK_ROOT).parts[0]
+    assert (copy / "postgres").is_file()
+    try:
+        pg.ensure_running()
+        with connect(pg, "airflow") as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert psutil.Process(pg.server_pid()).username() == SYSTEM_USER
+    finally:
+        pg.stop()
+        shutil.rmtree(pg.root, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def test_a_bad_binaries_folder_is_named(tmp_path, monkeypatch):

@@ -143,3 +143,24 @@ def test_a_dead_supervisors_components_are_stopped_by_the_next_up(tmp_path):
         for proc in (orphan, stranger):
             proc.kill()
             proc.wait()
+
+
+def test_down_stops_a_database_started_detached(tmp_path, monkeypatch):
+    """`arf demo` / `arf airflow` leave their PostgreSQL running; `make down` (and `make clean`
+    after it) must stop it rather than delete a home under a live server."""
+    from arf_training.postgres import EmbeddedPostgres
+
+    monkeypatch.setenv("ARF_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ARF_DB", raising=False)
+    server = EmbeddedPostgres(tmp_path / "home")
+    server.ensure_running()
+    try:
+        pid = server.server_pid()
+        assert pid is not None
+        assert "postgres (detached)" in stack.down()
+        assert server.server_pid() is None
+    finally:
+        server.stop()
+        import shutil
+
+        shutil.rmtree(server.root, ignore_errors=True)
