@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from arf_training.errors import ConfError
 from arf_training.limits import quote
+from arf_training.templates import MAX_QUERY_CHARS
 
 if TYPE_CHECKING:  # the CLI and gRPC server check confs without loading the template models
     from arf_training.templates import TrainingTemplate
@@ -53,6 +54,9 @@ def param_schemas(template: TrainingTemplate) -> dict[str, dict[str, Any]]:
     if template.dataset.allow_query_override:
         schemas["dataset_query"] = {
             "type": "string", "title": "dataset_query", "default": template.dataset.query.strip(),
+            # prepare's cap (arf_trainer.datahub.sqlcheck): the form and the REST API refuse a
+            # longer query at trigger time instead of a failed prepare_data.
+            "maxLength": MAX_QUERY_CHARS,
             "format": "multiline", "section": SECTION_DATA,
             "description": "SQL SELECT over the data hub that replaces the template's query.",
         }
@@ -113,6 +117,9 @@ def _check_value(name: str, value: Any, schema: dict[str, Any]) -> str | None:
         return f"{name!r} = {value!r} is below its minimum {schema['minimum']}"
     if "maximum" in schema and value > schema["maximum"]:
         return f"{name!r} = {value!r} is above its maximum {schema['maximum']}"
+    if "maxLength" in schema and len(value) > schema["maxLength"]:
+        return (f"{name!r} is {len(value):,} characters long, over its limit of "
+                f"{schema['maxLength']:,}: {quote(value)}")
     return None
 
 

@@ -161,3 +161,22 @@ def test_container_refuses_nan_tokens_in_the_job_spec_json(tmp_path):
            "ARF_TRACKING_URI": str(tmp_path / "mlruns"), "ARF_DATAHUB_URI": str(tmp_path)}
     with pytest.raises(SpecError, match="hyperparameters.lr = nan"):
         StepEnv.from_environ(env)
+
+
+def test_an_overlong_query_override_is_refused_at_trigger_time():
+    """Prepare refuses a query over its cap (sqlcheck); the trigger form, Airflow's REST API
+    and the conf check refuse it first, quoting only a prefix."""
+    from arf_trainer.datahub.sqlcheck import MAX_QUERY_CHARS
+
+    query = "SELECT * FROM digits WHERE " + "label < 5 AND " * (MAX_QUERY_CHARS // 14) + "TRUE"
+    with pytest.raises(ConfError, match="over its limit of 32,768") as info:
+        resolve_conf(DIGITS, {"dataset_query": query})
+    assert len(str(info.value)) < 1000
+    param = build_params(DIGITS)["dataset_query"]
+    assert param.schema["maxLength"] == MAX_QUERY_CHARS
+    from airflow.sdk import Param
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError, match="too long"):
+        Param(query, **param.schema).resolve()
+    assert Param("SELECT * FROM digits", **param.schema).resolve()
