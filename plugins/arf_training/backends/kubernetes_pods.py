@@ -24,7 +24,8 @@ from arf_training.backends.kubernetes import (
     writes_result_to_xcom,
 )
 from arf_training.errors import BAD_INPUT_EXIT, SKIP_EXIT, StepFailed
-from arf_training.kubernetes.pod import CONTAINER_NAME, render_pod, resource_name
+from arf_training.kubernetes.pod import (CONTAINER_NAME, container_exit_code, render_pod,
+                                         resource_name)
 from arf_training.runtime import (
     emit_model_event,
     fail_fast_on_bad_input,
@@ -35,18 +36,6 @@ from arf_training.stepspec import RunIdentity
 
 if TYPE_CHECKING:
     from arf_training.templates import LoadedTemplate
-
-
-def _exit_code(pod: Any, container: str = CONTAINER_NAME) -> int | None:
-    status = getattr(pod, "status", None)
-    for item in getattr(status, "container_statuses", None) or []:
-        if item.name != container:
-            continue
-        for state in (item.state, item.last_state):
-            terminated = getattr(state, "terminated", None) if state else None
-            if terminated is not None and terminated.exit_code is not None:
-                return int(terminated.exit_code)
-    return None
 
 
 class _ArfPodOperator(KubernetesPodOperator):
@@ -101,7 +90,7 @@ class _ArfPodOperator(KubernetesPodOperator):
     def _fail_fast_on_bad_input(self, exc: Exception) -> None:
         """Exit code 2 (bad input) fails the task without retries, as with the local backend."""
         pod = getattr(self, "remote_pod", None) or getattr(self, "pod", None)
-        if _exit_code(pod) == BAD_INPUT_EXIT:
+        if container_exit_code(pod) == BAD_INPUT_EXIT:
             from airflow.sdk.exceptions import AirflowFailException
 
             raise AirflowFailException(f"{exc} (exit code {BAD_INPUT_EXIT}: bad input; "

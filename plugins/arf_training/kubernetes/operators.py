@@ -33,6 +33,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
 from arf_training.errors import BAD_INPUT_EXIT, ArfError, StepFailed
+from arf_training.kubernetes.pod import container_exit_code
 
 if TYPE_CHECKING:
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
@@ -281,7 +282,7 @@ class PyTorchJobOperator(BaseOperator):
                              "runPolicy.cleanPodPolicy?): no log to show", namespace, name)
             return [], None
         pod = pods[0]
-        exit_code = _exit_code(pod)
+        exit_code = container_exit_code(pod, CONTAINER_NAME)
         if not self.fetch_logs:
             return [], exit_code
         pod_name = pod.metadata.name
@@ -325,15 +326,3 @@ def _lines(response: Any):
             yield raw.decode("utf-8", errors="replace").rstrip("\r")
     if pending:
         yield pending.decode("utf-8", errors="replace").rstrip("\r")
-
-
-def _exit_code(pod: Any) -> int | None:
-    """The exit code of the pod's training container, if it has terminated."""
-    for status in getattr(pod.status, "container_statuses", None) or []:
-        if status.name != CONTAINER_NAME:
-            continue
-        for state in (status.state, status.last_state):
-            terminated = getattr(state, "terminated", None) if state else None
-            if terminated is not None and terminated.exit_code is not None:
-                return int(terminated.exit_code)
-    return None

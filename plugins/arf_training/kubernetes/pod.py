@@ -346,3 +346,16 @@ def render_pod(spec: StepSpec, identity: RunIdentity, settings: KubernetesSettin
     pod_spec["restartPolicy"] = "Never"
     pod_spec["activeDeadlineSeconds"] = max(1, int(spec.timeout_s))
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+def container_exit_code(pod: Any, container: str = CONTAINER_NAME) -> int | None:
+    """The exit code of `container` in a V1Pod (current or last state), if it terminated."""
+    status = getattr(pod, "status", None)
+    for item in getattr(status, "container_statuses", None) or []:
+        if item.name != container:
+            continue
+        for state in (item.state, item.last_state):
+            terminated = getattr(state, "terminated", None) if state else None
+            if terminated is not None and terminated.exit_code is not None:
+                return int(terminated.exit_code)
+    return None
