@@ -21,6 +21,7 @@ Steps under `arf up` track to the MLflow server (the step spool covers its outag
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import ipaddress
 import json
 import os
@@ -31,6 +32,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,10 +180,24 @@ def components(settings: ArfSettings, opts: StackOptions) -> list[Component]:
         "api-server", commands["api-server"], env, port=opts.api_port,
         ready=lambda: _http_ready(f"http://127.0.0.1:{opts.api_port}/api/v2/version"),
         before_start=lambda: ensure_migrated(env)))
-    # The scheduler last: it starts task runs, which need every other component.
+    # The scheduler last: it starts task runs, which need every other component. Each is ready
+    # once its job heartbeats (its loop runs): the process alone is ~20 s of imports away from
+    # scheduling on a busy 2-core machine, and a run triggered meanwhile just waits.
     for name in ("dag-processor", "triggerer", "scheduler"):
-        found.append(Component(name, commands[name], env))
+        found.append(Component(name, commands[name], env, ready_since=_heartbeat_probe(
+            opts.api_port, name.replace("-", "_"))))
     return found
+
+
+def _heartbeat_probe(api_port: int, job: str) -> Callable[[float], bool]:
+    """Ready when the api-server's health report (public, no login) shows a heartbeat of this
+    job type newer than the component's start, i.e. from this process, not a killed one."""
+    def ready(since: float) -> bool:
+        url = f"http://127.0.0.1:{api_port}/api/v2/monitor/health"
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (loopback only)
+            beat = json.loads(resp.read()).get(job, {}).get(f"latest_{job}_heartbeat")
+        return bool(beat) and dt.datetime.fromisoformat(beat).timestamp() >= since
+    return ready
 
 
 # ---------------------------------------------------------------------------------------------

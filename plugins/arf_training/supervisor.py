@@ -45,6 +45,9 @@ class Component:
     env: dict[str, str]
     port: int | None = None
     ready: Callable[[], bool] | None = None
+    # A probe given the component's start (wall clock): for readiness that a predecessor could
+    # fake, e.g. a heartbeat row in the database left by the scheduler that was just killed.
+    ready_since: Callable[[float], bool] | None = None
     before_start: Callable[[], None] | None = None  # e.g. migrate once the DB is up
     popen_kwargs: dict = field(default_factory=dict)
     stop_last: bool = False  # the database: the others need it while they shut down
@@ -190,11 +193,12 @@ class Supervisor:
             self._last_snapshot = now
 
     def _probe(self, slot: _Slot) -> bool:
-        probe = slot.component.ready
-        if probe is None:
-            return time.time() - (slot.started_at or time.time()) >= SETTLE_S
+        comp = slot.component
+        started = slot.started_at or time.time()
+        if comp.ready is None and comp.ready_since is None:
+            return time.time() - started >= SETTLE_S
         try:
-            return bool(probe())
+            return bool(comp.ready_since(started) if comp.ready_since else comp.ready())
         except Exception:  # noqa: BLE001 (not ready yet, whatever the reason)
             return False
 

@@ -4,6 +4,7 @@ state for `arf status`, everything stopped on SIGTERM."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -107,6 +108,63 @@ def test_components_start_in_order_each_after_the_previous_is_ready(tmp_path, lo
             "started db", "db is ready", "started app", "app is ready"]
     finally:
         sup.stop_all()
+
+
+def test_a_heartbeat_left_by_a_predecessor_does_not_make_a_component_ready(tmp_path, logs):
+    """Like the scheduler's job heartbeat in the database: the stale one written before this
+    start must not count, only the one the new process writes once its loop runs."""
+    beat = tmp_path / "heartbeat"
+    beat.write_text(str(time.time()))  # the killed predecessor's last heartbeat
+    scheduler = _python(f"import time, pathlib; time.sleep(2); "
+                        f"pathlib.Path({str(beat)!r}).write_text(str(time.time())); "
+                        "time.sleep(600)")
+    app = _python("import time; time.sleep(600)")
+    sup = Supervisor([Component("scheduler", scheduler, dict(os.environ),
+                                ready_since=lambda since: float(beat.read_text()) >= since),
+                      Component("app", app, dict(os.environ))], tmp_path, log=logs.append)
+    try:
+        t0 = time.monotonic()
+        assert sup.start_all()
+        assert time.monotonic() - t0 >= 2.0  # waited for the new heartbeat, not the old one
+        state = read_state(tmp_path)
+        scheduler_start = next(c for c in state["components"] if c["name"] == "scheduler")
+        assert float(beat.read_text()) >= scheduler_start["started_at"]
+    finally:
+        sup.stop_all()
+
+
+def test_the_stack_probes_a_heartbeat_newer_than_the_start(tmp_path):
+    """`arf up` is ready when the api-server's public health report shows each job's heartbeat
+    from after its start (a real HTTP server serving Airflow's report format)."""
+    import http.server
+    import threading
+
+    from arf_training.stack import _heartbeat_probe
+
+    beat = {"value": "2026-01-01T00:00:00+00:00"}
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = json.dumps({"scheduler": {"status": "healthy",
+                                             "latest_scheduler_heartbeat": beat["value"]}})
+            self.send_response(200 if self.path == "/api/v2/monitor/health" else 404)
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        probe = _heartbeat_probe(server.server_address[1], "scheduler")
+        started = time.time()
+        assert not probe(started)  # an old heartbeat: a predecessor's
+        beat["value"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        assert probe(started)
+        assert not _heartbeat_probe(server.server_address[1], "triggerer")(started)
+    finally:
+        server.shutdown()
 
 
 def test_a_component_that_keeps_exiting_is_restarted_with_growing_backoff(tmp_path, logs):
