@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -209,10 +208,10 @@ def format_summary(s: dict[str, Any], settings: ArfSettings) -> str:
         f"  total       {s['total_s']} s; full log {s['log']}",
         "Next:",
         *_activate_line(),
-        # Quoted: a PostgreSQL URI carries "&port=...", which a shell would take as "&".
-        f"  MLflow UI   .venv/bin/mlflow ui --backend-store-uri "
-        f"{shlex.quote(settings.tracking_uri)} --port 5000   (then http://127.0.0.1:5000)",
-        "  Airflow UI  make up   (then http://127.0.0.1:8080; `make down` stops it)",
+        # Both UIs through the stack, not `mlflow ui --backend-store-uri ...`: the store's URI
+        # carries the embedded database's password, which a console line must not show.
+        "  UIs         make up   (Airflow http://127.0.0.1:8080, MLflow http://127.0.0.1:5000; "
+        "`make down` stops them)",
         f"  reproduce   .venv/bin/arf training reproduce {tr.get('mlflow_run_id')}   (re-runs "
         "from the recorded lineage, compares the weights' sha256)",
         "=" * 78,
