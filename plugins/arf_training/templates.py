@@ -21,6 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from arf_training.errors import TemplateError, TemplateIssue
+from arf_training.template_federated import Federated, check_federated
+from arf_training.template_gate import Gate, check_gate
 from arf_training.template_yaml import node_at, read_yaml
 
 API_VERSION = "arf.dev/v1"
@@ -386,6 +388,13 @@ class Evaluation(_Section):
         description="Promotion gate: move the 'champion' alias to an evaluated version only if "
                     "its success rate beats the champion's on the same seeds by at least this "
                     "much (e.g. 0.02); the first version becomes champion. Unset: no gate.")
+    gate: Gate | None = Field(None, description="The promotion gate's alpha, episode budget "
+                              "and human approval (arf_training.template_gate).")
+
+    @model_validator(mode="after")
+    def _gate(self) -> "Evaluation":
+        check_gate(self)
+        return self
 
 
 # -- hyperparameter search (`hpo:`) ------------------------------------------------------------
@@ -520,6 +529,8 @@ class TrainingTemplate(_Section):
     training: Training
     evaluation: Evaluation | None = Field(None, description="Evaluate each registered version.")
     hpo: Hpo | None = Field(None, description="Search hyperparameters before the final training.")
+    federated: Federated | None = Field(
+        None, description="Train across sites whose data stays at each site (Flower).")
 
     @field_validator("schedule")
     @classmethod
@@ -566,6 +577,11 @@ class TrainingTemplate(_Section):
         replay = self.dataset.replay
         return uses_data_interval(self.dataset.query) or (
             replay is not None and uses_data_interval(replay.query))
+
+    @model_validator(mode="after")
+    def _federated_fits(self) -> "TrainingTemplate":
+        check_federated(self)
+        return self
 
     @model_validator(mode="after")
     def _hpo_fits_training(self) -> "TrainingTemplate":

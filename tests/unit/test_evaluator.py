@@ -196,10 +196,11 @@ def test_promotion_gate_moves_champion_only_to_a_better_version(registry: dict[s
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
     # The zero policy against the champion, on the same seeds: rejected, with the evidence.
     again = run_evaluate(eval_env(registry, tmp_path, 2, run_id="gate__3", evaluation=gated))
-    assert again["gate"] == {"promoted": False, "champion_version": "1",
-                             "champion_rate": strong["success_rate"],
-                             "reason": again["gate"]["reason"]}
-    assert "not better" in again["gate"]["reason"]
+    assert {k: again["gate"][k] for k in ("promoted", "champion_version", "champion_rate",
+                                          "awaiting_approval", "episodes")} == {
+        "promoted": False, "champion_version": "1", "champion_rate": strong["success_rate"],
+        "awaiting_approval": False, "episodes": EPISODES}  # stopped at the first look
+    assert "clearly worse" in again["gate"]["reason"] and again["gate"]["p_value"] == 1.0
     tags = _version_tags(registry, "2")
     assert tags["arf.gate.decision"] == "rejected" and tags["arf.gate.champion_version"] == "1"
     evidence = json.loads(tags["arf.gate.evidence"])
@@ -208,6 +209,42 @@ def test_promotion_gate_moves_champion_only_to_a_better_version(registry: dict[s
     # A retry of the promoting run changes nothing.
     retry = run_evaluate(eval_env(registry, tmp_path, 1, run_id="gate__2", evaluation=gated))
     assert retry["reused"] is True and retry["gate"]["reason"] == "already champion"
+
+
+def test_gate_aa_on_real_rollouts_and_approval_leaves_the_alias(registry: dict[str, Any],
+                                                                tmp_path: Path) -> None:
+    """A/A on real rollouts: v3 is the expert again, against the expert champion: identical
+    outcomes on every seed, so never promoted, after the whole budget. Then with approval
+    required a clearly better version is only proposed: the alias stays until approved."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=registry["uri"], registry_uri=registry["uri"])
+    experiment = client.get_experiment_by_name("training").experiment_id
+    with mlflow.start_run(experiment_id=experiment):
+        mlflow.pytorch.log_model(ExpertPolicy(), name="expert", registered_model_name=MODEL,
+                                 serialization_format="pickle", pip_requirements=["torch"])
+    client.set_registered_model_alias(MODEL, "champion", "1")
+    gated = {"promotion_margin": 0.0, "gate": {"alpha": 0.05, "max_episodes": 2 * EPISODES}}
+    aa = run_evaluate(eval_env(registry, tmp_path, 3, run_id="aa__1", evaluation=gated))["gate"]
+    assert aa["promoted"] is False and aa["episodes"] == 2 * EPISODES
+    assert "not better after the whole budget" in aa["reason"] and "0 won, 0 lost" in aa["reason"]
+    tags = _version_tags(registry, "3")
+    assert tags["arf.gate.episodes"] == str(2 * EPISODES) and tags["arf.gate.alpha"] == "0.05"
+    assert tags["arf.gate.p_value"] == "1" and "McNemar" in tags["arf.gate.test"]
+
+    client.set_registered_model_alias(MODEL, "champion", "2")  # the zero policy
+    approval = {**gated, "gate": {**gated["gate"], "approval": "required"}}
+    try:
+        proposed = run_evaluate(eval_env(registry, tmp_path, 3, run_id="approve__1",
+                                         evaluation=approval))["gate"]
+        assert proposed["awaiting_approval"] is True and proposed["promoted"] is False
+        assert proposed["episodes"] == EPISODES and proposed["p_value"] < 1e-4
+        assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "2"
+        tags = _version_tags(registry, "3")
+        assert tags["arf.gate.approval"] == "pending" and tags["arf.gate.decision"] == "promoted"
+    finally:
+        client.set_registered_model_alias(MODEL, "champion", "1")
 
 
 def test_fleet_records_field_failures_of_the_aliased_version(registry: dict[str, Any],

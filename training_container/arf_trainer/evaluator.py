@@ -17,9 +17,12 @@ two models are compared on the same initial states. The result is recorded twice
 * tags on the model version (`arf.eval.*`).
 
 With `evaluation.promotion_margin` set, the promotion gate (`arf_trainer.gate`) then rolls the
-current `champion` out on the same seeds and moves the alias to this version only if it is
-better by that margin; the decision and its evidence are `arf.gate.*` tags on this version and
-`evaluation/gate.json` in the run.
+current `champion` out on the same seeds, in batches up to `evaluation.gate.max_episodes`, and
+moves the alias to this version only if it is significantly better (sequential McNemar exact
+test at `evaluation.gate.alpha`) by that margin; the decision and its evidence are `arf.gate.*`
+tags on this version and `evaluation/gate.json` in the run. With `evaluation.gate.approval:
+required` a promotion is only proposed (`arf.gate.approval=pending`): the approval task of
+`arf_evaluate` moves the alias once a person approves.
 
 Failed episodes (states, the model's actions, outcome) go to the data hub's `failures` table
 (`arf_trainer.datahub.failures`), where corrections are made from them.
@@ -228,11 +231,46 @@ def _episodes_of(client: Any, run_id: str) -> list[dict[str, Any]]:
         return json.loads(Path(path).read_text())["episodes"]
 
 
+def gate_settings(evaluation: dict[str, Any], margin: float, episodes: int) -> Any:
+    """`evaluation.gate` (alpha, max_episodes) with the margin; batches of `episodes` seeds."""
+    from arf_trainer import gate
+
+    section = evaluation.get("gate") or {}
+    settings = gate.GateSettings(alpha=float(section.get("alpha", gate.DEFAULT_ALPHA)),
+                                 margin=margin, batch=episodes,
+                                 max_episodes=int(section.get("max_episodes") or 4 * episodes))
+    settings.check()
+    return settings
+
+
+def _paired_batches(name: str, version: str, champion: str, outcomes: list[dict[str, Any]],
+                    seed: int) -> Any:
+    """The gate's batches: the candidate's own evaluation first, then both versions rolled out
+    on the next seeds (policies loaded once, only when a batch needs them)."""
+    policies: dict[str, Any] = {}
+
+    def run(who: str, start: int, count: int) -> list[dict[str, Any]]:
+        if who not in policies:
+            policies[who] = load_policy(name, who)
+        return [{"seed": s, "success": r.success}
+                for s, r in rollouts(policies[who], count, seed + start)]
+
+    def batches(start: int, count: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        cand = outcomes if start == 0 and count == len(outcomes) else run(version, start, count)
+        log.info("promotion gate: seeds %d-%d of models:/%s/%s and the champion v%s", seed + start,
+                 seed + start + count - 1, name, version, champion)
+        return cand, run(champion, start, count)
+
+    return batches
+
+
 def _promotion_gate(client: Any, name: str, version: str, outcomes: list[dict[str, Any]],
-                    margin: float, passed: bool, episodes: int, seed: int,
-                    run_id: str) -> dict[str, Any]:
-    """Compare the candidate with `models:/<name>@champion` on the same seeds and move the
-    alias only if the candidate is better by `margin` (`arf_trainer.gate`)."""
+                    settings: Any, passed: bool, seed: int, run_id: str,
+                    move_alias: bool = True) -> dict[str, Any]:
+    """Compare the candidate with `models:/<name>@champion` on the same seeds (sequentially,
+    `arf_trainer.gate`) and move the alias only if it is significantly better by the margin.
+    With `move_alias=False` (approval required) the decision is recorded and the alias left
+    for the approval task to move."""
     from arf_trainer import gate
 
     current = gate.champion_version(client, name)
@@ -243,16 +281,13 @@ def _promotion_gate(client: Any, name: str, version: str, outcomes: list[dict[st
             False, f"no version has the '{gate.CHAMPION}' alias and this one is below the "
             "success threshold; set one by hand to start from it: MlflowClient()."
             f"set_registered_model_alias({name!r}, {gate.CHAMPION!r}, VERSION)",
-            None, margin, None)
+            None, settings.margin, None)
     elif current is None:
-        decision = gate.decide(None, margin, None)
+        decision = gate.first_version(settings.margin)
     else:
-        log.info("promotion gate: rolling out the champion, models:/%s/%s, on the same %d seeds",
-                 name, current, episodes)
-        champion = [{"seed": s, "success": r.success}
-                    for s, r in rollouts(load_policy(name, current), episodes, seed)]
-        decision = gate.decide(gate.compare(outcomes, champion), margin, current)
-    result = gate.apply(client, name, version, decision)
+        decision = gate.sequential(settings, _paired_batches(name, version, current, outcomes,
+                                                             seed), current)
+    result = gate.apply(client, name, version, decision, move_alias=move_alias)
     client.log_dict(run_id, {**result, "tags": gate.gate_tags(decision)}, "evaluation/gate.json")
     log.info("promotion gate for models:/%s/%s: %s", name, version, decision.reason)
     return result
@@ -268,6 +303,11 @@ def run_evaluate(env: StepEnv) -> dict[str, Any]:
 
     environment, episodes, seed, threshold = _settings(env)
     name, version = _model_ref(env.spec.inputs)
+    evaluation = env.spec.evaluation or {}
+    margin = evaluation.get("promotion_margin")
+    # Checked before any rollout: a bad gate setting fails at once, not after the evaluation.
+    settings = gate_settings(evaluation, float(margin), episodes) if margin is not None else None
+    approval = (evaluation.get("gate") or {}).get("approval") == "required"
     # load_model resolves models:/ URIs through the process-wide registry URI.
     mlflow.set_tracking_uri(env.tracking_uri)
     mlflow.set_registry_uri(env.tracking_uri)
@@ -334,12 +374,11 @@ def run_evaluate(env: StepEnv) -> dict[str, Any]:
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, value)
     gate = None
-    margin = (env.spec.evaluation or {}).get("promotion_margin")
-    if margin is not None:
+    if settings is not None:
         if previous is not None:
             outcomes = _episodes_of(client, previous.info.run_id)
-        gate = _promotion_gate(client, name, version, outcomes, float(margin), passed,
-                               episodes, seed, run_id)
+        gate = _promotion_gate(client, name, version, outcomes, settings, passed, seed, run_id,
+                               move_alias=not approval)
     log.info("evaluate: models:/%s/%s on %s: success rate %.1f%% (95%% CI %.1f-%.1f%%) over %d "
              "episodes (threshold %.1f%%), mean final distance %.4f m -> %s", name, version,
              environment, 100 * success_rate, 100 * figures["success_rate_ci95_low"],

@@ -1,31 +1,90 @@
 """The promotion gate: a candidate model version replaces the `champion` only if it is better.
 
 Both versions are rolled out on the same evaluation seeds, so the comparison is paired: per
-seed, the candidate and the champion either agree (both succeed, both fail) or one wins. The
-candidate is promoted when its success rate beats the champion's, by at least the margin; a
-candidate that is worse or equal on these seeds never becomes champion, whatever the margin.
-The exact one-sided sign test on the discordant seeds (McNemar's exact test) is recorded with
-the evidence, for people to judge how much to trust a small difference.
+seed they either agree (both succeed, both fail) or one wins. Only the discordant seeds say
+which is better, and if both were equally good each would be a fair coin: the test is
+McNemar's exact test, one-sided (candidate better), i.e. an exact sign test on the discordant
+seeds (`arf_trainer.stats.sign_test_p`).
+
+The gate is sequential, so clear cases stay cheap: the seeds come in batches of
+`evaluation.episodes` (the first batch is the candidate's own evaluation), up to
+`evaluation.gate.max_episodes`. After each batch (a "look") the cumulative p-value is compared
+with that look's share of `evaluation.gate.alpha` (power alpha spending, rho=2,
+`stats.alpha_spending`); the shares sum to alpha, so by the union bound the chance of ever
+promoting a candidate that is not better (the false-promotion rate) is at most alpha, however
+many looks are taken. The candidate is promoted at the first look where the test rejects and
+its observed gain is at least `evaluation.promotion_margin`; it is rejected early once it is
+clearly worse (one-sided exact test the other way at `FUTILITY`: stopping to reject never
+raises the false-promotion rate), and otherwise when the budget is spent.
 
 On promotion the old champion keeps an alias, `previous-champion`, so it stays addressable
 (`models:/<name>@previous-champion`) and a rollback is one alias move. The decision and its
-evidence (both rates with 95 % intervals, the seeds, wins/losses, p-value, margin) are recorded
-as `arf.gate.*` tags on the candidate version, whichever way it goes.
+evidence (test, alpha, p-value, episodes used, every look, both rates with 95 % intervals) are
+recorded as `arf.gate.*` tags on the candidate version, whichever way it goes.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from arf_trainer.errors import EvaluationError
-from arf_trainer.stats import wilson_interval
+from arf_trainer.stats import alpha_spending, sign_test_p, wilson_interval
 
 CHAMPION = "champion"
 PREVIOUS_CHAMPION = "previous-champion"
+TEST = ("sequential McNemar exact test (one-sided sign test on discordant seeds), "
+        "power alpha spending rho=2 over the looks, union bound")
+# One-sided level at which a look stops early because the candidate is clearly WORSE. Any
+# value keeps the false-promotion rate at most alpha (it can only stop promotions); 0.1 saves
+# most of the budget on bad candidates while rarely stopping one that is a little better.
+FUTILITY = 0.1
+DEFAULT_ALPHA = 0.05
+
+# (first seed index, count) -> (candidate outcomes, champion outcomes) on those seeds.
+PairedBatch = Callable[[int, int], tuple[Sequence[dict[str, Any]], Sequence[dict[str, Any]]]]
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """`evaluation.gate` with the batch size (`evaluation.episodes`) and the margin."""
+
+    alpha: float = DEFAULT_ALPHA
+    margin: float = 0.0
+    batch: int = 50
+    max_episodes: int = 200
+
+    def check(self) -> None:
+        if not 0 < self.alpha < 1:
+            raise EvaluationError(f"evaluation.gate.alpha={self.alpha} must lie strictly "
+                                  "between 0 and 1, e.g. 0.05 (the false-promotion rate)")
+        if not 0 <= self.margin < 1:
+            raise EvaluationError(f"promotion margin {self.margin} must be in [0, 1), e.g. "
+                                  "0.02 for two points of success rate")
+        if self.batch < 1 or self.max_episodes < self.batch:
+            raise EvaluationError(
+                f"evaluation.gate.max_episodes={self.max_episodes} must be at least "
+                f"evaluation.episodes={self.batch} (the gate's first batch); raise it, e.g. to "
+                f"{4 * max(self.batch, 1)}")
+
+    @property
+    def levels(self) -> tuple[float, ...]:
+        """The nominal level of each look (they sum to alpha)."""
+        return alpha_spending(self.alpha, math.ceil(self.max_episodes / self.batch))
+
+
+@dataclass(frozen=True)
+class Look:
+    """The cumulative evidence after one batch."""
+
+    episodes: int
+    wins: int
+    losses: int
+    p_value: float
+    level: float  # the nominal alpha this look may reject at
 
 
 @dataclass(frozen=True)
@@ -53,6 +112,16 @@ class Decision:
     comparison: Comparison | None
     margin: float
     champion_version: str | None
+    alpha: float | None = None
+    looks: tuple[Look, ...] = field(default=())
+
+    @property
+    def p_value(self) -> float | None:
+        return self.looks[-1].p_value if self.looks else None
+
+    @property
+    def episodes(self) -> int:
+        return self.looks[-1].episodes if self.looks else 0
 
 
 def _by_seed(outcomes: Sequence[dict[str, Any]], who: str) -> dict[int, bool]:
@@ -85,36 +154,51 @@ def compare(candidate: Sequence[dict[str, Any]], champion: Sequence[dict[str, An
                       p_value=sign_test_p(wins, losses))
 
 
-def sign_test_p(wins: int, losses: int) -> float:
-    """P(X >= wins) for X ~ Binomial(wins + losses, 1/2): the chance of at least this many wins
-    among the discordant seeds if both versions were equally good."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n
+def first_version(margin: float) -> Decision:
+    """No champion yet: the first evaluated candidate (that passed the threshold) becomes one."""
+    return Decision(True, f"no version has the '{CHAMPION}' alias yet: the first evaluated "
+                    "candidate becomes champion", None, margin, None)
 
 
-def decide(comparison: Comparison | None, margin: float, champion_version: str | None) -> Decision:
-    """Promote iff there is no champion yet, or the candidate is better on the paired seeds,
-    by at least `margin`."""
-    if not 0 <= margin < 1:
-        raise EvaluationError(f"promotion margin {margin} must be in [0, 1), e.g. 0.02 for two "
-                              "points of success rate")
-    if champion_version is None or comparison is None:
-        return Decision(True, f"no version has the '{CHAMPION}' alias yet: the first evaluated "
-                        "candidate becomes champion", None, margin, None)
-    c = comparison
-    summary = (f"candidate {c.candidate_rate:.1%} vs champion v{champion_version} "
-               f"{c.champion_rate:.1%} on {len(c.seeds)} paired seeds ({c.wins} won, "
-               f"{c.losses} lost, sign-test p={c.p_value:.3g})")
-    # difference = (wins - losses) / seeds: "better" and "wins more seeds than it loses" are
-    # the same thing on paired seeds. A tie is not better, even with a zero margin.
-    if c.difference <= 0 or c.difference < margin:
-        why = ("not better" if c.difference <= 0
-               else f"better by less than the margin {margin:.1%}")
-        return Decision(False, f"kept champion: {why}; {summary}", c, margin, champion_version)
-    return Decision(True, f"promoted: better by {c.difference:.1%} >= margin {margin:.1%}; "
-                    f"{summary}", c, margin, champion_version)
+def _summary(c: Comparison, champion: str, looks: Sequence[Look], alpha: float) -> str:
+    last = looks[-1]
+    return (f"candidate {c.candidate_rate:.1%} vs champion v{champion} {c.champion_rate:.1%} "
+            f"on {len(c.seeds)} paired seeds in {len(looks)} look(s) ({c.wins} won, "
+            f"{c.losses} lost; McNemar exact p={last.p_value:.3g} vs level {last.level:.3g} "
+            f"of alpha {alpha:g})")
+
+
+def sequential(settings: GateSettings, batches: PairedBatch, champion: str) -> Decision:
+    """Run the sequential paired test: ask `batches` for one batch of seeds at a time and stop
+    at the first look that decides (see the module docstring)."""
+    settings.check()
+    candidate: list[dict[str, Any]] = []
+    reference: list[dict[str, Any]] = []
+    looks: list[Look] = []
+    levels = settings.levels
+    for k, level in enumerate(levels):
+        start = k * settings.batch
+        cand, champ = batches(start, min(settings.batch, settings.max_episodes - start))
+        candidate.extend(cand)
+        reference.extend(champ)
+        c = compare(candidate, reference)
+        looks.append(Look(len(c.seeds), c.wins, c.losses, c.p_value, level))
+        if c.p_value <= level and c.difference > 0 and c.difference >= settings.margin:
+            return Decision(True, f"promoted: significantly better by {c.difference:.1%} "
+                            f">= margin {settings.margin:.1%}; "
+                            f"{_summary(c, champion, looks, settings.alpha)}", c,
+                            settings.margin, champion, settings.alpha, tuple(looks))
+        if sign_test_p(c.losses, c.wins) <= FUTILITY:
+            why = f"clearly worse (one-sided p={sign_test_p(c.losses, c.wins):.3g} <= {FUTILITY})"
+            break
+    else:
+        why = ("not better" if c.difference <= 0 else
+               f"better by less than the margin {settings.margin:.1%}"
+               if c.difference < settings.margin else
+               "not significantly better")
+        why += f" after the whole budget of {settings.max_episodes} episodes"
+    return Decision(False, f"kept champion: {why}; {_summary(c, champion, looks, settings.alpha)}",
+                    c, settings.margin, champion, settings.alpha, tuple(looks))
 
 
 def champion_version(client: Any, name: str) -> str | None:
@@ -129,24 +213,40 @@ def champion_version(client: Any, name: str) -> str | None:
         raise
 
 
-def apply(client: Any, name: str, candidate_version: str, decision: Decision) -> dict[str, Any]:
-    """Record the decision on the candidate and, if promoted, move the aliases. Idempotent: a
-    retry that finds the candidate already champion changes nothing."""
+def move_champion(client: Any, name: str, version: str) -> None:
+    """Make `version` the champion; the old one keeps `previous-champion`. Idempotent."""
+    current = champion_version(client, name)
+    if current != str(version):
+        if current is not None:
+            client.set_registered_model_alias(name, PREVIOUS_CHAMPION, current)
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+
+
+def apply(client: Any, name: str, candidate_version: str, decision: Decision,
+          move_alias: bool = True) -> dict[str, Any]:
+    """Record the decision on the candidate and, if promoted, move the aliases (unless
+    `move_alias` is False: a person must approve first, the version is tagged
+    `arf.gate.approval=pending`). Idempotent: a retry changes nothing more."""
     tags = gate_tags(decision)
+    pending = decision.promote and not move_alias
+    if pending:
+        tags["arf.gate.approval"] = "pending"
     for key, value in tags.items():
         client.set_model_version_tag(name, candidate_version, key, value)
-    if decision.promote:
-        current = champion_version(client, name)
-        if current != str(candidate_version):
-            if current is not None:
-                client.set_registered_model_alias(name, PREVIOUS_CHAMPION, current)
-            client.set_registered_model_alias(name, CHAMPION, str(candidate_version))
-    return {"promoted": decision.promote, "reason": decision.reason,
-            "champion_version": str(candidate_version) if decision.promote
+    if decision.promote and move_alias:
+        move_champion(client, name, str(candidate_version))
+    promoted = decision.promote and move_alias
+    return {"promoted": promoted, "reason": decision.reason,
+            "awaiting_approval": pending,
+            "champion_version": str(candidate_version) if promoted
             else decision.champion_version,
             # The champion's rate on the same seeds (None when there was no champion).
             "champion_rate": (decision.comparison.champion_rate
-                              if decision.comparison is not None else None)}
+                              if decision.comparison is not None else None),
+            "candidate_rate": (decision.comparison.candidate_rate
+                               if decision.comparison is not None else None),
+            "p_value": decision.p_value, "episodes": decision.episodes,
+            "alpha": decision.alpha}
 
 
 def gate_tags(decision: Decision) -> dict[str, str]:
@@ -158,5 +258,9 @@ def gate_tags(decision: Decision) -> dict[str, str]:
         c = asdict(decision.comparison)
         seeds = c.pop("seeds")
         c["seeds"] = f"{seeds[0]}..{seeds[-1]} ({len(seeds)})"
-        tags["arf.gate.evidence"] = json.dumps(c, sort_keys=True)
+        c["looks"] = [asdict(look) for look in decision.looks]
+        tags["arf.gate.evidence"] = json.dumps(c, sort_keys=True)[:5000]
+        tags.update({"arf.gate.test": TEST, "arf.gate.alpha": f"{decision.alpha:g}",
+                     "arf.gate.p_value": f"{decision.p_value:.6g}",
+                     "arf.gate.episodes": str(decision.episodes)})
     return tags

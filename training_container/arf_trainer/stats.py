@@ -46,3 +46,37 @@ def bootstrap_mean_interval(values: Sequence[float], level: float = 0.95,
     tail = (1 - level) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return float(low), float(high)
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """McNemar's exact test, one-sided: P(X >= wins) for X ~ Binomial(wins + losses, 1/2).
+
+    On paired outcomes only the discordant pairs (one version succeeded, the other failed)
+    carry information about which version is better; if both were equally good, each
+    discordant pair would be a fair coin. Exact (no normal approximation), so the test never
+    rejects more often than its level, which a gate needs on 50-seed samples."""
+    if wins < 0 or losses < 0:
+        raise ValueError(f"wins={wins} and losses={losses} must be counts (>= 0)")
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n
+
+
+def alpha_spending(alpha: float, looks: int, rho: float = 2.0) -> tuple[float, ...]:
+    """Nominal levels of `looks` equally spaced analyses that together spend `alpha`.
+
+    Power-family spending function alpha * t**rho (Kim and DeMets; rho=2 lies between
+    Pocock's flat boundary, rho=1, and O'Brien-Fleming's, rho~3): look k may reject at level
+    alpha * ((k/K)**rho - ((k-1)/K)**rho). The levels sum to alpha, so by the union bound the
+    chance of rejecting at any look under the null is at most alpha, whatever the correlation
+    between looks and however many looks are actually taken (stopping early only spends less).
+    Conservative: an exact group-sequential boundary would spend a little more of alpha."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha={alpha} must lie strictly between 0 and 1, e.g. 0.05")
+    if looks < 1:
+        raise ValueError(f"looks={looks} must be at least 1")
+    if rho <= 0:
+        raise ValueError(f"rho={rho} must be positive")
+    spent = [alpha * (k / looks) ** rho for k in range(looks + 1)]
+    return tuple(b - a for a, b in zip(spent, spent[1:]))

@@ -1,0 +1,48 @@
+"""`evaluation.gate`: how sure the promotion gate must be, and whether a person approves.
+
+Its own module so that `templates.py` only hooks it in. The statistics live on the container
+side (`arf_trainer.gate`); this is the schema that configures them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Gate(BaseModel):
+    """The promotion gate's error rate, episode budget and approval."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    alpha: float = Field(
+        0.05, gt=0.0, lt=0.5,
+        description="False-promotion rate: the chance of promoting a candidate that is not "
+                    "better than the champion is at most this (sequential McNemar exact test "
+                    "with alpha spending over the looks).")
+    max_episodes: int | None = Field(
+        None, ge=1, le=100_000,
+        description="Most paired seeds the gate may use; it evaluates in batches of "
+                    "evaluation.episodes and stops as soon as the decision is clear. "
+                    "Default: 4 x evaluation.episodes.")
+    approval: Literal["none", "required"] = Field(
+        "none",
+        description="'required': a promotion waits for a person to approve it in Airflow "
+                    "(human-in-the-loop task of arf_evaluate showing the evidence) before the "
+                    "'champion' alias moves; a rejection is recorded on the version.")
+
+
+def check_gate(evaluation: Any) -> None:
+    """Cross-field rules of `evaluation` involving the gate (raise ValueError: pydantic names
+    the section)."""
+    gate = evaluation.gate
+    if gate is None:
+        return
+    if evaluation.promotion_margin is None:
+        raise ValueError("evaluation.gate is set but evaluation.promotion_margin is not, so no "
+                         "gate runs; set promotion_margin (e.g. 0.0 or 0.02) or remove gate")
+    if gate.max_episodes is not None and gate.max_episodes < evaluation.episodes:
+        raise ValueError(f"evaluation.gate.max_episodes={gate.max_episodes} is below "
+                         f"evaluation.episodes={evaluation.episodes}, the gate's first batch; "
+                         f"raise it (e.g. to {4 * evaluation.episodes}) or remove it")

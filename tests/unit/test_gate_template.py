@@ -1,0 +1,45 @@
+"""`evaluation.gate` in a template: defaults, the approval choice and its error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from arf_training.errors import TemplateError
+from arf_training.templates import parse_template
+
+REPO = Path(__file__).resolve().parents[2]
+FINETUNE = (REPO / "config_templates" / "reach_bc_failure_finetune.yaml").read_text()
+MARGIN = "  promotion_margin: 0.02\n"
+
+
+def with_gate(gate: str, text: str = FINETUNE) -> str:
+    assert MARGIN in text
+    return text.replace(MARGIN, MARGIN + gate, 1)
+
+
+def test_gate_section_parses_with_defaults():
+    assert parse_template(FINETUNE).evaluation.gate is None  # defaults apply in the evaluator
+    gate = parse_template(with_gate("  gate: {approval: required}\n")).evaluation.gate
+    assert (gate.alpha, gate.max_episodes, gate.approval) == (0.05, None, "required")
+
+
+@pytest.mark.parametrize("text, fragments", [
+    pytest.param(with_gate("  gate: {max_episodes: 20}\n"),
+                 ["evaluation", "max_episodes=20 is below evaluation.episodes=50", "200"],
+                 id="budget-below-one-batch"),
+    pytest.param(with_gate("  gate: {alpha: 0.7}\n"), ["evaluation.gate.alpha", "0.5"],
+                 id="alpha-too-large"),
+    pytest.param(with_gate("  gate: {approval: maybe}\n"),
+                 ["evaluation.gate.approval", "'none' or 'required'", "maybe"],
+                 id="approval-not-a-choice"),
+    pytest.param(with_gate("  gate: {alpha: 0.05}\n").replace(MARGIN, ""),
+                 ["promotion_margin is not", "no gate runs"], id="gate-without-margin"),
+])
+def test_bad_gate_settings_are_named(text, fragments):
+    with pytest.raises(TemplateError) as info:
+        parse_template(text, "ft.yaml")
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in:\n{message}"
