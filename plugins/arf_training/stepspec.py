@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from arf_training import __version__
+from arf_training import __version__, custom_launch
 from arf_training.params import resolve_conf
 from arf_training.settings import REPO_ROOT, ArfSettings
 from arf_training.templates import LoadedTemplate, Resources
@@ -55,6 +55,9 @@ class StepSpec:
     timeout_s: float = 3600.0
     grace_s: float = 30.0
     result_path: Path = field(default=Path())
+    setup_command: tuple[str, ...] = ()
+    """Run once before `command` on every start, in the default image (a template's own
+    training command: `arf-trainer custom-setup`, see arf_training.custom_launch)."""
 
     @property
     def world_size(self) -> int:
@@ -182,10 +185,13 @@ def build_step_spec(
         "ARF_OUTPUT_DIR": str(workspace / train_dir / "output"),
         **extra_env,
     }
+    if custom:
+        env.update(custom_launch.env_for(workspace / train_dir))
     return StepSpec(
         step=step,
         image=custom.image if custom else DEFAULT_IMAGE,
-        command=list(custom.command) if custom else ["arf-trainer", step],
+        command=custom_launch.wrap(custom.command) if custom else ["arf-trainer", step],
+        setup_command=custom_launch.SETUP_COMMAND if custom else (),
         env=env,
         job_spec=job_spec,
         workspace=workspace,

@@ -250,7 +250,17 @@ def test_image_override_applies_to_built_in_recipes_only():
     custom_template = next(t for t in SHIPPED if t.template.training.command is not None)
     custom = _container(_render(custom_template, "train", settings))
     assert custom["image"] == custom_template.template.training.command.image
-    assert custom["command"] == custom_template.template.training.command.command
+    # The user's command, started by the launch wrapper (arf_training.custom_launch)...
+    own = custom_template.template.training.command.command
+    assert custom["command"][:2] == ["/bin/sh", "-c"] and custom["command"][-len(own):] == own
+    # ...after `arf-trainer custom-setup` in the (overridden) default image, on the same volume.
+    (setup,) = _render(custom_template, "train", settings)["spec"]["initContainers"]
+    assert setup["image"] == settings.image
+    assert setup["command"] == ["arf-trainer", "custom-setup"]
+    assert setup["volumeMounts"] == custom["volumeMounts"]
+    setup_env = {e["name"]: e.get("value") for e in setup["env"]}
+    assert setup_env["ARF_CUSTOM_ENV"] == _env(custom)["ARF_CUSTOM_ENV"]
+    assert setup_env["ARF_CUSTOM_ENV"].startswith("/workspace/")
 
 
 def test_gpu_resources_and_toleration():

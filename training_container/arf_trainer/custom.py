@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from arf_trainer import __version__, tracking
+from arf_trainer import tracking
+from arf_trainer.custom_setup import base_model_record, lineage_tags
 from arf_trainer.errors import RegistryError
 from arf_trainer.spec import StepEnv, read_json
 
@@ -35,7 +36,7 @@ def folder_sha256(folder: Path) -> str:
 
 
 def register_custom(env: StepEnv) -> dict[str, Any]:
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric, Param, RunTag
     from mlflow.exceptions import MlflowException
 
     spec, ws = env.spec, env.workspace
@@ -50,28 +51,21 @@ def register_custom(env: StepEnv) -> dict[str, Any]:
     result = read_json(result_path)
     manifest = read_json(ws / "prepare" / "manifest.json")
     sha = folder_sha256(output)
-    tables = {n: t.get("version") for n, t in manifest.get("tables", {}).items()}
     resolved = {"template": spec.template, "hyperparameters": spec.hyperparameters,
                 "seed": spec.seed}
-    lineage = {
-        "arf.template": spec.name,
-        "arf.template_sha256": spec.template_sha256,
-        "arf.dag_id": spec.run.dag_id,
-        "arf.dag_run_id": spec.run.run_id,
-        "arf.data_fingerprint": str(manifest.get("fingerprint", "")),
-        "arf.data_tables": tracking.canonical_json(tables),
-        "arf.config_hash": tracking.sha256_json(resolved),
-        "arf.code_version": tracking.canonical_json({"arf_trainer": __version__,
-                                                     **spec.code_version}),
-        "arf.weights_sha256": sha,
-    }
+    lineage = {**lineage_tags(env), "arf.weights_sha256": sha}
+    base = base_model_record(env)
+    if base:  # the exact version the command started from, not the alias it was asked for
+        lineage.update({"arf.base_model": base["uri"], "arf.base_model_version": base["version"],
+                        "arf.base_model_run_id": base["run_id"]})
     client = tracking.configure(env.tracking_uri)
     with tracking.mlflow_errors(env.tracking_uri, f"register {name!r}"):
         experiment_id = tracking.get_or_create_experiment(client, spec.name, env.artifact_root)
+        # Usually found: custom-setup created it before the command logged into it live.
         run_id, resumed = tracking.find_or_create_run(
-            client, experiment_id, spec.run.dag_id, spec.run.run_id,
-            {**lineage, "arf.recipe": "custom-command",
-             "arf.command": tracking.canonical_json(spec.training["command"])})
+            client, experiment_id, spec.run.dag_id, spec.run.run_id, lineage)
+        if resumed:
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in lineage.items()])
         lineage["arf.training_run_id"] = run_id
         versions = client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
         if versions:
@@ -80,12 +74,14 @@ def register_custom(env: StepEnv) -> dict[str, Any]:
         else:
             run = client.get_run(run_id)
             now = int(time.time() * 1000)
-            if not run.data.metrics:  # a retry after logging must not log the points twice
-                client.log_batch(run_id, metrics=[
-                    Metric(k, float(v), now, 0) for k, v in (result.get("metrics") or {}).items()],
-                    params=[Param(k, str(v)) for k, v in
-                            {**spec.hyperparameters, "seed": spec.seed}.items()
-                            if k not in run.data.params])
+            # Only what the command did not log itself (live, or a retry of this step before):
+            # no point is recorded twice.
+            client.log_batch(run_id, metrics=[
+                Metric(k, float(v), now, 0) for k, v in (result.get("metrics") or {}).items()
+                if k not in run.data.metrics],
+                params=[Param(k, str(v)) for k, v in
+                        {**spec.hyperparameters, "seed": spec.seed}.items()
+                        if k not in run.data.params])
             client.log_dict(run_id, resolved, "arf/resolved_config.json")
             client.log_artifacts(run_id, str(output), "model")
             try:

@@ -49,6 +49,10 @@ def read_lineage(tracking_uri: str, run_id: str) -> dict[str, Any]:
         "torch_version": tags.get("arf.torch_version"),
         "local_torch_version": _torch_version(),
         "dag_run": tags.get("arf.dag_run"),
+        # A fine-tune's base as it was resolved (reproduce pins this version, not the alias).
+        "base_model": tags.get("arf.base_model"),
+        "base_model_version": tags.get("arf.base_model_version"),
+        "recipe": tags.get("arf.recipe"),
     }
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator
 
+from arf_training import custom_launch
 from arf_training.backends.base import Backend
 from arf_training.backends.memory import MemoryCeiling
 from arf_training.errors import BAD_INPUT_EXIT, SKIP_EXIT, StepFailed, StepSkipped, StepTimeout
@@ -52,6 +53,9 @@ PASSTHROUGH_ENV = ("HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "CUDA_VISIB
 TEST_HOOKS = ("ARF_TEST_STEP_DELAY_S", "ARF_TEST_CHECKPOINT_DELAY_S", "ARF_TEST_CRASH_AT_STEP",
               "ARF_TEST_CRASH_RANK", "ARF_TEST_CRASH_MODE", "ARF_TEST_CRASH_TRIAL")
 TAIL_LINES = 60
+# Restarts after "preempted, resume me" (exit 75) within one task try: many on a spot pool that
+# is reclaimed often, but bounded so that a command that always exits 75 cannot loop forever.
+MAX_PREEMPTIONS = 100
 # Beyond the step's own grace period: time for torchrun to pass SIGTERM on and reap workers.
 KILL_MARGIN_S = 5.0
 # The step's Python logging prefix ("2026-12-03 17:42:12,099 INFO name: ...", MLflow's
@@ -93,6 +97,7 @@ class LocalStepRunner:
         self._procs: list[subprocess.Popen] = []
         self._grace_s = 30.0
         self._stopped = False  # kill() found processes running: their exit codes are ours
+        self.preemptions = 0  # starts that ended with exit 75 and were restarted
 
     def commands(self, spec: StepSpec) -> list[list[str]]:
         """One command per local "node": plain for a single process, torchrun otherwise."""
@@ -137,9 +142,61 @@ class LocalStepRunner:
         env = self.environment(spec, job_spec_path)
         commands = self.commands(spec)
         self._grace_s = spec.grace_s
-        ceiling = MemoryCeiling(str(spec.resources.memory), spec.procs_per_node)
         self.log.info("step %s: world size %d, workspace %s", spec.step, spec.world_size,
                       spec.workspace)
+        exit_dir = Path(env.get("ARF_EXIT_DIR") or spec.workspace / spec.step / "exits")
+        for start in range(MAX_PREEMPTIONS + 1):
+            if spec.setup_command:
+                self._setup(spec, env)
+            custom_launch.clear_exit_codes(exit_dir)
+            codes, tail, ceiling = self._start(spec, env, commands)
+            rank_codes = custom_launch.rank_exit_codes(exit_dir)
+            if self._stopped or not custom_launch.was_preempted(codes, rank_codes,
+                                                                spec.world_size):
+                break
+            # Exit 75: preempted, resume me. Not a failure: no Airflow retry is spent.
+            self.log.warning("step %s was preempted (exit code %d; ranks %s): restarting it to "
+                             "resume from its checkpoint (restart %d of at most %d)", spec.step,
+                             custom_launch.PREEMPTED_EXIT, rank_codes or codes, start + 1,
+                             MAX_PREEMPTIONS)
+            self.preemptions += 1
+        failed = [(i, c) for i, c in enumerate(codes) if c != 0]
+        if failed and all(c == SKIP_EXIT for _, c in failed):
+            # The step's last line says why (e.g. no new rows in the data interval).
+            reason = next((line for line in reversed(tail) if line.strip()), "")
+            raise StepSkipped(f"step {spec.step!r} found nothing to do (exit code {SKIP_EXIT}): "
+                              f"{reason}")
+        if failed:
+            what = ", ".join(f"node {i} exit code {c}" for i, c in failed)
+            note = "" if self._stopped else ceiling.failure_note(codes, tail)
+            raise StepFailed(f"step {spec.step!r} failed ({what}). Last lines of its output:\n"
+                             + "\n".join(tail) + note,
+                             retryable=any(c != BAD_INPUT_EXIT for _, c in failed))
+        if not spec.result_path.exists():
+            raise StepFailed(f"step {spec.step!r} exited 0 but wrote no result at "
+                             f"{spec.result_path}; a step must write its result JSON last")
+        return json.loads(spec.result_path.read_text())
+
+    def _setup(self, spec: StepSpec, env: dict[str, str]) -> None:
+        """`spec.setup_command` (arf-trainer custom-setup), its output into the task log."""
+        command = [venv_bin(spec.setup_command[0]), *spec.setup_command[1:]]
+        self.log.info("$ %s", " ".join(command))
+        proc = subprocess.run(command, env=env, cwd=spec.workspace, capture_output=True,
+                              text=True, errors="replace", timeout=spec.timeout_s)
+        lines = (proc.stdout + proc.stderr).splitlines()
+        for line in lines:
+            self.log.log(*relay_line(line))
+        if proc.returncode != 0:
+            raise StepFailed(f"step {spec.step!r}: {' '.join(spec.setup_command)} failed (exit "
+                             f"code {proc.returncode}) before the command started:\n"
+                             + "\n".join(lines[-TAIL_LINES:]),
+                             retryable=proc.returncode != BAD_INPUT_EXIT)
+
+    def _start(self, spec: StepSpec, env: dict[str, str], commands: list[list[str]]
+               ) -> tuple[list[int], collections.deque[str], MemoryCeiling]:
+        """One start of the step's process groups, waited for: (exit codes, tail, ceiling)."""
+        self._procs = []
+        ceiling = MemoryCeiling(str(spec.resources.memory), spec.procs_per_node)
         lines: queue.Queue[tuple[int, str | None]] = queue.Queue()
         tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         for node, command in enumerate(commands):
@@ -178,22 +235,7 @@ class LocalStepRunner:
             codes = [proc.wait() for proc in self._procs]
         finally:
             self.kill()
-        failed = [(i, c) for i, c in enumerate(codes) if c != 0]
-        if failed and all(c == SKIP_EXIT for _, c in failed):
-            # The step's last line says why (e.g. no new rows in the data interval).
-            reason = next((line for line in reversed(tail) if line.strip()), "")
-            raise StepSkipped(f"step {spec.step!r} found nothing to do (exit code {SKIP_EXIT}): "
-                              f"{reason}")
-        if failed:
-            what = ", ".join(f"node {i} exit code {c}" for i, c in failed)
-            note = "" if self._stopped else ceiling.failure_note(codes, tail)
-            raise StepFailed(f"step {spec.step!r} failed ({what}). Last lines of its output:\n"
-                             + "\n".join(tail) + note,
-                             retryable=any(c != BAD_INPUT_EXIT for _, c in failed))
-        if not spec.result_path.exists():
-            raise StepFailed(f"step {spec.step!r} exited 0 but wrote no result at "
-                             f"{spec.result_path}; a step must write its result JSON last")
-        return json.loads(spec.result_path.read_text())
+        return codes, tail, ceiling
 
     @staticmethod
     def _pump(node: int, proc: subprocess.Popen, lines: queue.Queue) -> None:

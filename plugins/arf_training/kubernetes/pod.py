@@ -27,6 +27,7 @@ What a step's pod looks like, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -287,6 +288,16 @@ def container(spec: StepSpec, settings: KubernetesSettings, *, name: str = CONTA
     }
 
 
+def _init_containers(spec: StepSpec, settings: KubernetesSettings) -> dict[str, Any]:
+    """`spec.setup_command` (a template's own command: `arf-trainer custom-setup`) as an init
+    container in the default image, with the step's env and volumes: it writes the MLflow run
+    and base model into the workspace before the command starts (arf_training.custom_launch)."""
+    if not spec.setup_command:
+        return {}
+    setup = dataclasses.replace(spec, image=DEFAULT_IMAGE, command=list(spec.setup_command))
+    return {"initContainers": [container(setup, settings, name="arf-setup")]}
+
+
 def pod_template(spec: StepSpec, identity: RunIdentity, settings: KubernetesSettings, *,
                  name: str, container_name: str = CONTAINER_NAME,
                  command: list[str] | None = None,
@@ -300,6 +311,7 @@ def pod_template(spec: StepSpec, identity: RunIdentity, settings: KubernetesSett
         box["ports"] = ports
     pod_spec: dict[str, Any] = {
         "containers": [box],
+        **_init_containers(spec, settings),
         "volumes": volumes,
         "automountServiceAccountToken": bool(settings.service_account),
         "enableServiceLinks": False,

@@ -1,0 +1,82 @@
+"""How a template's own training command is started, the same way by every backend.
+
+A custom command runs in its own image, which need not contain arf-trainer; it only needs
+`/bin/sh`. Before it, `arf-trainer custom-setup` (the default image: a process locally, an
+init container on Kubernetes) creates or finds the DAG run's MLflow run, pins the base model and
+writes an environment file (`arf_trainer.custom_setup`). Each process of the command (each rank
+under torchrun / a PyTorchJob) is then started by `wrap(command)`, a POSIX shell prologue that:
+
+1. sources that file: MLflow's standard variables for global rank 0 only (the others get
+   ARF_LOG_TO_MLFLOW=false), the base model for every rank;
+2. runs the command as a child and passes SIGTERM on to it (in a pod only PID 1 receives the
+   kubelet's SIGTERM; torchrun signals its workers, which are these shells), so the command gets
+   its ARF_PREEMPTION_GRACE_S to checkpoint;
+3. records the command's exit code in `$ARF_EXIT_DIR/rank-$RANK`, because torchrun reports a
+   worker's exit 75 ("preempted, resume me") as its own exit 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PREEMPTED_EXIT = 75
+"""A step's exit code for "preempted, rerun me to resume" (the container side's
+arf_trainer.errors.PREEMPTED_EXIT; this side must not import it)."""
+
+SETUP_COMMAND = ("arf-trainer", "custom-setup")
+ENV_FILE = "custom_env.sh"  # arf_trainer.custom_setup.ENV_FILE
+EXIT_DIR = "exits"
+
+# $0 is the name shown in `ps`; "$@" the command. The trap is set before the child exists
+# (a SIGTERM in between is remembered and passed on once the child runs).
+PROLOGUE = r"""
+if [ -n "$ARF_CUSTOM_ENV" ] && [ -f "$ARF_CUSTOM_ENV" ]; then . "$ARF_CUSTOM_ENV"; fi
+child=
+term=
+trap 'term=1; [ -n "$child" ] && kill -TERM "$child" 2>/dev/null' TERM
+"$@" &
+child=$!
+[ -n "$term" ] && kill -TERM "$child" 2>/dev/null
+wait "$child"; code=$?
+while kill -0 "$child" 2>/dev/null; do wait "$child"; code=$?; done
+if [ -n "$ARF_EXIT_DIR" ]; then
+  mkdir -p "$ARF_EXIT_DIR" && echo "$code" > "$ARF_EXIT_DIR/rank-${RANK:-0}"
+fi
+exit "$code"
+""".strip()
+
+
+def wrap(command: list[str]) -> list[str]:
+    """The process command of one rank of a custom command (see the module docstring)."""
+    return ["/bin/sh", "-c", PROLOGUE, "arf-custom-command", *command]
+
+
+def env_for(train_dir: Path) -> dict[str, str]:
+    """The step variables that point the wrapper at its files in the training's folder."""
+    return {"ARF_CUSTOM_ENV": str(train_dir / ENV_FILE),
+            "ARF_EXIT_DIR": str(train_dir / EXIT_DIR)}
+
+
+def rank_exit_codes(exit_dir: Path) -> dict[str, int]:
+    """rank -> exit code the wrapper recorded in this start (clear the folder before it)."""
+    codes = {}
+    for path in sorted(exit_dir.glob("rank-*")) if exit_dir.is_dir() else []:
+        try:
+            codes[path.name[len("rank-"):]] = int(path.read_text().strip())
+        except ValueError:
+            continue  # being written as the step was stopped
+    return codes
+
+
+def clear_exit_codes(exit_dir: Path) -> None:
+    for path in exit_dir.glob("rank-*") if exit_dir.is_dir() else []:
+        path.unlink(missing_ok=True)
+
+
+def was_preempted(codes: list[int], rank_codes: dict[str, int], world_size: int) -> bool:
+    """Whether a start that ended with process `codes` asks to be resumed: every process exited
+    75, or (under torchrun, which turns it into 1) every rank's command did."""
+    if codes and all(c == PREEMPTED_EXIT for c in codes):
+        return True
+    return len(rank_codes) == world_size and all(
+        c == PREEMPTED_EXIT for c in rank_codes.values())
