@@ -1,0 +1,124 @@
+"""`federated:`: train one model across sites whose data never leaves them (Flower).
+
+Its own module so that `templates.py` only hooks it in. The DAG of such a template maps
+`prepare_data` over the sites (each against its own data hub, into its own workspace folder),
+then one `federate` task runs a Flower SuperLink and one SuperNode per site; only weights cross
+site boundaries (see DESIGN.md "Federated training").
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_SITES = 64
+_SITE_NAME = r"^[a-z][a-z0-9-]{0,30}$"  # a DNS label part: it names pods and claims too
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Site(_Section):
+    """One site: its name, its data hub, and optionally its own query."""
+
+    name: str = Field(pattern=_SITE_NAME,
+                      description="Site name: lowercase letters, digits and '-', at most 31 "
+                                  "characters (it names the site's task, folder and pods).")
+    hub: str = Field(min_length=1, pattern=r"^\S(.*\S)?$",
+                     description="The site's data hub: an absolute path, a file:// URI, or a "
+                                 "path relative to ARF_HOME (e.g. sites/north/datahub). The "
+                                 "site's prepare step sees this hub only.")
+    query: str | None = Field(
+        None, min_length=1,
+        description="This site's SELECT, if it differs from dataset.query (same columns).")
+
+    # The same query rules as dataset.query (imported late: templates.py imports this module).
+    @model_validator(mode="before")
+    @classmethod
+    def _query_size(cls, data: Any) -> Any:
+        from arf_training.templates import _check_query_size
+
+        return _check_query_size(data, "federated.sites[].query")
+
+    @field_validator("query")
+    @classmethod
+    def _single_select(cls, query: str | None) -> str | None:
+        from arf_training.templates import _check_single_select
+
+        return None if query is None else _check_single_select(query)
+
+
+class Federated(_Section):
+    """Sites, rounds and the aggregation strategy of a federated training."""
+
+    sites: list[Site] = Field(min_length=2, max_length=MAX_SITES,
+                              description="At least two sites, each with its own data hub.")
+    rounds: int = Field(ge=1, le=10_000, description="Federated rounds (fit + aggregate).")
+    strategy: Literal["fedavg", "fedprox"] = Field(
+        "fedavg", description="Aggregation: 'fedavg' (sample-weighted mean of the sites' "
+                              "weights) or 'fedprox' (the same, with a proximal term "
+                              "proximal_mu/2 * ||w - w_global||^2 in each site's loss).")
+    fraction_fit: float = Field(1.0, gt=0.0, le=1.0,
+                                description="Fraction of the connected sites sampled each round.")
+    min_sites: int = Field(2, ge=1, le=MAX_SITES,
+                           description="Fewest sites a round needs; with fewer replies (a site "
+                                       "down) the federate task fails.")
+    local_epochs: int = Field(1, ge=1, le=1000, description="Epochs each site trains per round.")
+    proximal_mu: float | None = Field(
+        None, gt=0.0, le=1000.0, description="FedProx's proximal weight; fedprox only.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Federated":
+        problems = []
+        names = [site.name for site in self.sites]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            problems.append(f"federated.sites: site name(s) {dupes} appear more than once; "
+                            "give every site its own name")
+        hubs = [site.hub.rstrip("/") for site in self.sites]
+        shared = sorted({h for h in hubs if hubs.count(h) > 1})
+        if shared:
+            problems.append(f"federated.sites: hub(s) {shared} are used by more than one site; "
+                            "each site must have its own data hub")
+        if self.min_sites > len(self.sites):
+            problems.append(f"federated.min_sites is {self.min_sites} but only "
+                            f"{len(self.sites)} site(s) are listed; lower min_sites or add sites")
+        sampled = int(self.fraction_fit * len(self.sites))
+        if sampled < self.min_sites:
+            problems.append(f"federated.fraction_fit {self.fraction_fit} samples {sampled} of "
+                            f"{len(self.sites)} sites per round, fewer than min_sites "
+                            f"({self.min_sites}); raise fraction_fit or lower min_sites")
+        if self.strategy == "fedprox" and self.proximal_mu is None:
+            problems.append("federated.proximal_mu is required with strategy 'fedprox' "
+                            "(e.g. proximal_mu: 0.01)")
+        if self.strategy == "fedavg" and self.proximal_mu is not None:
+            problems.append(f"federated.proximal_mu ({self.proximal_mu}) is used by strategy "
+                            "'fedprox' only; remove it or set strategy: fedprox")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def check_federated(template: Any) -> None:
+    """Cross-section rules of a template with `federated:` (raise ValueError naming the field)."""
+    federated = template.federated
+    if federated is None:
+        return
+    training, problems = template.training, []
+    if training.recipe is None:
+        problems.append("federated needs a built-in training.recipe (the sites train it "
+                        "inside Flower's ClientApp); remove federated or use a recipe")
+    if training.distributed.nodes * training.distributed.procs_per_node != 1:
+        problems.append("federated: training.distributed must be 1 node x 1 process (each "
+                        "site trains in one process)")
+    if template.hpo is not None:
+        problems.append("federated and hpo cannot be combined yet; remove one of them")
+    if template.dataset.allow_query_override:
+        problems.append("federated: dataset.allow_query_override is not supported (a trigger "
+                        "query would run at every site); set it to false")
+    if template.dataset.replay is not None:
+        problems.append("federated: dataset.replay is not supported; remove it")
+    if problems:
+        raise ValueError("; ".join(problems))
