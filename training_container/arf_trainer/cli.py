@@ -3,7 +3,6 @@
     arf-trainer prepare | train | register | evaluate     (configured by the ARF_* environment)
     arf-trainer custom-setup                              (before a template's own train command)
     arf-trainer datahub seed [--hub PATH] [...]           (demo data for the embedded data hub)
-    arf-trainer datahub ingest | tables | describe ...     (users' data; see datahub.hub_cli)
     arf-trainer datahub correct --hub PATH [...]          (expert corrections of failed episodes)
     arf-trainer fleet --model URI --hub PATH [...]        (field rollouts: failures into the hub)
 
@@ -19,7 +18,6 @@ import logging
 import sys
 from typing import NoReturn
 
-from arf_trainer.datahub import hub_cli
 from arf_trainer.errors import NothingToDo, Preempted, TrainerError
 
 STEPS = ("prepare", "train", "register", "evaluate")
@@ -97,16 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(step, help=f"run the {step} step described by the ARF_* environment")
     hub = sub.add_parser("datahub", help="embedded data hub utilities")
     hub_sub = hub.add_subparsers(dest="hub_command", required=True)
-    hub_cli.add_parsers(hub_sub)  # ingest | tables | describe
     seed = hub_sub.add_parser("seed", help="create the demo tables (reach demonstrations, digits)")
     seed.add_argument("--hub", required=True, help="data hub root directory")
     seed.add_argument("--episodes", type=int, default=200, help="expert reach episodes to record")
     seed.add_argument("--seed", type=int, default=0, help="RNG seed of the demonstrations")
     seed.add_argument("--force", action="store_true", help="append a new version even if seeded")
-    seed.add_argument("--pixels", action="store_true", help="also seed reach_pixels: the same "
-                      "episodes as camera frames (slow: a few ms a frame)")
-    seed.add_argument("--frame-size", type=int, default=64,
-                      help="reach_pixels frame width and height in pixels (default 64)")
     correct = hub_sub.add_parser(
         "correct", help="relabel failed evaluation episodes with the scripted expert (DAgger) "
         "into the corrections table, as the teleoperation module uploads corrections")
@@ -118,9 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     correct.add_argument("--limit", type=int, help="at most this many episodes, oldest first")
     correct.add_argument("--seeds", type=_seed_range, help="only episodes with START <= seed < "
                          "STOP, e.g. 200000:200100 (keep the evaluation seeds out of training)")
-    correct.add_argument("--states", choices=("failed", "all"), default="failed",
-                         help="failed: the failed episodes' states; all: every state of every "
-                         "field episode, successful ones too (DAgger; table field_episodes)")
     fleet = sub.add_parser(
         "fleet", help="roll a registered model out on field seeds, as deployed robots would, "
         "and record the failed episodes in the data hub's failures table")
@@ -179,8 +169,6 @@ def main(argv: list[str] | None = None) -> int:
                                 episodes=args.episodes, label=args.label,
                                 recorded_at=args.recorded_at or dt.datetime.now(dt.UTC))
             print(json.dumps(summary, indent=2, sort_keys=True))
-        elif args.hub_command in hub_cli.COMMANDS:
-            return hub_cli.run(args)
         elif args.hub_command == "correct":
             import datetime as dt
             import json
@@ -190,16 +178,14 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = correct_failures(uri_to_path(args.hub),
                                        collected_at=args.collected_at or dt.datetime.now(dt.UTC),
-                                       model_name=args.model, limit=args.limit, seeds=args.seeds,
-                                       states=args.states)
+                                       model_name=args.model, limit=args.limit, seeds=args.seeds)
             print(json.dumps(summary, indent=2, sort_keys=True))
         else:
             from arf_trainer.datahub.seed import seed_demo
             from arf_trainer.spec import uri_to_path
 
             summary = seed_demo(uri_to_path(args.hub), episodes=args.episodes, seed=args.seed,
-                                force=args.force, pixels=args.pixels,
-                                frame_size=args.frame_size)
+                                force=args.force)
             import json
 
             print(json.dumps(summary, indent=2, sort_keys=True))
