@@ -274,6 +274,11 @@ def test_fleet_records_field_failures_of_the_aliased_version(registry: dict[str,
     assert sorted(set(rows["seed"].to_pylist())) == [300000, 300001, 300002]
     assert set(rows["eval_run_id"].to_pylist()) == {"fleet:night-1"}
     assert set(rows["model_version"].to_pylist()) == {2}
+    # Every field episode (for `datahub correct --states all`) is in field_episodes too.
+    from arf_trainer.datahub.failures import FIELD_TABLE
+
+    field = open_table(hub, FIELD_TABLE).dataset.to_table()
+    assert sorted(set(field["seed"].to_pylist())) == [300000, 300001, 300002]
 
 
 @pytest.mark.parametrize("uri, message", [

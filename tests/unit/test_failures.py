@@ -148,3 +148,43 @@ def test_seed_filter_keeps_evaluation_seeds_out_of_corrections(tmp_path, episode
             main(["datahub", "correct", "--hub", str(tmp_path), "--seeds", bad])
         assert exit_info.value.code == 2
         assert "--seeds" in capsys.readouterr().err
+
+
+def test_states_all_relabels_successful_field_episodes_too(tmp_path, episodes, capsys):
+    """`--states all` (DAgger): every state of every field episode is relabelled, the expert's
+    successful ones included; `failures` still lists only what failed; each episode once, all
+    its steps under one `episode` id (what an episode-aware split groups by)."""
+    import json
+
+    from arf_trainer.cli import main
+    from arf_trainer.datahub.failures import FIELD_TABLE
+
+    both = episodes["zero"] + [(s + 100, r) for s, r in episodes["expert"]]
+    for table in (FAILURES_TABLE, FIELD_TABLE):
+        record_failures(tmp_path, model_name="m", model_version=1, eval_run_id="fleet:n1",
+                        episodes=both, recorded_at=T0, table=table)
+    failed = sum(not r.success for _, r in both)
+    assert failed < len(both)  # the expert's successes are in the field table only
+    assert _rows(tmp_path, FAILURES_TABLE).num_rows == failed * reach.EPISODE_STEPS
+    assert _rows(tmp_path, FIELD_TABLE).num_rows == len(both) * reach.EPISODE_STEPS
+
+    assert main(["datahub", "correct", "--hub", str(tmp_path), "--states", "all",
+                 "--collected-at", "2026-11-26T01:00:00+00:00"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["episodes"] == len(both)
+    assert summary["rows"] == len(both) * reach.EPISODE_STEPS
+    rows = _rows(tmp_path, CORRECTIONS_TABLE)
+    assert sorted(set(rows["seed"].to_pylist())) == sorted(s for s, _ in both)
+    per_episode = {}
+    for episode, seed in zip(rows["episode"].to_pylist(), rows["seed"].to_pylist(), strict=True):
+        per_episode.setdefault(episode, set()).add(seed)
+    assert len(per_episode) == len(both) and all(len(s) == 1 for s in per_episode.values())
+    obs = np.stack([rows[f"obs_{j}"].to_numpy() for j in range(reach.OBS_DIM)], axis=1)
+    act = np.stack([rows[f"act_{j}"].to_numpy() for j in range(reach.ACT_DIM)], axis=1)
+    assert np.array_equal(act, reach.expert_action(obs))
+    # Done once: neither --states all nor --states failed corrects an episode again.
+    for states in ("all", "failed"):
+        again = correct_failures(tmp_path, collected_at=T0, states=states)
+        assert again["episodes"] == 0
+    with pytest.raises(DataHubError, match="--states 'some' is not one of failed, all"):
+        correct_failures(tmp_path, collected_at=T0, states="some")

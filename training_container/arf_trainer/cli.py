@@ -1,7 +1,6 @@
 """`arf-trainer`: the container entrypoint. parse -> validate -> run one step -> write result.
 
     arf-trainer prepare | train | register | evaluate     (configured by the ARF_* environment)
-    arf-trainer custom-setup                              (before a template's own train command)
     arf-trainer datahub seed [--hub PATH] [...]           (demo data for the embedded data hub)
     arf-trainer datahub correct --hub PATH [...]          (expert corrections of failed episodes)
     arf-trainer fleet --model URI --hub PATH [...]        (field rollouts: failures into the hub)
@@ -111,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     correct.add_argument("--limit", type=int, help="at most this many episodes, oldest first")
     correct.add_argument("--seeds", type=_seed_range, help="only episodes with START <= seed < "
                          "STOP, e.g. 200000:200100 (keep the evaluation seeds out of training)")
+    correct.add_argument("--states", choices=("failed", "all"), default="failed",
+                         help="failed: the failed episodes' states; all: every state of every "
+                         "field episode, successful ones too (DAgger; table field_episodes)")
     fleet = sub.add_parser(
         "fleet", help="roll a registered model out on field seeds, as deployed robots would, "
         "and record the failed episodes in the data hub's failures table")
@@ -124,8 +126,6 @@ def main(argv: list[str] | None = None) -> int:
                        help="time to record, ISO 8601 with a zone; default: now")
     fleet.add_argument("--label", default="manual", help="recorded as eval_run_id fleet:LABEL")
     fleet.add_argument("--tracking-uri", help="MLflow tracking URI (default: ARF_TRACKING_URI)")
-    sub.add_parser("custom-setup", help="before a template's own training command: its MLflow "
-                   "run, base model and environment file (arf_trainer.custom_setup)")
     lineage = sub.add_parser("lineage", help="print what a training run recorded (JSON)")
     lineage.add_argument("run_id", help="MLflow run id of a training run")
     lineage.add_argument("--tracking-uri", help="MLflow tracking URI (default: ARF_TRACKING_URI)")
@@ -136,11 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in STEPS:
             _run_step(args.command)
-        elif args.command == "custom-setup":
-            from arf_trainer.custom_setup import run_custom_setup
-            from arf_trainer.spec import StepEnv
-
-            run_custom_setup(StepEnv.from_environ())
         elif args.command == "lineage":
             import json
             import os
@@ -178,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = correct_failures(uri_to_path(args.hub),
                                        collected_at=args.collected_at or dt.datetime.now(dt.UTC),
-                                       model_name=args.model, limit=args.limit, seeds=args.seeds)
+                                       model_name=args.model, limit=args.limit, seeds=args.seeds,
+                                       states=args.states)
             print(json.dumps(summary, indent=2, sort_keys=True))
         else:
             from arf_trainer.datahub.seed import seed_demo

@@ -2,7 +2,8 @@
 seeds of its own and record the failed episodes in the data hub's `failures` table.
 
 In the platform, deployed robots upload the episodes that went wrong; this command plays that
-part for the embedded default and the failure-loop benchmark. Its seeds must not overlap the
+part for the embedded default and the failure-loop benchmark. Every episode, successful or
+not, also goes to `field_episodes`, for corrections of all visited states (`--states all`). Its seeds must not overlap the
 template's evaluation seeds: corrections made from evaluation failures would teach the model
 the very episodes the promotion gate measures it on (test-set leakage), so the benchmark draws
 field seeds from a range of their own and corrects only those (`datahub correct --seeds`).
@@ -29,7 +30,7 @@ def run_fleet(*, tracking_uri: str, model_uri: str, hub: Path, first_seed: int, 
     import mlflow
     from mlflow import MlflowClient
 
-    from arf_trainer.datahub.failures import record_failures
+    from arf_trainer.datahub.failures import FIELD_TABLE, record_failures
     from arf_trainer.evaluator import load_policy, rollouts
     from arf_trainer.trainer.base_model import resolve
 
@@ -46,6 +47,10 @@ def run_fleet(*, tracking_uri: str, model_uri: str, hub: Path, first_seed: int, 
     recorded = record_failures(hub, model_name=name, model_version=int(version),
                                eval_run_id=f"fleet:{label}", episodes=done,
                                recorded_at=recorded_at)
+    # Every episode, successes too, for `datahub correct --states all` (DAgger relabels all).
+    record_failures(hub, model_name=name, model_version=int(version),
+                    eval_run_id=f"fleet:{label}", episodes=done, recorded_at=recorded_at,
+                    table=FIELD_TABLE)
     successes = sum(r.success for _, r in done)
     log.info("fleet: models:/%s/%s succeeded on %d of %d field episodes (seeds %d-%d); "
              "%d new failure(s) recorded", name, version, successes, episodes, first_seed,

@@ -1,13 +1,18 @@
 """Failure learning in the data hub: failed evaluation episodes in, expert corrections out.
 
-Two tables, one row per time step (the same step layout as `reach_demos`, so a fine-tune query
-can `UNION ALL` them with the original demonstrations):
+Three tables, one row per time step (the same step layout as `reach_demos`, so a fine-tune
+query can `UNION ALL` them with the original demonstrations):
 
 * `failures`: written by the evaluate step for each episode that missed the target. Columns
   model_name, model_version, eval_run_id, seed (the episode's evaluation seed), step,
   obs_0..obs_9, act_0..act_1 (what the model did), final_distance, success (false),
   recorded_at. Keyed by (model_name, model_version, seed): rollouts are deterministic, so a
   retried evaluation finds its episodes there and writes nothing twice.
+* `field_episodes`: every field episode (`arf-trainer fleet`), successful ones too, in the
+  `failures` layout with the real `success`. DAgger relabels every state the learner visits,
+  not only those of failed episodes: `correct_failures(states="all")` reads this table, while
+  `failures` stays the record of what failed. Evaluation episodes never land here, so a
+  correction of all states cannot leak the gate's seeds into training.
 * `corrections`: what the teleoperation module uploads for failure cases. Here
   `correct_failures` plays that role with the DAgger recipe: the states the model visited in
   its failed episodes, relabelled with the scripted expert's action for each state. Columns
@@ -15,7 +20,8 @@ can `UNION ALL` them with the original demonstrations):
   obs_0..obs_9, act_0..act_1 (the expert's), success (true: the label is the expert's),
   seed, collected_at, source_model_name, source_model_version. Each failure episode is
   corrected once; `collected_at` is the upload time the nightly fine-tune's data interval
-  selects on.
+  selects on. `episode` identifies the corrected episode (all its steps share it), so an
+  episode-aware split keeps a corrected episode wholly in training or wholly in validation.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FAILURES_TABLE = "failures"
+FIELD_TABLE = "field_episodes"
+STATES = {"failed": FAILURES_TABLE, "all": FIELD_TABLE}  # correct --states -> source table
 CORRECTIONS_TABLE = "corrections"
 _KEY = ("model_name", "model_version", "seed")
 OBS_DIM, ACT_DIM = 10, 2  # the reach task's (arf_trainer.sim.reach), without importing MuJoCo
@@ -82,14 +90,16 @@ def _keys(hub: Path, table: str, columns: tuple[str, ...]) -> set[tuple[Any, ...
 
 
 def record_failures(hub: Path, *, model_name: str, model_version: int, eval_run_id: str,
-                    episodes: list[tuple[int, Rollout]], recorded_at: dt.datetime
-                    ) -> dict[str, Any]:
-    """Append the failed ones of `episodes` ((seed, rollout) pairs) to `failures`, skipping
-    seeds already recorded for this model version. Returns {"episodes", "rows", "version"}."""
+                    episodes: list[tuple[int, Rollout]], recorded_at: dt.datetime,
+                    table: str = FAILURES_TABLE) -> dict[str, Any]:
+    """Append the failed ones of `episodes` ((seed, rollout) pairs) to `failures` (every one
+    of them to `table=FIELD_TABLE`), skipping seeds already recorded for this model version.
+    Returns {"episodes", "rows", "version"}."""
     recorded_at = _utc(recorded_at)
-    known = _keys(hub, FAILURES_TABLE, _KEY)
+    known = _keys(hub, table, _KEY)
     new = [(seed, r) for seed, r in episodes
-           if not r.success and (model_name, int(model_version), int(seed)) not in known]
+           if (table == FIELD_TABLE or not r.success)
+           and (model_name, int(model_version), int(seed)) not in known]
     if not new:
         return {"episodes": 0, "rows": 0, "version": None}
     steps = len(new[0][1].observations)
@@ -105,19 +115,22 @@ def record_failures(hub: Path, *, model_name: str, model_version: int, eval_run_
                                  np.concatenate([r.actions for _, r in new])))
     columns["final_distance"] = pa.array(
         np.repeat(np.array([r.final_distance for _, r in new], dtype=np.float32), steps))
-    columns["success"] = pa.array(np.zeros(n, dtype=bool))
+    columns["success"] = pa.array(np.repeat(np.array([r.success for _, r in new]), steps))
     columns["recorded_at"] = pa.array([recorded_at] * n, type=pa.timestamp("us", tz="UTC"))
-    version = write_table(hub, FAILURES_TABLE, pa.table(columns))
-    log.info("recorded %d failed episode(s) of %s v%s in %s (version %d)", len(new), model_name,
-             model_version, FAILURES_TABLE, version)
+    version = write_table(hub, table, pa.table(columns))
+    log.info("recorded %d episode(s) of %s v%s in %s (version %d)", len(new), model_name,
+             model_version, table, version)
     return {"episodes": len(new), "rows": n, "version": version}
 
 
 def correct_failures(hub: Path, *, collected_at: dt.datetime, model_name: str | None = None,
-                     limit: int | None = None, seeds: tuple[int, int] | None = None
-                     ) -> dict[str, Any]:
+                     limit: int | None = None, seeds: tuple[int, int] | None = None,
+                     states: str = "failed") -> dict[str, Any]:
     """Relabel not-yet-corrected failure episodes with the scripted expert's actions and append
     them to `corrections` with `collected_at`. Returns {"episodes", "rows", "version"}.
+
+    `states="all"` relabels every visited state of the field episodes (`field_episodes`,
+    successful ones too: DAgger's aggregate) instead of the failed episodes only.
 
     `model_name` restricts to one model's failures; `seeds=(start, stop)` to episodes with
     start <= seed < stop (e.g. the field's, never the evaluation seeds, which the promotion gate
@@ -132,9 +145,12 @@ def correct_failures(hub: Path, *, collected_at: dt.datetime, model_name: str | 
     if seeds is not None and not 0 <= seeds[0] < seeds[1]:
         raise DataHubError(f"seeds={seeds[0]}:{seeds[1]} must be START:STOP with "
                            "0 <= START < STOP (STOP excluded), e.g. 200000:200100")
-    if FAILURES_TABLE not in list_tables(hub):
+    if states not in STATES:
+        raise DataHubError(f"--states {states!r} is not one of {', '.join(STATES)}: 'failed' "
+                           "relabels the failed episodes, 'all' every field episode")
+    if STATES[states] not in list_tables(hub):
         return {"episodes": 0, "rows": 0, "version": None}
-    failures = open_table(hub, FAILURES_TABLE).dataset.to_table()
+    failures = open_table(hub, STATES[states]).dataset.to_table()
     if model_name is not None:
         failures = failures.filter(pc.equal(failures["model_name"], model_name))
     if seeds is not None:
