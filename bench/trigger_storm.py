@@ -114,13 +114,10 @@ def storm(port: int, mlflow_port: int, n: int, epochs: int, timeout_s: float,
             if all(s in ("success", "failed") for s in states.values()):
                 break
         time.sleep(5)
-    first_task = []
-    for run_id in run_ids:
-        code, body = api(port, "GET", f"/dags/{DAG}/dagRuns/{run_id}/taskInstances")
-        starts = [_ts(t.get("start_date")) for t in body.get("task_instances", [])] if code == 200 else []
-        starts = [s for s in starts if s]
-        if starts:
-            first_task.append(min(starts) - sent_at[run_id])
+    timings = [run_timings(port, run_id, sent_at[run_id]) for run_id in run_ids]
+    first_task = [t["first_task_s"] for t in timings if t["first_task_s"] is not None]
+    admitted = [t["admitted_s"] for t in timings if t["admitted_s"] is not None]
+    scheduled = [t["scheduling_s"] for t in timings if t["scheduling_s"] is not None]
     created = [a[1] - a[0] for a in answers if 200 <= a[2] < 300]
     return {
         "n": n, "2xx": sum(200 <= a[2] < 300 for a in answers),
@@ -133,7 +130,59 @@ def storm(port: int, mlflow_port: int, n: int, epochs: int, timeout_s: float,
         "restarts": restarts_now() - restarts_before,
         "created_p50_s": _pct(created, 50), "created_p95_s": _pct(created, 95),
         "first_task_p50_s": _pct(first_task, 50), "first_task_p95_s": _pct(first_task, 95),
+        "admitted_p50_s": _pct(admitted, 50), "admitted_p95_s": _pct(admitted, 95),
+        "scheduling_p50_s": _pct(scheduled, 50), "scheduling_p95_s": _pct(scheduled, 95),
     }
+
+
+def run_timings(port: int, run_id: str, sent: float) -> dict:
+    """Where the time from trigger to first task goes, for one run:
+
+    - `admitted_s`: trigger -> the scheduler sets the run running (its start_date). Includes
+      waiting for a free place under the DAG's `max_active_runs` (a limit the template sets).
+    - `scheduling_s`: run running -> its first task running (its earliest start_date): the
+      scheduler loop, the executor queue and the task supervisor's start. Includes waiting
+      for a free executor slot (`parallelism`) while other runs' tasks hold them.
+    - `first_task_s`: trigger -> first task running, end to end (the two above).
+    """
+    code, run = api(port, "GET", f"/dags/{DAG}/dagRuns/{run_id}")
+    started = _ts(run.get("start_date")) if code == 200 else None
+    code, body = api(port, "GET", f"/dags/{DAG}/dagRuns/{run_id}/taskInstances")
+    starts = [_ts(t.get("start_date")) for t in body.get("task_instances", [])] if code == 200 else []
+    first = min((s for s in starts if s), default=None)
+    return {"admitted_s": started - sent if started else None,
+            "scheduling_s": first - started if first and started else None,
+            "first_task_s": first - sent if first else None}
+
+
+def wait_finished(port: int, run_id: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        code, run = api(port, "GET", f"/dags/{DAG}/dagRuns/{run_id}")
+        if code == 200 and run.get("state") in ("success", "failed"):
+            return run["state"]
+        time.sleep(1)
+    return "unfinished"
+
+
+def single_triggers(port: int, count: int, epochs: int, timeout_s: float) -> dict:
+    """One trigger at a time on an idle stack: the first right after `arf up` (fresh), then
+    `count` more, each after the previous run ended (warm). Trigger -> first task running."""
+    rows = []
+    for i in range(count + 1):
+        sent = time.time()
+        code, body = api(port, "POST", f"/dags/{DAG}/dagRuns",
+                         {"logical_date": None, "conf": {"epochs": epochs}})
+        if not 200 <= code < 300:
+            rows.append({"state": f"HTTP {code}"})
+            continue
+        state = wait_finished(port, body["dag_run_id"], timeout_s)
+        rows.append({"state": state, **run_timings(port, body["dag_run_id"], sent)})
+    warm = [r["first_task_s"] for r in rows[1:] if r.get("first_task_s") is not None]
+    return {"fresh_first_task_s": rows[0].get("first_task_s"),
+            "fresh_scheduling_s": rows[0].get("scheduling_s"),
+            "warm_first_task_p50_s": _pct(warm, 50), "warm_first_task_p95_s": _pct(warm, 95),
+            "warm_runs": len(warm), "failed": sum(r["state"] != "success" for r in rows)}
 
 
 def footprint(supervisor_pid: int) -> dict:
@@ -160,7 +209,7 @@ def _versions(mlflow_port: int, run_ids: set[str]) -> int:
     return sum(v.tags.get("arf.dag_run_id") in run_ids for v in versions)
 
 
-def run_backend(backend: str, root: Path, hub: str, args) -> list[dict]:
+def run_backend(backend: str, root: Path, hub: str, args, singles: list[dict]) -> list[dict]:
     from arf_training import stack
 
     home = root / backend
@@ -186,6 +235,11 @@ def run_backend(backend: str, root: Path, hub: str, args) -> list[dict]:
         rest = footprint(stack.status()["supervisor_pid"])
         print(f"[{backend}] at rest: {rest['processes']} processes, PSS {rest['pss_mib']:.0f} MiB",
               flush=True)
+        if args.single:
+            single = single_triggers(opts.api_port, args.single, args.epochs, args.timeout)
+            single["backend"] = backend
+            print(json.dumps(single), flush=True)
+            singles.append(single)
         for load in args.loads:
             for n in args.n:
                 cpu = CpuLoad(args.timeout) if load else None
@@ -207,11 +261,12 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
-def table(results: list[dict]) -> str:
-    cols = ["backend", "load", "n", "2xx", "4xx", "5xx", "runs_succeeded", "runs_failed",
+def table(results: list[dict], cols: list[str] | None = None) -> str:
+    cols = cols or ["backend", "load", "n", "2xx", "4xx", "5xx", "runs_succeeded", "runs_failed",
             "runs_unfinished", "model_versions", "restarts", "created_p50_s", "created_p95_s",
-            "first_task_p50_s", "first_task_p95_s"]
-    rows = [cols] + [[_fmt(r[c]) for c in cols] for r in results]
+            "first_task_p50_s", "first_task_p95_s", "admitted_p50_s", "admitted_p95_s",
+            "scheduling_p50_s", "scheduling_p95_s"]
+    rows = [cols] + [[_fmt(r.get(c)) for c in cols] for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
 
@@ -226,6 +281,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=1, help="epochs per run (short runs)")
     parser.add_argument("--timeout", type=float, default=3600,
                         help="seconds to wait for one storm's runs (also bounds the CPU load)")
+    parser.add_argument("--single", type=int, default=5,
+                        help="before the storms: one fresh trigger, then this many warm ones, "
+                             "one at a time (0 to skip)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     args.loads = {"both": [False, True], "on": [True], "off": [False]}[args.load]
@@ -236,10 +294,19 @@ def main() -> int:
            "ARF_DB": "sqlite"}
     subprocess.run([str(Path(sys.executable).parent / "arf-trainer"), "datahub", "seed",
                     "--hub", hub, "--episodes", "80"], env=env, check=True, capture_output=True)
-    results = [r for backend in args.backends for r in run_backend(backend, root, hub, args)]
-    print(f"\n{DAG}, {os.cpu_count()} cores, epochs={args.epochs}\n{table(results)}")
+    singles: list[dict] = []
+    results = [r for backend in args.backends
+               for r in run_backend(backend, root, hub, args, singles)]
+    print(f"\n{DAG}, {os.cpu_count()} cores, epochs={args.epochs}, "
+          f"load average at the end {os.getloadavg()[0]:.1f}")
+    if singles:
+        print("one trigger at a time (trigger -> first task running, s):\n"
+              + table(singles, ["backend", "fresh_first_task_s", "fresh_scheduling_s",
+                                "warm_runs", "warm_first_task_p50_s", "warm_first_task_p95_s",
+                                "failed"]))
+    print("storms:\n" + table(results))
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        Path(args.out).write_text(json.dumps({"single": singles, "storms": results}, indent=2))
     return 0
 
 
