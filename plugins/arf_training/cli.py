@@ -5,6 +5,8 @@
     arf templates list                the templates and their DAGs
     arf templates render NAME         the Kubernetes manifests of its steps (like helm template)
     arf datahub seed [--force]        create the demo tables in the embedded data hub
+    arf datahub ingest TABLE FILE_OR_FOLDER... [--mode append|overwrite] [--partition-by COL]
+    arf datahub tables | describe TABLE [--version N]   users' data in the hub (any size)
     arf demo [--template T]           seed, run T end to end through Airflow, evaluate
     arf demo failure-loop [--nights N]   weak champion -> N nightly fine-tunes on corrected
                                       field failures, gated; vs a from-scratch retrain
@@ -33,6 +35,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from arf_training import cli_datahub
 from arf_training.errors import ArfError, ConfError, TemplateError
 
 
@@ -351,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     seed = hsub.add_parser("seed", help="create the demo tables (idempotent)")
     seed.add_argument("--force", action="store_true", help="write new versions even if seeded")
     seed.add_argument("--episodes", type=int, default=200, help="expert reach episodes")
+    cli_datahub.add_parsers(hsub)  # ingest | tables | describe
     demo = sub.add_parser("demo", help="run a template end to end on the embedded default; "
                           "`arf demo failure-loop` runs the measured failure-learning loop")
     demo.add_argument("what", nargs="?", choices=["failure-loop"],
@@ -449,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(text)
             return 0
+        if args.command == "datahub" and args.sub in cli_datahub.COMMANDS:
+            return cli_datahub.run(args)
         if args.command == "datahub":
             import subprocess
 

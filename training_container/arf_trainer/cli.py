@@ -2,6 +2,7 @@
 
     arf-trainer prepare | train | register | evaluate     (configured by the ARF_* environment)
     arf-trainer datahub seed [--hub PATH] [...]           (demo data for the embedded data hub)
+    arf-trainer datahub ingest | tables | describe ...     (users' data; see datahub.hub_cli)
     arf-trainer datahub correct --hub PATH [...]          (expert corrections of failed episodes)
     arf-trainer fleet --model URI --hub PATH [...]        (field rollouts: failures into the hub)
 
@@ -17,6 +18,7 @@ import logging
 import sys
 from typing import NoReturn
 
+from arf_trainer.datahub import hub_cli
 from arf_trainer.errors import NothingToDo, Preempted, TrainerError
 
 STEPS = ("prepare", "train", "register", "evaluate")
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(step, help=f"run the {step} step described by the ARF_* environment")
     hub = sub.add_parser("datahub", help="embedded data hub utilities")
     hub_sub = hub.add_subparsers(dest="hub_command", required=True)
+    hub_cli.add_parsers(hub_sub)  # ingest | tables | describe
     seed = hub_sub.add_parser("seed", help="create the demo tables (reach demonstrations, digits)")
     seed.add_argument("--hub", required=True, help="data hub root directory")
     seed.add_argument("--episodes", type=int, default=200, help="expert reach episodes to record")
@@ -164,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                                 episodes=args.episodes, label=args.label,
                                 recorded_at=args.recorded_at or dt.datetime.now(dt.UTC))
             print(json.dumps(summary, indent=2, sort_keys=True))
+        elif args.hub_command in hub_cli.COMMANDS:
+            return hub_cli.run(args)
         elif args.hub_command == "correct":
             import datetime as dt
             import json

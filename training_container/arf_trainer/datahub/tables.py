@@ -19,9 +19,12 @@ from typing import Literal
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
+from arf_trainer.datahub.arrow_types import (logical_schema, recorded_types,
+                                            storable_schema)
 from arf_trainer.errors import DataHubError
 
 # Table names become directory names and SQL identifiers, so keep them to plain identifiers:
@@ -131,8 +134,30 @@ def open_table(hub: Path, name: str, version: int | None = None) -> TableSnapsho
         name=name,
         version=int(table.version()),
         uri=path.resolve().as_uri(),
-        dataset=table.to_pyarrow_dataset(),
+        dataset=_scan(table),
     )
+
+
+def _scan(table: DeltaTable, filesystem: pafs.FileSystem | None = None) -> pads.Dataset:
+    dataset = table.to_pyarrow_dataset(filesystem=filesystem)
+    recorded = recorded_types(table.schema())
+    if recorded:  # array / unsigned columns: scan them with their original Arrow types
+        dataset = table.to_pyarrow_dataset(schema=logical_schema(dataset.schema, recorded),
+                                           filesystem=filesystem)
+    return dataset
+
+
+def open_delta_dataset(path: Path) -> pads.Dataset:
+    """The latest version of the local Delta table at `path` (e.g. one to ingest), for scanning.
+
+    Its files are read through Arrow's own filesystem, not delta-rs's: an ingest scans it
+    while delta-rs writes, from delta-rs's runtime thread, which must not start another.
+    """
+    local = pafs.SubTreeFileSystem(str(Path(path).resolve()), pafs.LocalFileSystem())
+    try:
+        return _scan(DeltaTable(str(path)), local)
+    except (TableNotFoundError, DeltaError) as exc:
+        raise DataHubError(f"{path} is not a readable Delta table: {exc}") from exc
 
 
 def write_table(hub: Path, name: str, data: pa.Table, mode: WriteMode = "append") -> int:
@@ -145,6 +170,8 @@ def write_table(hub: Path, name: str, data: pa.Table, mode: WriteMode = "append"
         raise DataHubError(f"write mode {mode!r} is not supported; use 'append' or 'overwrite'")
     path = table_path(hub, name)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Array and unsigned columns keep their Arrow types (see arf_trainer.datahub.arrow_types).
+    data = data.cast(storable_schema(data.schema))
     try:
         write_deltalake(
             str(path), data, mode=mode,

@@ -1,0 +1,69 @@
+"""`arf datahub ingest | tables | describe`: users' data in the embedded data hub.
+
+    arf datahub ingest TABLE FILE_OR_FOLDER... [--mode append|overwrite] [--partition-by COL]
+    arf datahub tables
+    arf datahub describe TABLE [--version N]
+
+Like `arf datahub seed`, each runs `arf-trainer datahub ...` from this installation as a
+subprocess against the hub of ARF_DATAHUB_URI (default `$ARF_HOME/datahub`): the Airflow side
+imports nothing heavy (pyarrow, deltalake) and the container side does the reading, so ingest
+behaves the same here and in a pod. Exit codes are the container's: 0 done, 2 bad input (the
+table is then unchanged).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+COMMANDS = ("ingest", "tables", "describe")
+
+
+def add_parsers(hsub: argparse._SubParsersAction) -> None:
+    """Add the subcommands to `arf datahub`."""
+    ingest = hsub.add_parser(
+        "ingest", help="add Parquet, CSV or Arrow IPC files or folders (or a Delta table) to a "
+        "table as one new version, streamed (any size)")
+    ingest.add_argument("table", help="table name, a lower-case identifier (e.g. robot_episodes)")
+    ingest.add_argument("paths", nargs="+", metavar="FILE_OR_FOLDER")
+    ingest.add_argument("--mode", choices=["append", "overwrite"], default="append",
+                        help="append (default; the columns must match the table's) or "
+                        "overwrite (replace rows and schema; older versions stay readable)")
+    ingest.add_argument("--partition-by", action="append", default=[], metavar="COL",
+                        help="partition a new table by this column (repeatable)")
+    ingest.add_argument("--json", action="store_true", help="print the result as JSON")
+    tables = hsub.add_parser("tables", help="the tables: latest version, rows, columns")
+    tables.add_argument("--json", action="store_true", help="print JSON")
+    describe = hsub.add_parser("describe", help="a table's columns and types, rows, versions "
+                                                "and history")
+    describe.add_argument("table", help="table name")
+    describe.add_argument("--version", type=int, help="this version (default: the latest)")
+    describe.add_argument("--json", action="store_true", help="print JSON")
+
+
+def trainer_command(args: argparse.Namespace, hub: str) -> list[str]:
+    """The `arf-trainer datahub ...` command line for `args` (paths made absolute)."""
+    from arf_training.settings import venv_bin
+
+    cmd = [venv_bin("arf-trainer"), "datahub", args.sub, "--hub", hub]
+    if args.sub == "ingest":
+        cmd += ["--mode", args.mode, args.table]
+        cmd += [str(Path(p).expanduser().absolute()) for p in args.paths]
+        for column in args.partition_by:
+            cmd += ["--partition-by", column]
+    elif args.sub == "describe":
+        cmd.append(args.table)
+        if args.version is not None:
+            cmd += ["--version", str(args.version)]
+    return cmd + (["--json"] if args.json else [])
+
+
+def run(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from arf_training.embedded import environment
+    from arf_training.settings import ArfSettings
+
+    settings = ArfSettings.from_env()
+    env = environment(settings, start_database=False)  # the hub is files: no database needed
+    return subprocess.run(trainer_command(args, settings.datahub_uri), env=env).returncode

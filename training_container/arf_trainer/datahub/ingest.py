@@ -1,0 +1,173 @@
+"""Users' data into the hub: Parquet, CSV, Arrow IPC files or folders (or a Delta table) in one
+atomic, versioned Delta commit, streamed in bounded memory.
+
+The guarantees, in the order they are built:
+
+1. Every source is resolved and its schema checked before a byte is written: a missing path,
+   an unknown file type, files whose columns differ from the first one, or an append whose
+   columns differ from the table's (named: missing, extra, different type) fail here.
+2. The rows stream: one file at a time, record batch by record batch (Parquet row groups, CSV
+   blocks, IPC batches), through a `RecordBatchReader` that delta-rs writes as it reads. Memory
+   is bounded by a few batches plus delta-rs's open file buffers, not by the input size.
+3. Delta commits once, at the end: the data files are written first and the new log entry is
+   put with an atomic create-if-absent. Anything that stops the stream (a CSV row that does not
+   parse, a corrupt file, SIGKILL) leaves no log entry, so the table stays at its previous
+   version and every reader sees what it saw before. Orphaned data files of a stopped write
+   are never referenced (a Delta `VACUUM` removes them).
+4. Array columns (`FLOAT[7]` joint vectors, `UTINYINT[64][64][3]` frames) and unsigned integers
+   keep their Arrow types through `arf_trainer.datahub.arrow_types`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake.exceptions import DeltaError, TableNotFoundError
+
+from arf_trainer.datahub.arrow_types import schema_differences, storable_schema, to_storable
+from arf_trainer.datahub.sources import Source, read_source, resolve_sources, source_schema
+from arf_trainer.datahub.tables import WriteMode, open_table, table_path
+from arf_trainer.errors import DataHubError
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What one ingest committed."""
+
+    table: str
+    version: int
+    rows: int
+    files: int
+    bytes_read: int
+    mode: str
+
+    def as_dict(self) -> dict:
+        return {"table": self.table, "version": self.version, "rows": self.rows,
+                "files": self.files, "bytes_read": self.bytes_read, "mode": self.mode}
+
+
+def _existing(hub: Path, name: str) -> DeltaTable | None:
+    try:
+        return DeltaTable(str(table_path(hub, name)))
+    except TableNotFoundError:
+        return None
+
+
+def _check_append(name: str, table: DeltaTable, current: pa.Schema, incoming: pa.Schema,
+                  partition_by: list[str]) -> pa.Schema:
+    """`incoming` in the table's column order, once its columns are known to match."""
+    problems = schema_differences(current, incoming)
+    if problems:
+        raise DataHubError(
+            f"cannot append to data hub table {name!r}: the input's columns differ from the "
+            f"table's (version {table.version()}): {'; '.join(problems)}. Fix: make the input "
+            "match the table (rename or cast those columns, e.g. in DuckDB or pandas), or "
+            f"replace the table with `--mode overwrite` (older versions stay readable)"
+        )
+    existing = list(table.metadata().partition_columns)
+    if partition_by and partition_by != existing:
+        raise DataHubError(
+            f"cannot append to data hub table {name!r} partitioned by {existing or 'nothing'} "
+            f"with --partition-by {','.join(partition_by)}; drop --partition-by to keep the "
+            "table's partitioning, or repartition it with `--mode overwrite`"
+        )
+    return pa.schema([incoming.field(column) for column in current.names])
+
+
+def _check_partitions(partition_by: list[str], schema: pa.Schema) -> None:
+    for column in partition_by:
+        if column not in schema.names:
+            raise DataHubError(
+                f"--partition-by {column!r} is not a column of the input; columns: "
+                f"{', '.join(schema.names)}"
+            )
+        dtype = schema.field(column).type
+        if pa.types.is_nested(dtype) or pa.types.is_floating(dtype):
+            raise DataHubError(
+                f"--partition-by {column!r}: a {dtype} column cannot name a partition folder; "
+                "partition by a string, integer or date column (e.g. a day or a robot id)"
+            )
+
+
+class _Stream:
+    """The batches of every source in turn, cast to the stored schema; counts what passed.
+
+    delta-rs pulls from this generator on its own thread; an exception raised here surfaces
+    as a generic DeltaError, so the original one is kept to be re-raised as it was.
+    """
+
+    def __init__(self, sources: Sequence[Source], schema: pa.Schema, storable: pa.Schema):
+        self.sources, self.schema, self.storable = sources, schema, storable
+        self.rows = 0
+        self.error: BaseException | None = None
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        try:
+            for source in self.sources:
+                for batch in read_source(source, self.schema):
+                    self.rows += batch.num_rows
+                    yield to_storable(batch, self.storable)
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def reader(self) -> pa.RecordBatchReader:
+        return pa.RecordBatchReader.from_batches(self.storable, self.batches())
+
+
+def ingest(hub: Path, name: str, paths: Sequence[str | Path], mode: WriteMode = "append",
+           partition_by: Sequence[str] = ()) -> IngestResult:
+    """Write the rows of `paths` (files, folders, Delta tables) to table `name` in one commit.
+
+    `append` adds to the table (creating it if needed) and requires the same columns and
+    types; `overwrite` replaces rows and schema (older versions stay readable). Raises
+    `DataHubError` for bad input; the table is then unchanged.
+    """
+    if mode not in ("append", "overwrite"):
+        raise DataHubError(f"--mode {mode!r} is not supported; use 'append' or 'overwrite'")
+    path = table_path(hub, name)
+    sources = resolve_sources(paths)
+    table = _existing(hub, name) if mode == "append" else None
+    current = open_table(hub, name).dataset.schema if table is not None else None
+    # An append reads CSV with the table's column types, so inference cannot invent a clash.
+    schema = source_schema(sources, current)
+    partitions = list(partition_by)
+    _check_partitions(partitions, schema)
+    if table is not None:
+        schema = _check_append(name, table, current, schema, partitions)
+        partitions = partitions or list(table.metadata().partition_columns)
+    storable = storable_schema(schema)
+    stream = _Stream(sources, schema, storable)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    commit = CommitProperties(custom_metadata={
+        "arf.operation": "ingest",
+        "arf.sources": json.dumps([str(s.path.resolve()) for s in sources[:20]]
+                                  + ([f"... {len(sources) - 20} more"] if len(sources) > 20 else [])),
+    })
+    try:
+        write_deltalake(str(path), stream.reader(), mode=mode, partition_by=partitions or None,
+                        schema_mode="overwrite" if mode == "overwrite" else None,
+                        commit_properties=commit)
+    except (DeltaError, pa.ArrowException, OSError) as exc:
+        if isinstance(stream.error, DataHubError):
+            raise stream.error from None
+        cause = stream.error or exc
+        raise DataHubError(
+            f"could not {mode} to data hub table {name!r} at {path}: {_short(cause)}; the table "
+            "is unchanged (still at its previous version)"
+        ) from cause
+    return IngestResult(table=name, version=int(DeltaTable(str(path)).version()),
+                        rows=stream.rows, files=len(sources),
+                        bytes_read=sum(s.size for s in sources), mode=mode)
+
+
+def _short(exc: BaseException) -> str:
+    """The first line of an error, without delta-rs's embedded Python traceback."""
+    text = re.split(r"\. Detail: Python exception|\n", str(exc), maxsplit=1)[0]
+    return text or type(exc).__name__

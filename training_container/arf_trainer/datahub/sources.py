@@ -1,0 +1,255 @@
+"""The files an ingest reads: finding them, their schemas, and their rows as a bounded stream.
+
+Formats are told by the file name (`.parquet`/`.pq`, `.csv`/`.csv.gz`/`.tsv`,
+`.arrow`/`.feather`/`.ipc`/`.arrows`); a folder holding `_delta_log` is a Delta table. Each
+file is read on its own, batch by batch, so an error names the file (and, for CSV, the line).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from arf_trainer.datahub.arrow_types import schema_differences
+from arf_trainer.datahub.tables import open_delta_dataset
+from arf_trainer.errors import DataHubError
+
+SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv",
+            ".csv.gz": "csv", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow",
+            ".arrows": "arrow"}
+BATCH_ROWS = 65_536
+CSV_BLOCK_BYTES = 4 << 20
+_KNOWN = ", ".join(sorted(SUFFIXES))
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input: a file of a known format, or a Delta table folder."""
+
+    path: Path
+    format: str  # parquet | csv | arrow | delta
+    size: int
+    # A Delta table is opened here, on the caller's thread: delta-rs cannot open a table from
+    # the thread of its own runtime that pulls the batches during the write.
+    dataset: pads.Dataset | None = field(default=None, compare=False, repr=False)
+
+
+def _format_of(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix in sorted(SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return SUFFIXES[suffix]
+    return None
+
+
+def _delta_source(path: Path) -> Source:
+    size = sum(f.stat().st_size for f in path.rglob("*.parquet") if f.is_file())
+    return Source(path, "delta", size, open_delta_dataset(path))
+
+
+def _folder_sources(folder: Path) -> list[Source]:
+    tables = sorted(d.parent for d in folder.rglob("_delta_log") if d.is_dir())
+    found, unknown = [], []
+    for child in sorted(folder.rglob("*")):
+        relative = child.relative_to(folder)
+        if any(part.startswith((".", "_")) for part in relative.parts):
+            continue  # hidden files, _SUCCESS markers, a Delta table's own _delta_log
+        if any(child == t or t in child.parents for t in tables):
+            continue  # a nested Delta table is read as a table (its log says which files count)
+        if child.is_dir():
+            if "=" in child.name:
+                raise DataHubError(
+                    f"{child} is a Hive partition folder (column=value); ingest reads files, so "
+                    "the value in the folder name would be lost. Write the column into the "
+                    "files, or ingest a Delta table of them"
+                )
+            continue
+        (found if _format_of(child) else unknown).append(child)
+    if unknown:
+        raise DataHubError(
+            f"{folder} holds files of no known format: {', '.join(map(str, unknown[:5]))}"
+            f"{' ...' if len(unknown) > 5 else ''}; known: {_KNOWN}. Move them out of the "
+            "folder or pass the data files one by one"
+        )
+    return [Source(f, _format_of(f), f.stat().st_size) for f in found] + [
+        _delta_source(t) for t in tables]
+
+
+def resolve_sources(paths: Sequence[str | Path]) -> list[Source]:
+    """Every data file (or Delta table) named by `paths`, in order; folders are walked, sorted."""
+    if not paths:
+        raise DataHubError("nothing to ingest: name at least one file or folder")
+    sources: list[Source] = []
+    for item in paths:
+        path = Path(item).expanduser()
+        if not path.exists():
+            raise DataHubError(f"{path} does not exist; check the path (nothing was written)")
+        if path.is_dir() and (path / "_delta_log").is_dir():
+            sources.append(_delta_source(path))
+        elif path.is_dir():
+            found = _folder_sources(path)
+            if not found:
+                raise DataHubError(f"folder {path} holds no data files ({_KNOWN})")
+            sources.extend(found)
+        elif _format_of(path) is None:
+            raise DataHubError(f"{path}: unknown file type; name it with one of {_KNOWN}")
+        else:
+            sources.append(Source(path, _format_of(path), path.stat().st_size))
+    return sources
+
+
+def _csv_options(source: Source, schema: pa.Schema | None):
+    read = pacsv.ReadOptions(use_threads=False, block_size=CSV_BLOCK_BYTES)  # rows numbered
+    parse = pacsv.ParseOptions(delimiter="\t" if source.path.name.lower().endswith(".tsv")
+                               else ",")
+    types = {field.name: field.type for field in schema} if schema is not None else None
+    return read, parse, pacsv.ConvertOptions(column_types=types)
+
+
+def _open_csv(source: Source, schema: pa.Schema | None) -> pacsv.CSVStreamingReader:
+    read, parse, convert = _csv_options(source, schema)
+    stream = pa.input_stream(str(source.path), compression="detect")
+    try:
+        return pacsv.open_csv(stream, read_options=read, parse_options=parse,
+                              convert_options=convert)
+    except pa.ArrowException as exc:
+        raise _csv_error(source, exc, 0) from exc
+
+
+def _file_schema(source: Source, hint: pa.Schema | None) -> pa.Schema:
+    try:
+        if source.format == "parquet":
+            return pq.read_schema(source.path)
+        if source.format == "arrow":
+            return _open_ipc(source.path).schema
+        if source.format == "delta":
+            return source.dataset.schema
+    except (pa.ArrowException, OSError) as exc:
+        raise DataHubError(f"{source.path}: not a readable {source.format} file: {exc}") from exc
+    header = _csv_header(source)
+    typed = pa.schema([hint.field(n) for n in header if n in hint.names]) if hint else None
+    return _open_csv(source, typed).schema
+
+
+def _csv_header(source: Source) -> list[str]:
+    with _text(source.path) as handle:
+        delimiter = "\t" if source.path.name.lower().endswith(".tsv") else ","
+        return next(csv.reader(handle, delimiter=delimiter), [])
+
+
+def _text(path: Path) -> io.TextIOBase:
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", newline="")
+    return open(path, newline="")
+
+
+def _open_ipc(path: Path):
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    if magic == b"ARROW1":  # the IPC file format (Feather v2); else the streaming format
+        return pa.ipc.open_file(pa.memory_map(str(path)))
+    return pa.ipc.open_stream(pa.OSFile(str(path)))
+
+
+def source_schema(sources: Sequence[Source], hint: pa.Schema | None = None) -> pa.Schema:
+    """The columns of the first source, after checking every other source has the same ones.
+
+    `hint` (the target table's schema on an append) fixes CSV column types by name.
+    """
+    first = _file_schema(sources[0], hint)
+    for source in sources[1:]:
+        other = _file_schema(source, first if source.format == "csv" else None)
+        problems = schema_differences(first, other)
+        if problems:
+            raise DataHubError(
+                f"{source.path} does not have the columns of {sources[0].path}: "
+                f"{'; '.join(problems)}. One ingest writes one schema: ingest the files "
+                "separately (the table's append check then names what to fix)"
+            )
+    return pa.schema([pa.field(f.name, f.type) for f in first])
+
+
+def read_source(source: Source, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    """The rows of `source` as record batches with the column names of `schema`."""
+    if source.format == "csv":
+        yield from _csv_batches(source, schema)
+        return
+    try:
+        if source.format == "parquet":
+            yield from pq.ParquetFile(source.path).iter_batches(batch_size=BATCH_ROWS)
+        elif source.format == "arrow":
+            reader = _open_ipc(source.path)
+            if isinstance(reader, pa.ipc.RecordBatchFileReader):
+                for index in range(reader.num_record_batches):
+                    yield reader.get_batch(index)
+            else:
+                yield from reader
+        else:
+            yield from source.dataset.to_batches(
+                batch_size=BATCH_ROWS, batch_readahead=1, fragment_readahead=1)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataHubError(f"{source.path}: could not read this {source.format} file: {exc}; "
+                           "nothing was written") from exc
+
+
+def _csv_batches(source: Source, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    header = _csv_header(source)
+    reader = _open_csv(source, pa.schema([schema.field(n) for n in header if n in schema.names]))
+    rows = 0
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            return
+        except pa.ArrowException as exc:
+            raise _csv_error(source, exc, rows) from exc
+        rows += batch.num_rows
+        yield batch
+
+
+_ROW = re.compile(r"Row #(\d+): ")
+_BAD_VALUE = re.compile(r"In CSV column #(\d+): .*invalid value '(.*)'", re.DOTALL)
+
+
+def _csv_error(source: Source, exc: Exception, rows_before: int) -> DataHubError:
+    """A CSV error naming the file and the line (1 = the header) of the row that failed."""
+    text = str(exc).replace("CSV parse error: ", "")
+    line = None
+    if match := _ROW.search(text):
+        line, text = int(match.group(1)), _ROW.sub("", text, count=1)
+    if match := _BAD_VALUE.search(text):
+        column = int(match.group(1))
+        line = line or _line_of_value(source, column, match.group(2), rows_before)
+        header = _csv_header(source)
+        if column < len(header):  # the type comes from the table (append) or the first rows
+            text = f"column {header[column]!r}: {text}"
+    where = f"line {line}" if line else f"after data row {rows_before}"
+    return DataHubError(
+        f"{source.path}: {where}: {text.strip()}. Fix or remove that row and ingest again "
+        "(nothing was written; the table is at its previous version)"
+    )
+
+
+def _line_of_value(source: Source, column: int, value: str, rows_before: int) -> int | None:
+    """The physical line of the first data row after `rows_before` whose `column` is `value`.
+
+    Only on the error path: Arrow's conversion errors name the value, not the row.
+    """
+    delimiter = "\t" if source.path.name.lower().endswith(".tsv") else ","
+    with _text(source.path) as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        next(reader, None)
+        for index, row in enumerate(reader):
+            if index >= rows_before and len(row) > column and row[column] == value:
+                return reader.line_num
+    return None
