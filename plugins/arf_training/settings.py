@@ -91,6 +91,11 @@ class ArfSettings:
         """The embedded database `name` of this home (see `database_uri`)."""
         return database_uri(self.home, name)
 
+    def from_secret(self, env_name: str) -> bool:
+        """Whether the step's `env_name` comes from a secret the backend mounts (a pod's
+        secretKeyRef), so that the plain value must not be put in the step's environment."""
+        return False
+
     @classmethod
     def from_env(cls) -> "ArfSettings":
         home = default_home()

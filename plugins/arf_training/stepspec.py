@@ -123,7 +123,8 @@ def build_step_spec(
         from arf_training import hpo
 
         inputs["hpo"] = hpo.step_inputs(template, run, trial)
-        extra_env["ARF_OPTUNA_STORAGE"] = hpo.storage_url(settings)
+        if not settings.from_secret(hpo.STORAGE_ENV):  # its URL carries a password
+            extra_env[hpo.STORAGE_ENV] = hpo.storage_url(settings)
         if trial is not None:
             hyperparameters = hpo.trial_hyperparameters(template, hyperparameters, trial)
             train_dir = inputs["hpo"]["train_dir"]

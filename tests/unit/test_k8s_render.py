@@ -334,6 +334,29 @@ def test_credentials_come_from_secrets_only():
                     assert not re.search(r"://[^/@\s]+:[^/@\s]+@", item["value"]), item["name"]
 
 
+def test_the_optuna_storage_url_can_come_from_a_secret_and_then_never_stands_in_clear(
+        monkeypatch):
+    """Its URL carries the database password: with ARF_K8S_SECRET_ENV naming it, the trial pods
+    get a secretKeyRef only, whether or not the Airflow side also has the URL in its env."""
+    [hpo] = [t for t in SHIPPED if t.template.hpo is not None][:1]
+    settings = _settings(secret_env=(("ARF_OPTUNA_STORAGE", "arf-optuna", "url"),))
+    secret_url = "postgresql+psycopg://optuna:hunter2@postgres.arf.svc/optuna"
+    for value in (None, secret_url):
+        if value is None:
+            monkeypatch.delenv("ARF_OPTUNA_STORAGE", raising=False)
+        else:
+            monkeypatch.setenv("ARF_OPTUNA_STORAGE", value)
+        for pod in _pods_of(_render(hpo, "train", settings)):
+            env = _container(pod)["env"]
+            storage = [e for e in env if e["name"] == "ARF_OPTUNA_STORAGE"]
+            assert storage == [{"name": "ARF_OPTUNA_STORAGE", "valueFrom": {
+                "secretKeyRef": {"name": "arf-optuna", "key": "url"}}}]
+            assert "hunter2" not in json.dumps(pod)
+    monkeypatch.delenv("ARF_OPTUNA_STORAGE")
+    with pytest.raises(KubernetesConfigError, match="ARF_K8S_SECRET_ENV.*ARF_OPTUNA_STORAGE"):
+        _render(hpo, "train", _settings())
+
+
 def test_literal_secrets_are_refused():
     ident = RunIdentity("reach_bc", "manual__1", "prepare_data", 1)
     spec = build_step_spec(SHIPPED[0], "prepare", ident, {}, ArfSettings.from_env())

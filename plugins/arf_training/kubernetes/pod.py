@@ -199,7 +199,11 @@ def container_env(spec: StepSpec, settings: KubernetesSettings) -> list[dict[str
             f"the job spec of step {spec.step!r} is {len(job_spec.encode())} bytes, over the "
             f"{MAX_JOB_SPEC_BYTES} a pod spec can carry; shorten the template's dataset.query or "
             "the trigger conf")
-    items = [{"name": k, "value": v} for k, v in {**plumbing, **env}.items()]
+    secret_names = {name for name, _, _ in settings.secret_env}
+    # A variable given by a Secret wins over a plain one of the same name (a duplicate name
+    # is refused by the API server's strict validation, and the plain one would show the value).
+    items = [{"name": k, "value": v} for k, v in {**plumbing, **env}.items()
+             if k not in secret_names]
     items.append({"name": "ARF_JOB_SPEC_JSON", "value": job_spec})
     items += [{"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
               for name, secret, key in settings.secret_env]

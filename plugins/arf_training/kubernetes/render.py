@@ -32,6 +32,7 @@ class PodArfSettings(ArfSettings):
     """ArfSettings whose workspace root is the pod's mount path (not ARF_WORKSPACE_ROOT)."""
 
     pod_workspace_root: Path = Path("/workspace")
+    secret_env_names: frozenset[str] = frozenset()
 
     @property
     def workspace_root(self) -> Path:  # type: ignore[override]
@@ -41,14 +42,20 @@ class PodArfSettings(ArfSettings):
         # A pod cannot reach the embedded server (a Unix socket on the Airflow machine).
         raise KubernetesConfigError(
             f"on Kubernetes the {name} database is the deployment's PostgreSQL, not the "
-            "embedded one: set ARF_OPTUNA_STORAGE (Optuna) to its SQLAlchemy URL")
+            "embedded one: give the pods its SQLAlchemy URL from a Secret, e.g. "
+            'ARF_K8S_SECRET_ENV=\'{"ARF_OPTUNA_STORAGE": "arf-optuna/url"}\' (or set '
+            "ARF_OPTUNA_STORAGE, which then stands in the pod spec in clear)")
+
+    def from_secret(self, env_name: str) -> bool:
+        return env_name in self.secret_env_names
 
 
 def pod_arf_settings(settings: KubernetesSettings) -> PodArfSettings:
     root = Path(settings.workspace_mount_path)
     return PodArfSettings(home=root, tracking_uri=settings.tracking_uri,
                           datahub_uri=settings.datahub_uri, artifact_root=settings.artifact_root,
-                          pod_workspace_root=root)
+                          pod_workspace_root=root,
+                          secret_env_names=frozenset(name for name, _, _ in settings.secret_env))
 
 
 def placeholder_identity(template_name: str, step: str) -> RunIdentity:
