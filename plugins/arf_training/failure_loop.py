@@ -29,14 +29,16 @@ import json
 import os
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from arf_training.errors import ArfError, ConfError
+from arf_training.failure_loop_report import MODEL, format_table, log_to_mlflow, plot, summarize
 from arf_training.settings import ArfSettings, venv_bin
 
-MODEL = "reach_bc_policy"
+__all__ = ["MODEL", "LoopConfig", "Night", "Loop", "format_table", "plot", "summarize",
+           "run_failure_loop"]
 SCRATCH_MODEL = "reach_bc_policy_retrain"
 BASE_TEMPLATE, FINETUNE_TEMPLATE, SCRATCH_TEMPLATE = (
     "reach_bc", "reach_bc_failure_finetune", "reach_bc_retrain")
@@ -53,6 +55,12 @@ class LoopConfig:
     demos: int = 50  # expert episodes the weak champion learns from
     field_episodes: int = 150  # field rollouts of the champion per night
     seed: int = 0  # of the demonstrations, and which block of field seeds the nights use
+    # Which field states the expert relabels each night: "all" (DAgger: every visited state,
+    # successful episodes too) or "failed" (the failed episodes only, the earlier recipe).
+    states: str = "all"
+    # Let the fine-tune template's `nightly:` policy choose each night between a fine-tune and
+    # a retrain on the aggregate (arf_training.nightly_recipe); off: every night fine-tunes.
+    adaptive: bool = False
     base_conf: dict[str, Any] = field(default_factory=dict)  # reach_bc trigger conf
     finetune_conf: dict[str, Any] = field(default_factory=dict)  # nightly trigger conf
     scratch_conf: dict[str, Any] = field(default_factory=dict)  # reach_bc_retrain trigger conf
@@ -69,6 +77,8 @@ class LoopConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfError(f"failure loop: --{name.replace('_', '-')} {value!r} must be "
                                 "a positive integer")
+        if self.states not in ("all", "failed"):
+            raise ConfError(f"failure loop: --states {self.states!r} must be 'all' or 'failed'")
 
 
 @dataclass
@@ -83,9 +93,14 @@ class Night:
     corrected_rows: int = 0
     candidate_version: str | None = None
     skipped: str | None = None  # why the fine-tune run was skipped
+    recipe: str | None = None  # fine-tune or retrain (adaptive nights), with the reason
+    recipe_reason: str | None = None
     success_rate: float | None = None
     ci95: tuple[float, float] | None = None
-    champion_rate: float | None = None  # the champion's rate on the same seeds (gate)
+    champion_rate: float | None = None  # the champion's rate on the gate's paired seeds
+    gate_candidate_rate: float | None = None  # the candidate's on the same paired seeds
+    gate_p_value: float | None = None
+    gate_episodes: int | None = None  # paired seeds the sequential gate used
     promoted: bool | None = None
     by_hand: bool = False  # the weak start, named champion by hand (the gate refused it)
     gate_reason: str | None = None
@@ -192,15 +207,48 @@ class Loop:
         night.field_success_rate = fleet["success_rate"]
         corrected = self._trainer(
             "datahub", "correct", "--hub", self.settings.datahub_uri, "--model", MODEL,
-            "--seeds", f"{first}:{stop}",
+            "--seeds", f"{first}:{stop}", "--states", self.config.states,
             "--collected-at", (interval_start + dt.timedelta(hours=12)).isoformat())
         night.corrected_episodes, night.corrected_rows = corrected["episodes"], corrected["rows"]
-        self._train(night, FINETUNE_TEMPLATE, self.config.finetune_conf, logical.isoformat())
+        conf = dict(self.config.finetune_conf)
+        if self.config.adaptive:
+            conf.update(self._choose(n, night))
+        self._train(night, FINETUNE_TEMPLATE, conf, logical.isoformat())
         if night.skipped is None:
             self._evaluate(night)
         else:
             night.champion_after_rate = self.champion_rate
         return night
+
+    def _choose(self, n: int, night: Night) -> dict[str, Any]:
+        """The nightly policy's choice for night n; its trigger conf (empty: fine-tune).
+
+        Steps are estimated from the start's training (reach_bc, 30 epochs on the
+        demonstrations): steps per episode-epoch x epochs x episodes, with the replay's
+        twice-as-many rows; the budget's reference is a from-scratch retrain on the final
+        aggregate (every field episode corrected, as with --states all)."""
+        from arf_training.nightly_recipe import RETRAIN, choose, retrain_conf
+        from arf_training.settings import templates_dir
+        from arf_training.templates import load_template
+
+        policy = load_template(templates_dir() / f"{FINETUNE_TEMPLATE}.yaml").template.nightly
+        if policy is None:
+            raise ConfError(f"--adaptive: {FINETUNE_TEMPLATE} has no nightly: section")
+        start = self.nights[0]
+        per_episode_epoch = start.steps / (30 * self.config.demos)
+        episodes = self.config.demos + sum(x.corrected_episodes for x in self.nights[1:]) \
+            + night.corrected_episodes
+        epochs = int(policy.retrain_hyperparameters.get("epochs", 3))
+        final = self.config.demos + self.config.nights * self.config.field_episodes
+        retrains = [i for i, x in enumerate(self.nights) if x.recipe == RETRAIN]
+        choice = choose(policy, night=n, champion_rate=self.champion_rate,
+                        last_retrain_night=retrains[-1] if retrains else None,
+                        spent_steps=sum(x.steps for x in self.nights[1:]),
+                        retrain_steps=max(1, round(per_episode_epoch * epochs * episodes * 3)),
+                        budget_reference_steps=max(1, round(per_episode_epoch * 30 * final)))
+        night.recipe, night.recipe_reason = choice.recipe, choice.reason
+        self._say(f"night {n}: {choice.recipe} ({choice.reason})")
+        return retrain_conf(policy) if choice.recipe == RETRAIN else {}
 
     def scratch(self) -> Night:
         night = Night(label="from scratch")
@@ -247,6 +295,8 @@ class Loop:
         night.promoted = gate.get("promoted")
         night.gate_reason = gate.get("reason")
         night.champion_rate = gate.get("champion_rate")
+        night.gate_candidate_rate = gate.get("candidate_rate")
+        night.gate_p_value, night.gate_episodes = gate.get("p_value"), gate.get("episodes")
         if name != MODEL:  # the from-scratch reference is a model of its own
             return
         if night.promoted:
@@ -290,158 +340,6 @@ def _row(n: Night) -> str:
             ("promoted" if n.promoted else "kept champion") if n.promoted is not None else "")
     return (f"{n.label}: v{n.candidate_version} {n.success_rate:.0%}{ci} {gate}; "
             f"{n.steps} steps, train {n.train_seconds:.1f} s, DAG {n.dag_seconds:.0f} s")
-
-
-def summarize(config: LoopConfig, nights: list[Night], scratch: Night) -> dict[str, Any]:
-    """The figures the issue asks for, from the rows; goals checked, not assumed."""
-    finetunes = [n for n in nights[1:] if not n.skipped]
-    ft_steps = sum(n.steps for n in finetunes)
-    ft_seconds = sum(n.train_seconds for n in finetunes)
-    final = nights[-1].champion_after_rate
-    reached = next((i for i, n in enumerate(nights)
-                    if i > 0 and (n.champion_after_rate or 0) >= config.goal_rate), None)
-    # "No worse model promoted": every promotion beat the champion it replaced on the paired
-    # seeds (the gate's own comparison), and the champion's rate never went down.
-    promoted = [n for n in nights[1:] if n.promoted]
-    worse = [n.label for n in promoted
-             if n.champion_rate is not None and n.success_rate is not None
-             and n.success_rate <= n.champion_rate]
-    rates = [n.champion_after_rate for n in nights if n.champion_after_rate is not None]
-    monotone = all(b >= a for a, b in zip(rates, rates[1:]))
-    compute = ft_steps / scratch.steps if scratch.steps else None
-    gap = (final - scratch.success_rate) if final is not None and scratch.success_rate is not None \
-        else None
-    goals = {
-        f"champion >= {config.goal_rate:.0%} within {config.nights} nights": reached is not None,
-        f"fine-tunes <= {config.goal_compute:.0%} of from-scratch steps":
-            compute is not None and compute <= config.goal_compute,
-        f"final champion within {config.goal_gap * 100:.0f} points of from scratch (or better)":
-            gap is not None and gap >= -config.goal_gap,
-        "no worse model promoted": not worse and monotone,
-    }
-    return {
-        "config": asdict(config),
-        "nights": [asdict(n) for n in nights],
-        "scratch": asdict(scratch),
-        "finetune_steps": ft_steps,
-        "finetune_train_seconds": round(ft_seconds, 1),
-        "scratch_steps": scratch.steps,
-        "scratch_train_seconds": scratch.train_seconds,
-        "compute_ratio_steps": compute,
-        "compute_ratio_seconds": (ft_seconds / scratch.train_seconds
-                                  if scratch.train_seconds else None),
-        "start_rate": nights[0].success_rate,
-        "final_champion_rate": final,
-        "scratch_rate": scratch.success_rate,
-        "gap_to_scratch": gap,
-        "first_night_at_goal": reached,
-        "worse_promotions": worse,
-        "goals": goals,
-    }
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    head = (f"{'night':<13} {'date':<10} {'field':>6} {'corr':>5} {'ver':>4} "
-            f"{'success [95% CI]':>18} {'champ':>6} {'gate':<9} {'champion':>9} {'steps':>6} "
-            f"{'train s':>8} {'DAG s':>6}")
-    lines = [head, "-" * len(head)]
-    for n in [*summary["nights"], summary["scratch"]]:
-        date = (n["logical_date"] or "")[:10]
-        fld = f"{n['field_success_rate']:.0%}" if n["field_success_rate"] is not None else ""
-        corr = str(n["corrected_episodes"]) if n["logical_date"] else ""
-        if n["skipped"]:
-            lines.append(f"{n['label']:<13} {date:<10} {fld:>6} {corr:>5}  skipped: "
-                         f"{n['skipped']}")
-            continue
-        ci = n["ci95"] or (0, 0)
-        rate = f"{n['success_rate']:.0%} [{ci[0]:.0%},{ci[1]:.0%}]"
-        champ = f"{n['champion_rate']:.0%}" if n["champion_rate"] is not None else "-"
-        gate = "by hand" if n["by_hand"] else {True: "promoted", False: "rejected",
-                                                None: "-"}[n["promoted"]]
-        if n["model"] != MODEL:  # the from-scratch reference: a model of its own, no gate
-            gate = champ = "-"
-        after = (f"v{n['champion_after']} {n['champion_after_rate']:.0%}"
-                 if n["champion_after"] and n["champion_after_rate"] is not None else "-")
-        lines.append(f"{n['label']:<13} {date:<10} {fld:>6} {corr:>5} "
-                     f"{'v' + str(n['candidate_version']):>4} {rate:>18} {champ:>6} {gate:<9} "
-                     f"{after:>9} {n['steps']:>6} {n['train_seconds']:>8.1f} "
-                     f"{n['dag_seconds']:>6.0f}")
-    s = summary
-    ratio = s["compute_ratio_steps"]
-    lines += [
-        "",
-        f"fine-tunes: {s['finetune_steps']} optimizer steps, {s['finetune_train_seconds']} s of "
-        f"training; from scratch: {s['scratch_steps']} steps, {s['scratch_train_seconds']} s "
-        f"-> {ratio:.1%} of the steps" if ratio is not None else "compute ratio: n/a",
-        f"success: start {s['start_rate']:.0%} -> champion {s['final_champion_rate']:.0%} after "
-        f"{s['config']['nights']} nights; from scratch on all data {s['scratch_rate']:.0%} "
-        f"(gap {s['gap_to_scratch'] * 100:+.0f} points)",
-    ]
-    lines += [f"  [{'x' if ok else ' '}] {goal}" for goal, ok in s["goals"].items()]
-    return "\n".join(lines)
-
-
-def plot(summary: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    nights = summary["nights"]
-    xs = list(range(len(nights)))
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    cand = [(x, n) for x, n in zip(xs, nights, strict=True) if n["success_rate"] is not None]
-    ax.errorbar([x for x, _ in cand], [n["success_rate"] for _, n in cand],
-                # max(0, ...): a Wilson bound of a 0 % or 100 % rate can round past the rate.
-                yerr=[[max(0.0, n["success_rate"] - n["ci95"][0]) for _, n in cand],
-                      [max(0.0, n["ci95"][1] - n["success_rate"]) for _, n in cand]],
-                fmt="o", capsize=3, color="tab:blue", label="candidate (95% CI)")
-    for x, n in cand:
-        if n["promoted"]:
-            ax.plot([x], [n["success_rate"]], "o", mfc="none", ms=12, color="tab:green")
-    champ = [(x, n["champion_after_rate"]) for x, n in zip(xs, nights, strict=True)
-             if n["champion_after_rate"] is not None]
-    ax.step([x for x, _ in champ], [r for _, r in champ], where="post", color="tab:green",
-            label="champion (circled: promoted)")
-    if summary["scratch_rate"] is not None:
-        ax.axhline(summary["scratch_rate"], ls="--", color="tab:gray",
-                   label=f"from scratch on all data ({summary['scratch_rate']:.0%})")
-    ax.axhline(summary["config"]["goal_rate"], ls=":", color="tab:red", label="goal")
-    ax.set_xticks(xs, ["start", *[f"night {i}" for i in xs[1:]]])
-    ax.set_ylim(0, 1.02)
-    ax.set_ylabel("success rate (evaluation seeds)")
-    ax.set_title("reach_bc_policy: nightly fine-tunes on corrected failures")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def log_to_mlflow(tracking_uri: str, summary: dict[str, Any], record: Path, png: Path) -> str:
-    """One MLflow run with the per-night rates as a metric series, the table and the plot."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name("arf-failure-loop")
-    experiment_id = (experiment.experiment_id if experiment is not None
-                     else client.create_experiment("arf-failure-loop"))
-    run = client.create_run(experiment_id, run_name="failure-loop")
-    now = int(time.time() * 1000)
-    metrics = [Metric("champion_success_rate", n["champion_after_rate"], now, i)
-               for i, n in enumerate(summary["nights"]) if n["champion_after_rate"] is not None]
-    metrics += [Metric("candidate_success_rate", n["success_rate"], now, i)
-                for i, n in enumerate(summary["nights"]) if n["success_rate"] is not None]
-    for key in ("compute_ratio_steps", "scratch_rate", "final_champion_rate", "gap_to_scratch"):
-        if summary[key] is not None:
-            metrics.append(Metric(key, float(summary[key]), now, 0))
-    client.log_batch(run.info.run_id, metrics=metrics)
-    client.log_artifact(run.info.run_id, str(record))
-    client.log_artifact(run.info.run_id, str(png))
-    client.log_text(run.info.run_id, format_table(summary), "failure-loop.txt")
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
 
 
 def run_failure_loop(config: LoopConfig, home: Path | None = None,

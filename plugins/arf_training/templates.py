@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from arf_training.errors import TemplateError, TemplateIssue
 from arf_training.template_federated import Federated, check_federated
+from arf_training.nightly_recipe import Nightly, nightly_problems
 from arf_training.template_gate import Gate, check_gate
 from arf_training.template_yaml import node_at, read_yaml
 
@@ -529,6 +530,8 @@ class TrainingTemplate(_Section):
     training: Training
     evaluation: Evaluation | None = Field(None, description="Evaluate each registered version.")
     hpo: Hpo | None = Field(None, description="Search hyperparameters before the final training.")
+    nightly: Nightly | None = Field(None, description="Per night: fine-tune or retrain on the "
+                                    "aggregate, within a compute budget (nightly_recipe.py).")
     federated: Federated | None = Field(
         None, description="Train across sites whose data stays at each site (Flower).")
 
@@ -549,7 +552,7 @@ class TrainingTemplate(_Section):
 
     @model_validator(mode="after")
     def _fine_tune_fits(self) -> "TrainingTemplate":
-        problems = []
+        problems = nightly_problems(self)
         queries = [("dataset.query", self.dataset.query)]
         if self.dataset.replay is not None:
             queries.append(("dataset.replay.query", self.dataset.replay.query))
