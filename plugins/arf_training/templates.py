@@ -349,6 +349,11 @@ class Training(_Section):
         0, ge=0, le=64,
         description="Fine-tuning (model.base_model): the first N hidden layers of the MLP keep "
                     "the base model's weights; 0 trains every layer.")
+    data_loading: Literal["auto", "stream", "memory"] = Field(
+        "auto",
+        description="Built-in recipes: 'memory' reads the prepared shards whole, 'stream' reads "
+                    "them in bounded memory (shuffled by shard and window, exact resume); 'auto' "
+                    "streams when the data exceeds a quarter of resources.memory (1 GiB if unset).")
 
     @field_validator("hyperparameters")
     @classmethod

@@ -93,15 +93,18 @@ def test_test_hooks_are_off_by_default_and_crash_on_the_first_attempt_only() -> 
         TestHooks.from_environ({"ARF_TEST_CRASH_MODE": "boom"})
 
 
+@pytest.mark.parametrize("loading", [pytest.param("auto", id="memory"),
+                                     pytest.param("stream", id="stream")])
 def test_sigterm_mid_training_checkpoints_and_resumes_bit_identically(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loading: str) -> None:
     uri = fresh_tracking_uri(tmp_path)
+    monkeypatch.setenv("ARF_STREAM_WINDOW_ROWS", "64")  # 400 rows: 7 windows when streaming
 
     def env_for(name: str):
         ws = tmp_path / name
         prepare_digits(ws, rows=500)
         spec = make_spec("digits_smoke", run_id=f"manual__{name}", hyperparameters=HP,
-                         training={"checkpoint_every_steps": 4})
+                         training={"checkpoint_every_steps": 4, "data_loading": loading})
         return make_env(spec, ws, uri, tmp_path / "artifacts")
 
     reference = run_train(env_for("reference"))
@@ -132,6 +135,7 @@ def test_sigterm_mid_training_checkpoints_and_resumes_bit_identically(
     resumed = run_train(env)
     assert resumed is not None and resumed["steps"] == 26
     assert resumed["weights_sha256"] == reference["weights_sha256"]
+    assert resumed["data_loading"] == ("memory" if loading == "auto" else "stream")
 
 
 def test_crash_hook_can_target_one_hpo_trial():

@@ -26,6 +26,15 @@ from arf_trainer.trainer.run import ShardedBatchSampler, run_train
 
 # Small enough to run in about a second: 1437 train rows / 64 = 23 steps per epoch.
 DIGITS_HP = {"epochs": 3, "hidden_size": 32}
+# The two loading paths: auto (these data are small: in memory) and forced streaming, with a
+# shuffle window of 256 rows so that the 1437 rows span six windows (stream.py).
+LOADING = [pytest.param("auto", id="memory"), pytest.param("stream", id="stream")]
+
+
+def use_loading(monkeypatch: pytest.MonkeyPatch, loading: str) -> dict[str, str]:
+    if loading == "stream":
+        monkeypatch.setenv("ARF_STREAM_WINDOW_ROWS", "256")
+    return {"data_loading": loading}
 
 
 @pytest.fixture(autouse=True)
@@ -47,12 +56,15 @@ def train_digits(tmp: Path, workspace: str, run_id: str, tracking_uri: str,
     return result
 
 
-def test_weights_identical_across_fresh_workspaces(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loading", LOADING)
+def test_weights_identical_across_fresh_workspaces(tmp_path: Path, loading: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
 
     uri = fresh_tracking_uri(tmp_path)
-    first = train_digits(tmp_path, "ws1", "manual__a", uri)
-    second = train_digits(tmp_path, "ws2", "manual__b", uri)
+    training = use_loading(monkeypatch, loading)
+    first = train_digits(tmp_path, "ws1", "manual__a", uri, **training)
+    second = train_digits(tmp_path, "ws2", "manual__b", uri, **training)
 
     assert first["weights_sha256"] == second["weights_sha256"]
     assert first["mlflow_run_id"] != second["mlflow_run_id"]
@@ -74,20 +86,28 @@ def test_weights_identical_across_fresh_workspaces(tmp_path: Path) -> None:
     assert run.data.tags["arf.weights_sha256"] == first["weights_sha256"]
     assert run.data.tags["arf.dag_run"] == "arf_digits_smoke/manual__a"
     assert run.data.params["batch_size"] == "64" and run.data.params["recipe"] == "classifier"
+    # The loading path is chosen automatically (or forced) and recorded.
+    mode = "memory" if loading == "auto" else "stream"
+    assert first["data_loading"] == mode and run.data.params["data_loading"] == mode
+    assert run.data.tags["arf.data_loading"].startswith(
+        f"{mode} (auto: " if loading == "auto" else "stream (training.data_loading: stream)")
     assert {"train_loss", "val_loss", "val_accuracy", "samples_per_s"} <= set(run.data.metrics)
     experiment = mlflow.MlflowClient(uri).get_experiment(first["experiment_id"])
     assert experiment.name == "digits_smoke"
     assert experiment.artifact_location == f"{tmp_path / 'artifacts'}/digits_smoke"
 
 
+@pytest.mark.parametrize("loading", LOADING)
 @pytest.mark.parametrize("every", [
     pytest.param(10, id="mid-epoch"),       # step-60 = batch 14 of epoch 3
     pytest.param(23, id="end-of-epoch"),    # step-46 = last batch of epoch 2, before its eval
 ])
-def test_resume_after_interruption_gives_same_weights(tmp_path: Path, every: int,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_resume_after_interruption_gives_same_weights(tmp_path: Path, every: int, loading: str,
+                                                     caplog: pytest.LogCaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     uri = fresh_tracking_uri(tmp_path)
-    full = train_digits(tmp_path, "ws", "manual__r", uri, checkpoint_every_steps=every)
+    training = {**use_loading(monkeypatch, loading), "checkpoint_every_steps": every}
+    full = train_digits(tmp_path, "ws", "manual__r", uri, **training)
     train_dir = tmp_path / "ws" / "train"
 
     # "Crash" after the second-newest checkpoint: the newest one, the outputs and the result
@@ -103,7 +123,7 @@ def test_resume_after_interruption_gives_same_weights(tmp_path: Path, every: int
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="arf_trainer"):
-        resumed = train_digits(tmp_path, "ws", "manual__r", uri, checkpoint_every_steps=every)
+        resumed = train_digits(tmp_path, "ws", "manual__r", uri, **training)
     # It really resumed (training from scratch would give the same weights too), and only
     # the remaining epoch(s) ran.
     resumed_at = {10: "step-60 (epoch 3, after batch 14)", 23: "step-46 (epoch 2, after batch 23)"}
@@ -119,7 +139,7 @@ def test_resume_after_interruption_gives_same_weights(tmp_path: Path, every: int
 
     # A retry after success returns the recorded result without training again.
     shutil.rmtree(train_dir / "checkpoints")
-    again = train_digits(tmp_path, "ws", "manual__r", uri, checkpoint_every_steps=every)
+    again = train_digits(tmp_path, "ws", "manual__r", uri, **training)
     assert again == resumed
     assert not (train_dir / "checkpoints").exists()
 

@@ -114,13 +114,18 @@ class ModelInfo:
     n_outputs: int
     classes: list[Any] | None = None
     format_version: int = MODEL_INFO_VERSION
+    input_width: int | None = None
+    """Width of the flattened feature vector when array columns make it differ from the
+    number of feature columns; None: one value per column."""
 
     @property
     def n_features(self) -> int:
-        return len(self.features)
+        return self.input_width or len(self.features)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        if data["input_width"] is None:
+            del data["input_width"]  # files of scalar-column models stay as they were
         data["n_features"] = self.n_features
         data["input"] = {"dtype": "float32", "shape": [-1, self.n_features]}
         return data
@@ -135,6 +140,10 @@ class ModelInfo:
             )
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _width(features: Sequence[str], width: int | None) -> int | None:
+    return width if width is not None and width != len(features) else None
 
 
 class MLP(nn.Module):
@@ -168,12 +177,20 @@ class MLP(nn.Module):
         return y
 
 
-def _mean_std(values: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column mean/std in float64, with constant columns given std 1 (no division by zero)."""
-    as64 = values.astype(np.float64, copy=False)
-    mean, std = as64.mean(axis=0), as64.std(axis=0)
-    std = np.where(std < 1e-6, 1.0, std)
+Stats = tuple[torch.Tensor, torch.Tensor]
+"""(mean, std) per column, float32, constant columns with std 1."""
+
+
+def stats_of(mean: np.ndarray, std: np.ndarray) -> Stats:
+    std = np.where(std < 1e-6, 1.0, std)  # constant columns: no division by zero
     return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(std.astype(np.float32))
+
+
+def mean_std(values: np.ndarray) -> Stats:
+    """Column mean/std in float64 over a whole split (the in-memory loader's statistics)."""
+    as64 = values.astype(np.float64, copy=False)
+    return stats_of(as64.mean(axis=0), as64.std(axis=0))
+
 
 
 class Recipe:
@@ -181,10 +198,30 @@ class Recipe:
 
     name: ClassVar[str]
     reports_accuracy: ClassVar[bool] = False
+    fits_normalization: ClassVar[bool] = True
+    """The loaders compute the training split's feature (and float target) statistics and
+    call `set_normalization`; a recipe whose model normalizes by itself sets False."""
+    target_labels: ClassVar[bool] = False
+    """`describe` needs the distinct target values (a classifier): the streaming loader then
+    collects them instead of target statistics."""
 
     def describe(self, features: Sequence[str], targets: Sequence[str], hp: Hyperparameters,
-                 y_train: np.ndarray) -> ModelInfo:
+                 y_train: np.ndarray, feature_width: int | None = None) -> ModelInfo:
+        """The model's shape. `y_train`: the training targets (the streaming loader passes
+        their distinct values); `feature_width`: the flattened width of the feature columns
+        when array columns make it differ from their number."""
         raise NotImplementedError
+
+    def columns_to_tensors(self, info: ModelInfo, columns: Mapping[str, np.ndarray],
+                           split: str) -> tuple[Any, torch.Tensor]:
+        """(model inputs, encoded targets) of some rows, given their columns by name in the
+        stored dtype and shape (data.py's batch interface). Row-wise: called on whole splits
+        and on windows of a stream alike. The MLP recipes flatten array columns into one
+        float32 feature vector."""
+        from arf_trainer.trainer.data import feature_matrix, target_matrix
+
+        x = torch.from_numpy(feature_matrix(columns, info.features))
+        return x, self.encode_targets(info, target_matrix(columns, info.targets), split)
 
     def encode_targets(self, info: ModelInfo, y: np.ndarray, split: str) -> torch.Tensor:
         raise NotImplementedError
@@ -198,9 +235,14 @@ class Recipe:
                    denormalize_output=info.classes is None)
 
     def fit_normalization(self, model: MLP, x_train: np.ndarray, y_train: torch.Tensor) -> None:
-        mean, std = _mean_std(x_train)
-        model.input_mean.copy_(mean)
-        model.input_std.copy_(std)
+        self.set_normalization(model, mean_std(x_train),
+                               mean_std(y_train.numpy()) if y_train.is_floating_point() else None)
+
+    def set_normalization(self, model: MLP, x_stats: Stats | None, y_stats: Stats | None) -> None:
+        """Store the training split's statistics in the model's buffers."""
+        if x_stats is not None:
+            model.input_mean.copy_(x_stats[0])
+            model.input_std.copy_(x_stats[1])
 
     # Training runs on the standardized core `model.net` with inputs (and, for regression,
     # targets) standardized once up front: the same objective as `loss(model, model(x), y)`,
@@ -224,10 +266,11 @@ class BehaviourCloning(Recipe):
     name = "bc"
 
     def describe(self, features: Sequence[str], targets: Sequence[str], hp: Hyperparameters,
-                 y_train: np.ndarray) -> ModelInfo:
+                 y_train: np.ndarray, feature_width: int | None = None) -> ModelInfo:
+        width = y_train.shape[1] if y_train.ndim == 2 else len(targets)
         return ModelInfo(recipe=self.name, features=list(features), targets=list(targets),
                          hidden_size=hp.hidden_size, num_layers=hp.num_layers,
-                         n_outputs=len(targets))
+                         n_outputs=width, input_width=_width(features, feature_width))
 
     def encode_targets(self, info: ModelInfo, y: np.ndarray, split: str) -> torch.Tensor:
         try:
@@ -238,11 +281,11 @@ class BehaviourCloning(Recipe):
                 f"has values that are not numbers ({exc}); fix dataset.targets or the query"
             ) from exc
 
-    def fit_normalization(self, model: MLP, x_train: np.ndarray, y_train: torch.Tensor) -> None:
-        super().fit_normalization(model, x_train, y_train)
-        mean, std = _mean_std(y_train.numpy())
-        model.output_mean.copy_(mean)
-        model.output_std.copy_(std)
+    def set_normalization(self, model: MLP, x_stats: Stats | None, y_stats: Stats | None) -> None:
+        super().set_normalization(model, x_stats, y_stats)
+        if y_stats is not None:
+            model.output_mean.copy_(y_stats[0])
+            model.output_std.copy_(y_stats[1])
 
     def loss(self, model: MLP, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # MSE in standardized action units, so that action dimensions with large ranges do
@@ -262,9 +305,10 @@ class BehaviourCloning(Recipe):
 class Classifier(Recipe):
     name = "classifier"
     reports_accuracy = True
+    target_labels = True
 
     def describe(self, features: Sequence[str], targets: Sequence[str], hp: Hyperparameters,
-                 y_train: np.ndarray) -> ModelInfo:
+                 y_train: np.ndarray, feature_width: int | None = None) -> ModelInfo:
         if len(targets) != 1:
             raise TrainingError(
                 f"recipe 'classifier' needs exactly one target column (the label); dataset.targets "
@@ -278,7 +322,8 @@ class Classifier(Recipe):
             )
         return ModelInfo(recipe=self.name, features=list(features), targets=list(targets),
                          hidden_size=hp.hidden_size, num_layers=hp.num_layers,
-                         n_outputs=len(classes), classes=classes.tolist())
+                         n_outputs=len(classes), classes=classes.tolist(),
+                         input_width=_width(features, feature_width))
 
     def encode_targets(self, info: ModelInfo, y: np.ndarray, split: str) -> torch.Tensor:
         assert info.classes is not None  # set by describe() for this recipe

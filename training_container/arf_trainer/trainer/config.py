@@ -1,0 +1,155 @@
+"""The train step's validated settings, where it writes, and the determinism switches.
+
+Parsed once from the job spec before any distributed init (a bad spec fails at once on every
+rank), then handed to the named parts of the loop (see loop.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from arf_trainer import tracking
+from arf_trainer.errors import SpecError, TrainingError
+from arf_trainer.spec import JobSpec, read_json
+from arf_trainer.trainer import base_model
+from arf_trainer.trainer.checkpoint import load_weights, state_dict_sha256
+from arf_trainer.trainer.recipes import Hyperparameters, Recipe, get_recipe
+
+log = logging.getLogger(__name__)
+
+RESULT_KEYS = ("mlflow_run_id", "experiment_id", "weights", "weights_sha256", "metrics",
+               "world_size", "steps", "recipe", "config_hash")
+DATA_LOADING = ("auto", "stream", "memory")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The validated training settings taken from the job spec."""
+
+    recipe: Recipe
+    hp: Hyperparameters
+    seed: int
+    per_rank_batch_size: int
+    checkpoint_every_steps: int
+    keep_checkpoints: int
+    resolved: dict[str, Any]
+    """template + hyperparameters + seed: stored in every checkpoint, hashed into config_hash."""
+    config_hash: str
+    base_model: str | None = None
+    """model.base_model as written (models:/<name>@<alias> or /<version>); None: from scratch."""
+    freeze_layers: int = 0
+    data_loading: str = "auto"
+    """training.data_loading: auto | stream | memory (see data.choose_loading)."""
+    memory: str | None = None
+    """training.resources.memory as written (the step's ceiling), or None."""
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, world_size: int) -> "TrainConfig":
+        training = spec.training
+        base = spec.model.get("base_model") or None
+        if base is not None:
+            base_model.parse_uri(base)  # a malformed URI fails before any distributed init
+        freeze_layers = training.get("freeze_layers") or 0
+        if isinstance(freeze_layers, bool) or not isinstance(freeze_layers, int) \
+                or freeze_layers < 0:
+            raise SpecError(f"training.freeze_layers={freeze_layers!r} must be an integer >= 0")
+        if freeze_layers and base is None:
+            raise SpecError(f"training.freeze_layers={freeze_layers} needs model.base_model: "
+                            "freezing freshly initialised layers trains nothing useful")
+        loading = training.get("data_loading") or "auto"
+        if loading not in DATA_LOADING:
+            raise SpecError(f"training.data_loading={loading!r} is not one of "
+                            f"{', '.join(DATA_LOADING)}; auto picks by the data's size")
+        recipe = get_recipe(training.get("recipe"))
+        hp = Hyperparameters.parse(recipe.name, spec.hyperparameters)
+        if not 0 <= spec.seed < 2**32 - world_size:
+            raise TrainingError(f"seed={spec.seed} must be in [0, 2**32 - world size) "
+                                "(numpy's seed range); pick a smaller non-negative seed")
+        resolved = {"template": spec.template, "hyperparameters": spec.hyperparameters,
+                    "seed": spec.seed}
+        return cls(
+            recipe=recipe,
+            hp=hp,
+            seed=spec.seed,
+            per_rank_batch_size=hp.per_rank_batch_size(world_size),
+            # Absent = the schema's defaults; an explicit 0 keep is refused by the Checkpointer.
+            checkpoint_every_steps=int(training.get("checkpoint_every_steps") or 0),
+            keep_checkpoints=int(1 if training.get("keep_checkpoints") is None
+                                 else training["keep_checkpoints"]),
+            resolved=resolved,
+            config_hash=tracking.sha256_json(resolved),
+            base_model=base,
+            freeze_layers=freeze_layers,
+            data_loading=loading,
+            memory=(training.get("resources") or {}).get("memory"),
+        )
+
+
+def train_dir_of(spec: JobSpec) -> str:
+    """Where this training writes, relative to the workspace: ``train`` or a trial's folder."""
+    folder = str(spec.inputs.get("train_dir") or "train")
+    if Path(folder).is_absolute() or ".." in Path(folder).parts:
+        raise SpecError(f"inputs.train_dir={folder!r} must be a relative folder inside the "
+                        "workspace")
+    return folder
+
+
+def completed_result(workspace: Path, config_hash: str,
+                     train_dir: str = "train") -> dict[str, Any] | None:
+    """The result of an earlier, finished attempt of this step, if there is a valid one."""
+    path = workspace / train_dir / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        result = read_json(path)
+    except ValueError:
+        return None  # half-written by hand or a foreign tool: train again
+    if not isinstance(result, dict) or any(key not in result for key in RESULT_KEYS):
+        return None
+    if result["config_hash"] != config_hash:
+        raise TrainingError(
+            f"{path} was produced by a different configuration (config_hash "
+            f"{result['config_hash'][:12]}, this spec {config_hash[:12]}); one workspace holds "
+            "one training: use a new DAG run, or delete the workspace's train/ folder"
+        )
+    weights = workspace / result["weights"]
+    sha = state_dict_sha256(load_weights(weights)) if weights.is_file() else None
+    if sha != result["weights_sha256"]:
+        log.warning("%s exists but %s is missing or does not match its sha256; training again",
+                    path, weights)
+        return None
+    return result
+
+
+@contextmanager
+def deterministic(threads: int | None) -> Iterator[None]:
+    """Enforce deterministic kernels (restored afterwards: tests call run_train in-process)."""
+    # cuBLAS only has deterministic GEMMs with a fixed workspace, set before CUDA starts.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+    torch.use_deterministic_algorithms(True)
+    if threads:
+        # CPU reductions are split per thread, so the thread count is part of the recipe for
+        # bit-identical weights; torchrun sets OMP_NUM_THREADS=1 unless told otherwise.
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.set_num_threads(previous[1])
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device

@@ -1,0 +1,237 @@
+"""The prepare step's shards as the trainer sees them: the manifest, columns as NumPy arrays,
+the in-memory loader, and the automatic choice between it and the streaming one (stream.py).
+
+Batch interface (what a recipe receives; the same for both loaders). The data part reads the
+manifest's ``features`` and ``targets`` columns and hands them to
+``Recipe.columns_to_tensors(info, columns, split)`` as ``columns: dict[str, np.ndarray]``, one
+entry per column name, each ``[N, *shape]`` in the dtype it is stored in: a scalar DOUBLE
+column is float64 ``[N]``, a DuckDB ``FLOAT[7]`` float32 ``[N, 7]``, a ``UTINYINT[64][64][3]``
+image uint8 ``[N, 64, 64, 3]`` (Arrow fixed_size_list, nested for more dimensions). The recipe
+returns ``(inputs, targets)``: tensors, or for ``inputs`` a dict of tensors by name (a vision
+recipe keeps frames uint8 and normalizes them in the model). The call must be row-wise: it is
+made on a whole split (in memory) or on a window of rows (streaming), and both must give the
+same rows. The MLP recipes flatten array columns into their float32 feature vector
+(`feature_matrix`).
+
+Loading mode (`training.data_loading`, recorded as the MLflow param ``data_loading``):
+``memory`` reads both splits whole, ``stream`` reads windows of rows (stream.py), ``auto``
+(default) picks memory when the decoded columns fit a budget of a quarter of
+``training.resources.memory`` (1 GiB when unset), else stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from arf_trainer.errors import TrainingError
+from arf_trainer.spec import read_json
+
+EVAL_CHUNK = 4096
+DEFAULT_BUDGET = 2**30
+_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+Inputs = torch.Tensor | dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """prepare/manifest.json, checked for what training needs (see datahub/prepare.py)."""
+
+    path: Path
+    raw: dict[str, Any]
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    @property
+    def features(self) -> list[str]:
+        return list(self.raw["features"])
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.raw["targets"])
+
+    def shards(self, split: str) -> list[dict[str, Any]]:
+        return list(self.raw["shards"].get(split, []))
+
+    def rows(self, split: str) -> int:
+        return sum(int(s["rows"]) for s in self.shards(split))
+
+    def row_bytes(self) -> int:
+        """Decoded bytes of one row of the feature and target columns (an estimate)."""
+        wanted = set(self.features + self.targets)
+        total = 0
+        for column in self.raw.get("columns", []):
+            if column.get("name") in wanted:
+                shape = column.get("shape") or []
+                total += 8 * math.prod(shape)  # float64 at most once decoded
+        return max(total, 8 * len(wanted))
+
+
+def load_manifest(prepare_dir: Path) -> Manifest:
+    path = prepare_dir / "manifest.json"
+    if not path.is_file():
+        raise TrainingError(f"no prepared data at {path}; the prepare step must run "
+                            "first in the same workspace")
+    manifest = Manifest(path, read_json(path))
+    try:
+        features, targets = manifest.features, manifest.targets
+        for split in ("train", "val"):
+            manifest.rows(split)
+    except (KeyError, TypeError) as exc:
+        raise TrainingError(f"manifest {path} lacks the field {exc.args[0]!r}; "
+                            "rerun prepare with a matching arf-trainer") from exc
+    if not features or not targets:
+        raise TrainingError(f"manifest {path} has features={features} and "
+                            f"targets={targets}; both must be non-empty (dataset.features/targets)")
+    if manifest.rows("train") == 0:
+        raise TrainingError(f"the training split in {path} has no rows; the dataset "
+                            "query selected nothing, or validation_split took every row")
+    return manifest
+
+
+def _quantity(text: str) -> int | None:
+    """Bytes of a Kubernetes quantity (512Mi, 2Gi); None if it is not one (the template
+    check names bad quantities)."""
+    match = re.match(r"^([0-9]+(?:\.[0-9]+)?)(k|M|G|T|Ki|Mi|Gi|Ti)?$", str(text).strip())
+    return int(float(match[1]) * _UNITS[match[2] or ""]) if match else None
+
+
+def choose_loading(requested: str, manifest: Manifest, memory: str | None) -> tuple[str, str]:
+    """(memory | stream, why): the template's choice, or auto by size against a budget."""
+    if requested != "auto":
+        return requested, f"training.data_loading: {requested}"
+    ceiling = _quantity(memory) if memory else None
+    budget = (ceiling or 4 * DEFAULT_BUDGET) // 4
+    need = (manifest.rows("train") + manifest.rows("val")) * manifest.row_bytes()
+    mode = "memory" if need <= budget else "stream"
+    return mode, f"auto: ~{need / 2**20:.1f} MiB decoded vs a budget of {budget / 2**20:.0f} MiB"
+
+
+# -- columns --------------------------------------------------------------------------------
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checked_shard(manifest: Manifest, shard: Mapping[str, Any]) -> Path:
+    """The shard's path, after checking it exists and matches its sha256 in the manifest."""
+    path = manifest.folder / shard["path"]
+    if not path.is_file():
+        raise TrainingError(f"shard {path} listed in the manifest is missing; rerun prepare")
+    if shard.get("sha256") and file_sha256(path) != shard["sha256"]:
+        raise TrainingError(f"shard {path} does not match its sha256 in the manifest: the "
+                            "prepared data changed after prepare ran; rerun prepare")
+    return path
+
+
+def column_array(column: Any, name: str, where: str) -> np.ndarray:
+    """An Arrow (chunked) column as ``[N, *shape]`` NumPy: fixed_size_list (nested) become
+    trailing dimensions, in the element's stored dtype."""
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if column.null_count:
+        raise TrainingError(f"column {name!r} has {column.null_count} null value(s) in {where}; "
+                            "filter or fill them in the dataset query")
+    shape = []
+    while pa.types.is_fixed_size_list(column.type):
+        shape.append(column.type.list_size)
+        # .values ignores the slice offset; flatten() honours it
+        column = column.flatten()
+        if column.null_count:
+            raise TrainingError(f"column {name!r} has null array elements in {where}; fill "
+                                "them in the dataset query")
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        raise TrainingError(f"column {name!r} in {where} holds variable-length lists "
+                            f"({column.type}); cast it to a fixed-size array in the dataset "
+                            "query, e.g. CAST(col AS FLOAT[7])")
+    values = column.to_numpy(zero_copy_only=False)
+    if not values.flags.writeable:  # a view of Arrow's buffer: torch.from_numpy wants to own it
+        values = values.copy()
+    return values.reshape(-1, *shape) if shape else values
+
+
+def read_table_columns(table: Any, names: list[str], where: str) -> dict[str, np.ndarray]:
+    return {name: column_array(table.column(name), name, where) for name in names}
+
+
+def feature_matrix(columns: Mapping[str, np.ndarray], names: list[str]) -> np.ndarray:
+    """float32 ``[N, width]``: the named columns, array columns flattened, in order."""
+    try:
+        parts = [np.asarray(columns[n], dtype=np.float32).reshape(len(columns[n]), -1)
+                 for n in names]
+    except (TypeError, ValueError) as exc:
+        raise TrainingError(f"feature columns {names} must be numeric ({exc}); "
+                            "cast or drop them in the dataset query") from exc
+    return np.concatenate(parts, axis=1) if len(parts) > 1 else np.ascontiguousarray(parts[0])
+
+
+def target_matrix(columns: Mapping[str, np.ndarray], names: list[str]) -> np.ndarray:
+    """``[N, n]`` of the target columns in their dtype (labels may be strings); array target
+    columns are flattened (then float32)."""
+    if all(columns[n].ndim == 1 for n in names):
+        return np.stack([columns[n] for n in names], axis=1)
+    return feature_matrix(columns, names)
+
+
+def read_split(manifest: Manifest, split: str, names: list[str]) -> dict[str, np.ndarray]:
+    """Every shard of a split, whole (sha256-checked): the in-memory loader's read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for shard in manifest.shards(split):
+        path = checked_shard(manifest, shard)
+        try:
+            tables.append(pq.read_table(path, columns=names))
+        except (pa.ArrowInvalid, KeyError) as exc:
+            raise TrainingError(f"cannot read columns {names} from shard {path}: {exc}") from exc
+    if not tables:
+        return {}
+    return read_table_columns(pa.concat_tables(tables), names, f"the {split} split")
+
+
+# -- pytrees of tensors (inputs may be a dict by column name) -------------------------------
+
+def take(value: Inputs, index: torch.Tensor | slice) -> Inputs:
+    if isinstance(value, dict):
+        return {k: v[index] for k, v in value.items()}
+    return value[index]
+
+
+def to_device(value: Inputs, device: torch.device) -> Inputs:
+    if isinstance(value, dict):
+        return {k: v.to(device) for k, v in value.items()}
+    return value.to(device)
+
+
+def concat(values: list[Any]) -> Any:
+    if isinstance(values[0], dict):
+        return {k: torch.cat([v[k] for v in values]) for k in values[0]}
+    return torch.cat(values)
+
+
+def rows_of(value: Inputs) -> int:
+    return len(next(iter(value.values()))) if isinstance(value, dict) else len(value)
+
+
+def chunks(x: Inputs, y: torch.Tensor, size: int = EVAL_CHUNK) -> Iterator[tuple[Inputs, Any]]:
+    for start in range(0, len(y), size):
+        yield take(x, slice(start, start + size)), y[start:start + size]

@@ -1,0 +1,122 @@
+"""The model/optimizer state of the training loop and its checkpointing (torchtitan's
+TrainState + CheckpointManager split, over checkpoint.py's complete-or-absent folders).
+
+A checkpoint holds, from rank 0: model, optimizer, `Progress` (step, epoch, batches done in
+it, last metrics), the resolved config and its hash; from every rank: its RNG states, its
+partial epoch sums and its data loader's state (mode and layout; the exact position is
+``(epoch, batches_done)``, from which a loader replays nothing it does not need).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from arf_trainer.errors import TrainingError
+from arf_trainer.trainer.checkpoint import (
+    Checkpointer,
+    capture_rng_state,
+    cpu_state_dict,
+    restore_rng_state,
+)
+from arf_trainer.trainer.config import TrainConfig
+from arf_trainer.trainer.dist import DistEnv
+from arf_trainer.trainer.recipes import MLP
+from arf_trainer.trainer.testhooks import TestHooks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """Where training stands; what a checkpoint must restore besides weights and optimizer."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+    """Batches of `epoch` already trained (a resumed run skips them)."""
+    loss_sum: float = 0.0
+    """This rank's summed per-sample training loss in `epoch` (for the epoch's mean)."""
+    samples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The last finished epoch's metrics."""
+
+    def shared(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
+                "metrics": self.metrics}
+
+    def next_epoch(self, metrics: dict[str, float]) -> "Progress":
+        return Progress(step=self.step, epoch=self.epoch + 1,
+                        metrics={**metrics, "epoch": float(self.epoch + 1)})
+
+
+@dataclass
+class TrainState:
+    """Model, optimizer, the module the step trains (DDP-wrapped core) and the progress."""
+
+    model: MLP
+    optimizer: torch.optim.Optimizer
+    net: torch.nn.Module
+    progress: Progress = field(default_factory=Progress)
+
+
+class CheckpointPart:
+    """Saves and resumes `TrainState` + the loader's state; times its own saves."""
+
+    def __init__(self, folder: Path, cfg: TrainConfig, denv: DistEnv, hooks: TestHooks) -> None:
+        self.cfg, self.denv = cfg, denv
+        self.checkpointer = Checkpointer(folder, denv, keep=cfg.keep_checkpoints,
+                                         every_steps=cfg.checkpoint_every_steps, hooks=hooks)
+        self.latest = self.checkpointer.latest_step()
+        self.seconds = 0.0
+
+    @property
+    def folder(self) -> Path:
+        return self.checkpointer.folder
+
+    def due(self, step: int) -> bool:
+        return self.checkpointer.due(step)
+
+    def save(self, state: TrainState, loader: Any) -> None:
+        """Collective; a no-op if this step is already saved."""
+        progress = state.progress
+        shared = {
+            "model": cpu_state_dict(state.model.state_dict()),
+            "optimizer": state.optimizer.state_dict(),
+            "progress": progress.shared(),
+            "config": self.cfg.resolved,
+            "config_hash": self.cfg.config_hash,
+        } if self.denv.is_main else {}
+        started = time.perf_counter()
+        self.checkpointer.save(progress.step, shared, {
+            "rng": capture_rng_state(), "data": loader.state(),
+            "loss_sum": progress.loss_sum, "samples": progress.samples})
+        self.seconds += time.perf_counter() - started
+
+    def resume(self, state: TrainState, loader: Any) -> None:
+        """Load the highest complete step into `state`, if there is one."""
+        if self.latest is None:
+            return
+        ckpt = self.checkpointer.load(self.latest)
+        if ckpt.shared["config_hash"] != self.cfg.config_hash:
+            raise TrainingError(
+                f"checkpoint step-{self.latest} in {self.folder} was written with another "
+                "configuration (config_hash differs); delete the checkpoints folder to start over"
+            )
+        loader.check_state(ckpt.rank_state.get("data"))
+        state.model.load_state_dict(ckpt.shared["model"])
+        state.optimizer.load_state_dict(ckpt.shared["optimizer"])
+        state.progress = Progress(**ckpt.shared["progress"],
+                                  loss_sum=ckpt.rank_state["loss_sum"],
+                                  samples=ckpt.rank_state["samples"])
+        restore_rng_state(ckpt.rank_state["rng"])
+        if self.denv.is_main:
+            progress = state.progress
+            log.info("resumed from %s/step-%d (epoch %d, after batch %d)", self.folder,
+                     self.latest, progress.epoch + 1, progress.batches_done)
+

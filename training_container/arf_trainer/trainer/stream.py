@@ -1,0 +1,311 @@
+"""Streaming the prepare step's shards: bounded memory at any dataset size, a deterministic
+per-rank order, and an exact resume position.
+
+Order of an epoch (a pure function of the seed, the epoch and the manifest):
+
+1. the training shards in a permuted order (``default_rng([seed, epoch, 0])``), read as one
+   logical stream of ``n`` rows;
+2. that stream cut into windows of ``window_rows`` consecutive rows, each window's rows
+   permuted (``default_rng([seed, epoch, 1, k])`` for window ``k``): a bounded shuffle whose
+   memory is one window, never the dataset;
+3. like torch's DistributedSampler, the shuffled stream padded by repeating it from its start
+   to ``per_rank x world_size`` rows; rank ``r`` takes rows ``r, r + world_size, ...`` and cuts
+   them into batches of the per-rank batch size.
+
+Resume: batch ``b`` of an epoch starts at rank position ``b x batch_size``, so the stream
+seeks to the window that holds it (skipping whole shards and Parquet row groups by their
+metadata) and reads nothing before it. The checkpoint stores the layout (rows, shards,
+window size: a different one is refused) with ``(epoch, batches_done)`` from `Progress`.
+
+Memory: one window of rows (``WINDOW_BYTES`` of decoded columns at most, or
+``MAX_WINDOW_ROWS``), a Parquet read buffer, and the batch. Each rank reads every row and
+keeps its share: simple and exact, at the cost of reading the data world_size times.
+Statistics (feature mean/std, the classifier's labels) come from one streaming pass in
+`StreamSource.scan`, which also checks every shard's sha256.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from arf_trainer.errors import TrainingError
+from arf_trainer.trainer.data import (
+    EVAL_CHUNK,
+    Inputs,
+    Manifest,
+    checked_shard,
+    chunks,
+    concat,
+    feature_matrix,
+    read_table_columns,
+    take,
+    target_matrix,
+)
+from arf_trainer.trainer.dist import DistEnv
+from arf_trainer.trainer.recipes import MLP, ModelInfo, Recipe, stats_of
+
+WINDOW_BYTES = 64 * 2**20
+MAX_WINDOW_ROWS = 65_536
+READ_ROWS = 4096
+READ_BUFFER = 1 << 20
+
+
+WINDOW_ENV = "ARF_STREAM_WINDOW_ROWS"
+"""Tests and benchmarks: a smaller window, so that small data spans many windows."""
+
+
+def window_rows_for(manifest: Manifest) -> int:
+    """The shuffle window: as many rows as fit WINDOW_BYTES decoded, at most MAX_WINDOW_ROWS
+    (from the manifest only, so every rank and every retry agrees; a checkpoint written with
+    another window is refused)."""
+    if os.environ.get(WINDOW_ENV):
+        return int(os.environ[WINDOW_ENV])
+    return max(1, min(MAX_WINDOW_ROWS, WINDOW_BYTES // manifest.row_bytes()))
+
+
+class ShardStream:
+    """Rows of a split's shards as one logical stream, read in record batches from any row."""
+
+    def __init__(self, manifest: Manifest, split: str, names: list[str]) -> None:
+        self.manifest, self.split, self.names = manifest, split, names
+        self.shards = manifest.shards(split)
+        self.rows = [int(s["rows"]) for s in self.shards]
+
+    def read(self, order: list[int] | np.ndarray, start: int) -> Iterator[Any]:
+        """pyarrow RecordBatches of the shards in `order`, from stream row `start` on."""
+        import pyarrow.parquet as pq
+
+        offset = start
+        for index in order:
+            if offset >= self.rows[index]:
+                offset -= self.rows[index]
+                continue
+            path = self.manifest.folder / self.shards[index]["path"]
+            try:
+                parquet = pq.ParquetFile(path, buffer_size=READ_BUFFER)
+            except OSError as exc:
+                raise TrainingError(f"cannot open shard {path}: {exc}; rerun prepare") from exc
+            groups, skip = [], offset
+            for g in range(parquet.metadata.num_row_groups):
+                group_rows = parquet.metadata.row_group(g).num_rows
+                if skip >= group_rows and not groups:
+                    skip -= group_rows  # whole row groups before the position: not read
+                else:
+                    groups.append(g)
+            try:
+                for batch in parquet.iter_batches(batch_size=READ_ROWS, row_groups=groups,
+                                                  columns=self.names):
+                    if skip >= batch.num_rows:
+                        skip -= batch.num_rows
+                        continue
+                    yield batch.slice(skip)
+                    skip = 0
+            except (KeyError, ValueError) as exc:
+                raise TrainingError(f"cannot read columns {self.names} from shard {path}: "
+                                    f"{exc}; rerun prepare") from exc
+            offset = 0
+
+    def windows(self, order: list[int] | np.ndarray, size: int,
+                first: int = 0) -> Iterator[tuple[int, Any]]:
+        """(k, pyarrow Table) of windows k = first, first+1, ... of `size` rows each."""
+        import pyarrow as pa
+
+        total = sum(self.rows)
+        k, pieces, have = first, [], 0
+        for batch in self.read(order, first * size):
+            while batch.num_rows:
+                want = min(size, total - k * size) - have
+                pieces.append(batch.slice(0, want))
+                have += min(want, batch.num_rows)
+                batch = batch.slice(want)
+                if have == min(size, total - k * size):
+                    yield k, pa.Table.from_batches(pieces)
+                    k, pieces, have = k + 1, [], 0
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """The epoch order's parameters: shard sizes, window size, seed, ranks and batch."""
+
+    shard_rows: tuple[int, ...]
+    window_rows: int
+    seed: int
+    world_size: int
+    rank: int
+    batch_size: int
+
+    @property
+    def n(self) -> int:
+        return sum(self.shard_rows)
+
+    @property
+    def per_rank(self) -> int:
+        return math.ceil(self.n / self.world_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.per_rank / self.batch_size)
+
+    def shard_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.shard_rows))
+
+    def window_permutation(self, epoch: int, k: int, length: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, 1, k]).permutation(length)
+
+    def rank_rows(self, epoch: int, start: int,
+                  windows: Callable[[int], Iterator[tuple[int, Any]]]) -> Iterator[tuple[Any, np.ndarray]]:
+        """(window table, row indices into it) of this rank's rows from rank position
+        `start` on, in order; `windows(k)` yields the epoch's windows from k on."""
+        n, world, size = self.n, self.world_size, self.window_rows
+        total = self.per_rank * world
+        g = self.rank + world * start
+        while g < total:
+            lap, t = divmod(g, n)  # positions past n repeat the stream from its start
+            end = min(total - lap * n, n)
+            for k, table in windows(t // size):
+                low, high = k * size, k * size + table.num_rows
+                stop = min(high, end)
+                if t < stop:
+                    local = np.arange(t - low, stop - low, world)
+                    yield table, self.window_permutation(epoch, k, table.num_rows)[local]
+                    t = low + int(local[-1]) + world
+                if t >= end:
+                    break
+            g = lap * n + t
+
+
+class _Stats:
+    """Column mean and variance merged over chunks (Chan et al.), in float64."""
+
+    def __init__(self) -> None:
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def add(self, values: np.ndarray) -> None:
+        values = values.astype(np.float64, copy=False)
+        n_b, mean_b = len(values), values.mean(axis=0)
+        m2_b = ((values - mean_b) ** 2).sum(axis=0)
+        if self.mean is None:
+            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta ** 2 * (self.n * n_b / n)
+        self.n = n
+
+    def result(self) -> Any:
+        return None if self.mean is None else stats_of(self.mean, np.sqrt(self.m2 / self.n))
+
+
+@dataclass
+class StreamSource:
+    """The training split's statistics from one streaming pass; batches come from `loader`."""
+
+    manifest: Manifest
+    window_rows: int
+    labels: np.ndarray
+    feature_width: int
+    x_stats: Any
+    y_stats: Any
+    mode = "stream"
+
+    @classmethod
+    def scan(cls, manifest: Manifest, recipe: Recipe,
+             window_rows: int | None = None) -> "StreamSource":
+        for split in ("train", "val"):
+            for shard in manifest.shards(split):
+                checked_shard(manifest, shard)
+        names = manifest.features + manifest.targets
+        x_stats, y_stats, labels, width = _Stats(), _Stats(), [], 0
+        stream = ShardStream(manifest, "train", names)
+        for batch in stream.read(range(len(stream.shards)), 0):
+            columns = read_table_columns(batch, names, "the train split")
+            x = feature_matrix(columns, manifest.features)
+            width = x.shape[1]
+            if recipe.fits_normalization:
+                x_stats.add(x)
+            y = target_matrix(columns, manifest.targets)
+            if recipe.target_labels:
+                labels.append(np.unique(y))
+            elif y.dtype.kind in "fiu":
+                y_stats.add(y.astype(np.float32))
+                labels = [y[:0]]
+        found = np.unique(np.concatenate(labels)) if recipe.target_labels else labels[0]
+        return cls(manifest, window_rows or window_rows_for(manifest), found, width,
+                   x_stats.result(), y_stats.result())
+
+    def set_normalization(self, recipe: Recipe, model: MLP, info: ModelInfo) -> None:
+        if recipe.fits_normalization:
+            recipe.set_normalization(model, self.x_stats, self.y_stats)
+
+    def loader(self, recipe: Recipe, info: ModelInfo, model: MLP, denv: DistEnv,
+               batch_size: int, seed: int) -> "StreamLoader":
+        return StreamLoader(self, recipe, info, model, denv, batch_size, seed)
+
+
+class StreamLoader:
+    """This rank's batches of an epoch from the shard stream (see the module docstring)."""
+
+    mode = "stream"
+
+    def __init__(self, source: StreamSource, recipe: Recipe, info: ModelInfo, model: MLP,
+                 denv: DistEnv, batch_size: int, seed: int) -> None:
+        manifest = source.manifest
+        self.names = manifest.features + manifest.targets
+        self.train = ShardStream(manifest, "train", self.names)
+        self.val = ShardStream(manifest, "val", self.names)
+        self.layout = StreamLayout(tuple(self.train.rows), source.window_rows, seed,
+                                   denv.world_size, denv.rank, batch_size)
+        self.recipe, self.info, self.model, self.denv = recipe, info, model, denv
+        self.steps_per_epoch = self.layout.steps_per_epoch
+
+    def _rows(self, table: Any, index: np.ndarray, split: str) -> tuple[Inputs, torch.Tensor]:
+        columns = read_table_columns(table.take(index), self.names, f"the {split} split")
+        return self.recipe.columns_to_tensors(self.info, columns, split)
+
+    def batches(self, epoch: int, skip: int) -> Iterator[tuple[Inputs, torch.Tensor]]:
+        """This rank's batches of `epoch` from batch `skip` on (the same batches a run that
+        did not skip yields there)."""
+        order, size = self.layout.shard_order(epoch), self.layout.batch_size
+        buffer: list[tuple[Inputs, torch.Tensor]] = []
+        for table, index in self.layout.rank_rows(
+                epoch, skip * size, lambda k: self.train.windows(order, self.layout.window_rows, k)):
+            buffer.append(self.recipe.training_tensors(self.model,
+                                                       *self._rows(table, index, "training")))
+            have = sum(len(y) for _, y in buffer)
+            if have >= size:
+                x, y = concat([b[0] for b in buffer]), torch.cat([b[1] for b in buffer])
+                full = have - have % size
+                for i in range(0, full, size):
+                    yield take(x, slice(i, i + size)), y[i:i + size]
+                buffer = [(take(x, slice(full, None)), y[full:])] if full < have else []
+        if buffer:  # the epoch's last, partial batch
+            yield concat([b[0] for b in buffer]), torch.cat([b[1] for b in buffer])
+
+    def val_chunks(self) -> Iterator[tuple[Inputs, torch.Tensor]]:
+        """Validation rows with index = rank (mod world_size), in shard order (no padding)."""
+        world, rank, size = self.denv.world_size, self.denv.rank, self.layout.window_rows
+        for k, table in self.val.windows(range(len(self.val.shards)), size):
+            first = (rank - k * size) % world
+            index = np.arange(first, table.num_rows, world)
+            if len(index):
+                yield from chunks(*self._rows(table, index, "validation"), EVAL_CHUNK)
+
+    def state(self) -> dict[str, Any]:
+        return {"mode": "stream", "rows": self.layout.n, "shards": len(self.layout.shard_rows),
+                "window_rows": self.layout.window_rows}
+
+    def check_state(self, state: dict[str, Any] | None) -> None:
+        if state != self.state():
+            raise TrainingError(
+                f"the checkpoint was written reading the data as {state}, this run streams it "
+                f"as {self.state()}: the order would differ, so the resume would not be exact; "
+                "delete the checkpoints folder to start over (or use the original data)")
+
