@@ -45,6 +45,41 @@ fi
 exit "$code"
 """.strip()
 
+# A PyTorchJob replica's PID 1 around torchrun (custom commands only). torchrun exits 1 when its
+# workers exit 75, and the Training Operator's `restartPolicy: ExitCode` treats 1-127 as
+# permanent. Every rank of this pod records its code in a folder of the pod's own; when all of
+# them asked to be resumed, the pod exits 143 (as if SIGTERMed), which the operator restarts:
+# a preemption costs a pod restart, not the job and not an Airflow retry. No "$(" anywhere:
+# Kubernetes expands $(VAR) in a container's command (HOSTNAME is the pod's name).
+POD_PROLOGUE = r"""
+export ARF_EXIT_DIR="$ARF_EXIT_DIR/pod-${HOSTNAME:-local}"
+rm -rf "$ARF_EXIT_DIR"
+child=
+trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null' TERM
+"$@" &
+child=$!
+wait "$child"; code=$?
+while kill -0 "$child" 2>/dev/null; do wait "$child"; code=$?; done
+if [ "$code" -ne 0 ] && [ -d "$ARF_EXIT_DIR" ]; then
+  n=0; resume=0
+  for f in "$ARF_EXIT_DIR"/rank-*; do
+    [ -f "$f" ] || continue; n=`expr $n + 1`
+    [ "`cat "$f"`" = 75 ] && resume=`expr $resume + 1`
+  done
+  if [ "$n" -eq "$ARF_PROCS_PER_POD" ] && [ "$resume" -eq "$n" ]; then
+    echo "every rank of this pod exited 75 (preempted): exiting 143 so the replica restarts" >&2
+    exit 143
+  fi
+fi
+exit "$code"
+""".strip()
+RESTARTABLE_EXIT = 143
+
+
+def pod_wrap(command: list[str]) -> list[str]:
+    """A PyTorchJob replica's command around torchrun (see POD_PROLOGUE)."""
+    return ["/bin/sh", "-c", POD_PROLOGUE, "arf-custom-pod", *command]
+
 
 def wrap(command: list[str]) -> list[str]:
     """The process command of one rank of a custom command (see the module docstring)."""

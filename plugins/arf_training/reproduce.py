@@ -8,8 +8,10 @@ and reports whether the data fingerprint and the weights' sha256 match. Nothing 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -40,9 +42,24 @@ def pinned_template(lineage: dict[str, Any]) -> LoadedTemplate:
     data = json.loads(json.dumps(lineage["template"]))
     data["dataset"]["tables"] = {**data["dataset"].get("tables", {}),
                                  **{k: int(v) for k, v in lineage["data_tables"].items()}}
+    base, version = data["model"].get("base_model"), lineage.get("base_model_version")
+    if base and version:
+        # The version the run started from, not its alias again (which may have moved since).
+        name = re.split(r"[@/]", base[len("models:/"):])[0]
+        data["model"]["base_model"] = f"models:/{name}/{version}"
     template = TrainingTemplate.model_validate(data)
     return LoadedTemplate(template=template, path=Path(f"mlflow-run-{lineage['run_id']}"),
                           sha256=lineage.get("template_sha256") or "")
+
+
+def folder_sha256(folder: Path) -> str:
+    """sha256 over sorted relative paths and bytes (the container side's custom.folder_sha256,
+    which this side may not import)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def reproduce(run_id: str, log: logging.Logger | None = None) -> dict[str, Any]:
@@ -66,9 +83,13 @@ def reproduce(run_id: str, log: logging.Logger | None = None) -> dict[str, Any]:
                 raise ArfError("the recorded conf does not resolve to the recorded "
                                "hyperparameters/seed; the run's record is inconsistent")
         results[step] = LocalStepRunner(log).run(spec)
+    # A custom command's result need not name its weights: hash its output folder as register
+    # does (arf_trainer.custom.folder_sha256).
+    rerun_sha = results["train"].get("weights_sha256") or \
+        folder_sha256(Path(spec.env["ARF_OUTPUT_DIR"]))
     checks = {
         "data_fingerprint": (lineage["data_fingerprint"], results["prepare"]["fingerprint"]),
-        "weights_sha256": (lineage["weights_sha256"], results["train"]["weights_sha256"]),
+        "weights_sha256": (lineage["weights_sha256"], rerun_sha),
     }
     notes = []
     here = lineage.get("local_torch_version")
@@ -80,6 +101,7 @@ def reproduce(run_id: str, log: logging.Logger | None = None) -> dict[str, Any]:
         "checks": {k: {"recorded": a, "rerun": b, "match": a == b} for k, (a, b) in checks.items()},
         "world_size": lineage["world_size"],
         "rerun_training_run_id": results["train"].get("mlflow_run_id"),
+        "base_model": lineage.get("base_model_version") and loaded.template.model.base_model,
         "workspace": str(workspace),
         "notes": notes,
     }

@@ -19,6 +19,7 @@ from arf_training.backends.local import LocalStepRunner
 from arf_training.errors import StepFailed
 from arf_training.stepspec import StepSpec
 from arf_training.templates import Resources
+from arf_trainer.custom_setup import env_file_text
 
 # A command as a user writes it: checkpoints its progress in ARF_CHECKPOINT_DIR, on SIGTERM
 # saves and exits 75, resumes from the checkpoint when started again, and records what it saw.
@@ -35,6 +36,7 @@ seen = Path(os.environ["ARF_WORKSPACE"]) / f"seen-rank-{rank}.jsonl"
 with seen.open("a") as fh:
     fh.write(json.dumps({k: os.environ.get(k) for k in (
         "MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "ARF_LOG_TO_MLFLOW", "ARF_BASE_MODEL_DIR",
+        "ARF_BASE_MODEL_VERSION",
         "ARF_PREEMPTION_GRACE_S")} | {"start_step": step}) + "\n")
 print(f"rank {rank} ready at step {step}", flush=True)
 while step < STEPS:
@@ -50,13 +52,9 @@ if rank == 0:
     out.write_text(json.dumps({"steps": step}))
 """
 
-ENV_FILE = """export ARF_BASE_MODEL_DIR=/base/model
-if [ "${RANK:-0}" = 0 ]; then
-  export MLFLOW_TRACKING_URI='sqlite:///x.db' MLFLOW_RUN_ID=abc123 ARF_LOG_TO_MLFLOW=true
-else
-  export ARF_LOG_TO_MLFLOW=false
-fi
-"""
+# What arf-trainer custom-setup writes (its MLflow run and pinned base model made up here).
+ENV_FILE = env_file_text("sqlite:///x.db", "7", "abc123",
+                         {"dir": "/base/model", "uri": "models:/m@champion", "version": "3"})
 
 
 def _spec(tmp_path: Path, *, steps: int, procs: int = 1) -> StepSpec:
@@ -110,6 +108,7 @@ def test_exit_75_restarts_the_command_without_failing_and_it_resumes(tmp_path):
     assert starts[0]["ARF_PREEMPTION_GRACE_S"] == "7"
     assert starts[0]["MLFLOW_RUN_ID"] == "abc123" and starts[0]["ARF_LOG_TO_MLFLOW"] == "true"
     assert starts[0]["ARF_BASE_MODEL_DIR"] == "/base/model"
+    assert starts[0]["ARF_BASE_MODEL_VERSION"] == "3"
 
 
 def test_other_exit_codes_still_fail_the_step(tmp_path):
@@ -132,5 +131,61 @@ def test_two_processes_under_torchrun_rank_zero_logs_and_both_resume(tmp_path):
     assert len(rank0) == len(rank1) == 2
     assert rank0[0]["MLFLOW_RUN_ID"] == "abc123" and rank0[0]["ARF_LOG_TO_MLFLOW"] == "true"
     assert rank1[0]["MLFLOW_RUN_ID"] is None and rank1[0]["ARF_LOG_TO_MLFLOW"] == "false"
-    assert rank1[0]["MLFLOW_TRACKING_URI"] is None
+    assert rank1[0]["MLFLOW_TRACKING_URI"] == "sqlite:///x.db"  # a logger on every rank needs it
     assert rank0[1]["start_step"] > 0 and rank1[1]["start_step"] > 0
+
+
+# --- Kubernetes: a PyTorchJob replica of a custom command --------------------------------------
+
+
+def _pod_exit(tmp_path: Path, rank_codes: list[int]) -> int:
+    """Run the replica's PID 1 with a stand-in for torchrun: it starts each rank through the
+    rank wrapper (as torchrun does) and exits 1 when one failed (as torchrun does)."""
+    import subprocess
+
+    ranks = " ; ".join(
+        f"RANK={rank} {' '.join(_quote(custom_launch.wrap([sys.executable, '-c', f'raise SystemExit({code})'])))}"
+        for rank, code in enumerate(rank_codes))
+    fake_torchrun = ["/bin/sh", "-c", ranks + f" ; exit {int(any(rank_codes))}"]
+    env = {"PATH": os.environ["PATH"], "HOSTNAME": "job-master-0",
+           "ARF_EXIT_DIR": str(tmp_path / "exits"), "ARF_PROCS_PER_POD": str(len(rank_codes))}
+    return subprocess.run(custom_launch.pod_wrap(fake_torchrun), env=env, timeout=60).returncode
+
+
+def _quote(words: list[str]) -> list[str]:
+    import shlex
+
+    return [shlex.quote(w) for w in words]
+
+
+@pytest.mark.parametrize(("rank_codes", "pod_code"), [
+    pytest.param([75, 75], custom_launch.RESTARTABLE_EXIT, id="all-preempted-restarts"),
+    pytest.param([75, 3], 1, id="one-failed-stays-a-failure"),
+    pytest.param([0, 0], 0, id="success"),
+])
+def test_pytorchjob_replica_turns_preempted_ranks_into_a_restartable_exit(
+        tmp_path, rank_codes, pod_code):
+    # The Training Operator's restartPolicy ExitCode restarts a replica on 128+ only.
+    assert _pod_exit(tmp_path, rank_codes) == pod_code
+
+
+def test_pytorchjob_of_the_lightning_template_runs_setup_and_the_wrappers():
+    # (test_k8s_render validates every shipped template's manifests strictly, this one included)
+    from arf_training.kubernetes.config import KubernetesSettings
+    from arf_training.kubernetes.jobs import PyTorchJobRenderer
+    from arf_training.settings import ArfSettings
+    from arf_training.stepspec import RunIdentity, build_step_spec
+    from arf_training.templates import load_template
+
+    repo = Path(__file__).resolve().parents[2]
+    loaded = load_template(repo / "config_templates" / "digits_lightning.yaml")
+    ident = RunIdentity("digits_lightning", "manual__1", "train", 1)
+    spec = build_step_spec(loaded, "train", ident, {}, ArfSettings.from_env())
+    job = PyTorchJobRenderer().render(spec, ident, KubernetesSettings.from_env({}))
+    pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    (box,) = pod["containers"]
+    assert box["command"][:2] == ["/bin/sh", "-c"] and "torchrun" in box["command"]
+    assert box["command"][-3:] == ["python", "-m", "arf_trainer.examples.lightning_digits"]
+    env = {e["name"]: e.get("value") for e in box["env"]}
+    assert env["ARF_PROCS_PER_POD"] == "2" and env["ARF_EXIT_DIR"].endswith("/train/exits")
+    assert [c["command"] for c in pod["initContainers"]] == [["arf-trainer", "custom-setup"]]

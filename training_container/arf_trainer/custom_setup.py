@@ -11,8 +11,8 @@ after a preemption. It is idempotent per DAG run, in this order:
    (``<train dir>/base_model/base_model.json``) and downloads its `model` artifact folder there;
    every later start reuses the pin, so a promotion mid-run never changes the base;
 3. the environment the launch wrapper sources (`ENV_FILE` in the train dir): MLflow's standard
-   variables for global rank 0 (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_ID, MLFLOW_RUN_ID,
-   ARF_LOG_TO_MLFLOW=true), ARF_LOG_TO_MLFLOW=false for the other ranks, and the base model
+   variables (MLFLOW_TRACKING_URI for every rank; MLFLOW_EXPERIMENT_ID, MLFLOW_RUN_ID and
+   ARF_LOG_TO_MLFLOW=true for global rank 0, ARF_LOG_TO_MLFLOW=false for the others), the base model
    (ARF_BASE_MODEL_DIR, ARF_BASE_MODEL_URI, ARF_BASE_MODEL_VERSION) for every rank.
 
 Several pods of one PyTorchJob may run it at once: each settles on the oldest run with the DAG
@@ -136,10 +136,13 @@ def env_file_text(tracking_uri: str, experiment_id: str, run_id: str,
         lines.append(f"export ARF_BASE_MODEL_DIR={q(base['dir'])} "
                      f"ARF_BASE_MODEL_URI={q(base['uri'])} "
                      f"ARF_BASE_MODEL_VERSION={q(base['version'])}")
+    # Every rank knows the server (a logger built on every rank, as Lightning's is, needs it;
+    # without it MLflow falls back to ./mlruns); only rank 0 knows the run.
     lines += [
+        f"export MLFLOW_TRACKING_URI={q(tracking_uri)}",
         'if [ "${RANK:-0}" = 0 ]; then',
-        f"  export MLFLOW_TRACKING_URI={q(tracking_uri)} MLFLOW_EXPERIMENT_ID={q(experiment_id)} "
-        f"MLFLOW_RUN_ID={q(run_id)} ARF_LOG_TO_MLFLOW=true",
+        f"  export MLFLOW_EXPERIMENT_ID={q(experiment_id)} MLFLOW_RUN_ID={q(run_id)} "
+        "ARF_LOG_TO_MLFLOW=true",
         "else",
         "  # Only global rank 0 logs: the others would write every point once per rank.",
         "  export ARF_LOG_TO_MLFLOW=false",

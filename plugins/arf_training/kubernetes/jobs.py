@@ -21,14 +21,18 @@ commands, `LocalStepRunner.commands`):
 
 Replica `restartPolicy: ExitCode`: exit codes 1-127 are permanent (2 = bad input; a restart would
 fail the same way), 128+ (SIGTERM/SIGKILL on preemption) restart the pod, up to
-`runPolicy.backoffLimit`; the new pod resumes from the last complete checkpoint.
+`runPolicy.backoffLimit`; the new pod resumes from the last complete checkpoint. A template's own
+command runs under `custom_launch.pod_wrap`, which turns "every rank of this pod exited 75"
+(torchrun itself exits 1) into 143, so a preempted custom command restarts like a SIGTERMed pod.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+from arf_training import custom_launch
 from arf_training.kubernetes.config import KubernetesSettings
 from arf_training.kubernetes.pod import pod_template, resource_name
 from arf_training.stepspec import RunIdentity, StepSpec
@@ -97,9 +101,14 @@ class PyTorchJobRenderer(DistributedJobRenderer):
                settings: KubernetesSettings) -> dict[str, Any]:
         name = self.name_for(identity)
         elastic = settings.elastic
+        command = torchrun_command(spec, elastic=elastic)
+        if spec.setup_command:  # a template's own command: exit 75 restarts the replica
+            command = custom_launch.pod_wrap(command)
+            spec = dataclasses.replace(spec, env={
+                **spec.env, "ARF_PROCS_PER_POD": str(spec.procs_per_node)})
         template = pod_template(
             spec, identity, settings, name=name, container_name=self.container_name,
-            command=torchrun_command(spec, elastic=elastic),
+            command=command,
             ports=[{"name": self.port_name, "containerPort": PYTORCH_PORT, "protocol": "TCP"}])
 
         def replica(count: int) -> dict[str, Any]:
