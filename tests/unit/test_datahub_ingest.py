@@ -51,7 +51,8 @@ def _arrays(n: int) -> pa.Table:
 
 def _rows(hub: Path, name: str, version: int | None = None) -> pa.Table:
     table = open_table(hub, name, version).dataset.to_table()
-    return table.sort_by([(c, "ascending") for c in ("episode_id", "step") if c in table.column_names])
+    keys = [c for c in ("episode_id", "step") if c in table.column_names]
+    return table.sort_by([(c, "ascending") for c in keys])
 
 
 def _version(hub: Path, name: str) -> int:
@@ -160,7 +161,7 @@ def test_ingest_killed_mid_write_leaves_previous_version(tmp_path: Path) -> None
     data.mkdir()
     base = _episodes(50)
     ingest(hub, "t", [_write(base, tmp_path / "base.parquet")])
-    inputs = [_write(_episodes(150_000, 10**6 * (i + 1)), data / f"{i}.parquet") for i in range(4)]
+    inputs = [_write(_episodes(100_000, 10**6 * (i + 1)), data / f"{i}.parquet") for i in range(4)]
     proc = subprocess.Popen([sys.executable, "-m", "arf_trainer.cli", "datahub", "ingest",
                              "--hub", str(hub), "t", str(data)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -175,8 +176,8 @@ def test_ingest_killed_mid_write_leaves_previous_version(tmp_path: Path) -> None
     assert _version(hub, "t") == 0
     assert _rows(hub, "t").equals(base)
     again = ingest(hub, "t", [data])
-    assert (again.version, again.rows) == (1, 600_000)
-    assert _rows(hub, "t").num_rows == 600_050
+    assert (again.version, again.rows) == (1, 400_000)
+    assert _rows(hub, "t").num_rows == 400_050
 
 
 def _write(table: pa.Table, path: Path) -> Path:
@@ -254,11 +255,9 @@ def test_arf_cli_runs_the_container_side(tmp_path: Path, monkeypatch, capfd) -> 
     monkeypatch.setenv("ARF_DATAHUB_URI", str(hub))
     monkeypatch.chdir(tmp_path)
     _write(_episodes(7), tmp_path / "e.parquet")
+    # Two runs of the container side (a process each): the arguments and exit codes pass through.
     assert arf_main(["datahub", "ingest", "eps", "e.parquet", "--partition-by", "robot"]) == 0
     assert "eps: version 0 (append, 7 rows from 1 file)" in capfd.readouterr().out
-    assert arf_main(["datahub", "describe", "eps"]) == 0
-    assert "partitioned by robot" in capfd.readouterr().out
-    assert arf_main(["datahub", "ingest", "eps", "missing.csv"]) == 2
-    assert "missing.csv does not exist" in capfd.readouterr().err
-    assert arf_main(["datahub", "tables"]) == 0
-    assert "eps" in capfd.readouterr().out
+    assert DeltaTable(str(hub / "eps")).metadata().partition_columns == ["robot"]
+    assert arf_main(["datahub", "describe", "eps", "--version", "3"]) == 2
+    assert "'eps' has no version 3; versions available: 0" in capfd.readouterr().err

@@ -145,11 +145,11 @@ def ingest(hub: Path, name: str, paths: Sequence[str | Path], mode: WriteMode = 
     storable = storable_schema(schema)
     stream = _Stream(sources, schema, storable)
     path.parent.mkdir(parents=True, exist_ok=True)
-    commit = CommitProperties(custom_metadata={
-        "arf.operation": "ingest",
-        "arf.sources": json.dumps([str(s.path.resolve()) for s in sources[:20]]
-                                  + ([f"... {len(sources) - 20} more"] if len(sources) > 20 else [])),
-    })
+    named = [str(s.path.resolve()) for s in sources[:20]]  # the commit log stays small
+    if len(sources) > 20:
+        named.append(f"... {len(sources) - 20} more")
+    commit = CommitProperties(custom_metadata={"arf.operation": "ingest",
+                                               "arf.sources": json.dumps(named)})
     try:
         write_deltalake(str(path), stream.reader(), mode=mode, partition_by=partitions or None,
                         schema_mode="overwrite" if mode == "overwrite" else None,
