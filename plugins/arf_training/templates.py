@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from arf_training.errors import TemplateError, TemplateIssue
+from arf_training.template_dataset import DatasetLayout
 from arf_training.template_federated import Federated, check_federated
 from arf_training.nightly_recipe import Nightly, nightly_problems
 from arf_training.template_gate import Gate, check_gate
@@ -230,8 +231,9 @@ class Replay(_Section):
         return _check_single_select(query)
 
 
-class Dataset(_Section):
-    """What to pull from the data hub: one SQL SELECT over its versioned tables."""
+class Dataset(DatasetLayout, _Section):
+    """What to pull from the data hub: one SQL SELECT over its versioned tables (split_by and
+    order_by: arf_training.template_dataset)."""
 
     hub: str = Field("default", pattern=r"^[a-z][a-z0-9_-]*$",
                      description="Data hub to query; 'default' is the deployment's ARF_DATAHUB_URI.")
