@@ -123,7 +123,8 @@ def _manifest(workspace: Path) -> dict[str, Any]:
 
 def test_prepare_writes_shards_and_manifest(tmp_path: Path, hub: Path) -> None:
     workspace = tmp_path / "ws"
-    result = run_prepare(step_env(workspace, hub))
+    # The row split (the template's episode split: test_prepare_stream.py).
+    result = run_prepare(step_env(workspace, hub, dataset={"split_by": None}))
     manifest = _manifest(workspace)
     successful = open_table(hub, "reach_demos").dataset.to_table(
         filter=pc.field("success")).num_rows
@@ -139,7 +140,8 @@ def test_prepare_writes_shards_and_manifest(tmp_path: Path, hub: Path) -> None:
     assert manifest["val_rows"] == int(successful * 0.1)
     assert manifest["features"] == [f"obs_{i}" for i in range(10)]
     assert manifest["targets"] == ["act_0", "act_1"]
-    assert manifest["columns"][0] == {"name": "episode", "type": "int64"}
+    assert manifest["columns"][0] == {"name": "episode", "type": "int64", "dtype": "int64",
+                                      "shape": []}
     assert manifest["tables"] == {"reach_demos": {"version": 0,
                                                   "uri": (hub / "reach_demos").as_uri()}}
     assert manifest["validation_split"] == 0.1 and manifest["seed"] == 0

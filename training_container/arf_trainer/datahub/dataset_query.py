@@ -8,9 +8,10 @@ run without a logical date) cannot run such a query: that is bad input (exit 2) 
 saying how to trigger it, not an empty result.
 
 Memory: the step runs under the template's `training.resources.memory` (the pod's limit on
-Kubernetes, a per-process limit under the local backend). DuckDB's own limit is kept at or below
-it, and a query that still runs out of memory (values DuckDB allocates outside its buffer
-manager, e.g. `repeat('x', 10**8)`) fails with a message naming that setting.
+Kubernetes, a per-process limit under the local backend). DuckDB's own limit is half of it (its
+sort spills to the workspace beyond that), and a query that still runs out of memory (values
+DuckDB allocates outside its buffer manager, e.g. `repeat('x', 10**8)`) fails with a message
+naming that setting.
 """
 
 from __future__ import annotations
@@ -20,16 +21,15 @@ import logging
 from pathlib import Path
 
 import duckdb
-import pyarrow as pa
 
-from arf_trainer.datahub.query import run_query
 from arf_trainer.datahub.sqlcheck import check_length
+from arf_trainer.datahub.stream import QuerySource
 from arf_trainer.errors import SpecError
 from arf_trainer.spec import StepEnv
 
 log = logging.getLogger(__name__)
 
-# Limits of the dataset query inside the prepare step (see run_query).
+# Limits of the dataset query inside the prepare step (see QuerySource).
 QUERY_TIMEOUT_S = 600.0
 QUERY_MEMORY_LIMIT = "2GB"
 # Run values a dataset query may read as named parameters (the template's data-interval macros).
@@ -122,8 +122,10 @@ def _memory_limits(env: StepEnv) -> tuple[str, str | None]:
     """(DuckDB's memory_limit, the step's ceiling as the template states it, if any).
 
     The step runs under `training.resources.memory` (the pod limit on Kubernetes, a process
-    limit under the local backend); DuckDB's own limit never exceeds it, so the buffer manager
-    fails cleanly before the process hits its ceiling."""
+    limit under the local backend). DuckDB's buffer manager gets half of it (at most
+    QUERY_MEMORY_LIMIT): the other half holds what the query streams out, the batches being
+    split and the Parquet writers' row groups (`arf_trainer.datahub.shards`), so DuckDB spills
+    its sort to disk before the process reaches its ceiling."""
     memory = (env.spec.training.get("resources") or {}).get("memory")
     if memory is None:
         return QUERY_MEMORY_LIMIT, None
@@ -133,12 +135,13 @@ def _memory_limits(env: StepEnv) -> tuple[str, str | None]:
         size = float(number) * _UNITS[unit]
     except (ValueError, KeyError):
         return QUERY_MEMORY_LIMIT, ceiling  # the template check names bad quantities
-    return f"{min(int(size), 2 * 10**9) // 2**20}MiB", ceiling
+    return f"{min(int(size) // 2, 2 * 10**9) // 2**20}MiB", ceiling
 
 
-def run_dataset_query(env: StepEnv, what: str, query: str, pins: dict[str, int],
-         values: dict[str, dt.datetime | None]) -> tuple[pa.Table, dict[str, int]]:
+def open_dataset_query(env: StepEnv, what: str, query: str, pins: dict[str, int],
+                       values: dict[str, dt.datetime | None], spill_dir: Path) -> QuerySource:
+    """`query` checked and its tables opened, ready to count and stream (spilling to spill_dir)."""
     memory_limit, ceiling = _memory_limits(env)
-    return run_query(hub_path(env), query, pins, memory_limit=memory_limit,
-                     timeout_s=QUERY_TIMEOUT_S, parameters=parameters_for(what, query, values),
-                     what=what, memory_ceiling=ceiling)
+    return QuerySource(hub_path(env), query, pins, parameters=parameters_for(what, query, values),
+                       what=what, memory_limit=memory_limit, timeout_s=QUERY_TIMEOUT_S,
+                       spill_dir=spill_dir, memory_ceiling=ceiling)

@@ -11,13 +11,20 @@ Layout, under the run workspace (shared by every step of one DAG run)::
 
     {"query": the SQL that ran (the template's, or the trigger's `dataset_query` override),
      "rows", "train_rows", "val_rows": row counts,
-     "columns": [{"name", "type"}] of every shard (Arrow type names),
+     "columns": [{"name", "type", "dtype", "shape"}] of every shard, in shard order: "type" is
+               Arrow's type text; "dtype" the NumPy dtype of a number/bool column's elements
+               (null otherwise); "shape" [] for a scalar, e.g. [7] for FLOAT[7] or [64, 64, 3]
+               for UTINYINT[64][64][3] (Arrow fixed_size_list, nested, stored as such in the
+               shards), null for a column without a fixed shape. Features and targets always
+               have one. E.g. {"name": "image", "type": "fixed_size_list<...>[64]",
+               "dtype": "uint8", "shape": [64, 64, 3]} (`arf_trainer.datahub.shards`),
      "features", "targets": column names, the template's globs resolved in result-column order,
      "tables": {table: {"version": int, "uri": str}} for every table the query read,
      "fingerprint": sha256 over the lines "<path> <shard sha256>\\n", train shards then val,
      "shards": {"train": [{"path", "rows", "sha256"}], "val": [...]} (a split with no rows
                has no shards),
-     "validation_split", "seed", "created_with": {"duckdb", "pyarrow"},
+     "validation_split", "split_by" (a column or null), "order_by" (columns or null), "seed",
+     "created_with": {"duckdb", "pyarrow"},
      "new_rows": rows of dataset.query, "replay": null or {"query", "ratio", "rows_available",
                "rows_requested", "rows", "tables"} (see below),
      "parameters": {name: ISO time} bound to the queries ($data_interval_start, ...)}
@@ -29,15 +36,30 @@ Skip: with `dataset.skip_if_empty`, a query that returns no rows raises `Nothing
 the backends skip this task and the later ones; the run is not failed. Without it, no rows is an
 error as before.
 
+Bounded memory: the result is never held whole. DuckDB sorts it into its canonical order
+(spilling into a folder of the workspace, `arf_trainer.datahub.stream`), the rows stream out in
+batches, each row goes to train or val as it passes (`arf_trainer.datahub.split`) and into
+that split's Parquet writer, which holds one row group (`arf_trainer.datahub.shards`); each
+shard is hashed when it is closed. DuckDB gets half of `resources.memory`.
+
+Split: with `dataset.split_by: <column>` (e.g. episode), whole groups go to train or val by a
+seeded hash of the group's value, stable when rows are appended (about validation_split of the
+groups). Without it, exactly int(rows x validation_split) rows, chosen uniformly from the
+spec's seed (a count query gives the total first).
+
+Order: by `dataset.order_by` (a unique key, e.g. [episode, step]; a repeated key is an error),
+else by every column (`ORDER BY ALL`, slower on wide results).
+
 Replay: with `dataset.replay: {query, ratio}`, `round(ratio x new rows)` rows of the replay
 query's result (all of them if it has fewer) are sampled without replacement with a generator
 seeded from the spec's seed, and appended to the new rows before the train/val split. Both
 queries' tables are in "tables"; the fingerprint covers the shards of the union.
 
-Reproducibility: the query returns rows in canonical order (see `arf_trainer.datahub.query`),
-the split is a permutation drawn from the job spec's seed, and shards are written with fixed
-Parquet options, so the same tables at the same versions give the same fingerprint (for the
-same duckdb/pyarrow versions, which the manifest records).
+Reproducibility: rows come in canonical order, the split and samples depend only on the seed
+and the rows (never on how DuckDB batches them), and shards are written with fixed row-group
+sizes and Parquet options, so the same tables at the same versions and the same dataset
+section give the same fingerprint (for the same duckdb/pyarrow versions, which the manifest
+records).
 
 Complete-or-absent: everything is built in a temporary folder inside the workspace and renamed
 to `prepare/` at the end. A retried task that finds `prepare/manifest.json` checks the shards
@@ -53,21 +75,29 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import duckdb
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from arf_trainer.datahub.dataset_query import (
     hub_path,
+    open_dataset_query,
     parameters_for,
     query_parameters,
     resolve_query,
-    run_dataset_query,
 )
+from arf_trainer.datahub.shards import (
+    ShardWriter,
+    check_fixed_shape,
+    describe_column,
+    layout,
+    sha256_file,
+)
+from arf_trainer.datahub.split import ExactSample, GroupSplit
+from arf_trainer.datahub.stream import QuerySource
 from arf_trainer.datahub.tables import table_path
 from arf_trainer.errors import DataHubError, NothingToDo, QueryError, SpecError
 from arf_trainer.spec import StepEnv, read_json, write_json_atomic
@@ -77,27 +107,6 @@ log = logging.getLogger(__name__)
 PREPARE_DIR = "prepare"
 MANIFEST_NAME = "manifest.json"
 _TMP_PREFIX = ".prepare-tmp-"
-SHARD_ROWS = 262_144
-# Fixed writer options: shard bytes (and so the fingerprint) must not depend on defaults that
-# could change between runs. `created_by` still carries the pyarrow version, recorded too.
-_PARQUET_OPTIONS: dict[str, Any] = {
-    "compression": "zstd",
-    "compression_level": 3,
-    "row_group_size": SHARD_ROWS,
-    "version": "2.6",
-    "data_page_version": "1.0",
-    "use_dictionary": True,
-    "write_statistics": True,
-}
-_HASH_CHUNK = 1 << 20
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fingerprint(shards: dict[str, list[dict[str, Any]]]) -> str:
@@ -127,26 +136,6 @@ def resolve_columns(field: str, patterns: list[str], columns: list[str]) -> list
     return resolved
 
 
-def _split_indices(rows: int, validation_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Disjoint (train, val) row indices: a seeded permutation, each part kept in row order
-    so that shards follow the canonical query order (trainers shuffle per epoch anyway)."""
-    val_rows = int(rows * validation_split)
-    order = np.random.default_rng(seed).permutation(rows)
-    return np.sort(order[val_rows:]), np.sort(order[:val_rows])
-
-
-def _write_split(root: Path, split: str, table: pa.Table) -> list[dict[str, Any]]:
-    (root / split).mkdir(parents=True)
-    shards = []
-    for number, start in enumerate(range(0, table.num_rows, SHARD_ROWS)):
-        relative = f"{split}/shard-{number:05d}.parquet"
-        part = table.slice(start, SHARD_ROWS)
-        pq.write_table(part, root / relative, **_PARQUET_OPTIONS)
-        shards.append({"path": relative, "rows": part.num_rows,
-                       "sha256": _sha256_file(root / relative)})
-    return shards
-
-
 def _summary(manifest: dict[str, Any], manifest_path: Path, reused: bool) -> dict[str, Any]:
     return {
         "rows": manifest["rows"],
@@ -163,7 +152,7 @@ def _verify(prepared: Path, manifest: dict[str, Any]) -> None:
     for split in ("train", "val"):
         for shard in manifest["shards"][split]:
             path = prepared / shard["path"]
-            if not path.is_file() or _sha256_file(path) != shard["sha256"]:
+            if not path.is_file() or sha256_file(path) != shard["sha256"]:
                 raise DataHubError(
                     f"prepared shard {path} is missing or does not match its sha256 in "
                     f"{prepared / MANIFEST_NAME}; the workspace was modified after prepare "
@@ -190,59 +179,9 @@ def _empty(env: StepEnv, versions: dict[str, int], bound: dict[str, dt.datetime]
         "dataset.skip_if_empty is set, so this run is skipped (nothing new to train on)")
 
 
-def _with_replay(env: StepEnv, replay: dict[str, Any], new: pa.Table, pins: dict[str, int],
-                 values: dict[str, dt.datetime | None],
-                 seed: int) -> tuple[pa.Table, dict[str, Any], dict[str, int]]:
-    """`new` followed by round(ratio x new rows) seeded samples of the replay query's rows."""
-    query, ratio = replay["query"], float(replay["ratio"])
-    if not ratio > 0:
-        raise SpecError(f"dataset.replay.ratio={ratio!r} must be above 0, e.g. 1.0")
-    old, versions = run_dataset_query(env, "dataset.replay.query", query, pins, values)
-    missing = [c for c in new.column_names if c not in old.column_names]
-    extra = [c for c in old.column_names if c not in new.column_names]
-    if missing or extra:
-        raise SpecError(
-            "dataset.replay.query must return the same columns as dataset.query (the rows are "
-            f"stacked); missing: {missing or 'none'}, extra: {extra or 'none'}. Select the same "
-            "columns in both queries (e.g. list them explicitly instead of *)")
-    try:
-        old = old.select(new.column_names).cast(new.schema)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-        raise SpecError(f"dataset.replay.query's columns do not convert to dataset.query's "
-                        f"types ({exc}); CAST them in the replay query") from exc
-    wanted = round(ratio * new.num_rows)
-    take = min(wanted, old.num_rows)
-    if take < wanted:
-        log.warning("dataset.replay asks for %d rows (ratio %g x %d new rows) but its query "
-                    "returned %d; replaying all of them", wanted, ratio, new.num_rows, old.num_rows)
-    # Its own stream (seed, 1): the train/val split keeps drawing from default_rng(seed).
-    picked = np.sort(np.random.default_rng([seed, 1]).choice(old.num_rows, size=take,
-                                                             replace=False))
-    combined = pa.concat_tables([new, old.take(pa.array(picked, type=pa.int64()))])
-    info = {"query": query, "ratio": ratio, "rows_available": old.num_rows,
-            "rows_requested": wanted, "rows": take,
-            "tables": {n: v for n, v in versions.items()}}
-    log.info("replay: %d of %d rows from %s added to %d new rows", take, old.num_rows,
-             _tables_text(versions), new.num_rows)
-    return combined, info, versions
-
-
-def _build(env: StepEnv, root: Path) -> dict[str, Any]:
-    """Query, split, write shards + manifest into `root` (a fresh folder); return the manifest."""
-    dataset = env.spec.dataset
-    hub = hub_path(env)
-    query = resolve_query(env)
-    pins = dict(dataset.get("tables") or {})
-    values = query_parameters(env)
-    result, versions = run_dataset_query(env, "dataset.query", query, pins, values)
-    if result.num_rows == 0:
-        raise _empty(env, versions, parameters_for("dataset.query", query, values))
-    new_rows, replay_info = result.num_rows, None
-    if dataset.get("replay"):
-        result, replay_info, replay_versions = _with_replay(env, dataset["replay"], result, pins,
-                                                            values, env.spec.seed)
-        versions = {**replay_versions, **versions}
-    columns = result.column_names
+def _check_columns(dataset: dict[str, Any], schema: pa.Schema) -> tuple[list[str], list[str]]:
+    """The resolved (features, targets); split_by and every such column checked against `schema`."""
+    columns = schema.names
     features = resolve_columns("dataset.features", dataset["features"], columns)
     targets = resolve_columns("dataset.targets", dataset["targets"], columns)
     both = [c for c in features if c in targets]
@@ -251,32 +190,159 @@ def _build(env: StepEnv, root: Path) -> dict[str, Any]:
             f"column(s) {', '.join(both)} are both in dataset.features and dataset.targets; "
             "a model must not be given its own target as input: narrow one of the patterns"
         )
+    split_by = dataset.get("split_by")
+    if split_by is not None and split_by not in columns:
+        raise SpecError(
+            f"dataset.split_by is {split_by!r}, not a column of the query result; columns: "
+            f"{', '.join(columns)}. Select the group column (e.g. episode) in dataset.query, "
+            "or fix the name (case-sensitive)")
+    check_fixed_shape(schema, "dataset.features", features)
+    check_fixed_shape(schema, "dataset.targets", targets)
+    return features, targets
+
+
+def _replay_source(env: StepEnv, replay: dict[str, Any], schema: pa.Schema, pins: dict[str, int],
+                   values: dict[str, dt.datetime | None], spill: Path) -> QuerySource:
+    """The replay query, checked to return dataset.query's columns (in any order) and types."""
+    ratio = float(replay["ratio"])
+    if not ratio > 0:
+        raise SpecError(f"dataset.replay.ratio={ratio!r} must be above 0, e.g. 1.0")
+    old = open_dataset_query(env, "dataset.replay.query", replay["query"], pins, values, spill)
+    old_schema = old.schema()
+    missing = [c for c in schema.names if c not in old_schema.names]
+    extra = [c for c in old_schema.names if c not in schema.names]
+    if missing or extra:
+        raise SpecError(
+            "dataset.replay.query must return the same columns as dataset.query (the rows are "
+            f"stacked); missing: {missing or 'none'}, extra: {extra or 'none'}. Select the same "
+            "columns in both queries (e.g. list them explicitly instead of *)")
+    list(_as_new([pa.RecordBatch.from_pylist([], schema=old_schema)], schema))  # types convert?
+    return old
+
+
+def _as_new(batches: Any, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    """Replay batches in dataset.query's column order and types."""
+    try:
+        for batch in batches:
+            yield pa.RecordBatch.from_arrays(
+                [batch.column(field.name).cast(field.type) for field in schema], schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise SpecError(f"dataset.replay.query's columns do not convert to dataset.query's "
+                        f"types ({exc}); CAST them in the replay query") from exc
+
+
+def _drain(batches: Iterator[pa.RecordBatch], writers: dict[str, ShardWriter], side: Any,
+           pick: ExactSample | None = None) -> int:
+    """Write `batches` (only the `pick`ed rows, if given) into train/val; return rows written."""
+    rows = 0
+    for batch in batches:
+        if pick is not None:
+            batch = batch.filter(pa.array(pick.mask(batch.num_rows)))
+        val = side(batch)
+        writers["val"].write(batch.filter(pa.array(val)))
+        writers["train"].write(batch.filter(pa.array(~val)))
+        rows += batch.num_rows
+    return rows
+
+
+def _streams(env: StepEnv, root: Path, spill: Path, query: str) -> dict[str, Any]:
+    """Stream dataset.query (and its replay) into train/val shards; the manifest's data part."""
+    dataset, seed = env.spec.dataset, env.spec.seed
+    pins, values = dict(dataset.get("tables") or {}), query_parameters(env)
     split = float(dataset.get("validation_split", 0.0))
     if not 0.0 <= split < 1.0:
         raise SpecError(f"dataset.validation_split={split!r} must be in [0, 1), e.g. 0.1")
-    train_idx, val_idx = _split_indices(result.num_rows, split, env.spec.seed)
-    shards = {
-        "train": _write_split(root, "train", result.take(pa.array(train_idx))),
-        "val": _write_split(root, "val", result.take(pa.array(val_idx))),
-    }
+    order_by, split_by = dataset.get("order_by") or None, dataset.get("split_by")
+    replay = dataset.get("replay")
+    new = open_dataset_query(env, "dataset.query", query, pins, values, spill)
+    schema = new.schema()
+    features, targets = _check_columns(dataset, schema)
+
+    def empty() -> Exception:
+        return _empty(env, new.versions, parameters_for("dataset.query", query, values))
+
+    old, available, side = None, 0, None
+    if split_by is None:  # the exact row split needs the total before the first row
+        counted = new.count()
+        if counted == 0:
+            raise empty()
+        if replay:
+            old = _replay_source(env, replay, schema, pins, values, spill)
+            available = old.count()
+        total = counted + (min(round(float(replay["ratio"]) * counted), available) if old else 0)
+        sample = ExactSample(total, int(total * split), seed, "dataset.query")
+        side = lambda batch: sample.mask(batch.num_rows)  # noqa: E731
+    else:
+        side = GroupSplit(split_by, split, seed).mask
+    batch_rows = min(65_536, layout(schema)[0])
+    with new.stream(order_by, batch_rows) as (schema, batches):
+        writers = {name: ShardWriter(root, name, schema) for name in ("train", "val")}
+        new_rows = _drain(batches, writers, side)
+    if new_rows == 0:
+        raise empty()
+    versions, replay_info = new.versions, None
+    if replay:
+        if old is None:
+            old = _replay_source(env, replay, schema, pins, values, spill)
+            available = old.count()
+        replay_info = _replay(old, replay, new_rows, available, seed, order_by, batch_rows,
+                              schema, writers, side)
+        versions = {**old.versions, **versions}
+    shards = {name: writer.close() for name, writer in writers.items()}
+    return {"versions": versions, "schema": schema, "features": features, "targets": targets,
+            "shards": shards, "new_rows": new_rows, "replay": replay_info, "split": split,
+            "values": values}
+
+
+def _replay(old: QuerySource, replay: dict[str, Any], new_rows: int, available: int, seed: int,
+            order_by: list[str] | None, batch_rows: int, schema: pa.Schema,
+            writers: dict[str, ShardWriter], side: Any) -> dict[str, Any]:
+    """round(ratio x new rows) seeded samples of the replay rows, appended to the new rows."""
+    ratio = float(replay["ratio"])
+    wanted = round(ratio * new_rows)
+    take = min(wanted, available)
+    if take < wanted:
+        log.warning("dataset.replay asks for %d rows (ratio %g x %d new rows) but its query "
+                    "returned %d; replaying all of them", wanted, ratio, new_rows, available)
+    # Its own stream (seed, 1): the row split draws from default_rng(seed).
+    pick = ExactSample(available, take, [seed, 1], "dataset.replay.query")
+    with old.stream(order_by, batch_rows) as (_, batches):
+        rows = _drain(_as_new(batches, schema), writers, side, pick)
+    log.info("replay: %d of %d rows from %s added to %d new rows", rows, available,
+             _tables_text(old.versions), new_rows)
+    return {"query": replay["query"], "ratio": ratio, "rows_available": available,
+            "rows_requested": wanted, "rows": rows, "tables": old.versions}
+
+
+def _build(env: StepEnv, root: Path, spill: Path) -> dict[str, Any]:
+    """Query, split, write shards + manifest into `root` (a fresh folder); return the manifest."""
+    query = resolve_query(env)
+    data = _streams(env, root, spill, query)
+    shards = data["shards"]
+    train_rows = sum(s["rows"] for s in shards["train"])
+    val_rows = sum(s["rows"] for s in shards["val"])
+    dataset = env.spec.dataset
     manifest = {
         "query": query,
-        "rows": result.num_rows,
-        "train_rows": len(train_idx),
-        "val_rows": len(val_idx),
-        "columns": [{"name": f.name, "type": str(f.type)} for f in result.schema],
-        "features": features,
-        "targets": targets,
-        "tables": {name: {"version": version, "uri": table_path(hub, name).resolve().as_uri()}
-                   for name, version in versions.items()},
+        "rows": train_rows + val_rows,
+        "train_rows": train_rows,
+        "val_rows": val_rows,
+        "columns": [describe_column(field) for field in data["schema"]],
+        "features": data["features"],
+        "targets": data["targets"],
+        "tables": {name: {"version": version,
+                          "uri": table_path(hub_path(env), name).resolve().as_uri()}
+                   for name, version in data["versions"].items()},
         "fingerprint": _fingerprint(shards),
         "shards": shards,
-        "validation_split": split,
+        "validation_split": data["split"],
+        "split_by": dataset.get("split_by"),
+        "order_by": dataset.get("order_by") or None,
         "seed": env.spec.seed,
         "created_with": {"duckdb": duckdb.__version__, "pyarrow": pa.__version__},
-        "new_rows": new_rows,
-        "replay": replay_info,
-        "parameters": {name: value.isoformat() for name, value in values.items()
+        "new_rows": data["new_rows"],
+        "replay": data["replay"],
+        "parameters": {name: value.isoformat() for name, value in data["values"].items()
                        if value is not None},
     }
     write_json_atomic(root / MANIFEST_NAME, manifest)
@@ -300,10 +366,15 @@ def run_prepare(env: StepEnv) -> dict[str, Any]:
         shutil.rmtree(stale, ignore_errors=True)
     if prepared.exists():  # a `prepare/` without a manifest was not written by this step
         shutil.rmtree(prepared)
-    tmp = env.workspace / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = env.workspace / f"{_TMP_PREFIX}{token}"
+    # DuckDB's spill files: inside the workspace (its volume, not the container's disk), beside
+    # the output rather than in it, and removed whatever happens.
+    spill = env.workspace / f"{_TMP_PREFIX}spill-{token}"
     tmp.mkdir()
+    spill.mkdir()
     try:
-        manifest = _build(env, tmp)
+        manifest = _build(env, tmp, spill)
         try:
             os.rename(tmp, prepared)
         except OSError:
@@ -315,6 +386,8 @@ def run_prepare(env: StepEnv) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
     tables = ", ".join(f"{n}@v{t['version']}" for n, t in manifest["tables"].items())
     log.info("prepared %d rows (%d train / %d val) from %s; %d features -> %d targets; "
              "fingerprint %s", manifest["rows"], manifest["train_rows"], manifest["val_rows"],

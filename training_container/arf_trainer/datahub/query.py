@@ -19,6 +19,11 @@ running inside the training container. The sandbox, in the order it is built:
    `lock_configuration=true` (the query cannot undo any of the above).
 4. A timer interrupts the connection when the time limit passes.
 
+The prepare step streams instead (`arf_trainer.datahub.stream`): the same steps 1, 2 and 4 and
+the same locked connection, except that step 3 gives DuckDB a spill directory inside the run
+workspace (set in the connection's configuration, so before the lock), so that sorting a result
+larger than the memory limit spills to disk there instead of failing.
+
 Rows come back in a canonical order: the query is run as `SELECT * FROM (<query>) ORDER BY ALL`
 (built with DuckDB's relational API, so no SQL text is spliced). DuckDB scans Arrow datasets and
 runs operators in parallel, so without it the row order of e.g. `SELECT * FROM t WHERE ...`
@@ -32,7 +37,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +83,8 @@ def _open_snapshots(hub: Path, referenced: list[str],
 
 
 def _sandbox(snapshots: Mapping[str, TableSnapshot], memory_limit: str,
-             threads: int | None) -> duckdb.DuckDBPyConnection:
+             threads: int | None, spill_dir: Path | None = None) -> duckdb.DuckDBPyConnection:
+    """A locked connection over `snapshots`; it spills only into `spill_dir`, if given."""
     config: dict[str, str | bool | int | float | list[str]] = {
         "autoinstall_known_extensions": False,
         "autoload_known_extensions": False,
@@ -85,7 +92,7 @@ def _sandbox(snapshots: Mapping[str, TableSnapshot], memory_limit: str,
         "allow_persistent_secrets": False,
         "python_enable_replacements": False,
         "python_scan_all_frames": False,
-        "temp_directory": "",
+        "temp_directory": str(spill_dir) if spill_dir is not None else "",
         "memory_limit": memory_limit,
     }
     if threads is not None:
@@ -121,6 +128,52 @@ def _out_of_memory(what: str, query: str, memory_limit: str, ceiling: str | None
     return QueryError(f"{what} needs more than its {limits} ({reason}). Query: {_shown(query)}. "
                       f"Fix: select fewer rows or columns, avoid building huge values, or "
                       f"{raise_it}")
+
+
+def open_checked(hub: Path, query: str, pinned: Mapping[str, int] | None,
+                 parameters: Mapping[str, Any] | None, what: str,
+                 timeout_s: float) -> tuple[str, dict[str, Any], dict[str, TableSnapshot]]:
+    """Steps 1 and 2 of the sandbox: the checked SQL, the parameter values it uses, and the
+    snapshots of the hub tables it reads (each at its pinned or latest version)."""
+    if timeout_s <= 0:
+        raise QueryError(f"timeout_s={timeout_s!r} must be a positive number of seconds")
+    bound_values = dict(parameters or {})
+    checked = check_query(query, list_tables(hub), what=what, parameters=list(bound_values))
+    statement = checked.statement
+    bound = {name: bound_values[name] for name in set(statement.named_parameters)}
+    referenced = _referenced_tables(hub, checked.tables)
+    return statement.query, bound, _open_snapshots(hub, referenced, dict(pinned or {}))
+
+
+@contextmanager
+def query_errors(hub: Path, what: str, query: str, memory_limit: str, ceiling: str | None,
+                 timeout_s: float, timed_out: threading.Event) -> Iterator[None]:
+    """Turn what DuckDB (or Arrow, reading its result) raises into a QueryError that says why."""
+    try:
+        yield
+    except duckdb.InterruptException as exc:
+        if timed_out.is_set():
+            raise QueryError(
+                f"the dataset query ran longer than its {timeout_s:g}s limit and was stopped. "
+                f"Query: {_shown(query)}. Fix: select fewer rows (WHERE), avoid cross joins, or "
+                "raise the time limit"
+            ) from exc
+        raise QueryError(f"the dataset query was interrupted: {exc}") from exc
+    except (duckdb.OutOfMemoryException, MemoryError) as exc:
+        raise _out_of_memory(what, query, memory_limit, ceiling, exc) from exc
+    except duckdb.PermissionException as exc:
+        raise QueryError(
+            f"the dataset query tried to reach outside the data hub ({exc}). "
+            f"Query: {_shown(query)}. Fix: {_FIX_READ_ONLY}; files, URLs, databases and "
+            "extensions are not reachable from the sandbox"
+        ) from exc
+    except duckdb.CatalogException as exc:
+        raise QueryError(
+            f"the dataset query failed: {exc}. Query: {_shown(query)}. Only hub tables named in "
+            f"FROM/JOIN clauses can be read; {_available(list_tables(hub))}"
+        ) from exc
+    except (duckdb.Error, pa.ArrowException) as exc:
+        raise QueryError(f"the dataset query failed: {exc}. Query: {_shown(query)}") from exc
 
 
 def run_query(
@@ -161,14 +214,7 @@ def run_query(
             have, touches files/extensions/settings, or exceeds its time or memory limit.
         DataHubError: a pinned table or version does not exist.
     """
-    if timeout_s <= 0:
-        raise QueryError(f"timeout_s={timeout_s!r} must be a positive number of seconds")
-    bound_values = dict(parameters or {})
-    checked = check_query(query, list_tables(hub), what=what, parameters=list(bound_values))
-    statement = checked.statement
-    bound = {name: bound_values[name] for name in set(statement.named_parameters)}
-    referenced = _referenced_tables(hub, checked.tables)
-    snapshots = _open_snapshots(hub, referenced, dict(pinned or {}))
+    sql, bound, snapshots = open_checked(hub, query, pinned, parameters, what, timeout_s)
     con = _sandbox(snapshots, memory_limit, threads)
 
     timed_out = threading.Event()
@@ -181,33 +227,11 @@ def run_query(
     timer.daemon = True
     timer.start()
     try:
-        relation = con.sql(statement.query, params=bound or None)
-        if relation is None:  # cannot happen for a SELECT; kept so the type is honest
-            raise QueryError(f"the dataset query returned no result. Query: {_shown(query)}")
-        result = relation.order("ALL").to_arrow_table()
-    except duckdb.InterruptException as exc:
-        if timed_out.is_set():
-            raise QueryError(
-                f"the dataset query ran longer than its {timeout_s:g}s limit and was stopped. "
-                f"Query: {_shown(query)}. Fix: select fewer rows (WHERE), avoid cross joins, or "
-                "raise the time limit"
-            ) from exc
-        raise QueryError(f"the dataset query was interrupted: {exc}") from exc
-    except (duckdb.OutOfMemoryException, MemoryError) as exc:
-        raise _out_of_memory(what, query, memory_limit, memory_ceiling, exc) from exc
-    except duckdb.PermissionException as exc:
-        raise QueryError(
-            f"the dataset query tried to reach outside the data hub ({exc}). "
-            f"Query: {_shown(query)}. Fix: {_FIX_READ_ONLY}; files, URLs, databases and "
-            "extensions are not reachable from the sandbox"
-        ) from exc
-    except duckdb.CatalogException as exc:
-        raise QueryError(
-            f"the dataset query failed: {exc}. Query: {_shown(query)}. Only hub tables named in "
-            f"FROM/JOIN clauses can be read; {_available(list_tables(hub))}"
-        ) from exc
-    except duckdb.Error as exc:
-        raise QueryError(f"the dataset query failed: {exc}. Query: {_shown(query)}") from exc
+        with query_errors(hub, what, query, memory_limit, memory_ceiling, timeout_s, timed_out):
+            relation = con.sql(sql, params=bound or None)
+            if relation is None:  # cannot happen for a SELECT; kept so the type is honest
+                raise QueryError(f"the dataset query returned no result. Query: {_shown(query)}")
+            result = relation.order("ALL").to_arrow_table()
     finally:
         timer.cancel()
         timer.join()  # never close the connection under a timer that is interrupting it
