@@ -12,7 +12,9 @@ under torchrun / a PyTorchJob) is then started by `wrap(command)`, a POSIX shell
    kubelet's SIGTERM; torchrun signals its workers, which are these shells), so the command gets
    its ARF_PREEMPTION_GRACE_S to checkpoint;
 3. records the command's exit code in `$ARF_EXIT_DIR/rank-$RANK`, because torchrun reports a
-   worker's exit 75 ("preempted, resume me") as its own exit 1.
+   worker's exit 75 ("preempted, resume me") as its own exit 1. A command that the SIGTERM it
+   was passed killed outright (143: no handler yet, e.g. still importing) counts as 75 too:
+   whatever it checkpointed before is all there is, and a restart resumes from it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ child=$!
 [ -n "$term" ] && kill -TERM "$child" 2>/dev/null
 wait "$child"; code=$?
 while kill -0 "$child" 2>/dev/null; do wait "$child"; code=$?; done
+if [ -n "$term" ] && [ "$code" = 143 ]; then code=75; fi
 if [ -n "$ARF_EXIT_DIR" ]; then
   mkdir -p "$ARF_EXIT_DIR" && echo "$code" > "$ARF_EXIT_DIR/rank-${RANK:-0}"
 fi

@@ -189,3 +189,25 @@ def test_pytorchjob_of_the_lightning_template_runs_setup_and_the_wrappers():
     env = {e["name"]: e.get("value") for e in box["env"]}
     assert env["ARF_PROCS_PER_POD"] == "2" and env["ARF_EXIT_DIR"].endswith("/train/exits")
     assert [c["command"] for c in pod["initContainers"]] == [["arf-trainer", "custom-setup"]]
+
+
+def test_a_command_the_sigterm_kills_outright_is_resumed_too(tmp_path):
+    # No SIGTERM handler (e.g. still importing its framework): it dies of the signal (143).
+    code = ("import json, os, pathlib, time\n"
+            "mark = pathlib.Path(os.environ['ARF_WORKSPACE']) / 'started-once'\n"
+            "if not mark.exists():\n"
+            "    mark.write_text('1'); time.sleep(60)\n"
+            "p = pathlib.Path(os.environ['ARF_RESULT_PATH']); p.write_text(json.dumps({'ok': 1}))\n")
+    spec = _spec(tmp_path, steps=1)
+    spec = StepSpec(**{**spec.__dict__, "command": custom_launch.wrap([sys.executable, "-c", code])})
+    runner = LocalStepRunner(logging.getLogger("t"))
+
+    def reclaim() -> None:
+        while not (tmp_path / "started-once").exists():
+            time.sleep(0.05)
+        time.sleep(0.2)
+        os.kill(runner._procs[0].pid, signal.SIGTERM)
+
+    threading.Thread(target=reclaim, daemon=True).start()
+    assert runner.run(spec) == {"ok": 1}
+    assert runner.preemptions == 1
