@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     seed.add_argument("--episodes", type=int, default=200, help="expert reach episodes to record")
     seed.add_argument("--seed", type=int, default=0, help="RNG seed of the demonstrations")
     seed.add_argument("--force", action="store_true", help="append a new version even if seeded")
+    seed.add_argument("--pixels", action="store_true", help="also seed reach_pixels: the same "
+                      "episodes as camera frames (slow: a few ms a frame)")
+    seed.add_argument("--frame-size", type=int, default=64,
+                      help="reach_pixels frame width and height in pixels (default 64)")
     correct = hub_sub.add_parser(
         "correct", help="relabel failed evaluation episodes with the scripted expert (DAgger) "
         "into the corrections table, as the teleoperation module uploads corrections")
@@ -186,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             from arf_trainer.spec import uri_to_path
 
             summary = seed_demo(uri_to_path(args.hub), episodes=args.episodes, seed=args.seed,
-                                force=args.force)
+                                force=args.force, pixels=args.pixels,
+                                frame_size=args.frame_size)
             import json
 
             print(json.dumps(summary, indent=2, sort_keys=True))

@@ -45,7 +45,7 @@ from arf_trainer.spec import StepEnv
 
 log = logging.getLogger(__name__)
 
-ENVIRONMENTS = ("reach",)
+ENVIRONMENTS = ("reach", "reach_pixels")  # reach_pixels: evaluator_pixels.py
 _EPISODES_ARTIFACT = "evaluation/episodes.json"
 
 
@@ -134,6 +134,11 @@ def load_policy(name: str, version: str) -> Any:
         # A torch.export (pt2) module is already an inference graph and refuses eval().
         with contextlib.suppress(NotImplementedError):
             model.eval()
+    from arf_trainer.evaluator_pixels import frame_input, pixel_policy
+
+    frame = frame_input(uri)
+    if frame is not None:  # a pixel policy (bc_pixels): it sees each observation's frame
+        return pixel_policy(model, uri, frame)
 
     # The observation is sent as a batch of two identical rows: a model exported with
     # torch.export (MLflow's pt2 format, which the publisher uses) gets a dynamic batch
@@ -331,6 +336,9 @@ def run_evaluate(env: StepEnv) -> dict[str, Any]:
         failures = {"episodes": 0, "rows": 0, "version": None}  # that try recorded them
     else:
         policy = load_policy(name, version)
+        from arf_trainer.evaluator_pixels import check_environment
+
+        check_environment(environment, policy, f"models:/{name}/{version}")
         run = client.create_run(experiment_id, tags=tags, run_name=f"{name}-v{version}")
         run_id = run.info.run_id
         try:

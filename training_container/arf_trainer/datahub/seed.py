@@ -104,8 +104,12 @@ def _row_count(hub: Path, name: str) -> tuple[int, int]:
     return snapshot.dataset.count_rows(), snapshot.version
 
 
-def seed_demo(hub: Path, episodes: int = 200, seed: int = 0, force: bool = False) -> dict[str, Any]:
+def seed_demo(hub: Path, episodes: int = 200, seed: int = 0, force: bool = False,
+              pixels: bool = False, frame_size: int = 64) -> dict[str, Any]:
     """Create (or with `force`, add a version of) the demo tables; return a JSON-able summary.
+
+    With `pixels`, also `reach_pixels`: the same episodes rendered as `frame_size` square RGB
+    frames (`arf_trainer.datahub.seed_pixels`; slow, so only on request).
 
     Summary: {table: {"rows": rows in the table's latest version, "version": that version,
     "action": "created" | "appended" | "overwritten" | "unchanged"}}.
@@ -140,6 +144,11 @@ def seed_demo(hub: Path, episodes: int = 200, seed: int = 0, force: bool = False
         action = "unchanged"
     rows, version = _row_count(hub, DIGITS_TABLE)
     summary[DIGITS_TABLE] = {"rows": rows, "version": version, "action": action}
+
+    if pixels:
+        from arf_trainer.datahub.seed_pixels import PIXELS_TABLE, seed_pixels
+
+        summary[PIXELS_TABLE] = seed_pixels(hub, episodes, seed, force, frame_size)
 
     created = create_corrections_table(hub)
     rows, version = _row_count(hub, CORRECTIONS_TABLE)
