@@ -20,6 +20,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from arf_training.approval import add_approval, approval_required
 from arf_training.backends import get_backend
 from arf_training.errors import TemplateError, TemplateIssue
 from arf_training.params import build_params
@@ -190,7 +191,9 @@ def build_evaluate_dag(templates: list[LoadedTemplate], backend_id: str | None =
         default_args={"owner": "arf", "retries": 1, "retry_delay": timedelta(seconds=30)},
     )
     with dag:
-        backend.evaluate_task(task_id="evaluate", templates=evaluable)
+        evaluate = backend.evaluate_task(task_id="evaluate", templates=evaluable)
+        if approval_required(evaluable):  # evaluation.gate.approval: required
+            add_approval(evaluate)
     return dag
 
 
