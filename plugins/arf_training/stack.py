@@ -117,6 +117,11 @@ def stack_environment(settings: ArfSettings, opts: StackOptions) -> dict[str, st
         # A restarted scheduler resets the task tries its killed predecessor left running
         # after this long (default 300 s), instead of waiting for their heartbeat timeout.
         "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": 30,
+        # A task's first Execution API call (marking it running) is not idempotent: after a
+        # 5 s read timeout (Airflow's default) on an overloaded api-server, its retry gets a
+        # conflict and the task fails before it starts. Measured under the trigger storm with
+        # the machine's load average at ~30 on 2 cores; 30 s leaves the retries for outages.
+        "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": 30,
     }.items():
         env.setdefault(key, str(value))  # a value set by the user wins
     env["AIRFLOW__API__HOST"] = opts.host

@@ -113,6 +113,14 @@ def test_the_stack_is_sized_to_this_machine_unless_the_user_says_otherwise(setti
     assert env["AIRFLOW__CORE__PARALLELISM"] == "7"
 
 
+def test_tasks_wait_for_a_slow_api_server_instead_of_failing_before_they_start(settings):
+    """Airflow's 5 s Execution API timeout failed tasks on a loaded 2-core machine (the retry of
+    the non-idempotent 'running' call conflicts): the stack's tasks get 30 s, and the setting
+    reaches the scheduler, whose LocalExecutor workers run the task supervisors."""
+    comps = _by_name(stack.components(settings, stack.StackOptions()))
+    assert comps["scheduler"].env["AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT"] == "30"
+
+
 def test_a_dead_supervisors_components_are_stopped_by_the_next_up(tmp_path):
     """`arf up` after a crashed supervisor: its components still hold the ports; they are
     stopped (a pid that was reused by another program is left alone)."""
