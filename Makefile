@@ -13,7 +13,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv tools browser protos demo test test-slow test-fast up down status lint schema scan bench clean
+.PHONY: venv tools federation-venv browser protos demo test test-slow test-fast up down status lint schema scan bench clean
 
 # Reinstalls only when the dependency pins change; constraints.txt pins every package
 # (torch to the CPU build this machine carries, never a CUDA build).
@@ -39,6 +39,21 @@ $(TOOLS_STAMP):
 
 tools: $(TOOLS_STAMP)
 
+# Flower (federated templates) in its own venv: flwr 1.42 needs protobuf < 7 and its own
+# fastapi/starlette/uvicorn ranges, which clash with Airflow 3.3's and the gRPC service's. It
+# holds the container side (arf-training[federated], torch pinned as in constraints.txt) and
+# runs the `federate` step; the local backend finds it at ARF_FEDERATION_VENV or here.
+FED_VENV  ?= .federation-venv
+FED_STAMP := $(FED_VENV)/.installed
+
+$(FED_STAMP): pyproject.toml training_container/requirements-federation.txt
+	@test -x $(FED_VENV)/bin/python || $(PYTHON) -m venv $(FED_VENV)
+	$(FED_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FED_VENV)/bin/python -m pip install --quiet -c training_container/requirements-federation.txt -e ".[federated]"
+	@touch $(FED_STAMP)
+
+federation-venv: $(FED_STAMP)
+
 # The trigger-form browser test drives Debian's chromium with Playwright (Playwright's own browser
 # download is not reachable from these machines). Installed here when missing (needs root).
 browser:
@@ -58,10 +73,10 @@ protos: venv
 demo: venv
 	$(BIN)/arf demo
 
-test: venv tools
+test: venv tools federation-venv
 	$(BIN)/pytest -m "not slow"
 
-test-slow: venv tools browser
+test-slow: venv tools browser federation-venv
 	$(BIN)/pytest -m slow
 
 test-fast: venv

@@ -91,7 +91,14 @@ def build_training_dag(loaded: LoadedTemplate, backend_id: str | None = None):
     )
     with dag:
         previous = None
+        if t.federated is not None:  # prepare per site -> federate -> register (federation.py)
+            previous = backend.site_task(task_id="prepare_data", loaded=loaded)
+            federate = backend.federate_task(task_id="federate", loaded=loaded)
+            previous >> federate
+            previous = federate
         for task_id, step in TASKS:
+            if t.federated is not None and step != "register":
+                continue
             extra: dict[str, Any] = {}
             if step == "register":
                 extra["outlets"] = [Asset(t.model_asset_uri, extra={"template": t.name})]
@@ -205,6 +212,7 @@ def build_dags(folder: Path | None = None) -> dict[str, Any]:
     """
     with _gc_paused():
         loaded, _issues = load_folder(template_files(folder or templates_dir()))
+        loaded, _unrunnable = _runnable(loaded)
         dags = {t.name: build_training_dag(t) for t in loaded}
         dags[EVALUATE_DAG_ID] = build_evaluate_dag(loaded)
     return dags
@@ -212,8 +220,21 @@ def build_dags(folder: Path | None = None) -> dict[str, Any]:
 
 def template_issues(folder: Path | None = None) -> list[TemplateIssue]:
     with _gc_paused():
-        _loaded, issues = load_folder(template_files(folder or templates_dir()))
-    return issues
+        loaded, issues = load_folder(template_files(folder or templates_dir()))
+    return issues + _runnable(loaded)[1]
+
+
+def _runnable(loaded: list[LoadedTemplate]) -> tuple[list[LoadedTemplate], list[TemplateIssue]]:
+    """The templates this backend can run, and an issue for each it cannot (a `federated:`
+    template needs a backend with `site_task`/`federate_task`; the local one has them)."""
+    backend = get_backend(backend_name())
+    if hasattr(backend, "federate_task"):
+        return loaded, []
+    bad = [t for t in loaded if t.template.federated is not None]
+    return [t for t in loaded if t not in bad], [TemplateIssue(
+        file=str(t.path), message=f"template {t.name!r} has a 'federated' section, which the "
+        f"{backend.name!r} backend cannot run yet (ARF_BACKEND=local runs it); its DAG is not "
+        "built") for t in bad]
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from typing import NoReturn
 from arf_trainer.datahub import hub_cli
 from arf_trainer.errors import NothingToDo, Preempted, TrainerError
 
-STEPS = ("prepare", "train", "register", "evaluate")
+STEPS = ("prepare", "train", "register", "evaluate", "federate")
 
 
 def _run_step(step: str) -> None:
@@ -48,6 +48,8 @@ def _dispatch(step: str) -> None:
         from arf_trainer.datahub.prepare import run_prepare as run
     elif step == "train":
         from arf_trainer.trainer.run import run_train as run
+    elif step == "federate":  # runs in the federation venv (Flower), see arf_trainer.federated
+        from arf_trainer.federated.step import run_federate as run
     elif step == "register" and env.spec.training.get("command"):
         from arf_trainer.custom import register_custom as run
     elif step == "register":

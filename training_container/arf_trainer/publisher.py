@@ -87,6 +87,9 @@ def input_example(workspace: Path, info: ModelInfo) -> np.ndarray:
     import pyarrow.parquet as pq
 
     prepare_dir = workspace / "prepare"
+    if (workspace / "federate").is_dir() and not (prepare_dir / "manifest.json").exists():
+        # A federated model: no site's rows leave it, so the export traces zeros of its shape.
+        return np.zeros((2, info.n_features), dtype=np.float32)
     manifest = read_json(prepare_dir / "manifest.json")
     for split in ("val", "train"):
         for shard in manifest["shards"].get(split, []):

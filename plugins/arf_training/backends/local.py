@@ -354,3 +354,17 @@ class LocalBackend(Backend):
 
     def evaluate_task(self, *, task_id: str, templates: dict[str, LoadedTemplate], **kwargs: Any):
         return LocalEvaluateOperator(task_id=task_id, templates=templates, **kwargs)
+
+    def site_task(self, *, task_id: str, loaded: LoadedTemplate, **kwargs: Any):
+        """A template's `federated:` prepare, mapped over its sites (backends/local_federated)."""
+        from arf_training.backends.local_federated import LocalSiteStepOperator
+
+        sites = [site.name for site in loaded.template.federated.sites]
+        return LocalSiteStepOperator.partial(task_id=task_id, loaded=loaded,
+                                             map_index_template="{{ task.site }}",
+                                             **kwargs).expand(site=sites)
+
+    def federate_task(self, *, task_id: str, loaded: LoadedTemplate, **kwargs: Any):
+        from arf_training.backends.local_federated import LocalFederateOperator
+
+        return LocalFederateOperator(task_id=task_id, loaded=loaded, **kwargs)

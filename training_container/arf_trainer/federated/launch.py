@@ -1,0 +1,175 @@
+"""`arf-trainer federate`: one SuperLink and one SuperNode per site on loopback, then `flwr run`.
+
+Layout (inside the DAG run's workspace)::
+
+    sites/<site>/prepare/     each site's prepared shards (its own prepare task wrote them);
+                              SuperNode <site> is given this folder and no other
+    federate/                 plan.json, initial.pt, global.pt, rounds.json, the Flower logs
+    train/                    model.pt, model_info.json, result.json: the train step's layout,
+                              so that register and evaluate work unchanged
+
+This process reads each site's manifest.json (column names, table versions, fingerprint:
+metadata, never rows) for the model shape and the lineage, and tracks the federation in
+MLflow: the DAG run's run holds per-round aggregated metrics, bytes exchanged and every site's
+sample counts; one nested run per site holds that site's per-round losses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from arf_trainer.errors import TrainingError
+from arf_trainer.spec import StepEnv, read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 120.0
+APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "arf-federated"
+version = "1.0.0"
+description = "arf-trainer federate: the ServerApp and ClientApp of arf_trainer.federated.apps"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "arf"
+
+[tool.flwr.app.components]
+serverapp = "arf_trainer.federated.apps:server_app"
+clientapp = "arf_trainer.federated.apps:client_app"
+
+[tool.flwr.app.config]
+work-dir = ""
+"""
+
+
+def site_dirs(env: StepEnv) -> list[dict[str, Any]]:
+    """[{name, index, data_dir}] of the template's sites, from the job spec's inputs."""
+    sites = env.spec.template["federated"]["sites"]
+    given = {s["name"]: s["data_dir"] for s in env.spec.inputs.get("sites", [])}
+    return [{"name": s["name"], "index": i,
+             "data_dir": Path(given.get(s["name"]) or
+                              env.workspace / "sites" / s["name"] / "prepare")}
+            for i, s in enumerate(sites)]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, what: str, logfile: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise TrainingError(f"{what} exited with code {proc.returncode} before listening; "
+                                f"its log ({logfile}):\n{_tail(logfile)}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TrainingError(f"{what} did not listen on 127.0.0.1:{port} within "
+                        f"{STARTUP_TIMEOUT_S:.0f} s; its log ({logfile}):\n{_tail(logfile)}")
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class Federation:
+    """The SuperLink and SuperNode processes of one federate step (each in its own session)."""
+
+    def __init__(self, work: Path, sites: list[dict[str, Any]]):
+        self.work, self.sites = work, sites
+        self.bin = Path(sys.executable).parent
+        self.home = work / "flwr-home"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.port = 0
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # flower-superlink starts flower-superexec, flwr-serverapp and flwr-clientapp by name.
+        env["PATH"] = os.pathsep.join([str(self.bin), env.get("PATH", "/usr/bin:/bin")])
+        env["FLWR_HOME"] = str(self.home)
+        env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+        env["FLWR_TELEMETRY_ENABLED"] = "0"
+        env["OMP_NUM_THREADS"] = "1"
+        return env
+
+    def _start(self, name: str, command: list[str]) -> subprocess.Popen:
+        logfile = self.work / f"{name}.log"
+        handle = open(logfile, "ab")  # noqa: SIM115 - the child owns it
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=self.environment(),
+                                cwd=self.work, start_new_session=True)
+        handle.close()
+        self.procs[name] = proc
+        return proc
+
+    def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = _free_port()
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "arf"\n\n[superlink.arf]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        link = self._start("superlink", [str(self.bin / "flower-superlink"), "--insecure",
+                                         "--host", "127.0.0.1", "--port", str(self.port),
+                                         "--database", ":flwr-in-memory:"])
+        _wait_port(self.port, link, "the Flower SuperLink", self.work / "superlink.log")
+        for site in self.sites:
+            self.start_supernode(site)
+
+    def start_supernode(self, site: dict[str, Any]) -> subprocess.Popen:
+        # node config: TOML values. The data folder is the only site data the node is given.
+        config = (f'data-dir={json.dumps(str(site["data_dir"]))} '
+                  f'site={json.dumps(site["name"])} site-index={site["index"]}')
+        return self._start(f"supernode-{site['name']}", [
+            str(self.bin / "flower-supernode"), "--insecure",
+            "--superlink", f"127.0.0.1:{self.port}",
+            "--host", "127.0.0.1", "--port", str(_free_port()), "--node-config", config])
+
+    def run_app(self, timeout_s: float) -> None:
+        app = self.work / "app"
+        app.mkdir(exist_ok=True)
+        (app / "pyproject.toml").write_text(APP_PYPROJECT)
+        command = [str(self.bin / "flwr"), "run", str(app), "arf", "--stream",
+                   "--run-config", f"work-dir={json.dumps(str(self.work))}"]
+        log.info("$ %s", " ".join(command))
+        runner = self._start("flwr-run", command)
+        deadline = time.monotonic() + timeout_s
+        while runner.poll() is None:
+            if time.monotonic() > deadline:
+                raise TrainingError(f"the federation did not finish within {timeout_s:.0f} s "
+                                    f"(training.timeout_minutes); ServerApp log:\n"
+                                    f"{_tail(self.work / 'flwr-run.log')}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

@@ -1,0 +1,114 @@
+"""One site's local training: the ClientApp's work, in plain torch (no Flower imports).
+
+A site reads only its own prepared shards (the SuperNode's `data-dir`). What leaves the site
+is the weights after training, the number of training rows and two losses: never rows.
+
+Determinism: the shuffle and initial state of each local fit are seeded from (template seed,
+round, site index), and torch runs single-threaded on CPU, so one site's update is a function
+of the weights it received. The server aggregates in site order (apps.py), so the global
+weights are bitwise the same on a re-run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from arf_trainer.errors import TrainingError
+from arf_trainer.trainer.data import Manifest, load_manifest, read_split
+from arf_trainer.trainer.recipes import Hyperparameters, ModelInfo, Recipe, get_recipe, mean_std
+
+
+@dataclass
+class SiteData:
+    """A site's splits as tensors (features raw; the model normalizes)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor | None
+    y_val: torch.Tensor | None
+    manifest: Manifest
+
+    @property
+    def train_rows(self) -> int:
+        return int(self.x_train.shape[0])
+
+
+def load_site(data_dir: Path, info: ModelInfo, recipe: Recipe) -> SiteData:
+    """The site's prepared splits (sha256-checked shards under `data_dir`)."""
+    manifest = load_manifest(Path(data_dir))
+    if manifest.features != info.features or manifest.targets != info.targets:
+        raise TrainingError(
+            f"site data at {data_dir} has features {manifest.features} and targets "
+            f"{manifest.targets}, but the federation's model uses {info.features} -> "
+            f"{info.targets}; every site's query must return the same columns")
+    names = info.features + info.targets
+    x, y = recipe.columns_to_tensors(info, read_split(manifest, "train", names), "train")
+    x_val = y_val = None
+    if manifest.rows("val"):
+        x_val, y_val = recipe.columns_to_tensors(info, read_split(manifest, "val", names), "val")
+    return SiteData(x, y, x_val, y_val, manifest)
+
+
+def model_info(manifest: Manifest, recipe_name: str, hp: Hyperparameters) -> ModelInfo:
+    """The federation's model shape, from column names only (a manifest holds no rows)."""
+    recipe = get_recipe(recipe_name)
+    y_shape = np.zeros((1, len(manifest.targets)), dtype=np.float32)
+    return recipe.describe(manifest.features, manifest.targets, hp, y_shape)
+
+
+def _seed(seed: int, server_round: int, site_index: int) -> int:
+    return (seed * 1_000_003 + server_round * 10_007 + site_index) % (2**31)
+
+
+def fit(info: ModelInfo, weights: dict[str, torch.Tensor], data: SiteData, hp: Hyperparameters,
+        *, epochs: int, seed: int, server_round: int, site_index: int,
+        proximal_mu: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Train the received weights for `epochs` on this site; (new weights, metrics).
+
+    In round 1 the site also stores its own normalization statistics in the model's buffers;
+    the server's sample-weighted average then gives the pooled feature mean exactly (the
+    standard deviation approximately): statistics, never rows, leave the site.
+    """
+    torch.manual_seed(_seed(seed, server_round, site_index))
+    recipe = get_recipe(info.recipe)
+    model = recipe.build_model(info)
+    model.load_state_dict(weights)
+    if server_round == 1 and recipe.fits_normalization:
+        y = data.y_train
+        recipe.set_normalization(model, mean_std(data.x_train.numpy()),
+                                 mean_std(y.numpy()) if y.is_floating_point() else None)
+    global_params = [p.detach().clone() for p in model.net.parameters()]
+    x_in, y_in = recipe.training_tensors(model, data.x_train, data.y_train)
+    optimizer = torch.optim.AdamW(model.net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    generator = torch.Generator().manual_seed(_seed(seed, server_round, site_index))
+    model.train()
+    losses = []
+    for _epoch in range(epochs):
+        order = torch.randperm(data.train_rows, generator=generator)
+        for start in range(0, data.train_rows, hp.batch_size):
+            index = order[start:start + hp.batch_size]
+            loss = recipe.training_loss(model.net(x_in[index]), y_in[index])
+            if proximal_mu > 0:  # FedProx: stay near the round's global weights
+                loss = loss + proximal_mu / 2 * sum(
+                    (p - g).pow(2).sum() for p, g in zip(model.net.parameters(), global_params))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan")}
+    metrics.update(evaluate(model, recipe, data))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics
+
+
+@torch.no_grad()
+def evaluate(model: Any, recipe: Recipe, data: SiteData) -> dict[str, float]:
+    """The validation loss of `model` on this site's val split (empty if it has none)."""
+    if data.x_val is None:
+        return {}
+    model.eval()
+    return {"val_loss": float(recipe.loss(model, model(data.x_val), data.y_val))}

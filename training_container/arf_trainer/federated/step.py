@@ -1,0 +1,181 @@
+"""The federate step from job spec to registered-ready outputs (see launch.py for the layout)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from arf_trainer import __version__, tracking
+from arf_trainer.errors import TrainingError
+from arf_trainer.federated import apps
+from arf_trainer.federated.launch import Federation, site_dirs
+from arf_trainer.federated.site import model_info
+from arf_trainer.spec import StepEnv, write_json_atomic
+from arf_trainer.trainer.checkpoint import save_weights, state_dict_sha256
+from arf_trainer.trainer.data import load_manifest
+from arf_trainer.trainer.recipes import Hyperparameters, get_recipe
+
+log = logging.getLogger(__name__)
+
+
+def lineage(sites: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every site's table versions and fingerprint (from its manifest: metadata, no rows)."""
+    record = {}
+    for site in sites:
+        raw = load_manifest(site["data_dir"]).raw
+        record[site["name"]] = {
+            "tables": {n: t.get("version") for n, t in raw.get("tables", {}).items()},
+            "fingerprint": raw["fingerprint"], "train_rows": raw["train_rows"],
+            "val_rows": raw["val_rows"]}
+    return record
+
+
+def _plan(env: StepEnv, sites: list[dict[str, Any]]) -> tuple[dict[str, Any], Any]:
+    spec = env.spec
+    recipe = spec.training["recipe"]
+    hp = Hyperparameters.parse(recipe, spec.hyperparameters)
+    manifests = [load_manifest(s["data_dir"]) for s in sites]
+    info = model_info(manifests[0], recipe, hp)
+    for site, manifest in zip(sites[1:], manifests[1:]):
+        if (manifest.features, manifest.targets) != (info.features, info.targets):
+            raise TrainingError(
+                f"site {site['name']!r} prepared features {manifest.features} -> "
+                f"{manifest.targets}, site {sites[0]['name']!r} {info.features} -> "
+                f"{info.targets}; every site's query must return the same columns")
+    timeout = float(spec.training.get("timeout_minutes", 60)) * 60
+    plan = {"federated": spec.template["federated"], "model_info": info.to_json(),
+            "hyperparameters": spec.hyperparameters, "seed": spec.seed,
+            "round_timeout_s": timeout}
+    return plan, info
+
+
+def run_federate(env: StepEnv) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    sites = site_dirs(env)
+    work = env.workspace / "federate"
+    work.mkdir(parents=True, exist_ok=True)
+    plan, info = _plan(env, sites)
+    write_json_atomic(work / apps.PLAN, plan)
+    torch.manual_seed(env.spec.seed)
+    initial = get_recipe(info.recipe).build_model(info).state_dict()
+    torch.save({k: v for k, v in sorted(initial.items())}, work / "initial.pt")
+    for stale in (apps.GLOBAL_WEIGHTS, apps.ROUNDS):
+        (work / stale).unlink(missing_ok=True)
+    federation = Federation(work, sites)
+    started = time.monotonic()
+    try:
+        federation.start()
+        federation.run_app(float(plan["round_timeout_s"]) * max(1, plan["federated"]["rounds"]))
+    finally:
+        federation.stop()
+    wall = time.monotonic() - started
+    if not (work / apps.ROUNDS).is_file():
+        from arf_trainer.federated.launch import _tail
+
+        raise TrainingError("the federation ended without a global model (no "
+                            f"{work / apps.ROUNDS}); ServerApp output:\n"
+                            f"{_tail(work / 'flwr-run.log', 40)}")
+    rounds = json.loads((work / apps.ROUNDS).read_text())
+    weights = torch.load(work / apps.GLOBAL_WEIGHTS, map_location="cpu", weights_only=True)
+    return _finish(env, sites, plan, info, weights, rounds, wall)
+
+
+def _model_bytes(weights: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in weights.values())
+
+
+def _finish(env: StepEnv, sites, plan, info, weights, rounds, wall: float) -> dict[str, Any]:
+    out = env.workspace / "train"
+    sha = save_weights(weights, out / "model.pt")
+    write_json_atomic(out / "model_info.json",
+                      {**info.to_json(), "weights": "model.pt", "weights_sha256": sha})
+    record = lineage(sites)
+    history = rounds["rounds"]
+    per_round_bytes = [2 * _model_bytes(weights) * (len(r["sites"]) + r["failed"])
+                       for r in history]
+    run_id, experiment_id = _track(env, record, history, per_round_bytes, sha, wall)
+    last = history[-1]["sites"] if history else []
+    total = sum(s[apps.NUM_EXAMPLES] for s in last) or 1
+    metrics = {key: sum(s[key] * s[apps.NUM_EXAMPLES] for s in last) / total
+               for key in ("train_loss", "val_loss") if all(key in s for s in last) and last}
+    result = {"mlflow_run_id": run_id, "experiment_id": experiment_id,
+              "weights": "train/model.pt", "weights_sha256": sha,
+              "model_info": "train/model_info.json", "metrics": metrics, "world_size": 1,
+              "recipe": info.recipe, "federated": {"sites": record, "rounds": len(history),
+                                                   "bytes_per_round": per_round_bytes,
+                                                   "wall_s": round(wall, 3)}}
+    write_json_atomic(out / "result.json", result)
+    log.info("federated %s over %d sites, %d rounds: weights sha256 %s", info.recipe,
+             len(sites), len(history), sha)
+    return result
+
+
+def _track(env: StepEnv, record, history, per_round_bytes, sha: str, wall: float):
+    """The DAG run's MLflow run (lineage, per-round metrics) and one nested run per site."""
+    from mlflow.entities import Metric, Param
+
+    spec = env.spec
+    client = tracking.configure(env.tracking_uri)
+    experiment_id = tracking.get_or_create_experiment(client, spec.name, env.artifact_root)
+    fingerprint = hashlib.sha256("".join(
+        f"{name} {site['fingerprint']}\n" for name, site in sorted(record.items())).encode()
+    ).hexdigest()
+    resolved = {"template": spec.template, "hyperparameters": spec.hyperparameters,
+                "seed": spec.seed}
+    tags = {"arf.template": spec.name, "arf.template_sha256": spec.template_sha256,
+            "arf.dag_id": spec.run.dag_id, "arf.dag_run_id": spec.run.run_id,
+            "arf.data_fingerprint": fingerprint,
+            "arf.data_tables": tracking.canonical_json(
+                {name: site["tables"] for name, site in record.items()}),
+            "arf.federated.sites": tracking.canonical_json(record),
+            "arf.config_hash": tracking.sha256_json(resolved),
+            "arf.code_version": tracking.canonical_json({"arf_trainer": __version__,
+                                                         **spec.code_version}),
+            "arf.world_size": "1", "arf.recipe": spec.training["recipe"],
+            "arf.weights_sha256": sha}
+    key = tracking.dag_run_key(spec.run.dag_id, spec.run.run_id)
+    run_id, _ = tracking.find_or_create_run(client, experiment_id, spec.run.dag_id,
+                                            spec.run.run_id, tags)
+    from mlflow.entities import RunTag
+
+    now = int(time.time() * 1000)
+    metrics = [Metric("federate_wall_s", wall, now, 0)]
+    for r, sent in zip(history, per_round_bytes):
+        step = r["round"]
+        sites = r["sites"]
+        total = sum(s[apps.NUM_EXAMPLES] for s in sites) or 1
+        metrics += [Metric("round_bytes", sent, now, step),
+                    Metric("round_sites", len(sites), now, step),
+                    Metric("round_failed_sites", r["failed"], now, step)]
+        for name in ("train_loss", "val_loss"):
+            if sites and all(name in s for s in sites):
+                value = sum(s[name] * s[apps.NUM_EXAMPLES] for s in sites) / total
+                metrics.append(Metric(name, value, now, step))
+    params = [Param(k, str(v)) for k, v in {**spec.hyperparameters, "seed": spec.seed}.items()]
+    existing = client.get_run(run_id).data.params
+    client.log_batch(run_id, metrics=metrics,
+                     params=[p for p in params if p.key not in existing],
+                     tags=[RunTag(k, v) for k, v in tags.items()])
+    names = {i: name for i, name in enumerate(record)}
+    for index, name in names.items():
+        site_run, _ = tracking.find_or_create_run(
+            client, experiment_id, spec.run.dag_id, spec.run.run_id,
+            {"arf.federated.site": name, "arf.data_fingerprint": record[name]["fingerprint"],
+             "arf.data_tables": tracking.canonical_json(record[name]["tables"])},
+            key=f"{key}/site-{name}", parent_key=key)
+        site_metrics = []
+        for r in history:
+            for s in r["sites"]:
+                if int(s["site-index"]) == index:
+                    site_metrics += [Metric(k.replace("-", "_"), float(v), now, r["round"])
+                                     for k, v in s.items() if k != "site-index"]
+        client.log_batch(site_run, metrics=site_metrics)
+        client.set_terminated(site_run, "FINISHED")
+    client.set_terminated(run_id, "FINISHED")
+    return run_id, experiment_id
