@@ -183,7 +183,10 @@ def components(settings: ArfSettings, opts: StackOptions) -> list[Component]:
     commands = airflow_components(opts.api_port, host=opts.host)
     found.append(Component(
         "api-server", commands["api-server"], env, port=opts.api_port,
-        ready=lambda: _http_ready(f"http://127.0.0.1:{opts.api_port}/api/v2/version"),
+        # The Execution API (what tasks call) too: its app is built on its first request, which
+        # took 42 s on a loaded 2-core machine and failed the first task that made it.
+        ready=lambda: all(_http_ready(f"http://127.0.0.1:{opts.api_port}{path}")
+                          for path in ("/api/v2/version", "/execution/health")),
         before_start=lambda: ensure_migrated(env)))
     # The scheduler last: it starts task runs, which need every other component. Each is ready
     # once its job heartbeats (its loop runs): the process alone is ~20 s of imports away from
