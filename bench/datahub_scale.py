@@ -213,7 +213,9 @@ def section_ingest(ctx: Context) -> dict:
             "input_gb": round(ctx.bytes / 1e9, 2), "rows": ctx.rows}
 
 
-SECTIONS = {"data": section_data, "ingest": section_ingest}
+from datahub_prepare import section_prepare  # noqa: E402 (bench/ is on sys.path)
+
+SECTIONS = {"data": section_data, "ingest": section_ingest, "prepare": section_prepare}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{DEFAULT_DATA}/rows<R>_gb<G>, reused when complete)")
     parser.add_argument("--work", type=Path, help="scratch folder (default: <data>-work)")
     parser.add_argument("--rounds", type=int, default=2, help="paired rounds per measurement")
+    parser.add_argument("--prepare-strict", action="store_true", help="prepare under a plain "
+                        "1 GiB RLIMIT_DATA (see bench/datahub_prepare.py)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated, from {', '.join(SECTIONS)} (data always runs)")
     args = parser.parse_args(argv)

@@ -37,12 +37,14 @@ GROUP_BYTES = 32 * 2**20
 GROUPS_PER_SHARD = 8
 # Fixed writer options: shard bytes (and so the fingerprint) must not depend on defaults that
 # could change between runs. `created_by` still carries the pyarrow version, recorded too.
+# Dictionary encoding only where it can pay (not on floating-point columns: measured, trying it
+# on sensor noise doubled the writer's CPU time for a larger file); zstd level 1 (0.21 s of CPU
+# per 170k robot rows against 0.32 s at level 3, for the same size).
 PARQUET_OPTIONS: dict[str, Any] = {
     "compression": "zstd",
-    "compression_level": 3,
+    "compression_level": 1,
     "version": "2.6",
     "data_page_version": "1.0",
-    "use_dictionary": True,
     "write_statistics": True,
 }
 _HASH_CHUNK = 1 << 20
@@ -147,12 +149,16 @@ class ShardWriter:
         self._pending_rows = rest.num_rows
         if self._writer is None:
             path = self.root / self._relative(len(self.shards))
-            self._writer = pq.ParquetWriter(path, self.schema, **PARQUET_OPTIONS)
+            self._writer = pq.ParquetWriter(path, self.schema, use_dictionary=self._dictionary(),
+                                            **PARQUET_OPTIONS)
         # Contiguous arrays: the input's chunking must not reach the file's bytes.
         self._writer.write_table(group.combine_chunks(), row_group_size=rows)
         self._shard_rows += rows
         if self._shard_rows >= self.shard_rows:
             self._close_shard()
+
+    def _dictionary(self) -> list[str]:
+        return [f.name for f in self.schema if not pa.types.is_floating(_shape(f.type)[1])]
 
     def _relative(self, number: int) -> str:
         return f"{self.split}/shard-{number:05d}.parquet"
