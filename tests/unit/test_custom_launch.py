@@ -211,3 +211,15 @@ def test_a_command_the_sigterm_kills_outright_is_resumed_too(tmp_path):
     threading.Thread(target=reclaim, daemon=True).start()
     assert runner.run(spec) == {"ok": 1}
     assert runner.preemptions == 1
+
+
+def test_restarts_after_preemption_share_the_steps_time_limit(tmp_path):
+    from arf_training.errors import StepTimeout
+
+    spec = _spec(tmp_path, steps=1)
+    spec = StepSpec(**{**spec.__dict__, "timeout_s": 4.0, "command": custom_launch.wrap(
+        [sys.executable, "-c", "import time, sys; time.sleep(1); sys.exit(75)"])})
+    runner = LocalStepRunner(logging.getLogger("t"))
+    with pytest.raises(StepTimeout, match="timeout of 4s"):
+        runner.run(spec)
+    assert 1 <= runner.preemptions < 10

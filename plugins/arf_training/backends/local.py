@@ -145,11 +145,13 @@ class LocalStepRunner:
         self.log.info("step %s: world size %d, workspace %s", spec.step, spec.world_size,
                       spec.workspace)
         exit_dir = Path(env.get("ARF_EXIT_DIR") or spec.workspace / spec.step / "exits")
+        # One time limit for all starts of the step: preemptions do not extend it.
+        deadline = time.monotonic() + spec.timeout_s
         for start in range(MAX_PREEMPTIONS + 1):
             if spec.setup_command:
                 self._setup(spec, env)
             custom_launch.clear_exit_codes(exit_dir)
-            codes, tail, ceiling = self._start(spec, env, commands)
+            codes, tail, ceiling = self._start(spec, env, commands, deadline)
             rank_codes = custom_launch.rank_exit_codes(exit_dir)
             if self._stopped or not custom_launch.was_preempted(codes, rank_codes,
                                                                 spec.world_size):
@@ -192,8 +194,8 @@ class LocalStepRunner:
                              + "\n".join(lines[-TAIL_LINES:]),
                              retryable=proc.returncode != BAD_INPUT_EXIT)
 
-    def _start(self, spec: StepSpec, env: dict[str, str], commands: list[list[str]]
-               ) -> tuple[list[int], collections.deque[str], MemoryCeiling]:
+    def _start(self, spec: StepSpec, env: dict[str, str], commands: list[list[str]],
+               deadline: float) -> tuple[list[int], collections.deque[str], MemoryCeiling]:
         """One start of the step's process groups, waited for: (exit codes, tail, ceiling)."""
         self._procs = []
         ceiling = MemoryCeiling(str(spec.resources.memory), spec.procs_per_node)
@@ -210,7 +212,6 @@ class LocalStepRunner:
                 self.log.warning("no memory ceiling on this OS (prlimit is Linux only)")
             threading.Thread(target=self._pump, args=(node, proc, lines), daemon=True).start()
         self.log.info("memory ceiling: %s", ceiling.describe())
-        deadline = time.monotonic() + spec.timeout_s
         open_streams = len(self._procs)
         prefix = len(self._procs) > 1
         try:
