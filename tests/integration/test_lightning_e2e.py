@@ -94,7 +94,7 @@ def test_lightning_template_logs_live_resumes_after_sigterm_and_registers(embedd
     assert proc.wait(timeout=900) == 0, log.read_text()[-8000:]
     output = log.read_text()
     assert "was preempted (exit code 75" in output, output[-6000:]
-    assert "resuming from" in output and "on_exception.ckpt" in output, output[-6000:]
+    assert "resuming from" in output and "preempted.ckpt" in output, output[-6000:]
     assert "SIGTERM: checkpoint saved" in output
 
     register = json.loads((ws / "register" / "result.json").read_text())

@@ -10,14 +10,14 @@ command"):
 - processes: torchrun (local backend) or a PyTorchJob starts one process per rank, so the
   Trainer takes its shape from LOCAL_WORLD_SIZE / WORLD_SIZE instead of spawning its own;
 - resume: checkpoints go to $ARF_CHECKPOINT_DIR, which survives preemptions and retries of the
-  DAG run; on SIGTERM Lightning stops every rank at the same batch, `OnExceptionCheckpoint`
-  saves, and the script exits 75 ("preempted, resume me"); a start resumes from the newest
-  checkpoint there;
+  DAG run; on SIGTERM every rank stops after the same batch (`StopOnSigterm`), saves, and the
+  script exits 75 ("preempted, resume me"); a start resumes from the newest checkpoint there;
 - output: the weights into $ARF_OUTPUT_DIR and, last, the result JSON at $ARF_RESULT_PATH.
 """
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -25,9 +25,8 @@ import lightning as L
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -60,6 +59,31 @@ class DigitsClassifier(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
+class StopOnSigterm(L.Callback):
+    """SIGTERM -> every rank stops after the same batch, saves a checkpoint, fit returns.
+
+    Lightning 2.6's own SIGTERM handler runs a collective (a broadcast) inside the signal
+    handler; when every rank is signalled at once (torchrun passes SIGTERM to all of them) the
+    ranks meet in different collectives and DDP on gloo deadlocks. This handler only records
+    the signal; the ranks agree on it with one all_reduce per batch, outside any handler.
+    """
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.checkpoint, self.requested, self.stopped = checkpoint, False, False
+
+    def on_train_start(self, trainer, pl_module):
+        # After Lightning installed its own handler (in fit), which this one replaces.
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and not self.stopped:
+            trainer.save_checkpoint(self.checkpoint)  # every rank takes part
+            self.stopped = trainer.should_stop = True
+
+
 class DigitsData(L.LightningDataModule):
     """The prepared shards of the train and val splits (listed in the data manifest)."""
 
@@ -89,6 +113,7 @@ def main() -> int:
     data = DigitsData(Path(os.environ["ARF_DATA_DIR"]), hp["batch_size"])  # arf glue
     model = DigitsClassifier(len(data.manifest["features"]), hp["hidden_size"], hp["lr"])
     checkpoints = Path(os.environ["ARF_CHECKPOINT_DIR"])  # arf glue
+    preemption = StopOnSigterm(checkpoints / "preempted.ckpt")  # arf glue
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # arf glue (torchrun's shape)
     trainer = L.Trainer(
         max_epochs=hp["epochs"], accelerator="cpu", strategy="ddp", deterministic=True,
@@ -97,14 +122,13 @@ def main() -> int:
                             tracking_uri=os.environ.get("MLFLOW_TRACKING_URI")),
         callbacks=[ModelCheckpoint(dirpath=checkpoints, save_last=True,
                                    every_n_train_steps=hp["checkpoint_every_steps"]),
-                   OnExceptionCheckpoint(dirpath=checkpoints)],
+                   preemption],
         log_every_n_steps=5, enable_progress_bar=False, enable_model_summary=False)
     newest = sorted(checkpoints.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     if newest:
         print(f"resuming from {newest[-1]}", flush=True)
-    try:
-        trainer.fit(model, datamodule=data, ckpt_path=str(newest[-1]) if newest else None)
-    except SIGTERMException:
+    trainer.fit(model, datamodule=data, ckpt_path=str(newest[-1]) if newest else None)
+    if preemption.stopped:
         print("SIGTERM: checkpoint saved, exiting to be resumed", flush=True)
         return PREEMPTED  # arf glue
     if trainer.is_global_zero:
