@@ -130,7 +130,9 @@ def main() -> int:
     trainer.fit(model, datamodule=data, ckpt_path=str(newest[-1]) if newest else None)
     if preemption.stopped:
         print("SIGTERM: checkpoint saved, exiting to be resumed", flush=True)
-        return PREEMPTED  # arf glue
+        # arf glue: exit at once. torchrun is shutting down too (it passed the SIGTERM on) and
+        # its rendezvous store may be gone, which hangs the interpreter's DDP teardown.
+        os._exit(PREEMPTED)
     if trainer.is_global_zero:
         out = Path(os.environ["ARF_OUTPUT_DIR"])  # arf glue
         out.mkdir(parents=True, exist_ok=True)
