@@ -15,6 +15,9 @@ then continues::
   moved since the gate compared against it, the evidence is stale: the task fails and says so.
 * `record_rejection` (runs only when `promote_approved` was skipped by a rejection): tags
   `arf.gate.approval=rejected` and who rejected; the alias stays.
+* `fail_run_on_error` (runs only when a task before it failed): fails the run. Without it a
+  failed evaluation would end the run `success`, because its last task (`record_rejection`,
+  trigger rule all_skipped) is skipped then and Airflow judges a run by its last tasks.
 
 MLflow is imported inside the tasks (run time), never at DAG parse time.
 """
@@ -129,6 +132,13 @@ def record_rejection(**context: Any) -> list[str]:
     return rejected
 
 
+def fail_run_on_error() -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    raise AirflowFailException("a task of this arf_evaluate run failed (see the failed task's "
+                               "log); the run is marked failed so the failure is not hidden")
+
+
 def add_approval(evaluate: Any) -> None:
     """Append the approval tasks after `evaluate` (inside the DAG's context)."""
     from airflow.providers.standard.operators.hitl import ApprovalOperator
@@ -143,3 +153,5 @@ def add_approval(evaluate: Any) -> None:
     # task too when nothing was proposed).
     rejected = task(task_id="record_rejection", trigger_rule="all_skipped")(record_rejection)()
     evaluate >> needed >> approve >> promote >> rejected
+    watcher = task(task_id="fail_run_on_error", trigger_rule="one_failed")(fail_run_on_error)()
+    [evaluate, needed, approve, promote, rejected] >> watcher

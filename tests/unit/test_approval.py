@@ -29,7 +29,11 @@ def test_approval_tasks_only_where_required():
     required = REACH.replace(MARGIN, MARGIN + "  gate: {approval: required}\n")
     dag = build_evaluate_dag([loaded(required)], "local")
     assert set(dag.task_ids) == {"evaluate", "approval_needed", APPROVAL_TASK,
-                                 "promote_approved", "record_rejection"}
+                                 "promote_approved", "record_rejection", "fail_run_on_error"}
+    # A failed evaluation must fail the run: the watcher follows every task, one_failed.
+    watcher = dag.get_task("fail_run_on_error")
+    assert watcher.trigger_rule == "one_failed"
+    assert watcher.upstream_task_ids == set(dag.task_ids) - {"fail_run_on_error"}
     approve = dag.get_task(APPROVAL_TASK)
     assert type(approve).__name__ == "ApprovalOperator"
     assert approve.upstream_task_ids == {"approval_needed"}
