@@ -22,13 +22,15 @@ from trainer_testkit import (  # noqa: E402
 pytestmark = pytest.mark.integration
 
 
-def torchrun_train(tmp: Path, name: str, tracking_uri: str) -> dict:
+def torchrun_train(tmp: Path, name: str, tracking_uri: str, loading: str = "auto") -> dict:
     workspace = tmp / name
     prepare_digits(workspace)
-    spec = make_spec("digits_smoke", run_id=f"manual__{name}", hyperparameters={"epochs": 2})
+    spec = make_spec("digits_smoke", run_id=f"manual__{name}", hyperparameters={"epochs": 2},
+                     training={"data_loading": loading})
     spec_path = tmp / f"{name}-spec.json"
     spec_path.write_text(json.dumps(spec))
     env = step_environ(spec_path, workspace, tracking_uri, tmp / "artifacts", f"manual__{name}")
+    env["ARF_STREAM_WINDOW_ROWS"] = "256"  # streaming: 1437 rows in six windows
     proc = subprocess.run(
         [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--no-python",
          str(VENV_BIN / "arf-trainer"), "train"],
@@ -39,14 +41,19 @@ def torchrun_train(tmp: Path, name: str, tracking_uri: str) -> dict:
     return json.loads((workspace / "train" / "result.json").read_text())
 
 
-def test_two_process_training_is_reproducible_and_tracked(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loading", [
+    pytest.param("auto", id="memory"),
+    pytest.param("stream", id="stream", marks=pytest.mark.slow),  # two more torchrun runs
+])
+def test_two_process_training_is_reproducible_and_tracked(tmp_path: Path, loading: str) -> None:
     import mlflow
 
     uri = fresh_tracking_uri(tmp_path)
-    first = torchrun_train(tmp_path, "a", uri)
-    second = torchrun_train(tmp_path, "b", uri)
+    first = torchrun_train(tmp_path, "a", uri, loading)
+    second = torchrun_train(tmp_path, "b", uri, loading)
 
     assert first["world_size"] == 2 and first["steps"] == 2 * 23  # 1437 rows / (32 x 2)
+    assert first["data_loading"] == ("memory" if loading == "auto" else "stream")
     assert first["weights_sha256"] == second["weights_sha256"]
     assert first["mlflow_run_id"] != second["mlflow_run_id"]
     assert first["metrics"] == second["metrics"]

@@ -191,3 +191,16 @@ def test_loading_choice(tmp_path: Path, requested: str, memory: str | None,
     mode, why = choose_loading(requested, manifest, memory)
     assert mode == expected
     assert ("auto:" in why) == (requested == "auto")
+
+
+def test_the_choice_counts_array_columns_by_their_dtype_and_shape(tmp_path: Path) -> None:
+    """A manifest of prepare's array columns ("dtype", "shape"): 1,000 uint8 64x64x3 frames are
+    ~47 MiB as the MLP's float32 features, over a quarter of 128Mi, so auto streams."""
+    manifest = write_shards(tmp_path, {"train": [900], "val": [100]})
+    manifest.raw["features"] = ["frame"]
+    manifest.raw["columns"] = [
+        {"name": "frame", "type": "fixed_size_list<...>", "dtype": "uint8", "shape": [64, 64, 3]},
+        {"name": "act", "type": "double", "dtype": "float64", "shape": []}]
+    assert manifest.row_bytes() == 4 * 64 * 64 * 3 + 8
+    assert choose_loading("auto", manifest, "128Mi")[0] == "stream"
+    assert choose_loading("auto", manifest, "256Mi")[0] == "memory"

@@ -42,6 +42,10 @@ def make_spec(template_name: str, step: str = "train", *, run_id: str = "manual_
     template, sha = load_template(template_name)
     template = copy.deepcopy(template)
     template["training"].update(training or {})
+    # ARF_TEST_DATA_LOADING=stream reruns every trainer test on the streaming path (a spec
+    # that names its own data_loading keeps it).
+    if os.environ.get("ARF_TEST_DATA_LOADING"):
+        template["training"].setdefault("data_loading", os.environ["ARF_TEST_DATA_LOADING"])
     hp = {k: v["default"] for k, v in template["training"]["hyperparameters"].items()}
     hp.update(hyperparameters or {})
     return {

@@ -69,13 +69,18 @@ class Manifest:
         return sum(int(s["rows"]) for s in self.shards(split))
 
     def row_bytes(self) -> int:
-        """Decoded bytes of one row of the feature and target columns (an estimate)."""
+        """Decoded bytes of one row of the feature and target columns (an estimate from the
+        manifest's "columns": dtype and shape; at least 4 bytes an element, as the MLP
+        recipes hold features as float32; 8 when the dtype is not recorded)."""
         wanted = set(self.features + self.targets)
         total = 0
         for column in self.raw.get("columns", []):
             if column.get("name") in wanted:
-                shape = column.get("shape") or []
-                total += 8 * math.prod(shape)  # float64 at most once decoded
+                try:
+                    itemsize = np.dtype(column.get("dtype") or "float64").itemsize
+                except TypeError:
+                    itemsize = 8
+                total += max(itemsize, 4) * math.prod(column.get("shape") or [])
         return max(total, 8 * len(wanted))
 
 
