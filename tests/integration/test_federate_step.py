@@ -50,7 +50,7 @@ def _federate(tmp_path: Path, run_id: str, tracking: str) -> tuple[subprocess.Co
     env = step_environ(spec_path, workspace, tracking, tmp_path / "artifacts", run_id,
                        step="federate")
     proc = subprocess.run([str(FED_VENV / "bin" / "arf-trainer"), "federate"], env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1500)
     return proc, workspace
 
 
@@ -63,6 +63,9 @@ def test_federate_trains_a_global_model_and_reruns_bitwise(tmp_path):
     assert set(result["federated"]["sites"]) == set(SITES)
     assert result["federated"]["sites"]["south"]["train_rows"] == 270  # 300 rows, 10 % val
     assert (ws1 / "train" / "model.pt").is_file()
+    # TLS on the SuperLink, with a CA made for this step
+    assert (ws1 / "federate" / "tls" / "ca.pem").is_file()
+    assert "https://127.0.0.1" in (ws1 / "federate" / "superlink.log").read_text()
     rounds = json.loads((ws1 / "federate" / "rounds.json").read_text())["rounds"]
     assert [len(r["sites"]) for r in rounds] == [2, 2]
 
@@ -80,3 +83,45 @@ def test_federate_trains_a_global_model_and_reruns_bitwise(tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     again = json.loads((ws2 / "train" / "result.json").read_text())
     assert again["weights_sha256"] == result["weights_sha256"]  # bitwise re-run
+
+
+def _flower_processes(home: str) -> list[int]:
+    """Processes whose environment names this step's FLWR_HOME (every Flower process it ran)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"FLWR_HOME={home}".encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_stopped_federate_step_leaves_no_flower_process(tmp_path):
+    import signal
+    import time
+
+    workspace = tmp_path / "stop"
+    for site in SITES:
+        prepare_reach(workspace / "sites" / site, rows=100)
+    spec = make_spec("reach_bc", "federate", run_id="stop",
+                     training={"distributed": {"nodes": 1, "procs_per_node": 1}})
+    spec["template"]["federated"] = {
+        "sites": [{"name": s, "hub": f"/hubs/{s}", "query": None} for s in SITES],
+        "rounds": 50, "strategy": "fedavg", "fraction_fit": 1.0, "min_sites": 2,
+        "local_epochs": 1, "proximal_mu": None}
+    (workspace / "federate.json").write_text(json.dumps(spec))
+    env = step_environ(workspace / "federate.json", workspace,
+                       fresh_tracking_uri(tmp_path / "mlflow"), tmp_path / "art", "stop",
+                       step="federate")
+    proc = subprocess.Popen([str(FED_VENV / "bin" / "arf-trainer"), "federate"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    home = str(workspace / "federate" / "flwr-home")
+    deadline = time.monotonic() + 900
+    while len(_flower_processes(home)) < 4 and time.monotonic() < deadline:  # link, 2 nodes, +
+        time.sleep(1)
+    assert len(_flower_processes(home)) >= 4, "the federation did not start"
+    proc.send_signal(signal.SIGTERM)  # what the local backend sends first
+    assert proc.wait(timeout=120) != 0
+    time.sleep(2)
+    assert _flower_processes(home) == []

@@ -104,6 +104,7 @@ class Federation:
         self.home = work / "flwr-home"
         self.procs: dict[str, subprocess.Popen] = {}
         self.port = 0
+        self.certs: dict[str, Path] = {}
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -126,14 +127,21 @@ class Federation:
         return proc
 
     def start(self) -> None:
+        from arf_trainer.federated.tls import make_loopback_certificates
+
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
+        # TLS on the SuperLink's one HTTP port (Fleet, Control and Runtime APIs), with a CA
+        # made for this step only; SuperNodes and `flwr run` trust that CA and nothing else.
+        self.certs = make_loopback_certificates(self.work / "tls")
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "arf"\n\n[superlink.arf]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
-        link = self._start("superlink", [str(self.bin / "flower-superlink"), "--insecure",
-                                         "--host", "127.0.0.1", "--port", str(self.port),
-                                         "--database", ":flwr-in-memory:"])
+            f'address = "127.0.0.1:{self.port}"\n'
+            f'root-certificates = {json.dumps(str(self.certs["ca"]))}\n')
+        link = self._start("superlink", [
+            str(self.bin / "flower-superlink"), "--ssl-certfile", str(self.certs["cert"]),
+            "--ssl-keyfile", str(self.certs["key"]), "--ssl-ca-certfile", str(self.certs["ca"]),
+            "--host", "127.0.0.1", "--port", str(self.port), "--database", ":flwr-in-memory:"])
         _wait_port(self.port, link, "the Flower SuperLink", self.work / "superlink.log")
         for site in self.sites:
             self.start_supernode(site)
@@ -143,7 +151,7 @@ class Federation:
         config = (f'data-dir={json.dumps(str(site["data_dir"]))} '
                   f'site={json.dumps(site["name"])} site-index={site["index"]}')
         return self._start(f"supernode-{site['name']}", [
-            str(self.bin / "flower-supernode"), "--insecure",
+            str(self.bin / "flower-supernode"), "--root-certificates", str(self.certs["ca"]),
             "--superlink", f"127.0.0.1:{self.port}",
             "--host", "127.0.0.1", "--port", str(_free_port()), "--node-config", config])
 
@@ -164,12 +172,62 @@ class Federation:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+        """Stop every Flower process of this step, grandchildren included.
+
+        flower-superlink and flower-supernode start flower-superexec detached (own session),
+        which starts flwr-serverapp/flwr-clientapp: a process-group kill misses them, and a
+        SuperNode may ignore SIGTERM while it retries. So: all descendants, SIGTERM, a short
+        wait, then SIGKILL.
+        """
+        pids = _descendants({p.pid for p in self.procs.values()})
+        for pid in pids:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+            for proc in self.procs.values():
+                proc.poll()  # reap our direct children
+            time.sleep(0.2)
+        for pid in pids:
+            _signal(pid, signal.SIGKILL)
         for proc in self.procs.values():
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                pass
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        tree.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return tree
+
+
+def _descendants(roots: set[int]) -> list[int]:
+    """`roots` and every process below them (Linux /proc; elsewhere just the roots)."""
+    tree, found, todo = _children(), [], list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.append(pid)
+            todo.extend(tree.get(pid, []))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

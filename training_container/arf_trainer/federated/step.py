@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -69,11 +70,15 @@ def run_federate(env: StepEnv) -> dict[str, Any]:
         (work / stale).unlink(missing_ok=True)
     federation = Federation(work, sites)
     started = time.monotonic()
+    # The backend stops a step with SIGTERM (then SIGKILL after the grace period): turn it
+    # into an exception so that `finally` stops the Flower processes, which run detached.
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         federation.start()
         federation.run_app(float(plan["round_timeout_s"]) * max(1, plan["federated"]["rounds"]))
     finally:
         federation.stop()
+        signal.signal(signal.SIGTERM, previous)
     wall = time.monotonic() - started
     if not (work / apps.ROUNDS).is_file():
         from arf_trainer.federated.launch import _tail
@@ -84,6 +89,11 @@ def run_federate(env: StepEnv) -> dict[str, Any]:
     rounds = json.loads((work / apps.ROUNDS).read_text())
     weights = torch.load(work / apps.GLOBAL_WEIGHTS, map_location="cpu", weights_only=True)
     return _finish(env, sites, plan, info, weights, rounds, wall)
+
+
+def _terminated(signum: int, _frame: Any) -> None:
+    raise TrainingError(f"the federate step was stopped (signal {signum}); Flower processes "
+                        "stopped with it")
 
 
 def _model_bytes(weights: dict[str, torch.Tensor]) -> int:
