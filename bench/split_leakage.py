@@ -48,7 +48,7 @@ def _step(root: Path, hub: Path, work: Path, step: str, split_by: str | None, se
     spec_path.write_text(json.dumps(spec))
     env = step_environ(spec_path, work, f"sqlite:///{root}/mlflow.db", root / "artifacts",
                        work.name, step)
-    env.update(ARF_DATAHUB_URI=str(hub), WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
+    env["ARF_DATAHUB_URI"] = str(hub)  # one process: no RANK/WORLD_SIZE (step_environ drops them)
     done = subprocess.run([str(VENV_BIN / "arf-trainer"), step], env=env, capture_output=True,
                           text=True)
     if done.returncode != 0:
