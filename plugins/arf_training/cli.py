@@ -354,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     seed = hsub.add_parser("seed", help="create the demo tables (idempotent)")
     seed.add_argument("--force", action="store_true", help="write new versions even if seeded")
     seed.add_argument("--episodes", type=int, default=200, help="expert reach episodes")
+    seed.add_argument("--pixels", action="store_true", help="also reach_pixels: the same "
+                      "episodes as camera frames, for reach_pixels_bc (slow: a few ms a frame)")
+    seed.add_argument("--frame-size", type=int, default=64,
+                      help="reach_pixels frame width and height in pixels (default 64)")
     cli_datahub.add_parsers(hsub)  # ingest | tables | describe
     demo = sub.add_parser("demo", help="run a template end to end on the embedded default; "
                           "`arf demo failure-loop` runs the measured failure-learning loop")
@@ -464,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
             settings = ArfSettings.from_env()
             cmd = [venv_bin("arf-trainer"), "datahub", "seed", "--hub", settings.datahub_uri,
                    "--episodes", str(args.episodes)] + (["--force"] if args.force else [])
+            if args.pixels:
+                cmd += ["--pixels", "--frame-size", str(args.frame_size)]
             return subprocess.run(cmd, env=environment(settings)).returncode
         if args.command == "demo":
             try:

@@ -25,9 +25,13 @@ from arf_training.settings import ArfSettings, venv_bin
 from arf_training.stepspec import workspace_for
 
 
-def seed_datahub(settings: ArfSettings, env: dict[str, str]) -> dict[str, Any]:
+def seed_datahub(settings: ArfSettings, env: dict[str, str],
+                 pixels: bool = False) -> dict[str, Any]:
+    """Seed the demo tables; with `pixels` also reach_pixels (rendered frames: slow, so only
+    for a template that reads it)."""
     proc = subprocess.run([venv_bin("arf-trainer"), "datahub", "seed",
-                           "--hub", settings.datahub_uri], env=env, capture_output=True, text=True)
+                           "--hub", settings.datahub_uri] + (["--pixels"] if pixels else []),
+                          env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise ArfError(f"seeding the data hub failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     return json.loads(proc.stdout[proc.stdout.index("{"):])
@@ -134,7 +138,7 @@ def run_demo(template: str = "reach_bc", conf: dict[str, Any] | None = None,
     t0 = time.monotonic()
 
     print(f"[arf demo] data hub: {settings.datahub_uri}", flush=True)
-    seeded = seed_datahub(settings, env)
+    seeded = seed_datahub(settings, env, pixels=_reads_table(template, "reach_pixels"))
     print(f"[arf demo] Airflow metadata DB: "
           f"{shown_uri(env['AIRFLOW__DATABASE__SQL_ALCHEMY_CONN'])}", flush=True)
     migrate(env)
@@ -168,6 +172,16 @@ def run_demo(template: str = "reach_bc", conf: dict[str, Any] | None = None,
     (ws / "demo-summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(format_summary(summary, settings), flush=True)
     return summary
+
+
+def _reads_table(template: str, table: str) -> bool:
+    """Whether the template's dataset query names `table` (reach_pixels is seeded only then)."""
+    from arf_training.settings import templates_dir
+    from arf_training.templates import load_folder, template_files
+
+    loaded, _ = load_folder(template_files(templates_dir()))
+    return any(t.name == template and re.search(rf"\b{table}\b", t.template.dataset.query)
+               for t in loaded)
 
 
 def _has_evaluation(template: str) -> bool:

@@ -34,6 +34,7 @@ KIND = "TrainingTemplate"
 RECIPE_HYPERPARAMETERS: dict[str, frozenset[str]] = {
     "bc": frozenset({"epochs", "batch_size", "lr", "hidden_size", "num_layers", "weight_decay"}),
     "classifier": frozenset({"epochs", "batch_size", "lr", "hidden_size", "num_layers", "weight_decay"}),
+    "bc_pixels": frozenset({"epochs", "batch_size", "lr", "hidden_size", "num_layers", "weight_decay"}),
 }
 SCHEDULE_PRESETS = ("@once", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly")
 # Kubernetes resource quantities (the subset people write): 500m, 2, 1.5, 512Mi, 2Gi, 1G.
@@ -331,8 +332,9 @@ class Resources(_Section):
 class Training(_Section):
     """How to train: a built-in recipe or a custom command, with typed hyperparameters."""
 
-    recipe: Literal["bc", "classifier"] | None = Field(
-        None, description="Built-in recipe: 'bc' (behaviour cloning) or 'classifier'.")
+    recipe: Literal["bc", "classifier", "bc_pixels"] | None = Field(
+        None, description="Built-in recipe: 'bc' (behaviour cloning), 'classifier' or "
+                          "'bc_pixels' (behaviour cloning from camera frames + state).")
     command: CustomCommand | None = Field(None, description="Custom image + command instead of a recipe.")
     hyperparameters: dict[str, Hyperparameter] = Field(
         default_factory=dict, description="Typed hyperparameters; each becomes a trigger-form field.")
@@ -386,7 +388,9 @@ class Training(_Section):
 class Evaluation(_Section):
     """How `arf_evaluate` scores a registered version of this template's model."""
 
-    environment: Literal["reach"] = Field(description="Simulated task: 'reach' (MuJoCo Reacher-v5).")
+    environment: Literal["reach", "reach_pixels"] = Field(
+        description="Simulated task: 'reach' (MuJoCo Reacher-v5, state policies) or "
+                    "'reach_pixels' (the same task seen by a camera, for bc_pixels policies).")
     episodes: int = Field(50, ge=1, le=100_000, description="Rollouts per evaluation.")
     seed: int = Field(100_000, ge=0, description="First episode seed; episodes use seed..seed+n-1.")
     success_threshold: float = Field(0.8, ge=0.0, le=1.0,

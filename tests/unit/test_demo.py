@@ -120,3 +120,11 @@ def test_the_summary_shows_no_database_password(tmp_path):
     assert "s3cret-Pw" not in summary
     [line] = [line for line in summary.splitlines() if "UIs" in line]
     assert "make up" in line and "http://127.0.0.1:5000" in line
+
+
+def test_the_demo_renders_camera_frames_only_for_a_template_that_reads_them():
+    from arf_training.demo import _reads_table
+
+    # Seeding reach_pixels renders 10,000 frames: only `arf demo --template reach_pixels_bc`.
+    assert _reads_table("reach_pixels_bc", "reach_pixels")
+    assert not _reads_table("reach_bc", "reach_pixels")

@@ -103,6 +103,24 @@ def input_example(workspace: Path, info: ModelInfo) -> np.ndarray:
                         "example that the pt2 export needs to keep the batch dimension dynamic")
 
 
+def export_arguments(workspace: Path, info: ModelInfo) -> dict[str, Any]:
+    """log_model's input_example, and for a model of several inputs (bc_pixels: frames and
+    state) the signature too, which MLflow cannot infer from a tuple of arrays."""
+    if info.arrays:
+        from arf_trainer.trainer.recipes_vision import export_arguments as vision_export
+
+        return vision_export(workspace, info)
+    return {"input_example": input_example(workspace, info)}
+
+
+def _input_description(info: ModelInfo) -> dict[str, Any]:
+    if info.arrays:
+        from arf_trainer.trainer.recipes_vision import manifest_input
+
+        return manifest_input(info)
+    return {"features": info.features, "dtype": "float32", "shape": [-1, info.n_features]}
+
+
 def plugin_manifest(name: str, version: str, info: ModelInfo, result: dict[str, Any],
                     lineage: dict[str, str]) -> dict[str, Any]:
     """The ARF plugin manifest: how a consumer feeds the model and reads its output."""
@@ -120,7 +138,7 @@ def plugin_manifest(name: str, version: str, info: ModelInfo, result: dict[str, 
         "model_uri": f"models:/{name}/{version}",
         "weights_sha256": result["weights_sha256"],
         "recipe": info.recipe,
-        "input": {"features": info.features, "dtype": "float32", "shape": [-1, info.n_features]},
+        "input": _input_description(info),
         "output": output,
         "lineage": lineage,
     }
@@ -209,7 +227,7 @@ def run_register(env: StepEnv) -> dict[str, Any]:
                 mlflow.set_experiment(experiment_id=run.info.experiment_id)
                 logged = mlflow.pytorch.log_model(
                     model, name=LOGGED_MODEL_NAME, run_id=run_id,
-                    serialization_format="pt2", input_example=input_example(env.workspace, info),
+                    serialization_format="pt2", **export_arguments(env.workspace, info),
                     # Explicit requirements: inferring them loads the model in a subprocess.
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
                     tags={"arf.weights_sha256": sha})

@@ -137,8 +137,7 @@ def build(env: StepEnv, cfg: TrainConfig, manifest: Manifest, source: Any,
     out_dir = env.workspace / train_dir_of(env.spec)
     hooks = TestHooks.from_environ(
         trial_number=(env.spec.inputs.get("hpo") or {}).get("trial_number"))
-    info = recipe.describe(manifest.features, manifest.targets, hp, source.labels,
-                           feature_width=source.feature_width)
+    info = recipe.describe_data(manifest, hp, source.labels, source.feature_width)
     base = _pinned_base(env, cfg, manifest, denv, out_dir) if cfg.base_model else None
     if base is not None:
         info = base.info  # the base's architecture (and, for a classifier, its classes)
