@@ -8,9 +8,11 @@ entry per column name, each ``[N, *shape]`` in the dtype it is stored in: a scal
 column is float64 ``[N]``, a DuckDB ``FLOAT[7]`` float32 ``[N, 7]``, a ``UTINYINT[64][64][3]``
 image uint8 ``[N, 64, 64, 3]`` (Arrow fixed_size_list, nested for more dimensions). The recipe
 returns ``(inputs, targets)``: tensors, or for ``inputs`` a dict of tensors by name (a vision
-recipe keeps frames uint8 and normalizes them in the model). The call must be row-wise: it is
-made on a whole split (in memory) or on a window of rows (streaming), and both must give the
-same rows. The MLP recipes flatten array columns into their float32 feature vector
+recipe keeps frames uint8 and normalizes them in the model); the loop moves them to the device
+and calls ``net(inputs)`` / ``model(inputs)`` with that one argument. The model's shape comes
+from ``Recipe.describe_data(manifest, ...)``, which sees the manifest's column dtypes/shapes.
+``columns_to_tensors`` must be row-wise: it is called on a whole split (in memory) or on a
+window of rows (streaming), and both must give the same rows. The MLP recipes flatten array columns into their float32 feature vector
 (`feature_matrix`).
 
 Loading mode (`training.data_loading`, recorded as the MLflow param ``data_loading``):
