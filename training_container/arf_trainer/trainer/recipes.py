@@ -117,6 +117,9 @@ class ModelInfo:
     input_width: int | None = None
     """Width of the flattened feature vector when array columns make it differ from the
     number of feature columns; None: one value per column."""
+    arrays: dict[str, list[int]] | None = None
+    """Per-row shapes of the array feature columns of a recipe that takes arrays as they are
+    (bc_pixels: its frames [H, W, 3], recipes_vision.py); None for the MLP recipes."""
 
     @property
     def n_features(self) -> int:
@@ -124,8 +127,9 @@ class ModelInfo:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        if data["input_width"] is None:
-            del data["input_width"]  # files of scalar-column models stay as they were
+        for optional in ("input_width", "arrays"):
+            if data[optional] is None:
+                del data[optional]  # files of scalar-column models stay as they were
         data["n_features"] = self.n_features
         data["input"] = {"dtype": "float32", "shape": [-1, self.n_features]}
         return data
@@ -355,18 +359,26 @@ class Classifier(Recipe):
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (BehaviourCloning(), Classifier())}
+# Recipes in modules of their own, which build on this one: imported on first use.
+EXTRA_RECIPES = {"bc_pixels": "arf_trainer.trainer.recipes_vision"}
 
 
 def get_recipe(name: str | None) -> Recipe:
+    if name in EXTRA_RECIPES and name not in RECIPES:
+        import importlib
+
+        importlib.import_module(EXTRA_RECIPES[name])  # registers itself in RECIPES
     if name is None:
         raise TrainingError(
             "the template has no training.recipe; the built-in trainer runs recipes "
-            f"{sorted(RECIPES)} only. Set training.recipe, or give training.command to run a "
-            "custom image (that path does not call the built-in trainer)"
+            f"{sorted({*RECIPES, *EXTRA_RECIPES})} only. Set training.recipe, or give "
+            "training.command to run a custom image (that path does not call the built-in "
+            "trainer)"
         )
     try:
         return RECIPES[name]
     except KeyError:
         raise TrainingError(
-            f"training.recipe={name!r} is not a built-in recipe; choose one of {sorted(RECIPES)}"
+            f"training.recipe={name!r} is not a built-in recipe; choose one of "
+            f"{sorted({*RECIPES, *EXTRA_RECIPES})}"
         ) from None
