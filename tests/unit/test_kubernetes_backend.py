@@ -110,6 +110,8 @@ def _validate(manifest: dict[str, Any], schema: dict[str, Any]) -> None:
 
 
 def test_same_dags_and_graphs_as_the_local_backend(k8s_dags, local_dags):
+    # Federated templates are local-only for now (reported, not built, on Kubernetes).
+    local_dags = {d: dag for d, dag in local_dags.items() if "federate" not in dag.task_ids}
     assert sorted(k8s_dags) == sorted(local_dags)
     for dag_id, local in local_dags.items():
         dag = k8s_dags[dag_id]
@@ -176,7 +178,11 @@ def test_shipped_shapes_cover_both_train_operators():
 
 def test_switching_backend_needs_no_template_change_and_parses_cleanly(k8s_env):
     result = _bag_in_subprocess(REPO / "dags", REPO / "config_templates")
-    assert result["errors"] == {}
+    # The one import error: the federated template, which Kubernetes cannot run yet, is
+    # reported by the template-errors DAG file instead of being built (factory._runnable).
+    assert len(result["errors"]) <= 1
+    assert all("reach_bc_federated" in e and "cannot run yet" in e
+               for e in result["errors"].values()), result["errors"]
     assert result["dags"] == sorted([t.name for t in SHIPPED] + ["arf_evaluate"])
     # Not even the Kubernetes clients: the provider's pod operator is created at run time.
     assert result["heavy"] == []

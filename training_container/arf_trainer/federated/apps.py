@@ -58,6 +58,17 @@ def _ordered(strategy_cls: type) -> type:
     return Ordered
 
 
+def _wait_for_sites(grid: Grid, n_sites: int, timeout_s: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while (connected := len(list(grid.get_node_ids()))) < n_sites:
+        if time.monotonic() > deadline:
+            raise SiteShortfall(f"{connected} of {n_sites} SuperNodes connected within "
+                                f"{timeout_s:.0f} s; see the supernode-<site>.log files")
+        time.sleep(1)
+
+
 server_app = ServerApp()
 
 
@@ -69,8 +80,11 @@ def server_main(grid: Grid, context: Context) -> None:
     plan = json.loads((work / PLAN).read_text())
     fed = plan["federated"]
     n_sites = len(fed["sites"])
+    # Round 1 starts with every site (a re-run then sees the same participants); later rounds
+    # need only min_sites, so that a site that went down does not stall the federation.
+    _wait_for_sites(grid, n_sites, float(plan["round_timeout_s"]))
     common = dict(fraction_train=fed["fraction_fit"], fraction_evaluate=0.0,
-                  min_train_nodes=fed["min_sites"], min_available_nodes=n_sites)
+                  min_train_nodes=fed["min_sites"], min_available_nodes=fed["min_sites"])
     if fed["strategy"] == "fedprox":
         strategy = _ordered(FedProx)(proximal_mu=float(fed["proximal_mu"]), **common)
     else:
