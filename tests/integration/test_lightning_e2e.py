@@ -91,7 +91,8 @@ def test_lightning_template_logs_live_resumes_after_sigterm_and_registers(embedd
     os.kill(leader, signal.SIGTERM)
     steps_before = len(client.get_metric_history(run.info.run_id, "train_loss"))
 
-    assert proc.wait(timeout=900) == 0, log.read_text()[-8000:]
+    # Generous: on the shared 2-core machine at load ~37 the run took over 15 min after SIGTERM.
+    assert proc.wait(timeout=2400) == 0, log.read_text()[-8000:]
     output = log.read_text()
     assert "was preempted (exit code 75" in output, output[-6000:]
     assert "resuming from" in output and "preempted.ckpt" in output, output[-6000:]
@@ -110,7 +111,7 @@ def test_lightning_template_logs_live_resumes_after_sigterm_and_registers(embedd
     assert versions[0].tags["arf.weights_sha256"] == register["weights_sha256"]
 
     repro = subprocess.run([str(BIN / "arf"), "training", "reproduce", run.info.run_id],
-                           env=embedded, capture_output=True, text=True, timeout=900)
+                           env=embedded, capture_output=True, text=True, timeout=1800)
     assert "weights_sha256" in repro.stdout, repro.stdout + repro.stderr[-4000:]
     assert repro.stdout.strip().splitlines()[-1] in ("result: match", "result: mismatch")
     print(repro.stdout)
