@@ -23,6 +23,9 @@ from arf_trainer.spec import JobSpec, StepEnv
 from test_reach_pixels import pixel_expert
 from trainer_testkit import fresh_tracking_uri
 
+# Two logged models and 10 rendered episodes: the default suite's reach_pixels evaluation is
+# test_recipe_vision's registered-model check and the Airflow e2e; this one is `slow`.
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "reach_pixels_test_policy"
 EPISODES = 10
