@@ -19,6 +19,7 @@ under torchrun / a PyTorchJob) is then started by `wrap(command)`, a POSIX shell
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 PREEMPTED_EXIT = 75
@@ -113,8 +114,11 @@ def clear_exit_codes(exit_dir: Path) -> None:
 
 def was_preempted(codes: list[int], rank_codes: dict[str, int], world_size: int) -> bool:
     """Whether a start that ended with process `codes` asks to be resumed: every process exited
-    75, or (under torchrun, which turns it into 1) every rank's command did."""
-    if codes and all(c == PREEMPTED_EXIT for c in codes):
+    75 or died of a SIGTERM the runner did not send (the caller checks that), or (under
+    torchrun, which turns it into 1) every rank's command exited 75."""
+    # -15: a process without a handler at that moment (e.g. the built-in trainer after its
+    # guard closed, while writing its result) died of the SIGTERM; rerunning resumes it too.
+    if codes and all(c in (PREEMPTED_EXIT, -signal.SIGTERM) for c in codes):
         return True
     return len(rank_codes) == world_size and all(
         c == PREEMPTED_EXIT for c in rank_codes.values())

@@ -191,7 +191,9 @@ def test_pytorchjob_of_the_lightning_template_runs_setup_and_the_wrappers():
     assert [c["command"] for c in pod["initContainers"]] == [["arf-trainer", "custom-setup"]]
 
 
-def test_a_command_the_sigterm_kills_outright_is_resumed_too(tmp_path):
+@pytest.mark.parametrize("wrapped", [pytest.param(True, id="custom-command"),
+                                     pytest.param(False, id="plain-process")])
+def test_a_command_the_sigterm_kills_outright_is_resumed_too(tmp_path, wrapped):
     # No SIGTERM handler (e.g. still importing its framework): it dies of the signal (143).
     code = ("import json, os, pathlib, time\n"
             "mark = pathlib.Path(os.environ['ARF_WORKSPACE']) / 'started-once'\n"
@@ -199,7 +201,9 @@ def test_a_command_the_sigterm_kills_outright_is_resumed_too(tmp_path):
             "    mark.write_text('1'); time.sleep(60)\n"
             "p = pathlib.Path(os.environ['ARF_RESULT_PATH']); p.write_text(json.dumps({'ok': 1}))\n")
     spec = _spec(tmp_path, steps=1)
-    spec = StepSpec(**{**spec.__dict__, "command": custom_launch.wrap([sys.executable, "-c", code])})
+    command = [sys.executable, "-c", code]
+    spec = StepSpec(**{**spec.__dict__,
+                       "command": custom_launch.wrap(command) if wrapped else command})
     runner = LocalStepRunner(logging.getLogger("t"))
 
     def reclaim() -> None:
