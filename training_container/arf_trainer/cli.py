@@ -1,6 +1,7 @@
 """`arf-trainer`: the container entrypoint. parse -> validate -> run one step -> write result.
 
     arf-trainer prepare | train | register | evaluate     (configured by the ARF_* environment)
+    arf-trainer custom-setup                              (before a template's own train command)
     arf-trainer datahub seed [--hub PATH] [...]           (demo data for the embedded data hub)
     arf-trainer datahub ingest | tables | describe ...     (users' data; see datahub.hub_cli)
     arf-trainer datahub correct --hub PATH [...]          (expert corrections of failed episodes)
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="time to record, ISO 8601 with a zone; default: now")
     fleet.add_argument("--label", default="manual", help="recorded as eval_run_id fleet:LABEL")
     fleet.add_argument("--tracking-uri", help="MLflow tracking URI (default: ARF_TRACKING_URI)")
+    sub.add_parser("custom-setup", help="before a template's own training command: its MLflow "
+                   "run, base model and environment file (arf_trainer.custom_setup)")
     lineage = sub.add_parser("lineage", help="print what a training run recorded (JSON)")
     lineage.add_argument("run_id", help="MLflow run id of a training run")
     lineage.add_argument("--tracking-uri", help="MLflow tracking URI (default: ARF_TRACKING_URI)")
@@ -145,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in STEPS:
             _run_step(args.command)
+        elif args.command == "custom-setup":
+            from arf_trainer.custom_setup import run_custom_setup
+            from arf_trainer.spec import StepEnv
+
+            run_custom_setup(StepEnv.from_environ())
         elif args.command == "lineage":
             import json
             import os
