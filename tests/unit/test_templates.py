@@ -69,7 +69,7 @@ MALFORMED = [
                                                "    command: [python, train.py]"),
                  ["training", "exactly one of 'recipe'"], None, id="recipe-and-command"),
     pytest.param(_edit("  recipe: classifier", "  recipe: xgboost"),
-                 ["training.recipe", "'bc' or 'classifier'"], None, id="unknown-recipe"),
+                 ["training.recipe", "'bc', 'classifier' or 'bc_pixels'"], None, id="unknown-recipe"),
     pytest.param(_edit("validation_split: 0.2", "validation_split: 1.5"),
                  ["dataset.validation_split", "less than 1"], None, id="split-range"),
     pytest.param(_edit("apiVersion: arf.dev/v1", "apiVersion: arf.dev/v9"),
