@@ -249,7 +249,9 @@ def test_image_override_applies_to_built_in_recipes_only():
     recipe = _container(_render(next(t for t in SHIPPED if t.name == "reach_bc"), "prepare",
                                 settings))
     assert recipe["image"] == settings.image
-    custom_template = next(t for t in SHIPPED if t.template.training.command is not None)
+    # The single-process example (digits_lightning's 2 processes render a PyTorchJob).
+    custom_template = next(t for t in SHIPPED if t.name == "digits_sklearn")
+    assert custom_template.template.training.command is not None
     custom = _container(_render(custom_template, "train", settings))
     assert custom["image"] == custom_template.template.training.command.image
     # The user's command, started by the launch wrapper (arf_training.custom_launch)...

@@ -292,7 +292,8 @@ def test_evaluate_renders_one_pod_per_model_version(k8s_dags, pytorchjob_schema)
     dag = k8s_dags["arf_evaluate"]
     (task,) = dag.tasks
     # Every evaluable model: reach_bc's (its fine-tune shares it) and the from-scratch retrain's.
-    assert set(task.templates) == {"reach_bc_policy", "reach_bc_policy_retrain"}
+    assert set(task.templates) == {"reach_bc_policy", "reach_bc_policy_retrain",
+                                   "reach_pixels_bc_policy"}
     model = "reach_bc_policy"
     ctx = context(dag, "evaluate", events={"asset": [_event(model, "3", 1), _event(model, "4", 2)]})
     targets = task.targets(ctx)
