@@ -2,7 +2,8 @@
 #   make demo   create .venv, install, seed the data hub, run reach_bc end to end, evaluate
 #   make test   run the default test suite (~16 min on 2 cores; installs the scanners in
 #               .tools-venv); `make test-slow` runs the long end-to-end suites (marker `slow`:
-#               the Airflow-stack CLI/gRPC/browser tests, HPO, the scheduler); CI runs both
+#               the Airflow-stack CLI/gRPC/browser tests, HPO, the scheduler, Flower in
+#               .federation-venv, which it installs); CI runs both
 #   make up     start PostgreSQL, MLflow and Airflow (api-server, dag-processor, triggerer,
 #               scheduler) under one supervisor that restarts what exits; loopback only
 #   make status each component's pid, uptime, restarts, port
@@ -73,7 +74,7 @@ protos: venv
 demo: venv
 	$(BIN)/arf demo
 
-test: venv tools federation-venv
+test: venv tools
 	$(BIN)/pytest -m "not slow"
 
 test-slow: venv tools browser federation-venv
