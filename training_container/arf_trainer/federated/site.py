@@ -105,10 +105,16 @@ def fit(info: ModelInfo, weights: dict[str, torch.Tensor], data: SiteData, hp: H
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics
 
 
+VAL_EXAMPLES = "val-examples"
+
+
 @torch.no_grad()
 def evaluate(model: Any, recipe: Recipe, data: SiteData) -> dict[str, float]:
-    """The validation loss of `model` on this site's val split (empty if it has none)."""
+    """The validation loss of `model` on this site's val split and its row count. Every site
+    reports both keys (Flower refuses replies whose metric keys differ): a site whose episode
+    split left no validation rows reports 0 rows, and the step weights val_loss by rows."""
     if data.x_val is None:
-        return {}
+        return {"val_loss": 0.0, VAL_EXAMPLES: 0}
     model.eval()
-    return {"val_loss": float(recipe.loss(model, model(data.x_val), data.y_val))}
+    return {"val_loss": float(recipe.loss(model, model(data.x_val), data.y_val)),
+            VAL_EXAMPLES: int(len(data.x_val))}

@@ -110,10 +110,7 @@ def _finish(env: StepEnv, sites, plan, info, weights, rounds, wall: float) -> di
     per_round_bytes = [2 * _model_bytes(weights) * (len(r["sites"]) + r["failed"])
                        for r in history]
     run_id, experiment_id = _track(env, record, history, per_round_bytes, sha, wall)
-    last = history[-1]["sites"] if history else []
-    total = sum(s[apps.NUM_EXAMPLES] for s in last) or 1
-    metrics = {key: sum(s[key] * s[apps.NUM_EXAMPLES] for s in last) / total
-               for key in ("train_loss", "val_loss") if all(key in s for s in last) and last}
+    metrics = round_losses(history[-1]["sites"]) if history else {}
     result = {"mlflow_run_id": run_id, "experiment_id": experiment_id,
               "weights": "train/model.pt", "weights_sha256": sha,
               "model_info": "train/model_info.json", "metrics": metrics, "world_size": 1,
@@ -159,14 +156,11 @@ def _track(env: StepEnv, record, history, per_round_bytes, sha: str, wall: float
     for r, sent in zip(history, per_round_bytes):
         step = r["round"]
         sites = r["sites"]
-        total = sum(s[apps.NUM_EXAMPLES] for s in sites) or 1
         metrics += [Metric("round_bytes", sent, now, step),
                     Metric("round_sites", len(sites), now, step),
                     Metric("round_failed_sites", r["failed"], now, step)]
-        for name in ("train_loss", "val_loss"):
-            if sites and all(name in s for s in sites):
-                value = sum(s[name] * s[apps.NUM_EXAMPLES] for s in sites) / total
-                metrics.append(Metric(name, value, now, step))
+        metrics += [Metric(name, value, now, step)
+                    for name, value in round_losses(sites).items()]
     params = [Param(k, str(v)) for k, v in {**spec.hyperparameters, "seed": spec.seed}.items()]
     existing = client.get_run(run_id).data.params
     client.log_batch(run_id, metrics=metrics,
@@ -189,3 +183,18 @@ def _track(env: StepEnv, record, history, per_round_bytes, sha: str, wall: float
         client.set_terminated(site_run, "FINISHED")
     client.set_terminated(run_id, "FINISHED")
     return run_id, experiment_id
+
+
+def round_losses(sites: list[dict[str, float]]) -> dict[str, float]:
+    """A round's losses over its sites: train_loss weighted by training rows, val_loss by
+    validation rows (a site with none does not count; no val_loss when no site has any)."""
+    from arf_trainer.federated.site import VAL_EXAMPLES
+
+    out: dict[str, float] = {}
+    train_rows = sum(s[apps.NUM_EXAMPLES] for s in sites)
+    if sites and train_rows and all("train_loss" in s for s in sites):
+        out["train_loss"] = sum(s["train_loss"] * s[apps.NUM_EXAMPLES] for s in sites) / train_rows
+    val_rows = sum(s.get(VAL_EXAMPLES, 0) for s in sites)
+    if val_rows:
+        out["val_loss"] = sum(s["val_loss"] * s.get(VAL_EXAMPLES, 0) for s in sites) / val_rows
+    return out
