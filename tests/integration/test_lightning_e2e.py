@@ -101,7 +101,7 @@ def test_lightning_template_logs_live_resumes_after_sigterm_and_registers(embedd
     register = json.loads((ws / "register" / "result.json").read_text())
     assert register["training_run_id"] == run.info.run_id  # the run it logged into live
     versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
-    assert [v.version for v in versions] == [register["model_version"]]
+    assert [str(v.version) for v in versions] == [str(register["model_version"])]
     final = client.get_run(run.info.run_id)
     assert final.info.status == "FINISHED"
     assert final.data.metrics["val_accuracy"] > 0.8
