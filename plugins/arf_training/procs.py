@@ -111,7 +111,8 @@ def _same(pid: int, created: float) -> bool:
 
 
 def stop_groups(groups: dict[str, int], grace_s: float = 15,
-                descendants: dict[str, Descendants] | None = None) -> list[str]:
+                descendants: dict[str, Descendants] | None = None,
+                first_signal: int = signal.SIGTERM) -> list[str]:
     """SIGTERM every process group, SIGKILL what is left after `grace_s` (and the recorded
     descendants of each); the names stopped, in the order given.
 
@@ -122,7 +123,7 @@ def stop_groups(groups: dict[str, int], grace_s: float = 15,
     for name, pgid in groups.items():
         if name in descendants:
             descendants[name].snapshot(pgid)
-        signal_group(pgid, signal.SIGTERM)
+        signal_group(pgid, first_signal)
     deadline = time.monotonic() + grace_s
     for pgid in groups.values():
         while time.monotonic() < deadline and group_alive(pgid):

@@ -208,8 +208,12 @@ class Supervisor:
         # The exited leader's group and descendants may live on (orphaned workers holding
         # ports, running steps whose task is gone): stop them before starting a new one.
         slot.descendants.snapshot(pid)
+        # SIGKILL at once, not SIGTERM: a task runner told to stop fails its task (a run with
+        # retries: 0 then fails), while one that just vanishes is an orphan that the restarted
+        # scheduler resets and runs again.
         stop_groups({slot.component.name: pid}, grace_s=5,
-                    descendants={slot.component.name: slot.descendants})
+                    descendants={slot.component.name: slot.descendants},
+                    first_signal=signal.SIGKILL)
         slot.proc = None
         what = f"{describe_exit(returncode)} after {uptime:.0f} s"
         self._schedule_restart(slot, f"(pid {pid}) exited: {what}", uptime)
