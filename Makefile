@@ -75,10 +75,10 @@ demo: venv
 	$(BIN)/arf demo
 
 test: venv tools
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow" --durations=25
 
 test-slow: venv tools browser federation-venv
-	$(BIN)/pytest -m slow
+	$(BIN)/pytest -m slow --durations=0
 
 test-fast: venv
 	$(BIN)/pytest -m "not integration and not slow"

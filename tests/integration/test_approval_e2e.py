@@ -134,23 +134,38 @@ def _evaluate_and_answer(api: Api, version: str, answer: str) -> tuple[str, dict
     run = api("POST", "/dags/arf_evaluate/dagRuns",
               {"logical_date": None, "conf": {"model_name": MODEL, "model_version": version}})
     run_id = run["dag_run_id"]
-    path = f"/dags/arf_evaluate/dagRuns/{run_id}/taskInstances/approve_promotion/-1/hitlDetails"
+    runs = f"/dags/arf_evaluate/dagRuns/{run_id}"
+    path = f"{runs}/taskInstances/approve_promotion/-1/hitlDetails"
+    waiting_since: dict[int, float] = {}
+    answered: set[int] = set()
 
     def asked():
-        state = api("GET", f"/dags/arf_evaluate/dagRuns/{run_id}")["state"]
+        state = api("GET", runs)["state"]
         assert state != "failed", f"arf_evaluate {run_id} failed before asking"
-        # Answer only once the task waits (Airflow 3.3: awaiting_input; before: deferred): the
-        # question exists a moment earlier, and a retry of the task asks it afresh.
-        ti = api("GET", f"/dags/arf_evaluate/dagRuns/{run_id}/taskInstances/approve_promotion")
-        return api("GET", path) if ti["state"] in ("awaiting_input", "deferred") else None
-
-    detail = _poll(f"the approval question of v{version}", asked)
-    api("PATCH", path, {"chosen_options": [answer], "params_input": {}})
+        # Answer only once the task has waited a few seconds (Airflow 3.3: awaiting_input;
+        # before: deferred). Airflow 3.3.2's scheduler treats the worker's exit event of the
+        # paused try as "state changed externally" if the answer re-queued the task before
+        # that event was processed (its resume-after-defer exception covers SCHEDULED, not
+        # QUEUED) and retries the task, which asks afresh: seen in CI with an answer 1 s in.
+        ti = api("GET", f"{runs}/taskInstances/approve_promotion")
+        if ti["state"] not in ("awaiting_input", "deferred") or ti["try_number"] in answered:
+            return None
+        since = waiting_since.setdefault(ti["try_number"], time.monotonic())
+        if time.monotonic() - since < 5:
+            return None
+        detail = api("GET", path)
+        api("PATCH", path, {"chosen_options": [answer], "params_input": {}})
+        answered.add(ti["try_number"])
+        return detail
 
     def finished():
-        state = api("GET", f"/dags/arf_evaluate/dagRuns/{run_id}")["state"]
-        return state if state in ("success", "failed") else None
+        state = api("GET", runs)["state"]
+        if state in ("success", "failed"):
+            return state
+        asked()  # the race above despite the wait (a slow scheduler loop): answer the retry
+        return None
 
+    detail = _poll(f"the approval question of v{version}", asked)
     assert _poll(f"arf_evaluate {run_id} to finish", finished) == "success"
     return run_id, detail
 
