@@ -35,145 +35,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from arf_training import cli_datahub
+from arf_training import cli_datahub, cli_templates
+from arf_training.cli_templates import table_lines
 from arf_training.errors import ArfError, ConfError, TemplateError
-
-
-def _lint(paths: list[str], hub: str | None = None) -> int:
-    from arf_training.settings import ArfSettings, templates_dir
-    from arf_training.templates import load_folder, template_files
-
-    files: list[Path] = []
-    for raw in paths or [str(templates_dir())]:
-        path = Path(raw)
-        if path.is_dir():
-            files.extend(template_files(path))
-        elif path.exists():
-            files.append(path)
-        else:
-            print(f"arf templates lint: {raw}: no such file or folder", file=sys.stderr)
-            return 2
-    good, issues = load_folder(files)
-    query_issues = _lint_queries(good, hub or ArfSettings.from_env().datahub_uri)
-    for loaded in good:
-        if loaded.path not in query_issues:
-            print(f"ok     {loaded.path}  ({loaded.name} -> model {loaded.template.model.name})")
-    for issue in issues:
-        print(f"error  {issue}")
-    for path, messages in query_issues.items():
-        for message in messages:
-            print(f"error  {path}: {message}")
-    invalid = {str(i.file) for i in issues} | {str(p) for p in query_issues}
-    print(f"{len(good) - len(query_issues)} valid, {len(invalid)} invalid")
-    return 2 if invalid else 0
-
-
-def _lint_queries(good: list, hub_uri: str) -> dict[Path, list[str]]:
-    """The prepare step's own static query check (arf_trainer.datahub.sqlcheck) over each
-    template's queries, with the hub's table names when the hub is a local folder."""
-    try:  # the container side's check: lint is a command, not DAG parsing, so import it here
-        from arf_trainer.datahub.sqlcheck import check_query
-        from arf_trainer.datahub.tables import list_tables, open_table
-        from arf_trainer.errors import DataHubError, QueryError
-    except ImportError as exc:
-        print(f"note   queries not checked with DuckDB's parser ({exc}); install the trainer "
-              "extra: pip install -e '.[trainer]'")
-        return {}
-    from arf_training.templates import QUERY_MACROS
-
-    hub = Path(hub_uri.removeprefix("file://"))
-    tables = list_tables(hub) if "://" not in str(hub) else []
-    if tables:
-        print(f"note   data hub {hub}: query table names checked against {', '.join(tables)}")
-    else:
-        print(f"note   no data hub tables at {hub_uri}: query table names not checked (seed it "
-              "with `arf datahub seed`, or pass --hub / set ARF_DATAHUB_URI)")
-    found: dict[Path, list[str]] = {}
-    for loaded in good:
-        dataset = loaded.template.dataset
-        queries = [("dataset.query", dataset.query)]
-        if dataset.replay is not None:
-            queries.append(("dataset.replay.query", dataset.replay.query))
-        for what, query in queries:
-            try:
-                check_query(query, tables or None, what=what, parameters=QUERY_MACROS)
-            except QueryError as exc:
-                found.setdefault(loaded.path, []).append(str(exc))
-        for name, version in dataset.tables.items() if tables else ():
-            try:  # prepare opens every pin, used or not: a typo must not pass silently
-                open_table(hub, name, version)
-            except DataHubError as exc:
-                found.setdefault(loaded.path, []).append(f"dataset.tables: {exc}")
-    return found
-
-
-def _list() -> int:
-    from arf_training.settings import templates_dir
-    from arf_training.templates import load_folder, template_files
-
-    good, issues = load_folder(template_files(templates_dir()))
-    rows = [[t.name, t.training.recipe or "custom command",
-             f"{t.training.distributed.world_size} proc", f"schedule={t.schedule or 'manual'}",
-             f"model={t.model.name}"] for t in (loaded.template for loaded in good)]
-    for line in _table(rows):
-        print(line)
-    if issues:
-        print(f"({len({i.file for i in issues})} invalid template(s): run `arf templates lint`)")
-    return 0
-
-
-def _table(rows: list[list[str]]) -> list[str]:
-    """Rows as lines with every column as wide as its widest cell (names of any length stay
-    aligned); the last column is not padded."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)] if rows else []
-    return ["  ".join([cell.ljust(w) for cell, w in zip(row, widths)] + row[-1:]).rstrip()
-            for row in rows]
-
-
-def _render(name: str, backend: str, steps: list[str] | None) -> int:
-    """Print the manifests of a template's steps as YAML documents (`helm template` style)."""
-    import yaml
-
-    from arf_training.kubernetes import (KubernetesConfigError, KubernetesSettings,
-                                         render_step_manifests)
-    from arf_training.kubernetes.render import placeholder_identity, steps_of
-    from arf_training.settings import templates_dir
-    from arf_training.templates import load_folder, template_files
-
-    good, issues = load_folder(template_files(templates_dir()))
-    found = next((t for t in good if t.name == name), None)
-    if found is None:
-        bad = [i for i in issues if Path(i.file).stem == name]
-        if bad:
-            raise TemplateError(bad)
-        known = ", ".join(sorted(t.name for t in good)) or "none"
-        print(f"arf templates render: no valid template named {name!r} in {templates_dir()} "
-              f"(valid templates: {known})", file=sys.stderr)
-        return 2
-    docs = []
-    try:
-        settings = KubernetesSettings.from_env()
-        for step in steps or steps_of(found):
-            docs.append(f"# Source: {found.path} step {step} (backend {backend}, "
-                        "placeholder run id)")
-            for manifest in render_step_manifests(found, step, settings,
-                                                  placeholder_identity(found.name, step)):
-                docs.append(yaml.safe_dump(manifest, sort_keys=False, width=100))
-    except KubernetesConfigError as exc:
-        print(f"arf templates render: error: {exc}", file=sys.stderr)
-        return 2
-    print("".join(_yaml_stream(docs)), end="")
-    return 0
-
-
-def _yaml_stream(docs: list[str]) -> list[str]:
-    """`---` before each manifest, its `# Source:` comment inside the document it describes."""
-    out: list[str] = []
-    for doc in docs:
-        if doc.startswith("# Source"):
-            out.append("---")
-        out.append(doc.rstrip("\n"))
-    return [line + "\n" for line in out]
 
 
 def _client(args: argparse.Namespace):
@@ -232,7 +96,7 @@ def _training(args: argparse.Namespace) -> int:
         templates = client.templates()
         if as_json:
             print(json.dumps(templates, indent=2))
-        for line in [] if as_json else _table(
+        for line in [] if as_json else table_lines(
                 [[t["name"], "paused" if t["paused"] else "active",
                   " ".join(t["description"].split())] for t in templates]):
             print(line)
@@ -270,7 +134,7 @@ def _training(args: argparse.Namespace) -> int:
         jobs = client.list(template=args.template, state=args.state, limit=args.limit)
         if as_json:
             print(json.dumps([j.to_dict() for j in jobs], indent=2, default=str))
-        for line in [] if as_json else _table(
+        for line in [] if as_json else table_lines(
                 [[j.job_id, j.state, j.start_date or j.queued_at or ""] for j in jobs]):
             print(line)
         return EXIT_OK
@@ -333,22 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     templates = sub.add_parser("templates", help="validate and inspect training templates")
-    tsub = templates.add_subparsers(dest="sub", required=True)
-    lint = tsub.add_parser("lint", help="validate template files")
-    lint.add_argument("paths", nargs="*", help="files or folders (default: the templates folder)")
-    lint.add_argument("--hub", help="data hub folder whose table names the queries may use "
-                                    "(default: ARF_DATAHUB_URI, else the embedded hub)")
-    schema = tsub.add_parser("schema", help="print the JSON Schema of templates")
-    schema.add_argument("-o", "--output", help="write to this file instead of stdout")
-    tsub.add_parser("list", help="list the valid templates")
-    render = tsub.add_parser("render", help="print the Kubernetes manifests of a template's "
-                                            "steps as YAML documents (settings from ARF_K8S_*)")
-    render.add_argument("name", help="template name (metadata.name)")
-    render.add_argument("--backend", choices=["kubernetes"], default="kubernetes",
-                        help="backend whose manifests to render (default kubernetes)")
-    render.add_argument("--step", action="append", choices=["prepare", "train", "register",
-                                                             "evaluate"],
-                        help="render only this step (repeatable; default: every step)")
+    cli_templates.add_parsers(templates.add_subparsers(dest="sub", required=True))
     hub = sub.add_parser("datahub", help="the embedded data hub")
     hsub = hub.add_subparsers(dest="sub", required=True)
     seed = hsub.add_parser("seed", help="create the demo tables (idempotent)")
@@ -443,20 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "templates":
-            if args.sub == "lint":
-                return _lint(args.paths, args.hub)
-            if args.sub == "list":
-                return _list()
-            if args.sub == "render":
-                return _render(args.name, args.backend, args.step)
-            from arf_training.templates import json_schema
-
-            text = json.dumps(json_schema(), indent=2)
-            if args.output:
-                Path(args.output).write_text(text + "\n")
-            else:
-                print(text)
-            return 0
+            return cli_templates.run(args)
         if args.command == "datahub" and args.sub in cli_datahub.COMMANDS:
             return cli_datahub.run(args)
         if args.command == "datahub":

@@ -138,7 +138,7 @@ def test_templates_list_columns_fit_long_names(tmp_path, monkeypatch, capsys):
 
 
 def test_job_table_columns_fit_long_ids():
-    from arf_training.cli import _table
+    from arf_training.cli_templates import table_lines as _table
 
     jobs = [Job(template="t", run_id="manual__1", state="running", start_date="2026-12-03"),
             Job(template="a_template_with_a_long_name", run_id="arf__20261203T174000_abcdef" * 3,

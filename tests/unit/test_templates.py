@@ -269,7 +269,7 @@ def digits_hub(tmp_path: Path) -> Path:
 def test_lint_refuses_what_prepare_would_refuse(tmp_path, digits_hub, capsys, query, fragment):
     from arf_trainer.datahub.query import run_query
     from arf_trainer.errors import QueryError
-    from arf_training.cli import _lint
+    from arf_training.cli_templates import _lint
 
     path = tmp_path / "t.yaml"
     path.write_text(_with_queries(query, replay=query))
@@ -284,7 +284,7 @@ def test_lint_refuses_what_prepare_would_refuse(tmp_path, digits_hub, capsys, qu
 
 
 def test_lint_checks_pinned_tables_and_versions_like_prepare(tmp_path, digits_hub, capsys):
-    from arf_training.cli import _lint
+    from arf_training.cli_templates import _lint
 
     text = _with_queries("SELECT * FROM digits").replace(
         "  allow_query_override: true",
@@ -298,7 +298,7 @@ def test_lint_checks_pinned_tables_and_versions_like_prepare(tmp_path, digits_hu
 
 
 def test_lint_says_when_it_cannot_check_table_names(tmp_path, digits_hub, capsys):
-    from arf_training.cli import _lint
+    from arf_training.cli_templates import _lint
 
     path = tmp_path / "t.yaml"
     path.write_text(_with_queries("SELECT * FROM digitz"))
