@@ -111,6 +111,26 @@ def test_exit_75_restarts_the_command_without_failing_and_it_resumes(tmp_path):
     assert starts[0]["ARF_BASE_MODEL_VERSION"] == "3"
 
 
+def test_a_pods_command_reads_its_job_spec_from_the_file_setup_wrote(tmp_path):
+    # In a pod the step's job spec is inline (ARF_JOB_SPEC_JSON) and ARF_JOB_SPEC is unset; a
+    # script written for the local backend (json.load(open($ARF_JOB_SPEC))) must run unchanged.
+    import json
+    import subprocess
+
+    spec_file = tmp_path / "train" / "job_spec.json"
+    spec_file.parent.mkdir(parents=True)
+    spec_file.write_text(json.dumps({"seed": 3, "base_model": {"version": "4"}}))
+    env_file = tmp_path / "train" / custom_launch.ENV_FILE
+    env_file.write_text(env_file_text("sqlite:///x.db", "7", "abc", None, spec_file))
+    read = ("import json, os; s = json.load(open(os.environ['ARF_JOB_SPEC'])); "
+            "print(s['base_model']['version'], os.environ.get('ARF_JOB_SPEC_JSON'))")
+    out = subprocess.run(custom_launch.wrap([sys.executable, "-c", read]), env={
+        "PATH": os.environ["PATH"], "ARF_CUSTOM_ENV": str(env_file),
+        "ARF_JOB_SPEC_JSON": '{"seed": 3}'}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["4", "None"]
+
+
 def test_other_exit_codes_still_fail_the_step(tmp_path):
     spec = _spec(tmp_path, steps=1)
     spec = StepSpec(**{**spec.__dict__, "command": custom_launch.wrap(

@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from trainer_testkit import fresh_tracking_uri, make_spec  # noqa: E402
 
-from arf_trainer.custom_setup import ENV_FILE, run_custom_setup  # noqa: E402
+from arf_trainer.custom_setup import ENV_FILE, JOB_SPEC_FILE, run_custom_setup  # noqa: E402
 from arf_trainer.spec import StepEnv  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,6 +66,52 @@ def test_setup_finds_its_run_again_and_pins_the_base_version(tmp_path, monkeypat
     run = client.get_run(first["run_id"])
     assert run.data.tags["arf.template"] == "digits_sklearn"
     assert run.data.params["seed"] == "0"  # logged once: a second setup does not fail on it
+    # The job spec the command reads names the base model's URI and the pinned version, and
+    # the environment points every backend's command at that file (a pod has the spec inline).
+    spec = json.loads((tmp_path / "ws" / "train" / JOB_SPEC_FILE).read_text())
+    assert spec["base_model"]["uri"] == "models:/base@champion"
+    assert spec["base_model"]["version"] == "1" and spec["base_model"]["dir"] == str(base_dir)
+    assert spec["hyperparameters"] == env.spec.hyperparameters
+    assert f"export ARF_JOB_SPEC={tmp_path / 'ws' / 'train' / JOB_SPEC_FILE}" in text
+    assert "unset ARF_JOB_SPEC_JSON" in text
+
+
+def test_register_records_the_pinned_version_and_reproduce_reads_it_back(tmp_path, monkeypatch):
+    """The chain behind "reproduce uses the recorded version": custom-setup pins v1, the alias
+    moves to v2 mid-run, register's lineage holds v1, `arf-trainer lineage` returns it and
+    reproduce's template asks for models:/base/1."""
+    from mlflow import MlflowClient
+
+    from arf_trainer.custom import register_custom
+    from arf_trainer.lineage import read_lineage
+    from arf_training.reproduce import pinned_template
+
+    uri = fresh_tracking_uri(tmp_path)
+    client = MlflowClient(uri, uri)
+    _base_versions(client, tmp_path, 2)
+    client.set_registered_model_alias("base", "champion", "1")
+    monkeypatch.setenv("ARF_CHECKPOINT_DIR", str(tmp_path / "ws" / "train" / "checkpoints"))
+    env = _env(tmp_path, uri, "models:/base@champion")
+    setup = run_custom_setup(env)
+    client.set_registered_model_alias("base", "champion", "2")
+    ws = tmp_path / "ws"
+    (ws / "prepare").mkdir(parents=True)
+    (ws / "prepare" / "manifest.json").write_text(json.dumps(
+        {"features": ["x"], "targets": ["y"], "tables": {"digits": {"version": 3}},
+         "fingerprint": "f" * 64}))
+    (ws / "train" / "output").mkdir(parents=True)
+    (ws / "train" / "output" / "model.txt").write_text("fine-tuned")
+    (ws / "train" / "result.json").write_text('{"metrics": {"acc": 0.5}}')
+
+    registered = register_custom(env)
+
+    assert registered["training_run_id"] == setup["run_id"]
+    version = client.get_model_version(env.spec.model["name"], registered["model_version"])
+    assert version.tags["arf.base_model"] == "models:/base@champion"
+    assert version.tags["arf.base_model_version"] == "1"
+    lineage = read_lineage(uri, setup["run_id"])
+    assert lineage["base_model_version"] == "1" and lineage["data_tables"] == {"digits": 3}
+    assert pinned_template(lineage).template.model.base_model == "models:/base/1"
 
 
 def test_reproduce_pins_the_recorded_base_version_not_the_alias():

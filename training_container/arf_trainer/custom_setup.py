@@ -10,13 +10,19 @@ after a preemption. It is idempotent per DAG run, in this order:
 2. `model.base_model`, if set, is resolved once per DAG run: the first start pins the version
    (``<train dir>/base_model/base_model.json``) and downloads its `model` artifact folder there;
    every later start reuses the pin, so a promotion mid-run never changes the base;
-3. the environment the launch wrapper sources (`ENV_FILE` in the train dir): MLflow's standard
-   variables (MLFLOW_TRACKING_URI for every rank; MLFLOW_EXPERIMENT_ID, MLFLOW_RUN_ID and
-   ARF_LOG_TO_MLFLOW=true for global rank 0, ARF_LOG_TO_MLFLOW=false for the others), the base model
-   (ARF_BASE_MODEL_DIR, ARF_BASE_MODEL_URI, ARF_BASE_MODEL_VERSION) for every rank.
+3. the job spec the command reads (`JOB_SPEC_FILE` in the train dir): the step's job spec plus
+   `base_model` (its URI, the pinned version, run id and local folder; null without one). It is a
+   file under every backend: a pod receives its job spec inline (ARF_JOB_SPEC_JSON), and a user's
+   script should not have to know that;
+4. the environment the launch wrapper sources (`ENV_FILE` in the train dir): ARF_JOB_SPEC (that
+   file; ARF_JOB_SPEC_JSON unset), MLflow's standard variables (MLFLOW_TRACKING_URI for every
+   rank; MLFLOW_EXPERIMENT_ID, MLFLOW_RUN_ID and ARF_LOG_TO_MLFLOW=true for global rank 0,
+   ARF_LOG_TO_MLFLOW=false for the others), the base model (ARF_BASE_MODEL_DIR,
+   ARF_BASE_MODEL_URI, ARF_BASE_MODEL_VERSION) for every rank.
 
 Several pods of one PyTorchJob may run it at once: each settles on the oldest run with the DAG
-run's key and writes its files by atomic rename, so they agree.
+run's key and writes its files by atomic rename (from a temporary name of its own: the init
+containers of two pods may both be PID 1), so they agree.
 """
 
 from __future__ import annotations
@@ -31,11 +37,12 @@ from typing import Any
 
 from arf_trainer import __version__, tracking
 from arf_trainer.errors import SpecError
-from arf_trainer.spec import StepEnv, read_json, write_json_atomic
+from arf_trainer.spec import StepEnv, read_json
 
 log = logging.getLogger(__name__)
 
 ENV_FILE = "custom_env.sh"
+JOB_SPEC_FILE = "job_spec.json"
 BASE_FOLDER = "base_model"
 PIN_FILE = "base_model.json"
 MODEL_ARTIFACT = "model"  # the folder register logs for a custom command's version
@@ -121,17 +128,21 @@ def pin_base_model(client: Any, uri: str, folder: Path, tracking_uri: str) -> di
             os.replace(local, model_dir)  # atomic: a concurrent pod sees all of it or none
     record = {"uri": uri, "name": version.name, "version": str(version.version),
               "run_id": version.run_id, "dir": str(model_dir)}
-    write_json_atomic(pin_path, record)  # last: its presence means "pinned and complete"
+    # Last: its presence means "pinned and complete".
+    write_atomic(pin_path, json.dumps(record, indent=2, sort_keys=True))
     log.info("base model %s resolved to version %s (run %s)", uri, record["version"],
              record["run_id"])
     return record
 
 
 def env_file_text(tracking_uri: str, experiment_id: str, run_id: str,
-                  base: dict[str, Any] | None) -> str:
+                  base: dict[str, Any] | None, job_spec: Path | None = None) -> str:
     """The shell fragment the launch wrapper sources (quoted: any value is safe)."""
     q = shlex.quote
     lines = ["# written by arf-trainer custom-setup: sourced by every rank of the command"]
+    if job_spec is not None:
+        # One way to read the spec under every backend (a pod has it inline only).
+        lines.append(f"export ARF_JOB_SPEC={q(str(job_spec))}; unset ARF_JOB_SPEC_JSON")
     if base:
         lines.append(f"export ARF_BASE_MODEL_DIR={q(base['dir'])} "
                      f"ARF_BASE_MODEL_URI={q(base['uri'])} "
@@ -162,15 +173,28 @@ def run_custom_setup(env: StepEnv) -> dict[str, Any]:
         base = pin_base_model(client, uri, folder / BASE_FOLDER, env.tracking_uri) \
             if uri else None
     folder.mkdir(parents=True, exist_ok=True)
+    job_spec = folder / JOB_SPEC_FILE
+    write_atomic(job_spec, json.dumps({**env.spec.raw, "base_model": base}, indent=2,
+                                      sort_keys=True))
     target = folder / ENV_FILE
-    tmp = target.with_name(f".{ENV_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(env_file_text(env.tracking_uri, experiment_id, run_id, base))
-    os.replace(tmp, target)
+    write_atomic(target, env_file_text(env.tracking_uri, experiment_id, run_id, base, job_spec))
     log.info("custom command: MLflow run %s (experiment %s)%s; environment in %s", run_id,
              experiment_id, f", base model version {base['version']}" if base else "", target)
     summary = {"experiment_id": experiment_id, "run_id": run_id, "base_model": base}
     print(json.dumps(summary), flush=True)
     return summary
+
+
+def write_atomic(target: Path, text: str) -> None:
+    """Readers see all of `text` or the previous file; the temporary name is unique per writer
+    even across pods sharing the volume (a pid is not: init containers are often PID 1)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.fchmod(fd, 0o644)  # as a plain write would: the command's container may read it
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
 
 
 def base_model_record(env: StepEnv) -> dict[str, Any] | None:
