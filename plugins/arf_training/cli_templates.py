@@ -31,7 +31,7 @@ def add_parsers(tsub: argparse._SubParsersAction) -> None:
     render.add_argument("--backend", choices=["kubernetes"], default="kubernetes",
                         help="backend whose manifests to render (default kubernetes)")
     render.add_argument("--step", action="append", choices=["prepare", "train", "register",
-                                                             "evaluate"],
+                                                             "evaluate", "federate"],
                         help="render only this step (repeatable; default: every step)")
 
 
@@ -182,8 +182,11 @@ def _render(name: str, backend: str, steps: list[str] | None) -> int:
 def _yaml_stream(docs: list[str]) -> list[str]:
     """`---` before each manifest, its `# Source:` comment inside the document it describes."""
     out: list[str] = []
+    after_source = False
     for doc in docs:
-        if doc.startswith("# Source"):
+        # A step with several manifests (a federation's pods) needs `---` between them too.
+        if doc.startswith("# Source") or not after_source:
             out.append("---")
+        after_source = doc.startswith("# Source")
         out.append(doc.rstrip("\n"))
     return [line + "\n" for line in out]

@@ -21,7 +21,7 @@ from arf_training.templates import LoadedTemplate
 
 # The task ids the factory gives each step (`factory.TASKS`; evaluate is in the arf_evaluate DAG).
 STEP_TASK_IDS = {"prepare": "prepare_data", "train": "train", "register": "register_model",
-                 "evaluate": "evaluate"}
+                 "evaluate": "evaluate", "federate": "federate"}
 EVALUATE_DAG_ID = "arf_evaluate"
 PLACEHOLDER_RUN_ID = "manual__placeholder"
 PLACEHOLDER_MODEL_VERSION = "0"
@@ -66,8 +66,12 @@ def placeholder_identity(template_name: str, step: str) -> RunIdentity:
 
 
 def steps_of(loaded: LoadedTemplate) -> list[str]:
-    """The steps a template has: evaluate only with an `evaluation` section."""
-    return [s for s in STEPS if s != "evaluate" or loaded.template.evaluation is not None]
+    """The steps a template has: evaluate only with an `evaluation` section; a `federated:`
+    template federates instead of training."""
+    steps = [s for s in STEPS if s != "evaluate" or loaded.template.evaluation is not None]
+    if loaded.template.federated is not None:
+        steps[steps.index("train")] = "federate"
+    return steps
 
 
 def render_step_manifests(loaded: LoadedTemplate, step: str, settings: KubernetesSettings,
@@ -80,9 +84,9 @@ def render_step_manifests(loaded: LoadedTemplate, step: str, settings: Kubernete
     room for companion objects. Evaluate gets placeholder inputs (the model version comes from
     the Asset event at run time).
     """
-    if step not in STEPS:
+    if step not in steps_of(loaded) and step != "evaluate":
         raise KubernetesConfigError(f"template {loaded.name!r}: unknown step {step!r}; "
-                                    f"choose one of {', '.join(STEPS)}")
+                                    f"choose one of {', '.join(steps_of(loaded))}")
     inputs: dict[str, Any] = {}
     if step == "evaluate":
         if loaded.template.evaluation is None:
@@ -93,6 +97,12 @@ def render_step_manifests(loaded: LoadedTemplate, step: str, settings: Kubernete
                   "model_version": PLACEHOLDER_MODEL_VERSION,
                   "source": "placeholder (arf templates render)"}
     spec = build_step_spec(loaded, step, identity, {}, pod_arf_settings(settings), inputs=inputs)
+    if loaded.template.federated is not None and step in ("prepare", "federate"):
+        from arf_training.kubernetes import federation  # prepare per site; SuperLink + nodes
+
+        if step == "prepare":
+            return federation.render_site_prepares(spec, loaded, identity, settings)
+        return federation.render_federation(spec, loaded, identity, settings)
     if step == "train" and spec.world_size > 1:
         return [(job_renderer or PyTorchJobRenderer()).render(spec, identity, settings)]
     return [render_pod(spec, identity, settings)]

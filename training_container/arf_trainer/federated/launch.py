@@ -88,6 +88,38 @@ def _wait_port(port: int, proc: subprocess.Popen, what: str, logfile: Path) -> N
                         f"{STARTUP_TIMEOUT_S:.0f} s; its log ({logfile}):\n{_tail(logfile)}")
 
 
+def _listen_address(external: bool) -> tuple[str, int, str]:
+    """(bind host, port, the address `flwr run` dials). Locally loopback on a free port; with
+    external SuperNodes (a pod) ARF_FEDERATION_LISTEN, e.g. 0.0.0.0:9092, and
+    ARF_FEDERATION_ADVERTISE, the name the server certificate is for (the Service's)."""
+    if not external:
+        return "127.0.0.1", _free_port(), "127.0.0.1"
+    listen = os.environ.get("ARF_FEDERATION_LISTEN", "0.0.0.0:9092")
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise TrainingError(f"ARF_FEDERATION_LISTEN={listen!r} is not host:port; write e.g. "
+                            "0.0.0.0:9092")
+    return host, int(port), os.environ.get("ARF_FEDERATION_ADVERTISE", "127.0.0.1")
+
+
+def _certificates(work: Path, external: bool) -> dict[str, Path]:
+    """TLS on the SuperLink's one HTTP port (Fleet, Control and Runtime APIs). Locally a CA
+    made for this step only, which the SuperNodes and `flwr run` trust and nothing else; with
+    external SuperNodes the deployment's (a mounted Secret: ca.crt, tls.crt, tls.key)."""
+    if not external:
+        from arf_trainer.federated.tls import make_loopback_certificates
+
+        return make_loopback_certificates(work / "tls")
+    folder = Path(os.environ.get("ARF_FEDERATION_TLS_DIR", "/etc/arf/federation-tls"))
+    certs = {"ca": folder / "ca.crt", "cert": folder / "tls.crt", "key": folder / "tls.key"}
+    missing = [str(p) for p in certs.values() if not p.is_file()]
+    if missing:
+        raise TrainingError(f"the SuperLink's TLS files {missing} are missing: mount the "
+                            "federation's TLS Secret (ca.crt, tls.crt, tls.key) at "
+                            f"ARF_FEDERATION_TLS_DIR ({folder})")
+    return certs
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -127,22 +159,22 @@ class Federation:
         return proc
 
     def start(self) -> None:
-        from arf_trainer.federated.tls import make_loopback_certificates
-
         self.home.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
-        # TLS on the SuperLink's one HTTP port (Fleet, Control and Runtime APIs), with a CA
-        # made for this step only; SuperNodes and `flwr run` trust that CA and nothing else.
-        self.certs = make_loopback_certificates(self.work / "tls")
+        external = os.environ.get("ARF_FEDERATION_SUPERNODES") == "external"
+        host, port, advertise = _listen_address(external)
+        self.port = port
+        self.certs = _certificates(self.work, external)
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "arf"\n\n[superlink.arf]\n'
-            f'address = "127.0.0.1:{self.port}"\n'
+            f'address = "{advertise}:{self.port}"\n'
             f'root-certificates = {json.dumps(str(self.certs["ca"]))}\n')
         link = self._start("superlink", [
             str(self.bin / "flower-superlink"), "--ssl-certfile", str(self.certs["cert"]),
             "--ssl-keyfile", str(self.certs["key"]), "--ssl-ca-certfile", str(self.certs["ca"]),
-            "--host", "127.0.0.1", "--port", str(self.port), "--database", ":flwr-in-memory:"])
+            "--host", host, "--port", str(self.port), "--database", ":flwr-in-memory:"])
         _wait_port(self.port, link, "the Flower SuperLink", self.work / "superlink.log")
+        if external:  # Kubernetes: one SuperNode pod per site dials the Service
+            return
         for site in self.sites:
             self.start_supernode(site)
 

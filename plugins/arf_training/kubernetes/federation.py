@@ -1,0 +1,234 @@
+"""A `federated:` template on Kubernetes: the site prepare pods and the federation's objects.
+
+Pure renderers like `pod.py` (plain dicts, no cluster), used by `render.render_step_manifests`
+(so `arf templates render` prints them) and tested by strict schema validation and checkov.
+
+Where each site's data lives, and who mounts it:
+
+* **Site claims.** Site S has its own PersistentVolumeClaim `<ARF_K8S_SITE_PVC_PREFIX><S>`
+  (default `arf-site-north`), mounted at `ARF_K8S_SITE_MOUNT` (default `/site`). It holds the
+  site's data hub (the template's relative `hub` path, resolved against the mount, as locally
+  against ARF_HOME) and the site's prepared shards, `<mount>/<dag_id>/<run_id>/prepare/`.
+* **Site prepare pod** (task `prepare_data`, one per site): mounts its site's claim and nothing
+  else of the run (no shared workspace, no platform data hub); its job spec names its own site
+  only (`arf_training.federation.site_spec`).
+* **SuperNode pod** of site S: mounts site S's claim read-only and the federation CA; no other
+  claim, no job spec, no tracking credentials. It runs `flower-supernode`, whose ClientApp
+  trains on `data-dir` and sends back weights and losses only.
+* **SuperLink pod** (+ a ClusterIP Service the SuperNodes dial): `arf-trainer federate` with
+  `ARF_FEDERATION_SUPERNODES=external`, TLS from the Secret `ARF_K8S_FEDERATION_TLS_SECRET`
+  (`ca.crt`, `tls.crt`, `tls.key`: cert-manager's layout; the certificate names the Service,
+  `<federation>.<namespace>.svc`, or a wildcard `*.<namespace>.svc`). It mounts the shared run workspace,
+  where it writes the global model in the train step's layout for `register_model`; it mounts no
+  site claim.
+
+Every pod gets the restricted security context, resources and deadline of `pod.pod_template`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from arf_training.federation import site_spec, site_workspace
+from arf_training.kubernetes.config import (KubernetesConfigError, KubernetesSettings, _get,
+                                            _name)
+from arf_training.kubernetes.pod import (pod_template, render_pod,
+                                         resource_name, restricted_container_security_context)
+from arf_training.stepspec import RunIdentity, StepSpec
+
+FLEET_PORT = 9092
+TLS_DIR = "/etc/arf/federation-tls"
+CA_DIR = "/etc/arf/federation-ca"
+FEDERATION_IMAGE = "ghcr.io/arf/arf-trainer-federated:0.1.0"  # the image + Flower (protobuf<7)
+
+
+@dataclasses.dataclass(frozen=True)
+class FederationSettings:
+    """`ARF_K8S_*` settings of federated templates (names only; the Secret holds the keys)."""
+
+    site_pvc_prefix: str = "arf-site-"
+    site_mount_path: str = "/site"
+    tls_secret: str = "arf-federation-tls"
+    image: str = FEDERATION_IMAGE
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "FederationSettings":
+        env = os.environ if environ is None else environ
+        mount = _get(env, "ARF_K8S_SITE_MOUNT") or "/site"
+        if not mount.startswith("/") or mount.rstrip("/") in ("", "/tmp"):
+            raise KubernetesConfigError(f"ARF_K8S_SITE_MOUNT={mount!r} must be an absolute "
+                                        "path other than / and /tmp, e.g. /site")
+        return cls(site_pvc_prefix=_get(env, "ARF_K8S_SITE_PVC_PREFIX") or "arf-site-",
+                   site_mount_path=mount.rstrip("/"),
+                   tls_secret=_name(env, "ARF_K8S_FEDERATION_TLS_SECRET", "arf-federation-tls",
+                                    what="Secret", subdomain=True) or "arf-federation-tls",
+                   image=_get(env, "ARF_K8S_FEDERATION_IMAGE") or FEDERATION_IMAGE)
+
+    def claim(self, site: str) -> str:
+        name = f"{self.site_pvc_prefix}{site}"
+        _name({"ARF_K8S_SITE_PVC_PREFIX": name}, "ARF_K8S_SITE_PVC_PREFIX", None,
+              what=f"PersistentVolumeClaim (prefix + site {site!r})", subdomain=True)
+        return name
+
+
+def _identity(identity: RunIdentity, part: str) -> RunIdentity:
+    return dataclasses.replace(identity, task_id=f"{identity.task_id}:{part}")
+
+
+def _site_hub(fed: FederationSettings, name: str, hub: str) -> str:
+    """The site's hub inside its claim: a relative hub under the mount; else refused."""
+    path = hub[len("file://"):] if hub.startswith("file://") else hub
+    mount = fed.site_mount_path
+    if not path.startswith("/"):
+        return str(PurePosixPath(mount) / path)
+    if path == mount or path.startswith(mount + "/"):
+        return path
+    raise KubernetesConfigError(
+        f"federated.sites[{name}].hub is {hub!r}, outside the site's claim mounted at {mount} "
+        f"(ARF_K8S_SITE_MOUNT): on Kubernetes a site sees its own claim only; give the hub as "
+        f"a path relative to the claim (e.g. sites/{name}/datahub) or under {mount}/")
+
+
+def _on_site_claim(spec: StepSpec, run_root: PurePosixPath) -> StepSpec:
+    """`site_spec`'s `<run>/sites/<S>` folder moved to `<site mount>/<dag>/<run>`: the claim
+    is the site's own, so the site needs no subfolder (and the paths stay keyed by run)."""
+    local, root = str(spec.workspace), str(run_root)
+    env = {k: root + v[len(local):] if v == local or v.startswith(local + "/") else v
+           for k, v in spec.env.items()}
+    return dataclasses.replace(spec, env=env, workspace=Path(root),
+                               result_path=Path(env["ARF_RESULT_PATH"]))
+
+
+def _run_root(fed: FederationSettings, spec: StepSpec) -> PurePosixPath:
+    return PurePosixPath(fed.site_mount_path) / spec.workspace.parent.name / spec.workspace.name
+
+
+def render_site_prepares(spec: StepSpec, loaded: Any, identity: RunIdentity,
+                         settings: KubernetesSettings, fed: FederationSettings | None = None
+                         ) -> list[dict[str, Any]]:
+    """One prepare Pod per site; `spec` is the run's prepare step (pod workspace root)."""
+    from arf_training.kubernetes.render import pod_arf_settings
+
+    fed = fed or FederationSettings.from_env()
+    pods = []
+    for site in loaded.template.federated.sites:
+        hub = _site_hub(fed, site.name, site.hub)
+        narrowed = _on_site_claim(
+            site_spec(spec, loaded.template, site.name, pod_arf_settings(settings)),
+            _run_root(fed, spec))
+        # The site's claim is the pod's workspace volume; no platform data hub is mounted.
+        site_settings = dataclasses.replace(
+            settings, workspace_pvc=fed.claim(site.name), workspace_mount_path=fed.site_mount_path,
+            datahub_pvc=None, datahub_uri=hub)
+        pod = render_pod(narrowed, _identity(identity, site.name), site_settings)
+        pod["metadata"]["labels"]["arf.dev/site"] = site.name
+        pods.append(pod)
+    return pods
+
+
+def _labels(pod: dict[str, Any], federation: str, role: str) -> dict[str, Any]:
+    labels = pod["metadata"]["labels"]
+    labels.update({"arf.dev/federation": federation, "arf.dev/federation-role": role})
+    return labels
+
+
+def _service_host(federation: str, settings: KubernetesSettings) -> str:
+    """The SuperLink Service's DNS name: SuperNodes dial it, its certificate must name it."""
+    return f"{federation}.{settings.namespace}.svc"
+
+
+def _secret_volume(name: str, secret: str, keys: list[str]) -> dict[str, Any]:
+    return {"name": name, "secret": {"secretName": secret, "defaultMode": 0o440,
+                                     "items": [{"key": k, "path": k} for k in keys]}}
+
+
+def _superlink(spec: StepSpec, identity: RunIdentity, settings: KubernetesSettings,
+               fed: FederationSettings, federation: str) -> dict[str, Any]:
+    # The federate step reads no hub and no site claim: only the shared run workspace.
+    spec = dataclasses.replace(spec, image=fed.image, env={
+        **spec.env, "ARF_FEDERATION_SUPERNODES": "external",
+        "ARF_FEDERATION_LISTEN": f"0.0.0.0:{FLEET_PORT}", "ARF_FEDERATION_TLS_DIR": TLS_DIR,
+        "ARF_FEDERATION_ADVERTISE": _service_host(federation, settings)})
+    settings = dataclasses.replace(settings, datahub_pvc=None,
+                                   datahub_uri=str(spec.workspace / "federate" / "no-hub"))
+    pod = render_pod(spec, _identity(identity, "superlink"), settings)
+    pod["spec"]["containers"][0]["ports"] = [
+        {"name": "fleet", "containerPort": FLEET_PORT, "protocol": "TCP"}]
+    pod["spec"]["volumes"].append(_secret_volume("federation-tls", fed.tls_secret,
+                                                 ["ca.crt", "tls.crt", "tls.key"]))
+    pod["spec"]["containers"][0]["volumeMounts"].append(
+        {"name": "federation-tls", "mountPath": TLS_DIR, "readOnly": True})
+    _labels(pod, federation, "superlink")
+    return pod
+
+
+def _service(pod: dict[str, Any], federation: str) -> dict[str, Any]:
+    meta = pod["metadata"]
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": federation, "namespace": meta["namespace"],
+                         "labels": dict(meta["labels"]), "annotations": dict(meta["annotations"])},
+            "spec": {"type": "ClusterIP",
+                     "selector": {"arf.dev/federation": federation,
+                                  "arf.dev/federation-role": "superlink"},
+                     "ports": [{"name": "fleet", "port": FLEET_PORT, "targetPort": "fleet",
+                                "protocol": "TCP"}]}}
+
+
+def _supernode(spec: StepSpec, identity: RunIdentity, settings: KubernetesSettings,
+               fed: FederationSettings, federation: str, index: int, name: str
+               ) -> dict[str, Any]:
+    data_dir = str(_run_root(fed, spec) / "prepare")
+    config = f"data-dir={json.dumps(data_dir)} site={json.dumps(name)} site-index={index}"
+    command = ["flower-supernode", "--superlink",
+               f"{_service_host(federation, settings)}:{FLEET_PORT}",
+               "--root-certificates", f"{CA_DIR}/ca.crt", "--node-config", config]
+    # No job spec, no tracking or hub settings: the node gets its work in Flower messages.
+    node = dataclasses.replace(spec, image=fed.image, command=command, setup_command=(), env={
+        "FLWR_HOME": "/tmp/flwr", "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0"}, job_spec={"step": "federate", "site": name})
+    site_settings = dataclasses.replace(
+        settings, workspace_pvc=fed.claim(name), workspace_mount_path=fed.site_mount_path,
+        datahub_pvc=None, mlflow_secret=None, datahub_secret=None, secret_env=())
+    template = pod_template(node, _identity(identity, name), site_settings,
+                            name=resource_name(_identity(identity, name)))
+    box = template["spec"]["containers"][0]
+    box["env"] = [e for e in box["env"] if e["name"] not in
+                  ("ARF_JOB_SPEC_JSON", "ARF_TRACKING_URI", "ARF_ARTIFACT_ROOT",
+                   "ARF_DATAHUB_URI")]
+    for mount in box["volumeMounts"]:
+        if mount["name"] == "workspace":  # the site's claim: read, never written, by the node
+            mount["readOnly"] = True
+    for volume in template["spec"]["volumes"]:
+        if volume["name"] == "workspace":
+            volume["persistentVolumeClaim"]["readOnly"] = True
+    template["spec"]["volumes"].append(_secret_volume("federation-ca", fed.tls_secret,
+                                                      ["ca.crt"]))
+    box["volumeMounts"].append({"name": "federation-ca", "mountPath": CA_DIR, "readOnly": True})
+    box["securityContext"] = restricted_container_security_context()
+    pod_name = resource_name(_identity(identity, name))
+    metadata = {"name": pod_name, "namespace": settings.namespace, **template["metadata"]}
+    metadata["labels"]["arf.dev/site"] = name
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]}
+    # A SuperNode that crashes is restarted in place and rejoins the federation; the SuperLink's
+    # round timeout and min_sites decide whether a round survives without it.
+    pod["spec"]["restartPolicy"] = "OnFailure"
+    pod["spec"]["activeDeadlineSeconds"] = max(1, int(spec.timeout_s))
+    _labels(pod, federation, "supernode")
+    return pod
+
+
+def render_federation(spec: StepSpec, loaded: Any, identity: RunIdentity,
+                      settings: KubernetesSettings, fed: FederationSettings | None = None
+                      ) -> list[dict[str, Any]]:
+    """[Service, SuperLink Pod, one SuperNode Pod per site] of the `federate` step `spec`."""
+    fed = fed or FederationSettings.from_env()
+    federation = resource_name(identity)
+    link = _superlink(spec, identity, settings, fed, federation)
+    nodes = [_supernode(spec, identity, settings, fed, federation, i, site.name)
+             for i, site in enumerate(loaded.template.federated.sites)]
+    return [_service(link, federation), link, *nodes]
