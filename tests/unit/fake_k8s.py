@@ -1,10 +1,11 @@
 """A small in-memory Kubernetes API for unit tests (no cluster, no kubeconfig).
 
 `FakeCluster` stores custom objects, pods and pod logs and answers the calls the arf Kubernetes
-code makes: create/get/delete of custom objects and pod list/log reads. `install()` plugs it in at
-the client boundary only: the provider's real `KubernetesHook`/`AsyncKubernetesHook` methods run,
-but their `kubernetes` / `kubernetes_asyncio` API classes are replaced by the fakes below and
-`get_conn` returns no real connection.
+code makes: create/get/delete of custom objects, pod list/log reads, and the pod calls the
+provider's KubernetesPodOperator and its trigger make (create, read, patch labels, delete).
+`install()` plugs it in at the client boundary only: the provider's real `KubernetesHook` /
+`AsyncKubernetesHook` methods run, but their `kubernetes` / `kubernetes_asyncio` API classes are
+replaced by the fakes below and `get_conn` returns no real connection.
 
 A scripted "controller" moves a job through its conditions: each read of the job applies the next
 scripted transition, as the Kubeflow training operator would between two polls.
@@ -51,6 +52,7 @@ class FakeCluster:
     pods: dict[tuple[str, str], V1Pod] = field(default_factory=dict)
     logs: dict[tuple[str, str], bytes] = field(default_factory=dict)
     calls: list[tuple[str, ...]] = field(default_factory=list)
+    created_pods: list[dict[str, Any]] = field(default_factory=list)  # the manifests as sent
     scripts: dict[str, collections.deque] = field(default_factory=dict)
     # Simulate a concurrent creator: the next create stores the object, then answers 409.
     conflict_on_next_create: bool = False
@@ -95,6 +97,19 @@ class FakeCluster:
                 name="pytorch", image="arf-trainer", image_id="", ready=False, restart_count=0,
                 state=terminated)]))
         self.logs[(namespace, name)] = log.encode() if isinstance(log, str) else log
+
+    def finish_pod(self, namespace: str, name: str, exit_code: int, *, reason: str | None = None,
+                   log: str = "") -> None:
+        """The kubelet ran a created pod's containers to `exit_code` (status.reason: e.g.
+        DeadlineExceeded when it stopped the pod at its activeDeadlineSeconds)."""
+        pod = self.pods[(namespace, name)]
+        state = V1ContainerState(terminated=V1ContainerStateTerminated(exit_code=exit_code))
+        pod.status = V1PodStatus(
+            phase="Succeeded" if exit_code == 0 else "Failed", reason=reason,
+            container_statuses=[V1ContainerStatus(name=c.name, image=c.image, image_id="",
+                                                  ready=False, restart_count=0, state=state)
+                                for c in pod.spec.containers])
+        self.logs[(namespace, name)] = log.encode()
 
     def verbs(self, verb: str) -> list[tuple[str, ...]]:
         return [c for c in self.calls if c[0] == verb]
@@ -156,19 +171,71 @@ class FakeCluster:
 
     def list_pods(self, namespace: str, label_selector: str = "") -> V1PodList:
         self.calls.append(("list_pods", "pods", namespace, label_selector))
-        wanted = dict(part.split("=", 1) for part in label_selector.split(",") if part)
         items = [copy.deepcopy(pod) for (ns, _), pod in sorted(self.pods.items())
-                 if ns == namespace and all(pod.metadata.labels.get(k) == v
-                                            for k, v in wanted.items())]
+                 if ns == namespace and _selects(label_selector, pod.metadata.labels or {})]
         return V1PodList(items=items)
 
     def read_log(self, exc_type: type, namespace: str, name: str, container: str | None) -> bytes:
         self.calls.append(("read_log", "pods", namespace, name, str(container)))
         if (namespace, name) not in self.pods:
             raise exc_type(status=404, reason="Not Found")
-        if container not in (None, "", "pytorch"):
+        spec = self.pods[(namespace, name)].spec
+        names = {c.name for c in spec.containers} if spec else {"pytorch"}
+        if container not in (None, "", *names):
             raise exc_type(status=400, reason=f"container {container} is not valid for pod")
         return self.logs.get((namespace, name), b"")
+
+    def create_pod(self, exc_type: type, namespace: str, body: dict[str, Any]) -> V1Pod:
+        """Store a pod as sent (a dict: the provider sanitizes its V1Pod first), Pending."""
+        name = body["metadata"]["name"]
+        self.calls.append(("create", "pods", namespace, name))
+        if (namespace, name) in self.pods:
+            raise exc_type(status=409, reason="AlreadyExists")
+        self.created_pods.append(copy.deepcopy(body))
+        pod = _API._ApiClient__deserialize(copy.deepcopy(body), "V1Pod")
+        pod.metadata.namespace = namespace
+        pod.status = V1PodStatus(phase="Pending")
+        self.pods[(namespace, name)] = pod
+        return copy.deepcopy(pod)
+
+    def read_pod(self, exc_type: type, namespace: str, name: str) -> V1Pod:
+        self.calls.append(("read", "pods", namespace, name))
+        if (namespace, name) not in self.pods:
+            raise exc_type(status=404, reason="Not Found")
+        return copy.deepcopy(self.pods[(namespace, name)])
+
+    def patch_pod_labels(self, exc_type: type, namespace: str, name: str,
+                         body: dict[str, Any]) -> V1Pod:
+        self.calls.append(("patch", "pods", namespace, name))
+        pod = self.read_pod(exc_type, namespace, name)
+        labels = self.pods[(namespace, name)].metadata.labels
+        labels.update((body.get("metadata") or {}).get("labels") or {})
+        return pod
+
+    def delete_pod(self, exc_type: type, namespace: str, name: str) -> None:
+        self.calls.append(("delete", "pods", namespace, name))
+        if self.pods.pop((namespace, name), None) is None:
+            raise exc_type(status=404, reason="Not Found")
+
+
+_API = kubernetes.client.ApiClient()  # (de)serialization only: it never connects
+
+
+def _selects(selector: str, labels: dict[str, str]) -> bool:
+    """Equality-based label selector: `k=v`, `k!=v`, `!k`, comma-separated (all must hold)."""
+    for part in filter(None, selector.split(",")):
+        if part.startswith("!"):
+            if part[1:] in labels:
+                return False
+        elif "!=" in part:
+            key, value = part.split("!=", 1)
+            if labels.get(key) == value:
+                return False
+        else:
+            key, value = part.split("=", 1)
+            if labels.get(key) != value:
+                return False
+    return True
 
 
 class FakeLogResponse:
@@ -181,6 +248,9 @@ class FakeLogResponse:
         step = min(amt, self._chunk)  # small chunks: lines arrive split across reads
         for i in range(0, len(self.data), step):
             yield self.data[i:i + step]
+
+    def __iter__(self):  # the provider's pod operator reads the log line by line
+        return iter(self.data.splitlines(keepends=True))
 
     def release_conn(self) -> None:
         self.released = True
@@ -203,8 +273,23 @@ class FakeCustomObjectsApi:
 
 
 class FakeCoreV1Api:
+    exc = kubernetes.client.ApiException
+    api_client = _API  # the provider's PodManager sanitizes a pod with it before creating it
+
     def __init__(self, cluster: FakeCluster):
         self.cluster = cluster
+
+    def create_namespaced_pod(self, namespace, body, **_):
+        return self.cluster.create_pod(self.exc, namespace, body)
+
+    def read_namespaced_pod(self, name, namespace, **_):
+        return self.cluster.read_pod(self.exc, namespace, name)
+
+    def patch_namespaced_pod(self, name, namespace, body, **_):
+        return self.cluster.patch_pod_labels(self.exc, namespace, name, body)
+
+    def delete_namespaced_pod(self, name, namespace, body=None, **_):
+        return self.cluster.delete_pod(self.exc, namespace, name)
 
     def list_namespaced_pod(self, namespace, label_selector="", **_):
         return self.cluster.list_pods(namespace, label_selector)
@@ -229,6 +314,18 @@ class FakeAsyncCustomObjectsApi:
         return self.cluster.delete(self.exc, group, version, namespace, plural, name, **kw)
 
 
+class FakeAsyncCoreV1Api:
+    """What the provider's KubernetesPodTrigger reads (through AsyncKubernetesHook.get_pod)."""
+
+    exc = kubernetes_asyncio.client.ApiException
+
+    def __init__(self, cluster: FakeCluster):
+        self.cluster = cluster
+
+    async def read_namespaced_pod(self, name, namespace, **_):
+        return self.cluster.read_pod(self.exc, namespace, name)
+
+
 def install(monkeypatch: Any, cluster: FakeCluster) -> FakeCluster:
     """Route the provider hooks' API clients (sync and async) to `cluster`."""
     monkeypatch.setattr(KubernetesHook, "get_conn", lambda self: object())
@@ -244,4 +341,6 @@ def install(monkeypatch: Any, cluster: FakeCluster) -> FakeCluster:
                         lambda api_client=None: FakeCoreV1Api(cluster))
     monkeypatch.setattr(kubernetes_asyncio.client, "CustomObjectsApi",
                         lambda api_client=None: FakeAsyncCustomObjectsApi(cluster))
+    monkeypatch.setattr(kubernetes_asyncio.client, "CoreV1Api",
+                        lambda api_client=None: FakeAsyncCoreV1Api(cluster))
     return cluster

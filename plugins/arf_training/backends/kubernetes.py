@@ -8,6 +8,10 @@ backend: only the operator class of each task changes, no template edit is neede
     train when its world size is 1            (the provider's KubernetesPodOperator)
     train when its world size is above 1      `StepPyTorchJobOperator` (arf's PyTorchJobOperator)
 
+A step that exits 75 ("preempted, resume me") is resumed without spending an Airflow retry, as
+with the local backend: a PyTorchJob replica is restarted by the Training Operator, a Pod step gets
+a new pod in the same task try (`arf_training.kubernetes.restarts`).
+
 Every operator builds the step's `StepSpec` at task run time exactly as the local operators do
 (`build_step_spec` with the run's identity and trigger conf, under `fail_fast_on_bad_input`, so a
 bad conf fails the first task without retries), renders it with the pure renderers of

@@ -9,6 +9,7 @@ hands it the run (`execute`, `trigger_reentry` after a deferral, `on_kill`).
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
@@ -23,7 +24,9 @@ from arf_training.backends.kubernetes import (
     with_xcom_result,
     writes_result_to_xcom,
 )
+from arf_training.custom_launch import PREEMPTED_EXIT
 from arf_training.errors import BAD_INPUT_EXIT, SKIP_EXIT, StepFailed
+from arf_training.kubernetes import restarts
 from arf_training.kubernetes.pod import (CONTAINER_NAME, container_exit_code, render_pod,
                                          resource_name)
 from arf_training.runtime import (
@@ -87,10 +90,13 @@ class _ArfPodOperator(KubernetesPodOperator):
 
     # -- outcome -----------------------------------------------------------------------------
 
+    def _finished_pod(self) -> Any:
+        """The pod the provider last read (sync: remote_pod; after a deferral: pod)."""
+        return getattr(self, "remote_pod", None) or getattr(self, "pod", None)
+
     def _fail_fast_on_bad_input(self, exc: Exception) -> None:
         """Exit code 2 (bad input) fails the task without retries, as with the local backend."""
-        pod = getattr(self, "remote_pod", None) or getattr(self, "pod", None)
-        if container_exit_code(pod) == BAD_INPUT_EXIT:
+        if container_exit_code(self._finished_pod()) == BAD_INPUT_EXIT:
             from airflow.sdk.exceptions import AirflowFailException
 
             raise AirflowFailException(f"{exc} (exit code {BAD_INPUT_EXIT}: bad input; "
@@ -131,21 +137,43 @@ class StepPod(_ArfPodOperator):
         self.step = step
         self.trial = trial
 
-    def render_pod(self, context: Any) -> dict[str, Any]:
+    def render_pod(self, context: Any, start: int = 0) -> dict[str, Any]:
+        """The v1 Pod of this try's `start` (0, or a resume after exit 75: `restarts`)."""
         settings = runtime_settings(self.namespace)
         with fail_fast_on_bad_input():
             spec = pod_step_spec(self.loaded, self.step, context, settings, trial=self.trial)
         if writes_result_to_xcom(self.loaded, self.step):
             spec = with_xcom_result(spec)
-        return render_pod(spec, trial_identity(context, self.trial), settings)
+        identity = trial_identity(context, self.trial)
+        pod = render_pod(spec, identity, settings)
+        return restarts.restarted(pod, identity, start, _elapsed_s(context)) if start else pod
 
     def execute(self, context: Any) -> Any:
         self._use(self.render_pod(context))
         # Returns here only when not deferrable; otherwise trigger_reentry finishes the task.
-        return self._finish(context, self._run(context, super().execute))
+        return self._finish(context, self._resuming(context, super().execute))
 
     def trigger_reentry(self, context: Any, event: dict[str, Any]) -> Any:
-        return self._finish(context, self._run(context, super().trigger_reentry, event))
+        return self._finish(context, self._resuming(context, super().trigger_reentry, event))
+
+    def _resuming(self, context: Any, run: Any, *args: Any) -> Any:
+        """`run`, then a new pod for every start that exited 75 ("preempted, resume me"), in
+        this task try: no retry is spent (see `arf_training.kubernetes.restarts`)."""
+        from airflow.sdk.exceptions import AirflowException
+
+        while True:
+            try:
+                return self._run(context, run, *args)
+            except AirflowException:
+                start = None if self._killed else restarts.next_start(self._finished_pod())
+                if start is None:
+                    raise
+            self.log.warning("step %r was preempted (exit code %d): resuming it in a new pod, "
+                             "in this task try (start %d of at most %d)", self.step,
+                             PREEMPTED_EXIT, start + 1, restarts.MAX_RESTARTS + 1)
+            self._use(self.render_pod(context, start))
+            # Not `execute` again: it is guarded as the task runner's entry point.
+            run, args = (self.execute_async if self.deferrable else self.execute_sync), ()
 
     def _finish(self, context: Any, result: Any) -> Any:
         if not self.do_xcom_push:
@@ -154,6 +182,12 @@ class StepPod(_ArfPodOperator):
         if self.step == "register":
             emit_model_event(context, self.loaded, result)
         return result
+
+
+def _elapsed_s(context: Any) -> float | None:
+    """Seconds since this task try started (kept across deferrals), if the context says."""
+    started = getattr(context["ti"], "start_date", None)
+    return (datetime.now(timezone.utc) - started).total_seconds() if started else None
 
 
 class EvaluatePod(_ArfPodOperator):

@@ -351,8 +351,9 @@ def pod_template(spec: StepSpec, identity: RunIdentity, settings: KubernetesSett
 
 def render_pod(spec: StepSpec, identity: RunIdentity, settings: KubernetesSettings
                ) -> dict[str, Any]:
-    """A v1 Pod that runs `spec` once: restartPolicy Never (Airflow owns retries) and the
-    template's timeout as activeDeadlineSeconds (the kubelet stops it even if Airflow is gone)."""
+    """A v1 Pod that runs `spec` once: restartPolicy Never (Airflow owns retries; exit 75 gets a
+    new pod from the operator, `restarts`) and the template's timeout as activeDeadlineSeconds
+    (the kubelet stops it even if Airflow is gone)."""
     name = resource_name(identity)
     template = pod_template(spec, identity, settings, name=name)
     metadata = {"name": name, "namespace": settings.namespace, **template["metadata"]}
