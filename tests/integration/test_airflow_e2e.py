@@ -181,3 +181,13 @@ def test_custom_command_template_runs_through_the_same_dag(embedded):
     assert training_run.data.metrics["val_accuracy"] > 0.9
     assert training_run.data.params["c"] == "0.5"
     assert "arf_plugin.json" in [a.path for a in client.list_artifacts(version.run_id)]
+
+    # Reproduce works for a custom command too: custom-setup, the command, and its output
+    # folder hashed as register hashes it; same data, same bits.
+    proc = subprocess.run([str(BIN / "arf"), "training", "reproduce", version.run_id,
+                           "--output", "json"], env=embedded, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    report = json.loads(proc.stdout)
+    assert report["match"] is True, report
+    assert report["checks"]["weights_sha256"]["rerun"] == register["weights_sha256"]
