@@ -53,6 +53,8 @@ class FakeCluster:
     logs: dict[tuple[str, str], bytes] = field(default_factory=dict)
     calls: list[tuple[str, ...]] = field(default_factory=list)
     created_pods: list[dict[str, Any]] = field(default_factory=list)  # the manifests as sent
+    # The kubelet, scripted: each created pod at once ends with the next of these exit codes.
+    pod_exits: collections.deque = field(default_factory=collections.deque)
     scripts: dict[str, collections.deque] = field(default_factory=dict)
     # Simulate a concurrent creator: the next create stores the object, then answers 409.
     conflict_on_next_create: bool = False
@@ -196,6 +198,8 @@ class FakeCluster:
         pod.metadata.namespace = namespace
         pod.status = V1PodStatus(phase="Pending")
         self.pods[(namespace, name)] = pod
+        if self.pod_exits:
+            self.finish_pod(namespace, name, self.pod_exits.popleft())
         return copy.deepcopy(pod)
 
     def read_pod(self, exc_type: type, namespace: str, name: str) -> V1Pod:

@@ -99,3 +99,15 @@ def test_other_endings_still_fail_the_try(k8s_dags, monkeypatch, exit_code, reas
     with pytest.raises(AirflowException, match="returned a failure"):
         _fresh(task).trigger_reentry(ctx, _event(deferred))
     assert len(cluster.created_pods) == 1
+
+
+def test_on_the_worker_too(k8s_dags, monkeypatch):
+    """deferrable=False: the provider waits on the worker; the new pod is waited for there."""
+    cluster = install(monkeypatch, FakeCluster())
+    cluster.pod_exits.extend([75, 75, 0])
+    dag = k8s_dags["digits_sklearn"]
+    operator = _fresh(dag.get_task("train"))
+    operator.deferrable = False
+    assert operator.execute(_context(dag)) is None
+    assert [p["metadata"]["labels"].get(START_LABEL) for p in cluster.created_pods] == \
+        [None, "1", "2"]
