@@ -125,3 +125,62 @@ def test_stopped_federate_step_leaves_no_flower_process(tmp_path):
     assert proc.wait(timeout=120) != 0
     time.sleep(2)
     assert _flower_processes(home) == []
+
+
+INTRUDER = r'''
+import json, subprocess, sys, time
+from pathlib import Path
+from arf_trainer.federated.launch import Federation, _free_port
+from arf_trainer.federated.tls import make_node_key
+
+work = Path(sys.argv[1])
+fed = Federation(work, [{"name": "north", "index": 0, "data_dir": work / "north"}])
+try:
+    fed.start()  # the SuperLink, north's key registered, north's SuperNode
+    key = make_node_key(work / "intruder", "intruder")  # a valid key nobody registered
+    intruders = {name: fed._start(f"supernode-{name}", [
+        str(fed.bin / "flower-supernode"), "--root-certificates", str(fed.certs["ca"]),
+        "--superlink", f"127.0.0.1:{fed.port}", *extra, "--host", "127.0.0.1",
+        "--port", str(_free_port())])
+        for name, extra in (("unregistered", ["--auth-supernode-private-key", str(key["key"])]),
+                            ("keyless", []))}  # Flower's default: it registers itself
+    deadline = time.monotonic() + 90
+    while any(p.poll() is None for p in intruders.values()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    nodes = []
+    while time.monotonic() < deadline + 30:
+        listing = subprocess.run([str(fed.bin / "flwr"), "supernode", "list", "arf", "--format",
+                                  "json"], env=fed.environment(), capture_output=True, text=True,
+                                 cwd=work)
+        nodes = json.loads(listing.stdout)["nodes"]
+        if [n["status"] for n in nodes] == ["online"]:
+            break
+        time.sleep(1)
+    print(json.dumps({"exits": {n: p.poll() for n, p in intruders.items()}, "nodes": nodes,
+                      "north_running": fed.procs["supernode-north"].poll() is None}))
+finally:
+    fed.stop()
+'''
+
+
+def test_the_superlink_admits_registered_supernodes_only(tmp_path):
+    """Node authentication: the step registers each site's key; a SuperNode with any other key
+    (valid TLS, valid key format) fails to activate, one without a key (Flower's default, which
+    registers itself) is refused too, and no Flower process outlives stop()."""
+    work = tmp_path / "federate"
+    work.mkdir()
+    script = tmp_path / "intruder.py"
+    script.write_text(INTRUDER)
+    proc = subprocess.run([str(FED_VENV / "bin" / "python"), str(script), str(work)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "training_container")})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("unregistered", "keyless"):
+        assert report["exits"][name] not in (None, 0), report  # refused: it exited (code 305)
+    assert "Failed to activate SuperNode" in (work / "supernode-unregistered.log").read_text()
+    assert "All SuperNodes must be registered" in (work / "supernode-keyless.log").read_text()
+    assert [n["status"] for n in report["nodes"]] == ["online"], report  # north only
+    assert report["north_running"]
+    assert "SuperNode authentication is disabled" not in (work / "superlink.log").read_text()
+    assert _flower_processes(str(work / "flwr-home")) == []

@@ -93,12 +93,20 @@ def test_each_supernode_mounts_only_its_own_sites_claim_read_only():
         assert 'data-dir="/site/reach_bc_federated/manual__placeholder/prepare"' in command
         # No job spec, tracking or hub settings reach a SuperNode: its work comes in messages.
         assert not {"ARF_JOB_SPEC_JSON", "ARF_TRACKING_URI", "ARF_DATAHUB_URI"} & set(_env(node))
-        assert not any(s.get("secret", {}).get("items") != [{"key": "ca.crt", "path": "ca.crt"}]
-                       for s in node["spec"]["volumes"] if "secret" in s)
+        # Secrets: the federation's CA certificate only (not its key), and its own node key.
+        assert {v["secret"]["secretName"]: [i["key"] for i in v["secret"]["items"]]
+                for v in node["spec"]["volumes"] if "secret" in v} == \
+            {"arf-federation-tls": ["ca.crt"], f"arf-site-{site}-node-key": ["node.key"]}
+        assert box["command"][box["command"].index("--auth-supernode-private-key") + 1] == \
+            "/etc/arf/federation-node-key/node.key"
     (link,) = _by_role(manifests, "superlink")
     assert _claims(link) == {"arf-workspace": False}  # no site claim, no data hub
     tls = [v for v in link["spec"]["volumes"] if "secret" in v]
     assert [v["secret"]["secretName"] for v in tls] == ["arf-federation-tls"]
+    # Node authentication: the SuperLink registers exactly the sites' public keys.
+    (keys,) = [v["configMap"] for v in link["spec"]["volumes"] if "configMap" in v]
+    assert [i["key"] for i in keys["items"]] == [f"{s}.pub" for s in SITES]
+    assert _env(link)["ARF_FEDERATION_NODE_KEYS_DIR"] == "/etc/arf/federation-nodes"
 
 
 def test_site_prepare_pods_see_only_their_own_claim_hub_and_site():
@@ -210,3 +218,20 @@ def test_cli_render_prints_every_federation_manifest_as_its_own_document():
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert [d["kind"] for d in yaml.safe_load_all(one.stdout) if d] == \
         ["Service"] + ["Pod"] * (len(SITES) + 1)
+
+
+def test_superlink_with_external_supernodes_needs_every_sites_public_key(tmp_path, monkeypatch):
+    from arf_trainer.errors import TrainingError
+    from arf_trainer.federated import launch
+
+    sites = [{"name": "north"}, {"name": "south"}]
+    monkeypatch.setenv("ARF_FEDERATION_NODE_KEYS_DIR", str(tmp_path))
+    (tmp_path / "north.pub").write_text("ecdsa-sha2-nistp384 AAAA")
+    with pytest.raises(TrainingError, match=r"south.pub.*ARF_FEDERATION_NODE_KEYS_DIR"):
+        launch._node_keys(tmp_path / "work", sites, external=True)
+    (tmp_path / "south.pub").write_text("ecdsa-sha2-nistp384 AAAA")
+    assert launch._node_keys(tmp_path / "work", sites, external=True)["south"] == \
+        {"pub": tmp_path / "south.pub"}
+    local = launch._node_keys(tmp_path / "work", sites, external=False)
+    assert local["north"]["pub"].read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert local["north"]["key"].stat().st_mode & 0o077 == 0

@@ -21,6 +21,9 @@ Where each site's data lives, and who mounts it:
   `<federation>.<namespace>.svc`, or a wildcard `*.<namespace>.svc`). It mounts the shared run workspace,
   where it writes the global model in the train step's layout for `register_model`; it mounts no
   site claim.
+* **SuperNode authentication**: the SuperLink runs with `--enable-supernode-auth` and registers
+  the public keys `<site>.pub` of the ConfigMap `ARF_K8S_FEDERATION_NODE_KEYS`; SuperNode S
+  signs with `node.key` from its own Secret `<claim of S>-node-key`. Any other node is refused.
 
 Every pod gets the restricted security context, resources and deadline of `pod.pod_template`.
 """
@@ -44,6 +47,8 @@ from arf_training.stepspec import RunIdentity, StepSpec
 FLEET_PORT = 9092
 TLS_DIR = "/etc/arf/federation-tls"
 CA_DIR = "/etc/arf/federation-ca"
+NODE_KEYS_DIR = "/etc/arf/federation-nodes"  # SuperLink: every site's public key, <site>.pub
+NODE_KEY_DIR = "/etc/arf/federation-node-key"  # SuperNode: its own private key, node.key
 FEDERATION_IMAGE = "ghcr.io/arf/arf-trainer-federated:0.1.0"  # the image + Flower (protobuf<7)
 
 
@@ -54,6 +59,7 @@ class FederationSettings:
     site_pvc_prefix: str = "arf-site-"
     site_mount_path: str = "/site"
     tls_secret: str = "arf-federation-tls"
+    node_keys_configmap: str = "arf-federation-node-keys"
     image: str = FEDERATION_IMAGE
 
     @classmethod
@@ -67,7 +73,14 @@ class FederationSettings:
                    site_mount_path=mount.rstrip("/"),
                    tls_secret=_name(env, "ARF_K8S_FEDERATION_TLS_SECRET", "arf-federation-tls",
                                     what="Secret", subdomain=True) or "arf-federation-tls",
+                   node_keys_configmap=_name(env, "ARF_K8S_FEDERATION_NODE_KEYS",
+                                             "arf-federation-node-keys", what="ConfigMap",
+                                             subdomain=True) or "arf-federation-node-keys",
                    image=_get(env, "ARF_K8S_FEDERATION_IMAGE") or FEDERATION_IMAGE)
+
+    def node_key_secret(self, site: str) -> str:
+        """The Secret holding site `site`'s SuperNode private key (`node.key`)."""
+        return f"{self.claim(site)}-node-key"
 
     def claim(self, site: str) -> str:
         name = f"{self.site_pvc_prefix}{site}"
@@ -147,13 +160,15 @@ def _secret_volume(name: str, secret: str, keys: list[str]) -> dict[str, Any]:
                                      "items": [{"key": k, "path": k} for k in keys]}}
 
 
-def _superlink(spec: StepSpec, identity: RunIdentity, settings: KubernetesSettings,
-               fed: FederationSettings, federation: str) -> dict[str, Any]:
+def _superlink(spec: StepSpec, loaded: Any, identity: RunIdentity,
+               settings: KubernetesSettings, fed: FederationSettings, federation: str
+               ) -> dict[str, Any]:
     # The federate step reads no hub and no site claim: only the shared run workspace.
     spec = dataclasses.replace(spec, image=fed.image, env={
         **spec.env, "ARF_FEDERATION_SUPERNODES": "external",
         "ARF_FEDERATION_LISTEN": f"0.0.0.0:{FLEET_PORT}", "ARF_FEDERATION_TLS_DIR": TLS_DIR,
-        "ARF_FEDERATION_ADVERTISE": _service_host(federation, settings)})
+        "ARF_FEDERATION_ADVERTISE": _service_host(federation, settings),
+        "ARF_FEDERATION_NODE_KEYS_DIR": NODE_KEYS_DIR})
     settings = dataclasses.replace(settings, datahub_pvc=None,
                                    datahub_uri=str(spec.workspace / "federate" / "no-hub"))
     pod = render_pod(spec, _identity(identity, "superlink"), settings)
@@ -161,8 +176,13 @@ def _superlink(spec: StepSpec, identity: RunIdentity, settings: KubernetesSettin
         {"name": "fleet", "containerPort": FLEET_PORT, "protocol": "TCP"}]
     pod["spec"]["volumes"].append(_secret_volume("federation-tls", fed.tls_secret,
                                                  ["ca.crt", "tls.crt", "tls.key"]))
-    pod["spec"]["containers"][0]["volumeMounts"].append(
-        {"name": "federation-tls", "mountPath": TLS_DIR, "readOnly": True})
+    sites = [s.name for s in loaded.template.federated.sites]
+    pod["spec"]["volumes"].append({"name": "federation-nodes", "configMap": {
+        "name": fed.node_keys_configmap, "defaultMode": 0o440,
+        "items": [{"key": f"{s}.pub", "path": f"{s}.pub"} for s in sites]}})
+    pod["spec"]["containers"][0]["volumeMounts"] += [
+        {"name": "federation-tls", "mountPath": TLS_DIR, "readOnly": True},
+        {"name": "federation-nodes", "mountPath": NODE_KEYS_DIR, "readOnly": True}]
     _labels(pod, federation, "superlink")
     return pod
 
@@ -186,7 +206,9 @@ def _supernode(spec: StepSpec, identity: RunIdentity, settings: KubernetesSettin
     config = f"data-dir={json.dumps(data_dir)} site={json.dumps(name)} site-index={index}"
     command = ["flower-supernode", "--superlink",
                f"{_service_host(federation, settings)}:{FLEET_PORT}",
-               "--root-certificates", f"{CA_DIR}/ca.crt", "--node-config", config]
+               "--root-certificates", f"{CA_DIR}/ca.crt",
+               "--auth-supernode-private-key", f"{NODE_KEY_DIR}/node.key",
+               "--node-config", config]
     # No job spec, no tracking or hub settings: the node gets its work in Flower messages.
     node = dataclasses.replace(spec, image=fed.image, command=command, setup_command=(), env={
         "FLWR_HOME": "/tmp/flwr", "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -208,7 +230,10 @@ def _supernode(spec: StepSpec, identity: RunIdentity, settings: KubernetesSettin
             volume["persistentVolumeClaim"]["readOnly"] = True
     template["spec"]["volumes"].append(_secret_volume("federation-ca", fed.tls_secret,
                                                       ["ca.crt"]))
-    box["volumeMounts"].append({"name": "federation-ca", "mountPath": CA_DIR, "readOnly": True})
+    template["spec"]["volumes"].append(_secret_volume("node-key", fed.node_key_secret(name),
+                                                      ["node.key"]))
+    box["volumeMounts"] += [{"name": "federation-ca", "mountPath": CA_DIR, "readOnly": True},
+                            {"name": "node-key", "mountPath": NODE_KEY_DIR, "readOnly": True}]
     box["securityContext"] = restricted_container_security_context()
     pod_name = resource_name(_identity(identity, name))
     metadata = {"name": pod_name, "namespace": settings.namespace, **template["metadata"]}
@@ -228,7 +253,7 @@ def render_federation(spec: StepSpec, loaded: Any, identity: RunIdentity,
     """[Service, SuperLink Pod, one SuperNode Pod per site] of the `federate` step `spec`."""
     fed = fed or FederationSettings.from_env()
     federation = resource_name(identity)
-    link = _superlink(spec, identity, settings, fed, federation)
+    link = _superlink(spec, loaded, identity, settings, fed, federation)
     nodes = [_supernode(spec, identity, settings, fed, federation, i, site.name)
              for i, site in enumerate(loaded.template.federated.sites)]
     return [_service(link, federation), link, *nodes]

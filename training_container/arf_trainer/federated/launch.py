@@ -120,6 +120,25 @@ def _certificates(work: Path, external: bool) -> dict[str, Path]:
     return certs
 
 
+def _node_keys(work: Path, sites: list[dict[str, Any]], external: bool
+               ) -> dict[str, dict[str, Path]]:
+    """{site: {"pub", and locally "key"}}. Locally a fresh key pair per site (work/tls, 0600);
+    with external SuperNodes each site's pod holds its own private key, and the SuperLink
+    reads the public keys `<site>.pub` from ARF_FEDERATION_NODE_KEYS_DIR (a ConfigMap)."""
+    if not external:
+        from arf_trainer.federated.tls import make_node_key
+
+        return {s["name"]: make_node_key(work / "tls", f"node-{s['name']}") for s in sites}
+    folder = Path(os.environ.get("ARF_FEDERATION_NODE_KEYS_DIR", "/etc/arf/federation-nodes"))
+    keys = {s["name"]: {"pub": folder / f"{s['name']}.pub"} for s in sites}
+    missing = sorted(str(k["pub"]) for k in keys.values() if not k["pub"].is_file())
+    if missing:
+        raise TrainingError(f"SuperNode public keys {missing} are missing: mount each site's "
+                            "public key as <site>.pub at ARF_FEDERATION_NODE_KEYS_DIR "
+                            f"({folder}); the SuperLink admits registered SuperNodes only")
+    return keys
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -137,6 +156,7 @@ class Federation:
         self.procs: dict[str, subprocess.Popen] = {}
         self.port = 0
         self.certs: dict[str, Path] = {}
+        self.keys: dict[str, dict[str, Path]] = {}
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -168,15 +188,34 @@ class Federation:
             f'[superlink]\ndefault = "arf"\n\n[superlink.arf]\n'
             f'address = "{advertise}:{self.port}"\n'
             f'root-certificates = {json.dumps(str(self.certs["ca"]))}\n')
+        # SuperNode authentication: the SuperLink admits only nodes whose public key was
+        # registered through its Control API (below); any other node fails to activate.
         link = self._start("superlink", [
             str(self.bin / "flower-superlink"), "--ssl-certfile", str(self.certs["cert"]),
             "--ssl-keyfile", str(self.certs["key"]), "--ssl-ca-certfile", str(self.certs["ca"]),
-            "--host", host, "--port", str(self.port), "--database", ":flwr-in-memory:"])
+            "--host", host, "--port", str(self.port), "--database", ":flwr-in-memory:",
+            "--enable-supernode-auth"])
         _wait_port(self.port, link, "the Flower SuperLink", self.work / "superlink.log")
+        self.keys = _node_keys(self.work, self.sites, external)
+        self.register({name: keys["pub"] for name, keys in self.keys.items()})
         if external:  # Kubernetes: one SuperNode pod per site dials the Service
             return
         for site in self.sites:
             self.start_supernode(site)
+
+    def register(self, public_keys: dict[str, Path]) -> None:
+        """`flwr supernode register` of each site's public key (run side by side)."""
+        runs = {name: subprocess.Popen(
+            [str(self.bin / "flwr"), "supernode", "register", str(pub), "arf", "--name", name],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=self.environment(), cwd=self.work, text=True)
+            for name, pub in public_keys.items()}
+        for name, run in runs.items():
+            out, _ = run.communicate(timeout=STARTUP_TIMEOUT_S)
+            if run.returncode != 0:
+                raise TrainingError(f"registering site {name!r}'s SuperNode key "
+                                    f"({public_keys[name]}) with the SuperLink failed (exit "
+                                    f"{run.returncode}):\n{out}")
 
     def start_supernode(self, site: dict[str, Any]) -> subprocess.Popen:
         # node config: TOML values. The data folder is the only site data the node is given.
@@ -185,6 +224,7 @@ class Federation:
         return self._start(f"supernode-{site['name']}", [
             str(self.bin / "flower-supernode"), "--root-certificates", str(self.certs["ca"]),
             "--superlink", f"127.0.0.1:{self.port}",
+            "--auth-supernode-private-key", str(self.keys[site["name"]]["key"]),
             "--host", "127.0.0.1", "--port", str(_free_port()), "--node-config", config])
 
     def run_app(self, timeout_s: float) -> None:
@@ -209,9 +249,11 @@ class Federation:
         flower-superlink and flower-supernode start flower-superexec detached (own session),
         which starts flwr-serverapp/flwr-clientapp: a process-group kill misses them, and a
         SuperNode may ignore SIGTERM while it retries. So: all descendants, SIGTERM, a short
-        wait, then SIGKILL.
+        wait, then SIGKILL. A SuperNode that died (killed, or refused by the SuperLink) leaves
+        its flower-superexec orphaned, outside that tree: those are found by this step's
+        FLWR_HOME in their environment.
         """
-        pids = _descendants({p.pid for p in self.procs.values()})
+        pids = _descendants({p.pid for p in self.procs.values()} | _with_home(self.home))
         for pid in pids:
             _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -247,6 +289,19 @@ def _descendants(roots: set[int]) -> list[int]:
         if pid not in found:
             found.append(pid)
             todo.extend(tree.get(pid, []))
+    return found
+
+
+def _with_home(home: Path) -> set[int]:
+    """Processes whose environment names FLWR_HOME=`home` (Linux /proc; else none)."""
+    marker, found = f"FLWR_HOME={home}\0".encode(), set()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes() + b"\0":
+                found.add(int(environ.parent.name))
+        except OSError:
+            continue
+    found.discard(os.getpid())
     return found
 
 

@@ -1,8 +1,10 @@
-"""A throwaway certificate authority for one loopback federation (TLS on the SuperLink).
+"""A throwaway certificate authority and SuperNode keys for one loopback federation.
 
 Each federate step makes a fresh CA and a server certificate for 127.0.0.1/localhost, valid
 for a day, inside its work folder (mode 0600 keys); the SuperNodes and `flwr run` trust only
-that CA. Nothing is reused across runs, so no key outlives the step that made it.
+that CA. It also makes one authentication key pair per site: the SuperLink runs with
+`--enable-supernode-auth` and accepts only the SuperNodes whose public keys the step registered.
+Nothing is reused across runs, so no key outlives the step that made it.
 """
 
 from __future__ import annotations
@@ -55,4 +57,19 @@ def make_loopback_certificates(folder: Path) -> dict[str, Path]:
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["cert"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
     _write_key(server_key, paths["key"])
+    return paths
+
+
+def make_node_key(folder: Path, name: str) -> dict[str, Path]:
+    """{"key", "pub"}: a SuperNode's authentication key pair (P-384, OpenSSH format, which
+    flower-supernode --auth-supernode-private-key and `flwr supernode register` read)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    paths = {"key": folder / f"{name}.key", "pub": folder / f"{name}.pub"}
+    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.OpenSSH,
+                                               serialization.NoEncryption()))
+    os.chmod(paths["key"], 0o600)
+    paths["pub"].write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                           serialization.PublicFormat.OpenSSH))
     return paths
