@@ -239,8 +239,10 @@ def _supernode(spec: StepSpec, identity: RunIdentity, settings: KubernetesSettin
     metadata = {"name": pod_name, "namespace": settings.namespace, **template["metadata"]}
     metadata["labels"]["arf.dev/site"] = name
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]}
-    # A SuperNode that crashes is restarted in place and rejoins the federation; the SuperLink's
-    # round timeout and min_sites decide whether a round survives without it.
+    # A SuperNode that crashes is restarted in place and rejoins the federation. Under the same
+    # key (its Secret) it is the same node to the SuperLink, so the round it died in waits for
+    # the round timeout (not Flower's ~60 s offline reply) before going on without it, if
+    # min_sites allows; the local step restarts under a new key instead (launch.revive).
     pod["spec"]["restartPolicy"] = "OnFailure"
     pod["spec"]["activeDeadlineSeconds"] = max(1, int(spec.timeout_s))
     _labels(pod, federation, "supernode")

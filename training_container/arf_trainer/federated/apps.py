@@ -16,6 +16,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx
 
@@ -50,6 +51,10 @@ def _ordered(strategy_cls: type) -> type:
                 raise SiteShortfall(
                     f"round {server_round}: {len(good)} site(s) replied ({failed} failed), "
                     f"fewer than federated.min_sites={self.min_sites}; the federation stops")
+            indices = [int(m.content["metrics"]["site-index"]) for m in good]
+            # Flower's own line counts only what it is handed (the good replies): say it all.
+            flwr_log(logging.INFO, "round %s: %s site(s) replied (site indices %s), %s failed",
+                     server_round, len(good), indices, failed)
             self.history.append({"round": server_round, "failed": failed, "sites": [
                 {k: float(v) for k, v in m.content["metrics"].items()} for m in good]})
             return super().aggregate_train(server_round, good)

@@ -34,6 +34,7 @@ from arf_trainer.spec import StepEnv, read_json, write_json_atomic
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 120.0
+MAX_RESTARTS = 3  # per site and federate step: a SuperNode that keeps dying is left down
 APP_PYPROJECT = """\
 [build-system]
 requires = ["hatchling"]
@@ -157,6 +158,7 @@ class Federation:
         self.port = 0
         self.certs: dict[str, Path] = {}
         self.keys: dict[str, dict[str, Path]] = {}
+        self.restarts: dict[str, int] = {}
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -241,7 +243,35 @@ class Federation:
                 raise TrainingError(f"the federation did not finish within {timeout_s:.0f} s "
                                     f"(training.timeout_minutes); ServerApp log:\n"
                                     f"{_tail(self.work / 'flwr-run.log')}")
+            self.revive()
             time.sleep(0.5)
+
+    def revive(self) -> None:
+        """Restart each local SuperNode that exited while the federation runs: the site rejoins.
+
+        Under a fresh key, registered like the first, so the SuperLink gives it a new node id.
+        Re-activating the old identity would bring back a node the SuperLink still counts as
+        online (Flower 1.42 marks a node offline after two missed 30 s heartbeats), and the
+        round the dead node was in would wait for its reply until the round timeout. Under a
+        new id, that round gets Flower's "node unavailable" reply once the old id expires and
+        completes with the other sites if federated.min_sites allows (apps.py); later rounds
+        sample the new node.
+        """
+        from arf_trainer.federated.tls import make_node_key
+
+        for site in self.sites:
+            name = site["name"]
+            proc = self.procs.get(f"supernode-{name}")
+            if proc is None or proc.poll() is None or self.restarts.get(name, 0) >= MAX_RESTARTS:
+                continue
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            log.warning("the SuperNode of site %r exited with code %s; restarting it under a "
+                        "new node identity (%d of %d)", name, proc.returncode,
+                        self.restarts[name], MAX_RESTARTS)
+            self.keys[name] = make_node_key(self.work / "tls",
+                                            f"node-{name}-{self.restarts[name]}")
+            self.register({name: self.keys[name]["pub"]})
+            self.start_supernode(site)
 
     def stop(self) -> None:
         """Stop every Flower process of this step, grandchildren included.
