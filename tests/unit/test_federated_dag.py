@@ -128,6 +128,24 @@ def test_site_prepare_cannot_open_another_sites_hub(loaded, site_home, reader):
         _prepare(north, "SELECT * FROM " + reader.format(hub=south_hub))
 
 
+def test_site_prepare_cannot_open_another_sites_shards(loaded, site_home):
+    """South's prepared shards lie in the same run workspace (locally): north's query still
+    cannot read them, by any file reader (the sandbox reads hub tables only)."""
+    from arf_trainer.errors import QueryError
+
+    home, _ = site_home
+    base = _spec(loaded, "prepare", home, run_id="isolation_shards")
+    _prepare(site_spec(base, loaded.template, "south", _settings(home)))
+    shards = sorted((base.workspace / "sites" / "south").rglob("*.parquet"))
+    assert shards
+    north = site_spec(base, loaded.template, "north", _settings(home))
+    for reader in (f"read_parquet('{shards[0]}')", f"read_parquet('{shards[0].parent}/*')",
+                   f"read_csv('{shards[0]}')"):
+        with pytest.raises(QueryError):
+            _prepare(north, f"SELECT * FROM {reader}")
+    assert not (base.workspace / "sites" / "north" / "prepare" / "manifest.json").exists()
+
+
 def test_kubernetes_backend_reports_federated_templates_instead_of_building_them(monkeypatch):
     from arf_training.factory import build_dags, template_issues
 
