@@ -42,6 +42,7 @@ from arf_training.kubernetes.config import (KubernetesConfigError, KubernetesSet
                                             _name)
 from arf_training.kubernetes.pod import (pod_template, render_pod,
                                          resource_name, restricted_container_security_context)
+from arf_training.settings import ArfSettings
 from arf_training.stepspec import RunIdentity, StepSpec
 
 FLEET_PORT = 9092
@@ -122,17 +123,16 @@ def _run_root(fed: FederationSettings, spec: StepSpec) -> PurePosixPath:
 
 
 def render_site_prepares(spec: StepSpec, loaded: Any, identity: RunIdentity,
-                         settings: KubernetesSettings, fed: FederationSettings | None = None
-                         ) -> list[dict[str, Any]]:
-    """One prepare Pod per site; `spec` is the run's prepare step (pod workspace root)."""
-    from arf_training.kubernetes.render import pod_arf_settings
-
+                         settings: KubernetesSettings, arf_settings: ArfSettings,
+                         fed: FederationSettings | None = None) -> list[dict[str, Any]]:
+    """One prepare Pod per site; `spec` is the run's prepare step, built with `arf_settings`
+    (the pods' view: `render.pod_arf_settings`)."""
     fed = fed or FederationSettings.from_env()
     pods = []
     for site in loaded.template.federated.sites:
         hub = _site_hub(fed, site.name, site.hub)
         narrowed = _on_site_claim(
-            site_spec(spec, loaded.template, site.name, pod_arf_settings(settings)),
+            site_spec(spec, loaded.template, site.name, arf_settings),
             _run_root(fed, spec))
         # The site's claim is the pod's workspace volume; no platform data hub is mounted.
         site_settings = dataclasses.replace(

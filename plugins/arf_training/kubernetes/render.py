@@ -96,12 +96,14 @@ def render_step_manifests(loaded: LoadedTemplate, step: str, settings: Kubernete
         inputs = {"model_name": loaded.template.model.name,
                   "model_version": PLACEHOLDER_MODEL_VERSION,
                   "source": "placeholder (arf templates render)"}
-    spec = build_step_spec(loaded, step, identity, {}, pod_arf_settings(settings), inputs=inputs)
+    arf_settings = pod_arf_settings(settings)
+    spec = build_step_spec(loaded, step, identity, {}, arf_settings, inputs=inputs)
     if loaded.template.federated is not None and step in ("prepare", "federate"):
         from arf_training.kubernetes import federation  # prepare per site; SuperLink + nodes
 
         if step == "prepare":
-            return federation.render_site_prepares(spec, loaded, identity, settings)
+            return federation.render_site_prepares(spec, loaded, identity, settings,
+                                                   arf_settings)
         return federation.render_federation(spec, loaded, identity, settings)
     if step == "train" and spec.world_size > 1:
         return [(job_renderer or PyTorchJobRenderer()).render(spec, identity, settings)]
