@@ -271,6 +271,17 @@ class Training(_Section):
         description="Built-in recipes: 'memory' reads the prepared shards whole, 'stream' reads "
                     "them in bounded memory (shuffled by shard and window, exact resume); 'auto' "
                     "streams when the data exceeds a quarter of resources.memory (1 GiB if unset).")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="Built-in recipes: 'bf16' runs the forward pass and loss under "
+                    "torch.autocast(dtype=bfloat16) on the run's device (GPU or CPU); weights and "
+                    "optimizer stay float32. The run's record says whether it is bitwise "
+                    "reproducible.")
+    compile: bool = Field(
+        False, strict=True,
+        description="Built-in recipes: train the model through torch.compile (slower start, "
+                    "faster steps on a GPU). The run's record says whether it is bitwise "
+                    "reproducible.")
 
     @field_validator("hyperparameters")
     @classmethod
@@ -295,6 +306,12 @@ class Training(_Section):
                     f"recipe {self.recipe!r} has no hyperparameter(s) {unknown}; it accepts "
                     f"{sorted(RECIPE_HYPERPARAMETERS[self.recipe])}"
                 )
+        elif self.precision != "fp32" or self.compile:
+            raise ValueError(
+                f"precision={self.precision!r}, compile={self.compile} apply to the built-in "
+                "recipes only; a custom command sets its own precision and compilation: remove "
+                "them from 'training'"
+            )
         return self
 
 

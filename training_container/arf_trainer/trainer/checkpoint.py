@@ -63,7 +63,9 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 def cpu_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A detached CPU copy, keys in sorted order (so the saved file is deterministic too)."""
-    return {key: state_dict[key].detach().to("cpu").clone() for key in sorted(state_dict)}
+    # Contiguous: weights kept channels_last on a GPU (bc_pixels) are saved in the usual layout.
+    return {key: state_dict[key].detach().to("cpu").clone(memory_format=torch.contiguous_format)
+            for key in sorted(state_dict)}
 
 
 def _fsync_dir(path: Path) -> None:

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 RESULT_KEYS = ("mlflow_run_id", "experiment_id", "weights", "weights_sha256", "metrics",
                "world_size", "steps", "recipe", "config_hash")
 DATA_LOADING = ("auto", "stream", "memory")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class TrainConfig:
     """training.data_loading: auto | stream | memory (see data.choose_loading)."""
     memory: str | None = None
     """training.resources.memory as written (the step's ceiling), or None."""
+    precision: str = "fp32"
+    """training.precision: fp32, or bf16 autocast of the forward pass and loss (accel.py)."""
+    compile: bool = False
+    """training.compile: train the core through torch.compile (accel.py)."""
 
     @classmethod
     def from_spec(cls, spec: JobSpec, world_size: int) -> "TrainConfig":
@@ -70,6 +75,7 @@ class TrainConfig:
         if loading not in DATA_LOADING:
             raise SpecError(f"training.data_loading={loading!r} is not one of "
                             f"{', '.join(DATA_LOADING)}; auto picks by the data's size")
+        precision, compile_ = _speed_options(training)
         recipe = get_recipe(training.get("recipe"))
         hp = Hyperparameters.parse(recipe.name, spec.hyperparameters)
         if not 0 <= spec.seed < 2**32 - world_size:
@@ -92,7 +98,22 @@ class TrainConfig:
             freeze_layers=freeze_layers,
             data_loading=loading,
             memory=(training.get("resources") or {}).get("memory"),
+            precision=precision,
+            compile=compile_,
         )
+
+
+def _speed_options(training: dict[str, Any]) -> tuple[str, bool]:
+    """training.precision and training.compile, checked (absent: fp32, no compilation)."""
+    precision = training.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise SpecError(f"training.precision={precision!r} is not one of {', '.join(PRECISIONS)}; "
+                        "use bf16 for bfloat16 autocast, fp32 (the default) for full precision")
+    compile_ = training.get("compile", False)
+    if not isinstance(compile_, bool):
+        raise SpecError(f"training.compile={compile_!r} must be true or false (a YAML boolean, "
+                        "not a string or number)")
+    return precision, compile_
 
 
 def train_dir_of(spec: JobSpec) -> str:

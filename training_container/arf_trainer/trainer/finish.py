@@ -61,6 +61,7 @@ def finish(p: "Parts", timing: dict[str, float]) -> dict[str, Any]:
         "recipe": cfg.recipe.name,
         "config_hash": cfg.config_hash,
         "data_loading": p.data.mode,
+        "data_placement": p.placement.mode,
         "timing": timing,
     }
     if reporter is not None:

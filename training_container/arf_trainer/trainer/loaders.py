@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Sampler
 
 from arf_trainer.errors import TrainingError
+from arf_trainer.trainer.accel import tensor_bytes
 from arf_trainer.trainer.data import (
     Inputs,
     Manifest,
@@ -32,6 +33,7 @@ from arf_trainer.trainer.data import (
     read_split,
     take,
     target_matrix,
+    to_device,
 )
 from arf_trainer.trainer.dist import DistEnv
 from arf_trainer.trainer.recipes import MLP, ModelInfo, Recipe, mean_std
@@ -60,12 +62,16 @@ class ShardedBatchSampler(Sampler[torch.Tensor]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        yield from torch.split(self.order(), self.batch_size)
+
+    def order(self) -> torch.Tensor:
+        """This rank's indices of the epoch, in order (the batches are its consecutive cuts)."""
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.n, generator=g)
         total = self.per_rank * self.world_size
         if total > self.n:  # pad by repeating the permutation from its start, as torch does
             order = order.repeat(math.ceil(total / self.n))[:total]
-        yield from torch.split(order[self.rank:total:self.world_size], self.batch_size)
+        return order[self.rank:total:self.world_size]
 
     def __len__(self) -> int:
         return math.ceil(self.per_rank / self.batch_size)
@@ -123,11 +129,28 @@ class MemoryLoader:
         self.tensors, self.sampler, self.denv = tensors, sampler, denv
         self.x_val, self.y_val = x_val, y_val
         self.steps_per_epoch = len(sampler)
+        self.device: torch.device | None = None
+
+    def tensor_bytes(self) -> int:
+        """Bytes of the training and validation tensors (what `to_device` would copy)."""
+        return tensor_bytes((self.tensors, self.x_val, self.y_val))
+
+    def to_device(self, device: torch.device) -> None:
+        """Keep both splits on `device` (accel.place decides): a step then only indexes them."""
+        x, y = self.tensors
+        self.tensors = (to_device(x, device), y.to(device))
+        if self.y_val is not None:
+            self.x_val, self.y_val = to_device(self.x_val, device), self.y_val.to(device)
+        self.device = device
 
     def batches(self, epoch: int, skip: int) -> Iterator[tuple[Inputs, torch.Tensor]]:
         self.sampler.set_epoch(epoch)
         x, y = self.tensors
-        for i, index in enumerate(self.sampler):
+        order = self.sampler.order()
+        if self.device is not None:  # the data is on the device: so is the order (one copy)
+            order = (order.pin_memory().to(self.device, non_blocking=True)
+                     if self.device.type == "cuda" else order.to(self.device))
+        for i, index in enumerate(torch.split(order, self.sampler.batch_size)):
             if i >= skip:  # the permutation is drawn whole; skipping costs no data reads
                 yield take(x, index), y[index]
 

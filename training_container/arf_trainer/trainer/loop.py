@@ -31,9 +31,9 @@ from arf_trainer import tracking
 from arf_trainer.errors import Preempted
 from arf_trainer.preemption import PreemptionGuard
 from arf_trainer.spec import StepEnv
-from arf_trainer.trainer import base_model, dist
+from arf_trainer.trainer import accel, base_model, dist
 from arf_trainer.trainer.config import TrainConfig, seed_all, train_dir_of
-from arf_trainer.trainer.data import Manifest, rows_of, to_device
+from arf_trainer.trainer.data import Manifest, rows_of
 from arf_trainer.trainer.dist import DistEnv
 from arf_trainer.trainer.finish import finish
 from arf_trainer.trainer.metrics import MetricsSink, epoch_line
@@ -123,6 +123,7 @@ class Parts:
     preemption: Preemption
     trial: TrialPart | None
     hooks: TestHooks
+    placement: accel.Placement
     started: tuple[str | None, str | None] | None = None
 
     @property
@@ -143,6 +144,10 @@ def build(env: StepEnv, cfg: TrainConfig, manifest: Manifest, source: Any,
         info = base.info  # the base's architecture (and, for a classifier, its classes)
     state = _build_state(cfg, recipe, info, source, base, denv, device)
     data = source.loader(recipe, info, state.model, denv, cfg.per_rank_batch_size, cfg.seed)
+    placement = accel.place(data, device)
+    if denv.is_main:
+        log.info("data placement: %s; precision %s%s", placement.label, cfg.precision,
+                 ", torch.compile" if cfg.compile else "")
     checkpoint = CheckpointPart(out_dir / "checkpoints", cfg, denv, hooks)
     checkpoint.resume(state, data)
     metrics = MetricsSink()
@@ -150,8 +155,13 @@ def build(env: StepEnv, cfg: TrainConfig, manifest: Manifest, source: Any,
     def start_tracking() -> tuple[str | None, str | None]:
         try:
             with tracking.mlflow_errors(env.tracking_uri, "start the training run"):
-                return metrics.start(env, cfg, manifest, source, denv.world_size, loading,
-                                     extra_tags=base.tags if base is not None else None)
+                return metrics.start(
+                    env, cfg, manifest, source, denv.world_size, loading,
+                    extra_tags={**(base.tags if base is not None else {}),
+                                "arf.data_placement": placement.label,
+                                **accel.bitwise_record(device, cfg.precision, cfg.compile)},
+                    extra_params={"data_placement": placement.mode,
+                                  "precision": cfg.precision, "compile": cfg.compile})
         except BaseException:
             metrics.end("FAILED")
             raise
@@ -160,7 +170,7 @@ def build(env: StepEnv, cfg: TrainConfig, manifest: Manifest, source: Any,
     trial = TrialPart(env, denv) if "trial_number" in (env.spec.inputs.get("hpo") or {}) \
         else None
     return Parts(env, cfg, denv, device, info, data, state, checkpoint, metrics,
-                 Preemption(guard, denv, device), trial, hooks, started)
+                 Preemption(guard, denv, device), trial, hooks, placement, started)
 
 
 def _pinned_base(env: StepEnv, cfg: TrainConfig, manifest: Manifest, denv: DistEnv,
@@ -192,12 +202,12 @@ def _build_state(cfg: TrainConfig, recipe: Recipe, info: ModelInfo, source: Any,
         if frozen and denv.is_main:
             log.info("fine-tuning %s version %s with %s frozen", base.uri, base.version,
                      ", ".join(frozen))
-    model.to(device)
+    recipe.to_device(model, device)  # bc_pixels: channels_last convolutions on CUDA
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=cfg.hp.lr, weight_decay=cfg.hp.weight_decay)
     # The step trains the standardized core on standardized data (Recipe.training_tensors);
     # the normalization buffers live outside it, so DDP has no buffers to broadcast.
-    net = DDP(model.net) if denv.enabled else model.net
+    net = accel.compiled(DDP(model.net) if denv.enabled else model.net, cfg.compile)
     seed_all(cfg.seed + denv.rank)  # from here on, per-rank streams
     return TrainState(model, optimizer, net)
 
@@ -232,27 +242,33 @@ def train(parts: Parts) -> dict[str, Any] | None:
 
 
 def run_epoch(p: Parts, epoch: int, clock: Clock) -> None:
-    state, progress, recipe = p.state, p.state.progress, p.cfg.recipe
+    state, progress, recipe, move = p.state, p.state.progress, p.cfg.recipe, p.placement.move
     state.net.train()
     clock.epoch_start, clock.epoch_samples = time.perf_counter(), 0
+    # Summed on the device: read (one sync) at the epoch's end and before a checkpoint.
+    loss_sum = accel.LossSum(progress.loss_sum, p.device)
     for x, y in p.data.batches(epoch, skip=progress.batches_done):
-        x, y = to_device(x, p.device), y.to(p.device)
-        loss = recipe.training_loss(state.net(x), y)
+        x, y = move(x), move(y)
+        with accel.autocast(p.device, p.cfg.precision):
+            loss = recipe.training_loss(state.net(x), y)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
         progress.step += 1
         progress.batches_done += 1
-        progress.loss_sum += loss.item() * len(y)
+        loss_sum.add(loss, len(y))
         progress.samples += len(y)
         clock.epoch_samples += len(y) * p.denv.world_size
         clock.steps += 1
         p.hooks.after_step(progress.step, p.denv.rank)
         if p.checkpoint.due(progress.step):
+            progress.loss_sum = loss_sum.value()
             p.checkpoint.save(state, p.data)
         if p.preemption.stop_after(progress.step):
+            progress.loss_sum = loss_sum.value()
             p.checkpoint.save(state, p.data)  # no-op if the periodic one ran
             raise p.preemption.stopped(progress.step, p.total_steps, p.checkpoint.folder)
+    progress.loss_sum = loss_sum.value()
 
 
 def end_epoch(p: Parts, clock: Clock) -> dict[str, float]:
@@ -273,21 +289,23 @@ def end_epoch(p: Parts, clock: Clock) -> dict[str, float]:
     return metrics
 
 
-@torch.no_grad()
 def evaluate(p: Parts) -> dict[str, float]:
     """Validation loss (and accuracy) over the whole val split: each rank scores its share,
-    then the sums are all-reduced (exact: no padding)."""
-    model, recipe = p.state.model, p.cfg.recipe
+    then the sums are all-reduced (exact: no padding). Summed on the device, read once."""
+    model, recipe, move = p.state.model, p.cfg.recipe, p.placement.move
     model.eval()
-    loss_sum = correct = n = 0.0
-    for x, y in p.data.val_chunks():
-        x, y = to_device(x, p.device), y.to(p.device)
-        out = model(x)
-        loss_sum += recipe.loss(model, out, y).item() * len(y)
-        n += rows_of(x)
-        if recipe.reports_accuracy:
-            correct += (out.argmax(dim=1) == y).sum().item()
-    loss_sum, n, correct = dist.all_reduce_sum(p.denv, [loss_sum, n, correct], p.device)
+    loss_sum, n = accel.LossSum(0.0, p.device), 0.0
+    correct = torch.zeros((), dtype=torch.int64, device=p.device)
+    with accel.no_grad_autocast(p.device, p.cfg.precision):
+        for x, y in p.data.val_chunks():
+            x, y = move(x), move(y)
+            out = model(x)
+            loss_sum.add(recipe.loss(model, out, y), len(y))
+            n += rows_of(x)
+            if recipe.reports_accuracy:
+                correct += (out.argmax(dim=1) == y).sum()
+    loss_sum, n, correct = dist.all_reduce_sum(
+        p.denv, [loss_sum.value(), n, float(correct.item())], p.device)
     if n == 0:
         return {}
     metrics = {"val_loss": loss_sum / n}

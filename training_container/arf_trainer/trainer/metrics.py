@@ -113,7 +113,8 @@ class MetricsSink:
 
     def start(self, env: StepEnv, cfg: TrainConfig, manifest: Manifest, source: Any,
               world_size: int, loading: tuple[str, str],
-              extra_tags: dict[str, str] | None = None) -> tuple[str | None, str | None]:
+              extra_tags: dict[str, str] | None = None,
+              extra_params: dict[str, Any] | None = None) -> tuple[str | None, str | None]:
         """Open the spool, record the run, its reproducibility record, params and lineage, and
         start sending them. Returns (run id, experiment id), or Nones when MLflow did not answer
         in time: the spool's sender creates the run as soon as it can, at the latest during the
@@ -131,7 +132,7 @@ class MetricsSink:
             spool.set_tags(tags)  # a retry updates the tags of the run it resumes
             spool.log_params({**spec.hyperparameters, "seed": spec.seed,
                               "world_size": world_size, "recipe": cfg.recipe.name,
-                              "data_loading": loading[0]})
+                              "data_loading": loading[0], **(extra_params or {})})
             spool.log_dict(cfg.resolved, "arf/resolved_config.json")
             spool.log_input(dataset, context="training")
             state = spool.start()

@@ -245,6 +245,10 @@ class Recipe:
         return MLP(info.n_features, info.n_outputs, info.hidden_size, info.num_layers,
                    denormalize_output=info.classes is None)
 
+    def to_device(self, model: nn.Module, device: torch.device) -> None:
+        """Move the model to the run's device (a recipe may also pick a memory format there)."""
+        model.to(device)
+
     def fit_normalization(self, model: MLP, x_train: np.ndarray, y_train: torch.Tensor) -> None:
         self.set_normalization(model, mean_std(x_train),
                                mean_std(y_train.numpy()) if y_train.is_floating_point() else None)

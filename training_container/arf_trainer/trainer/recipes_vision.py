@@ -19,7 +19,9 @@ Why spatial softmax: the policy must find a small target in the frame; a keypoin
 a flattening head would have to learn from many more parameters and demonstrations.
 
 channels_last: the frames arrive NHWC, so ``image.permute(0, 3, 1, 2)`` is already a
-channels_last NCHW view; the convolutions run on it without a layout copy.
+channels_last NCHW view; the convolutions run on it without a layout copy. On CUDA the
+convolution weights are made channels_last as well (`to_device`), so cuDNN's NHWC kernels run
+without converting them every step.
 
 Training follows the MLP recipes (recipes.py): the loop trains `model.net` on inputs prepared
 once by `training_tensors` (frames as they are, state and actions standardized with the
@@ -173,6 +175,14 @@ class PixelBehaviourCloning(Recipe):
     def build_model(self, info: ModelInfo) -> PixelPolicy:
         return PixelPolicy(int(info.input_width or 0), info.n_outputs, info.hidden_size,
                            info.num_layers, self.state_positions(info))
+
+    def to_device(self, model: nn.Module, device: torch.device) -> None:
+        """On CUDA the convolution weights go channels_last too: with the NHWC frames' view,
+        cuDNN then runs NHWC kernels without converting the weights every step. On the CPU
+        they stay as they are (the layout would change the kernels, and so the bits)."""
+        model.to(device)
+        if device.type == "cuda":
+            model.net.encoder.to(memory_format=torch.channels_last)
 
     def columns_to_tensors(self, info: ModelInfo, columns: Mapping[str, np.ndarray],
                            split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
