@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # GPU check of arf-trainer (one GPU, one process), run from the repository root:
-#   1. bitwise reproducibility: `arf-trainer train` (reach_bc, bc recipe, the saved job spec:
-#      10 epochs, 330 steps) twice on CUDA in fresh workspaces -> same weights sha256?
-#      plus one run on the CPU of the same machine (CUDA_VISIBLE_DEVICES="") for comparison;
-#   2. harness overhead on CUDA: bench/harness_overhead.py --device cuda --tracking none.
+#   1. bitwise reproducibility: `arf-trainer train` on the saved job specs twice on CUDA in
+#      fresh workspaces -> same weights sha256? plus one run on the CPU of the same machine
+#      (CUDA_VISIBLE_DEVICES="") for comparison: repro (reach_bc, bc, 10 epochs, 330 steps),
+#      repro_pixels (reach_pixels_bc, bc_pixels: channels_last convolutions on CUDA),
+#      repro_bf16 and repro_compile (bc with training.precision bf16 / training.compile: are
+#      they bitwise reproducible on CUDA? the trainer records them as not verified);
+#   2. harness overhead on CUDA: bench/harness_overhead.py --device cuda --tracking none, for
+#      bc (harness) and bc_pixels (harness_pixels).
 # Writes to $OUT: gpu_check.log (everything printed), train_logs.log (the trainer runs of
-# check 1), repro.json, harness.json, summary.json.
+# check 1), repro*.json, harness*.json, summary.json.
+# Inputs: .devcheck/{prepare,train-jobspec.json} (bc) and .devcheck/pixels/... (bc_pixels),
+# from `bench/harness_overhead.py --save-inputs .devcheck` (bench/gpu/README.md).
 #
 # The machine has no MLflow: the wheels in .devcheck/whl (mlflow-skinny 3.17.2 and the
 # dependencies its import needs that the image lacks; cp312, x86-64) go to /tmp/devcheck-site.
@@ -13,17 +19,24 @@
 #
 # Knobs (environment): PY (python3), DEVCHECK_DEVICE (cuda; cpu for a dry run without a GPU),
 # DEVCHECK_EPOCHS (100: 3,300 steps, so that CUDA warm-up inside both timed loops is a
-# small share) and DEVCHECK_REPEATS (5) for check 2, DEVCHECK_SKIP_WHEELS=1 (use the
-# interpreter's own mlflow), DEVCHECK_EXTRA_PYTHONPATH (dry run: bench/gpu/dryrun).
+# small share), DEVCHECK_PIXEL_EPOCHS (30) and DEVCHECK_REPEATS (5) for check 2,
+# DEVCHECK_CHECKS (which checks, default all: "repro repro_pixels repro_bf16 repro_compile
+# harness harness_pixels"; split them over two calls when one call's time is short),
+# DEVCHECK_SKIP_WHEELS=1 (use the interpreter's own mlflow), DEVCHECK_EXTRA_PYTHONPATH (dry
+# run: bench/gpu/dryrun).
 set -u -o pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository root (this file is bench/gpu/gpu_check.sh)
 REPO=$PWD
 OUT=${OUT:-/tmp/devcheck-out}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 DEV=${DEVCHECK_DEVICE:-cuda}
 EPOCHS=${DEVCHECK_EPOCHS:-100}
+PIXEL_EPOCHS=${DEVCHECK_PIXEL_EPOCHS:-30}
 REPEATS=${DEVCHECK_REPEATS:-5}
+CHECKS=" ${DEVCHECK_CHECKS:-repro repro_pixels repro_bf16 repro_compile harness harness_pixels} "
+want() { case "$CHECKS" in *" $1 "*) return 0;; esac; return 1; }
+DC=$REPO/.devcheck
 export PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 T0=$(date +%s)
@@ -78,16 +91,45 @@ print("mlflow", mlflow.__version__, "from", mlflow.__file__, f"({time.perf_count
 EOF
 echo "import check exit $?"
 
-step "check 1: reproducibility (2 x CUDA, 1 x CPU)"
-timeout 150 "$PY" bench/gpu/repro.py --cuda-runs 2 --cpu-runs 1 --json "$OUT/repro.json" \
-  --log "$OUT/train_logs.log"
-echo "check 1 exit $?"
+# bc_pixels' conv weights are channels_last on CUDA (recipes_vision to_device); CPU: unchanged
+step "bc_pixels memory format"
+timeout 60 "$PY" - <<'EOF'
+import torch
+from arf_trainer.trainer.recipes import ModelInfo
+from arf_trainer.trainer.recipes_vision import PixelBehaviourCloning
+info = ModelInfo(recipe="bc_pixels", features=["image", "s"], targets=["a"], hidden_size=8,
+                 num_layers=1, n_outputs=2, input_width=1, arrays={"image": [16, 16, 3]})
+recipe = PixelBehaviourCloning()
+model = recipe.build_model(info)
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+recipe.to_device(model, device)
+w = model.net.encoder[0].weight
+print("device", device, "conv weight channels_last:",
+      w.is_contiguous(memory_format=torch.channels_last), "contiguous:", w.is_contiguous())
+EOF
 
-step "check 2: harness overhead, --device $DEV --tracking none, $EPOCHS epochs, $REPEATS rounds"
-timeout 190 "$PY" bench/harness_overhead.py --device "$DEV" --tracking none \
-  --prepared .devcheck/prepare --job-spec .devcheck/train-jobspec.json \
-  --epochs "$EPOCHS" --repeats "$REPEATS" --json "$OUT/harness.json"
-echo "check 2 exit $?"
+repro() {  # name, job-spec folder, extra repro.py arguments
+  want "$1" || return 0
+  step "check 1: $1: reproducibility (2 x CUDA, 1 x CPU) $3"
+  timeout 150 "$PY" bench/gpu/repro.py --cuda-runs 2 --cpu-runs 1 --json "$OUT/$1.json" \
+    --prepared "$2/prepare" --job-spec "$2/train-jobspec.json" --log "$OUT/train_logs.log" $3
+  echo "check 1 $1 exit $?"
+}
+repro repro "$DC" ""
+repro repro_pixels "$DC/pixels" ""
+repro repro_bf16 "$DC" "--precision bf16"
+repro repro_compile "$DC" "--compile"
+
+harness() {  # name, job-spec folder, epochs, timeout
+  want "$1" || return 0
+  step "check 2: $1: harness overhead, --device $DEV --tracking none, $3 epochs, $REPEATS rounds"
+  timeout "$4" "$PY" bench/harness_overhead.py --device "$DEV" --tracking none \
+    --prepared "$2/prepare" --job-spec "$2/train-jobspec.json" \
+    --epochs "$3" --repeats "$REPEATS" --json "$OUT/$1.json"
+  echo "check 2 $1 exit $?"
+}
+harness harness "$DC" "$EPOCHS" 190
+harness harness_pixels "$DC/pixels" "$PIXEL_EPOCHS" 240
 
 step "summary"
 OUT=$OUT "$PY" - <<'EOF'
@@ -97,18 +139,26 @@ out = Path(os.environ["OUT"])
 def load(name):
     p = out / name
     return json.loads(p.read_text()) if p.is_file() else None
-repro, harness = load("repro.json"), load("harness.json")
-summary = {"repro": repro and {k: v for k, v in repro.items() if k != "runs"},
-           "repro_runs": repro and [{k: r.get(k) for k in ("tag", "cuda_visible", "device_name",
-                                     "exit_code", "weights_sha256", "steps", "timing",
-                                     "process_seconds", "spool_records", "mlflow_run_id")}
-                                    for r in repro["runs"]],
-           "harness": harness and {k: harness[k] for k in ("device", "tracking", "epochs",
-                                   "repeats", "rows", "ratio_wall", "ratio_cpu",
-                                   "best_vs_best", "headline_ratio")},
-           "harness_median_samples_per_s": harness and {
-               k: statistics.median(v) for k, v in harness["samples_per_s"].items()},
-           "bf16_autocast": "not measured: the trainer has no autocast/bf16 option"}
+summary = {}
+for name in ("repro", "repro_pixels", "repro_bf16", "repro_compile"):
+    repro = load(f"{name}.json")
+    summary[name] = repro and {k: v for k, v in repro.items() if k != "runs"}
+    summary[f"{name}_runs"] = repro and [
+        {k: r.get(k) for k in ("tag", "cuda_visible", "device_name", "exit_code",
+                               "weights_sha256", "steps", "timing", "process_seconds",
+                               "spool_records", "mlflow_run_id", "data_placement")}
+        for r in repro["runs"]]
+for name in ("harness", "harness_pixels"):
+    harness = load(f"{name}.json")
+    for recipe, figures in ((harness or {}).get("recipes") or {}).items():
+        summary[name] = {"device": harness["device"], "tracking": harness["tracking"],
+                         "precision": harness["precision"], "repeats": harness["repeats"],
+                         "recipe": recipe,
+                         **{k: figures[k] for k in ("epochs", "rows", "ratio_rounds",
+                                                    "ratio_wall", "ratio_cpu", "best_vs_best",
+                                                    "headline_ratio")},
+                         "median_samples_per_s": {
+                             k: statistics.median(v) for k, v in figures["samples_per_s"].items()}}
 (out / "summary.json").write_text(json.dumps(summary, indent=2))
 print(json.dumps(summary, indent=2))
 EOF

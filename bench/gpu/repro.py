@@ -1,12 +1,14 @@
-"""Check 1: bitwise reproducibility of `arf-trainer train` (reach_bc, bc recipe, 1 process).
+"""Check 1: bitwise reproducibility of `arf-trainer train` (the saved job spec's recipe: reach_bc's
+bc, or reach_pixels_bc's bc_pixels; 1 process).
 
 Runs `python -m arf_trainer.cli train` on the saved job spec and prepared shards in fresh
-workspaces: `--cuda-runs` times with the GPU visible (the trainer takes CUDA when it sees it),
+workspaces (`--precision` / `--compile` override the spec's training.precision / compile): `--cuda-runs` times with the GPU visible (the trainer takes CUDA when it sees it),
 `--cpu-runs` times with CUDA_VISIBLE_DEVICES="" (OMP_NUM_THREADS=1), and writes each run's
 final weights sha256, steps, metrics and timing to --json. Tracking goes to an unreachable
 MLflow (the spool keeps it), as on a machine without MLflow.
 
-    python3 bench/gpu/repro.py --cuda-runs 2 --cpu-runs 1 --json $OUT/repro.json
+    python3 bench/gpu/repro.py --cuda-runs 2 --cpu-runs 1 --json $OUT/repro.json \
+        --prepared .devcheck/prepare --job-spec .devcheck/train-jobspec.json [--precision bf16]
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+REPO = HERE.parents[1]  # this file is bench/gpu/repro.py
 sys.path.insert(0, str(REPO / "bench"))
 
 from harness_overhead import UNREACHABLE_TRACKING_URI, trainer_env  # noqa: E402
@@ -57,7 +59,8 @@ def train_once(root: Path, job_spec: dict, prepared: Path, tag: str, cuda: bool,
     if proc.returncode == 0:
         result = json.loads((workspace / "train" / "result.json").read_text())
         run.update({k: result.get(k) for k in ("weights_sha256", "steps", "metrics", "timing",
-                                               "config_hash", "mlflow_run_id")})
+                                               "config_hash", "mlflow_run_id",
+                                               "data_placement")})
         spool = workspace / "train" / "tracking-spool.jsonl"
         run["spool_records"] = (sum(1 for _ in spool.open()) if spool.is_file() else None)
     else:
@@ -75,6 +78,9 @@ def write_summary(path: Path, job_spec: dict, runs: list[dict], final: bool) -> 
     summary = {
         "complete": final,
         "epochs": job_spec["hyperparameters"]["epochs"],
+        "recipe": job_spec["template"]["training"]["recipe"],
+        "precision": job_spec["template"]["training"].get("precision", "fp32"),
+        "compile": job_spec["template"]["training"].get("compile", False),
         "runs": runs,
         "cuda_sha256": cuda_shas,
         "cpu_sha256": cpu_shas,
@@ -100,8 +106,15 @@ def main() -> int:
     parser.add_argument("--cpu-runs", type=int, default=1)
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--log", type=Path, required=True)
+    parser.add_argument("--precision", choices=("fp32", "bf16"))
+    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
     job_spec = json.loads(args.job_spec.read_text())
+    training = job_spec["template"]["training"]
+    if args.precision:
+        training["precision"] = args.precision
+    if args.compile:
+        training["compile"] = True
     root = Path(tempfile.mkdtemp(prefix="arf-repro-"))
     runs: list[dict] = []
     try:
