@@ -38,11 +38,12 @@ def _one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-def train_digits(tmp: Path, name: str, uri: str, **training: Any) -> dict[str, Any]:
+def train_digits(tmp: Path, name: str, uri: str, epochs: int = 3,
+                 **training: Any) -> dict[str, Any]:
     ws = tmp / name
     prepare_digits(ws)
-    spec = make_spec("digits_smoke", run_id=f"manual__{name}", hyperparameters=DIGITS_HP,
-                     training=training)
+    spec = make_spec("digits_smoke", run_id=f"manual__{name}",
+                     hyperparameters={**DIGITS_HP, "epochs": epochs}, training=training)
     result = run_train(make_env(spec, ws, uri, tmp / "artifacts"))
     assert result is not None
     return result
@@ -104,13 +105,15 @@ def test_bf16_trains_on_cpu_and_the_record_says_so(tmp_path: Path) -> None:
     import mlflow
 
     uri = fresh_tracking_uri(tmp_path)
-    fp32 = train_digits(tmp_path, "fp32", uri)
-    bf16 = train_digits(tmp_path, "bf16", uri, precision="bf16")
-    again = train_digits(tmp_path, "bf16-again", uri, precision="bf16")
+    fp32 = train_digits(tmp_path, "fp32", uri, epochs=1)
+    bf16 = train_digits(tmp_path, "bf16", uri, epochs=1, precision="bf16")
+    again = train_digits(tmp_path, "bf16-again", uri, epochs=1, precision="bf16")
     # Autocast reached the loop (other weights than fp32), and it still learned; a rerun is
     # bit-identical on the CPU (measured: accel.MEASURED).
     assert bf16["weights_sha256"] != fp32["weights_sha256"]
     assert bf16["metrics"]["val_accuracy"] > 0.8
+    assert bf16["metrics"]["train_loss"] == pytest.approx(fp32["metrics"]["train_loss"],
+                                                          rel=0.05)
     assert again["weights_sha256"] == bf16["weights_sha256"]
     client = mlflow.MlflowClient(uri)
     run = client.get_run(bf16["mlflow_run_id"])

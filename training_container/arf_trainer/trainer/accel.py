@@ -109,7 +109,10 @@ class LossSum:
         self.total = torch.tensor(start, dtype=torch.float64, device=device)
 
     def add(self, loss: torch.Tensor, rows: int) -> None:
-        self.total += loss.detach().to(torch.float64) * rows
+        # One kernel (~9 us on a CPU): total + rows * float64(loss), computed in float64; the
+        # product is exact (24-bit mantissa x a batch size), so this rounds like Python's
+        # `total += loss.item() * rows`.
+        self.total.add_(loss.detach(), alpha=rows)
 
     def value(self) -> float:
         """The sum so far (one device-to-host sync)."""
