@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from arf_training.template_query import _check_query_size, _check_single_select
+
 MAX_SITES = 64
 _SITE_NAME = r"^[a-z][a-z0-9-]{0,30}$"  # a DNS label part: it names pods and claims too
 
@@ -34,19 +36,15 @@ class Site(_Section):
         None, min_length=1,
         description="This site's SELECT, if it differs from dataset.query (same columns).")
 
-    # The same query rules as dataset.query (imported late: templates.py imports this module).
+    # The same query rules as dataset.query.
     @model_validator(mode="before")
     @classmethod
     def _query_size(cls, data: Any) -> Any:
-        from arf_training.templates import _check_query_size
-
         return _check_query_size(data, "federated.sites[].query")
 
     @field_validator("query")
     @classmethod
     def _single_select(cls, query: str | None) -> str | None:
-        from arf_training.templates import _check_single_select
-
         return None if query is None else _check_single_select(query)
 
 
