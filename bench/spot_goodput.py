@@ -1,8 +1,8 @@
 """Spot goodput: a real training run under a seeded preemption trace, against the same run
 uninterrupted, measured back to back in one invocation.
 
-The trace: SIGTERM to the train step's PID 1 (arf-trainer for the built-in recipe, torchrun for
-the Lightning template), as the kubelet sends on a spot reclaim, at exponential intervals of
+The trace: SIGTERM to the train step's PID 1 (torchrun: both templates train with 2
+processes), as the kubelet sends on a spot reclaim, at exponential intervals of
 wall time with the given mean (seeded); each interval starts when the previous start began. The
 local backend restarts a start that exited 75 in the same task try (`LocalStepRunner`), exactly
 as the DAG does. Reported per workload:
@@ -57,8 +57,6 @@ def _template(name: str, epochs_max: int):
     path = REPO / "config_templates" / f"{name}.yaml"
     data = yaml.safe_load(path.read_text())
     data["training"]["hyperparameters"]["epochs"]["maximum"] = epochs_max
-    if name == "reach_bc":
-        data["training"]["distributed"]["procs_per_node"] = 1
     return LoadedTemplate(TrainingTemplate.model_validate(data), path, "bench")
 
 

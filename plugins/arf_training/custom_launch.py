@@ -49,7 +49,8 @@ fi
 exit "$code"
 """.strip()
 
-# A PyTorchJob replica's PID 1 around torchrun (custom commands only). torchrun exits 1 when its
+# A PyTorchJob replica's PID 1 around torchrun (built-in recipes and custom commands: arf-trainer
+# records its rank's code itself, in the same files). torchrun exits 1 when its
 # workers exit 75, and the Training Operator's `restartPolicy: ExitCode` treats 1-127 as
 # permanent. Every rank of this pod records its code in a folder of the pod's own; when all of
 # them asked to be resumed, the pod exits 143 (as if SIGTERMed), which the operator restarts:

@@ -188,6 +188,10 @@ def build_step_spec(
     }
     if custom:
         env.update(custom_launch.env_for(workspace / train_dir))
+    elif distributed:
+        # arf-trainer records each rank's exit code there: torchrun reports a rank's exit 75
+        # ("preempted, resume me") as its own exit 1, and the backends read the ranks' codes.
+        env["ARF_EXIT_DIR"] = str(workspace / train_dir / custom_launch.EXIT_DIR)
     return StepSpec(
         step=step,
         image=custom.image if custom else DEFAULT_IMAGE,

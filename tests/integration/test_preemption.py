@@ -235,14 +235,23 @@ def test_torchrun_sigterm_and_elastic_restart_give_uninterrupted_weights(
     sends), SIGTERM to torchrun alone (what a pod's PID 1 gets from Kubernetes; torchrun
     forwards it), then an elastic run (--max-restarts=1) that loses a worker to SIGKILL, is
     restarted by torchrun and finishes."""
+    from arf_training import custom_launch
+
     ws = Workspace(tmp_path, "ddp", nproc=2)
+    exits = tmp_path / "exits"
     stops = []
     for target, group in ((EVERY, True), (4 * EVERY, False)):
-        run = ws.start(SLOW)
+        custom_launch.clear_exit_codes(exits)
+        run = ws.start({**SLOW, "ARF_EXIT_DIR": str(exits)})
         run.wait_until(ws.checkpoint_appears(target), f"step-{target}")
         run.signal(signal.SIGTERM, group=group)
-        # Each worker exits 75; torchrun itself, once signalled, always exits 1.
-        assert run.finish() == [TORCHRUN_SIGNALLED_EXIT], run.output[-4000:]
+        # Each worker exits 75; torchrun itself, once signalled, always exits 1. The ranks'
+        # own codes tell the backends "preempted, resume me" (no retry spent).
+        codes = run.finish()
+        assert codes == [TORCHRUN_SIGNALLED_EXIT], run.output[-4000:]
+        rank_codes = custom_launch.rank_exit_codes(exits)
+        assert rank_codes == {"0": 75, "1": 75}, run.output[-4000:]
+        assert custom_launch.was_preempted(codes, rank_codes, world_size=2)
         assert "Received 15 death signal, shutting down workers" in run.output
         assert resumed_step(run) == (stops[-1] if stops else None)
         stops.append(stopped_step(run, ranks=2))  # both ranks stopped after the same step

@@ -384,8 +384,11 @@ def test_one_node_job_is_a_master_running_standalone_torchrun(pytorchjob_schema)
     assert job["spec"]["nprocPerNode"] == "4"
     box = _container(replicas["Master"]["template"])
     assert box["name"] == "pytorch"
-    assert box["command"] == ["torchrun", "--nproc-per-node=4", "--standalone", "--no-python",
-                              "arf-trainer", "train"]
+    # torchrun under the replica wrapper: every rank exiting 75 (preempted) restarts the pod
+    assert box["command"][:2] == ["/bin/sh", "-c"]
+    assert box["command"][-6:] == ["torchrun", "--nproc-per-node=4", "--standalone",
+                                   "--no-python", "arf-trainer", "train"]
+    assert _env(box)["ARF_PROCS_PER_POD"] == "4" and _env(box)["ARF_EXIT_DIR"].endswith("/exits")
     assert box["ports"] == [{"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"}]
     assert "elasticPolicy" not in job["spec"]
     assert len(job["metadata"]["name"]) <= JOB_NAME_MAX
@@ -400,10 +403,10 @@ def test_three_node_job_has_master_and_two_workers(pytorchjob_schema):
     assert {k: v["replicas"] for k, v in replicas.items()} == {"Master": 1, "Worker": 2}
     assert all(r["restartPolicy"] == "ExitCode" for r in replicas.values())
     box = _container(replicas["Worker"]["template"])
-    assert box["command"] == ["torchrun", "--nproc-per-node=2", "--nnodes=3",
-                              "--node-rank=$(RANK)", "--master-addr=$(MASTER_ADDR)",
-                              "--master-port=$(MASTER_PORT)", "--no-python", "arf-trainer",
-                              "train"]
+    assert box["command"][-9:] == ["torchrun", "--nproc-per-node=2", "--nnodes=3",
+                                   "--node-rank=$(RANK)", "--master-addr=$(MASTER_ADDR)",
+                                   "--master-port=$(MASTER_PORT)", "--no-python", "arf-trainer",
+                                   "train"]
     assert _env(box)["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     assert job["spec"]["runPolicy"] == {
         "cleanPodPolicy": "All", "backoffLimit": 5, "ttlSecondsAfterFinished": 600,
@@ -421,7 +424,8 @@ def test_elastic_policy(pytorchjob_schema):
         "maxReplicas": 3, "maxRestarts": 7}
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert {k: v["replicas"] for k, v in replicas.items()} == {"Worker": 3}
-    assert _container(replicas["Worker"]["template"])["command"][:3] == [
+    command = _container(replicas["Worker"]["template"])["command"]
+    assert command[command.index("torchrun"):][:3] == [
         "torchrun", "--nproc-per-node=2", "--no-python"]
 
 

@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code  # SKIP_EXIT
     except Preempted as exc:
         print(f"arf-trainer {args.command}: preempted: {exc}", file=sys.stderr, flush=True)
+        _record_rank_exit(exc.exit_code)
         return exc.exit_code  # PREEMPTED_EXIT
     except TrainerError as exc:
         print(f"arf-trainer {args.command}: error: {exc}", file=sys.stderr, flush=True)
@@ -232,6 +233,29 @@ def _is_rank_of_a_group() -> bool:
     import os
 
     return int(os.environ.get("WORLD_SIZE") or 1) > 1
+
+
+def _record_rank_exit(code: int) -> None:
+    """Write this rank's exit code to `$ARF_EXIT_DIR/rank-$RANK` (the train step sets it).
+
+    torchrun exits 1 once it was SIGTERMed, whatever its workers exited: the backends read the
+    ranks' own codes to tell "every rank preempted, resume me" (75) from a failure, as they do
+    for a template's own command (arf_training.custom_launch writes the same files)."""
+    import os
+
+    folder = os.environ.get("ARF_EXIT_DIR")
+    if not folder:
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+        rank = os.environ.get("RANK") or "0"
+        tmp = os.path.join(folder, f".rank-{rank}.tmp")  # not matched by rank-*
+        with open(tmp, "w") as f:
+            f.write(f"{code}\n")
+        os.replace(tmp, os.path.join(folder, f"rank-{rank}"))
+    except OSError as exc:  # the exit code still tells a single process's backend
+        print(f"arf-trainer: could not record exit code {code} in {folder}: {exc}",
+              file=sys.stderr, flush=True)
 
 
 def _exit_failed_worker(code: int) -> NoReturn:

@@ -14,7 +14,8 @@ the Airflow task log ends with the reason:
 ===  ==============================================================================
 
 Under torchrun the workers exit 75 but torchrun itself, once it was sent SIGTERM, exits 1
-(it re-raises the signal as an exception after its workers stopped).
+(it re-raises the signal as an exception after its workers stopped); so each rank of the train
+step also writes its code to `$ARF_EXIT_DIR/rank-$RANK`, which the backends read.
 """
 
 PREEMPTED_EXIT = 75

@@ -21,9 +21,10 @@ commands, `LocalStepRunner.commands`):
 
 Replica `restartPolicy: ExitCode`: exit codes 1-127 are permanent (2 = bad input; a restart would
 fail the same way), 128+ (SIGTERM/SIGKILL on preemption) restart the pod, up to
-`runPolicy.backoffLimit`; the new pod resumes from the last complete checkpoint. A template's own
-command runs under `custom_launch.pod_wrap`, which turns "every rank of this pod exited 75"
-(torchrun itself exits 1) into 143, so a preempted custom command restarts like a SIGTERMed pod.
+`runPolicy.backoffLimit`; the new pod resumes from the last complete checkpoint. torchrun runs
+under `custom_launch.pod_wrap`, which turns "every rank of this pod exited 75" (torchrun itself
+exits 1) into 143, so a preempted job restarts like a SIGTERMed pod; the ranks record their codes
+(a template's own command through its wrapper, arf-trainer by itself).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class PyTorchJobRenderer(DistributedJobRenderer):
         name = self.name_for(identity)
         elastic = settings.elastic
         command = torchrun_command(spec, elastic=elastic)
-        if spec.setup_command:  # a template's own command: exit 75 restarts the replica
+        if "ARF_EXIT_DIR" in spec.env:  # the ranks record their codes: exit 75 restarts the pod
             command = custom_launch.pod_wrap(command)
             spec = dataclasses.replace(spec, env={
                 **spec.env, "ARF_PROCS_PER_POD": str(spec.procs_per_node)})
