@@ -137,8 +137,12 @@ def run_demo(template: str = "reach_bc", conf: dict[str, Any] | None = None,
     log_path = logs / f"demo-{time.strftime('%Y%m%d-%H%M%S')}.log"
     t0 = time.monotonic()
 
-    print(f"[arf demo] data hub: {settings.datahub_uri}", flush=True)
-    seeded = seed_datahub(settings, env, pixels=_reads_table(template, "reach_pixels"))
+    spec = _template(template)
+    if spec.federated is not None:
+        seeded = seed_site_hubs(settings, env, spec)
+    else:
+        print(f"[arf demo] data hub: {settings.datahub_uri}", flush=True)
+        seeded = seed_datahub(settings, env, pixels=reads_pixels(spec))
     print(f"[arf demo] Airflow metadata DB: "
           f"{shown_uri(env['AIRFLOW__DATABASE__SQL_ALCHEMY_CONN'])}", flush=True)
     migrate(env)
@@ -146,13 +150,13 @@ def run_demo(template: str = "reach_bc", conf: dict[str, Any] | None = None,
           flush=True)
     run, train_s = _dags_test(template, conf or {}, env, log_path, verbose)
     ws = workspace_for(settings, template, run.run_id)
-    prepare = json.loads((ws / "prepare" / "result.json").read_text())
+    prepare = _prepare_result(ws, spec)
     train = json.loads((ws / "train" / "result.json").read_text())
     register = json.loads((ws / "register" / "result.json").read_text())
     event = _asset_event(template, run.run_id)
 
     evaluation = None
-    if _has_evaluation(template):
+    if spec.evaluation:
         print(f"[arf demo] Asset event {event['uri']} -> running {EVALUATE_DAG_ID} with its "
               f"payload", flush=True)
         payload = {"model_name": event["extra"]["model_name"],
@@ -174,22 +178,54 @@ def run_demo(template: str = "reach_bc", conf: dict[str, Any] | None = None,
     return summary
 
 
-def _reads_table(template: str, table: str) -> bool:
-    """Whether the template's dataset query names `table` (reach_pixels is seeded only then)."""
+def _template(name: str) -> Any:
+    """The TrainingTemplate of the DAG `name`, from the templates folder the DAGs are built from."""
     from arf_training.settings import templates_dir
     from arf_training.templates import load_folder, template_files
 
     loaded, _ = load_folder(template_files(templates_dir()))
-    return any(t.name == template and re.search(rf"\b{table}\b", t.template.dataset.query)
-               for t in loaded)
+    for t in loaded:
+        if t.name == name:
+            return t.template
+    raise ArfError(f"no template named {name!r} in {templates_dir()}; "
+                   f"templates: {sorted(t.name for t in loaded)}")
 
 
-def _has_evaluation(template: str) -> bool:
-    from arf_training.settings import templates_dir
-    from arf_training.templates import load_folder, template_files
+def reads_pixels(template: Any) -> bool:
+    """Whether the template's query names reach_pixels (its frames are seeded only then)."""
+    return re.search(r"\breach_pixels\b", template.dataset.query) is not None
 
-    loaded, _ = load_folder(template_files(templates_dir()))
-    return any(t.name == template and t.template.evaluation for t in loaded)
+
+def seed_site_hubs(settings: ArfSettings, env: dict[str, str], template: Any) -> dict[str, Any]:
+    """A federated template's site hubs: the reach demonstrations split over them by target
+    sector (`arf-trainer datahub seed-sites`); idempotent like `seed_datahub`."""
+    from arf_training.federation import site_hub
+
+    sites = [f"{s.name}={site_hub(settings, s.hub)}" for s in template.federated.sites]
+    for site in sites:
+        print(f"[arf demo] site data hub: {site}", flush=True)
+    proc = subprocess.run([venv_bin("arf-trainer"), "datahub", "seed-sites",
+                           *[a for site in sites for a in ("--site", site)]],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ArfError(f"seeding the site hubs failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout[proc.stdout.index("{"):])
+
+
+def _prepare_result(ws: Path, template: Any) -> dict[str, Any]:
+    """The prepare step's result; for a federation, the sites' results summed (rows) and
+    listed (tables and fingerprints, by site)."""
+    if template.federated is None:
+        return json.loads((ws / "prepare" / "result.json").read_text())
+    from arf_training.federation import SITES_DIR
+
+    sites = {s.name: json.loads((ws / SITES_DIR / s.name / "prepare" / "result.json").read_text())
+             for s in template.federated.sites}
+    total = {k: sum(r.get(k) or 0 for r in sites.values())
+             for k in ("rows", "train_rows", "val_rows")}
+    tables = {f"{site}:{name}": version for site, r in sites.items()
+              for name, version in (r.get("tables") or {}).items()}
+    return {**total, "tables": tables, "fingerprint": "per site", "sites": sites}
 
 
 def format_summary(s: dict[str, Any], settings: ArfSettings) -> str:
@@ -205,7 +241,7 @@ def format_summary(s: dict[str, Any], settings: ArfSettings) -> str:
         f"  DAG run     {s['template']} / {s['dag_run_id']}: {s['state']} in {s['wall_s']} s",
         f"  dataset     {ds.get('rows')} rows (train {ds.get('train_rows')}, val "
         f"{ds.get('val_rows')}) from {tables}; fingerprint {str(ds.get('fingerprint'))[:16]}",
-        f"  training    world size {tr.get('world_size')}, {tr.get('steps')} steps; {metrics}",
+        _training_line(tr, metrics),
         f"              weights sha256 {str(tr.get('weights_sha256'))[:16]}; MLflow run "
         f"{tr.get('mlflow_run_id')}",
         f"  model       {model['model_name']} version {model['model_version']} "
@@ -231,6 +267,15 @@ def format_summary(s: dict[str, Any], settings: ArfSettings) -> str:
         "=" * 78,
     ]
     return "\n".join(lines)
+
+
+def _training_line(tr: dict[str, Any], metrics: str) -> str:
+    fed = tr.get("federated")
+    if fed:
+        sent = sum(fed.get("bytes_per_round") or [0]) / max(1, fed.get("rounds") or 1)
+        return (f"  training    federated over {len(fed.get('sites') or {})} sites, "
+                f"{fed.get('rounds')} rounds ({sent / 1e6:.2f} MB exchanged a round); {metrics}")
+    return f"  training    world size {tr.get('world_size')}, {tr.get('steps')} steps; {metrics}"
 
 
 def shown_uri(uri: str) -> str:

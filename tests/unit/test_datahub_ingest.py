@@ -261,3 +261,17 @@ def test_arf_cli_runs_the_container_side(tmp_path: Path, monkeypatch, capfd) -> 
     assert DeltaTable(str(hub / "eps")).metadata().partition_columns == ["robot"]
     assert arf_main(["datahub", "describe", "eps", "--version", "3"]) == 2
     assert "'eps' has no version 3; versions available: 0" in capfd.readouterr().err
+
+
+def test_trainer_cli_seed_sites_names_bad_arguments(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        trainer_main(["datahub", "seed-sites", "--site", "north", "--site", "b=x"])
+    assert exit_.value.code == 2
+    assert "'north': give NAME=HUB" in capsys.readouterr().err
+    sites = ["--site", f"a={tmp_path / 'a'}", "--site", f"a={tmp_path / 'b'}"]
+    assert trainer_main(["datahub", "seed-sites", *sites]) == 2
+    assert "--site names must be unique, got ['a', 'a']" in capsys.readouterr().err
+    sites[-1] = f"b={tmp_path / 'b'}"
+    assert trainer_main(["datahub", "seed-sites", *sites, "--episodes", "1"]) == 2
+    assert "episodes=1 must be an integer >= the number of sites (2)" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()  # nothing written

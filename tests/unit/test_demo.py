@@ -3,6 +3,7 @@ timestamp, the training's epoch progress, and nothing of Airflow's own bookkeepi
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -123,8 +124,52 @@ def test_the_summary_shows_no_database_password(tmp_path):
 
 
 def test_the_demo_renders_camera_frames_only_for_a_template_that_reads_them():
-    from arf_training.demo import _reads_table
+    from arf_training.demo import _template, reads_pixels
 
     # Seeding reach_pixels renders 10,000 frames: only `arf demo --template reach_pixels_bc`.
-    assert _reads_table("reach_pixels_bc", "reach_pixels")
-    assert not _reads_table("reach_bc", "reach_pixels")
+    assert reads_pixels(_template("reach_pixels_bc"))
+    assert not reads_pixels(_template("reach_bc"))
+
+
+def test_an_unknown_template_is_named_with_the_ones_there_are():
+    from arf_training.demo import _template
+    from arf_training.errors import ArfError
+
+    with pytest.raises(ArfError, match=r"no template named 'reach_bcc'.*'reach_bc'"):
+        _template("reach_bcc")
+
+
+def test_a_federated_demo_seeds_each_site_hub_non_iid(tmp_path):
+    from arf_training.demo import _template, seed_site_hubs
+    from arf_training.settings import ArfSettings
+
+    settings = ArfSettings(home=tmp_path, tracking_uri="sqlite:///x.db",
+                           datahub_uri=str(tmp_path / "datahub"), artifact_root="art")
+    template = _template("reach_bc_federated")
+    env = {**os.environ, "ARF_HOME": str(tmp_path)}
+    seeded = seed_site_hubs(settings, env, template)
+    assert set(seeded) == {"north", "south", "west"}
+    assert all(v["action"] == "written" and v["rows"] > 0 for v in seeded.values())
+    assert sum(v["episodes"] for v in seeded.values()) == 300  # one split, no episode twice
+    for site in seeded:  # the template's relative hubs lie under ARF_HOME
+        assert (tmp_path / "sites" / site / "datahub" / "reach_demos").is_dir()
+    again = seed_site_hubs(settings, env, template)
+    assert {v["action"] for v in again.values()} == {"unchanged"}
+
+
+def test_a_federated_runs_dataset_is_the_sites_results(tmp_path):
+    import json
+
+    from arf_training.demo import _prepare_result, _template
+
+    for n, site in enumerate(("north", "south", "west")):
+        folder = tmp_path / "sites" / site / "prepare"
+        folder.mkdir(parents=True)
+        folder.joinpath("result.json").write_text(json.dumps(
+            {"rows": 100 + n, "train_rows": 90, "val_rows": 10 + n,
+             "tables": {"reach_demos": n}, "fingerprint": f"f{n}"}))
+    result = _prepare_result(tmp_path, _template("reach_bc_federated"))
+    assert (result["rows"], result["train_rows"], result["val_rows"]) == (303, 270, 33)
+    assert result["tables"] == {"north:reach_demos": 0, "south:reach_demos": 1,
+                                "west:reach_demos": 2}
+    assert result["sites"]["west"]["fingerprint"] == "f2"

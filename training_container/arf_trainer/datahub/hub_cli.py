@@ -1,9 +1,12 @@
-"""`arf-trainer datahub ingest | tables | describe`: the container side of `arf datahub`.
+"""`arf-trainer datahub ingest | tables | describe | seed-sites`: the container side of
+`arf datahub`, and the federated demo's site hubs.
 
     arf-trainer datahub ingest --hub PATH TABLE FILE_OR_FOLDER... [--mode append|overwrite]
                                [--partition-by COL] [--json]
     arf-trainer datahub tables --hub PATH [--json]
     arf-trainer datahub describe --hub PATH TABLE [--version N] [--json]
+    arf-trainer datahub seed-sites --site NAME=HUB --site NAME=HUB... [--episodes 300]
+                                   [--seed 0] [--force]
 
 Errors are `DataHubError`s: the CLI prints them and exits 2 (bad input; nothing was written).
 """
@@ -13,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 
-COMMANDS = ("ingest", "tables", "describe")
+COMMANDS = ("ingest", "tables", "describe", "seed-sites")
 
 
 def add_parsers(hub_sub: argparse._SubParsersAction) -> None:
-    """Add the three subcommands to `arf-trainer datahub`."""
+    """Add the subcommands of COMMANDS to `arf-trainer datahub`."""
     ingest = hub_sub.add_parser(
         "ingest", help="write Parquet, CSV or Arrow IPC files or folders (or a Delta table) "
         "into a data hub table as one new version")
@@ -38,12 +41,39 @@ def add_parsers(hub_sub: argparse._SubParsersAction) -> None:
     describe.add_argument("table", help="table name")
     describe.add_argument("--version", type=int, help="describe this version (default: latest)")
     describe.add_argument("--json", action="store_true", help="print JSON")
+    sites = hub_sub.add_parser(
+        "seed-sites", help="the federated demo's data: the reach demonstrations split non-IID "
+        "(by target sector) over one data hub per site (arf_trainer.datahub.seed_sites)")
+    sites.add_argument("--site", action="append", required=True, type=_site, metavar="NAME=HUB",
+                       help="a site and its hub directory (repeat, at least twice)")
+    sites.add_argument("--episodes", type=int, default=300,
+                       help="expert episodes recorded, then split over the sites")
+    sites.add_argument("--seed", type=int, default=0, help="RNG seed of the demonstrations")
+    sites.add_argument("--force", action="store_true", help="rewrite hubs already seeded")
+
+
+def _site(text: str) -> tuple[str, str]:
+    name, sep, hub = text.partition("=")
+    if not sep or not name or not hub:
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=HUB, e.g. north=/data/north/hub")
+    return name, hub
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `args.hub_command` (one of COMMANDS); DataHubError propagates to the CLI."""
     from arf_trainer.spec import uri_to_path
 
+    if args.hub_command == "seed-sites":
+        from arf_trainer.datahub.seed_sites import seed_sites
+        from arf_trainer.errors import DataHubError
+
+        hubs = dict(args.site)
+        if len(hubs) != len(args.site):
+            raise DataHubError(f"--site names must be unique, got {[n for n, _ in args.site]}")
+        summary = seed_sites({n: uri_to_path(h) for n, h in hubs.items()},
+                             episodes=args.episodes, seed=args.seed, force=args.force)
+        print(json.dumps(summary, indent=2, sort_keys=True), flush=True)
+        return 0
     hub = uri_to_path(args.hub)
     if args.hub_command == "ingest":
         from arf_trainer.datahub.ingest import ingest

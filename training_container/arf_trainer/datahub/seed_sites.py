@@ -40,6 +40,9 @@ def seed_sites(hubs: dict[str, Path], episodes: int = 300, seed: int = 0,
     """
     if len(hubs) < 2:
         raise DataHubError(f"a federation needs at least 2 site hubs, got {list(hubs)}")
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < len(hubs):
+        raise DataHubError(f"episodes={episodes!r} must be an integer >= the number of sites "
+                           f"({len(hubs)}), e.g. --episodes 300")
     todo = {name: Path(hub) for name, hub in hubs.items()
             if force or REACH_TABLE not in list_tables(Path(hub))}
     summary: dict[str, Any] = {name: {"action": "unchanged"} for name in hubs}
