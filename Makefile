@@ -1,9 +1,9 @@
 # arf-training: one command to set up and run the demo, one to run the tests.
 #   make demo   create .venv, install, seed the data hub, run reach_bc end to end, evaluate
-#   make test   run the default test suite (~16 min on 2 cores; installs the scanners in
-#               .tools-venv); `make test-slow` runs the long end-to-end suites (marker `slow`:
-#               the Airflow-stack CLI/gRPC/browser tests, HPO, the scheduler, Flower in
-#               .federation-venv, which it installs); CI runs both
+#   make test   run the default test suite (~17 min on 2 cores; installs the scanners in
+#               .tools-venv and Flower in .federation-venv); `make test-slow` runs the long
+#               end-to-end suites (marker `slow`: the Airflow-stack CLI/gRPC/browser tests,
+#               HPO, the scheduler, the Flower step and its faults); CI runs both
 #   make up     start PostgreSQL, MLflow and Airflow (api-server, dag-processor, triggerer,
 #               scheduler) under one supervisor that restarts what exits; loopback only
 #   make status each component's pid, uptime, restarts, port
@@ -74,7 +74,7 @@ protos: venv
 demo: venv
 	$(BIN)/arf demo
 
-test: venv tools
+test: venv tools federation-venv
 	$(BIN)/pytest -m "not slow" --durations=25
 
 test-slow: venv tools browser federation-venv

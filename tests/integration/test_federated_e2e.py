@@ -24,7 +24,8 @@ BIN = Path(sys.executable).parent
 FED_VENV = Path(os.environ.get("ARF_FEDERATION_VENV") or REPO / ".federation-venv")
 SITES = ["north", "south", "west"]
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.skipif(
+# In the default suite (`make test` creates the federation venv first).
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(
     not (FED_VENV / "bin" / "flwr").exists(),
     reason=f"no federation venv at {FED_VENV}: run `make federation-venv`")]
 
