@@ -4,6 +4,9 @@ The MLflow run of every training step records the resolved template, trigger con
 table versions, world size and the final weights' sha256. This re-runs `prepare` and `train`
 with the local backend in a fresh workspace, with every table pinned to the recorded version,
 and reports whether the data fingerprint and the weights' sha256 match. Nothing is registered.
+A template's own command logs into the MLflow run `arf-trainer custom-setup` opened for the
+re-run; without a register step to complete it, this ends it (FINISHED, tagged with the run it
+reproduces) so that it does not stay RUNNING.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from arf_training.stepspec import RunIdentity, build_step_spec
 from arf_training.templates import LoadedTemplate, TrainingTemplate
 
 REPRODUCE_DAG_ID = "arf_reproduce"
+CUSTOM_RUN_FILE = "custom_run.json"  # arf_trainer.custom_setup.RUN_FILE, in the train dir
 
 
 def fetch_lineage(run_id: str, settings: ArfSettings) -> dict[str, Any]:
@@ -83,6 +87,9 @@ def reproduce(run_id: str, log: logging.Logger | None = None) -> dict[str, Any]:
                 raise ArfError("the recorded conf does not resolve to the recorded "
                                "hyperparameters/seed; the run's record is inconsistent")
         results[step] = LocalStepRunner(log).run(spec)
+    rerun_run_id = results["train"].get("mlflow_run_id")
+    if spec.setup_command:
+        rerun_run_id = _end_custom_run(Path(spec.env["ARF_OUTPUT_DIR"]).parent, settings, run_id)
     # A custom command's result need not name its weights: hash its output folder as register
     # does (arf_trainer.custom.folder_sha256).
     rerun_sha = results["train"].get("weights_sha256") or \
@@ -100,11 +107,25 @@ def reproduce(run_id: str, log: logging.Logger | None = None) -> dict[str, Any]:
         "match": all(a == b for a, b in checks.values()),
         "checks": {k: {"recorded": a, "rerun": b, "match": a == b} for k, (a, b) in checks.items()},
         "world_size": lineage["world_size"],
-        "rerun_training_run_id": results["train"].get("mlflow_run_id"),
+        "rerun_training_run_id": rerun_run_id,
         "base_model": lineage.get("base_model_version") and loaded.template.model.base_model,
         "workspace": str(workspace),
         "notes": notes,
     }
+
+
+def _end_custom_run(train_dir: Path, settings: ArfSettings, reproduced: str) -> str | None:
+    """End the MLflow run custom-setup opened for the re-run's command; its id."""
+    path = train_dir / CUSTOM_RUN_FILE
+    if not path.exists():
+        return None
+    run_id = json.loads(path.read_text())["run_id"]
+    from mlflow import MlflowClient  # at run time only, never at DAG parse
+
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    client.set_tag(run_id, "arf.reproduce_of", reproduced)
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -191,3 +191,8 @@ def test_custom_command_template_runs_through_the_same_dag(embedded):
     report = json.loads(proc.stdout)
     assert report["match"] is True, report
     assert report["checks"]["weights_sha256"]["rerun"] == register["weights_sha256"]
+    # The re-run's own MLflow run (opened by custom-setup, no register step) is ended.
+    rerun = client.get_run(report["rerun_training_run_id"])
+    assert rerun.info.status == "FINISHED"
+    assert rerun.data.tags["arf.reproduce_of"] == version.run_id
+    assert rerun.info.run_id != version.run_id

@@ -18,7 +18,9 @@ after a preemption. It is idempotent per DAG run, in this order:
    file; ARF_JOB_SPEC_JSON unset), MLflow's standard variables (MLFLOW_TRACKING_URI for every
    rank; MLFLOW_EXPERIMENT_ID, MLFLOW_RUN_ID and ARF_LOG_TO_MLFLOW=true for global rank 0,
    ARF_LOG_TO_MLFLOW=false for the others), the base model (ARF_BASE_MODEL_DIR,
-   ARF_BASE_MODEL_URI, ARF_BASE_MODEL_VERSION) for every rank.
+   ARF_BASE_MODEL_URI, ARF_BASE_MODEL_VERSION) for every rank;
+5. `RUN_FILE` in the train dir: {"experiment_id", "run_id", "base_model"}, for whoever ends the
+   run without a register step (`arf training reproduce`).
 
 Several pods of one PyTorchJob may run it at once: each settles on the oldest run with the DAG
 run's key and writes its files by atomic rename (from a temporary name of its own: the init
@@ -42,6 +44,7 @@ from arf_trainer.spec import StepEnv, read_json
 log = logging.getLogger(__name__)
 
 ENV_FILE = "custom_env.sh"
+RUN_FILE = "custom_run.json"  # arf_training.reproduce reads it (same name there)
 JOB_SPEC_FILE = "job_spec.json"
 BASE_FOLDER = "base_model"
 PIN_FILE = "base_model.json"
@@ -181,6 +184,7 @@ def run_custom_setup(env: StepEnv) -> dict[str, Any]:
     log.info("custom command: MLflow run %s (experiment %s)%s; environment in %s", run_id,
              experiment_id, f", base model version {base['version']}" if base else "", target)
     summary = {"experiment_id": experiment_id, "run_id": run_id, "base_model": base}
+    write_atomic(folder / RUN_FILE, json.dumps(summary, indent=2, sort_keys=True))
     print(json.dumps(summary), flush=True)
     return summary
 
