@@ -7,7 +7,8 @@ prepare step. Then, every model with the template's hyperparameters and the same
 (federated: rounds x local_epochs; the others that many epochs):
 
 - F: the federated model: the DAG's federate step (the federation venv's `arf-trainer
-  federate`: a Flower SuperLink + one SuperNode per site on loopback, FedAvg), driven through
+  federate`: a Flower SuperLink + one SuperNode per site on loopback, the template's strategy),
+  driven through
   LocalStepRunner as the local backend runs it;
 - C: central: the union of the sites' tables in one hub, the plain prepare + train steps of the
   built-in `bc` recipe (the template without its `federated:` section);
@@ -22,10 +23,10 @@ included; prepares excluded), and for F the bytes exchanged per round and rounds
 step's result). Then whether the issue's goals hold: F within 3 points of C, F better than the
 best single site (success rate).
 
-    nice -n 19 .venv/bin/python bench/federated.py [--rounds 10] [--local-epochs 3]
+    nice -n 19 .venv/bin/python bench/federated.py [--rounds 30] [--local-epochs 1]
         [--episodes 300] [--eval-episodes 50] [--json OUT]
 
-Defaults are the template's (rounds 10, local_epochs 3, 50 evaluation episodes from seed
+Defaults are the template's (rounds 30, local_epochs 1, 50 evaluation episodes from seed
 100000) and seed_sites' 300 demonstration episodes (split over the sites by sector). Needs the
 federation venv (`make federation-venv`; ARF_FEDERATION_VENV overrides its path).
 """
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     # model's output normalization), so that the central row is the bc recipe's own val loss.
     scale = steps.load_model(central["workspace"]).output_std
     record = fed["result"]["federated"]
-    rows = [_score("F federated (FedAvg)", fed["workspace"], fed["wall_s"], args, held, scale,
+    rows = [_score(f"F federated ({section.strategy})", fed["workspace"], fed["wall_s"], args, held, scale,
                    {"train_rows": sum(s["train_rows"] for s in record["sites"].values()),
                     "bytes_per_round": record["bytes_per_round"], "rounds": record["rounds"],
                     "federate_step_wall_s": record["wall_s"]}),
@@ -180,9 +181,9 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, help="federated rounds (template: 10)")
+    parser.add_argument("--rounds", type=int, help="federated rounds (template: 30)")
     parser.add_argument("--local-epochs", type=int, help="epochs per round at each site "
-                        "(template: 3)")
+                        "(template: 1)")
     parser.add_argument("--episodes", type=int, default=300,
                         help="demonstration episodes seeded, split over the sites by target "
                         "sector (seed_sites' default: 300)")

@@ -54,10 +54,12 @@ class Federated(_Section):
     sites: list[Site] = Field(min_length=2, max_length=MAX_SITES,
                               description="At least two sites, each with its own data hub.")
     rounds: int = Field(ge=1, le=10_000, description="Federated rounds (fit + aggregate).")
-    strategy: Literal["fedavg", "fedprox"] = Field(
+    strategy: Literal["fedavg", "fedprox", "fedavgm"] = Field(
         "fedavg", description="Aggregation: 'fedavg' (sample-weighted mean of the sites' "
-                              "weights) or 'fedprox' (the same, with a proximal term "
-                              "proximal_mu/2 * ||w - w_global||^2 in each site's loss).")
+                              "weights), 'fedprox' (the same, with a proximal term "
+                              "proximal_mu/2 * ||w - w_global||^2 in each site's loss) or "
+                              "'fedavgm' (the mean's update applied with server momentum: "
+                              "server_momentum, server_lr).")
     fraction_fit: float = Field(1.0, gt=0.0, le=1.0,
                                 description="Fraction of the connected sites sampled each round.")
     min_sites: int = Field(2, ge=1, le=MAX_SITES,
@@ -65,7 +67,15 @@ class Federated(_Section):
                                        "down) the federate task fails.")
     local_epochs: int = Field(1, ge=1, le=1000, description="Epochs each site trains per round.")
     proximal_mu: float | None = Field(
-        None, gt=0.0, le=1000.0, description="FedProx's proximal weight; fedprox only.")
+        None, gt=0.0, le=1000.0, description="FedProx's proximal weight: required with fedprox, "
+                                             "optional with fedavgm (the sites' proximal term "
+                                             "under server momentum).")
+    server_momentum: float | None = Field(
+        None, ge=0.0, lt=1.0, description="FedAvgM's server momentum (e.g. 0.7); fedavgm only.")
+    server_lr: float | None = Field(
+        None, gt=0.0, le=10.0, description="FedAvgM's server learning rate (default 1.0: "
+                                           "the plain mean when server_momentum is 0); "
+                                           "fedavgm only.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Federated":
@@ -92,8 +102,16 @@ class Federated(_Section):
             problems.append("federated.proximal_mu is required with strategy 'fedprox' "
                             "(e.g. proximal_mu: 0.01)")
         if self.strategy == "fedavg" and self.proximal_mu is not None:
-            problems.append(f"federated.proximal_mu ({self.proximal_mu}) is used by strategy "
-                            "'fedprox' only; remove it or set strategy: fedprox")
+            problems.append(f"federated.proximal_mu ({self.proximal_mu}) is used by strategies "
+                            "'fedprox' and 'fedavgm' only; remove it or set strategy: fedprox")
+        if self.strategy == "fedavgm" and self.server_momentum is None:
+            problems.append("federated.server_momentum is required with strategy 'fedavgm' "
+                            "(e.g. server_momentum: 0.7)")
+        for name in ("server_momentum", "server_lr"):
+            value = getattr(self, name)
+            if self.strategy != "fedavgm" and value is not None:
+                problems.append(f"federated.{name} ({value}) is used by strategy 'fedavgm' "
+                                "only; remove it or set strategy: fedavgm")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -41,10 +41,12 @@ def _federate(tmp_path: Path, run_id: str, tracking: str) -> tuple[subprocess.Co
     spec = make_spec("reach_bc", "federate", run_id=run_id,
                      hyperparameters={"hidden_size": 64, "num_layers": 2, "batch_size": 64},
                      training={"distributed": {"nodes": 1, "procs_per_node": 1}})
+    # FedAvgM with server momentum and FedProx's term, as the shipped template (the momentum is
+    # server state: a re-run must still be bitwise)
     spec["template"]["federated"] = {
         "sites": [{"name": s, "hub": f"/hubs/{s}", "query": None} for s in SITES],
-        "rounds": 2, "strategy": "fedavg", "fraction_fit": 1.0, "min_sites": 2,
-        "local_epochs": 1, "proximal_mu": None}
+        "rounds": 2, "strategy": "fedavgm", "fraction_fit": 1.0, "min_sites": 2,
+        "local_epochs": 1, "proximal_mu": 0.01, "server_momentum": 0.7, "server_lr": None}
     spec_path = workspace / "federate.json"
     spec_path.write_text(json.dumps(spec))
     env = step_environ(spec_path, workspace, tracking, tmp_path / "artifacts", run_id,
@@ -79,10 +81,35 @@ def test_federate_trains_a_global_model_and_reruns_bitwise(tmp_path):
                                   f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
     assert {c.data.tags["arf.federated.site"] for c in children} == set(SITES)
 
+    _assert_pooled_normalization(ws1)
+
     second, ws2 = _federate(tmp_path, "run2", tracking)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     again = json.loads((ws2 / "train" / "result.json").read_text())
     assert again["weights_sha256"] == result["weights_sha256"]  # bitwise re-run
+
+
+def _assert_pooled_normalization(workspace: Path) -> None:
+    """The global model standardizes with the statistics of the union of the sites' training
+    rows (what central training computes), from the sites' statistics before round 1."""
+    import numpy as np
+    import torch
+
+    from arf_trainer.trainer.data import feature_matrix, load_manifest, read_split
+    from arf_trainer.trainer.recipes import mean_std
+
+    xs, ys = [], []
+    for site in SITES:
+        manifest = load_manifest(workspace / "sites" / site / "prepare")
+        columns = read_split(manifest, "train", manifest.features + manifest.targets)
+        xs.append(feature_matrix(columns, manifest.features))
+        ys.append(feature_matrix(columns, manifest.targets))
+    weights = torch.load(workspace / "train" / "model.pt", weights_only=True)
+    for prefix, rows in (("input", xs), ("output", ys)):
+        mean, std = mean_std(np.concatenate(rows))
+        # the same buffers every round; only FedAvg's float32 weighted mean may round them
+        torch.testing.assert_close(weights[f"{prefix}_mean"], mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(weights[f"{prefix}_std"], std, rtol=1e-5, atol=1e-6)
 
 
 def _flower_processes(home: str) -> list[int]:

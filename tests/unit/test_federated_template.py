@@ -49,6 +49,27 @@ def test_fedprox_with_mu_loads():
     assert _template(text).federated.proximal_mu == 0.01
 
 
+def test_fedavgm_with_momentum_loads():
+    text = _edit("strategy: fedavg", "strategy: fedavgm\n  server_momentum: 0.7")
+    federated = _template(text).federated
+    assert (federated.strategy, federated.server_momentum, federated.server_lr) == (
+        "fedavgm", 0.7, None)
+    text = _edit("strategy: fedavg", "strategy: fedavgm\n  server_momentum: 0\n  server_lr: 1.5")
+    assert _template(text).federated.server_lr == 1.5
+    text = _edit("strategy: fedavg", "strategy: fedavgm\n  server_momentum: 0.7\n"
+                 "  proximal_mu: 0.01")  # FedProx's local term under server momentum
+    assert _template(text).federated.proximal_mu == 0.01
+
+
+def test_shipped_federated_template_uses_server_momentum():
+    """The shipped example's choice (bench/federated.py, README): FedAvgM with FedProx's term,
+    30 x 1 epochs."""
+    text = (REPO / "config_templates" / "reach_bc_federated.yaml").read_text()
+    federated = parse_template(text, "reach_bc_federated.yaml").federated
+    assert (federated.strategy, federated.rounds, federated.local_epochs) == ("fedavgm", 30, 1)
+    assert (federated.server_momentum, federated.proximal_mu) == (0.7, 0.01)
+
+
 MALFORMED = [
     pytest.param(_edit("  rounds: 3", "  rounds: 3\n  round: 4"),
                  ["federated.round", "unknown key 'round'"], id="unknown-key"),
@@ -76,9 +97,25 @@ MALFORMED = [
     pytest.param(_edit("strategy: fedavg", "strategy: fedprox"),
                  ["proximal_mu is required", "fedprox"], id="fedprox-without-mu"),
     pytest.param(_edit("strategy: fedavg", "strategy: fedavg\n  proximal_mu: 0.1"),
-                 ["proximal_mu (0.1)", "'fedprox' only"], id="mu-with-fedavg"),
+                 ["proximal_mu (0.1)", "'fedprox' and 'fedavgm' only"], id="mu-with-fedavg"),
     pytest.param(_edit("strategy: fedavg", "strategy: fedsgd"),
-                 ["federated.strategy", "'fedavg'", "'fedprox'"], id="unknown-strategy"),
+                 ["federated.strategy", "'fedavg'", "'fedprox'", "'fedavgm'"],
+                 id="unknown-strategy"),
+    pytest.param(_edit("strategy: fedavg", "strategy: fedavgm"),
+                 ["server_momentum is required", "fedavgm"], id="fedavgm-without-momentum"),
+    pytest.param(_edit("strategy: fedavg", "strategy: fedavg\n  server_momentum: 0.9"),
+                 ["server_momentum (0.9)", "'fedavgm' only"], id="momentum-with-fedavg"),
+    pytest.param(_edit("strategy: fedavg", "strategy: fedprox\n  proximal_mu: 0.1\n"
+                       "  server_lr: 2"),
+                 ["server_lr (2.0)", "'fedavgm' only"], id="server-lr-with-fedprox"),
+    pytest.param(_edit("strategy: fedavg", "strategy: fedavgm\n  server_momentum: 1.0"),
+                 ["federated.server_momentum", "less than 1"], id="momentum-1"),
+    pytest.param(_edit("strategy: fedavg", "strategy: fedavgm\n  server_momentum: -0.1"),
+                 ["federated.server_momentum", "greater than or equal to 0"],
+                 id="momentum-negative"),
+    pytest.param(_edit("strategy: fedavg", "strategy: fedavgm\n  server_momentum: 0.5\n"
+                       "  server_lr: 0"),
+                 ["federated.server_lr", "greater than 0"], id="server-lr-zero"),
     pytest.param(_edit("query: \"SELECT * FROM reach_demos\"", "query: \"DELETE FROM x\""),
                  ["federated.sites.1.query", "single SELECT"], id="site-query-not-select"),
     pytest.param(_edit("local_epochs: 2", "local_epochs: 0"),
@@ -115,3 +152,4 @@ def test_json_schema_describes_the_section():
     text = str(schema)
     assert "federated" in schema["properties"]
     assert "fedprox" in text and "local_epochs" in text
+    assert "fedavgm" in text and "server_momentum" in text

@@ -3,7 +3,10 @@
 The ServerApp runs under the SuperLink; its run config names the federation's work folder
 (`plan.json` in, `global.pt` + `rounds.json` out). Each ClientApp runs under one site's
 SuperNode, whose node config names that site's prepared data only (`data-dir`). Everything a
-site needs besides its data arrives in the train message: model shape, hyperparameters, seed.
+site needs besides its data arrives in the messages: model shape, hyperparameters, seed.
+
+Before round 1 the server asks every site for its normalization statistics (a query message)
+and starts the federation from the pooled normalization, as central training would.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord,
+                      RecordDict)
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,63 @@ def _wait_for_sites(grid: Grid, n_sites: int, timeout_s: float) -> None:
         time.sleep(1)
 
 
+def _pooled_normalization(grid: Grid, initial: dict[str, Any], plan: dict[str, Any]
+                          ) -> dict[str, Any]:
+    """`initial` with the normalization of the union of the sites' training rows, from each
+    site's statistics (site.statistics: counts, means, sums of squared deviations).
+
+    Fixed before round 1 and the same at every site, the buffers then never change (sites
+    train `model.net` only), so a server optimizer never moves them either.
+    """
+    from arf_trainer.federated import site
+    from arf_trainer.trainer.recipes import ModelInfo, get_recipe
+
+    info = ModelInfo.from_json(plan["model_info"])
+    recipe = get_recipe(info.recipe)
+    if not recipe.fits_normalization:  # the model normalizes its inputs itself
+        return initial
+    config = ConfigRecord({"model-info": json.dumps(plan["model_info"])})
+    nodes = sorted(grid.get_node_ids())
+    replies = list(grid.send_and_receive(
+        [Message(content=RecordDict({"config": config}), dst_node_id=node,
+                 message_type=MessageType.QUERY) for node in nodes],
+        timeout=float(plan["round_timeout_s"])))
+    good = sorted((m for m in replies if not m.has_error()),
+                  key=lambda m: int(m.content["metrics"]["site-index"]))
+    if len(good) < len(nodes):
+        errors = [m.error.reason for m in replies if m.has_error()]
+        raise SiteShortfall(f"{len(good)} of {len(nodes)} sites sent their normalization "
+                            f"statistics (errors: {errors or 'none, the rest timed out'}); "
+                            "every site must, before round 1")
+    stats = [m.content["arrays"].to_torch_state_dict() for m in good]
+    x_stats, y_stats = site.pooled_stats(stats)
+    model = recipe.build_model(info)
+    model.load_state_dict(initial)
+    recipe.set_normalization(model, x_stats, y_stats)
+    flwr_log(logging.INFO, "pooled normalization from %s site(s), %d training rows",
+             len(good), int(sum(float(s["count"][0]) for s in stats)))
+    return {k: v.detach().clone() for k, v in sorted(model.state_dict().items())}
+
+
+def _strategy(fed: dict[str, Any]) -> Any:
+    common = dict(fraction_train=fed["fraction_fit"], fraction_evaluate=0.0,
+                  min_train_nodes=fed["min_sites"], min_available_nodes=fed["min_sites"])
+    if fed["strategy"] == "fedprox":
+        strategy = _ordered(FedProx)(proximal_mu=float(fed["proximal_mu"]), **common)
+    elif fed["strategy"] == "fedavgm":
+        # Server momentum on the round's averaged update (Hsu et al. 2019): with K sites each
+        # round takes ~1/K of central training's optimizer steps, and non-IID updates partly
+        # cancel; momentum carries the common direction across rounds.
+        server_lr = fed.get("server_lr")  # optional: 1.0, the mean's own step
+        strategy = _ordered(FedAvgM)(server_learning_rate=float(server_lr or 1.0),
+                                     server_momentum=float(fed["server_momentum"]), **common)
+    else:
+        strategy = _ordered(FedAvg)(**common)
+    strategy.min_sites = fed["min_sites"]
+    strategy.history = []
+    return strategy
+
+
 server_app = ServerApp()
 
 
@@ -88,18 +149,14 @@ def server_main(grid: Grid, context: Context) -> None:
     # Round 1 starts with every site (a re-run then sees the same participants); later rounds
     # need only min_sites, so that a site that went down does not stall the federation.
     _wait_for_sites(grid, n_sites, float(plan["round_timeout_s"]))
-    common = dict(fraction_train=fed["fraction_fit"], fraction_evaluate=0.0,
-                  min_train_nodes=fed["min_sites"], min_available_nodes=fed["min_sites"])
-    if fed["strategy"] == "fedprox":
-        strategy = _ordered(FedProx)(proximal_mu=float(fed["proximal_mu"]), **common)
-    else:
-        strategy = _ordered(FedAvg)(**common)
-    strategy.min_sites = fed["min_sites"]
-    strategy.history = []
-    initial = torch.load(work / "initial.pt", map_location="cpu", weights_only=True)
+    strategy = _strategy(fed)
+    initial = _pooled_normalization(
+        grid, torch.load(work / "initial.pt", map_location="cpu", weights_only=True), plan)
     config = ConfigRecord({"model-info": json.dumps(plan["model_info"]),
                            "hyperparameters": json.dumps(plan["hyperparameters"]),
                            "seed": int(plan["seed"]), "local-epochs": int(fed["local_epochs"])})
+    if fed.get("proximal_mu") is not None:  # FedProx sets it too; FedAvgM takes it from here
+        config["proximal-mu"] = float(fed["proximal_mu"])
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial),
                             num_rounds=int(fed["rounds"]), train_config=config,
                             timeout=float(plan["round_timeout_s"]))
@@ -112,6 +169,23 @@ def server_main(grid: Grid, context: Context) -> None:
 
 
 client_app = ClientApp()
+
+
+@client_app.query()
+def client_statistics(msg: Message, context: Context) -> Message:
+    """This site's normalization statistics (aggregates, no rows): see site.statistics."""
+    import torch
+
+    from arf_trainer.federated import site
+    from arf_trainer.trainer.recipes import ModelInfo, get_recipe
+
+    torch.set_num_threads(1)
+    info = ModelInfo.from_json(json.loads(str(msg.content["config"]["model-info"])))
+    data = site.load_site(Path(str(context.node_config["data-dir"])), info,
+                          get_recipe(info.recipe))
+    metrics = MetricRecord({"site-index": int(context.node_config["site-index"])})
+    content = RecordDict({"arrays": ArrayRecord(site.statistics(data)), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
 
 
 @client_app.train()
@@ -134,5 +208,8 @@ def client_train(msg: Message, context: Context) -> Message:
                             site_index=site_index,
                             proximal_mu=float(config.get("proximal-mu", 0.0)))
     metrics = {**metrics, NUM_EXAMPLES: data.train_rows, "site-index": site_index}
-    content = RecordDict({"arrays": ArrayRecord(new), "metrics": MetricRecord(metrics)})
+    # Reply in the order the arrays came: FedAvgM pairs the global and averaged arrays by
+    # position, not by name.
+    content = RecordDict({"arrays": ArrayRecord({k: new[k] for k in weights}),
+                          "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

@@ -1,7 +1,9 @@
 """One site's local training: the ClientApp's work, in plain torch (no Flower imports).
 
 A site reads only its own prepared shards (the SuperNode's `data-dir`). What leaves the site
-is the weights after training, the number of training rows and two losses: never rows.
+is, once, its normalization statistics (row count, column means and sums of squared
+deviations), then each round the weights after training, the number of training rows and two
+losses: never rows.
 
 Determinism: the shuffle and initial state of each local fit are seeded from (template seed,
 round, site index), and torch runs single-threaded on CPU, so one site's update is a function
@@ -20,7 +22,8 @@ import torch
 
 from arf_trainer.errors import TrainingError
 from arf_trainer.trainer.data import Manifest, load_manifest, read_split
-from arf_trainer.trainer.recipes import Hyperparameters, ModelInfo, Recipe, get_recipe, mean_std
+from arf_trainer.trainer.recipes import (Hyperparameters, ModelInfo, Recipe, Stats, get_recipe,
+                                         stats_of)
 
 
 @dataclass
@@ -70,18 +73,13 @@ def fit(info: ModelInfo, weights: dict[str, torch.Tensor], data: SiteData, hp: H
         proximal_mu: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train the received weights for `epochs` on this site; (new weights, metrics).
 
-    In round 1 the site also stores its own normalization statistics in the model's buffers;
-    the server's sample-weighted average then gives the pooled feature mean exactly (the
-    standard deviation approximately): statistics, never rows, leave the site.
+    The received weights already hold the federation's pooled normalization (`pooled_stats`
+    before round 1); only `model.net` trains, so every site standardizes alike.
     """
     torch.manual_seed(_seed(seed, server_round, site_index))
     recipe = get_recipe(info.recipe)
     model = recipe.build_model(info)
     model.load_state_dict(weights)
-    if server_round == 1 and recipe.fits_normalization:
-        y = data.y_train
-        recipe.set_normalization(model, mean_std(data.x_train.numpy()),
-                                 mean_std(y.numpy()) if y.is_floating_point() else None)
     global_params = [p.detach().clone() for p in model.net.parameters()]
     x_in, y_in = recipe.training_tensors(model, data.x_train, data.y_train)
     optimizer = torch.optim.AdamW(model.net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
@@ -103,6 +101,41 @@ def fit(info: ModelInfo, weights: dict[str, torch.Tensor], data: SiteData, hp: H
     metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan")}
     metrics.update(evaluate(model, recipe, data))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics
+
+
+def statistics(data: SiteData) -> dict[str, torch.Tensor]:
+    """This site's sufficient statistics for the normalization, in float64: its training row
+    count and, per feature (and float target) column, the mean and the sum of squared
+    deviations from it. Aggregates over the whole split: no row can be read back from them."""
+    out = {"count": torch.tensor([data.train_rows], dtype=torch.float64)}
+    columns = {"x": data.x_train}
+    if data.y_train.is_floating_point():  # a classifier's labels are not standardized
+        columns["y"] = data.y_train
+    for key, values in columns.items():
+        as64 = values.flatten(start_dim=1).to(torch.float64)
+        mean = as64.sum(dim=0) / max(1, len(as64))  # a site with no rows adds nothing
+        out[f"{key}_mean"], out[f"{key}_m2"] = mean, (as64 - mean).pow(2).sum(dim=0)
+    return out
+
+
+def pooled_stats(sites: list[dict[str, torch.Tensor]]) -> tuple[Stats, Stats | None]:
+    """(feature, target) mean/std of the union of the sites' training rows, from their
+    `statistics` (Chan et al.'s pairwise combination): the statistics central training computes
+    on the pooled data, to float64 rounding. Averaging the sites' own standard deviations instead
+    would leave out the variance between sites, which a non-IID split makes large."""
+    count = sum(float(s["count"][0]) for s in sites)
+    if count == 0:
+        raise TrainingError("no site has training rows: check the sites' prepare results")
+
+    def combine(key: str) -> Stats | None:
+        if f"{key}_mean" not in sites[0]:
+            return None
+        mean = sum(s[f"{key}_mean"] * float(s["count"][0]) for s in sites) / count
+        m2 = sum(s[f"{key}_m2"] + float(s["count"][0]) * (s[f"{key}_mean"] - mean).pow(2)
+                 for s in sites)
+        return stats_of(mean.numpy(), (m2 / count).sqrt().numpy())
+
+    return combine("x"), combine("y")
 
 
 VAL_EXAMPLES = "val-examples"
