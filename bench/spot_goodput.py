@@ -134,7 +134,10 @@ def main() -> int:
     args = parser.parse_args()
     means = args.mean_s or [20.0]
     root = Path(tempfile.mkdtemp(prefix="arf-spot-bench-"))
-    os.environ.update({"ARF_HOME": str(root), "MLFLOW_DISABLE_TELEMETRY": "true"})
+    # Tracking to a SQLite file of the bench's own home: the embedded default (PostgreSQL) is
+    # started by `arf up` / `airflow dags test`, not by a bare step runner.
+    os.environ.update({"ARF_HOME": str(root), "MLFLOW_DISABLE_TELEMETRY": "true",
+                       "ARF_TRACKING_URI": f"sqlite:///{root}/mlflow.db"})
     workloads = {"builtin": ("reach_bc", {"epochs": args.builtin_epochs}),
                  "lightning": ("digits_lightning", {"epochs": args.lightning_epochs})}
     try:
