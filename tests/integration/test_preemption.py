@@ -265,7 +265,9 @@ def test_torchrun_sigterm_and_elastic_restart_give_uninterrupted_weights(
     result = ws.complete(run)
     assert [int(s) for s in RESUMED.findall(run.output)] == [stops[-1], last_periodic], \
         run.output[-4000:]
-    assert "failed (exitcode: -9) local_rank: 1" in run.output
+    # Not torchrun's "failed (exitcode: -9) local_rank: 1": it names the failure it polled
+    # first, which under load can be rank 0's gloo error. The second resume above is the restart.
+    assert f"test hook: SIGKILL to rank 1 after step {last_periodic + 2}" in run.output
     assert result["weights_sha256"] == reference[2]
 
 

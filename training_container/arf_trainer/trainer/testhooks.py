@@ -87,6 +87,8 @@ class TestHooks:
             time.sleep(self.step_delay_s)
         if self.crash_at_step == step and self.crash_rank == rank:
             if self.crash_mode == "kill":
+                # Said first: torchrun's own log names whichever rank it polled first.
+                log.warning("test hook: SIGKILL to rank %d after step %d", rank, step)
                 os.kill(os.getpid(), signal.SIGKILL)
             raise TrainingError(f"injected failure on rank {rank} after step {step} "
                                 "(test hook ARF_TEST_CRASH_AT_STEP)")
