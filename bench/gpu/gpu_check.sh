@@ -21,7 +21,7 @@
 # DEVCHECK_EPOCHS (100: 3,300 steps, so that CUDA warm-up inside both timed loops is a
 # small share), DEVCHECK_PIXEL_EPOCHS (30) and DEVCHECK_REPEATS (5) for check 2,
 # DEVCHECK_CHECKS (which checks, default all: "repro repro_pixels repro_bf16 repro_compile
-# harness harness_pixels"; split them over two calls when one call's time is short),
+# harness harness_pixels probe"; split them over two calls when one call's time is short),
 # DEVCHECK_SKIP_WHEELS=1 (use the interpreter's own mlflow), DEVCHECK_EXTRA_PYTHONPATH (dry
 # run: bench/gpu/dryrun).
 set -u -o pipefail
@@ -34,7 +34,7 @@ DEV=${DEVCHECK_DEVICE:-cuda}
 EPOCHS=${DEVCHECK_EPOCHS:-100}
 PIXEL_EPOCHS=${DEVCHECK_PIXEL_EPOCHS:-30}
 REPEATS=${DEVCHECK_REPEATS:-5}
-CHECKS=" ${DEVCHECK_CHECKS:-repro repro_pixels repro_bf16 repro_compile harness harness_pixels} "
+CHECKS=" ${DEVCHECK_CHECKS:-repro repro_pixels repro_bf16 repro_compile harness harness_pixels probe} "
 want() { case "$CHECKS" in *" $1 "*) return 0;; esac; return 1; }
 DC=$REPO/.devcheck
 export PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
@@ -130,6 +130,15 @@ harness() {  # name, job-spec folder, epochs, timeout
 }
 harness harness "$DC" "$EPOCHS" 190
 harness harness_pixels "$DC/pixels" "$PIXEL_EPOCHS" 240
+
+# 3. where the per-step time goes: in-process variants (determinism on/off, fill of
+#    uninitialized memory, CUBLAS_WORKSPACE_CONFIG on the bare loop) and a cProfile
+if want probe; then
+  step "check 3: probe: bench/gpu/overhead_probe.py, bc 30 epochs x 2 rounds"
+  timeout 150 "$PY" bench/gpu/overhead_probe.py --inputs "$DC" --device "$DEV" --epochs 30 \
+    --rounds 2 2>&1 | grep -v "INFO\|WARNING\|MLflow at\|tracking record" > "$OUT/probe.log"
+  echo "check 3 probe exit $?"; grep -E "^(bare|trainer)" "$OUT/probe.log"
+fi
 
 step "summary"
 OUT=$OUT "$PY" - <<'EOF'

@@ -154,6 +154,14 @@ MEASURED: dict[tuple[str, str, bool], tuple[bool, str]] = {
                                   "measured (weights differ from an eager run's)"),
     ("cpu", "bf16", True): (True, "bf16 autocast + torch.compile on the CPU: bitwise re-runs "
                                   "measured (weights differ from an eager run's)"),
+    # bench/gpu/gpu_check.sh on an H200 (torch 2.11.0+cu130), 2026-12-04: two fresh-process
+    # reruns of the MLP (bc, 330 steps) gave the same weights; bc_pixels in fp32 too. Not
+    # measured: bf16 + compile together on CUDA, kill/resume under either.
+    ("cuda", "bf16", False): (True, "bf16 autocast, eager, deterministic algorithms: bitwise "
+                                    "re-run on CUDA (bench/gpu/gpu_check.sh on an H200)"),
+    ("cuda", "fp32", True): (True, "torch.compile (Inductor, deterministic mode) on CUDA: "
+                                   "bitwise re-run (bench/gpu/gpu_check.sh on an H200; "
+                                   "weights differ from an eager run's)"),
 }
 
 
