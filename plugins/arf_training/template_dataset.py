@@ -1,4 +1,4 @@
-"""The dataset section's layout fields: how prepare splits and orders the query result.
+"""The dataset section's layout fields: how prepare splits, orders and decodes the query result.
 
 `templates.Dataset` inherits them (kept here so that the shared schema module stays small). Only
 pydantic is imported: this runs on every DAG parse. Whether the named columns exist is known
@@ -7,11 +7,54 @@ only once the query runs, so the prepare step checks that and names the columns 
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Largest decoded side: a 4096x4096x4 frame is 64 MiB, already past one shard row group
+# (`arf_trainer.datahub.shards.GROUP_BYTES`); larger images are not camera frames for a policy.
+MAX_IMAGE_SIDE = 4096
+
+
+class ImageDecode(BaseModel):
+    """`dataset.decode.<column>`: the column holds encoded image bytes (a BLOB per row) that
+    prepare decodes into a fixed-shape uint8 array [H, W, C] before writing the shards."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["png", "jpeg"] = Field(
+        description="Encoding of every value: png (lossless) or jpeg. A value in another "
+                    "format fails prepare.")
+    shape: tuple[int, int, int] = Field(
+        description="[H, W, C] of every decoded image: height and width in pixels (each image "
+                    "must have exactly this size; nothing is resized) and channels, 1 "
+                    "(grayscale), 3 (RGB) or 4 (RGBA), which the image is converted to.")
+
+    @field_validator("shape", mode="before")
+    @classmethod
+    def _three_sizes(cls, shape: object) -> object:
+        if not isinstance(shape, (list, tuple)) or len(shape) != 3:
+            raise ValueError(f"shape={shape!r} must be [height, width, channels], e.g. "
+                             "[64, 64, 3] for RGB or [64, 64, 1] for grayscale")
+        return shape
+
+    @field_validator("shape")
+    @classmethod
+    def _shape_bounds(cls, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        height, width, channels = shape
+        if not (1 <= height <= MAX_IMAGE_SIDE and 1 <= width <= MAX_IMAGE_SIDE):
+            raise ValueError(
+                f"shape={list(shape)!r}: height and width must be 1..{MAX_IMAGE_SIDE} pixels; "
+                "write the stored images' size, e.g. [64, 64, 3]")
+        if channels not in (1, 3, 4):
+            raise ValueError(
+                f"shape={list(shape)!r}: channels must be 1 (grayscale), 3 (RGB) or 4 (RGBA), "
+                f"got {channels}; e.g. [64, 64, 3]")
+        return shape
 
 
 class DatasetLayout(BaseModel):
-    """`dataset.split_by` and `dataset.order_by`."""
+    """`dataset.split_by`, `dataset.order_by` and `dataset.decode`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -28,6 +71,13 @@ class DatasetLayout(BaseModel):
                     "by them (spilling to disk, never the whole result in memory) so that shards "
                     "and their fingerprint are reproducible. Without it the result is sorted by "
                     "all its columns, which is slower on wide or large results.")
+    decode: dict[str, ImageDecode] | None = Field(
+        None,
+        description="Columns of encoded image bytes (BLOB) to decode in prepare, e.g. {image: "
+                    "{format: png, shape: [64, 64, 3]}}: the shards and the trainer see a "
+                    "uint8 [H][W][C] array column (like UTINYINT[64][64][3]) and the "
+                    "fingerprint covers the decoded pixels. A null, undecodable, other-format "
+                    "or other-size value fails prepare.")
 
     @field_validator("order_by")
     @classmethod
@@ -42,3 +92,18 @@ class DatasetLayout(BaseModel):
                 f"({'an empty name' if blank else 'repeated: ' + ', '.join(repeated)}); "
                 "write each column once, e.g. [episode, step]")
         return names
+
+    @field_validator("decode")
+    @classmethod
+    def _decode_columns(cls, decode: dict[str, ImageDecode] | None
+                        ) -> dict[str, ImageDecode] | None:
+        if decode is None:
+            return None
+        bad = [n for n in decode if not n.strip() or len(n) > 255]
+        if not decode or bad:
+            named = f"; bad name(s): {bad!r}" if bad else ""
+            raise ValueError(
+                f"dataset.decode={ {n: '...' for n in decode}!r} must map one or more column "
+                f"names (1..255 characters) to a decoder{named}, e.g. {{image: {{format: png, "
+                "shape: [64, 64, 3]}}; or leave decode out")
+        return decode

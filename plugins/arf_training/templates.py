@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -205,8 +205,10 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
                 model = tag_model[part]
             continue
         ann = field.annotation
-        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)
-                      and issubclass(a, BaseModel)]
+        options = (ann,) if get_origin(ann) is dict else getattr(ann, "__args__", (ann,))
+        # A dict of sections (dataset.decode.<column>): the next key is a name, then its value.
+        options = tuple(get_args(a)[-1] if get_origin(a) is dict else a for a in options)
+        candidates = [a for a in options if isinstance(a, type) and issubclass(a, BaseModel)]
         if candidates:
             model = candidates[0]
     fields = getattr(model, "model_fields", {})

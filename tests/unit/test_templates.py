@@ -32,6 +32,11 @@ def _edit(old: str, new: str) -> str:
     return GOOD.replace(old, new, 1)
 
 
+def _decode(entry: str) -> str:
+    return _edit("  validation_split: 0.2",
+                 f"  validation_split: 0.2\n  decode:\n    pixels: {entry}")
+
+
 # (id, template text, expected fragments of the message, expected line or None)
 MALFORMED = [
     pytest.param(_edit("  owner: platform", "  owner: platform\n  ownr: x"),
@@ -72,6 +77,21 @@ MALFORMED = [
                  ["training.recipe", "'bc', 'classifier' or 'bc_pixels'"], None, id="unknown-recipe"),
     pytest.param(_edit("validation_split: 0.2", "validation_split: 1.5"),
                  ["dataset.validation_split", "less than 1"], None, id="split-range"),
+    pytest.param(_decode("{format: gif, shape: [8, 8, 1]}"),
+                 ["dataset.decode.pixels.format", "'png' or 'jpeg'", "'gif'"], None,
+                 id="decode-format"),
+    pytest.param(_decode("{format: png, shape: [8, 8, 2]}"),
+                 ["dataset.decode.pixels.shape", "channels must be 1 (grayscale), 3 (RGB) or 4"],
+                 None, id="decode-channels"),
+    pytest.param(_decode("{format: png, shape: [0, 8, 1]}"),
+                 ["dataset.decode.pixels.shape", "height and width must be 1..4096"], None,
+                 id="decode-size"),
+    pytest.param(_decode("{format: png, shape: [8, 8]}"),
+                 ["dataset.decode.pixels.shape", "[height, width, channels]"], None,
+                 id="decode-rank"),
+    pytest.param(_decode("{format: png, shape: [8, 8, 1], resize: true}"),
+                 ["dataset.decode.pixels.resize", "allowed keys here: format, shape"], None,
+                 id="decode-unknown-key"),
     pytest.param(_edit("apiVersion: arf.dev/v1", "apiVersion: arf.dev/v9"),
                  ["apiVersion", "unsupported apiVersion 'arf.dev/v9'"], 1, id="api-version"),
     pytest.param(_edit("model:\n  name: digits_classifier\n", ""),
@@ -131,6 +151,19 @@ def test_duplicate_model_names_are_errors(tmp_path):
     (tmp_path / "b.yaml").write_text(GOOD.replace("name: digits_smoke", "name: digits_two"))
     good, issues = load_folder(template_files(tmp_path))
     assert good == [] and all("duplicate model name" in i.message for i in issues)
+
+
+def test_dataset_decode_reaches_the_job_spec_and_the_schema():
+    import jsonschema
+    import yaml
+
+    text = _decode("{format: png, shape: [8, 8, 1]}")
+    template = parse_template(text, "t.yaml")
+    # The job spec carries the template as JSON: what the prepare step reads.
+    assert template.model_dump(mode="json")["dataset"]["decode"] == {
+        "pixels": {"format": "png", "shape": [8, 8, 1]}}
+    assert parse_template(GOOD).model_dump(mode="json")["dataset"]["decode"] is None
+    jsonschema.validate(yaml.safe_load(text), json_schema())
 
 
 def test_json_schema_export_validates_the_shipped_templates():
