@@ -50,6 +50,11 @@ class DataHubError(TrainerError):
     exit_code = 2
 
 
+class DecodeError(DataHubError):
+    """A `dataset.decode` column holds a value that is not an image of the declared format and
+    size (arf_trainer.datahub.decode)."""
+
+
 class TrainingError(TrainerError):
     """Training could not run (bad hyperparameters for the recipe, empty data, ...)."""
 

@@ -24,7 +24,8 @@ Layout, under the run workspace (shared by every step of one DAG run)::
      "shards": {"train": [{"path", "rows", "sha256"}], "val": [...]} (a split with no rows
                has no shards),
      "validation_split", "split_by" (a column or null), "order_by" (columns or null), "seed",
-     "created_with": {"duckdb", "pyarrow"},
+     "created_with": {"duckdb", "pyarrow"} (and "pillow" when decoding), "decode": null or
+               {column: {"format", "shape"}} (`dataset.decode`, below),
      "new_rows": rows of dataset.query, "replay": null or {"query", "ratio", "rows_available",
                "rows_requested", "rows", "tables"} (see below),
      "parameters": {name: ISO time} bound to the queries ($data_interval_start, ...)}
@@ -50,6 +51,9 @@ spec's seed (a count query gives the total first).
 Order: by `dataset.order_by` (a unique key, e.g. [episode, step]; a repeated key is an error),
 else by every column (`ORDER BY ALL`, slower on wide results).
 
+Decode: each `dataset.decode` column (encoded image bytes) is decoded batch by batch as the
+rows of either query stream, before the shards (`arf_trainer.datahub.decode`).
+
 Replay: with `dataset.replay: {query, ratio}`, `round(ratio x new rows)` rows of the replay
 query's result (all of them if it has fewer) are sampled without replacement with a generator
 seeded from the spec's seed, and appended to the new rows before the train/val split. Both
@@ -69,19 +73,21 @@ against their hashes and reuses them without querying again.
 from __future__ import annotations
 
 import datetime as dt
-import fnmatch
 import hashlib
 import logging
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
+from arf_trainer.datahub.columns import check_columns
 from arf_trainer.datahub.dataset_query import (
     hub_path,
     open_dataset_query,
@@ -89,13 +95,8 @@ from arf_trainer.datahub.dataset_query import (
     query_parameters,
     resolve_query,
 )
-from arf_trainer.datahub.shards import (
-    ShardWriter,
-    check_fixed_shape,
-    describe_column,
-    layout,
-    sha256_file,
-)
+from arf_trainer.datahub.decode import Decoders
+from arf_trainer.datahub.shards import ShardWriter, describe_column, layout, sha256_file
 from arf_trainer.datahub.split import ExactSample, GroupSplit
 from arf_trainer.datahub.stream import QuerySource
 from arf_trainer.datahub.tables import table_path
@@ -115,25 +116,6 @@ def _fingerprint(shards: dict[str, list[dict[str, Any]]]) -> str:
         for shard in shards[split]:
             digest.update(f"{shard['path']} {shard['sha256']}\n".encode())
     return digest.hexdigest()
-
-
-def resolve_columns(field: str, patterns: list[str], columns: list[str]) -> list[str]:
-    """Names matching `patterns` (names or fnmatch globs): patterns in order, each one's matches
-    in result-column order, without repeats. A pattern that matches nothing is an error."""
-    if not isinstance(patterns, list) or not patterns:
-        raise SpecError(f"{field} must be a non-empty list of column names or globs, "
-                        f"got {patterns!r}")
-    resolved: list[str] = []
-    for pattern in patterns:
-        matches = [c for c in columns if fnmatch.fnmatchcase(c, pattern)]
-        if not matches:
-            raise SpecError(
-                f"{field} entry {pattern!r} matches no column of the query result; columns: "
-                f"{', '.join(columns)}. Fix the name or glob (case-sensitive; e.g. 'obs_*'), "
-                "or select the column in dataset.query"
-            )
-        resolved.extend(c for c in matches if c not in resolved)
-    return resolved
 
 
 def _summary(manifest: dict[str, Any], manifest_path: Path, reused: bool) -> dict[str, Any]:
@@ -179,28 +161,6 @@ def _empty(env: StepEnv, versions: dict[str, int], bound: dict[str, dt.datetime]
         "dataset.skip_if_empty is set, so this run is skipped (nothing new to train on)")
 
 
-def _check_columns(dataset: dict[str, Any], schema: pa.Schema) -> tuple[list[str], list[str]]:
-    """The resolved (features, targets); split_by and every such column checked against `schema`."""
-    columns = schema.names
-    features = resolve_columns("dataset.features", dataset["features"], columns)
-    targets = resolve_columns("dataset.targets", dataset["targets"], columns)
-    both = [c for c in features if c in targets]
-    if both:
-        raise SpecError(
-            f"column(s) {', '.join(both)} are both in dataset.features and dataset.targets; "
-            "a model must not be given its own target as input: narrow one of the patterns"
-        )
-    split_by = dataset.get("split_by")
-    if split_by is not None and split_by not in columns:
-        raise SpecError(
-            f"dataset.split_by is {split_by!r}, not a column of the query result; columns: "
-            f"{', '.join(columns)}. Select the group column (e.g. episode) in dataset.query, "
-            "or fix the name (case-sensitive)")
-    check_fixed_shape(schema, "dataset.features", features)
-    check_fixed_shape(schema, "dataset.targets", targets)
-    return features, targets
-
-
 def _replay_source(env: StepEnv, replay: dict[str, Any], schema: pa.Schema, pins: dict[str, int],
                    values: dict[str, dt.datetime | None], spill: Path) -> QuerySource:
     """The replay query, checked to return dataset.query's columns (in any order) and types."""
@@ -232,12 +192,17 @@ def _as_new(batches: Any, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
 
 
 def _drain(batches: Iterator[pa.RecordBatch], writers: dict[str, ShardWriter], side: Any,
-           pick: ExactSample | None = None) -> int:
-    """Write `batches` (only the `pick`ed rows, if given) into train/val; return rows written."""
-    rows = 0
+           decode: Any, pick: ExactSample | None = None) -> int:
+    """Write `batches` (only the `pick`ed rows, if given; `decode`d: (batch, each row's position
+    in the stream) -> batch) into train/val; return rows written."""
+    rows = seen = 0
     for batch in batches:
+        positions = np.arange(seen, seen + batch.num_rows)
+        seen += batch.num_rows
         if pick is not None:
-            batch = batch.filter(pa.array(pick.mask(batch.num_rows)))
+            keep = pick.mask(batch.num_rows)
+            batch, positions = batch.filter(pa.array(keep)), positions[keep]
+        batch = decode(batch, positions)
         val = side(batch)
         writers["val"].write(batch.filter(pa.array(val)))
         writers["train"].write(batch.filter(pa.array(~val)))
@@ -254,9 +219,10 @@ def _streams(env: StepEnv, root: Path, spill: Path, query: str) -> dict[str, Any
         raise SpecError(f"dataset.validation_split={split!r} must be in [0, 1), e.g. 0.1")
     order_by, split_by = dataset.get("order_by") or None, dataset.get("split_by")
     replay = dataset.get("replay")
+    decoders = Decoders(dataset.get("decode"), order_by)
     new = open_dataset_query(env, "dataset.query", query, pins, values, spill)
     schema = new.schema()
-    features, targets = _check_columns(dataset, schema)
+    features, targets = check_columns(dataset, decoders.schema(schema))
 
     def empty() -> Exception:
         return _empty(env, new.versions, parameters_for("dataset.query", query, values))
@@ -274,10 +240,12 @@ def _streams(env: StepEnv, root: Path, spill: Path, query: str) -> dict[str, Any
         side = lambda batch: sample.mask(batch.num_rows)  # noqa: E731
     else:
         side = GroupSplit(split_by, split, seed).mask
-    batch_rows = min(65_536, layout(schema)[0])
+    batch_rows = min(65_536, layout(decoders.schema(schema))[0])  # the decoded row's width
     with new.stream(order_by, batch_rows) as (schema, batches):
-        writers = {name: ShardWriter(root, name, schema) for name in ("train", "val")}
-        new_rows = _drain(batches, writers, side)
+        shard_schema = decoders.schema(schema)
+        writers = {name: ShardWriter(root, name, shard_schema) for name in ("train", "val")}
+        new_rows = _drain(batches, writers, side,
+                          partial(decoders.batch, schema=shard_schema, what="dataset.query"))
     if new_rows == 0:
         raise empty()
     versions, replay_info = new.versions, None
@@ -285,18 +253,19 @@ def _streams(env: StepEnv, root: Path, spill: Path, query: str) -> dict[str, Any
         if old is None:
             old = _replay_source(env, replay, schema, pins, values, spill)
             available = old.count()
+        decode_old = partial(decoders.batch, schema=shard_schema, what="dataset.replay.query")
         replay_info = _replay(old, replay, new_rows, available, seed, order_by, batch_rows,
-                              schema, writers, side)
+                              schema, writers, side, decode_old)
         versions = {**old.versions, **versions}
     shards = {name: writer.close() for name, writer in writers.items()}
-    return {"versions": versions, "schema": schema, "features": features, "targets": targets,
-            "shards": shards, "new_rows": new_rows, "replay": replay_info, "split": split,
-            "values": values}
+    return {"versions": versions, "schema": shard_schema, "decoders": decoders,
+            "features": features, "targets": targets, "shards": shards, "new_rows": new_rows,
+            "replay": replay_info, "split": split, "values": values}
 
 
 def _replay(old: QuerySource, replay: dict[str, Any], new_rows: int, available: int, seed: int,
             order_by: list[str] | None, batch_rows: int, schema: pa.Schema,
-            writers: dict[str, ShardWriter], side: Any) -> dict[str, Any]:
+            writers: dict[str, ShardWriter], side: Any, decode: Any) -> dict[str, Any]:
     """round(ratio x new rows) seeded samples of the replay rows, appended to the new rows."""
     ratio = float(replay["ratio"])
     wanted = round(ratio * new_rows)
@@ -307,7 +276,7 @@ def _replay(old: QuerySource, replay: dict[str, Any], new_rows: int, available: 
     # Its own stream (seed, 1): the row split draws from default_rng(seed).
     pick = ExactSample(available, take, [seed, 1], "dataset.replay.query")
     with old.stream(order_by, batch_rows) as (_, batches):
-        rows = _drain(_as_new(batches, schema), writers, side, pick)
+        rows = _drain(_as_new(batches, schema), writers, side, decode, pick)
     log.info("replay: %d of %d rows from %s added to %d new rows", rows, available,
              _tables_text(old.versions), new_rows)
     return {"query": replay["query"], "ratio": ratio, "rows_available": available,
@@ -339,7 +308,9 @@ def _build(env: StepEnv, root: Path, spill: Path) -> dict[str, Any]:
         "split_by": dataset.get("split_by"),
         "order_by": dataset.get("order_by") or None,
         "seed": env.spec.seed,
-        "created_with": {"duckdb": duckdb.__version__, "pyarrow": pa.__version__},
+        "created_with": {"duckdb": duckdb.__version__, "pyarrow": pa.__version__,
+                         **data["decoders"].versions()},
+        "decode": data["decoders"].manifest(),
         "new_rows": data["new_rows"],
         "replay": data["replay"],
         "parameters": {name: value.isoformat() for name, value in data["values"].items()

@@ -85,6 +85,13 @@ def check_fixed_shape(schema: pa.Schema, field: str, names: list[str]) -> None:
     """A feature or target column must be a scalar or a fixed-shape array."""
     for name in names:
         column = describe_column(schema.field(name))
+        arrow_type = schema.field(name).type
+        if pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type):
+            raise SpecError(
+                f"{field} column {name!r} has type {column['type']} (bytes), which no recipe "
+                "reads; if it holds encoded images, declare how to decode them, e.g. "
+                f"dataset.decode: {{{name}: {{format: png, shape: [64, 64, 3]}}}}, or leave it "
+                f"out of {field}")
         if column["shape"] is None:
             raise SpecError(
                 f"{field} column {name!r} has type {column['type']}, which has no fixed shape "

@@ -1,0 +1,221 @@
+"""`dataset.decode`: a BLOB column of PNG/JPEG bytes decoded by prepare into uint8 [H][W][C]
+arrays (exact pixels in the shards, the manifest's record, bc_pixels training on them) and
+each bad input refused with a message naming the column and the row."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from test_prepare import _manifest, step_env
+
+from arf_trainer.datahub.decode import Decoders, image_type
+from arf_trainer.datahub.prepare import run_prepare
+from arf_trainer.datahub.tables import write_table
+from arf_trainer.errors import DecodeError, SpecError
+
+SIDE, EPISODES, STEPS = 8, 4, 10
+STATE = ["cos_q0", "cos_q1", "sin_q0", "sin_q1", "qdot_0", "qdot_1"]
+QUERY = ("SELECT episode, step, image, cos_q0, cos_q1, sin_q0, sin_q1, qdot_0, qdot_1, "
+         "act_0, act_1 FROM frames")
+DECODE = {"image": {"format": "png", "shape": [SIDE, SIDE, 3]}}
+
+
+def encode(frame: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def frames_table(images: list[bytes | None] | None = None) -> tuple[pa.Table, np.ndarray]:
+    """EPISODES x STEPS rows of random 8x8 RGB frames stored as PNG bytes (or `images`)."""
+    rng = np.random.default_rng(0)
+    n = EPISODES * STEPS
+    frames = rng.integers(0, 256, size=(n, SIDE, SIDE, 3), dtype=np.uint8)
+    state = rng.normal(size=(n, len(STATE))).astype(np.float32)
+    columns: dict[str, Any] = {
+        "episode": pa.array(np.repeat(np.arange(EPISODES, dtype=np.int64), STEPS)),
+        "step": pa.array(np.tile(np.arange(STEPS, dtype=np.int32), EPISODES)),
+        "image": pa.array(images if images is not None else [encode(f) for f in frames],
+                          type=pa.binary()),
+    }
+    columns.update({name: pa.array(state[:, j]) for j, name in enumerate(STATE)})
+    columns.update({f"act_{j}": pa.array(np.tanh(state[:, j] + state[:, j + 2]))
+                    for j in range(2)})
+    return pa.table(columns), frames
+
+
+def _prepare(tmp_path: Path, table: pa.Table, **dataset: Any) -> Path:
+    hub, workspace = tmp_path / "hub", tmp_path / "ws"
+    write_table(hub, "frames", table)
+    # The exact row split: validation rows whatever the episode hash gives 4 episodes.
+    dataset = {"query": QUERY, "decode": DECODE, "split_by": None, **dataset}
+    run_prepare(step_env(workspace, hub, "reach_pixels_bc", dataset=dataset))
+    return workspace
+
+
+def _shard_rows(workspace: Path) -> pa.Table:
+    manifest = _manifest(workspace)
+    return pa.concat_tables([pq.read_table(workspace / "prepare" / s["path"])
+                             for split in ("train", "val") for s in manifest["shards"][split]])
+
+
+def test_png_column_decodes_to_the_exact_pixels_and_bc_pixels_trains_on_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer_testkit import fresh_tracking_uri, make_env, make_spec
+
+    from arf_trainer.trainer.run import run_train
+
+    table, frames = frames_table()
+    workspace = _prepare(tmp_path, table)
+    manifest = _manifest(workspace)
+    image = next(c for c in manifest["columns"] if c["name"] == "image")
+    # The type DuckDB gives a UTINYINT[8][8][3] column: what the trainer already reads.
+    assert image == {"name": "image", "type": str(image_type(SIDE, SIDE, 3)), "dtype": "uint8",
+                     "shape": [SIDE, SIDE, 3]}
+    assert image["type"] == ("fixed_size_list<: fixed_size_list<: fixed_size_list<: uint8>[3]>"
+                             "[8]>[8]")
+    assert manifest["decode"] == DECODE
+    assert set(manifest["created_with"]) == {"duckdb", "pyarrow", "pillow"}
+    assert manifest["rows"] == EPISODES * STEPS and manifest["features"][0] == "image"
+    assert manifest["val_rows"] == 4
+
+    rows = _shard_rows(workspace)
+    assert rows.schema.field("image").type == image_type(SIDE, SIDE, 3)
+    position = rows["episode"].to_numpy() * STEPS + rows["step"].to_numpy()
+    stored = np.asarray(rows["image"].to_pylist(), dtype=np.uint8)
+    np.testing.assert_array_equal(stored, frames[position])  # PNG is lossless: exact pixels
+
+    # Decoding is deterministic: a second prepare gives the same fingerprint.
+    again = run_prepare(step_env(tmp_path / "ws2", tmp_path / "hub", "reach_pixels_bc",
+                                 dataset={"query": QUERY, "decode": DECODE, "split_by": None}))
+    assert again["fingerprint"] == manifest["fingerprint"]
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    spec = make_spec("reach_pixels_bc", hyperparameters={"epochs": 1, "batch_size": 8,
+                                                         "hidden_size": 64})
+    uri = fresh_tracking_uri(tmp_path / "mlflow")
+    result = run_train(make_env(spec, workspace, uri, tmp_path / "artifacts"))
+    assert result["recipe"] == "bc_pixels" and np.isfinite(result["metrics"]["val_loss"])
+    assert result["steps"] == -(-manifest["train_rows"] // 8)
+
+
+def test_jpeg_grayscale_and_the_replay_path_decode(tmp_path: Path) -> None:
+    table, frames = frames_table()
+    jpegs = [encode(f, "JPEG") for f in frames]
+    table = table.set_column(table.schema.get_field_index("image"), "image",
+                             pa.array(jpegs, type=pa.binary()))
+    decode = {"image": {"format": "jpeg", "shape": [SIDE, SIDE, 1]}}
+    workspace = _prepare(tmp_path, table, decode=decode, replay={"query": QUERY, "ratio": 0.5})
+    manifest = _manifest(workspace)
+    assert manifest["replay"]["rows"] == EPISODES * STEPS // 2
+    assert manifest["rows"] == EPISODES * STEPS * 3 // 2
+    rows = _shard_rows(workspace)
+    position = rows["episode"].to_numpy() * STEPS + rows["step"].to_numpy()
+    stored = np.asarray(rows["image"].to_pylist(), dtype=np.uint8)
+    # JPEG is lossy: the shards hold what Pillow decodes, converted to one channel.
+    expected = np.stack([np.asarray(Image.open(io.BytesIO(jpegs[p])).convert("L"))[..., None]
+                         for p in position])
+    np.testing.assert_array_equal(stored, expected)
+
+
+def _jpeg(frame: np.ndarray) -> bytes:
+    return encode(frame, "JPEG")
+
+
+def _other_size(frame: np.ndarray) -> bytes:
+    return encode(frame[:, :7])
+
+
+def _truncated(frame: np.ndarray) -> bytes:
+    return encode(frame)[:40]
+
+
+def _sixteen_bit(frame: np.ndarray) -> bytes:
+    return encode(frame[..., 0].astype(np.uint16) * 257)
+
+
+BAD_VALUES = [
+    pytest.param(lambda f: None, ["a null value"], id="null"),
+    pytest.param(lambda f: b"not an image", ["12 bytes that are not a PNG image",
+                                             "b'not an i'"], id="not-an-image"),
+    pytest.param(_jpeg, ["JPEG bytes, not PNG"], id="wrong-format"),
+    pytest.param(_other_size, ["a 7x8 image (width x height), not 8x8",
+                               "never resized"], id="wrong-size"),
+    pytest.param(_truncated, ["with a PNG signature that do not decode",
+                              "do not decode as PNG"], id="truncated"),
+    pytest.param(_sixteen_bit, ["not 8 bits per channel"], id="16-bit"),
+]
+
+
+@pytest.mark.parametrize("make_bad, fragments", BAD_VALUES)
+def test_a_bad_value_fails_prepare_naming_column_and_row(tmp_path: Path, make_bad: Any,
+                                                         fragments: list[str]) -> None:
+    _, frames = frames_table()
+    images: list[bytes | None] = [encode(f) for f in frames]
+    images[23] = make_bad(frames[23])  # episode 2, step 3
+    table, _ = frames_table(images)
+    with pytest.raises(DecodeError) as info:
+        _prepare(tmp_path, table)
+    message = str(info.value)
+    assert "dataset.decode.image (format png, shape [8, 8, 3])" in message
+    assert "row 23 of dataset.query's result (episode=2, step=3)" in message
+    for fragment in fragments:
+        assert fragment in message, message
+    # Complete-or-absent: nothing is written as prepared.
+    assert not (tmp_path / "ws" / "prepare").exists()
+    assert list((tmp_path / "ws").iterdir()) == []
+
+
+def test_a_bad_replay_value_names_the_replay_query(tmp_path: Path) -> None:
+    table, frames = frames_table()
+    images: list[bytes | None] = [encode(f) for f in frames]
+    images[5] = None
+    write_table(tmp_path / "hub", "old", frames_table(images)[0])
+    replay = {"query": QUERY.replace("frames", "old"), "ratio": 1.0}
+    with pytest.raises(DecodeError, match=r"row 5 of dataset.replay.query's result "
+                                          r"\(episode=0, step=5\) holds a null value"):
+        _prepare(tmp_path, table, replay=replay)
+
+
+@pytest.mark.parametrize("dataset, fragments", [
+    pytest.param({"decode": {"cos_q0": {"format": "png", "shape": [8, 8, 3]}}},
+                 ["dataset.decode.cos_q0", "has type float, not binary (BLOB)",
+                  "remove the column from dataset.decode"], id="not-binary"),
+    pytest.param({"decode": {"camera": {"format": "png", "shape": [8, 8, 3]}}},
+                 ["dataset.decode.camera", "no column 'camera' in the query result",
+                  "columns: episode, step, image"], id="no-such-column"),
+    pytest.param({"decode": {"image": {"format": "gif", "shape": [8, 8, 3]}}},
+                 ["dataset.decode.image.format='gif'", "'png' or 'jpeg'"], id="bad-format"),
+    pytest.param({"decode": {"image": {"format": "png", "shape": [8, 8, 2]}}},
+                 ["dataset.decode.image.shape=[8, 8, 2]", "C 1, 3 or 4"], id="bad-shape"),
+    pytest.param({"decode": None}, ["dataset.features column 'image' has type binary",
+                                    "dataset.decode: {image: {format: png"],
+                 id="undeclared-blob"),
+])
+def test_bad_declarations_fail_before_any_row(tmp_path: Path, dataset: dict[str, Any],
+                                              fragments: list[str]) -> None:
+    table, _ = frames_table()
+    with pytest.raises(SpecError) as info:
+        _prepare(tmp_path, table, **dataset)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+    assert not (tmp_path / "ws" / "prepare").exists()
+
+
+def test_without_decode_batches_pass_unchanged() -> None:
+    decoders = Decoders(None, None)
+    table, _ = frames_table()
+    schema = table.schema
+    assert decoders.schema(schema) == schema and decoders.manifest() is None
+    batch = table.to_batches()[0]
+    assert decoders.batch(batch, np.arange(batch.num_rows), schema=schema, what="q") is batch
+    assert decoders.versions() == {}
