@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from test_prepare import _manifest, step_env
 
+from arf_trainer.cli import main as trainer_main
 from arf_trainer.datahub.decode import Decoders, image_type
 from arf_trainer.datahub.prepare import run_prepare
 from arf_trainer.datahub.tables import write_table
@@ -52,8 +53,12 @@ def frames_table(images: list[bytes | None] | None = None) -> tuple[pa.Table, np
 
 
 def _prepare(tmp_path: Path, table: pa.Table, **dataset: Any) -> Path:
+    """`table` ingested as users bring their data (a Parquet file through `arf-trainer datahub
+    ingest`), then prepared with reach_pixels_bc's dataset section and `dataset`."""
     hub, workspace = tmp_path / "hub", tmp_path / "ws"
-    write_table(hub, "frames", table)
+    pq.write_table(table, tmp_path / "frames.parquet")
+    assert trainer_main(["datahub", "ingest", "--hub", str(hub), "frames",
+                         str(tmp_path / "frames.parquet")]) == 0
     # The exact row split: validation rows whatever the episode hash gives 4 episodes.
     dataset = {"query": QUERY, "decode": DECODE, "split_by": None, **dataset}
     run_prepare(step_env(workspace, hub, "reach_pixels_bc", dataset=dataset))
@@ -157,8 +162,12 @@ BAD_VALUES = [
 
 
 @pytest.mark.parametrize("make_bad, fragments", BAD_VALUES)
-def test_a_bad_value_fails_prepare_naming_column_and_row(tmp_path: Path, make_bad: Any,
-                                                         fragments: list[str]) -> None:
+def test_a_bad_value_fails_prepare_naming_column_and_row(
+        tmp_path: Path, make_bad: Any, fragments: list[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Row groups (and so the stream's batches) of 7 decoded rows: the bad row is in the 4th
+    # batch, and its position counts across batches.
+    monkeypatch.setattr("arf_trainer.datahub.shards.GROUP_BYTES", 7 * 236)
     _, frames = frames_table()
     images: list[bytes | None] = [encode(f) for f in frames]
     images[23] = make_bad(frames[23])  # episode 2, step 3
