@@ -12,7 +12,7 @@ back to back with the order rotating:
                reserves 1 GiB of address space up front).
   copy_sorted  raw DuckDB `COPY (SELECT * FROM episodes ORDER BY episode_id, step) TO ...
                (FORMAT parquet, COMPRESSION zstd)`: the same work without the split, the
-               hashing or the sandbox, with the same memory limit and a spill folder.
+               hashing or the sandbox, with the same memory limit, threads and a spill folder.
   copy         raw DuckDB `COPY (SELECT * FROM episodes) TO ...`: the query as written, no
                order (what a user would run by hand; not reproducible byte for byte).
 
@@ -37,14 +37,16 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 MEMORY = "1Gi"
-DUCKDB_LIMIT = "512MiB"  # what prepare gives DuckDB under resources.memory: 1Gi (half)
+DUCKDB_LIMIT = "256MiB"  # what prepare gives DuckDB under resources.memory: 1Gi (a quarter)
+THREADS = 1  # and its threads: reach_bc's resources.cpu
 
 COPY_SCRIPT = """
 import sys, duckdb
 from pathlib import Path
 from arf_trainer.datahub.tables import open_table
 hub, out, spill, sql = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-con = duckdb.connect(":memory:", config={"memory_limit": sys.argv[5], "temp_directory": spill})
+con = duckdb.connect(":memory:", config={"memory_limit": sys.argv[5], "temp_directory": spill,
+                                         "threads": int(sys.argv[6])})
 con.register("episodes", open_table(hub, "episodes").dataset)
 con.execute(f"COPY ({sql}) TO '{out}' (FORMAT parquet, COMPRESSION zstd)")
 """
@@ -115,7 +117,7 @@ def _copy(hub: Path, target: Path, sql: str) -> dict[str, Any]:
     (target / "spill").mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO / "training_container")}
     return _run([sys.executable, "-c", COPY_SCRIPT, str(hub), str(target / "out.parquet"),
-                 str(target / "spill"), sql, DUCKDB_LIMIT], env)
+                 str(target / "spill"), sql, DUCKDB_LIMIT, str(THREADS)], env)
 
 
 SIDES = {
