@@ -106,6 +106,17 @@ def test_same_rows_in_any_physical_layout_give_the_same_fingerprint(tmp_path: Pa
     assert keys == sorted(keys)  # the declared order, whatever order the files hold
 
 
+def test_a_query_reading_one_table_twice_streams_every_row(tmp_path: Path) -> None:
+    # The stream scans tables as bounded-read-ahead scanners (query._bounded_scan), one per
+    # connection: a self-join reads the same one twice and must still see every row.
+    hub = _shuffled_hub(tmp_path / "hub", np.arange(2000), parts=3)
+    summary = run_prepare(step_env(tmp_path / "ws", hub, dataset={
+        **ORDERED, "query": "SELECT d.episode, d.step, d.obs_0, e.act_0 FROM demos d "
+                            "JOIN demos e ON d.episode = e.episode AND d.step = e.step "
+                            "WHERE d.obs_0 > -100"}))
+    assert summary["rows"] == 2000
+
+
 @pytest.mark.parametrize(("dataset", "error", "fragment"), [
     pytest.param({"split_by": "run"}, SpecError, "dataset.split_by is 'run', not a column of the "
                  "query result; columns: episode, step, obs_0, act_0", id="split-by-missing"),
