@@ -37,7 +37,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 MEMORY = "1Gi"
-DUCKDB_LIMIT = "256MiB"  # what prepare gives DuckDB under resources.memory: 1Gi (a quarter)
+DUCKDB_LIMIT = "128MiB"  # what prepare gives DuckDB under resources.memory: 1Gi (an eighth)
 THREADS = 1  # and its threads: reach_bc's resources.cpu
 
 COPY_SCRIPT = """

@@ -302,9 +302,9 @@ def test_prepare_query_escaping_duckdbs_limit_stops_at_the_ceiling(tmp_path, que
     with pytest.raises(StepFailed) as info:
         LocalStepRunner().run(_prepare_spec(tmp_path, query, "2Gi"))
     message = str(info.value)
-    # DuckDB gets a quarter of resources.memory (the rest: what DuckDB holds beyond its own
+    # DuckDB gets an eighth of resources.memory (the rest: what DuckDB holds beyond its own
     # limit, the streamed batches and the writers).
-    assert "needs more than its memory limit of 512MiB within resources.memory: 2Gi" in message
+    assert "needs more than its memory limit of 256MiB within resources.memory: 2Gi" in message
     # malloc failed at the rlimit, or (printf's values are sorted by the streaming prepare, under
     # DuckDB's buffer manager) DuckDB's own limit stopped the query first.
     assert re.search("bad allocation|Allocation failure|failed to allocate data of size", message)

@@ -8,11 +8,12 @@ run without a logical date) cannot run such a query: that is bad input (exit 2) 
 saying how to trigger it, not an empty result.
 
 Memory: the step runs under the template's `training.resources.memory` (the pod's limit on
-Kubernetes, a per-process limit under the local backend). DuckDB's own limit is a quarter of
-it (half of a small one, up to 128 MiB; its sort spills to the workspace beyond that): measured on a 1.5 M-row episode table sorted
-by (episode, step), DuckDB's scan and sort reached ~2.5x its own limit in resident memory
-(1.4 GiB at 512 MiB) besides the Arrow buffers, so half of a 1 GiB ceiling was not enough. A
-query that still runs out of memory (values
+Kubernetes, a per-process limit under the local backend). DuckDB's own limit is an eighth of
+it (half of a small one, up to 128 MiB; its sort spills to the workspace beyond that): DuckDB's
+sort holds far more than its own limit in resident memory (an 18.5 M-row episode table sorted
+by (episode, step) under resources.memory 1Gi: 1048 MiB peak with a 256 MiB DuckDB limit, 875
+MiB with 128 MiB, the same shards), so half of the ceiling was not enough. A query that still
+runs out of memory (values
 DuckDB allocates outside its buffer manager, e.g. `repeat('x', 10**8)`) fails with a message
 naming that setting.
 """
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 # Limits of the dataset query inside the prepare step (see QuerySource).
 QUERY_TIMEOUT_S = 600.0
 QUERY_MEMORY_LIMIT = "2GB"
-DUCKDB_SHARE = 4  # DuckDB's memory_limit is resources.memory / DUCKDB_SHARE (see the docstring)
+DUCKDB_SHARE = 8  # DuckDB's memory_limit is resources.memory / DUCKDB_SHARE (see the docstring)
 # Run values a dataset query may read as named parameters (the template's data-interval macros).
 INTERVAL_PARAMETERS = ("data_interval_start", "data_interval_end", "logical_date")
 _UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -127,7 +128,7 @@ def _memory_limits(env: StepEnv) -> tuple[str, str | None]:
     """(DuckDB's memory_limit, the step's ceiling as the template states it, if any).
 
     The step runs under `training.resources.memory` (the pod limit on Kubernetes, a process
-    limit under the local backend). DuckDB's buffer manager gets a quarter of it (at most
+    limit under the local backend). DuckDB's buffer manager gets an eighth of it (at most
     QUERY_MEMORY_LIMIT): what DuckDB holds beyond its own limit (scan buffers, sort runs), the
     batches being split and the Parquet writers' row groups (`arf_trainer.datahub.shards`) take
     the rest, so DuckDB spills its sort to disk before the process reaches its ceiling."""

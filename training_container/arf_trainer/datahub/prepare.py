@@ -41,7 +41,7 @@ Bounded memory: the result is never held whole. DuckDB sorts it into its canonic
 (spilling into a folder of the workspace, `arf_trainer.datahub.stream`), the rows stream out in
 batches, each row goes to train or val as it passes (`arf_trainer.datahub.split`) and into
 that split's Parquet writer, which holds one row group (`arf_trainer.datahub.shards`); each
-shard is hashed when it is closed. DuckDB gets a quarter of `resources.memory` (dataset_query).
+shard is hashed when it is closed. DuckDB gets an eighth of `resources.memory` (dataset_query).
 
 Split: with `dataset.split_by: <column>` (e.g. episode), whole groups go to train or val by a
 seeded hash of the group's value, stable when rows are appended (about validation_split of the
