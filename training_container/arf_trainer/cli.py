@@ -39,7 +39,8 @@ def _run_step(step: str) -> None:
 
 
 def _dispatch(step: str) -> None:
-    if step == "prepare" and "pyarrow" not in sys.modules:
+    fresh = "pyarrow" not in sys.modules  # this process is the step's own, not a caller's
+    if step == "prepare" and fresh:
         # Arrow's default allocator (mimalloc) keeps freed pages and reserves address space up
         # front; under a memory ceiling the system allocator returned ~110 MiB of peak RSS on a
         # sorted 1.5 M-row scan (and RLIMIT_DATA counts what mimalloc reserves). Read by Arrow
@@ -48,7 +49,7 @@ def _dispatch(step: str) -> None:
     from arf_trainer.spec import StepEnv, write_json_atomic
 
     env = StepEnv.from_environ()
-    if step == "prepare":
+    if step == "prepare" and fresh:  # process-wide: never resized under an in-process caller
         _arrow_threads(env)
     if env.spec.step != step:
         from arf_trainer.errors import SpecError
