@@ -173,6 +173,11 @@ def test_a_recipe_can_take_columns_as_a_dict_of_tensors(tmp_path: Path) -> None:
     assert x["frame"].dtype == torch.uint8 and x["frame"].shape == (4, 4, 4, 3)
     assert x["joints"].dtype == torch.float32 and x["joints"].shape == (4, 3)
     assert y.shape == (4, 1)
+    for x, _ in batches:  # each frame is its row's (id + i) % 256: windows 2+ come from
+        # slices of Parquet batches, which pyarrow 25's take misread (arrow_types.unsliced)
+        ids = x["joints"][:, 0].to(torch.int64)
+        assert torch.equal(x["frame"].reshape(len(ids), -1).to(torch.int64),
+                           (ids[:, None] + torch.arange(48)) % 256)
     resumed = list(stream.batches(0, 1))
     assert torch.equal(resumed[0][0]["frame"], batches[1][0]["frame"])
     val = list(stream.val_chunks())

@@ -151,3 +151,31 @@ def type_name(dtype: pa.DataType) -> str:
         dtype = dtype.value_type
     base = str(dtype).replace("<item: ", "<").replace("<element: ", "<")
     return base + "".join(f"[{size}]" for size in dims)
+
+
+def unsliced(array: pa.Array) -> pa.Array:
+    """`array` with no slice offset at any fixed-size-list level (the same values).
+
+    pyarrow 25's `take` and `filter` read a *sliced* fixed-size list of fixed-size lists (a
+    `FLOAT[4][3]` or an image `UTINYINT[H][W][C]`) from the wrong place: garbage values, no
+    error (`Array.slice(8).take([0, 1])` on a 3-level frame column; one level is read right).
+    Rebuilding each level over its child values cut at the offset costs no copy (`.values`
+    ignores the offset; `flatten()` would also drop the values under null slots)."""
+    if not pa.types.is_fixed_size_list(array.type):
+        return array
+    size = array.type.list_size
+    values = array.values.slice(array.offset * size, len(array) * size)
+    mask = array.is_null() if array.null_count else None
+    return pa.FixedSizeListArray.from_arrays(unsliced(values), type=array.type, mask=mask)
+
+
+def unsliced_table(table: pa.Table) -> pa.Table:
+    """`unsliced` applied to every chunk of every column of `table`."""
+    columns = [pa.chunked_array([unsliced(chunk) for chunk in column.chunks], type=column.type)
+               for column in table.columns]
+    return pa.Table.from_arrays(columns, schema=table.schema)
+
+
+def unsliced_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """`unsliced` applied to every column of `batch`."""
+    return pa.RecordBatch.from_arrays([unsliced(c) for c in batch.columns], schema=batch.schema)

@@ -87,6 +87,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from arf_trainer.datahub.arrow_types import unsliced_batch
 from arf_trainer.datahub.columns import check_columns
 from arf_trainer.datahub.dataset_query import (
     hub_path,
@@ -197,6 +198,7 @@ def _drain(batches: Iterator[pa.RecordBatch], writers: dict[str, ShardWriter], s
     in the stream) -> batch) into train/val; return rows written."""
     rows = seen = 0
     for batch in batches:
+        batch = unsliced_batch(batch)  # filter misreads sliced nested arrays (arrow_types)
         positions = np.arange(seen, seen + batch.num_rows)
         seen += batch.num_rows
         if pick is not None:

@@ -35,6 +35,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from arf_trainer.datahub.arrow_types import unsliced_table
 from arf_trainer.errors import TrainingError
 from arf_trainer.trainer.data import (
     EVAL_CHUNK,
@@ -126,7 +127,8 @@ class ShardStream:
                 have += min(want, batch.num_rows)
                 batch = batch.slice(want)
                 if have == min(size, total - k * size):
-                    yield k, pa.Table.from_batches(pieces)
+                    # Pieces are slices of Parquet batches: see arrow_types.unsliced.
+                    yield k, unsliced_table(pa.Table.from_batches(pieces))
                     k, pieces, have = k + 1, [], 0
 
 
