@@ -18,10 +18,13 @@ import argparse
 import logging
 import os
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from arf_trainer.datahub import hub_cli
 from arf_trainer.errors import NothingToDo, Preempted, TrainerError
+
+if TYPE_CHECKING:
+    from arf_trainer.spec import StepEnv
 
 STEPS = ("prepare", "train", "register", "evaluate", "federate")
 
@@ -101,12 +104,12 @@ def _seed_range(text: str) -> tuple[int, int]:
     return first, last
 
 
-def _arrow_threads(env: object) -> None:
+def _arrow_threads(env: StepEnv) -> None:
     """Arrow's CPU and I/O pools sized to the step's CPU request, as DuckDB's threads are
     (arf_trainer.datahub.dataset_query.cpu_threads): its dataset scan reads ahead per thread."""
     from arf_trainer.datahub.dataset_query import cpu_threads
 
-    threads = cpu_threads(env)  # type: ignore[arg-type]
+    threads = cpu_threads(env)
     if threads is not None:
         import pyarrow as pa
 

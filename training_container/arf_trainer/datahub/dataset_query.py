@@ -13,9 +13,8 @@ it (half of a small one, up to 128 MiB; its sort spills to the workspace beyond 
 sort holds far more than its own limit in resident memory (an 18.5 M-row episode table sorted
 by (episode, step) under resources.memory 1Gi: 1048 MiB peak with a 256 MiB DuckDB limit, 875
 MiB with 128 MiB, the same shards), so half of the ceiling was not enough. A query that still
-runs out of memory (values
-DuckDB allocates outside its buffer manager, e.g. `repeat('x', 10**8)`) fails with a message
-naming that setting.
+runs out of memory (values DuckDB allocates outside its buffer manager, e.g.
+`repeat('x', 10**8)`) fails with a message naming that setting.
 """
 
 from __future__ import annotations
