@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import re
 from pathlib import Path
 
 import duckdb
@@ -41,6 +42,7 @@ DUCKDB_SHARE = 8  # DuckDB's memory_limit is resources.memory / DUCKDB_SHARE (se
 INTERVAL_PARAMETERS = ("data_interval_start", "data_interval_end", "logical_date")
 _UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_QUANTITY = re.compile(r"([0-9]+(?:\.[0-9]+)?)(k|M|G|T|Ki|Mi|Gi|Ti)?")
 
 
 def _prefix(text: str, limit: int = 80) -> str:
@@ -135,14 +137,13 @@ def _memory_limits(env: StepEnv) -> tuple[str, str | None]:
     if memory is None:
         return QUERY_MEMORY_LIMIT, None
     ceiling = f"resources.memory: {memory}"
-    number, unit = str(memory).rstrip("kMGTi"), str(memory)[len(str(memory).rstrip("kMGTi")):]
-    try:
-        size = float(number) * _UNITS[unit]
-    except (ValueError, KeyError):
+    match = _QUANTITY.fullmatch(str(memory).strip())
+    if match is None:
         return QUERY_MEMORY_LIMIT, ceiling  # the template check names bad quantities
+    size = float(match[1]) * _UNITS[match[2] or ""]
     # Small ceilings: DuckDB's sort needs a working set per thread (a 32 MiB limit could not
     # pin its blocks where 64 MiB sorted fine), so it keeps up to half of them, at most 128 MiB.
-    share = max(int(size) // DUCKDB_SHARE, min(int(size) // 2, 128 * 2**20))
+    share = max(int(size) // DUCKDB_SHARE, min(int(size) // 2, 128 * 2**20), 2**20)
     return f"{min(share, 2 * 10**9) // 2**20}MiB", ceiling
 
 
