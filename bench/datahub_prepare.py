@@ -6,10 +6,13 @@ back to back with the order rotating:
   arf          `arf-trainer prepare` as a subprocess with `resources.memory: 1Gi`:
                `dataset.query: SELECT * FROM episodes`, split_by episode_id, order_by
                [episode_id, step], features the joint arrays, target `action`. It runs under
-               the local backend's ceiling (MemoryCeiling: RLIMIT_DATA = 1 GiB + the 2 GiB
-               headroom for the runtimes' baseline), or with --prepare-strict under a plain
-               1 GiB RLIMIT_DATA with pyarrow on the system allocator (its mimalloc arena alone
-               reserves 1 GiB of address space up front).
+               `--prepare-ceiling`: `backend` (default) the local backend's ceiling
+               (MemoryCeiling: RLIMIT_DATA = 1 GiB + the 2 GiB headroom for the runtimes'
+               baseline); `cgroup` a memory cgroup limited to 1 GiB, no swap: what a
+               Kubernetes pod limit of 1Gi enforces (resident memory, the kernel's OOM killer
+               past it; needs root and the cgroup v1 memory controller or cgroup v2); `rlimit`
+               a plain 1 GiB RLIMIT_DATA with pyarrow on the system allocator (it counts
+               address space the runtimes reserve, not what they use: prepare fails at start).
   copy_sorted  raw DuckDB `COPY (SELECT * FROM episodes ORDER BY episode_id, step) TO ...
                (FORMAT parquet, COMPRESSION zstd)`: the same work without the split, the
                hashing or the sandbox, with the same memory limit, threads and a spill folder.
@@ -98,18 +101,76 @@ def _arf(ctx: Any, hub: Path, target: Path) -> dict[str, Any]:
     env = {**os.environ, "ARF_JOB_SPEC_JSON": json.dumps(spec), "ARF_WORKSPACE": str(target),
            "ARF_TRACKING_URI": f"sqlite:///{target}/unused.db", "ARF_DATAHUB_URI": str(hub),
            "ARF_DAG_ID": spec["run"]["dag_id"], "ARF_RUN_ID": spec["run"]["run_id"]}
-    limit: Any = MemoryCeiling(MEMORY, 1)
-    if ctx.args.prepare_strict:
-        env["ARROW_DEFAULT_MEMORY_POOL"] = "system"
-        limit = 2**30
-    result = _run([str(REPO / ".venv" / "bin" / "arf-trainer"), "prepare"], env, limit)
+    cmd = [str(REPO / ".venv" / "bin" / "arf-trainer"), "prepare"]
+    mode = ctx.args.prepare_ceiling
+    if mode == "cgroup":
+        with MemoryCgroup(2**30) as group:
+            try:
+                result = _run(group.wrap(cmd), env)
+            except SystemExit as exc:
+                raise SystemExit(f"{exc} [{group.report()}]") from None
+            result.update(group.report())
+        ceiling = f"memory cgroup {group.path} limit 1 GiB, no swap"
+    else:
+        limit: Any = MemoryCeiling(MEMORY, 1)
+        ceiling = limit.describe()
+        if mode == "rlimit":
+            env["ARROW_DEFAULT_MEMORY_POOL"] = "system"
+            limit, ceiling = 2**30, "RLIMIT_DATA 1 GiB, pyarrow system allocator"
+        result = _run(cmd, env, limit)
     manifest = json.loads((target / "prepare" / "manifest.json").read_text())
     result.update(rows=manifest["rows"], val_rows=manifest["val_rows"],
                   shards=sum(len(s) for s in manifest["shards"].values()),
-                  fingerprint=manifest["fingerprint"][:12],
-                  ceiling=(limit.describe() if not isinstance(limit, int) else
-                           "RLIMIT_DATA 1 GiB, pyarrow system allocator"))
+                  fingerprint=manifest["fingerprint"][:12], ceiling=ceiling)
     return result
+
+
+class MemoryCgroup:
+    """A memory cgroup of `limit` bytes under this process's own (v1 memory controller, or v2).
+
+    The command joins it before exec (`sh -c 'echo $$ > cgroup.procs; exec ...'`), so every
+    byte it and its children allocate is charged; the kernel reclaims page cache at the limit
+    and OOM-kills past it, as for a pod. Peak usage (v1 max_usage_in_bytes, v2 memory.peak)
+    includes page cache the kernel could drop, so it sits near the limit on a large read."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        v1 = Path("/sys/fs/cgroup/memory")
+        own = [line.split(":", 2) for line in Path("/proc/self/cgroup").read_text().splitlines()]
+        if v1.is_dir():
+            parent = v1 / next(p for _, c, p in own if c == "memory").lstrip("/")
+            self.files = {"limit": "memory.limit_in_bytes", "peak": "memory.max_usage_in_bytes",
+                          "events": "memory.oom_control"}
+        else:
+            parent = Path("/sys/fs/cgroup") / next(p for h, _, p in own if h == "0").lstrip("/")
+            self.files = {"limit": "memory.max", "peak": "memory.peak",
+                          "events": "memory.events"}
+        self.path = parent / f"arf-bench-{os.getpid()}"
+
+    def __enter__(self) -> "MemoryCgroup":
+        try:
+            self.path.mkdir()
+            (self.path / self.files["limit"]).write_text(str(self.limit))
+            if (self.path / "memory.swap.max").exists():
+                (self.path / "memory.swap.max").write_text("0")
+        except OSError as exc:
+            raise SystemExit(f"--prepare-ceiling cgroup needs root and a writable memory "
+                             f"cgroup: {exc}") from exc
+        return self
+
+    def wrap(self, cmd: list[str]) -> list[str]:
+        return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.path / "cgroup.procs"),
+                *cmd]
+
+    def report(self) -> dict[str, Any]:
+        events = (self.path / self.files["events"]).read_text().split()
+        pairs = dict(zip(events[::2], events[1::2]))
+        return {"cgroup_peak_mib": round(int((self.path / self.files["peak"]).read_text())
+                                         / 2**20),
+                "cgroup_oom_kills": int(pairs.get("oom_kill", 0))}
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.rmdir()
 
 
 def _copy(hub: Path, target: Path, sql: str) -> dict[str, Any]:
@@ -159,6 +220,9 @@ def section_prepare(ctx: Any) -> dict[str, Any]:
             "arf_over_copy_sorted_median": round(statistics.median(ratio["copy_sorted"]), 3),
             "arf_over_copy_median": round(statistics.median(ratio["copy"]), 3),
             "arf_peak_rss_mib": max(r["arf"]["peak_rss_mib"] for r in runs),
+            **({"arf_cgroup_peak_mib": max(r["arf"]["cgroup_peak_mib"] for r in runs),
+                "arf_cgroup_oom_kills": sum(r["arf"]["cgroup_oom_kills"] for r in runs)}
+               if "cgroup_peak_mib" in runs[0]["arf"] else {}),
             "ceiling": runs[0]["arf"]["ceiling"],
             "input_gb": round(ctx.bytes / 1e9, 2), "rows": ctx.rows,
             "input_over_1gib": round(ctx.bytes / 2**30, 2)}

@@ -228,8 +228,10 @@ def main(argv: list[str] | None = None) -> int:
                         f"{DEFAULT_DATA}/rows<R>_gb<G>, reused when complete)")
     parser.add_argument("--work", type=Path, help="scratch folder (default: <data>-work)")
     parser.add_argument("--rounds", type=int, default=2, help="paired rounds per measurement")
-    parser.add_argument("--prepare-strict", action="store_true", help="prepare under a plain "
-                        "1 GiB RLIMIT_DATA (see bench/datahub_prepare.py)")
+    parser.add_argument("--prepare-ceiling", choices=("backend", "rlimit", "cgroup"),
+                        default="backend", help="how prepare's 1 GiB is enforced: the local "
+                        "backend's ceiling, a plain RLIMIT_DATA, or a memory cgroup as a "
+                        "Kubernetes pod limit (root; see bench/datahub_prepare.py)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated, from {', '.join(SECTIONS)} (data always runs)")
     args = parser.parse_args(argv)
