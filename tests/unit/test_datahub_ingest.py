@@ -221,6 +221,17 @@ def test_partition_by(tmp_path: Path) -> None:
         pa.concat_tables([table, table]).sort_by([("episode_id", "ascending"),
                                                   ("step", "ascending")]))
     assert describe_table(hub, "t")["partition_columns"] == ["robot"]
+    # Prepare's stream (query._bounded_scan) reads a partitioned table with its partition
+    # values, and filters on them, as the plain dataset does.
+    from arf_trainer.datahub.query import _sandbox
+
+    sql = "SELECT robot, episode_id, step FROM t WHERE robot <> 'arm1' ORDER BY ALL"
+    results = []
+    for bounded in (False, True):
+        con = _sandbox({"t": open_table(hub, "t")}, "64MiB", 1, bounded_scan=bounded)
+        results.append(con.execute(sql).fetchall())
+        con.close()
+    assert results[0] == results[1] and {r[0] for r in results[1]} == {"arm0", "arm2"}
 
 
 def test_trainer_cli_ingest_tables_describe(tmp_path: Path, capsys) -> None:

@@ -107,14 +107,39 @@ def test_same_rows_in_any_physical_layout_give_the_same_fingerprint(tmp_path: Pa
 
 
 def test_a_query_reading_one_table_twice_streams_every_row(tmp_path: Path) -> None:
-    # The stream scans tables as bounded-read-ahead scanners (query._bounded_scan), one per
-    # connection: a self-join reads the same one twice and must still see every row.
+    # The stream scans tables through bounded-read-ahead datasets (query._bounded_scan): a
+    # self-join reads the same one twice and must still see every row.
     hub = _shuffled_hub(tmp_path / "hub", np.arange(2000), parts=3)
     summary = run_prepare(step_env(tmp_path / "ws", hub, dataset={
         **ORDERED, "query": "SELECT d.episode, d.step, d.obs_0, e.act_0 FROM demos d "
                             "JOIN demos e ON d.episode = e.episode AND d.step = e.step "
                             "WHERE d.obs_0 > -100"}))
     assert summary["rows"] == 2000
+
+
+def test_streamed_tables_keep_projection_and_filter_pushdown(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # The stream reads tables with little read-ahead (query._BoundedDataset); DuckDB must still
+    # ask it for the query's columns and filter only, so a narrow query over a wide frame table
+    # does not read every frame.
+    from arf_trainer.datahub import query
+
+    asked: list[dict[str, Any]] = []
+    scanner = query._BoundedDataset.scanner
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        made = scanner(self, *args, **kwargs)
+        asked.append({**kwargs, "read": made.projected_schema.names})
+        return made
+
+    monkeypatch.setattr(query._BoundedDataset, "scanner", spy)
+    hub = _shuffled_hub(tmp_path / "hub", np.arange(2000), parts=3)
+    summary = run_prepare(step_env(tmp_path / "ws", hub, dataset={
+        **ORDERED, "query": "SELECT episode, step, act_0 FROM demos WHERE step >= 5",
+        "features": ["step"]}))
+    assert summary["rows"] == 2000 - 5 * 50  # 50 episodes of 40 steps
+    assert asked and all(sorted(a["read"]) == ["act_0", "episode", "step"]
+                         and a["filter"] is not None for a in asked), asked
 
 
 @pytest.mark.parametrize(("dataset", "error", "fragment"), [

@@ -44,6 +44,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as pads
 
 from arf_trainer.datahub.sqlcheck import (
     _FIX_READ_ONLY,
@@ -88,11 +89,26 @@ def _open_snapshots(hub: Path, referenced: list[str],
 SCAN_BATCH_ROWS, SCAN_BATCH_READAHEAD = 65_536, 2
 
 
+class _BoundedDataset(pads.FileSystemDataset):
+    """A table's files as a dataset whose scans read ahead little. DuckDB asks the registered
+    dataset for `scanner(columns=..., filter=...)` (a Python call), so projection and filter
+    pushdown still apply: a narrow query over a wide frame table reads only its columns."""
+
+    def scanner(self, *args: Any, **kwargs: Any) -> pads.Scanner:
+        kwargs.setdefault("batch_size", SCAN_BATCH_ROWS)
+        kwargs.setdefault("fragment_readahead", 1)
+        kwargs.setdefault("batch_readahead", SCAN_BATCH_READAHEAD)
+        return super().scanner(*args, **kwargs)
+
+
 def _bounded_scan(snapshot: TableSnapshot) -> Any:
-    """`snapshot` as a scanner with little read-ahead. DuckDB scans it as a stream: every column
-    is read, and DuckDB's projection and filters apply after reading."""
-    return snapshot.dataset.scanner(batch_size=SCAN_BATCH_ROWS, fragment_readahead=1,
-                                    batch_readahead=SCAN_BATCH_READAHEAD)
+    """`snapshot` with little read-ahead (the same fragments, partition values included)."""
+    dataset = snapshot.dataset
+    if not isinstance(dataset, pads.FileSystemDataset):  # not what open_table returns today
+        return dataset.scanner(batch_size=SCAN_BATCH_ROWS, fragment_readahead=1,
+                               batch_readahead=SCAN_BATCH_READAHEAD)
+    return _BoundedDataset(list(dataset.get_fragments()), dataset.schema, dataset.format,
+                           dataset.filesystem, root_partition=dataset.partition_expression)
 
 
 def _sandbox(snapshots: Mapping[str, TableSnapshot], memory_limit: str,
@@ -100,7 +116,8 @@ def _sandbox(snapshots: Mapping[str, TableSnapshot], memory_limit: str,
              bounded_scan: bool = False) -> duckdb.DuckDBPyConnection:
     """A locked connection over `snapshots`; it spills only into `spill_dir`, if given.
     `bounded_scan`: the tables are read with little read-ahead (`_bounded_scan`), for a query
-    that reads them whole (prepare's stream); else as datasets, with projection pushdown."""
+    that streams a large result (prepare); else with Arrow's defaults. Both keep projection and
+    filter pushdown."""
     config: dict[str, str | bool | int | float | list[str]] = {
         "autoinstall_known_extensions": False,
         "autoload_known_extensions": False,
