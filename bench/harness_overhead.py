@@ -79,7 +79,8 @@ def _env(root: Path) -> dict[str, str]:
 RECIPES = {"bc": ("reach_bc", 10, ""), "bc_pixels": ("reach_pixels_bc", 2, "pixels")}
 
 
-def _template(epochs: int, recipe: str = "bc", precision: str = "fp32"):
+def _template(epochs: int, recipe: str = "bc", precision: str = "fp32",
+              frame_size: int | None = None):
     import yaml
 
     from arf_training.templates import LoadedTemplate, TrainingTemplate
@@ -92,6 +93,8 @@ def _template(epochs: int, recipe: str = "bc", precision: str = "fp32"):
     data["training"]["resources"]["cpu"] = 1
     data["training"]["hyperparameters"]["epochs"]["maximum"] = 10_000
     data["training"]["precision"] = precision
+    if frame_size is not None and recipe == "bc_pixels":  # the seed's PNG frames: decode them
+        data["dataset"]["decode"]["image"]["shape"] = [frame_size, frame_size, 3]
     return LoadedTemplate(TrainingTemplate.model_validate(data), path, "bench")
 
 
@@ -266,7 +269,8 @@ def _prepare(root: Path, env: dict[str, str], recipe: str = "bc",
     from arf_training.settings import ArfSettings
     from arf_training.stepspec import RunIdentity, build_step_spec
 
-    spec = build_step_spec(_template(1, recipe), "prepare",
+    spec = build_step_spec(_template(1, recipe, frame_size=args.frame_size if args else None),
+                           "prepare",
                            RunIdentity("bench", f"prep-{recipe}", "prepare"), {},
                            ArfSettings.from_env())
     LocalStepRunner().run(spec)

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
+from arf_trainer.datahub.decode import ImageDecoder
 from arf_trainer.datahub.tables import open_table
 from arf_trainer.sim import reach, reach_pixels
 from arf_trainer.stats import wilson_interval
@@ -43,6 +44,11 @@ EVAL_SEEDS = range(100_000, 100_050)
 def _split(hub: Path, table_name: str, columns: list[str], episodes: int):
     table = open_table(hub, table_name).dataset.to_table()
     table = table.filter(pc.and_(table["success"], pc.less(table["episode"], episodes)))
+    if "image" in columns:  # PNG bytes, decoded as prepare does for reach_pixels_bc
+        size = table["frame_size"][0].as_py()
+        decoder = ImageDecoder("image", "png", (size, size, 3))
+        frames = decoder.decode(table["image"].combine_chunks(), lambda i: f"row {i}")
+        table = table.set_column(table.schema.get_field_index("image"), "image", frames)
     data = read_table_columns(table, columns + ["episode"], table_name)
     held_out = data["episode"] % 10 == 0
     demos = len(np.unique(data["episode"]))
@@ -116,7 +122,7 @@ def main() -> None:
 
     hp = Hyperparameters(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          hidden_size=args.hidden_size, num_layers=args.num_layers)
-    size = open_table(args.hub, "reach_pixels").dataset.head(1)["image"].type.list_size
+    size = open_table(args.hub, "reach_pixels").dataset.head(1)["frame_size"][0].as_py()
     shapes = {"image": [size, size, 3], **{n: [] for n in PIXEL_FEATURES[1:] + TARGETS}}
     fit = _fit(PixelBehaviourCloning(), hp, PIXEL_FEATURES, args.hub, "reach_pixels",
                args.episodes, shapes, f"bc_pixels ({size}x{size})")

@@ -19,6 +19,7 @@ from arf_training.stepspec import workspace_for
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 DAG = "reach_pixels_bc"
 FRAME = 16
 CONF = {"epochs": 2, "batch_size": 32, "hidden_size": 64}
@@ -29,9 +30,24 @@ def dags_test(env: dict[str, str], dag_id: str, conf: dict) -> subprocess.Comple
                           env=env, capture_output=True, text=True, timeout=900)
 
 
+def small_frame_templates(root: Path) -> Path:
+    """The shipped templates, reach_pixels_bc decoding 16x16 PNG frames instead of 64x64."""
+    for path in (REPO / "config_templates").glob("*.yaml"):
+        text = path.read_text()
+        if path.name == f"{DAG}.yaml":
+            shipped = "shape: [64, 64, 3]"
+            assert text.count(shipped) == 1, f"{path}: expected one {shipped!r}"
+            text = text.replace(shipped, f"shape: [{FRAME}, {FRAME}, 3]")
+        (root / path.name).write_text(text)
+    return root
+
+
 @pytest.fixture(scope="module")
-def pixel_run(embedded: dict[str, str]) -> dict[str, Any]:
+def pixel_run(embedded: dict[str, str],
+              tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One reach_pixels_bc DAG run on 4 rendered episodes of 16x16 frames."""
+    templates = small_frame_templates(tmp_path_factory.mktemp("templates"))
+    embedded = {**embedded, "ARF_TEMPLATES_DIR": str(templates)}
     seed = subprocess.run([str(BIN / "arf-trainer"), "datahub", "seed", "--hub",
                            embedded["ARF_DATAHUB_URI"], "--episodes", "4", "--pixels",
                            "--frame-size", str(FRAME)],
@@ -51,10 +67,11 @@ def test_reach_pixels_bc_runs_through_airflow(pixel_run: dict[str, Any]) -> None
     assert str(run.state) == "success"
     assert task_states(DAG, run.run_id) == {
         "prepare_data": "success", "train": "success", "register_model": "success"}
-    # Prepare passed the frames through as a uint8 array column; the recipe trained on them.
+    # Prepare decoded the PNG frames into a uint8 array column; the recipe trained on them.
     manifest = json.loads((ws / "prepare" / "manifest.json").read_text())
     image = next(c for c in manifest["columns"] if c["name"] == "image")
     assert image["dtype"] == "uint8" and image["shape"] == [FRAME, FRAME, 3]
+    assert manifest["decode"] == {"image": {"format": "png", "shape": [FRAME, FRAME, 3]}}
     train = pixel_run["train"]
     assert train["recipe"] == "bc_pixels" and train["steps"] > 0
     # Registered as a two-input model whose signature carries the frame size.

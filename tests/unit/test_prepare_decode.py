@@ -105,7 +105,7 @@ def test_png_column_decodes_to_the_exact_pixels_and_bc_pixels_trains_on_it(
     write_table(tmp_path / "hub", "arrays", arrays)
     same = run_prepare(step_env(tmp_path / "ws2", tmp_path / "hub", "reach_pixels_bc",
                                 dataset={"query": QUERY.replace("frames", "arrays"),
-                                         "split_by": None}))
+                                         "split_by": None, "decode": None}))
     assert same["fingerprint"] == manifest["fingerprint"]
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

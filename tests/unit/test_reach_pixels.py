@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import gc
+import io
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
+from PIL import Image
 
 from arf_trainer.errors import DataHubError
 from arf_trainer.sim import reach, reach_pixels
@@ -109,12 +112,11 @@ def test_seed_reach_pixels_table(tmp_path: Path) -> None:
     summary = seed_pixels(hub, episodes=2, seed=3, force=False, frame_size=16)
     assert summary["action"] == "created" and summary["rows"] == 2 * reach.EPISODE_STEPS
     table = open_table(hub, "reach_pixels").dataset.to_table()
-    image = table.column("image").combine_chunks()
-    assert str(image.type).count("fixed_size_list") == 3  # [16][16][3] of uint8, exact
-    for _ in range(3):
-        image = image.flatten()
-    frames = image.to_numpy().reshape(-1, 16, 16, 3)
-    assert frames.dtype == np.uint8 and frames.max() > 128  # bytes >= 128 survive the hub
+    # Frames are PNG bytes (a BLOB column), as reach_pixels_bc's dataset.decode declares.
+    assert table.schema.field("image").type == pa.binary()
+    frames = np.stack([np.asarray(Image.open(io.BytesIO(png), formats=["PNG"]))
+                       for png in table.column("image").to_pylist()])
+    assert frames.shape == (2 * reach.EPISODE_STEPS, 16, 16, 3) and frames.dtype == np.uint8
     state = np.stack([table.column(c).to_numpy() for c in reach_pixels.STATE_COLUMNS], axis=1)
     # The same episodes as reach_demos (same seeds, noise and labels), seen by the camera.
     demos = _reach_rows(2, 3, 0, dt.datetime.now(dt.UTC))
@@ -133,3 +135,26 @@ def test_seed_reach_pixels_table(tmp_path: Path) -> None:
     with pytest.raises(DataHubError, match="--frame-size=3 must be an integer from 8"):
         seed_pixels(hub, episodes=1, seed=4, force=True, frame_size=3)
     assert open_table(hub, "reach_pixels").version == 0  # the refused writes changed nothing
+
+
+def test_a_hub_seeded_with_array_frames_is_converted_to_png(tmp_path: Path) -> None:
+    # Earlier versions stored frames as uint8 arrays, which reach_pixels_bc no longer reads
+    # (it decodes PNG): seeding again rewrites the same frames as PNG in a new version.
+    from arf_trainer.datahub.decode import ImageDecoder
+    from arf_trainer.datahub.seed_pixels import image_column, seed_pixels
+    from arf_trainer.datahub.tables import open_table, write_table
+
+    hub = tmp_path / "hub"
+    seed_pixels(hub, episodes=1, seed=3, force=False, frame_size=16)
+    png = open_table(hub, "reach_pixels").dataset.to_table()
+    frames = ImageDecoder("image", "png", (16, 16, 3)).decode(png["image"].combine_chunks(),
+                                                             lambda i: f"row {i}")
+    as_arrays = png.set_column(png.schema.get_field_index("image"), "image",
+                               image_column(np.asarray(frames.to_pylist(), dtype=np.uint8)))
+    write_table(hub, "reach_pixels", as_arrays, mode="overwrite")  # version 1: the old layout
+
+    summary = seed_pixels(hub, episodes=1, seed=3, force=False, frame_size=16)
+    assert summary["action"] == "converted" and summary["version"] == 2
+    assert open_table(hub, "reach_pixels").dataset.to_table().equals(png)
+    assert seed_pixels(hub, episodes=1, seed=3, force=False, frame_size=16)["action"] == \
+        "unchanged"

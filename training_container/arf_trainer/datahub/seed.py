@@ -112,7 +112,8 @@ def seed_demo(hub: Path, episodes: int = 200, seed: int = 0, force: bool = False
     frames (`arf_trainer.datahub.seed_pixels`; slow, so only on request).
 
     Summary: {table: {"rows": rows in the table's latest version, "version": that version,
-    "action": "created" | "appended" | "overwritten" | "unchanged"}}.
+    "action": "created" | "appended" | "overwritten" | "unchanged" | "converted" (reach_pixels
+    frames rewritten from arrays to PNG)}}.
     """
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
         raise DataHubError(f"episodes={episodes!r} must be a positive integer "

@@ -5,15 +5,17 @@ same initial states, exploration noise and expert labels, `arf_trainer.datahub.s
 as `arf_trainer.sim.reach_pixels` renders them:
 
     episode INT64, step INT32,
-    image   UTINYINT[64][64][3] (an RGB frame [H][W][3], rows top-down; Arrow's nested
-            fixed_size_list of uint8, which DuckDB spells UTINYINT[3][64][64], innermost first),
+    image   BLOB (an RGB frame of frame_size x frame_size pixels as PNG bytes, rows top-down),
     cos_q0, cos_q1, sin_q0, sin_q1, qdot_0, qdot_1 FLOAT32 (the joint state; no target in it),
     act_0, act_1 FLOAT32 (the expert's clean action), success BOOL (the whole episode's),
     seed INT64, frame_size INT32, collected_at TIMESTAMP(us, UTC)
 
-The frames go through the data hub's write path, which keeps uint8 arrays exact in Delta
-(`arf_trainer.datahub.arrow_types`), so a query reads them back as bytes and prepare writes them
-to the shards as a uint8 array column.
+Frames are stored as PNG, not as `UTINYINT[H][W][3]` arrays: DuckDB holds a nested array as
+vectors of vectors, so 10,000 64x64 frames (123 MB) took 1.77 GB to read back and could not be
+sorted in a 256 MiB DuckDB limit, where the PNG bytes pass through as BLOBs. PNG is lossless:
+`reach_pixels_bc` declares `dataset.decode.image: {format: png, shape: [64, 64, 3]}`, and
+prepare writes the decoded uint8 [H, W, 3] column, the same shards as the arrays gave
+(`arf_trainer.datahub.decode`).
 
 Seeded only on request (`arf-trainer datahub seed --pixels`): rendering costs a few ms a frame,
 so 200 episodes (10,000 frames) take a minute or two on a CPU. Idempotent like the other demo
@@ -23,6 +25,7 @@ tables; `force` appends new episodes.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import logging
 import time
 from pathlib import Path
@@ -45,6 +48,18 @@ def image_column(frames: np.ndarray) -> pa.Array:
     for size in reversed(frames.shape[1:]):
         values = pa.FixedSizeListArray.from_arrays(values, size)
     return values
+
+
+def png_column(frames: np.ndarray) -> pa.Array:
+    """[N, H, W, 3] uint8 frames as a BLOB column of PNG images (lossless; zlib level 6)."""
+    from PIL import Image
+
+    encoded = []
+    for frame in frames:
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="PNG", compress_level=6)
+        encoded.append(buffer.getvalue())
+    return pa.array(encoded, type=pa.binary())
 
 
 def pixel_rows(episodes: int, seed: int, first_episode: int, collected_at: dt.datetime,
@@ -83,7 +98,7 @@ def pixel_rows(episodes: int, seed: int, first_episode: int, collected_at: dt.da
         "episode": pa.array(np.repeat(np.arange(first_episode, first_episode + episodes,
                                                 dtype=np.int64), steps)),
         "step": pa.array(np.tile(np.arange(steps, dtype=np.int32), episodes)),
-        "image": image_column(frames),
+        "image": png_column(frames),
     }
     columns.update({name: pa.array(state[:, j])
                     for j, name in enumerate(reach_pixels.STATE_COLUMNS)})
@@ -108,8 +123,11 @@ def seed_pixels(hub: Path, episodes: int, seed: int, force: bool,
         raise DataHubError(str(exc)) from None
     exists = PIXELS_TABLE in list_tables(hub)
     started = time.perf_counter()
+    converted = exists and _frames_as_arrays(hub)
+    if converted:
+        _convert_to_png(hub)  # seeded by an earlier version: same frames, a new version
     if exists and not force:
-        action = "unchanged"
+        action = "converted" if converted else "unchanged"
     else:
         first = 0
         if exists:
@@ -132,3 +150,23 @@ def seed_pixels(hub: Path, episodes: int, seed: int, force: bool,
     snapshot = open_table(hub, PIXELS_TABLE)
     return {"rows": snapshot.dataset.count_rows(), "version": snapshot.version, "action": action,
             "frame_size": frame_size, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _frames_as_arrays(hub: Path) -> bool:
+    return not pa.types.is_binary(open_table(hub, PIXELS_TABLE).dataset.schema.field("image").type)
+
+
+def _convert_to_png(hub: Path) -> None:
+    """Rewrite a `reach_pixels` table whose frames are uint8 arrays (as earlier versions seeded
+    it) with the same frames as PNG, as a new table version (the old one stays readable)."""
+    table = open_table(hub, PIXELS_TABLE).dataset.to_table()
+    size = int(table["frame_size"][0].as_py())
+    image = table["image"].combine_chunks()
+    for _ in range(3):
+        image = image.flatten()
+    frames = image.to_numpy(zero_copy_only=False).reshape(-1, size, size, 3)
+    column = table.schema.get_field_index("image")
+    write_table(hub, PIXELS_TABLE, table.set_column(column, "image", png_column(frames)),
+                mode="overwrite")
+    log.info("converted the %d frames of %s from uint8 arrays to PNG (reach_pixels_bc decodes "
+             "PNG)", len(table), PIXELS_TABLE)
