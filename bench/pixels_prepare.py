@@ -110,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     same = all(r["png"]["fingerprint"] == r["arrays"]["fingerprint"] for r in runs)
     time_ratio = [round(r["arrays"]["s"] / r["png"]["s"], 2) for r in runs]
     rss_ratio = [round(r["png"]["peak_rss_mib"] / r["arrays"]["peak_rss_mib"], 2) for r in runs]
+    speed, memory = statistics.median(time_ratio), statistics.median(rss_ratio)
     print(f"\n{runs[0]['png']['rows']} frames of {args.frame_size}x{args.frame_size}, "
-          f"resources.memory {args.memory}: PNG prepare is {statistics.median(time_ratio)}x "
-          f"as fast as arrays (rounds {time_ratio}), peak RSS PNG/arrays "
-          f"{statistics.median(rss_ratio)} (rounds {rss_ratio}); same fingerprint: {same}")
+          f"resources.memory {args.memory}: PNG prepare is {speed:.2f}x as fast as arrays "
+          f"(rounds {time_ratio}), peak RSS PNG/arrays {memory:.2f} (rounds {rss_ratio}); "
+          f"same fingerprint: {same}")
     return 0 if same else 1
 
 
