@@ -223,7 +223,10 @@ def _versions(mlflow_port: int, run_ids: set[str]) -> int:
     return sum(v.tags.get("arf.dag_run_id") in run_ids for v in versions)
 
 
-def run_backend(backend: str, root: Path, hub: str, args, singles: list[dict]) -> list[dict]:
+def run_backend(backend: str, root: Path, hub: str, args, singles: list[dict],
+                done: list[dict]) -> list[dict]:
+    """The storms on one backend; each result is also appended to `done` (and to --out) as it
+    comes, so that a stopped bench keeps what it measured."""
     from arf_training import stack
 
     home = root / backend
@@ -254,6 +257,7 @@ def run_backend(backend: str, root: Path, hub: str, args, singles: list[dict]) -
             single["backend"] = backend
             print(json.dumps(single), flush=True)
             singles.append(single)
+            _save(args.out, singles, done)
         for load in args.loads:
             for n in args.n:
                 cpu = CpuLoad(args.timeout) if load else None
@@ -266,6 +270,8 @@ def run_backend(backend: str, root: Path, hub: str, args, singles: list[dict]) -
                 result.update(backend=backend, load=load)
                 print(json.dumps(result), flush=True)
                 results.append(result)
+                done.append(result)
+                _save(args.out, singles, done)
     finally:
         stack.down()
     return results
@@ -299,7 +305,7 @@ def main() -> int:
     parser.add_argument("--single", type=int, default=5,
                         help="before the storms: one fresh trigger, then this many warm ones, "
                              "one at a time (0 to skip)")
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", help="write the results as JSON here (after each storm)")
     args = parser.parse_args()
     args.loads = {"both": [False, True], "on": [True], "off": [False]}[args.load]
     root = Path(tempfile.mkdtemp(prefix="arf-storm-"))
@@ -310,8 +316,9 @@ def main() -> int:
     subprocess.run([str(Path(sys.executable).parent / "arf-trainer"), "datahub", "seed",
                     "--hub", hub, "--episodes", "80"], env=env, check=True, capture_output=True)
     singles: list[dict] = []
-    results = [r for backend in args.backends
-               for r in run_backend(backend, root, hub, args, singles)]
+    results: list[dict] = []
+    for backend in args.backends:
+        run_backend(backend, root, hub, args, singles, results)
     print(f"\n{DAG}, {os.cpu_count()} cores, epochs={args.epochs}, "
           f"load average at the end {os.getloadavg()[0]:.1f}")
     if singles:
@@ -320,9 +327,12 @@ def main() -> int:
                                 "warm_runs", "warm_first_task_p50_s", "warm_first_task_p95_s",
                                 "failed"]))
     print("storms:\n" + table(results))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"single": singles, "storms": results}, indent=2))
     return 0
+
+
+def _save(out: str | None, singles: list[dict], storms: list[dict]) -> None:
+    if out:
+        Path(out).write_text(json.dumps({"single": singles, "storms": storms}, indent=2))
 
 
 if __name__ == "__main__":
