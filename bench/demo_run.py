@@ -69,6 +69,9 @@ def main() -> int:
                    if line.startswith(("  DAG run", "  dataset", "  model", "  evaluation"))]
     finally:
         if not args.keep:
+            # `make demo` leaves its PostgreSQL running for the user (detached); stop it
+            # before its home goes, or it outlives the clone.
+            subprocess.run(["make", "down"], cwd=clone, capture_output=True, check=False)
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"make demo from a fresh clone of {commit} ({clone if args.keep else 'removed'})")
     print(f"{'run':>4} {'exit':>5} {'wall s':>8} {'peak RSS tree MiB':>18} {'peak RSS 1 proc MiB':>20}")
