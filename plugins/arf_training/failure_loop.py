@@ -346,9 +346,27 @@ def run_failure_loop(config: LoopConfig, home: Path | None = None,
                      verbose: bool = False) -> dict[str, Any]:
     base = ArfSettings.from_env().home
     home = home or base / "failure-loop" / time.strftime("%Y%m%d-%H%M%S")
-    summary = Loop(home, config, verbose).run()
+    loop = Loop(home, config, verbose)  # a new home of its own (it refuses an existing one)
+    try:
+        summary = loop.run()
+    finally:
+        _stop_database(home)
     print(format_table(summary), flush=True)
     print(f"[failure-loop] plot {summary['plot']}; record {home / 'failure-loop.json'}; MLflow "
           f"run {summary['mlflow_run_id']} (experiment arf-failure-loop) in "
           f"{summary['home']}/mlflow.db", flush=True)
     return summary
+
+
+def _stop_database(home: Path) -> None:
+    """Stop the PostgreSQL the loop's `airflow dags test` runs started detached in its own home:
+    one server per loop would otherwise stay up after it (any later `arf` command with
+    ARF_HOME=<home> starts it again on demand)."""
+    from arf_training.settings import database_backend
+
+    if database_backend() == "postgres":
+        from arf_training.postgres import EmbeddedPostgres
+
+        server = EmbeddedPostgres(home)
+        if server.server_pid() is not None:
+            server.stop()
