@@ -74,7 +74,7 @@ def _spec(hub: Path) -> dict[str, Any]:
                     "try_number": 1}}
 
 
-def _run(cmd: list[str], env: dict[str, str], limit: Any = None) -> dict[str, Any]:
+def run_measured(cmd: list[str], env: dict[str, str], limit: Any = None) -> dict[str, Any]:
     """Run `cmd` (under `limit`: a MemoryCeiling or a byte count of RLIMIT_DATA)."""
     load = os.getloadavg()[0]
     started = time.perf_counter()
@@ -106,7 +106,7 @@ def _arf(ctx: Any, hub: Path, target: Path) -> dict[str, Any]:
     if mode == "cgroup":
         with MemoryCgroup(2**30) as group:
             try:
-                result = _run(group.wrap(cmd), env)
+                result = run_measured(group.wrap(cmd), env)
             except SystemExit as exc:
                 raise SystemExit(f"{exc} [{group.report()}]") from None
             result.update(group.report())
@@ -117,7 +117,7 @@ def _arf(ctx: Any, hub: Path, target: Path) -> dict[str, Any]:
         if mode == "rlimit":
             env["ARROW_DEFAULT_MEMORY_POOL"] = "system"
             limit, ceiling = 2**30, "RLIMIT_DATA 1 GiB, pyarrow system allocator"
-        result = _run(cmd, env, limit)
+        result = run_measured(cmd, env, limit)
     manifest = json.loads((target / "prepare" / "manifest.json").read_text())
     result.update(rows=manifest["rows"], val_rows=manifest["val_rows"],
                   shards=sum(len(s) for s in manifest["shards"].values()),
@@ -177,8 +177,9 @@ def _copy(hub: Path, target: Path, sql: str) -> dict[str, Any]:
     target.mkdir(parents=True)
     (target / "spill").mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO / "training_container")}
-    return _run([sys.executable, "-c", COPY_SCRIPT, str(hub), str(target / "out.parquet"),
-                 str(target / "spill"), sql, DUCKDB_LIMIT, str(THREADS)], env)
+    return run_measured([sys.executable, "-c", COPY_SCRIPT, str(hub),
+                         str(target / "out.parquet"), str(target / "spill"), sql, DUCKDB_LIMIT,
+                         str(THREADS)], env)
 
 
 SIDES = {

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from datahub_prepare import run_measured  # bench/ is on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -66,19 +68,11 @@ def _prepare(hub: Path, work: Path, side: str, size: int, memory: str) -> dict[s
            "ARF_WORKSPACE": str(workspace), "ARF_DATAHUB_URI": str(hub),
            "ARF_TRACKING_URI": f"sqlite:///{workspace}/unused.db",
            "ARF_DAG_ID": "arf_reach_pixels_bc", "ARF_RUN_ID": f"bench__{side}"}
-    load = os.getloadavg()[0]
-    started = time.perf_counter()
-    proc = subprocess.Popen([str(BIN / "arf-trainer"), "prepare"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = proc.stdout.read() if proc.stdout else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"prepare ({side}) failed: {out[-3000:]}")
+    result = run_measured([str(BIN / "arf-trainer"), "prepare"], env)
     manifest = json.loads((workspace / "prepare" / "manifest.json").read_text())
-    return {"side": side, "s": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024),
-            "rows": manifest["rows"], "fingerprint": manifest["fingerprint"][:12],
-            "load": [round(load, 2), round(os.getloadavg()[0], 2)]}
+    return {"side": side, "s": round(result["s"], 1),
+            "peak_rss_mib": round(result["peak_rss_mib"]), "rows": manifest["rows"],
+            "fingerprint": manifest["fingerprint"][:12], "load": result["load"]}
 
 
 def main(argv: list[str] | None = None) -> int:

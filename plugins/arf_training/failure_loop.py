@@ -350,23 +350,14 @@ def run_failure_loop(config: LoopConfig, home: Path | None = None,
     try:
         summary = loop.run()
     finally:
-        _stop_database(home)
+        # Its `airflow dags test` runs started the home's PostgreSQL detached: stop it, or one
+        # server per loop stays up (a later `arf` command in that home starts it on demand).
+        from arf_training.postgres import EmbeddedPostgres
+
+        EmbeddedPostgres(home).stop()  # a no-op when none runs (or under ARF_DB=sqlite)
     print(format_table(summary), flush=True)
     print(f"[failure-loop] plot {summary['plot']}; record {home / 'failure-loop.json'}; MLflow "
           f"run {summary['mlflow_run_id']} (experiment arf-failure-loop) in "
           f"{summary['home']}/mlflow.db", flush=True)
     return summary
 
-
-def _stop_database(home: Path) -> None:
-    """Stop the PostgreSQL the loop's `airflow dags test` runs started detached in its own home:
-    one server per loop would otherwise stay up after it (any later `arf` command with
-    ARF_HOME=<home> starts it again on demand)."""
-    from arf_training.settings import database_backend
-
-    if database_backend() == "postgres":
-        from arf_training.postgres import EmbeddedPostgres
-
-        server = EmbeddedPostgres(home)
-        if server.server_pid() is not None:
-            server.stop()

@@ -101,12 +101,10 @@ class _BoundedDataset(pads.FileSystemDataset):
         return super().scanner(*args, **kwargs)
 
 
-def _bounded_scan(snapshot: TableSnapshot) -> Any:
-    """`snapshot` with little read-ahead (the same fragments, partition values included)."""
+def _bounded_scan(snapshot: TableSnapshot) -> _BoundedDataset:
+    """`snapshot` with little read-ahead (the same fragments, partition values included; a
+    Delta table's dataset is a FileSystemDataset, `tables.open_table`)."""
     dataset = snapshot.dataset
-    if not isinstance(dataset, pads.FileSystemDataset):  # not what open_table returns today
-        return dataset.scanner(batch_size=SCAN_BATCH_ROWS, fragment_readahead=1,
-                               batch_readahead=SCAN_BATCH_READAHEAD)
     return _BoundedDataset(list(dataset.get_fragments()), dataset.schema, dataset.format,
                            dataset.filesystem, root_partition=dataset.partition_expression)
 
