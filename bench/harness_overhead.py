@@ -39,6 +39,10 @@ MLflow param data_placement; the bare loop holds the data and model on the GPU a
 synchronizes before it stops its clock); `--device cpu`, the default, hides GPUs from both
 sides. `--tracking none` points the trainer at an unreachable MLflow (http://127.0.0.1:9):
 training goes on, the tracking stays in the spool (an MLflow outage, as the trainer handles it).
+`--nondeterministic-side` adds a fourth side to every round: the trainer with
+`training.deterministic: false`, as free of determinism switches as the bare loop (which sets
+none), so the harness' own overhead and the switches' cost (harness-nondet / harness) are read
+apart (on a CPU they cost little; on CUDA, see bench/gpu/).
 
     python3 bench/harness_overhead.py --device cuda --tracking none \
         --prepared .devcheck/pixels/prepare --job-spec .devcheck/pixels/train-jobspec.json
@@ -80,7 +84,7 @@ RECIPES = {"bc": ("reach_bc", 10, ""), "bc_pixels": ("reach_pixels_bc", 2, "pixe
 
 
 def _template(epochs: int, recipe: str = "bc", precision: str = "fp32",
-              frame_size: int | None = None):
+              frame_size: int | None = None, deterministic: bool = True):
     import yaml
 
     from arf_training.templates import LoadedTemplate, TrainingTemplate
@@ -93,21 +97,22 @@ def _template(epochs: int, recipe: str = "bc", precision: str = "fp32",
     data["training"]["resources"]["cpu"] = 1
     data["training"]["hyperparameters"]["epochs"]["maximum"] = 10_000
     data["training"]["precision"] = precision
+    data["training"]["deterministic"] = deterministic
     if frame_size is not None and recipe == "bc_pixels":  # the seed's PNG frames: decode them
         data["dataset"]["decode"]["image"]["shape"] = [frame_size, frame_size, 3]
     return LoadedTemplate(TrainingTemplate.model_validate(data), path, "bench")
 
 
 def run_harness(root: Path, prepared: Path, epochs: int, tag: str, recipe: str = "bc",
-                precision: str = "fp32") -> tuple[float, float]:
+                precision: str = "fp32", deterministic: bool = True) -> tuple[float, float]:
     """(wall, CPU) seconds of the training loop of `arf-trainer train`, as it reports them."""
     from arf_training.backends.local import LocalStepRunner
     from arf_training.settings import ArfSettings
     from arf_training.stepspec import RunIdentity, build_step_spec
 
     settings = ArfSettings.from_env()
-    spec = build_step_spec(_template(epochs, recipe, precision), "train",
-                           RunIdentity("bench", f"harness-{recipe}-{tag}", "train"),
+    spec = build_step_spec(_template(epochs, recipe, precision, deterministic=deterministic),
+                           "train", RunIdentity("bench", f"harness-{recipe}-{tag}", "train"),
                            {"epochs": epochs}, settings)
     shutil.copytree(prepared, spec.workspace / "prepare")
     timing = LocalStepRunner().run(spec)["timing"]
@@ -115,13 +120,15 @@ def run_harness(root: Path, prepared: Path, epochs: int, tag: str, recipe: str =
 
 
 def run_harness_direct(root: Path, prepared: Path, job_spec: dict, epochs: int,
-                       tag: str, precision: str | None = None) -> tuple[float, float]:
+                       tag: str, precision: str | None = None,
+                       deterministic: bool = True) -> tuple[float, float]:
     """`run_harness` without arf_training: `python -m arf_trainer.cli train` with the
     environment the local backend sets, on a job spec saved by --save-inputs."""
     spec = copy.deepcopy(job_spec)
     spec["hyperparameters"]["epochs"] = epochs
     if precision is not None:
         spec["template"]["training"]["precision"] = precision
+    spec["template"]["training"]["deterministic"] = deterministic
     spec["conf"] = {**spec.get("conf", {}), "epochs": epochs}  # the trigger conf, as saved
     spec["run"] = {**spec["run"], "run_id": f"harness-{tag}", "try_number": 1}
     workspace = root / "direct" / f"harness-{tag}"
@@ -219,6 +226,10 @@ def main() -> int:
                         help="seed and prepare, save DIR/prepare and DIR/train-jobspec.json "
                         "(bc_pixels: DIR/pixels/...) for --prepared/--job-spec elsewhere, "
                         "and stop")
+    parser.add_argument("--nondeterministic-side", action="store_true",
+                        help="also run the trainer with training.deterministic: false in every "
+                        "round (side 'harness-nondet'): the harness without the determinism "
+                        "switches the bare loop does not set either")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
     if (args.prepared is None) != (args.job_spec is None):
@@ -288,14 +299,18 @@ def _measure(args: argparse.Namespace, root: Path, env: dict[str, str],
         prepared = args.prepared.resolve()
         job_spec = json.loads(args.job_spec.read_text())
 
-        def harness(tag: str) -> tuple[float, float]:
-            return run_harness_direct(root, prepared, job_spec, epochs, tag, args.precision)
+        def harness(tag: str, deterministic: bool = True) -> tuple[float, float]:
+            return run_harness_direct(root, prepared, job_spec, epochs, tag, args.precision,
+                                      deterministic)
     else:
         prepared = _prepare(root, env, recipe, args)
 
-        def harness(tag: str) -> tuple[float, float]:
-            return run_harness(root, prepared, epochs, tag, recipe, args.precision)
+        def harness(tag: str, deterministic: bool = True) -> tuple[float, float]:
+            return run_harness(root, prepared, epochs, tag, recipe, args.precision,
+                               deterministic)
     sides: dict[str, list[tuple[float, float]]] = {"harness": [], "bare+val": [], "bare": []}
+    if args.nondeterministic_side:
+        sides["harness-nondet"] = []
     rows = json.loads((prepared / "manifest.json").read_text())["train_rows"]
     for r in range(args.repeats):
         def bare_side(validate: bool) -> tuple[float, float]:
@@ -305,8 +320,10 @@ def _measure(args: argparse.Namespace, root: Path, env: dict[str, str],
             return seconds, cpu
 
         runs = {"harness": lambda: harness(str(r)),
-                "bare+val": lambda: bare_side(True), "bare": lambda: bare_side(False)}
-        order = list(runs)[r % 3:] + list(runs)[:r % 3]  # rotate who goes first
+                "bare+val": lambda: bare_side(True), "bare": lambda: bare_side(False),
+                "harness-nondet": lambda: harness(f"{r}-nondet", deterministic=False)}
+        runs = {name: run for name, run in runs.items() if name in sides}
+        order = list(runs)[r % len(runs):] + list(runs)[:r % len(runs)]  # rotate who goes first
         for name in order:
             sides[name].append(runs[name]())
             # progress, for runs cut short by a time limit
@@ -321,41 +338,56 @@ def _report(args: argparse.Namespace, recipe: str, epochs: int, rows: int,
     print(f"\n{recipe} recipe, {rows} training rows, batch {batch}, {epochs} epochs, 1 process, "
           f"OMP_NUM_THREADS=1, device {args.device}, {args.precision}; training-loop "
           f"throughput, {args.repeats} back-to-back rounds")
-    for name, label in (("harness", "arf-trainer train"),
-                        ("bare+val", "bare loop + per-epoch validation"),
-                        ("bare", "bare loop, no validation")):
-        rates = [epochs * rows / wall for wall, _ in sides[name]]
-        print(f"{label:33}: {statistics.median(rates):8,.0f} samples/s median  (runs: "
-              f"{', '.join(f'{v:,.0f}' for v in rates)})")
+    labels = {"harness": "arf-trainer train",
+              "harness-nondet": "arf-trainer train, deterministic: false",
+              "bare+val": "bare loop + per-epoch validation",
+              "bare": "bare loop, no validation"}
+    for name, label in labels.items():
+        if name in sides:
+            rates = [epochs * rows / wall for wall, _ in sides[name]]
+            print(f"{label:40}: {statistics.median(rates):8,.0f} samples/s median  (runs: "
+                  f"{', '.join(f'{v:,.0f}' for v in rates)})")
 
-    def ratios(baseline: str, index: int) -> list[float]:
-        # harness samples/s over baseline samples/s, per round
-        return [b[index] / h[index] for h, b in zip(sides["harness"], sides[baseline])]
+    def ratios(side: str, baseline: str, index: int) -> list[float]:
+        # side's samples/s over baseline's samples/s, per round
+        return [b[index] / h[index] for h, b in zip(sides[side], sides[baseline])]
 
-    def best(baseline: str) -> float:
+    def best(side: str, baseline: str) -> float:
         # timeit's estimator: interference only ever slows a run, so the fastest run of
         # each side is its closest reading of the intrinsic cost
-        return (min(w for w, _ in sides[baseline]) / min(w for w, _ in sides["harness"]))
+        return (min(w for w, _ in sides[baseline]) / min(w for w, _ in sides[side]))
 
-    for baseline, what in (("bare+val", "same work (bare loop validates each epoch too)"),
-                           ("bare", "strict (bare loop skips validation)")):
-        print(f"ratio harness / {baseline:8} {what}: wall {statistics.median(ratios(baseline, 0)):.3f} "
-              f"(rounds: {', '.join(f'{v:.3f}' for v in ratios(baseline, 0))}), CPU seconds "
-              f"{statistics.median(ratios(baseline, 1)):.3f}, best run vs best run "
-              f"{best(baseline):.3f}")
-    headline = statistics.median(ratios("bare+val", 0))
+    pairs = [(side, baseline) for side in ("harness", "harness-nondet") if side in sides
+             for baseline in ("bare+val", "bare")]
+    if "harness-nondet" in sides:
+        pairs.append(("harness-nondet", "harness"))
+    what = {"bare+val": "same work (bare loop validates each epoch too)",
+            "bare": "strict (bare loop skips validation)",
+            "harness": "the cost of the determinism switches"}
+    for side, baseline in pairs:
+        print(f"ratio {side} / {baseline:8} {what[baseline]}: wall "
+              f"{statistics.median(ratios(side, baseline, 0)):.3f} (rounds: "
+              f"{', '.join(f'{v:.3f}' for v in ratios(side, baseline, 0))}), CPU seconds "
+              f"{statistics.median(ratios(side, baseline, 1)):.3f}, best run vs best run "
+              f"{best(side, baseline):.3f}")
+    headline = statistics.median(ratios("harness", "bare+val", 0))
     print(f"{recipe}: harness overhead ratio (same work, wall, median of rounds): "
           f"{headline:.3f}   (goal >= 0.95: {'PASS' if headline >= 0.95 else 'FAIL'})")
-    return {"epochs": epochs, "rows": rows,
-            "samples_per_s": {name: [epochs * rows / wall for wall, _ in runs]
-                              for name, runs in sides.items()},
-            "seconds": sides,
-            "ratio_rounds": {b: ratios(b, 0) for b in ("bare+val", "bare")},
-            "ratio_wall": {b: statistics.median(ratios(b, 0)) for b in ("bare+val", "bare")},
-            "ratio_cpu": {b: statistics.median(ratios(b, 1)) for b in ("bare+val", "bare")},
-            "best_vs_best": {b: best(b) for b in ("bare+val", "bare")},
-            "headline_ratio": headline}
-
+    figures = {"epochs": epochs, "rows": rows,
+               "samples_per_s": {name: [epochs * rows / wall for wall, _ in runs]
+                                 for name, runs in sides.items()},
+               "seconds": sides,
+               "ratio_rounds": {b: ratios("harness", b, 0) for b in ("bare+val", "bare")},
+               "ratio_wall": {b: statistics.median(ratios("harness", b, 0))
+                              for b in ("bare+val", "bare")},
+               "ratio_cpu": {b: statistics.median(ratios("harness", b, 1))
+                             for b in ("bare+val", "bare")},
+               "best_vs_best": {b: best("harness", b) for b in ("bare+val", "bare")},
+               "headline_ratio": headline}
+    if "harness-nondet" in sides:
+        figures["nondet_ratio_wall"] = {b: statistics.median(ratios("harness-nondet", b, 0))
+                                        for b in ("bare+val", "bare", "harness")}
+    return figures
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -98,10 +98,7 @@ def reproduce(run_id: str, log: logging.Logger | None = None) -> dict[str, Any]:
         "data_fingerprint": (lineage["data_fingerprint"], results["prepare"]["fingerprint"]),
         "weights_sha256": (lineage["weights_sha256"], rerun_sha),
     }
-    notes = []
-    here = lineage.get("local_torch_version")
-    if lineage.get("torch_version") and here and lineage["torch_version"] != here:
-        notes.append(f"torch {lineage['torch_version']} recorded, {here} here")
+    notes = lineage_notes(lineage)
     return {
         "run_id": run_id,
         "match": all(a == b for a, b in checks.values()),
@@ -112,6 +109,18 @@ def reproduce(run_id: str, log: logging.Logger | None = None) -> dict[str, Any]:
         "workspace": str(workspace),
         "notes": notes,
     }
+
+
+def lineage_notes(lineage: dict[str, Any]) -> list[str]:
+    """What the report should say besides the checks: why a mismatch may be expected."""
+    notes = []
+    here = lineage.get("local_torch_version")
+    if lineage.get("torch_version") and here and lineage["torch_version"] != here:
+        notes.append(f"torch {lineage['torch_version']} recorded, {here} here")
+    if lineage.get("bitwise_reproducible") == "false":
+        notes.append("the run is recorded as not bitwise reproducible, so a weights mismatch "
+                     f"is expected: {lineage.get('bitwise_reproducible_reason')}")
+    return notes
 
 
 def _end_custom_run(train_dir: Path, settings: ArfSettings, reproduced: str) -> str | None:

@@ -282,6 +282,13 @@ class Training(_Section):
         description="Built-in recipes: train the model through torch.compile (slower start, "
                     "faster steps on a GPU). The run's record says whether it is bitwise "
                     "reproducible.")
+    deterministic: bool = Field(
+        True, strict=True,
+        description="Built-in recipes: true (the default) enforces deterministic kernels "
+                    "(torch.use_deterministic_algorithms, a fixed cuBLAS workspace), so a rerun "
+                    "gives the same weights bit for bit. false trades that for speed on a GPU "
+                    "(fastest kernels, cuDNN autotuning); the run is then recorded as not "
+                    "bitwise reproducible.")
 
     @field_validator("hyperparameters")
     @classmethod
@@ -306,11 +313,11 @@ class Training(_Section):
                     f"recipe {self.recipe!r} has no hyperparameter(s) {unknown}; it accepts "
                     f"{sorted(RECIPE_HYPERPARAMETERS[self.recipe])}"
                 )
-        elif self.precision != "fp32" or self.compile:
+        elif self.precision != "fp32" or self.compile or not self.deterministic:
             raise ValueError(
-                f"precision={self.precision!r}, compile={self.compile} apply to the built-in "
-                "recipes only; a custom command sets its own precision and compilation: remove "
-                "them from 'training'"
+                f"precision={self.precision!r}, compile={self.compile}, deterministic="
+                f"{self.deterministic} apply to the built-in recipes only; a custom command sets "
+                "its own precision, compilation and determinism: remove them from 'training'"
             )
         return self
 

@@ -1,5 +1,5 @@
-"""The GPU path's options on the CPU: training.precision / training.compile validated on both
-sides and reaching the loop, the run's reproducibility record, the data-placement choice and
+"""The GPU path's options on the CPU: training.precision / .compile / .deterministic validated
+on both sides and reaching the loop, the run's reproducibility record, the data-placement choice and
 the device-side loss sums (trainer/accel.py)."""
 
 from __future__ import annotations
@@ -57,15 +57,16 @@ def _template(name: str, old: str, new: str) -> str:
     return text.replace(old, new, 1)
 
 
-def test_template_accepts_precision_and_compile() -> None:
+def test_template_accepts_precision_compile_and_deterministic() -> None:
     from arf_training.templates import parse_template
 
-    text = _template("digits_smoke", "  recipe: classifier",
-                     "  recipe: classifier\n  precision: bf16\n  compile: true")
+    text = _template("digits_smoke", "  recipe: classifier", "  recipe: classifier\n  "
+                     "precision: bf16\n  compile: true\n  deterministic: false")
     training = parse_template(text).training
-    assert (training.precision, training.compile) == ("bf16", True)
+    assert (training.precision, training.compile, training.deterministic) == ("bf16", True, False)
     default = parse_template((REPO / "config_templates" / "digits_smoke.yaml").read_text())
-    assert (default.training.precision, default.training.compile) == ("fp32", False)
+    assert (default.training.precision, default.training.compile,
+            default.training.deterministic) == ("fp32", False, True)
 
 
 @pytest.mark.parametrize("name, old, new, fragments", [
@@ -75,6 +76,11 @@ def test_template_accepts_precision_and_compile() -> None:
                  ["training.compile", "boolean"], id="compile-string"),
     pytest.param("digits_sklearn", "  command:", "  precision: bf16\n  command:",
                  ["training", "built-in recipes only", "remove them"], id="custom-command"),
+    pytest.param("digits_smoke", "  recipe: classifier",
+                 "  recipe: classifier\n  deterministic: 'no'",
+                 ["training.deterministic", "boolean"], id="deterministic-string"),
+    pytest.param("digits_sklearn", "  command:", "  deterministic: false\n  command:",
+                 ["deterministic=False", "built-in recipes only"], id="custom-nondeterministic"),
 ])
 def test_template_rejects_bad_precision_and_compile(name: str, old: str, new: str,
                                                     fragments: list[str]) -> None:
@@ -94,6 +100,8 @@ def test_template_rejects_bad_precision_and_compile(name: str, old: str, new: st
                  id="precision"),
     pytest.param({"compile": "true"}, "training.compile='true' must be true or false",
                  id="compile"),
+    pytest.param({"deterministic": 0}, "training.deterministic=0 must be true or false",
+                 id="deterministic"),
 ])
 def test_trainer_rejects_bad_precision_and_compile(training: dict, fragment: str) -> None:
     spec = JobSpec.from_dict(make_spec("digits_smoke", training=training))
@@ -125,6 +133,47 @@ def test_bf16_trains_on_cpu_and_the_record_says_so(tmp_path: Path) -> None:
     plain = client.get_run(fp32["mlflow_run_id"])
     assert plain.data.params["precision"] == "fp32"
     assert plain.data.tags["arf.bitwise_reproducible"] == "true"
+
+
+def test_nondeterministic_run_is_recorded_as_such(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """training.deterministic: false reaches the loop (deterministic algorithms off, cuDNN
+    autotuning on), is undone after the run, and the record (param, tags, lineage, the
+    reproduce report's note) says the run is not bitwise reproducible."""
+    import mlflow
+
+    from arf_trainer.lineage import read_lineage
+    from arf_training.reproduce import lineage_notes
+
+    seen: list[tuple[bool, bool]] = []
+    run_epoch = loop.run_epoch
+
+    def spy(p: loop.Parts, epoch: int, clock: loop.Clock) -> None:
+        seen.append((torch.are_deterministic_algorithms_enabled(),
+                     torch.backends.cudnn.benchmark))
+        run_epoch(p, epoch, clock)
+
+    monkeypatch.setattr(loop, "run_epoch", spy)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    uri = fresh_tracking_uri(tmp_path)
+    fast = train_digits(tmp_path, "fast", uri, epochs=1, deterministic=False)
+    assert seen == [(False, True)]
+    assert (torch.are_deterministic_algorithms_enabled(),
+            torch.backends.cudnn.benchmark) == before
+    default = train_digits(tmp_path, "default", uri, epochs=1)
+    assert seen[1] == (True, False)
+    assert fast["metrics"]["val_accuracy"] > 0.8
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(fast["mlflow_run_id"])
+    assert run.data.params["deterministic"] == "False"
+    assert run.data.tags["arf.bitwise_reproducible"] == "false"
+    assert "training.deterministic: false" in run.data.tags["arf.bitwise_reproducible_reason"]
+    assert client.get_run(default["mlflow_run_id"]).data.params["deterministic"] == "True"
+    notes = lineage_notes(read_lineage(uri, fast["mlflow_run_id"]))
+    assert any("not bitwise reproducible" in n and "training.deterministic: false" in n
+               for n in notes), notes
+    assert not any("bitwise" in n for n in lineage_notes(read_lineage(
+        uri, default["mlflow_run_id"])))
 
 
 def test_compile_wraps_the_trained_core(tmp_path: Path) -> None:
@@ -169,6 +218,10 @@ def test_bitwise_record_names_what_is_not_verified() -> None:
         record = accel.bitwise_record(CUDA, *options)
         assert record["arf.bitwise_reproducible"] == "true"
         assert "H200" in record["arf.bitwise_reproducible_reason"]
+    for device in (CPU, CUDA):
+        record = accel.bitwise_record(device, "fp32", False, deterministic=False)
+        assert record["arf.bitwise_reproducible"] == "false"
+        assert f"false on {device.type}" in record["arf.bitwise_reproducible_reason"]
     record = accel.bitwise_record(CUDA, "bf16", True)  # not measured together
     assert record["arf.bitwise_reproducible"] == "false"
     assert "not verified" in record["arf.bitwise_reproducible_reason"]

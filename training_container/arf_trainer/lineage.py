@@ -53,6 +53,10 @@ def read_lineage(tracking_uri: str, run_id: str) -> dict[str, Any]:
         "base_model": tags.get("arf.base_model"),
         "base_model_version": tags.get("arf.base_model_version"),
         "recipe": tags.get("arf.recipe"),
+        # Whether the run's configuration is known to rerun bit for bit, and why (None: a run
+        # of a custom command, or one recorded before the tag existed).
+        "bitwise_reproducible": tags.get("arf.bitwise_reproducible"),
+        "bitwise_reproducible_reason": tags.get("arf.bitwise_reproducible_reason"),
     }
 
 

@@ -20,6 +20,9 @@ without it), so the CPU tests of reproducibility hold the loop to it. On CUDA:
   float32.
 * **compile** (`compiled`): ``torch.compile`` of the trained core, with Inductor's
   deterministic mode (no on-device benchmarking that changes numerics).
+* **determinism** (config.deterministic): on by default; ``training.deterministic: false``
+  allows nondeterministic kernels, cuDNN autotuning and Inductor's benchmarking for speed, and
+  the run is then recorded as not bitwise reproducible.
 
 `bitwise_record` says, for the run's record, whether a configuration is known to give the same
 weights bit for bit when rerun on the same machine, and why (measured, or not verified).
@@ -126,15 +129,15 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def compiled(net: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+def compiled(net: torch.nn.Module, enabled: bool, deterministic: bool = True) -> torch.nn.Module:
     """`net` through torch.compile (compiled at its first call), or `net` itself."""
     if not enabled:
         return net
     import torch._inductor.config as inductor_config
 
-    # Skip the on-device benchmarking whose choice of kernel changes numerics (CUDA); the
-    # trainer's other determinism switches are on already (config.deterministic).
-    inductor_config.deterministic = True
+    # Deterministic: skip the on-device benchmarking whose choice of kernel changes numerics
+    # (CUDA); the trainer's other determinism switches are on already (config.deterministic).
+    inductor_config.deterministic = deterministic
     return torch.compile(net)
 
 
@@ -165,10 +168,15 @@ MEASURED: dict[tuple[str, str, bool], tuple[bool, str]] = {
 }
 
 
-def bitwise_record(device: torch.device, precision: str, compile_: bool) -> dict[str, str]:
+def bitwise_record(device: torch.device, precision: str, compile_: bool,
+                   deterministic: bool = True) -> dict[str, str]:
     """The run's record of its bitwise reproducibility (MLflow tags)."""
     known = MEASURED.get((device.type, precision, compile_))
-    if known is None:
+    if not deterministic:
+        known = (False, f"training.deterministic: false on {device.type}: nondeterministic "
+                        "kernels and autotuning allowed for speed (a rerun may give different "
+                        "weights; `reproduce` may report a mismatch)")
+    elif known is None:
         options = ", ".join(o for o, on in (("bf16 autocast", precision == "bf16"),
                                             ("torch.compile", compile_)) if on)
         known = (False, f"{options} on {device.type}: not verified bitwise reproducible (a "

@@ -57,6 +57,8 @@ class TrainConfig:
     """training.precision: fp32, or bf16 autocast of the forward pass and loss (accel.py)."""
     compile: bool = False
     """training.compile: train the core through torch.compile (accel.py)."""
+    deterministic: bool = True
+    """training.deterministic: deterministic kernels (the default), or the fastest ones."""
 
     @classmethod
     def from_spec(cls, spec: JobSpec, world_size: int) -> "TrainConfig":
@@ -75,7 +77,7 @@ class TrainConfig:
         if loading not in DATA_LOADING:
             raise SpecError(f"training.data_loading={loading!r} is not one of "
                             f"{', '.join(DATA_LOADING)}; auto picks by the data's size")
-        precision, compile_ = _speed_options(training)
+        precision, compile_, deterministic_ = _speed_options(training)
         recipe = get_recipe(training.get("recipe"))
         hp = Hyperparameters.parse(recipe.name, spec.hyperparameters)
         if not 0 <= spec.seed < 2**32 - world_size:
@@ -100,20 +102,24 @@ class TrainConfig:
             memory=(training.get("resources") or {}).get("memory"),
             precision=precision,
             compile=compile_,
+            deterministic=deterministic_,
         )
 
 
-def _speed_options(training: dict[str, Any]) -> tuple[str, bool]:
-    """training.precision and training.compile, checked (absent: fp32, no compilation)."""
+def _speed_options(training: dict[str, Any]) -> tuple[str, bool, bool]:
+    """training.precision, .compile and .deterministic, checked (absent: fp32, no compilation,
+    deterministic)."""
     precision = training.get("precision", "fp32")
     if precision not in PRECISIONS:
         raise SpecError(f"training.precision={precision!r} is not one of {', '.join(PRECISIONS)}; "
                         "use bf16 for bfloat16 autocast, fp32 (the default) for full precision")
-    compile_ = training.get("compile", False)
-    if not isinstance(compile_, bool):
-        raise SpecError(f"training.compile={compile_!r} must be true or false (a YAML boolean, "
-                        "not a string or number)")
-    return precision, compile_
+    switches = {name: training.get(name, default)
+                for name, default in (("compile", False), ("deterministic", True))}
+    for name, value in switches.items():
+        if not isinstance(value, bool):
+            raise SpecError(f"training.{name}={value!r} must be true or false (a YAML boolean, "
+                            "not a string or number)")
+    return precision, switches["compile"], switches["deterministic"]
 
 
 def train_dir_of(spec: JobSpec) -> str:
@@ -153,12 +159,20 @@ def completed_result(workspace: Path, config_hash: str,
 
 
 @contextmanager
-def deterministic(threads: int | None) -> Iterator[None]:
-    """Enforce deterministic kernels (restored afterwards: tests call run_train in-process)."""
-    # cuBLAS only has deterministic GEMMs with a fixed workspace, set before CUDA starts.
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
-    torch.use_deterministic_algorithms(True)
+def deterministic(threads: int | None, enabled: bool = True) -> Iterator[None]:
+    """Enforce deterministic kernels, or (`enabled` False: training.deterministic: false) let
+    torch pick the fastest ones and cuDNN autotune its convolutions. Restored afterwards:
+    tests call run_train in-process."""
+    if enabled:
+        # cuBLAS only has deterministic GEMMs with a fixed workspace, set before CUDA starts.
+        # (A run without it leaves the variable alone: cuBLAS then sizes its own workspace.)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(),
+                torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(enabled)
+    # Autotuning times candidate kernels on the device and keeps the fastest: a choice that
+    # can differ from run to run, so only without determinism (same shapes every step here).
+    torch.backends.cudnn.benchmark = not enabled
     if threads:
         # CPU reductions are split per thread, so the thread count is part of the recipe for
         # bit-identical weights; torchrun sets OMP_NUM_THREADS=1 unless told otherwise.
@@ -168,6 +182,7 @@ def deterministic(threads: int | None) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(previous[0])
         torch.set_num_threads(previous[1])
+        torch.backends.cudnn.benchmark = previous[2]
 
 
 def seed_all(seed: int) -> None:

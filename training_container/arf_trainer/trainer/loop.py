@@ -12,7 +12,8 @@ Parts (each with its own state, in its own module):
 * trial       an HPO trial's per-epoch report and pruning answer (only in trials).
 
 Determinism: every part is seeded from the spec's seed (+rank for per-rank streams),
-deterministic algorithms are enforced (config.deterministic), data order is a pure function
+deterministic algorithms are enforced (config.deterministic; training.deterministic: false
+opts out for speed, recorded), data order is a pure function
 of (seed, epoch) and the data, and loading stays in the main process.
 """
 
@@ -146,8 +147,9 @@ def build(env: StepEnv, cfg: TrainConfig, manifest: Manifest, source: Any,
     data = source.loader(recipe, info, state.model, denv, cfg.per_rank_batch_size, cfg.seed)
     placement = accel.place(data, device)
     if denv.is_main:
-        log.info("data placement: %s; precision %s%s", placement.label, cfg.precision,
-                 ", torch.compile" if cfg.compile else "")
+        log.info("data placement: %s; precision %s%s%s", placement.label, cfg.precision,
+                 ", torch.compile" if cfg.compile else "",
+                 "" if cfg.deterministic else ", nondeterministic kernels (not reproducible)")
     checkpoint = CheckpointPart(out_dir / "checkpoints", cfg, denv, hooks)
     checkpoint.resume(state, data)
     metrics = MetricsSink()
@@ -159,9 +161,11 @@ def build(env: StepEnv, cfg: TrainConfig, manifest: Manifest, source: Any,
                     env, cfg, manifest, source, denv.world_size, loading,
                     extra_tags={**(base.tags if base is not None else {}),
                                 "arf.data_placement": placement.label,
-                                **accel.bitwise_record(device, cfg.precision, cfg.compile)},
+                                **accel.bitwise_record(device, cfg.precision, cfg.compile,
+                                                       cfg.deterministic)},
                     extra_params={"data_placement": placement.mode,
-                                  "precision": cfg.precision, "compile": cfg.compile})
+                                  "precision": cfg.precision, "compile": cfg.compile,
+                                  "deterministic": cfg.deterministic})
         except BaseException:
             metrics.end("FAILED")
             raise
@@ -207,7 +211,8 @@ def _build_state(cfg: TrainConfig, recipe: Recipe, info: ModelInfo, source: Any,
                                   lr=cfg.hp.lr, weight_decay=cfg.hp.weight_decay)
     # The step trains the standardized core on standardized data (Recipe.training_tensors);
     # the normalization buffers live outside it, so DDP has no buffers to broadcast.
-    net = accel.compiled(DDP(model.net) if denv.enabled else model.net, cfg.compile)
+    net = accel.compiled(DDP(model.net) if denv.enabled else model.net, cfg.compile,
+                         cfg.deterministic)
     seed_all(cfg.seed + denv.rank)  # from here on, per-rank streams
     return TrainState(model, optimizer, net)
 

@@ -73,7 +73,7 @@ def run_train(env: StepEnv) -> dict[str, Any] | None:
             log.info("on SIGTERM: finish the step, checkpoint and exit %d within %g s (%s)",
                      PREEMPTED_EXIT, guard.grace_s, GRACE_ENV)
             log.info("data loading: %s (%s)", *loading)
-        with deterministic(threads):
+        with deterministic(threads, cfg.deterministic):
             device = dist.init(denv)
             try:
                 result = loop.train(loop.build(env, cfg, manifest, source, loading, denv,
