@@ -1,7 +1,8 @@
 """The bare loops bench/harness_overhead.py compares the trainer with: what a PyTorch user
 writes for the same model, data and precision, without a DataLoader (the strictest baseline).
 
-Each is a script run as ``python -c SCRIPT PREPARED EPOCHS val|noval DEVICE PRECISION``; it
+Each is a script run as ``python -c SCRIPT PREPARED EPOCHS val|noval DEVICE PRECISION
+[BATCH]`` (BATCH: the template's batch size unless given); it
 reads the prepared shards, standardizes inputs and targets with the training split's
 statistics, puts everything on the device once (a no-op on the CPU), and prints ``RESULT{json}``
 with the wall and CPU seconds of its training loop (loading excluded) and the training rows.
@@ -16,6 +17,7 @@ from torch import nn
 prepare, epochs, validate = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "val"
 device = torch.device(sys.argv[4] if len(sys.argv) > 4 else "cpu")
 bf16 = len(sys.argv) > 5 and sys.argv[5] == "bf16"
+batch_arg = int(sys.argv[6]) if len(sys.argv) > 6 else None
 manifest = json.load(open(f"{prepare}/manifest.json"))
 def table(name):
     return pa.concat_tables([pq.read_table(f"{prepare}/{s['path']}")
@@ -70,7 +72,7 @@ layers, width = [], x.shape[1]
 for _ in range(3):
     layers += [nn.Linear(width, 256), nn.ReLU()]; width = 256
 model = nn.Sequential(*layers, nn.Linear(width, y.shape[1])).to(device)
-run(model, x.to(device), y.to(device), x_val.to(device), y_val.to(device), 256)
+run(model, x.to(device), y.to(device), x_val.to(device), y_val.to(device), batch_arg or 256)
 '''
 
 # The same network as the trainer's bc_pixels core (its module, so "same model" holds by
@@ -99,7 +101,7 @@ if device.type == "cuda":
     model.encoder.to(memory_format=torch.channels_last)
 x = {"image": frames.to(device), "state": s.to(device)}
 x_val = {"image": frames_val.to(device), "state": s_val.to(device)}
-run(model, x, y.to(device), x_val, y_val.to(device), 64)
+run(model, x, y.to(device), x_val, y_val.to(device), batch_arg or 64)
 '''
 
 SCRIPTS = {"bc": BC, "bc_pixels": BC_PIXELS}

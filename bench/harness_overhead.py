@@ -104,7 +104,8 @@ def _template(epochs: int, recipe: str = "bc", precision: str = "fp32",
 
 
 def run_harness(root: Path, prepared: Path, epochs: int, tag: str, recipe: str = "bc",
-                precision: str = "fp32", deterministic: bool = True) -> tuple[float, float]:
+                precision: str = "fp32", deterministic: bool = True,
+                batch_size: int | None = None) -> tuple[float, float]:
     """(wall, CPU) seconds of the training loop of `arf-trainer train`, as it reports them."""
     from arf_training.backends.local import LocalStepRunner
     from arf_training.settings import ArfSettings
@@ -113,7 +114,7 @@ def run_harness(root: Path, prepared: Path, epochs: int, tag: str, recipe: str =
     settings = ArfSettings.from_env()
     spec = build_step_spec(_template(epochs, recipe, precision, deterministic=deterministic),
                            "train", RunIdentity("bench", f"harness-{recipe}-{tag}", "train"),
-                           {"epochs": epochs}, settings)
+                           _conf(epochs, batch_size), settings)
     shutil.copytree(prepared, spec.workspace / "prepare")
     timing = LocalStepRunner().run(spec)["timing"]
     return timing["train_seconds"], timing["train_cpu_seconds"]
@@ -121,15 +122,18 @@ def run_harness(root: Path, prepared: Path, epochs: int, tag: str, recipe: str =
 
 def run_harness_direct(root: Path, prepared: Path, job_spec: dict, epochs: int,
                        tag: str, precision: str | None = None,
-                       deterministic: bool = True) -> tuple[float, float]:
+                       deterministic: bool = True,
+                       batch_size: int | None = None) -> tuple[float, float]:
     """`run_harness` without arf_training: `python -m arf_trainer.cli train` with the
     environment the local backend sets, on a job spec saved by --save-inputs."""
     spec = copy.deepcopy(job_spec)
     spec["hyperparameters"]["epochs"] = epochs
+    if batch_size is not None:
+        spec["hyperparameters"]["batch_size"] = batch_size
     if precision is not None:
         spec["template"]["training"]["precision"] = precision
     spec["template"]["training"]["deterministic"] = deterministic
-    spec["conf"] = {**spec.get("conf", {}), "epochs": epochs}  # the trigger conf, as saved
+    spec["conf"] = {**spec.get("conf", {}), **_conf(epochs, batch_size)}  # the trigger conf
     spec["run"] = {**spec["run"], "run_id": f"harness-{tag}", "try_number": 1}
     workspace = root / "direct" / f"harness-{tag}"
     shutil.copytree(prepared, workspace / "prepare")
@@ -144,6 +148,11 @@ def run_harness_direct(root: Path, prepared: Path, job_spec: dict, epochs: int,
                          f"{(proc.stdout + proc.stderr)[-4000:]}")
     timing = json.loads((workspace / "train" / "result.json").read_text())["timing"]
     return timing["train_seconds"], timing["train_cpu_seconds"]
+
+
+def _conf(epochs: int, batch_size: int | None) -> dict[str, int]:
+    """The trigger conf of a harness run."""
+    return {"epochs": epochs, **({} if batch_size is None else {"batch_size": batch_size})}
 
 
 def trainer_env(workspace: Path, job_spec_path: Path, spec: dict, tracking_uri: str,
@@ -182,10 +191,11 @@ def save_inputs(target: Path, prepared: Path, epochs: int, recipe: str = "bc",
 
 
 def run_bare(prepared: Path, epochs: int, env: dict[str, str], validate: bool,
-             device: str = "cpu", recipe: str = "bc",
-             precision: str = "fp32") -> tuple[float, float, int]:
+             device: str = "cpu", recipe: str = "bc", precision: str = "fp32",
+             batch_size: int | None = None) -> tuple[float, float, int]:
     argv = [sys.executable, "-c", BARE_LOOPS[recipe], str(prepared), str(epochs),
-            "val" if validate else "noval", device, precision]
+            "val" if validate else "noval", device, precision,
+            *([] if batch_size is None else [str(batch_size)])]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"the bare {recipe} loop exited {proc.returncode}:\n"
@@ -226,6 +236,10 @@ def main() -> int:
                         help="seed and prepare, save DIR/prepare and DIR/train-jobspec.json "
                         "(bc_pixels: DIR/pixels/...) for --prepared/--job-spec elsewhere, "
                         "and stop")
+    parser.add_argument("--batch-size", type=int,
+                        help="both sides: this batch size instead of the template's (bc 256, "
+                        "bc_pixels 64); a small one makes a CPU step launch-bound like a small "
+                        "model's step on a GPU, so per-step overhead shows")
     parser.add_argument("--nondeterministic-side", action="store_true",
                         help="also run the trainer with training.deterministic: false in every "
                         "round (side 'harness-nondet'): the harness without the determinism "
@@ -301,13 +315,13 @@ def _measure(args: argparse.Namespace, root: Path, env: dict[str, str],
 
         def harness(tag: str, deterministic: bool = True) -> tuple[float, float]:
             return run_harness_direct(root, prepared, job_spec, epochs, tag, args.precision,
-                                      deterministic)
+                                      deterministic, args.batch_size)
     else:
         prepared = _prepare(root, env, recipe, args)
 
         def harness(tag: str, deterministic: bool = True) -> tuple[float, float]:
             return run_harness(root, prepared, epochs, tag, recipe, args.precision,
-                               deterministic)
+                               deterministic, args.batch_size)
     sides: dict[str, list[tuple[float, float]]] = {"harness": [], "bare+val": [], "bare": []}
     if args.nondeterministic_side:
         sides["harness-nondet"] = []
@@ -315,7 +329,7 @@ def _measure(args: argparse.Namespace, root: Path, env: dict[str, str],
     for r in range(args.repeats):
         def bare_side(validate: bool) -> tuple[float, float]:
             seconds, cpu, bare_rows = run_bare(prepared, epochs, env, validate, args.device,
-                                               recipe, args.precision)
+                                               recipe, args.precision, args.batch_size)
             assert bare_rows == rows, (bare_rows, rows)  # the same training split
             return seconds, cpu
 
@@ -334,7 +348,7 @@ def _measure(args: argparse.Namespace, root: Path, env: dict[str, str],
 
 def _report(args: argparse.Namespace, recipe: str, epochs: int, rows: int,
             sides: dict[str, list[tuple[float, float]]]) -> dict:
-    batch = {"bc": 256, "bc_pixels": 64}[recipe]
+    batch = args.batch_size or {"bc": 256, "bc_pixels": 64}[recipe]
     print(f"\n{recipe} recipe, {rows} training rows, batch {batch}, {epochs} epochs, 1 process, "
           f"OMP_NUM_THREADS=1, device {args.device}, {args.precision}; training-loop "
           f"throughput, {args.repeats} back-to-back rounds")

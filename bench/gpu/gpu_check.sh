@@ -7,7 +7,9 @@
 #      repro_bf16 and repro_compile (bc with training.precision bf16 / training.compile: are
 #      they bitwise reproducible on CUDA? the trainer records them as not verified);
 #   2. harness overhead on CUDA: bench/harness_overhead.py --device cuda --tracking none, for
-#      bc (harness) and bc_pixels (harness_pixels).
+#      bc (harness) and bc_pixels (harness_pixels), with a fourth side per round
+#      (--nondeterministic-side: the trainer with training.deterministic: false) unless
+#      DEVCHECK_NONDET=0.
 # Writes to $OUT: gpu_check.log (everything printed), train_logs.log (the trainer runs of
 # check 1), repro*.json, harness*.json, summary.json.
 # Inputs: .devcheck/{prepare,train-jobspec.json} (bc) and .devcheck/pixels/... (bc_pixels),
@@ -125,9 +127,11 @@ harness() {  # name, job-spec folder, epochs, timeout
   step "check 2: $1: harness overhead, --device $DEV --tracking none, $3 epochs, $REPEATS rounds"
   timeout "$4" "$PY" bench/harness_overhead.py --device "$DEV" --tracking none \
     --prepared "$2/prepare" --job-spec "$2/train-jobspec.json" \
-    --epochs "$3" --repeats "$REPEATS" --json "$OUT/$1.json"
+    --epochs "$3" --repeats "$REPEATS" --json "$OUT/$1.json" $NONDET_SIDE
   echo "check 2 $1 exit $?"
 }
+NONDET_SIDE=--nondeterministic-side
+[ "${DEVCHECK_NONDET:-1}" = 0 ] && NONDET_SIDE=
 harness harness "$DC" "$EPOCHS" 190
 harness harness_pixels "$DC/pixels" "$PIXEL_EPOCHS" 240
 
@@ -166,6 +170,7 @@ for name in ("harness", "harness_pixels"):
                          **{k: figures[k] for k in ("epochs", "rows", "ratio_rounds",
                                                     "ratio_wall", "ratio_cpu", "best_vs_best",
                                                     "headline_ratio")},
+                         "nondet_ratio_wall": figures.get("nondet_ratio_wall"),
                          "median_samples_per_s": {
                              k: statistics.median(v) for k, v in figures["samples_per_s"].items()}}
 (out / "summary.json").write_text(json.dumps(summary, indent=2))

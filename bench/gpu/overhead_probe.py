@@ -7,8 +7,8 @@ bench/harness_overhead.py --save-inputs, back-to-back variants of both sides:
 * bare-proc / bare-proc-cublas: the same loop as bench/harness_overhead.py runs it, a process
   of its own, without and with CUBLAS_WORKSPACE_CONFIG (the first epoch's CUDA warm-up counts);
 * trainer: `run_train` in-process as the train step runs it; trainer-nofill: the same with
-  torch.utils.deterministic.fill_uninitialized_memory off; trainer-nondet: deterministic
-  algorithms off;
+  torch.utils.deterministic.fill_uninitialized_memory off; trainer-nondet: the template's
+  training.deterministic: false (the trainer's own opt-out);
 * then a cProfile of one trainer run (top functions by own time).
 
 Usage (repo root): python bench/gpu/overhead_probe.py --inputs .devcheck [--device cuda]
@@ -67,7 +67,8 @@ def bare_process(inputs: Path, recipe: str, epochs: int, device: str, cublas: bo
     return epochs * rows / seconds
 
 
-def trainer(inputs: Path, epochs: int, root: Path, tag: str, profile: bool = False) -> float:
+def trainer(inputs: Path, epochs: int, root: Path, tag: str, profile: bool = False,
+            deterministic: bool = True) -> float:
     from harness_overhead import trainer_env
 
     from arf_trainer.spec import StepEnv
@@ -75,6 +76,7 @@ def trainer(inputs: Path, epochs: int, root: Path, tag: str, profile: bool = Fal
 
     spec = json.loads((inputs / "train-jobspec.json").read_text())
     spec["hyperparameters"]["epochs"] = epochs
+    spec["template"]["training"]["deterministic"] = deterministic
     spec["conf"] = {**spec.get("conf", {}), "epochs": epochs}
     spec["run"] = {**spec["run"], "run_id": f"probe-{tag}", "try_number": 1}
     ws = root / tag
@@ -107,22 +109,13 @@ def trainer(inputs: Path, epochs: int, root: Path, tag: str, profile: bool = Fal
 
 @contextlib.contextmanager
 def variant(name: str):
-    import arf_trainer.trainer.run as run_mod
-
     fill = torch.utils.deterministic.fill_uninitialized_memory
-    original = run_mod.deterministic
     if name == "trainer-nofill":
         torch.utils.deterministic.fill_uninitialized_memory = False
-    if name == "trainer-nondet":
-        @contextlib.contextmanager
-        def threads_only(threads):
-            yield
-        run_mod.deterministic = threads_only
     try:
         yield
     finally:
         torch.utils.deterministic.fill_uninitialized_memory = fill
-        run_mod.deterministic = original
 
 
 def main() -> int:
@@ -148,7 +141,8 @@ def main() -> int:
     for name in ("trainer", "trainer-nofill", "trainer-nondet"):
         def run(t, name=name):
             with variant(name):
-                return trainer(args.inputs, args.epochs, root, f"{name}-{t}")
+                return trainer(args.inputs, args.epochs, root, f"{name}-{t}",
+                               deterministic=name != "trainer-nondet")
         sides[name] = run
     rates: dict[str, list[float]] = {k: [] for k in sides}
     for r in range(args.rounds):
