@@ -132,8 +132,8 @@ harness() {  # name, job-spec folder, epochs, timeout
 }
 NONDET_SIDE=--nondeterministic-side
 [ "${DEVCHECK_NONDET:-1}" = 0 ] && NONDET_SIDE=
-harness harness "$DC" "$EPOCHS" 190
-harness harness_pixels "$DC/pixels" "$PIXEL_EPOCHS" 240
+harness harness "$DC" "$EPOCHS" "$([ -n "$NONDET_SIDE" ] && echo 260 || echo 190)"
+harness harness_pixels "$DC/pixels" "$PIXEL_EPOCHS" "$([ -n "$NONDET_SIDE" ] && echo 320 || echo 240)"
 
 # 3. where the per-step time goes: in-process variants (determinism on/off, fill of
 #    uninitialized memory, CUBLAS_WORKSPACE_CONFIG on the bare loop) and a cProfile
