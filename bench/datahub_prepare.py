@@ -95,6 +95,7 @@ def run_measured(cmd: list[str], env: dict[str, str], limit: Any = None) -> dict
 
 
 def _arf(ctx: Any, hub: Path, target: Path) -> dict[str, Any]:
+    from arf_training.backends.cgroup import CgroupUnavailable, MemoryCgroup
     from arf_training.backends.memory import MemoryCeiling
 
     spec = _spec(hub)
@@ -104,12 +105,19 @@ def _arf(ctx: Any, hub: Path, target: Path) -> dict[str, Any]:
     cmd = [str(REPO / ".venv" / "bin" / "arf-trainer"), "prepare"]
     mode = ctx.args.prepare_ceiling
     if mode == "cgroup":
-        with MemoryCgroup(2**30) as group:
+        try:
+            group = MemoryCgroup(2**30, name=f"arf-bench-{os.getpid()}").create()
+        except CgroupUnavailable as exc:
+            raise SystemExit(f"--prepare-ceiling cgroup needs root and a writable memory "
+                             f"cgroup: {exc}") from exc
+        try:
             try:
                 result = run_measured(group.wrap(cmd), env)
             except SystemExit as exc:
-                raise SystemExit(f"{exc} [{group.report()}]") from None
-            result.update(group.report())
+                raise SystemExit(f"{exc} [{_cgroup_report(group)}]") from None
+            result.update(_cgroup_report(group))
+        finally:
+            group.remove()
         ceiling = f"memory cgroup {group.path} limit 1 GiB, no swap"
     else:
         limit: Any = MemoryCeiling(MEMORY, 1)
@@ -125,52 +133,12 @@ def _arf(ctx: Any, hub: Path, target: Path) -> dict[str, Any]:
     return result
 
 
-class MemoryCgroup:
-    """A memory cgroup of `limit` bytes under this process's own (v1 memory controller, or v2).
-
-    The command joins it before exec (`sh -c 'echo $$ > cgroup.procs; exec ...'`), so every
-    byte it and its children allocate is charged; the kernel reclaims page cache at the limit
-    and OOM-kills past it, as for a pod. Peak usage (v1 max_usage_in_bytes, v2 memory.peak)
-    includes page cache the kernel could drop, so it sits near the limit on a large read."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        v1 = Path("/sys/fs/cgroup/memory")
-        own = [line.split(":", 2) for line in Path("/proc/self/cgroup").read_text().splitlines()]
-        if v1.is_dir():
-            parent = v1 / next(p for _, c, p in own if c == "memory").lstrip("/")
-            self.files = {"limit": "memory.limit_in_bytes", "peak": "memory.max_usage_in_bytes",
-                          "events": "memory.oom_control"}
-        else:
-            parent = Path("/sys/fs/cgroup") / next(p for h, _, p in own if h == "0").lstrip("/")
-            self.files = {"limit": "memory.max", "peak": "memory.peak",
-                          "events": "memory.events"}
-        self.path = parent / f"arf-bench-{os.getpid()}"
-
-    def __enter__(self) -> "MemoryCgroup":
-        try:
-            self.path.mkdir()
-            (self.path / self.files["limit"]).write_text(str(self.limit))
-            if (self.path / "memory.swap.max").exists():
-                (self.path / "memory.swap.max").write_text("0")
-        except OSError as exc:
-            raise SystemExit(f"--prepare-ceiling cgroup needs root and a writable memory "
-                             f"cgroup: {exc}") from exc
-        return self
-
-    def wrap(self, cmd: list[str]) -> list[str]:
-        return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.path / "cgroup.procs"),
-                *cmd]
-
-    def report(self) -> dict[str, Any]:
-        events = (self.path / self.files["events"]).read_text().split()
-        pairs = dict(zip(events[::2], events[1::2]))
-        return {"cgroup_peak_mib": round(int((self.path / self.files["peak"]).read_text())
-                                         / 2**20),
-                "cgroup_oom_kills": int(pairs.get("oom_kill", 0))}
-
-    def __exit__(self, *exc: object) -> None:
-        self.path.rmdir()
+def _cgroup_report(group: Any) -> dict[str, Any]:
+    """The cgroup's peak (page cache included, so near the limit on a large read) and OOM kills
+    (the MemoryCgroup of the local backend's cgroup ceiling, backends/cgroup.py)."""
+    usage = group.usage()
+    return {"cgroup_peak_mib": round((usage.peak or 0) / 2**20),
+            "cgroup_oom_kills": usage.oom_kills}
 
 
 def _copy(hub: Path, target: Path, sql: str) -> dict[str, Any]:

@@ -22,6 +22,13 @@ from arf_training.stepspec import StepSpec
 from arf_training.templates import Resources
 
 
+@pytest.fixture(autouse=True)
+def _rlimit_ceiling(monkeypatch):
+    """These tests are about the default ceiling (RLIMIT_DATA); test_local_cgroup.py has the
+    cgroup one, whatever the environment running the suite asks for."""
+    monkeypatch.delenv("ARF_LOCAL_MEMORY_CEILING", raising=False)
+
+
 def _spec(tmp_path: Path, code: str, *, timeout: float = 60.0, procs: int = 1,
           grace: float = 30.0) -> StepSpec:
     result = tmp_path / "step" / "result.json"

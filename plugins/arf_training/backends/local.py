@@ -27,7 +27,7 @@ from airflow.sdk import BaseOperator
 
 from arf_training import custom_launch
 from arf_training.backends.base import Backend
-from arf_training.backends.memory import MemoryCeiling
+from arf_training.backends.memory import Ceiling, step_ceiling
 from arf_training.errors import BAD_INPUT_EXIT, SKIP_EXIT, StepFailed, StepSkipped, StepTimeout
 from arf_training.links import STEP_LINKS
 from arf_training.runtime import (
@@ -144,24 +144,13 @@ class LocalStepRunner:
         self._grace_s = spec.grace_s
         self.log.info("step %s: world size %d, workspace %s", spec.step, spec.world_size,
                       spec.workspace)
-        exit_dir = Path(env.get("ARF_EXIT_DIR") or spec.workspace / spec.step / "exits")
-        # One time limit for all starts of the step: preemptions do not extend it.
-        deadline = time.monotonic() + spec.timeout_s
-        for start in range(MAX_PREEMPTIONS + 1):
-            if spec.setup_command:
-                self._setup(spec, env)
-            custom_launch.clear_exit_codes(exit_dir)
-            codes, tail, ceiling = self._start(spec, env, commands, deadline)
-            rank_codes = custom_launch.rank_exit_codes(exit_dir)
-            if self._stopped or not custom_launch.was_preempted(codes, rank_codes,
-                                                                spec.world_size):
-                break
-            # Exit 75: preempted, resume me. Not a failure: no Airflow retry is spent.
-            self.log.warning("step %s was preempted (exit code %d; ranks %s): restarting it to "
-                             "resume from its checkpoint (restart %d of at most %d)", spec.step,
-                             custom_launch.PREEMPTED_EXIT, rank_codes or codes, start + 1,
-                             MAX_PREEMPTIONS)
-            self.preemptions += 1
+        # Before anything runs: a bad setting or an unusable cgroup fails the step here.
+        ceiling = step_ceiling(spec.step, str(spec.resources.memory), spec.procs_per_node,
+                               len(commands))
+        try:
+            codes, tail = self._starts(spec, env, commands, ceiling)
+        finally:
+            ceiling.close(self.log)  # a cgroup goes, with whatever was left in it
         failed = [(i, c) for i, c in enumerate(codes) if c != 0]
         if failed and all(c == SKIP_EXIT for _, c in failed):
             # The step's last line says why (e.g. no new rows in the data interval).
@@ -179,6 +168,29 @@ class LocalStepRunner:
                              f"{spec.result_path}; a step must write its result JSON last")
         return json.loads(spec.result_path.read_text())
 
+    def _starts(self, spec: StepSpec, env: dict[str, str], commands: list[list[str]],
+                ceiling: Ceiling) -> tuple[list[int], collections.deque[str]]:
+        """The step's starts until one is not preempted: (exit codes, tail) of the last."""
+        exit_dir = Path(env.get("ARF_EXIT_DIR") or spec.workspace / spec.step / "exits")
+        # One time limit for all starts of the step: preemptions do not extend it.
+        deadline = time.monotonic() + spec.timeout_s
+        for start in range(MAX_PREEMPTIONS + 1):
+            if spec.setup_command:
+                self._setup(spec, env)
+            custom_launch.clear_exit_codes(exit_dir)
+            codes, tail = self._start(spec, env, commands, deadline, ceiling)
+            rank_codes = custom_launch.rank_exit_codes(exit_dir)
+            if self._stopped or not custom_launch.was_preempted(codes, rank_codes,
+                                                                spec.world_size):
+                break
+            # Exit 75: preempted, resume me. Not a failure: no Airflow retry is spent.
+            self.log.warning("step %s was preempted (exit code %d; ranks %s): restarting it to "
+                             "resume from its checkpoint (restart %d of at most %d)", spec.step,
+                             custom_launch.PREEMPTED_EXIT, rank_codes or codes, start + 1,
+                             MAX_PREEMPTIONS)
+            self.preemptions += 1
+        return codes, tail
+
     def _setup(self, spec: StepSpec, env: dict[str, str]) -> None:
         """`spec.setup_command` (arf-trainer custom-setup), its output into the task log."""
         command = [venv_bin(spec.setup_command[0]), *spec.setup_command[1:]]
@@ -195,18 +207,19 @@ class LocalStepRunner:
                              retryable=proc.returncode != BAD_INPUT_EXIT)
 
     def _start(self, spec: StepSpec, env: dict[str, str], commands: list[list[str]],
-               deadline: float) -> tuple[list[int], collections.deque[str], MemoryCeiling]:
-        """One start of the step's process groups, waited for: (exit codes, tail, ceiling)."""
+               deadline: float, ceiling: Ceiling) -> tuple[list[int], collections.deque[str]]:
+        """One start of the step's process groups, waited for: (exit codes, tail)."""
         self._procs = []
-        ceiling = MemoryCeiling(str(spec.resources.memory), spec.procs_per_node)
         lines: queue.Queue[tuple[int, str | None]] = queue.Queue()
         tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         for node, command in enumerate(commands):
             self.log.info("$ %s", " ".join(command))
             # A new session per node: killpg() then reaches torchrun and all of its workers.
-            proc = subprocess.Popen(command, env=env, cwd=spec.workspace, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, text=True, errors="replace", bufsize=1)
+            # In cgroup mode the process joins its node's cgroup before it runs (ceiling.wrap).
+            proc = subprocess.Popen(ceiling.wrap(command, node), env=env, cwd=spec.workspace,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, text=True,
+                                    errors="replace", bufsize=1)
             self._procs.append(proc)
             if not ceiling.apply(proc.pid):  # see arf_training.backends.memory for why so
                 self.log.warning("no memory ceiling on this OS (prlimit is Linux only)")
@@ -236,7 +249,7 @@ class LocalStepRunner:
             codes = [proc.wait() for proc in self._procs]
         finally:
             self.kill()
-        return codes, tail, ceiling
+        return codes, tail
 
     @staticmethod
     def _pump(node: int, proc: subprocess.Popen, lines: queue.Queue) -> None:
