@@ -138,6 +138,11 @@ def test_malformed_federated_section(section, fragments):
                  "needs a built-in training.recipe", id="custom-command"),
     pytest.param("  features:", "  allow_query_override: true\n  features:",
                  "allow_query_override is not supported", id="query-override"),
+    pytest.param("  recipe: bc\n", "  recipe: bc\n  precision: bf16\n",
+                 "training.precision: bf16 is not supported", id="bf16"),
+    pytest.param("  recipe: bc\n", "  recipe: bc\n  deterministic: false\n  compile: true\n",
+                 "training.compile: true, deterministic: false is not supported",
+                 id="compile-nondeterministic"),
 ])
 def test_federated_conflicts_with_other_sections(old, new, fragment):
     base = BASE.replace(old, new, 1)
