@@ -182,3 +182,34 @@ def test_default_stays_the_rlimit(tmp_path, monkeypatch):
             "p.write_text(json.dumps(resource.getrlimit(resource.RLIMIT_DATA)))\n")
     result = LocalStepRunner().run(_spec(tmp_path, code, "256Mi"))
     assert result == [256 * 2**20 + 2 * 2**30] * 2  # resources.memory + headroom, per process
+
+
+@needs_cgroup
+def test_stale_cgroups_of_a_gone_creator_are_swept(tmp_path):
+    """A worker SIGKILLed mid-step cannot remove its cgroups; the next step's ceiling deletes
+    the empty ones whose creating pid is gone (old enough), and leaves every other one."""
+    import subprocess
+
+    from arf_training.backends.cgroup import sweep_stale
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid is free now (and not reused within this test, in practice)
+    parent = default_parent()
+    stale = MemoryCgroup(2**26, name=f"arf-train-{gone.pid}-0badcafe-node0").create()
+    busy = MemoryCgroup(2**26, name=f"arf-train-{gone.pid}-0badcafe-node1").create()
+    mine = MemoryCgroup(2**26, name=f"arf-train-{os.getpid()}-0badcafe-node0").create()
+    sleeper = subprocess.Popen(busy.wrap(["sleep", "30"]))
+    try:
+        deadline = time.monotonic() + 5
+        while not busy.pids() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert busy.pids(), "the sleeper did not join its cgroup"
+        assert sweep_stale(parent) == []  # younger than the default age: kept
+        assert sweep_stale(parent, min_age_s=0) == [stale.path]
+        assert not stale.path.exists()
+        assert busy.path.exists() and mine.path.exists()  # holds a process / creator alive
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for group in (stale, busy, mine):
+            group.remove()

@@ -11,7 +11,9 @@ controller, or cgroup v2), without swap, so that the limit cannot be met by swap
   execs the command), so every process it starts later is charged from its first byte; moving
   a pid in after Popen would miss children forked before the move;
 - `remove` SIGKILLs whatever is still inside (a process that left the step's session cannot
-  hide from its cgroup), then deletes it, after `usage` has read the OOM kills and the peak.
+  hide from its cgroup), then deletes it, after `usage` has read the OOM kills and the peak;
+- `sweep_stale` deletes the empty ones a killed worker could not remove (their names carry
+  the creating process' pid).
 
 Creating one needs root or a delegated hierarchy; `CgroupUnavailable` says which path failed.
 """
@@ -19,7 +21,9 @@ Creating one needs root or a delegated hierarchy; `CgroupUnavailable` says which
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import signal
 import time
 import uuid
@@ -27,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from arf_training.errors import ArfError
+
+log = logging.getLogger(__name__)
 
 PARENT_ENV = "ARF_LOCAL_CGROUP_PARENT"
 V1_ROOT = Path("/sys/fs/cgroup/memory")  # the v1 memory controller's usual mount
@@ -73,13 +79,60 @@ def default_parent() -> Path:
     return root / paths[0].lstrip("/")
 
 
+def resolve_parent(parent: Path | str | None = None) -> Path:
+    """Where the cgroups go: `parent`, else `ARF_LOCAL_CGROUP_PARENT`, else this process' own."""
+    return Path(parent or os.environ.get(PARENT_ENV) or default_parent())
+
+
+# The names this module gives: arf-[<step>-]<creating pid>-<8 hex>[-node<N>]
+_OURS = re.compile(r"^arf-(?:.+-)?(\d+)-[0-9a-f]{8}(?:-node\d+)?$")
+
+
+def sweep_stale(parent: Path, min_age_s: float = 600.0) -> list[Path]:
+    """Delete the empty cgroups under `parent` that this module made for a process that is gone
+    (an Airflow worker SIGKILLed before it could remove them) and that are older than
+    `min_age_s`; returns them. One that still holds processes is left alone: they may be a live
+    step of a worker in another pid namespace, where its creator's pid means nothing here; the
+    age keeps a cgroup just made by such a worker, not yet joined, from being taken."""
+    removed: list[Path] = []
+    try:
+        children = list(parent.iterdir())
+    except OSError:
+        return removed
+    now = time.time()
+    for child in children:
+        match = _OURS.match(child.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        try:
+            if now - child.stat().st_mtime < min_age_s or \
+                    (child / "cgroup.procs").read_text().strip():
+                continue
+            child.rmdir()
+        except OSError:  # not a cgroup, gone meanwhile, or busy: leave it
+            continue
+        log.info("removed the stale memory cgroup %s (its creator is gone)", child)
+        removed.append(child)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 class MemoryCgroup:
     """A memory cgroup of `limit` bytes, no swap; `with` creates it and removes it."""
 
     def __init__(self, limit: int, name: str | None = None,
                  parent: Path | str | None = None) -> None:
         self.limit = limit
-        self.parent = Path(parent or os.environ.get(PARENT_ENV) or default_parent())
+        self.parent = resolve_parent(parent)
         # v1 cgroups, the root included, have memory.limit_in_bytes; v2 ones never do.
         self.version = "v1" if (self.parent / _FILES["v1"]["limit"]).exists() else "v2"
         self.files = _FILES[self.version]

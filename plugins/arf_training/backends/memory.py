@@ -43,7 +43,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from arf_training.backends.cgroup import (PARENT_ENV, CgroupUnavailable, CgroupUsage,
-                                          MemoryCgroup)
+                                          MemoryCgroup, resolve_parent, sweep_stale)
 from arf_training.errors import StepFailed
 
 CEILING_ENV = "ARF_LOCAL_MEMORY_CEILING"
@@ -165,6 +165,7 @@ class CgroupCeiling:
         prefix = f"arf-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.groups: list[MemoryCgroup] = []
         try:
+            sweep_stale(resolve_parent())  # what a SIGKILLed worker could not remove
             for node in range(nodes):
                 self.groups.append(MemoryCgroup(self.bytes, f"{prefix}-node{node}").create())
         except (CgroupUnavailable, OSError) as exc:
