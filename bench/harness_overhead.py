@@ -39,10 +39,12 @@ MLflow param data_placement; the bare loop holds the data and model on the GPU a
 synchronizes before it stops its clock); `--device cpu`, the default, hides GPUs from both
 sides. `--tracking none` points the trainer at an unreachable MLflow (http://127.0.0.1:9):
 training goes on, the tracking stays in the spool (an MLflow outage, as the trainer handles it).
-`--nondeterministic-side` adds a fourth side to every round: the trainer with
+`--nondeterministic-side` adds a side to every round: the trainer with
 `training.deterministic: false`, as free of determinism switches as the bare loop (which sets
 none), so the harness' own overhead and the switches' cost (harness-nondet / harness) are read
-apart (on a CPU they cost little; on CUDA, see bench/gpu/).
+apart (on a CPU they cost little; on CUDA, see bench/gpu/). `--async-checkpoint-side` adds one
+with `training.async_checkpoint: true` (harness-async / harness: what writing the periodic
+checkpoints in a thread saves).
 
     python3 bench/harness_overhead.py --device cuda --tracking none \
         --prepared .devcheck/pixels/prepare --job-spec .devcheck/pixels/train-jobspec.json
@@ -72,6 +74,13 @@ from _bare_loops import SCRIPTS as BARE_LOOPS  # noqa: E402
 
 
 UNREACHABLE_TRACKING_URI = "http://127.0.0.1:9"  # the discard port: connection refused
+# Optional sides: name -> (the flag that adds it, the template's training overrides, label)
+EXTRA_SIDES = {
+    "harness-nondet": ("nondeterministic_side", {"deterministic": False},
+                       "deterministic: false"),
+    "harness-async": ("async_checkpoint_side", {"async_checkpoint": True},
+                      "async_checkpoint: true"),
+}
 
 
 def _env(root: Path) -> dict[str, str]:
@@ -84,7 +93,7 @@ RECIPES = {"bc": ("reach_bc", 10, ""), "bc_pixels": ("reach_pixels_bc", 2, "pixe
 
 
 def _template(epochs: int, recipe: str = "bc", precision: str = "fp32",
-              frame_size: int | None = None, deterministic: bool = True):
+              frame_size: int | None = None, training: dict | None = None):
     import yaml
 
     from arf_training.templates import LoadedTemplate, TrainingTemplate
@@ -97,14 +106,14 @@ def _template(epochs: int, recipe: str = "bc", precision: str = "fp32",
     data["training"]["resources"]["cpu"] = 1
     data["training"]["hyperparameters"]["epochs"]["maximum"] = 10_000
     data["training"]["precision"] = precision
-    data["training"]["deterministic"] = deterministic
+    data["training"].update(training or {})
     if frame_size is not None and recipe == "bc_pixels":  # the seed's PNG frames: decode them
         data["dataset"]["decode"]["image"]["shape"] = [frame_size, frame_size, 3]
     return LoadedTemplate(TrainingTemplate.model_validate(data), path, "bench")
 
 
 def run_harness(root: Path, prepared: Path, epochs: int, tag: str, recipe: str = "bc",
-                precision: str = "fp32", deterministic: bool = True,
+                precision: str = "fp32", training: dict | None = None,
                 batch_size: int | None = None) -> tuple[float, float]:
     """(wall, CPU) seconds of the training loop of `arf-trainer train`, as it reports them."""
     from arf_training.backends.local import LocalStepRunner
@@ -112,7 +121,7 @@ def run_harness(root: Path, prepared: Path, epochs: int, tag: str, recipe: str =
     from arf_training.stepspec import RunIdentity, build_step_spec
 
     settings = ArfSettings.from_env()
-    spec = build_step_spec(_template(epochs, recipe, precision, deterministic=deterministic),
+    spec = build_step_spec(_template(epochs, recipe, precision, training=training),
                            "train", RunIdentity("bench", f"harness-{recipe}-{tag}", "train"),
                            _conf(epochs, batch_size), settings)
     shutil.copytree(prepared, spec.workspace / "prepare")
@@ -122,7 +131,7 @@ def run_harness(root: Path, prepared: Path, epochs: int, tag: str, recipe: str =
 
 def run_harness_direct(root: Path, prepared: Path, job_spec: dict, epochs: int,
                        tag: str, precision: str | None = None,
-                       deterministic: bool = True,
+                       training: dict | None = None,
                        batch_size: int | None = None) -> tuple[float, float]:
     """`run_harness` without arf_training: `python -m arf_trainer.cli train` with the
     environment the local backend sets, on a job spec saved by --save-inputs."""
@@ -132,7 +141,7 @@ def run_harness_direct(root: Path, prepared: Path, job_spec: dict, epochs: int,
         spec["hyperparameters"]["batch_size"] = batch_size
     if precision is not None:
         spec["template"]["training"]["precision"] = precision
-    spec["template"]["training"]["deterministic"] = deterministic
+    spec["template"]["training"].update(training or {})
     spec["conf"] = {**spec.get("conf", {}), **_conf(epochs, batch_size)}  # the trigger conf
     spec["run"] = {**spec["run"], "run_id": f"harness-{tag}", "try_number": 1}
     workspace = root / "direct" / f"harness-{tag}"
@@ -240,6 +249,9 @@ def main() -> int:
                         help="both sides: this batch size instead of the template's (bc 256, "
                         "bc_pixels 64); a small one makes a CPU step launch-bound like a small "
                         "model's step on a GPU, so per-step overhead shows")
+    parser.add_argument("--async-checkpoint-side", action="store_true",
+                        help="also run the trainer with training.async_checkpoint: true in "
+                        "every round (side 'harness-async')")
     parser.add_argument("--nondeterministic-side", action="store_true",
                         help="also run the trainer with training.deterministic: false in every "
                         "round (side 'harness-nondet'): the harness without the determinism "
@@ -313,18 +325,19 @@ def _measure(args: argparse.Namespace, root: Path, env: dict[str, str],
         prepared = args.prepared.resolve()
         job_spec = json.loads(args.job_spec.read_text())
 
-        def harness(tag: str, deterministic: bool = True) -> tuple[float, float]:
+        def harness(tag: str, training: dict | None = None) -> tuple[float, float]:
             return run_harness_direct(root, prepared, job_spec, epochs, tag, args.precision,
-                                      deterministic, args.batch_size)
+                                      training, args.batch_size)
     else:
         prepared = _prepare(root, env, recipe, args)
 
-        def harness(tag: str, deterministic: bool = True) -> tuple[float, float]:
+        def harness(tag: str, training: dict | None = None) -> tuple[float, float]:
             return run_harness(root, prepared, epochs, tag, recipe, args.precision,
-                               deterministic, args.batch_size)
+                               training, args.batch_size)
     sides: dict[str, list[tuple[float, float]]] = {"harness": [], "bare+val": [], "bare": []}
-    if args.nondeterministic_side:
-        sides["harness-nondet"] = []
+    for side, wanted in EXTRA_SIDES.items():
+        if getattr(args, wanted[0]):
+            sides[side] = []
     rows = json.loads((prepared / "manifest.json").read_text())["train_rows"]
     for r in range(args.repeats):
         def bare_side(validate: bool) -> tuple[float, float]:
@@ -335,7 +348,8 @@ def _measure(args: argparse.Namespace, root: Path, env: dict[str, str],
 
         runs = {"harness": lambda: harness(str(r)),
                 "bare+val": lambda: bare_side(True), "bare": lambda: bare_side(False),
-                "harness-nondet": lambda: harness(f"{r}-nondet", deterministic=False)}
+                **{side: lambda side=side: harness(f"{r}-{side}", EXTRA_SIDES[side][1])
+                   for side in EXTRA_SIDES}}
         runs = {name: run for name, run in runs.items() if name in sides}
         order = list(runs)[r % len(runs):] + list(runs)[:r % len(runs)]  # rotate who goes first
         for name in order:
@@ -353,7 +367,8 @@ def _report(args: argparse.Namespace, recipe: str, epochs: int, rows: int,
           f"OMP_NUM_THREADS=1, device {args.device}, {args.precision}; training-loop "
           f"throughput, {args.repeats} back-to-back rounds")
     labels = {"harness": "arf-trainer train",
-              "harness-nondet": "arf-trainer train, deterministic: false",
+              **{side: f"arf-trainer train, {label}" for side, (_, _, label)
+                 in EXTRA_SIDES.items()},
               "bare+val": "bare loop + per-epoch validation",
               "bare": "bare loop, no validation"}
     for name, label in labels.items():
@@ -371,13 +386,12 @@ def _report(args: argparse.Namespace, recipe: str, epochs: int, rows: int,
         # each side is its closest reading of the intrinsic cost
         return (min(w for w, _ in sides[baseline]) / min(w for w, _ in sides[side]))
 
-    pairs = [(side, baseline) for side in ("harness", "harness-nondet") if side in sides
+    pairs = [(side, baseline) for side in ("harness", *EXTRA_SIDES) if side in sides
              for baseline in ("bare+val", "bare")]
-    if "harness-nondet" in sides:
-        pairs.append(("harness-nondet", "harness"))
+    pairs += [(side, "harness") for side in EXTRA_SIDES if side in sides]
     what = {"bare+val": "same work (bare loop validates each epoch too)",
             "bare": "strict (bare loop skips validation)",
-            "harness": "the cost of the determinism switches"}
+            "harness": "vs the default trainer"}
     for side, baseline in pairs:
         print(f"ratio {side} / {baseline:8} {what[baseline]}: wall "
               f"{statistics.median(ratios(side, baseline, 0)):.3f} (rounds: "
@@ -398,8 +412,11 @@ def _report(args: argparse.Namespace, recipe: str, epochs: int, rows: int,
                              for b in ("bare+val", "bare")},
                "best_vs_best": {b: best("harness", b) for b in ("bare+val", "bare")},
                "headline_ratio": headline}
-    if "harness-nondet" in sides:
-        figures["nondet_ratio_wall"] = {b: statistics.median(ratios("harness-nondet", b, 0))
+    for side in EXTRA_SIDES:
+        if side not in sides:
+            continue
+        key = "nondet_ratio_wall" if side == "harness-nondet" else f"{side}_ratio_wall"
+        figures[key] = {b: statistics.median(ratios(side, b, 0))
                                         for b in ("bare+val", "bare", "harness")}
     return figures
 

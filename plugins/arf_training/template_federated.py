@@ -131,10 +131,12 @@ def check_federated(template: Any) -> None:
                         "site trains in one process)")
     speed = [f"{name}: {str(value).lower()}" for name, value, default in (
         ("precision", training.precision, "fp32"), ("compile", training.compile, False),
-        ("deterministic", training.deterministic, True)) if value != default]
+        ("deterministic", training.deterministic, True),
+        ("async_checkpoint", training.async_checkpoint, False)) if value != default]
     if speed:
         problems.append(f"federated: training.{', '.join(speed)} is not supported (the sites "
-                        "train in fp32, eager, with deterministic kernels); remove it")
+                        "train in fp32, eager, with deterministic kernels, and keep no "
+                        "checkpoints); remove it")
     if template.hpo is not None:
         problems.append("federated and hpo cannot be combined yet; remove one of them")
     if template.dataset.allow_query_override:

@@ -289,6 +289,12 @@ class Training(_Section):
                     "gives the same weights bit for bit. false trades that for speed on a GPU "
                     "(fastest kernels, cuDNN autotuning); the run is then recorded as not "
                     "bitwise reproducible.")
+    async_checkpoint: bool = Field(
+        False, strict=True,
+        description="Built-in recipes: write the periodic checkpoints in a background thread "
+                    "(the loop only copies the state to CPU memory and trains on), like "
+                    "torchtitan's async checkpointing; each is still complete-or-absent, and the "
+                    "final one is written before the step ends. Same weights either way.")
 
     @field_validator("hyperparameters")
     @classmethod
@@ -313,11 +319,13 @@ class Training(_Section):
                     f"recipe {self.recipe!r} has no hyperparameter(s) {unknown}; it accepts "
                     f"{sorted(RECIPE_HYPERPARAMETERS[self.recipe])}"
                 )
-        elif self.precision != "fp32" or self.compile or not self.deterministic:
+        elif self.precision != "fp32" or self.compile or not self.deterministic \
+                or self.async_checkpoint:
             raise ValueError(
                 f"precision={self.precision!r}, compile={self.compile}, deterministic="
-                f"{self.deterministic} apply to the built-in recipes only; a custom command sets "
-                "its own precision, compilation and determinism: remove them from 'training'"
+                f"{self.deterministic}, async_checkpoint={self.async_checkpoint} apply to the "
+                "built-in recipes only; a custom command sets its own precision, compilation, "
+                "determinism and checkpointing: remove them from 'training'"
             )
         return self
 

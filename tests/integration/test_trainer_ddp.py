@@ -22,11 +22,12 @@ from trainer_testkit import (  # noqa: E402
 pytestmark = pytest.mark.integration
 
 
-def torchrun_train(tmp: Path, name: str, tracking_uri: str, loading: str = "auto") -> dict:
+def torchrun_train(tmp: Path, name: str, tracking_uri: str, loading: str = "auto",
+                   **training: object) -> dict:
     workspace = tmp / name
     prepare_digits(workspace)
     spec = make_spec("digits_smoke", run_id=f"manual__{name}", hyperparameters={"epochs": 2},
-                     training={"data_loading": loading})
+                     training={"data_loading": loading, **training})
     spec_path = tmp / f"{name}-spec.json"
     spec_path.write_text(json.dumps(spec))
     env = step_environ(spec_path, workspace, tracking_uri, tmp / "artifacts", f"manual__{name}")
@@ -73,4 +74,14 @@ def test_two_process_training_is_reproducible_and_tracked(tmp_path: Path, loadin
     assert run.data.params["world_size"] == "2"
     history = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert [m.step for m in history] == [23, 46]
+    if loading == "auto":
+        # Checkpoints written by a writer thread on each rank (its barriers on a gloo group of
+        # their own, beside the training's all-reduces): the same weights, complete folders.
+        third = torchrun_train(tmp_path, "c", uri, loading, async_checkpoint=True,
+                               checkpoint_every_steps=10)
+        assert third["weights_sha256"] == first["weights_sha256"]
+        folders = sorted((tmp_path / "c" / "train" / "checkpoints").iterdir())
+        assert [f.name for f in folders] == ["step-40", "step-46"]
+        assert all(sorted(x.name for x in f.iterdir()) == [
+            ".complete", "rank-00000.pt", "rank-00001.pt", "shared.pt"] for f in folders)
     assert run.inputs.dataset_inputs[0].dataset.name == "digits_smoke-train"

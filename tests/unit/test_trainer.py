@@ -97,16 +97,21 @@ def test_weights_identical_across_fresh_workspaces(tmp_path: Path, loading: str,
     assert experiment.artifact_location == f"{tmp_path / 'artifacts'}/digits_smoke"
 
 
+@pytest.mark.parametrize("writes", ["sync", "async"])
 @pytest.mark.parametrize("loading", LOADING)
 @pytest.mark.parametrize("every", [
     pytest.param(10, id="mid-epoch"),       # step-60 = batch 14 of epoch 3
     pytest.param(23, id="end-of-epoch"),    # step-46 = last batch of epoch 2, before its eval
 ])
 def test_resume_after_interruption_gives_same_weights(tmp_path: Path, every: int, loading: str,
+                                                     writes: str,
                                                      caplog: pytest.LogCaptureFixture,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also with training.async_checkpoint: the periodic checkpoint resumed from was written
+    by the writer thread."""
     uri = fresh_tracking_uri(tmp_path)
-    training = {**use_loading(monkeypatch, loading), "checkpoint_every_steps": every}
+    training = {**use_loading(monkeypatch, loading), "checkpoint_every_steps": every,
+                "async_checkpoint": writes == "async"}
     full = train_digits(tmp_path, "ws", "manual__r", uri, **training)
     train_dir = tmp_path / "ws" / "train"
 

@@ -61,9 +61,11 @@ def test_template_accepts_precision_compile_and_deterministic() -> None:
     from arf_training.templates import parse_template
 
     text = _template("digits_smoke", "  recipe: classifier", "  recipe: classifier\n  "
-                     "precision: bf16\n  compile: true\n  deterministic: false")
+                     "precision: bf16\n  compile: true\n  deterministic: false\n  "
+                     "async_checkpoint: true")
     training = parse_template(text).training
-    assert (training.precision, training.compile, training.deterministic) == ("bf16", True, False)
+    assert (training.precision, training.compile, training.deterministic,
+            training.async_checkpoint) == ("bf16", True, False, True)
     default = parse_template((REPO / "config_templates" / "digits_smoke.yaml").read_text())
     assert (default.training.precision, default.training.compile,
             default.training.deterministic) == ("fp32", False, True)
@@ -81,6 +83,8 @@ def test_template_accepts_precision_compile_and_deterministic() -> None:
                  ["training.deterministic", "boolean"], id="deterministic-string"),
     pytest.param("digits_sklearn", "  command:", "  deterministic: false\n  command:",
                  ["deterministic=False", "built-in recipes only"], id="custom-nondeterministic"),
+    pytest.param("digits_sklearn", "  command:", "  async_checkpoint: true\n  command:",
+                 ["async_checkpoint=True", "built-in recipes only"], id="custom-async-checkpoint"),
 ])
 def test_template_rejects_bad_precision_and_compile(name: str, old: str, new: str,
                                                     fragments: list[str]) -> None:

@@ -14,6 +14,13 @@ rank has fsynced its file, so a reader sees a step complete or not at all. Resum
 highest complete step; only the latest ``keep`` steps are kept. The folder must be shared by
 all ranks (one machine, or an RWX volume across nodes), like the rest of the run workspace.
 
+Asynchronous writes (`training.async_checkpoint`, torchtitan's async mode): the loop's thread
+only snapshots the state to CPU memory at step N; a writer thread writes, fsyncs and commits
+``step-N`` (its barriers on a process group of its own, so they never interleave with the
+training's collectives) while training goes on. At most one save is in flight: the next save,
+the final one and a preemption's wait for it first (and raise its error, if any). A crash
+during the write leaves only a ``.tmp-step-N``: complete-or-absent holds the same way.
+
 Model and optimizer states are identical on every rank under DDP, so only rank 0 writes them.
 The RNG and data-order states differ per rank, so each rank writes its own file; resuming with
 a different world size is refused because those cannot be redistributed exactly.
@@ -31,6 +38,7 @@ import os
 import random
 import re
 import shutil
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +74,17 @@ def cpu_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     # Contiguous: weights kept channels_last on a GPU (bc_pixels) are saved in the usual layout.
     return {key: state_dict[key].detach().to("cpu").clone(memory_format=torch.contiguous_format)
             for key in sorted(state_dict)}
+
+
+def cpu_copy(value: Any) -> Any:
+    """`value` (nested dicts/lists/tuples) with every tensor replaced by a CPU copy."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu_copy(v) for v in value)
+    return value
 
 
 def _fsync_dir(path: Path) -> None:
@@ -140,7 +159,7 @@ class Checkpointer:
     """
 
     def __init__(self, folder: Path, denv: DistEnv, keep: int, every_steps: int,
-                 hooks: TestHooks | None = None) -> None:
+                 hooks: TestHooks | None = None, async_writes: bool = False) -> None:
         if keep < 1:
             raise TrainingError(
                 f"training.keep_checkpoints={keep} must be >= 1 (resume needs the latest one)"
@@ -152,6 +171,11 @@ class Checkpointer:
             )
         self.folder, self.denv, self.keep, self.every_steps = folder, denv, keep, every_steps
         self.hooks = hooks or TestHooks()
+        self.async_writes = async_writes
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
+        # Collective on every rank, here, in the same order: the writer's own group.
+        self._group = dist.side_group(denv) if async_writes else None
 
     def due(self, step: int) -> bool:
         return self.every_steps > 0 and step % self.every_steps == 0
@@ -172,8 +196,41 @@ class Checkpointer:
         steps = dist.broadcast_from_main(self.denv, steps)
         return steps[-1] if steps else None
 
-    def save(self, step: int, shared: Mapping[str, Any], rank_state: Mapping[str, Any]) -> None:
-        """Write ``step-N`` complete-or-absent. `shared` is taken from rank 0 only."""
+    def save(self, step: int, shared: Mapping[str, Any], rank_state: Mapping[str, Any],
+             wait: bool = True) -> None:
+        """Write ``step-N`` complete-or-absent. `shared` is taken from rank 0 only. With
+        async writes and `wait` False, a writer thread writes it: the states handed in must be
+        CPU snapshots that training does not change."""
+        self.wait()
+        tmp = self._begin(step)
+        if tmp is None:  # already written (e.g. the last periodic checkpoint is the final one)
+            return
+        if wait or not self.async_writes:
+            self._write(step, tmp, shared, rank_state, None)
+            return
+
+        def write() -> None:
+            try:
+                self._write(step, tmp, shared, rank_state, self._group)
+            except BaseException as exc:  # raised by the next wait(), in the loop's thread
+                self._error = exc
+
+        self._writer = threading.Thread(target=write, name=f"checkpoint-step-{step}",
+                                        daemon=True)
+        self._writer.start()
+
+    def wait(self) -> None:
+        """Until the save in flight (if any) is committed; raises its error."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise TrainingError(f"writing a checkpoint in the background failed: {error}; the "
+                                "previous complete checkpoint stays the resume point") from error
+
+    def _begin(self, step: int) -> Path | None:
+        """Rank 0 makes a fresh ``.tmp-step-N``; None on every rank if step-N is complete."""
         final = self.folder / f"step-{step}"
         tmp = self.folder / f".tmp-step-{step}"
         exists = False
@@ -183,22 +240,24 @@ class Checkpointer:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
-        # Already written (e.g. the last periodic checkpoint is also the final one).
-        if dist.broadcast_from_main(self.denv, exists):
-            return
+        return None if dist.broadcast_from_main(self.denv, exists) else tmp
+
+    def _write(self, step: int, tmp: Path, shared: Mapping[str, Any],
+               rank_state: Mapping[str, Any], group: Any) -> None:
         _save_fsynced(dict(rank_state), tmp / f"rank-{self.denv.rank:05d}.pt")
         if self.denv.is_main:
             _save_fsynced({**shared, "step": step, "world_size": self.denv.world_size},
                           tmp / _SHARED)
-        dist.barrier(self.denv)  # every rank's file is on disk before the step becomes visible
+        # Every rank's file is on disk before the step becomes visible.
+        dist.barrier(self.denv, group)
         if self.denv.is_main:
             self.hooks.before_checkpoint_commit()  # tests: a window to kill a save half-way
             (tmp / _COMPLETE).write_text(f"{step}\n")
             _fsync_dir(tmp)
-            os.rename(tmp, final)
+            os.rename(tmp, self.folder / f"step-{step}")
             _fsync_dir(self.folder)
             self._prune()
-        dist.barrier(self.denv)
+        dist.barrier(self.denv, group)
 
     def _prune(self) -> None:
         for old in self.complete_steps()[:-self.keep]:

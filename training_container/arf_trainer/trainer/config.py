@@ -59,6 +59,8 @@ class TrainConfig:
     """training.compile: train the core through torch.compile (accel.py)."""
     deterministic: bool = True
     """training.deterministic: deterministic kernels (the default), or the fastest ones."""
+    async_checkpoint: bool = False
+    """training.async_checkpoint: periodic checkpoints written by a thread (checkpoint.py)."""
 
     @classmethod
     def from_spec(cls, spec: JobSpec, world_size: int) -> "TrainConfig":
@@ -77,7 +79,7 @@ class TrainConfig:
         if loading not in DATA_LOADING:
             raise SpecError(f"training.data_loading={loading!r} is not one of "
                             f"{', '.join(DATA_LOADING)}; auto picks by the data's size")
-        precision, compile_, deterministic_ = _speed_options(training)
+        precision, switches = _speed_options(training)
         recipe = get_recipe(training.get("recipe"))
         hp = Hyperparameters.parse(recipe.name, spec.hyperparameters)
         if not 0 <= spec.seed < 2**32 - world_size:
@@ -101,25 +103,27 @@ class TrainConfig:
             data_loading=loading,
             memory=(training.get("resources") or {}).get("memory"),
             precision=precision,
-            compile=compile_,
-            deterministic=deterministic_,
+            compile=switches["compile"],
+            deterministic=switches["deterministic"],
+            async_checkpoint=switches["async_checkpoint"],
         )
 
 
-def _speed_options(training: dict[str, Any]) -> tuple[str, bool, bool]:
-    """training.precision, .compile and .deterministic, checked (absent: fp32, no compilation,
-    deterministic)."""
+def _speed_options(training: dict[str, Any]) -> tuple[str, dict[str, bool]]:
+    """training.precision and the switches .compile, .deterministic, .async_checkpoint, checked
+    (absent: fp32, no compilation, deterministic, checkpoints written in the loop)."""
     precision = training.get("precision", "fp32")
     if precision not in PRECISIONS:
         raise SpecError(f"training.precision={precision!r} is not one of {', '.join(PRECISIONS)}; "
                         "use bf16 for bfloat16 autocast, fp32 (the default) for full precision")
     switches = {name: training.get(name, default)
-                for name, default in (("compile", False), ("deterministic", True))}
+                for name, default in (("compile", False), ("deterministic", True),
+                                      ("async_checkpoint", False))}
     for name, value in switches.items():
         if not isinstance(value, bool):
             raise SpecError(f"training.{name}={value!r} must be true or false (a YAML boolean, "
                             "not a string or number)")
-    return precision, switches["compile"], switches["deterministic"]
+    return precision, switches
 
 
 def train_dir_of(spec: JobSpec) -> str:

@@ -133,9 +133,16 @@ def teardown(denv: DistEnv) -> None:
             torch_dist.destroy_process_group()
 
 
-def barrier(denv: DistEnv) -> None:
+def barrier(denv: DistEnv, group: Any = None) -> None:
     if denv.enabled:
-        torch_dist.barrier()
+        torch_dist.barrier(group=group)
+
+
+def side_group(denv: DistEnv) -> Any:
+    """A second process group of all ranks (gloo: CPU only), for collectives issued from
+    another thread than the training's: those of one group must come in one order on every
+    rank. Collective: every rank calls it at the same point. None without distribution."""
+    return torch_dist.new_group(backend="gloo") if denv.enabled else None
 
 
 def all_reduce_sum(denv: DistEnv, values: list[float], device: torch.device) -> list[float]:

@@ -268,7 +268,7 @@ def run_epoch(p: Parts, epoch: int, clock: Clock) -> None:
         p.hooks.after_step(progress.step, p.denv.rank)
         if p.checkpoint.due(progress.step):
             progress.loss_sum = loss_sum.value()
-            p.checkpoint.save(state, p.data)
+            p.checkpoint.save(state, p.data, wait=False)  # async_checkpoint: in the background
         if p.preemption.stop_after(progress.step):
             progress.loss_sum = loss_sum.value()
             p.checkpoint.save(state, p.data)  # no-op if the periodic one ran

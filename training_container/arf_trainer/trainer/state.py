@@ -21,6 +21,7 @@ from arf_trainer.errors import TrainingError
 from arf_trainer.trainer.checkpoint import (
     Checkpointer,
     capture_rng_state,
+    cpu_copy,
     cpu_state_dict,
     restore_rng_state,
 )
@@ -71,7 +72,8 @@ class CheckpointPart:
     def __init__(self, folder: Path, cfg: TrainConfig, denv: DistEnv, hooks: TestHooks) -> None:
         self.cfg, self.denv = cfg, denv
         self.checkpointer = Checkpointer(folder, denv, keep=cfg.keep_checkpoints,
-                                         every_steps=cfg.checkpoint_every_steps, hooks=hooks)
+                                         every_steps=cfg.checkpoint_every_steps, hooks=hooks,
+                                         async_writes=cfg.async_checkpoint)
         self.latest = self.checkpointer.latest_step()
         self.seconds = 0.0
 
@@ -82,12 +84,16 @@ class CheckpointPart:
     def due(self, step: int) -> bool:
         return self.checkpointer.due(step)
 
-    def save(self, state: TrainState, loader: Any) -> None:
-        """Collective; a no-op if this step is already saved."""
+    def save(self, state: TrainState, loader: Any, wait: bool = True) -> None:
+        """Collective; a no-op if this step is already saved. `wait` False: written in the
+        background when training.async_checkpoint is on (a periodic save)."""
         progress = state.progress
+        background = not wait and self.checkpointer.async_writes
+        optimizer = state.optimizer.state_dict() if self.denv.is_main else {}
         shared = {
             "model": cpu_state_dict(state.model.state_dict()),
-            "optimizer": state.optimizer.state_dict(),
+            # The writer thread must not see the next steps' in-place updates.
+            "optimizer": cpu_copy(optimizer) if background else optimizer,
             "progress": progress.shared(),
             "config": self.cfg.resolved,
             "config_hash": self.cfg.config_hash,
@@ -95,7 +101,7 @@ class CheckpointPart:
         started = time.perf_counter()
         self.checkpointer.save(progress.step, shared, {
             "rng": capture_rng_state(), "data": loader.state(),
-            "loss_sum": progress.loss_sum, "samples": progress.samples})
+            "loss_sum": progress.loss_sum, "samples": progress.samples}, wait=wait)
         self.seconds += time.perf_counter() - started
 
     def resume(self, state: TrainState, loader: Any) -> None:
