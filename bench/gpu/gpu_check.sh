@@ -9,7 +9,7 @@
 #   2. harness overhead on CUDA: bench/harness_overhead.py --device cuda --tracking none, for
 #      bc (harness) and bc_pixels (harness_pixels), with a fourth side per round
 #      (--nondeterministic-side: the trainer with training.deterministic: false) unless
-#      DEVCHECK_NONDET=0.
+#      DEVCHECK_NONDET=0; DEVCHECK_ASYNC=1 adds one with training.async_checkpoint: true.
 # Writes to $OUT: gpu_check.log (everything printed), train_logs.log (the trainer runs of
 # check 1), repro*.json, harness*.json, summary.json.
 # Inputs: .devcheck/{prepare,train-jobspec.json} (bc) and .devcheck/pixels/... (bc_pixels),
@@ -132,6 +132,7 @@ harness() {  # name, job-spec folder, epochs, timeout
 }
 NONDET_SIDE=--nondeterministic-side
 [ "${DEVCHECK_NONDET:-1}" = 0 ] && NONDET_SIDE=
+[ "${DEVCHECK_ASYNC:-0}" = 1 ] && NONDET_SIDE="$NONDET_SIDE --async-checkpoint-side"
 harness harness "$DC" "$EPOCHS" "$([ -n "$NONDET_SIDE" ] && echo 260 || echo 190)"
 harness harness_pixels "$DC/pixels" "$PIXEL_EPOCHS" "$([ -n "$NONDET_SIDE" ] && echo 320 || echo 240)"
 
