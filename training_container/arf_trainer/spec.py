@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,16 @@ from urllib.parse import urlparse
 from arf_trainer.errors import SpecError
 
 SPEC_VERSION = 1
+_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_QUANTITY = re.compile(r"([0-9]+(?:\.[0-9]+)?)(k|M|G|T|Ki|Mi|Gi|Ti)?")
+
+
+def memory_bytes(text: Any) -> int | None:
+    """Bytes of a Kubernetes memory quantity (512Mi, 2Gi, 1500000000); None if `text` is not
+    one (the Airflow side's template check has already named a bad one)."""
+    match = _QUANTITY.fullmatch(str(text).strip())
+    return int(float(match[1]) * _UNITS[match[2] or ""]) if match else None
 
 
 def uri_to_path(uri: str) -> Path:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
-import re
 from pathlib import Path
 
 import duckdb
@@ -30,7 +29,7 @@ import duckdb
 from arf_trainer.datahub.sqlcheck import check_length
 from arf_trainer.datahub.stream import QuerySource
 from arf_trainer.errors import SpecError
-from arf_trainer.spec import StepEnv
+from arf_trainer.spec import StepEnv, memory_bytes
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +39,6 @@ QUERY_MEMORY_LIMIT = "2GB"
 DUCKDB_SHARE = 8  # DuckDB's memory_limit is resources.memory / DUCKDB_SHARE (see the docstring)
 # Run values a dataset query may read as named parameters (the template's data-interval macros).
 INTERVAL_PARAMETERS = ("data_interval_start", "data_interval_end", "logical_date")
-_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-_QUANTITY = re.compile(r"([0-9]+(?:\.[0-9]+)?)(k|M|G|T|Ki|Mi|Gi|Ti)?")
 
 
 def _prefix(text: str, limit: int = 80) -> str:
@@ -137,10 +133,9 @@ def _memory_limits(env: StepEnv) -> tuple[str, str | None]:
     if memory is None:
         return QUERY_MEMORY_LIMIT, None
     ceiling = f"resources.memory: {memory}"
-    match = _QUANTITY.fullmatch(str(memory).strip())
-    if match is None:
+    size = memory_bytes(memory)
+    if size is None:
         return QUERY_MEMORY_LIMIT, ceiling  # the template check names bad quantities
-    size = float(match[1]) * _UNITS[match[2] or ""]
     # Small ceilings: DuckDB's sort needs a working set per thread (a 32 MiB limit could not
     # pin its blocks where 64 MiB sorted fine), so it keeps up to half of them, at most 128 MiB.
     share = max(int(size) // DUCKDB_SHARE, min(int(size) // 2, 128 * 2**20), 2**20)

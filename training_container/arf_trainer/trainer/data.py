@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +34,10 @@ import numpy as np
 import torch
 
 from arf_trainer.errors import TrainingError
-from arf_trainer.spec import read_json
+from arf_trainer.spec import memory_bytes, read_json
 
 EVAL_CHUNK = 4096
 DEFAULT_BUDGET = 2**30
-_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 
@@ -108,18 +105,12 @@ def load_manifest(prepare_dir: Path) -> Manifest:
     return manifest
 
 
-def _quantity(text: str) -> int | None:
-    """Bytes of a Kubernetes quantity (512Mi, 2Gi); None if it is not one (the template
-    check names bad quantities)."""
-    match = re.match(r"^([0-9]+(?:\.[0-9]+)?)(k|M|G|T|Ki|Mi|Gi|Ti)?$", str(text).strip())
-    return int(float(match[1]) * _UNITS[match[2] or ""]) if match else None
-
 
 def choose_loading(requested: str, manifest: Manifest, memory: str | None) -> tuple[str, str]:
     """(memory | stream, why): the template's choice, or auto by size against a budget."""
     if requested != "auto":
         return requested, f"training.data_loading: {requested}"
-    ceiling = _quantity(memory) if memory else None
+    ceiling = memory_bytes(memory) if memory else None
     budget = (ceiling or 4 * DEFAULT_BUDGET) // 4
     need = (manifest.rows("train") + manifest.rows("val")) * manifest.row_bytes()
     mode = "memory" if need <= budget else "stream"
