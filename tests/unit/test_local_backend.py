@@ -232,6 +232,33 @@ def test_step_and_its_children_run_under_a_ceiling_from_resources_memory(tmp_pat
     assert result == {"own": [ceiling, ceiling], "child": ceiling}
 
 
+# The setup command (arf-trainer custom-setup before a template's own command) reports the
+# limits it runs under into the workspace.
+SETUP_REPORTS = ("import json, os, pathlib, resource; pathlib.Path(os.environ['ARF_WORKSPACE'],"
+                 " 'setup.json').write_text(json.dumps(resource.getrlimit(resource.RLIMIT_DATA)))")
+
+
+def test_setup_command_runs_under_the_steps_ceiling(tmp_path):
+    # As the init container runs under the pod's limit on Kubernetes.
+    spec = dataclasses.replace(_with_memory(_spec(tmp_path, WRITE_RESULT), "512Mi"),
+                               setup_command=[sys.executable, "-c", SETUP_REPORTS])
+    LocalStepRunner().run(spec)
+    ceiling = 512 * 2**20 + 2 * 2**30
+    assert json.loads((tmp_path / "setup.json").read_text()) == [ceiling, ceiling]
+
+
+def test_setup_command_counts_against_the_steps_timeout(tmp_path):
+    spec = dataclasses.replace(_spec(tmp_path, WRITE_RESULT, timeout=2),
+                               setup_command=[sys.executable, "-c", "import time; time.sleep(60)"])
+    started = time.monotonic()
+    with pytest.raises(StepTimeout) as info:
+        LocalStepRunner().run(spec)
+    assert "ran past the step's timeout of 2s" in str(info.value)
+    assert "before the command started" in str(info.value)
+    assert time.monotonic() - started < 15
+    assert not (tmp_path / "step" / "result.json").exists()  # the command never started
+
+
 def test_ceiling_is_shared_by_a_nodes_processes_plus_headroom(monkeypatch):
     assert MemoryCeiling("1Gi", 2).bytes == 2**29 + 2 * 2**30
     monkeypatch.setenv("ARF_STEP_MEMORY_HEADROOM", "512Mi")

@@ -4,6 +4,8 @@ a memory cgroup (not root, no memory controller); the error paths run everywhere
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import resource
 import sys
@@ -96,6 +98,34 @@ def test_step_past_the_limit_is_oom_killed_and_says_so(tmp_path, cgroup_mode):
     assert "Raise training.resources.memory in the template" in message
     assert not _leftovers()
     assert time.monotonic() - started < 30
+
+
+@needs_cgroup
+def test_setup_command_runs_in_the_steps_cgroup(tmp_path, cgroup_mode):
+    # Setup and command share node 0's cgroup, as an init container shares the pod's limit.
+    setup = REPORT_CGROUP.replace("os.environ['ARF_RESULT_PATH']",
+                                  "os.environ['ARF_WORKSPACE'] + '/setup.json'")
+    spec = dataclasses.replace(_spec(tmp_path, REPORT_CGROUP, "256Mi"),
+                               setup_command=[sys.executable, "-c", setup])
+    result = LocalStepRunner().run(spec)
+    during_setup = json.loads((tmp_path / "setup.json").read_text())
+    assert during_setup["cgroup"] == result["cgroup"]
+    assert during_setup["limit"] == 256 * 2**20
+    assert not _leftovers()
+
+
+@needs_cgroup
+def test_setup_command_past_the_limit_fails_the_step_before_the_command(tmp_path, cgroup_mode):
+    spec = dataclasses.replace(
+        _spec(tmp_path, MARKS_THE_START, "64Mi"),
+        setup_command=[sys.executable, "-c", "x = b'x' * (300 * 2**20)"])
+    with pytest.raises(StepFailed) as info:
+        LocalStepRunner().run(spec)
+    message = str(info.value)
+    assert "failed (exit code -9) before the command started" in message
+    assert "ran under a memory ceiling of a memory cgroup of resources.memory: 64Mi" in message
+    assert not (tmp_path / "ran").exists()
+    assert not _leftovers()
 
 
 ESCAPES_THE_SESSION = (

@@ -176,7 +176,7 @@ class LocalStepRunner:
         deadline = time.monotonic() + spec.timeout_s
         for start in range(MAX_PREEMPTIONS + 1):
             if spec.setup_command:
-                self._setup(spec, env)
+                self._setup(spec, env, ceiling, deadline)
             custom_launch.clear_exit_codes(exit_dir)
             codes, tail = self._start(spec, env, commands, deadline, ceiling)
             rank_codes = custom_launch.rank_exit_codes(exit_dir)
@@ -191,19 +191,35 @@ class LocalStepRunner:
             self.preemptions += 1
         return codes, tail
 
-    def _setup(self, spec: StepSpec, env: dict[str, str]) -> None:
-        """`spec.setup_command` (arf-trainer custom-setup), its output into the task log."""
+    def _setup(self, spec: StepSpec, env: dict[str, str], ceiling: Ceiling,
+               deadline: float) -> None:
+        """`spec.setup_command` (arf-trainer custom-setup), its output into the task log. It runs
+        under the step's memory ceiling (node 0's cgroup in cgroup mode) and time limit, as the
+        init container runs under the pod's limits on Kubernetes."""
         command = [venv_bin(spec.setup_command[0]), *spec.setup_command[1:]]
         self.log.info("$ %s", " ".join(command))
-        proc = subprocess.run(command, env=env, cwd=spec.workspace, capture_output=True,
-                              text=True, errors="replace", timeout=spec.timeout_s)
-        lines = (proc.stdout + proc.stderr).splitlines()
+        proc = subprocess.Popen(ceiling.wrap(command, 0), env=env, cwd=spec.workspace,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, text=True,
+                                errors="replace")
+        self._procs = [proc]  # on_kill reaches it
+        ceiling.apply(proc.pid)
+        try:
+            output, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise StepTimeout(f"step {spec.step!r}: {' '.join(spec.setup_command)} ran past the "
+                              f"step's timeout of {spec.timeout_s:.0f}s "
+                              "(training.timeout_minutes) before the command started") from None
+        lines = output.splitlines()
         for line in lines:
             self.log.log(*relay_line(line))
         if proc.returncode != 0:
+            tail = lines[-TAIL_LINES:]
+            note = "" if self._stopped else ceiling.failure_note([proc.returncode], tail)
             raise StepFailed(f"step {spec.step!r}: {' '.join(spec.setup_command)} failed (exit "
                              f"code {proc.returncode}) before the command started:\n"
-                             + "\n".join(lines[-TAIL_LINES:]),
+                             + "\n".join(tail) + note,
                              retryable=proc.returncode != BAD_INPUT_EXIT)
 
     def _start(self, spec: StepSpec, env: dict[str, str], commands: list[list[str]],
