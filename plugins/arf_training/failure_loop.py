@@ -224,27 +224,31 @@ class Loop:
         """The nightly policy's choice for night n; its trigger conf (empty: fine-tune).
 
         Steps are estimated from the start's training (reach_bc, 30 epochs on the
-        demonstrations): steps per episode-epoch x epochs x episodes, with the replay's
-        twice-as-many rows; the budget's reference is a from-scratch retrain on the final
+        demonstrations): steps per episode-epoch x epochs x episodes, the aggregate plus its
+        replay as prepare samples it (nightly_recipe.retrain_episodes); the budget's reference is a from-scratch retrain on the final
         aggregate (every field episode corrected, as with --states all)."""
-        from arf_training.nightly_recipe import RETRAIN, choose, retrain_conf
+        from arf_training.nightly_recipe import RETRAIN, choose, retrain_conf, retrain_episodes
         from arf_training.settings import templates_dir
         from arf_training.templates import load_template
 
-        policy = load_template(templates_dir() / f"{FINETUNE_TEMPLATE}.yaml").template.nightly
+        template = load_template(templates_dir() / f"{FINETUNE_TEMPLATE}.yaml").template
+        policy = template.nightly
         if policy is None:
             raise ConfError(f"--adaptive: {FINETUNE_TEMPLATE} has no nightly: section")
         start = self.nights[0]
         per_episode_epoch = start.steps / (30 * self.config.demos)
-        episodes = self.config.demos + sum(x.corrected_episodes for x in self.nights[1:]) \
+        aggregate = self.config.demos + sum(x.corrected_episodes for x in self.nights[1:]) \
             + night.corrected_episodes
+        replay = template.dataset.replay
+        episodes = retrain_episodes(aggregate, night.corrected_episodes,
+                                    replay.ratio if replay else None)
         epochs = int(policy.retrain_hyperparameters.get("epochs", 3))
         final = self.config.demos + self.config.nights * self.config.field_episodes
         retrains = [i for i, x in enumerate(self.nights) if x.recipe == RETRAIN]
         choice = choose(policy, night=n, champion_rate=self.champion_rate,
                         last_retrain_night=retrains[-1] if retrains else None,
                         spent_steps=sum(x.steps for x in self.nights[1:]),
-                        retrain_steps=max(1, round(per_episode_epoch * epochs * episodes * 3)),
+                        retrain_steps=max(1, round(per_episode_epoch * epochs * episodes)),
                         budget_reference_steps=max(1, round(per_episode_epoch * 30 * final)))
         night.recipe, night.recipe_reason = choice.recipe, choice.reason
         self._say(f"night {n}: {choice.recipe} ({choice.reason})")

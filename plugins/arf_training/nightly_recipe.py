@@ -92,6 +92,15 @@ def choose(policy: Nightly, *, night: int, champion_rate: float | None,
                   is not None else "no retrain rule applies")
 
 
+def retrain_episodes(aggregate: int, tonight: int, replay_ratio: float | None) -> int:
+    """Episodes a retrain night trains on, per epoch: the aggregate query's, plus the template's
+    replay (`round(ratio x new)` rows, at most what the replay query holds: everything but
+    tonight's corrections), as the prepare step samples it."""
+    replayable = max(0, aggregate - tonight)
+    return aggregate + (min(round((replay_ratio or 0.0) * aggregate), replayable)
+                        if replay_ratio else 0)
+
+
 def retrain_conf(policy: Nightly) -> dict[str, object]:
     """The trigger conf of a retrain night (validated by the DAG's Params like any conf)."""
     return {"dataset_query": policy.aggregate_query.strip(), **policy.retrain_hyperparameters}

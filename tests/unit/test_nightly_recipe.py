@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from arf_training.errors import TemplateError
-from arf_training.nightly_recipe import FINETUNE, RETRAIN, Nightly, choose, retrain_conf
+from arf_training.nightly_recipe import (FINETUNE, RETRAIN, Nightly, choose, retrain_conf,
+                                         retrain_episodes)
 from arf_training.params import resolve_conf
 from arf_training.templates import load_template, parse_template
 
@@ -44,6 +45,19 @@ def test_fine_tune_mode_and_bad_numbers():
     with pytest.raises(ValueError, match="retrain_steps=0"):
         choose(POLICY, night=1, champion_rate=0.5, last_retrain_night=None, spent_steps=0,
                retrain_steps=0, budget_reference_steps=10)
+
+
+@pytest.mark.parametrize("aggregate, tonight, ratio, expected", [
+    pytest.param(200, 150, 2.0, 250, id="replay-capped-by-what-came-before-tonight"),
+    pytest.param(200, 50, 0.5, 300, id="replay-at-its-ratio"),
+    pytest.param(200, 150, None, 200, id="no-replay"),
+    pytest.param(150, 150, 2.0, 150, id="nothing-to-replay"),
+])
+def test_retrain_episodes_count_the_replay_as_prepare_samples_it(aggregate, tonight, ratio,
+                                                                  expected):
+    # The failure loop's night 1 from 50 demonstrations and 150 corrections: 250 episodes an
+    # epoch (an estimate that counted a full 2x replay said 600, 2.4 times what ran).
+    assert retrain_episodes(aggregate, tonight, ratio) == expected
 
 
 def test_shipped_policy_gives_a_valid_retrain_conf():
