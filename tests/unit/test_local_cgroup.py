@@ -123,7 +123,7 @@ def test_setup_command_past_the_limit_fails_the_step_before_the_command(tmp_path
         LocalStepRunner().run(spec)
     message = str(info.value)
     assert "failed (exit code -9) before the command started" in message
-    assert "ran under a memory ceiling of a memory cgroup of resources.memory: 64Mi" in message
+    assert "Step 'train' exceeded resources.memory=64Mi: the kernel OOM-killed it" in message
     assert not (tmp_path / "ran").exists()
     assert not _leftovers()
 

@@ -212,14 +212,25 @@ class CgroupCeiling:
     def failure_note(self, codes: Iterable[int], tail: Iterable[str]) -> str:
         """Why a failed step failed, when its cgroup saw the kernel's OOM killer (else as for
         the rlimit: a note when it looks like a failed allocation)."""
-        kills = sum(usage.oom_kills for usage in self.usage)
+        # After close() its counts are kept; before (a failed setup command), read them live.
+        usages = self.usage or self._live_usage()
+        kills = sum(usage.oom_kills for usage in usages)
         if not kills:
             return _looks_out_of_memory(codes, tail, self.describe())
-        peak = max(self.usage, key=lambda usage: usage.peak or 0)
+        peak = max(usages, key=lambda usage: usage.peak or 0)
         return (f"\nStep {self.step!r} exceeded resources.memory={self.memory}: the kernel "
                 f"OOM-killed it in its memory cgroup ({kills} OOM kill(s), peak {_peak(peak)}; "
                 f"{CEILING_ENV}=cgroup). Raise training.resources.memory in the template, or "
                 "reduce the batch size or the data (the query).")
+
+    def _live_usage(self) -> list[CgroupUsage]:
+        usages = []
+        for group in self.groups:
+            try:
+                usages.append(group.usage())
+            except OSError:
+                pass
+        return usages
 
 
 def _peak(usage: CgroupUsage) -> str:
