@@ -63,7 +63,7 @@ def test_retrain_episodes_count_the_replay_as_prepare_samples_it(aggregate, toni
 def test_shipped_policy_gives_a_valid_retrain_conf():
     template = load_template(FINETUNE_YAML).template
     conf = resolve_conf(template, retrain_conf(template.nightly))
-    assert conf["epochs"] == 10 and conf["lr"] == 0.001
+    assert conf["epochs"] == 2 and conf["lr"] == 0.001
     assert "FROM corrections" in conf["dataset_query"] and "reach_demos" in conf["dataset_query"]
 
 
