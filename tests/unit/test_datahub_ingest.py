@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -161,27 +162,32 @@ def test_ingest_killed_mid_write_leaves_previous_version(tmp_path: Path) -> None
     data.mkdir()
     base = _episodes(50)
     ingest(hub, "t", [_write(base, tmp_path / "base.parquet")])
-    inputs = [_write(_episodes(100_000, 10**6 * (i + 1)), data / f"{i}.parquet") for i in range(4)]
+    # The last input is large and in small row groups, so it stays open long enough (hundreds
+    # of milliseconds, read batch by batch) to be seen: a 100,000-row last file was open for
+    # a few milliseconds only, and on a quiet machine the poll could miss it.
+    sizes = [100_000, 100_000, 100_000, 1_000_000]
+    inputs = [_write(_episodes(n, 10**7 * (i + 1)), data / f"{i}.parquet", row_group_size=10_000)
+              for i, n in enumerate(sizes)]
     proc = subprocess.Popen([sys.executable, "-m", "arf_trainer.cli", "datahub", "ingest",
                              "--hub", str(hub), "t", str(data)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
-    # The commit comes after the last input is read: with the third of four files open, the
-    # first two have been handed to the Delta writer and nothing is committed yet.
-    while not _open_inputs(proc.pid, inputs[2:3]):
+    # The commit comes after the last input is read: with the last of four files open, the
+    # first three have been handed to the Delta writer and nothing is committed yet.
+    while not _open_inputs(proc.pid, inputs[3:]):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-        time.sleep(0.005)
+        time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert _version(hub, "t") == 0
     assert _rows(hub, "t").equals(base)
     again = ingest(hub, "t", [data])
-    assert (again.version, again.rows) == (1, 400_000)
-    assert _rows(hub, "t").num_rows == 400_050
+    assert (again.version, again.rows) == (1, sum(sizes))
+    assert _rows(hub, "t").num_rows == sum(sizes) + 50
 
 
-def _write(table: pa.Table, path: Path) -> Path:
-    pq.write_table(table, path)
+def _write(table: pa.Table, path: Path, **options: Any) -> Path:
+    pq.write_table(table, path, **options)
     return path
 
 
