@@ -129,10 +129,7 @@ def check_federated(template: Any) -> None:
     if training.distributed.nodes * training.distributed.procs_per_node != 1:
         problems.append("federated: training.distributed must be 1 node x 1 process (each "
                         "site trains in one process)")
-    speed = [f"{name}: {str(value).lower()}" for name, value, default in (
-        ("precision", training.precision, "fp32"), ("compile", training.compile, False),
-        ("deterministic", training.deterministic, True),
-        ("async_checkpoint", training.async_checkpoint, False)) if value != default]
+    speed = training.loop_options_set()
     if speed:
         problems.append(f"federated: training.{', '.join(speed)} is not supported (the sites "
                         "train in fp32, eager, with deterministic kernels, and keep no "

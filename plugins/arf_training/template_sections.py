@@ -242,6 +242,11 @@ class Resources(_Section):
         return value
 
 
+# Options of the built-in recipes' own training loop: a custom command and the federated sites'
+# loop do not read them, so a template that sets them there is refused.
+LOOP_OPTIONS = ("precision", "compile", "deterministic", "async_checkpoint")
+
+
 class Training(_Section):
     """How to train: a built-in recipe or a custom command, with typed hyperparameters."""
 
@@ -319,15 +324,19 @@ class Training(_Section):
                     f"recipe {self.recipe!r} has no hyperparameter(s) {unknown}; it accepts "
                     f"{sorted(RECIPE_HYPERPARAMETERS[self.recipe])}"
                 )
-        elif self.precision != "fp32" or self.compile or not self.deterministic \
-                or self.async_checkpoint:
+        elif changed := self.loop_options_set():
             raise ValueError(
-                f"precision={self.precision!r}, compile={self.compile}, deterministic="
-                f"{self.deterministic}, async_checkpoint={self.async_checkpoint} apply to the "
-                "built-in recipes only; a custom command sets its own precision, compilation, "
-                "determinism and checkpointing: remove them from 'training'"
+                f"training.{', '.join(changed)} apply to the built-in recipes only; a custom "
+                "command sets its own precision, compilation, determinism and checkpointing: "
+                "remove them from 'training'"
             )
         return self
+
+    def loop_options_set(self) -> list[str]:
+        """`name: value` of each LOOP_OPTIONS field set to other than its default."""
+        fields = type(self).model_fields
+        return [f"{name}: {str(getattr(self, name)).lower()}" for name in LOOP_OPTIONS
+                if getattr(self, name) != fields[name].default]
 
 
 class Evaluation(_Section):

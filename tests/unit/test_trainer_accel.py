@@ -77,14 +77,15 @@ def test_template_accepts_precision_compile_and_deterministic() -> None:
     pytest.param("digits_smoke", "  recipe: classifier", "  recipe: classifier\n  compile: 'yes'",
                  ["training.compile", "boolean"], id="compile-string"),
     pytest.param("digits_sklearn", "  command:", "  precision: bf16\n  command:",
-                 ["training", "built-in recipes only", "remove them"], id="custom-command"),
+                 ["training.precision: bf16", "built-in recipes only", "remove them"],
+                 id="custom-command"),
     pytest.param("digits_smoke", "  recipe: classifier",
                  "  recipe: classifier\n  deterministic: 'no'",
                  ["training.deterministic", "boolean"], id="deterministic-string"),
     pytest.param("digits_sklearn", "  command:", "  deterministic: false\n  command:",
-                 ["deterministic=False", "built-in recipes only"], id="custom-nondeterministic"),
+                 ["training.deterministic: false", "built-in recipes only"], id="custom-nondeterministic"),
     pytest.param("digits_sklearn", "  command:", "  async_checkpoint: true\n  command:",
-                 ["async_checkpoint=True", "built-in recipes only"], id="custom-async-checkpoint"),
+                 ["training.async_checkpoint: true", "built-in recipes only"], id="custom-async-checkpoint"),
 ])
 def test_template_rejects_bad_precision_and_compile(name: str, old: str, new: str,
                                                     fragments: list[str]) -> None:

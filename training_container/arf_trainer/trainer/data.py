@@ -105,7 +105,6 @@ def load_manifest(prepare_dir: Path) -> Manifest:
     return manifest
 
 
-
 def choose_loading(requested: str, manifest: Manifest, memory: str | None) -> tuple[str, str]:
     """(memory | stream, why): the template's choice, or auto by size against a budget."""
     if requested != "auto":
