@@ -2,6 +2,9 @@
 
     prepare_data -> train -> register_model --(Asset arf-model://<model name>)--> arf_evaluate
 
+A template with a `nightly:` section starts with `choose_recipe` (fine-tune or retrain tonight;
+the later steps read the conf it returns, `arf_training.runtime.trigger_conf`).
+
 A template with an `hpo:` section searches first (see `arf_training.hpo`)::
 
     prepare_data -> create_study -> [round_r.ask -> round_r.trials (mapped) -> round_r.tell]
@@ -24,6 +27,7 @@ from arf_training.approval import add_approval, approval_required
 from arf_training.backends import get_backend
 from arf_training.errors import TemplateError, TemplateIssue
 from arf_training.params import build_params
+from arf_training.runtime import CHOOSE_TASK
 from arf_training.settings import backend_name, templates_dir
 from arf_training.templates import LoadedTemplate, load_folder, template_files
 
@@ -91,6 +95,8 @@ def build_training_dag(loaded: LoadedTemplate, backend_id: str | None = None):
     )
     with dag:
         previous = None
+        if t.nightly is not None:  # fine-tune or retrain tonight (arf_trainer.nightly)
+            previous = backend.step_task(task_id=CHOOSE_TASK, loaded=loaded, step="choose")
         if t.federated is not None:  # prepare per site -> federate -> register (federation.py)
             previous = backend.site_task(task_id="prepare_data", loaded=loaded)
             federate = backend.federate_task(task_id="federate", loaded=loaded)

@@ -58,8 +58,8 @@ class LoopConfig:
     # Which field states the expert relabels each night: "all" (DAgger: every visited state,
     # successful episodes too) or "failed" (the failed episodes only, the earlier recipe).
     states: str = "all"
-    # Let the fine-tune template's `nightly:` policy choose each night between a fine-tune and
-    # a retrain on the aggregate (arf_training.nightly_recipe); off: every night fine-tunes.
+    # Let the fine-tune template's `nightly:` rule choose each night between a fine-tune and a
+    # retrain on the aggregate (the DAG's choose_recipe task); off: every night fine-tunes.
     adaptive: bool = False
     base_conf: dict[str, Any] = field(default_factory=dict)  # reach_bc trigger conf
     finetune_conf: dict[str, Any] = field(default_factory=dict)  # nightly trigger conf
@@ -210,49 +210,18 @@ class Loop:
             "--seeds", f"{first}:{stop}", "--states", self.config.states,
             "--collected-at", (interval_start + dt.timedelta(hours=12)).isoformat())
         night.corrected_episodes, night.corrected_rows = corrected["episodes"], corrected["rows"]
-        conf = dict(self.config.finetune_conf)
-        if self.config.adaptive:
-            conf.update(self._choose(n, night))
+        # The DAG's choose_recipe task applies the template's nightly rule (auto), as on the
+        # schedule; without --adaptive the conf asks for a fine-tune every night.
+        conf = {"nightly_recipe": "auto" if self.config.adaptive else "fine-tune",
+                **self.config.finetune_conf}
         self._train(night, FINETUNE_TEMPLATE, conf, logical.isoformat())
+        if night.recipe is not None:
+            self._say(f"night {n}: {night.recipe} ({night.recipe_reason})")
         if night.skipped is None:
             self._evaluate(night)
         else:
             night.champion_after_rate = self.champion_rate
         return night
-
-    def _choose(self, n: int, night: Night) -> dict[str, Any]:
-        """The nightly policy's choice for night n; its trigger conf (empty: fine-tune).
-
-        Steps are estimated from the start's training (reach_bc, 30 epochs on the
-        demonstrations): steps per episode-epoch x epochs x episodes, the aggregate plus its
-        replay as prepare samples it (nightly_recipe.retrain_episodes); the budget's reference is a from-scratch retrain on the final
-        aggregate (every field episode corrected, as with --states all)."""
-        from arf_training.nightly_recipe import RETRAIN, choose, retrain_conf, retrain_episodes
-        from arf_training.settings import templates_dir
-        from arf_training.templates import load_template
-
-        template = load_template(templates_dir() / f"{FINETUNE_TEMPLATE}.yaml").template
-        policy = template.nightly
-        if policy is None:
-            raise ConfError(f"--adaptive: {FINETUNE_TEMPLATE} has no nightly: section")
-        start = self.nights[0]
-        per_episode_epoch = start.steps / (30 * self.config.demos)
-        aggregate = self.config.demos + sum(x.corrected_episodes for x in self.nights[1:]) \
-            + night.corrected_episodes
-        replay = template.dataset.replay
-        episodes = retrain_episodes(aggregate, night.corrected_episodes,
-                                    replay.ratio if replay else None)
-        epochs = int(policy.retrain_hyperparameters.get("epochs", 3))
-        final = self.config.demos + self.config.nights * self.config.field_episodes
-        retrains = [i for i, x in enumerate(self.nights) if x.recipe == RETRAIN]
-        choice = choose(policy, night=n, champion_rate=self.champion_rate,
-                        last_retrain_night=retrains[-1] if retrains else None,
-                        spent_steps=sum(x.steps for x in self.nights[1:]),
-                        retrain_steps=max(1, round(per_episode_epoch * epochs * episodes)),
-                        budget_reference_steps=max(1, round(per_episode_epoch * 30 * final)))
-        night.recipe, night.recipe_reason = choice.recipe, choice.reason
-        self._say(f"night {n}: {choice.recipe} ({choice.reason})")
-        return retrain_conf(policy) if choice.recipe == RETRAIN else {}
 
     def scratch(self) -> Night:
         night = Night(label="from scratch")
@@ -265,6 +234,10 @@ class Loop:
         run, wall = self._dag(dag_id, conf, logical_date)
         night.dag_seconds = round(wall, 1)
         ws = self._workspace(dag_id, run.run_id)
+        chosen = ws / "choose" / "result.json"
+        if chosen.exists():  # a template with a nightly: section
+            choice = json.loads(chosen.read_text())
+            night.recipe, night.recipe_reason = choice["recipe"], choice["reason"]
         register = ws / "register" / "result.json"
         if not register.exists():
             from arf_training.demo import task_states

@@ -18,6 +18,9 @@ if TYPE_CHECKING:  # the CLI and gRPC server check confs without loading the tem
     from arf_training.templates import TrainingTemplate
 
 SECTION_TRAINING = "Training"
+# A template with a `nightly:` section: the night's recipe (arf_trainer.nightly.policy).
+NIGHTLY_PARAM = "nightly_recipe"
+NIGHTLY_RECIPES = ("auto", "fine-tune", "retrain")
 SECTION_DATA = "Data"
 _MAX_FLOAT = 1.7976931348623157e308
 # JSON Schema has no "finite" keyword, and every bound check passes for NaN (`nan < x` and
@@ -51,6 +54,13 @@ def param_schemas(template: TrainingTemplate) -> dict[str, dict[str, Any]]:
     schemas["seed"] = {"type": "integer", "minimum": 0, "title": "seed (≥ 0)",
                        "default": template.training.seed, "section": SECTION_TRAINING,
                        "description": "Seed of every random number generator (reproducibility)."}
+    if template.nightly is not None:
+        schemas[NIGHTLY_PARAM] = {
+            "type": "string", "title": NIGHTLY_PARAM, "default": "auto",
+            "enum": list(NIGHTLY_RECIPES), "section": SECTION_TRAINING,
+            "description": "auto: the template's nightly rule chooses (the choose_recipe task); "
+                           "fine-tune or retrain: this run does that.",
+        }
     if template.dataset.allow_query_override:
         schemas["dataset_query"] = {
             "type": "string", "title": "dataset_query", "default": template.dataset.query.strip(),

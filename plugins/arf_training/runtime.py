@@ -102,6 +102,10 @@ def task_log(context: Any, log: Any) -> Iterator[Any]:
             raise
 
 
+# The first task of a template with a `nightly:` section (factory.py).
+CHOOSE_TASK = "choose_recipe"
+
+
 def run_identity(context: Any) -> RunIdentity:
     ti = context["ti"]
     dag_run = context["dag_run"]
@@ -123,6 +127,19 @@ def run_identity(context: Any) -> RunIdentity:
 
 
 def trigger_conf(context: Any) -> dict[str, Any]:
+    """The run's conf as the step should see it: the trigger conf, or, after the
+    `choose_recipe` task of a template with a `nightly:` section, the conf that task returned
+    (the trigger conf plus the night's recipe: arf_trainer.nightly.step)."""
+    task, dag = context.get("task"), context.get("dag")
+    if task is not None and task.task_id != CHOOSE_TASK \
+            and CHOOSE_TASK in (getattr(dag, "task_dict", None) or {}):
+        chosen = context["ti"].xcom_pull(task_ids=CHOOSE_TASK)
+        if not isinstance(chosen, dict) or not isinstance(chosen.get("conf"), dict):
+            from arf_training.errors import ArfError
+
+            raise ArfError(f"task {CHOOSE_TASK} returned {chosen!r}, not the night's conf; "
+                           f"clear {CHOOSE_TASK} to run it again")
+        return dict(chosen["conf"])
     return dict(getattr(context["dag_run"], "conf", None) or {})
 
 

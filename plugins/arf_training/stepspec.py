@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from arf_training import __version__, custom_launch
-from arf_training.params import resolve_conf
+from arf_training.params import NIGHTLY_PARAM, resolve_conf
 from arf_training.settings import REPO_ROOT, ArfSettings
 from arf_training.templates import LoadedTemplate, Resources
 
 JOB_SPEC_VERSION = 1
-STEPS = ("prepare", "train", "register", "evaluate")
+STEPS = ("choose", "prepare", "train", "register", "evaluate")
 DEFAULT_IMAGE = "ghcr.io/arf/arf-trainer:0.1.0"
 
 
@@ -110,6 +110,7 @@ def build_step_spec(
     values = resolve_conf(template, conf)
     seed = values.pop("seed")
     query_override = values.pop("dataset_query", None)
+    values.pop(NIGHTLY_PARAM, None)  # the night's recipe, a conf entry (choose_recipe)
     hyperparameters = values
     workspace = workspace_for(settings, run.dag_id, run.run_id)
     train_dir = "train"

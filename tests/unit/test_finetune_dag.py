@@ -5,6 +5,7 @@ operator, real `arf-trainer prepare` subprocess, real Delta hub)."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -113,7 +114,8 @@ def test_dags_of_the_finetune(monkeypatch):
     # Contiguous [previous fire time, this fire time) intervals, not CronTrigger's empty ones.
     assert isinstance(dag.timetable, CronDataIntervalTimetable) and dag.catchup is False
     assert [t.task_id for t in dag.topological_sort()] == [
-        "prepare_data", "train", "register_model"]
+        "choose_recipe", "prepare_data", "train", "register_model"]
+    assert "nightly_recipe" in dag.params and "nightly_recipe" not in dags["reach_bc"].params
     assert [o.uri.rstrip("/") for o in dag.get_task("register_model").outlets] == [
         "arf-model://reach_bc_policy"]
     # arf_evaluate scores reach_bc_policy once, with reach_bc's evaluation section.
@@ -123,16 +125,22 @@ def test_dags_of_the_finetune(monkeypatch):
     assert Backend.evaluable(list(reversed(loaded)))["reach_bc_policy"].name == "reach_bc"
 
 
-def _context(dag, task_id: str, start: dt.datetime | None, end: dt.datetime | None):
-    ti = SimpleNamespace(dag_id=dag.dag_id, task_id=task_id, try_number=1, map_index=-1)
+def _context(dag, task_id: str, start: dt.datetime | None, end: dt.datetime | None,
+             xcoms: dict | None = None):
+    """A task's context; `xcoms`: the return values of the tasks before (by task id)."""
+    ti = SimpleNamespace(dag_id=dag.dag_id, task_id=task_id, try_number=1, map_index=-1,
+                         xcom_pull=lambda task_ids: (xcoms or {}).get(task_ids))
     dag_run = SimpleNamespace(run_id="scheduled__2026-11-29T02:00:00+00:00", conf={},
                               logical_date=start, data_interval_start=start,
                               data_interval_end=end)
-    return {"ti": ti, "dag": dag, "dag_run": dag_run, "params": {}}
+    return {"ti": ti, "dag": dag, "task": dag.get_task(task_id), "dag_run": dag_run,
+            "params": {}}
 
 
 def test_prepare_with_no_new_rows_skips_the_task(tmp_path, monkeypatch):
-    """Exit code 99 from `arf-trainer prepare` -> AirflowSkipException (not a failure)."""
+    """choose_recipe (a real `arf-trainer choose`) finds no new rows: fine-tune, without asking
+    MLflow; prepare_data reads its conf, and its exit code 99 -> AirflowSkipException (not a
+    failure)."""
     from airflow.sdk.exceptions import AirflowSkipException
 
     from arf_trainer.datahub.tables import write_table
@@ -154,7 +162,10 @@ def test_prepare_with_no_new_rows_skips_the_task(tmp_path, monkeypatch):
     dag = build_dags(REPO / "config_templates")["reach_bc_failure_finetune"]
     start = dt.datetime(2026, 11, 28, 2, tzinfo=dt.UTC)
     end = start + dt.timedelta(days=1)
-    context = _context(dag, "prepare_data", start, end)
+    chosen = dag.get_task("choose_recipe").execute(_context(dag, "choose_recipe", start, end))
+    assert chosen["recipe"] == "fine-tune" and "no new rows tonight" in chosen["reason"]
+    assert chosen["conf"] == {"nightly_recipe": "fine-tune"}
+    context = _context(dag, "prepare_data", start, end, {"choose_recipe": chosen})
 
     identity = run_identity(context)
     assert (identity.data_interval_start, identity.data_interval_end) == (
@@ -162,6 +173,8 @@ def test_prepare_with_no_new_rows_skips_the_task(tmp_path, monkeypatch):
     with pytest.raises(AirflowSkipException) as info:
         dag.get_task("prepare_data").execute(context)
     message = str(info.value)
+    (spec,) = (tmp_path / "home" / "workspace" / dag.dag_id).glob("*/jobspec/prepare-try1.json")
+    assert json.loads(spec.read_text())["conf"] == {"nightly_recipe": "fine-tune"}
     assert "exit code 99" in message
     assert "no new rows between 2026-11-28T02:00:00+00:00 and 2026-11-29T02:00:00+00:00" \
         in message and "corrections@v0" in message

@@ -1,4 +1,5 @@
-"""The adaptive nightly recipe: fine-tune or retrain on the aggregate, within a budget."""
+"""The adaptive nightly recipe: fine-tune or retrain on the aggregate, within a budget (the
+rule, the estimates, the template's section; the step itself: test_nightly_choose.py)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from arf_trainer.nightly.policy import (FINETUNE, RETRAIN, choose, estimated_steps,
+                                       retrain_conf, retrain_rows)
 from arf_training.errors import TemplateError
-from arf_training.nightly_recipe import (FINETUNE, RETRAIN, Nightly, choose, retrain_conf,
-                                         retrain_episodes)
+from arf_training.nightly_recipe import Nightly
 from arf_training.params import resolve_conf
 from arf_training.templates import load_template, parse_template
 
 REPO = Path(__file__).resolve().parents[2]
 FINETUNE_YAML = REPO / "config_templates" / "reach_bc_failure_finetune.yaml"
 POLICY = Nightly(aggregate_query="SELECT 1", retrain_below=0.8, retrain_every=3,
-                 compute_budget=0.25)
+                 compute_budget=0.25).model_dump(mode="json")  # as the job spec holds it
 # A retrain of 100 steps against a budget of 25 % of 1000 steps: two fit, a third does not.
 ROOM = {"retrain_steps": 100, "budget_reference_steps": 1000}
 
@@ -39,7 +41,7 @@ def test_choice_and_reason(kwargs, recipe, fragment):
 
 
 def test_fine_tune_mode_and_bad_numbers():
-    off = POLICY.model_copy(update={"mode": "fine-tune"})
+    off = {**POLICY, "mode": "fine-tune"}
     assert choose(off, night=1, champion_rate=0.1, last_retrain_night=None, spent_steps=0,
                   **ROOM).recipe == FINETUNE
     with pytest.raises(ValueError, match="retrain_steps=0"):
@@ -47,22 +49,34 @@ def test_fine_tune_mode_and_bad_numbers():
                retrain_steps=0, budget_reference_steps=10)
 
 
-@pytest.mark.parametrize("aggregate, tonight, ratio, expected", [
-    pytest.param(200, 150, 2.0, 250, id="replay-capped-by-what-came-before-tonight"),
-    pytest.param(200, 50, 0.5, 300, id="replay-at-its-ratio"),
-    pytest.param(200, 150, None, 200, id="no-replay"),
-    pytest.param(150, 150, 2.0, 150, id="nothing-to-replay"),
+@pytest.mark.parametrize("aggregate, available, ratio, expected", [
+    pytest.param(200, 50, 2.0, 250, id="replay-capped-by-what-the-replay-query-holds"),
+    pytest.param(200, 500, 0.5, 300, id="replay-at-its-ratio"),
+    pytest.param(200, 50, None, 200, id="no-replay"),
+    pytest.param(150, 0, 2.0, 150, id="nothing-to-replay"),
 ])
-def test_retrain_episodes_count_the_replay_as_prepare_samples_it(aggregate, tonight, ratio,
-                                                                  expected):
+def test_retrain_rows_count_the_replay_as_prepare_samples_it(aggregate, available, ratio,
+                                                             expected):
     # The failure loop's night 1 from 50 demonstrations and 150 corrections: 250 episodes an
     # epoch (an estimate that counted a full 2x replay said 600, 2.4 times what ran).
-    assert retrain_episodes(aggregate, tonight, ratio) == expected
+    assert retrain_rows(aggregate, available, ratio) == expected
+
+
+@pytest.mark.parametrize("rows, kwargs, expected", [
+    pytest.param(1000, {"epochs": 3, "batch_size": 256, "world_size": 1,
+                        "validation_split": 0.1}, 3 * 4, id="last-batch-partial"),
+    pytest.param(1000, {"epochs": 1, "batch_size": 100, "world_size": 3,
+                        "validation_split": 0.0}, 4, id="sharded-over-ranks"),
+    pytest.param(1, {"epochs": 2, "batch_size": 256, "world_size": 8,
+                     "validation_split": 0.5}, 2, id="a-step-an-epoch-at-least"),
+])
+def test_estimated_steps_follow_the_loader(rows, kwargs, expected):
+    assert estimated_steps(rows, **kwargs) == expected
 
 
 def test_shipped_policy_gives_a_valid_retrain_conf():
     template = load_template(FINETUNE_YAML).template
-    conf = resolve_conf(template, retrain_conf(template.nightly))
+    conf = resolve_conf(template, retrain_conf(template.nightly.model_dump(mode="json")))
     assert conf["epochs"] == 2 and conf["lr"] == 0.001
     assert "FROM corrections" in conf["dataset_query"] and "reach_demos" in conf["dataset_query"]
 
@@ -75,3 +89,42 @@ def test_nightly_needs_a_fine_tune_that_allows_query_overrides():
     bad = text.replace("  retrain_below: 0.8", "  retrain_below: 1.5")
     with pytest.raises(TemplateError, match="nightly.retrain_below"):
         parse_template(bad, "ft.yaml")
+
+
+@pytest.mark.parametrize("old, new, fragment", [
+    pytest.param("retrain_hyperparameters: {epochs: 2, lr: 0.001}",
+                 "retrain_hyperparameters: {epochs: 2, lr: 0.001, dropout: 0.1}",
+                 "retrain_hyperparameters sets dropout, not hyperparameters of this template",
+                 id="unknown-hyperparameter"),
+    pytest.param("    FROM corrections\n  retrain_hyperparameters",
+                 "    FROM corrections;\n    DELETE FROM corrections\n  retrain_hyperparameters",
+                 "more than one statement", id="aggregate-query-not-one-select"),
+    pytest.param("    FROM corrections\n  retrain_hyperparameters",
+                 "    FROM corrections WHERE collected_at < {{ ds }}\n  retrain_hyperparameters",
+                 "{{ ds }}", id="aggregate-query-unknown-macro"),
+])
+def test_nightly_section_errors_name_the_field(old, new, fragment):
+    text = FINETUNE_YAML.read_text()
+    assert old in text
+    with pytest.raises(TemplateError) as info:
+        parse_template(text.replace(old, new), "ft.yaml")
+    assert fragment in str(info.value) and "nightly" in str(info.value)
+
+
+def test_nightly_needs_epochs_and_batch_size_to_estimate_a_retrain():
+    text = FINETUNE_YAML.read_text()
+    start = text.index("    batch_size:\n")
+    end = text.index("    lr:\n")
+    with pytest.raises(TemplateError, match="declare batch_size under training.hyperparameters"):
+        parse_template(text[:start] + text[end:], "ft.yaml")
+
+
+def test_the_trigger_form_offers_the_nights_recipe():
+    from arf_training.params import param_schemas
+
+    template = load_template(FINETUNE_YAML).template
+    schema = param_schemas(template)["nightly_recipe"]
+    assert schema["enum"] == ["auto", "fine-tune", "retrain"] and schema["default"] == "auto"
+    assert resolve_conf(template, {"nightly_recipe": "retrain"})["nightly_recipe"] == "retrain"
+    assert "nightly_recipe" not in param_schemas(load_template(
+        REPO / "config_templates" / "reach_bc.yaml").template)

@@ -26,7 +26,7 @@ from arf_trainer.errors import NothingToDo, Preempted, TrainerError
 if TYPE_CHECKING:
     from arf_trainer.spec import StepEnv
 
-STEPS = ("prepare", "train", "register", "evaluate", "federate")
+STEPS = ("choose", "prepare", "train", "register", "evaluate", "federate")
 
 
 def _run_step(step: str) -> None:
@@ -58,7 +58,9 @@ def _dispatch(step: str) -> None:
         from arf_trainer.errors import SpecError
 
         raise SpecError(f"command is 'arf-trainer {step}' but the job spec is for step {env.spec.step!r}")
-    if step == "prepare":
+    if step == "choose":  # the nightly recipe (a template with a nightly: section)
+        from arf_trainer.nightly.step import run_choose as run
+    elif step == "prepare":
         from arf_trainer.datahub.prepare import run_prepare as run
     elif step == "train":
         from arf_trainer.trainer.run import run_train as run

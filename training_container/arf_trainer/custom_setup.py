@@ -107,7 +107,7 @@ def find_or_create_custom_run(client: Any, env: StepEnv) -> tuple[str, str]:
 
 def pin_base_model(client: Any, uri: str, folder: Path, tracking_uri: str) -> dict[str, Any]:
     """Resolve `uri` once per DAG run; download the version's `model` folder next to the pin."""
-    from arf_trainer.trainer.base_model import resolve
+    from arf_trainer.registry import resolve
 
     pin_path = folder / PIN_FILE
     if pin_path.is_file():

@@ -32,7 +32,7 @@ def run_fleet(*, tracking_uri: str, model_uri: str, hub: Path, first_seed: int, 
 
     from arf_trainer.datahub.failures import FIELD_TABLE, record_failures
     from arf_trainer.evaluator import load_policy, rollouts
-    from arf_trainer.trainer.base_model import resolve
+    from arf_trainer.registry import resolve
 
     if episodes < 1:
         raise SpecError(f"--episodes {episodes} must be at least 1")

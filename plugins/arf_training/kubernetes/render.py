@@ -20,8 +20,8 @@ from arf_training.stepspec import STEPS, RunIdentity, build_step_spec
 from arf_training.templates import LoadedTemplate
 
 # The task ids the factory gives each step (`factory.TASKS`; evaluate is in the arf_evaluate DAG).
-STEP_TASK_IDS = {"prepare": "prepare_data", "train": "train", "register": "register_model",
-                 "evaluate": "evaluate", "federate": "federate"}
+STEP_TASK_IDS = {"choose": "choose_recipe", "prepare": "prepare_data", "train": "train",
+                 "register": "register_model", "evaluate": "evaluate", "federate": "federate"}
 EVALUATE_DAG_ID = "arf_evaluate"
 PLACEHOLDER_RUN_ID = "manual__placeholder"
 PLACEHOLDER_MODEL_VERSION = "0"
@@ -66,9 +66,10 @@ def placeholder_identity(template_name: str, step: str) -> RunIdentity:
 
 
 def steps_of(loaded: LoadedTemplate) -> list[str]:
-    """The steps a template has: evaluate only with an `evaluation` section; a `federated:`
-    template federates instead of training."""
-    steps = [s for s in STEPS if s != "evaluate" or loaded.template.evaluation is not None]
+    """The steps a template has: evaluate only with an `evaluation` section, choose only with
+    a `nightly:` section; a `federated:` template federates instead of training."""
+    steps = [s for s in STEPS if (s != "evaluate" or loaded.template.evaluation is not None)
+             and (s != "choose" or loaded.template.nightly is not None)]
     if loaded.template.federated is not None:
         steps[steps.index("train")] = "federate"
     return steps

@@ -20,8 +20,8 @@ import torch
 
 from arf_trainer import tracking
 from arf_trainer.errors import SpecError, TrainingError
+from arf_trainer.registry import parse_uri
 from arf_trainer.spec import JobSpec, read_json
-from arf_trainer.trainer import base_model
 from arf_trainer.trainer.checkpoint import load_weights, state_dict_sha256
 from arf_trainer.trainer.recipes import Hyperparameters, Recipe, get_recipe
 
@@ -67,7 +67,7 @@ class TrainConfig:
         training = spec.training
         base = spec.model.get("base_model") or None
         if base is not None:
-            base_model.parse_uri(base)  # a malformed URI fails before any distributed init
+            parse_uri(base)  # a malformed URI fails before any distributed init
         freeze_layers = training.get("freeze_layers") or 0
         if isinstance(freeze_layers, bool) or not isinstance(freeze_layers, int) \
                 or freeze_layers < 0:

@@ -1,0 +1,122 @@
+"""What the nightly choice reads from MLflow: the champion and its evaluation, the from-scratch
+run its line started from (which sizes the budget), and this DAG's nights since then.
+
+The nights counted are this DAG's finished training runs since the from-scratch run at the
+root of the champion's lineage (each fine-tune or retrain names its base's training run in
+`arf.base_model_run_id`): a new from-scratch champion starts a new count and a new budget.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from arf_trainer import tracking
+from arf_trainer.errors import RegistryError
+from arf_trainer.nightly.policy import CONF_KEY, FINETUNE, RETRAIN
+from arf_trainer.registry import resolve
+
+BASE_RUN_TAG = "arf.base_model_run_id"
+STEPS_TAG = "arf.steps"  # set by the train step when it finishes (trainer/finish.py)
+MAX_LINEAGE = 10_000  # fine-tunes between a champion and its from-scratch root
+
+
+@dataclass(frozen=True)
+class Root:
+    """The from-scratch training run at the root of the champion's lineage."""
+
+    run_id: str
+    start_time: int  # ms since the epoch, MLflow's
+    epochs: int | None
+    batch_size: int | None
+    world_size: int
+
+
+@dataclass(frozen=True)
+class History:
+    champion_version: str
+    champion_rate: float | None
+    root: Root
+    recipes: list[str] = field(default_factory=list)  # per night since the root, oldest first
+    spent_steps: int = 0
+    unknown_steps: int = 0  # nights whose run has no arf.steps (recorded before the tag)
+
+    @property
+    def last_retrain_night(self) -> int | None:
+        nights = [i + 1 for i, r in enumerate(self.recipes) if r == RETRAIN]
+        return nights[-1] if nights else None
+
+
+def read_history(tracking_uri: str, base_model: str, experiment: str, dag_id: str,
+                 this_run_id: str) -> History:
+    """The champion (`base_model` resolved), its root and this DAG's nights since that root
+    (the DAG run `this_run_id` excluded: a cleared and re-run night is not its own past)."""
+    client = tracking.configure(tracking_uri)
+    with tracking.mlflow_errors(tracking_uri, "read the champion and the nights before"):
+        version = resolve(client, base_model, tracking_uri)
+        rate = version.tags.get("arf.eval.success_rate")
+        root = _root(client, version.run_id)
+        nights = _nights(client, experiment, dag_id, this_run_id, root.start_time)
+    recipes, spent, unknown = [], 0, 0
+    for run in nights:
+        recipes.append(_recipe(run.data.tags))
+        steps = run.data.tags.get(STEPS_TAG)
+        if steps is None:
+            unknown += 1
+        else:
+            spent += int(steps)
+    return History(champion_version=str(version.version),
+                   champion_rate=float(rate) if rate is not None else None, root=root,
+                   recipes=recipes, spent_steps=spent, unknown_steps=unknown)
+
+
+def _root(client: Any, run_id: str) -> Root:
+    seen: set[str] = set()
+    while True:
+        if run_id in seen or len(seen) > MAX_LINEAGE:
+            raise RegistryError(f"the champion's lineage loops or is longer than {MAX_LINEAGE} "
+                                f"runs at run {run_id} ({BASE_RUN_TAG} tags)")
+        seen.add(run_id)
+        run = client.get_run(run_id)
+        parent = run.data.tags.get(BASE_RUN_TAG)
+        if not parent:
+            params = run.data.params
+            return Root(run_id=run_id, start_time=int(run.info.start_time or 0),
+                        epochs=_int(params.get("epochs")),
+                        batch_size=_int(params.get("batch_size")),
+                        world_size=_int(params.get("world_size"))
+                        or _int(run.data.tags.get("arf.world_size")) or 1)
+        run_id = parent
+
+
+def _nights(client: Any, experiment: str, dag_id: str, this_run_id: str,
+            since_ms: int) -> list[Any]:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:  # no run of this template yet
+        return []
+    if "'" in dag_id:
+        raise RegistryError(f"dag id {dag_id!r} contains a quote, which MLflow search filters "
+                            "cannot match")
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=(f"tags.`arf.dag_id` = '{dag_id}' and attributes.status = 'FINISHED' "
+                       f"and attributes.start_time >= {since_ms}"),
+        order_by=["attributes.start_time ASC"], max_results=50_000)
+    return [r for r in runs if r.data.tags.get("arf.dag_run_id") != this_run_id
+            and r.data.tags.get(tracking.PARENT_RUN_TAG) is None]
+
+
+def _recipe(tags: dict[str, str]) -> str:
+    try:
+        conf = json.loads(tags.get("arf.conf") or "{}")
+    except json.JSONDecodeError:
+        conf = {}
+    return RETRAIN if conf.get(CONF_KEY) == RETRAIN else FINETUNE
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return None
