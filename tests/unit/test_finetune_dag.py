@@ -178,3 +178,23 @@ def test_prepare_with_no_new_rows_skips_the_task(tmp_path, monkeypatch):
     assert "exit code 99" in message
     assert "no new rows between 2026-11-28T02:00:00+00:00 and 2026-11-29T02:00:00+00:00" \
         in message and "corrections@v0" in message
+
+
+def test_a_step_after_a_choice_that_returned_nothing_says_what_to_do(monkeypatch):
+    from arf_training.errors import ArfError
+    from arf_training.factory import build_dags
+    from arf_training.runtime import trigger_conf
+
+    monkeypatch.delenv("ARF_BACKEND", raising=False)
+    dags = build_dags(REPO / "config_templates")
+    dag = dags["reach_bc_failure_finetune"]
+    start = dt.datetime(2026, 11, 28, 2, tzinfo=dt.UTC)
+    with pytest.raises(ArfError, match="clear choose_recipe to run it again"):
+        trigger_conf(_context(dag, "train", start, start, {"choose_recipe": None}))
+    chosen = {"recipe": "retrain", "conf": {"nightly_recipe": "retrain", "epochs": 2}}
+    assert trigger_conf(_context(dag, "train", start, start, {"choose_recipe": chosen})) == \
+        chosen["conf"]
+    # A DAG without the task reads the trigger conf, whatever XComs there are.
+    other = dags["reach_bc"]
+    assert trigger_conf(_context(other, "train", start, start,
+                                 {"choose_recipe": {"conf": {"epochs": 9}}})) == {}
