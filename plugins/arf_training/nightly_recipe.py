@@ -4,10 +4,10 @@ corrections or retrain on the aggregate, within a stated compute budget.
 The template's section is checked here; the choice is made at run time by the DAG's first
 task, `choose_recipe` (`arf-trainer choose`, arf_trainer/nightly/), whose rule is:
 
-1. over budget: fine-tune. `compute_budget` caps the nightly work, in optimizer steps, at that
-   fraction of one from-scratch retrain on tonight's aggregate (the from-scratch run at the root
-   of the champion's lineage, on the aggregate's rows); a retrain that would push the nights'
-   total past it is not chosen, whatever else holds;
+1. over budget: fine-tune. `compute_budget` caps the nightly work, in samples trained (epochs x
+   rows), at that fraction of one from-scratch retrain on tonight's aggregate (the epochs of the
+   from-scratch run at the root of the champion's lineage, on the aggregate's rows); a retrain
+   that would push the nights' total past it is not chosen, whatever else holds;
 2. champion below `retrain_below` (its recorded evaluation success rate): retrain;
 3. `retrain_every` nights since the last retrain: retrain;
 4. otherwise fine-tune.
@@ -46,7 +46,8 @@ class Nightly(BaseModel):
         None, ge=1, le=365, description="Retrain at least every this many nights.")
     compute_budget: float = Field(
         0.25, gt=0.0, le=10.0,
-        description="Cap on all nightly optimizer steps together, as a fraction of one "
+        description="Cap on all nightly work together (samples trained: epochs x rows), as a "
+                    "fraction of one "
                     "from-scratch retrain on tonight's aggregate (0.25: a quarter), counted "
                     "since the champion's line was trained from scratch.")
     mode: Literal["adaptive", "fine-tune"] = Field(
@@ -77,9 +78,7 @@ def nightly_problems(template: object) -> list[str]:
         problems.append(f"nightly.retrain_hyperparameters sets {', '.join(unknown)}, not "
                         f"hyperparameters of this template ({', '.join(sorted(declared))}); "
                         "declare them under training.hyperparameters or remove them")
-    missing = [name for name in ("epochs", "batch_size") if name not in declared]
-    if missing:
-        problems.append(f"nightly: the choice estimates a retrain's steps from the "
-                        f"hyperparameters epochs and batch_size; declare "
-                        f"{' and '.join(missing)} under training.hyperparameters")
+    if "epochs" not in declared:
+        problems.append("nightly: the choice estimates a retrain's work from the "
+                        "hyperparameter epochs; declare epochs under training.hyperparameters")
     return problems

@@ -73,9 +73,9 @@ def _corrections(hub: Path) -> dict[str, int]:
 def test_nightly_finetune_registers_a_candidate_of_the_champion(embedded):
     from mlflow.tracking import MlflowClient
 
-    # Batches of 32: reach_bc's steps size the nights' budget (a quarter of them on the
-    # aggregate), which the second night's retrain must fit.
-    proc = dags_test(embedded, "reach_bc", {"epochs": 2, "batch_size": 32})
+    # 12 epochs: the from-scratch run's epochs size the nights' budget (a quarter of them on
+    # the aggregate), which the second night's one-epoch retrain must fit.
+    proc = dags_test(embedded, "reach_bc", {"epochs": 12})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     base_run = latest_run("reach_bc")
     ws = workspace_for(ArfSettings.from_env(), "reach_bc", base_run.run_id)
@@ -119,15 +119,16 @@ def test_nightly_finetune_registers_a_candidate_of_the_champion(embedded):
     assert tags["arf.template"] == DAG
     night_one = client.get_run(tags["arf.training_run_id"]).data.tags
     assert json.loads(night_one["arf.conf"])["nightly_recipe"] == "fine-tune"
-    steps_one = int(night_one["arf.steps"])
+    samples_one = int(night_one["arf.samples"])
 
-    _retrain_night(embedded, client, base_version, steps_one)
+    _retrain_night(embedded, client, base_version, samples_one)
 
 
-def _retrain_night(embedded, client, champion: str, steps_before: int) -> None:
+def _retrain_night(embedded, client, champion: str, samples_before: int) -> None:
     """The champion evaluated at 50 % (< retrain_below 80 %): the next night retrains on the
-    aggregate. One epoch in one batch keeps the retrain (1 step) within the budget: a quarter of
-    reach_bc's 2 epochs on the aggregate, less the first night's steps."""
+    aggregate. One epoch keeps the retrain (the aggregate and its replay, ~1.8x the aggregate's
+    train split) within the budget: a quarter of reach_bc's 12 epochs on the aggregate (~2.7x),
+    less the first night's samples."""
     from arf_trainer.datahub.failures import correct_failures
     from arf_trainer.datahub.query import run_query
 
@@ -137,8 +138,7 @@ def _retrain_night(embedded, client, champion: str, steps_before: int) -> None:
                                model_name=SOURCE)
     assert tonight["episodes"] == 2
     client.set_model_version_tag("reach_bc_policy", champion, "arf.eval.success_rate", "0.5")
-    proc = dags_test(embedded, DAG, {"epochs": 1, "batch_size": 8192},
-                     "2026-11-27T02:00:00+00:00")
+    proc = dags_test(embedded, DAG, {"epochs": 1}, "2026-11-27T02:00:00+00:00")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     run = latest_run(DAG)
     assert task_states(DAG, run.run_id) == {
@@ -149,8 +149,8 @@ def _retrain_night(embedded, client, champion: str, steps_before: int) -> None:
     assert chosen["recipe"] == "retrain", chosen
     assert "champion 50% < retrain_below 80%" in chosen["reason"]
     estimate = chosen["estimate"]
-    assert estimate["spent_steps"] == steps_before and estimate["nights_before"] == 1
-    assert estimate["retrain_steps"] == 1
+    assert estimate["spent_samples"] == samples_before and estimate["nights_before"] == 1
+    assert samples_before + estimate["retrain_samples"] <= estimate["reference_samples"] / 4
     # Trained on the aggregate: every successful demonstration and every correction.
     aggregate = run_query(hub, "SELECT (SELECT count(*) FROM reach_demos WHERE success) + "
                           "(SELECT count(*) FROM corrections) AS n")[0].column("n")[0].as_py()

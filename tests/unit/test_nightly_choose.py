@@ -29,8 +29,9 @@ END = dt.datetime(2026, 11, 26, 2, tzinfo=UTC)
 DAG = "reach_bc_failure_finetune"
 MODEL = "reach_bc_policy"
 STEPS = 5  # rows per synthetic episode
-# Root: reach_bc trained from scratch, 30 epochs of batches of 16 on one process.
-ROOT_PARAMS = {"epochs": "30", "batch_size": "16", "world_size": "1"}
+# Root: reach_bc trained from scratch, 30 epochs (on 2 processes: the budget counts samples,
+# not optimizer steps, which depend on the batch size and the process count).
+ROOT_PARAMS = {"epochs": "30", "batch_size": "256", "world_size": "2"}
 
 
 def _episodes(first: int, count: int, when: dt.datetime | None = None) -> pa.Table:
@@ -101,10 +102,10 @@ class Registry:
         self.client.set_registered_model_alias(MODEL, "champion", version.version)
         return version.version
 
-    def night(self, base_run: str, steps: int, recipe: str = "fine-tune",
+    def night(self, base_run: str, samples: int, recipe: str = "fine-tune",
               dag_id: str = DAG, run_id: str = "scheduled__before") -> str:
         return self._run(DAG, {"arf.dag_id": dag_id, "arf.dag_run_id": run_id,
-                               "arf.base_model_run_id": base_run, "arf.steps": str(steps),
+                               "arf.base_model_run_id": base_run, "arf.samples": str(samples),
                                "arf.conf": json.dumps({"nightly_recipe": recipe})})
 
 
@@ -115,9 +116,8 @@ def uri(tmp_path: Path) -> str:
 
 # Tonight: 20 new rows. The aggregate: 200 demonstration rows + 30 corrections = 230, with the
 # replay (2 x 230, capped at the 210 rows before tonight) 440 rows a retrain epoch.
-# Retrain (2 epochs, batch 256): 2 x ceil(ceil(440 x 0.9) / 256) = 2 x 2 = 4 steps.
-# Reference (the root's 30 epochs of 16): 30 x ceil(ceil(230 x 0.9) / 16) = 30 x 13 = 390;
-# the budget is a quarter of it, 97.5 steps.
+# Retrain (2 epochs of the train split): 2 x ceil(440 x 0.9) = 792 samples.
+# Reference (the root's 30 epochs): 30 x ceil(230 x 0.9) = 6210; the budget, a quarter: 1552.5.
 
 
 def test_weak_champion_retrains_on_the_aggregate(tmp_path: Path, hub: Path, uri: str) -> None:
@@ -129,7 +129,7 @@ def test_weak_champion_retrains_on_the_aggregate(tmp_path: Path, hub: Path, uri:
     estimate = result["estimate"]
     assert (estimate["tonight_rows"], estimate["aggregate_rows"],
             estimate["replay_rows_available"], estimate["retrain_rows"]) == (20, 230, 210, 440)
-    assert (estimate["retrain_steps"], estimate["budget_reference_steps"]) == (4, 390)
+    assert (estimate["retrain_samples"], estimate["reference_samples"]) == (792, 6210)
     assert estimate["root_run_id"] == registry.root and estimate["nights_before"] == 0
     conf = result["conf"]
     assert conf["nightly_recipe"] == "retrain" and conf["epochs"] == 2 and conf["lr"] == 0.001
@@ -139,27 +139,28 @@ def test_weak_champion_retrains_on_the_aggregate(tmp_path: Path, hub: Path, uri:
 def test_the_nights_steps_count_against_the_budget(tmp_path: Path, hub: Path,
                                                    uri: str) -> None:
     registry = Registry(uri)
-    first = registry.night(registry.root, 60, "retrain", run_id="scheduled__1")
+    first = registry.night(registry.root, 600, "retrain", run_id="scheduled__1")
     registry.champion(first, 0.7)
-    registry.night(first, 34, run_id="scheduled__2")
+    registry.night(first, 200, run_id="scheduled__2")
     # Not this DAG's nights: another DAG's run, and tonight's own run (cleared, run again).
     registry.night(first, 500, dag_id="reach_bc_other", run_id="scheduled__3")
     registry.night(first, 500, run_id="scheduled__tonight")
     result = run_choose(_env(tmp_path, hub, uri))
     assert result["recipe"] == "fine-tune", result
-    assert "would take the nightly total to 98 > budget 98" in result["reason"]
-    assert result["estimate"]["spent_steps"] == 94 and result["estimate"]["nights_before"] == 2
+    assert "would take the nightly total to 1,592 > budget 1,552" in result["reason"]
+    assert result["estimate"]["spent_samples"] == 800
+    assert result["estimate"]["nights_before"] == 2
     assert result["conf"] == {"nightly_recipe": "fine-tune"}
 
 
 def test_a_new_from_scratch_champion_starts_a_new_count(tmp_path: Path, hub: Path,
                                                         uri: str) -> None:
     registry = Registry(uri)
-    registry.night(registry.root, 90, "retrain", run_id="scheduled__old")
+    registry.night(registry.root, 9000, "retrain", run_id="scheduled__old")
     fresh = registry._run("reach_bc", {"arf.dag_id": "reach_bc"}, ROOT_PARAMS)
     registry.champion(fresh, 0.5)
     result = run_choose(_env(tmp_path, hub, uri))
-    assert result["recipe"] == "retrain" and result["estimate"]["spent_steps"] == 0
+    assert result["recipe"] == "retrain" and result["estimate"]["spent_samples"] == 0
 
 
 @pytest.mark.parametrize("rate, fragment", [

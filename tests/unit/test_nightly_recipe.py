@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from arf_trainer.nightly.policy import (FINETUNE, RETRAIN, choose, estimated_steps,
+from arf_trainer.nightly.policy import (FINETUNE, RETRAIN, choose, estimated_samples,
                                        retrain_conf, retrain_rows)
 from arf_training.errors import TemplateError
 from arf_training.nightly_recipe import Nightly
@@ -19,20 +19,20 @@ FINETUNE_YAML = REPO / "config_templates" / "reach_bc_failure_finetune.yaml"
 POLICY = Nightly(aggregate_query="SELECT 1", retrain_below=0.8, retrain_every=3,
                  compute_budget=0.25).model_dump(mode="json")  # as the job spec holds it
 # A retrain of 100 steps against a budget of 25 % of 1000 steps: two fit, a third does not.
-ROOM = {"retrain_steps": 100, "budget_reference_steps": 1000}
+ROOM = {"retrain": 100, "reference": 1000}
 
 
 @pytest.mark.parametrize("kwargs, recipe, fragment", [
     pytest.param({"night": 1, "champion_rate": 0.72, "last_retrain_night": None,
-                  "spent_steps": 0}, RETRAIN, "champion 72% < retrain_below 80%",
+                  "spent": 0}, RETRAIN, "champion 72% < retrain_below 80%",
                  id="weak-champion-retrains"),
     pytest.param({"night": 2, "champion_rate": 0.92, "last_retrain_night": None,
-                  "spent_steps": 0}, FINETUNE, "at or above", id="strong-champion-fine-tunes"),
+                  "spent": 0}, FINETUNE, "at or above", id="strong-champion-fine-tunes"),
     pytest.param({"night": 4, "champion_rate": 0.92, "last_retrain_night": 1,
-                  "spent_steps": 60}, RETRAIN, "3 night(s) since the last retrain",
+                  "spent": 60}, RETRAIN, "3 night(s) since the last retrain",
                  id="every-k-nights"),
     pytest.param({"night": 3, "champion_rate": 0.5, "last_retrain_night": 2,
-                  "spent_steps": 200}, FINETUNE, "total to 300 > budget 250",
+                  "spent": 200}, FINETUNE, "total to 300 > budget 250 (25% of a from-scratch retrain's 1,000)",
                  id="over-budget-fine-tunes-even-when-weak"),
 ])
 def test_choice_and_reason(kwargs, recipe, fragment):
@@ -42,11 +42,11 @@ def test_choice_and_reason(kwargs, recipe, fragment):
 
 def test_fine_tune_mode_and_bad_numbers():
     off = {**POLICY, "mode": "fine-tune"}
-    assert choose(off, night=1, champion_rate=0.1, last_retrain_night=None, spent_steps=0,
+    assert choose(off, night=1, champion_rate=0.1, last_retrain_night=None, spent=0,
                   **ROOM).recipe == FINETUNE
-    with pytest.raises(ValueError, match="retrain_steps=0"):
-        choose(POLICY, night=1, champion_rate=0.5, last_retrain_night=None, spent_steps=0,
-               retrain_steps=0, budget_reference_steps=10)
+    with pytest.raises(ValueError, match="retrain=0"):
+        choose(POLICY, night=1, champion_rate=0.5, last_retrain_night=None, spent=0,
+               retrain=0, reference=10)
 
 
 @pytest.mark.parametrize("aggregate, available, ratio, expected", [
@@ -62,16 +62,13 @@ def test_retrain_rows_count_the_replay_as_prepare_samples_it(aggregate, availabl
     assert retrain_rows(aggregate, available, ratio) == expected
 
 
-@pytest.mark.parametrize("rows, kwargs, expected", [
-    pytest.param(1000, {"epochs": 3, "batch_size": 256, "world_size": 1,
-                        "validation_split": 0.1}, 3 * 4, id="last-batch-partial"),
-    pytest.param(1000, {"epochs": 1, "batch_size": 100, "world_size": 3,
-                        "validation_split": 0.0}, 4, id="sharded-over-ranks"),
-    pytest.param(1, {"epochs": 2, "batch_size": 256, "world_size": 8,
-                     "validation_split": 0.5}, 2, id="a-step-an-epoch-at-least"),
+@pytest.mark.parametrize("rows, epochs, split, expected", [
+    pytest.param(1000, 3, 0.1, 2700, id="the-train-split-every-epoch"),
+    pytest.param(999, 1, 0.1, 900, id="rounded-up"),
+    pytest.param(1000, 2, 0.0, 2000, id="no-validation"),
 ])
-def test_estimated_steps_follow_the_loader(rows, kwargs, expected):
-    assert estimated_steps(rows, **kwargs) == expected
+def test_estimated_samples(rows, epochs, split, expected):
+    assert estimated_samples(rows, epochs=epochs, validation_split=split) == expected
 
 
 def test_shipped_policy_gives_a_valid_retrain_conf():
@@ -111,12 +108,15 @@ def test_nightly_section_errors_name_the_field(old, new, fragment):
     assert fragment in str(info.value) and "nightly" in str(info.value)
 
 
-def test_nightly_needs_epochs_and_batch_size_to_estimate_a_retrain():
+def test_nightly_needs_epochs_to_estimate_a_retrain():
     text = FINETUNE_YAML.read_text()
-    start = text.index("    batch_size:\n")
-    end = text.index("    lr:\n")
-    with pytest.raises(TemplateError, match="declare batch_size under training.hyperparameters"):
-        parse_template(text[:start] + text[end:], "ft.yaml")
+    start = text.index("    epochs:\n")
+    end = text.index("    batch_size:\n")
+    text = text[:start] + text[end:]
+    text = text.replace("retrain_hyperparameters: {epochs: 2, lr: 0.001}",
+                        "retrain_hyperparameters: {lr: 0.001}")
+    with pytest.raises(TemplateError, match="declare epochs under training.hyperparameters"):
+        parse_template(text, "ft.yaml")
 
 
 def test_the_trigger_form_offers_the_nights_recipe():

@@ -18,7 +18,7 @@ from arf_trainer.nightly.policy import CONF_KEY, FINETUNE, RETRAIN
 from arf_trainer.registry import resolve
 
 BASE_RUN_TAG = "arf.base_model_run_id"
-STEPS_TAG = "arf.steps"  # set by the train step when it finishes (trainer/finish.py)
+SAMPLES_TAG = "arf.samples"  # epochs x train rows, set by the train step (trainer/finish.py)
 MAX_LINEAGE = 10_000  # fine-tunes between a champion and its from-scratch root
 
 
@@ -29,8 +29,6 @@ class Root:
     run_id: str
     start_time: int  # ms since the epoch, MLflow's
     epochs: int | None
-    batch_size: int | None
-    world_size: int
 
 
 @dataclass(frozen=True)
@@ -39,8 +37,8 @@ class History:
     champion_rate: float | None
     root: Root
     recipes: list[str] = field(default_factory=list)  # per night since the root, oldest first
-    spent_steps: int = 0
-    unknown_steps: int = 0  # nights whose run has no arf.steps (recorded before the tag)
+    spent: int = 0  # samples trained by the nights before
+    unknown: int = 0  # nights whose run has no arf.samples (a custom command, an older run)
 
     @property
     def last_retrain_night(self) -> int | None:
@@ -61,14 +59,14 @@ def read_history(tracking_uri: str, base_model: str, experiment: str, dag_id: st
     recipes, spent, unknown = [], 0, 0
     for run in nights:
         recipes.append(_recipe(run.data.tags))
-        steps = run.data.tags.get(STEPS_TAG)
-        if steps is None:
+        samples = _int(run.data.tags.get(SAMPLES_TAG))
+        if samples is None:
             unknown += 1
         else:
-            spent += int(steps)
+            spent += samples
     return History(champion_version=str(version.version),
                    champion_rate=float(rate) if rate is not None else None, root=root,
-                   recipes=recipes, spent_steps=spent, unknown_steps=unknown)
+                   recipes=recipes, spent=spent, unknown=unknown)
 
 
 def _root(client: Any, run_id: str) -> Root:
@@ -83,10 +81,7 @@ def _root(client: Any, run_id: str) -> Root:
         if not parent:
             params = run.data.params
             return Root(run_id=run_id, start_time=int(run.info.start_time or 0),
-                        epochs=_int(params.get("epochs")),
-                        batch_size=_int(params.get("batch_size")),
-                        world_size=_int(params.get("world_size"))
-                        or _int(run.data.tags.get("arf.world_size")) or 1)
+                        epochs=_int(params.get("epochs")))
         run_id = parent
 
 

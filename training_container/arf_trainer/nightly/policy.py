@@ -8,9 +8,11 @@ retrain costs many times a fine-tune. A retrain night runs the same DAG with the
 fine-tune template (a cold start would need a trainer option the train step does not have
 yet): a warm-started retrain on the aggregate. The rule, in order:
 
-1. over budget: fine-tune. `compute_budget` caps the nightly work, in optimizer steps, at that
-   fraction of one from-scratch retrain on the aggregate; a retrain that would push the total
-   past it is not chosen, whatever else holds;
+1. over budget: fine-tune. `compute_budget` caps the nightly work at that fraction of one
+   from-scratch retrain on the aggregate; a retrain that would push the total past it is not
+   chosen, whatever else holds. Work is counted in samples trained (epochs x train rows):
+   optimizer steps are not comparable across batch sizes and process counts (a 2-process run
+   of batch 256 takes half the steps of a 1-process one for the same work);
 2. champion below `retrain_below` (its recorded evaluation success rate): retrain;
 3. `retrain_every` nights since the last retrain: retrain (a periodic reset of accumulated
    fine-tune drift);
@@ -38,27 +40,25 @@ class Choice:
 
 
 def choose(policy: dict[str, Any], *, night: int, champion_rate: float | None,
-           last_retrain_night: int | None, spent_steps: int, retrain_steps: int,
-           budget_reference_steps: int) -> Choice:
+           last_retrain_night: int | None, spent: int, retrain: int, reference: int) -> Choice:
     """The recipe of `night` (1-based) under the template's `nightly` section (`policy`, as the
-    job spec holds it). `retrain_steps` estimates tonight's retrain; `budget_reference_steps`
-    is the from-scratch retrain the budget is a fraction of."""
-    if min(night, retrain_steps, budget_reference_steps) < 1 or spent_steps < 0:
-        raise ValueError(f"night={night}, retrain_steps={retrain_steps}, "
-                         f"budget_reference_steps={budget_reference_steps} must be positive "
-                         f"and spent_steps={spent_steps} not negative")
+    job spec holds it). In samples trained: `spent` by the nights before, `retrain` tonight's
+    retrain (an estimate), `reference` the from-scratch retrain the budget is a fraction of."""
+    if min(night, retrain, reference) < 1 or spent < 0:
+        raise ValueError(f"night={night}, retrain={retrain}, reference={reference} must be "
+                         f"positive and spent={spent} not negative")
     if policy.get("mode", "adaptive") == FINETUNE:
         return Choice(FINETUNE, "nightly.mode is fine-tune")
     fraction = float(policy.get("compute_budget", 0.25))
-    budget = fraction * budget_reference_steps
-    if spent_steps + retrain_steps > budget:
-        return Choice(FINETUNE, f"a retrain (~{retrain_steps} steps) would take the nightly "
-                      f"total to {spent_steps + retrain_steps} > budget {budget:.0f} "
-                      f"({fraction:.0%} of {budget_reference_steps})")
+    budget = fraction * reference
+    if spent + retrain > budget:
+        return Choice(FINETUNE, f"a retrain (~{retrain:,} samples) would take the nightly "
+                      f"total to {spent + retrain:,} > budget {budget:,.0f} ({fraction:.0%} of "
+                      f"a from-scratch retrain's {reference:,})")
     below = policy.get("retrain_below")
     if below is not None and champion_rate is not None and champion_rate < below:
         return Choice(RETRAIN, f"champion {champion_rate:.0%} < retrain_below {below:.0%}; "
-                      f"{spent_steps + retrain_steps} of {budget:.0f} budgeted steps")
+                      f"{spent + retrain:,} of {budget:,.0f} budgeted samples")
     every = policy.get("retrain_every")
     since = night - (last_retrain_night or 0)
     if every is not None and since >= every:
@@ -80,12 +80,10 @@ def retrain_rows(aggregate: int, replay_available: int, replay_ratio: float | No
     return aggregate + min(round(replay_ratio * aggregate), replay_available)
 
 
-def estimated_steps(rows: int, *, epochs: int, batch_size: int, world_size: int,
-                    validation_split: float) -> int:
-    """Optimizer steps of a training on `rows`: the train split, sharded over the ranks, in
-    batches (the last one partial), per epoch. An estimate: a split by episode is not exact."""
-    train = math.ceil(rows * (1.0 - validation_split))
-    return epochs * math.ceil(math.ceil(train / max(1, world_size)) / max(1, batch_size))
+def estimated_samples(rows: int, *, epochs: int, validation_split: float) -> int:
+    """Samples trained on `rows` (the train split, every epoch): the unit the train step
+    records (`arf.samples`). An estimate: a split by episode is not exact."""
+    return epochs * math.ceil(rows * (1.0 - validation_split))
 
 
 def retrain_conf(policy: dict[str, Any]) -> dict[str, Any]:

@@ -8,8 +8,8 @@ prepare_data, train and register read it from this task's result instead of the 
 * `auto` (the default, a scheduled night) applies `arf_trainer.nightly.policy.choose` to what
   the data hub and MLflow hold: tonight's new rows (none: fine-tune, and prepare skips the
   run), the champion's recorded success rate, the nights run since the champion's line was
-  trained from scratch and their steps, and estimates of a retrain and of the budget's
-  reference, both from row counts (`estimated_steps`).
+  trained from scratch and the samples they trained (`arf.samples`), and estimates of a
+  retrain and of the budget's reference, both from row counts (`estimated_samples`).
 
 The returned conf is the trigger conf plus `nightly_recipe` and, on a retrain night, the
 aggregate query and the retrain hyperparameters (what the trigger conf sets wins), so the
@@ -26,7 +26,7 @@ from arf_trainer.datahub.dataset_query import open_dataset_query, query_paramete
 from arf_trainer.errors import SpecError
 from arf_trainer.nightly.history import read_history
 from arf_trainer.nightly.policy import (AUTO, CONF_KEY, FINETUNE, RECIPES, RETRAIN, Choice,
-                                        choose, estimated_steps, retrain_conf, retrain_rows)
+                                        choose, estimated_samples, retrain_conf, retrain_rows)
 from arf_trainer.spec import StepEnv
 
 log = logging.getLogger(__name__)
@@ -75,35 +75,27 @@ def _auto(env: StepEnv, policy: dict[str, Any], given: dict[str, Any],
         root = history.root
         estimate.update(champion_version=history.champion_version,
                         champion_rate=history.champion_rate, root_run_id=root.run_id,
-                        nights_before=len(history.recipes), spent_steps=history.spent_steps,
-                        nights_without_steps=history.unknown_steps)
-        if root.epochs is None or root.batch_size is None:
+                        nights_before=len(history.recipes), spent_samples=history.spent,
+                        nights_without_samples=history.unknown)
+        if root.epochs is None:
             return Choice(FINETUNE, f"the from-scratch run {root.run_id} at the root of the "
-                          "champion's lineage records no epochs and batch_size params, which "
-                          "size the budget")
+                          "champion's lineage records no epochs param, which sizes the budget")
         aggregate = count("nightly.aggregate_query", policy["aggregate_query"])
         replay = dataset.get("replay")
         available = count("dataset.replay.query", replay["query"]) if replay else 0
     finally:
         shutil.rmtree(spill, ignore_errors=True)
-    hp = {**spec.hyperparameters, **(policy.get("retrain_hyperparameters") or {}),
-          **{k: v for k, v in given.items() if k in spec.hyperparameters}}
-    for name in ("epochs", "batch_size"):
-        if not isinstance(hp.get(name), int):
-            raise SpecError(f"template {spec.name!r}: the nightly choice estimates a retrain "
-                            f"from the hyperparameter {name!r}, which it lacks; add it")
+    epochs = {**spec.hyperparameters, **(policy.get("retrain_hyperparameters") or {}),
+              **given}.get("epochs")
+    if isinstance(epochs, bool) or not isinstance(epochs, int):
+        raise SpecError(f"template {spec.name!r}: the nightly choice estimates a retrain from "
+                        f"the hyperparameter 'epochs' (got {epochs!r}); declare it")
     split = float(dataset.get("validation_split", 0.0))
-    distributed = spec.training.get("distributed") or {}
     rows = retrain_rows(aggregate, available, replay["ratio"] if replay else None)
-    retrain = estimated_steps(rows, epochs=hp["epochs"], batch_size=hp["batch_size"],
-                              world_size=int(distributed.get("nodes", 1))
-                              * int(distributed.get("procs_per_node", 1)),
-                              validation_split=split)
-    reference = estimated_steps(aggregate, epochs=root.epochs, batch_size=root.batch_size,
-                                world_size=root.world_size, validation_split=split)
+    retrain = estimated_samples(rows, epochs=epochs, validation_split=split)
+    reference = estimated_samples(aggregate, epochs=root.epochs, validation_split=split)
     estimate.update(aggregate_rows=aggregate, replay_rows_available=available,
-                    retrain_rows=rows, retrain_steps=retrain, budget_reference_steps=reference)
+                    retrain_rows=rows, retrain_samples=retrain, reference_samples=reference)
     return choose(policy, night=len(history.recipes) + 1, champion_rate=history.champion_rate,
-                  last_retrain_night=history.last_retrain_night,
-                  spent_steps=history.spent_steps, retrain_steps=max(1, retrain),
-                  budget_reference_steps=max(1, reference))
+                  last_retrain_night=history.last_retrain_night, spent=history.spent,
+                  retrain=max(1, retrain), reference=max(1, reference))

@@ -37,8 +37,9 @@ def finish(p: "Parts", timing: dict[str, float]) -> dict[str, Any]:
     sha = save_weights(p.state.model.state_dict(), out_dir / "model.pt")
     write_json_atomic(out_dir / "model_info.json",
                       {**p.info.to_json(), "weights": "model.pt", "weights_sha256": sha})
-    # arf.steps: the nightly choice sums the steps of the nights before (nightly/history.py).
-    p.metrics.set_tags({"arf.weights_sha256": sha, "arf.steps": str(progress.step)})
+    # arf.samples: the nightly choice sums the compute of the nights before (nightly/history).
+    p.metrics.set_tags({"arf.weights_sha256": sha, "arf.steps": str(progress.step),
+                        "arf.samples": str(cfg.hp.epochs * p.train_rows)})
     metrics = {k: v for k, v in progress.metrics.items() if k != "epoch"}
     reporter = p.trial.reporter if p.trial is not None else None
     if reporter is not None:

@@ -126,6 +126,7 @@ class Parts:
     hooks: TestHooks
     placement: accel.Placement
     started: tuple[str | None, str | None] | None = None
+    train_rows: int = 0  # of the prepared train split: a run's compute, epochs x rows
 
     @property
     def total_steps(self) -> int:
@@ -174,7 +175,8 @@ def build(env: StepEnv, cfg: TrainConfig, manifest: Manifest, source: Any,
     trial = TrialPart(env, denv) if "trial_number" in (env.spec.inputs.get("hpo") or {}) \
         else None
     return Parts(env, cfg, denv, device, info, data, state, checkpoint, metrics,
-                 Preemption(guard, denv, device), trial, hooks, placement, started)
+                 Preemption(guard, denv, device), trial, hooks, placement, started,
+                 manifest.rows("train"))
 
 
 def _pinned_base(env: StepEnv, cfg: TrainConfig, manifest: Manifest, denv: DistEnv,
