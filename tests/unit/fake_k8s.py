@@ -1,11 +1,13 @@
 """A small in-memory Kubernetes API for unit tests (no cluster, no kubeconfig).
 
-`FakeCluster` stores custom objects, pods and pod logs and answers the calls the arf Kubernetes
-code makes: create/get/delete of custom objects, pod list/log reads, and the pod calls the
-provider's KubernetesPodOperator and its trigger make (create, read, patch labels, delete).
+`FakeCluster` stores custom objects, pods, pod logs and Services and answers the calls the arf
+Kubernetes code makes: create/get/delete of custom objects, pod list/log reads, the pod calls the
+provider's KubernetesPodOperator and its trigger make (create, read, patch labels, delete, and
+the `exec` into the xcom sidecar that reads the result), and Service create/list/delete.
 `install()` plugs it in at the client boundary only: the provider's real `KubernetesHook` /
-`AsyncKubernetesHook` methods run, but their `kubernetes` / `kubernetes_asyncio` API classes are
-replaced by the fakes below and `get_conn` returns no real connection.
+`AsyncKubernetesHook` methods run, but their `kubernetes` / `kubernetes_asyncio` API classes (and
+the client's websocket `stream` for `exec`) are replaced by the fakes below and `get_conn`
+returns no real connection.
 
 A scripted "controller" moves a job through its conditions: each read of the job applies the next
 scripted transition, as the Kubeflow training operator would between two polls.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -23,14 +26,18 @@ from typing import Any
 import kubernetes.client
 import kubernetes_asyncio.client
 from airflow.providers.cncf.kubernetes.hooks.kubernetes import AsyncKubernetesHook, KubernetesHook
+from airflow.providers.cncf.kubernetes.utils import pod_manager
 from kubernetes.client import (
     V1ContainerState,
+    V1ContainerStateRunning,
     V1ContainerStateTerminated,
     V1ContainerStatus,
     V1ObjectMeta,
     V1Pod,
     V1PodList,
     V1PodStatus,
+    V1Service,
+    V1ServiceList,
 )
 
 _T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -58,6 +65,12 @@ class FakeCluster:
     scripts: dict[str, collections.deque] = field(default_factory=dict)
     # Simulate a concurrent creator: the next create stores the object, then answers 409.
     conflict_on_next_create: bool = False
+    services: dict[tuple[str, str], V1Service] = field(default_factory=dict)
+    # What the xcom sidecar's `cat /airflow/xcom/return.json` prints, per pod.
+    xcom: dict[tuple[str, str], str] = field(default_factory=dict)
+    # The kubelet, played by the test: called with (cluster, namespace, name) before each read
+    # of a pod, so that pods can move on while an operator waits for them.
+    kubelet: Callable[[FakeCluster, str, str], None] | None = None
     _clock: int = 0
 
     # -- test set-up ---------------------------------------------------------------------------
@@ -112,6 +125,27 @@ class FakeCluster:
                                                   ready=False, restart_count=0, state=state)
                                 for c in pod.spec.containers])
         self.logs[(namespace, name)] = log.encode()
+
+    def start_pod(self, namespace: str, name: str, *, restart_count: int = 0) -> None:
+        """The kubelet started every container of a created pod (phase Running)."""
+        pod = self.pods[(namespace, name)]
+        state = V1ContainerState(running=V1ContainerStateRunning(started_at=_T0))
+        pod.status = V1PodStatus(phase="Running", container_statuses=[
+            V1ContainerStatus(name=c.name, image=c.image, image_id="", ready=True,
+                              restart_count=restart_count, state=state)
+            for c in pod.spec.containers])
+
+    def finish_with_result(self, namespace: str, name: str, exit_code: int, result: str,
+                           *, log: str = "") -> None:
+        """Like `finish_pod`, but the step wrote `result` into the xcom volume, and the xcom
+        sidecar keeps running (so the pod stays Running) until the operator has read it."""
+        self.finish_pod(namespace, name, exit_code, log=log)
+        pod = self.pods[(namespace, name)]
+        pod.status.phase = "Running"
+        for item in pod.status.container_statuses:
+            if item.name == "airflow-xcom-sidecar":
+                item.state = V1ContainerState(running=V1ContainerStateRunning(started_at=_T0))
+        self.xcom[(namespace, name)] = result
 
     def verbs(self, verb: str) -> list[tuple[str, ...]]:
         return [c for c in self.calls if c[0] == verb]
@@ -204,6 +238,8 @@ class FakeCluster:
 
     def read_pod(self, exc_type: type, namespace: str, name: str) -> V1Pod:
         self.calls.append(("read", "pods", namespace, name))
+        if self.kubelet is not None:
+            self.kubelet(self, namespace, name)
         if (namespace, name) not in self.pods:
             raise exc_type(status=404, reason="Not Found")
         return copy.deepcopy(self.pods[(namespace, name)])
@@ -221,15 +257,50 @@ class FakeCluster:
         if self.pods.pop((namespace, name), None) is None:
             raise exc_type(status=404, reason="Not Found")
 
+    def exec_output(self, namespace: str, name: str, container: str | None,
+                    command: list[str]) -> str | None:
+        """What `exec` into the xcom sidecar prints: the result file for the provider's read
+        command; None (a shell that answers nothing) for its kill command."""
+        self.calls.append(("exec", "pods", namespace, name, str(container)))
+        if (namespace, name) not in self.pods:
+            raise kubernetes.client.ApiException(status=404, reason="Not Found")
+        if command[-1].startswith("if [ -s /airflow/xcom/return.json ]"):
+            return self.xcom.get((namespace, name), "__airflow_xcom_result_empty__")
+        return None
+
+    def create_service(self, exc_type: type, namespace: str, body: dict[str, Any]) -> V1Service:
+        name = body["metadata"]["name"]
+        self.calls.append(("create", "services", namespace, name))
+        if (namespace, name) in self.services:
+            raise exc_type(status=409, reason="AlreadyExists")
+        service = _API._ApiClient__deserialize(copy.deepcopy(body), "V1Service")
+        service.metadata.namespace = namespace
+        self.services[(namespace, name)] = service
+        return copy.deepcopy(service)
+
+    def list_services(self, namespace: str, label_selector: str = "") -> V1ServiceList:
+        self.calls.append(("list_services", "services", namespace, label_selector))
+        return V1ServiceList(items=[
+            copy.deepcopy(s) for (ns, _), s in sorted(self.services.items())
+            if ns == namespace and _selects(label_selector, s.metadata.labels or {})])
+
+    def delete_service(self, exc_type: type, namespace: str, name: str) -> None:
+        self.calls.append(("delete", "services", namespace, name))
+        if self.services.pop((namespace, name), None) is None:
+            raise exc_type(status=404, reason="Not Found")
+
 
 _API = kubernetes.client.ApiClient()  # (de)serialization only: it never connects
 
 
 def _selects(selector: str, labels: dict[str, str]) -> bool:
-    """Equality-based label selector: `k=v`, `k!=v`, `!k`, comma-separated (all must hold)."""
+    """Equality-based label selector: `k=v`, `k!=v`, `k`, `!k`, comma-separated (all hold)."""
     for part in filter(None, selector.split(",")):
         if part.startswith("!"):
             if part[1:] in labels:
+                return False
+        elif "=" not in part:
+            if part not in labels:
                 return False
         elif "!=" in part:
             key, value = part.split("!=", 1)
@@ -248,8 +319,8 @@ class FakeLogResponse:
     def __init__(self, data: bytes, chunk: int = 7):
         self.data, self._chunk, self.released = data, chunk, False
 
-    def stream(self, amt: int = 65536):
-        step = min(amt, self._chunk)  # small chunks: lines arrive split across reads
+    def stream(self, amt: int | None = 65536, decode_content: bool | None = None):
+        step = min(amt or self._chunk, self._chunk)  # small chunks: lines arrive split across reads
         for i in range(0, len(self.data), step):
             yield self.data[i:i + step]
 
@@ -258,6 +329,28 @@ class FakeLogResponse:
 
     def release_conn(self) -> None:
         self.released = True
+
+
+class FakeExecStream:
+    """The websocket client `kubernetes.stream.stream(..., _preload_content=False)` returns."""
+
+    def __init__(self, output: str | None):
+        self.output = output
+
+    def run_forever(self, timeout: float | None = None) -> None:
+        pass
+
+    def is_open(self) -> bool:
+        return False  # the command has ended
+
+    def peek_stderr(self, timeout: float = 0) -> bool:
+        return False
+
+    def read_all(self) -> str | None:
+        return self.output
+
+    def close(self) -> None:
+        pass
 
 
 class FakeCustomObjectsApi:
@@ -297,6 +390,18 @@ class FakeCoreV1Api:
 
     def list_namespaced_pod(self, namespace, label_selector="", **_):
         return self.cluster.list_pods(namespace, label_selector)
+
+    def connect_get_namespaced_pod_exec(self, *_, **__):  # only called through `stream`
+        raise AssertionError("exec goes through kubernetes.stream.stream")
+
+    def create_namespaced_service(self, namespace, body, **_):
+        return self.cluster.create_service(self.exc, namespace, body)
+
+    def list_namespaced_service(self, namespace, label_selector="", **_):
+        return self.cluster.list_services(namespace, label_selector)
+
+    def delete_namespaced_service(self, name, namespace, **_):
+        return self.cluster.delete_service(self.exc, namespace, name)
 
     def read_namespaced_pod_log(self, name, namespace, container=None, _preload_content=True,
                                 **_):
@@ -347,4 +452,10 @@ def install(monkeypatch: Any, cluster: FakeCluster) -> FakeCluster:
                         lambda api_client=None: FakeAsyncCustomObjectsApi(cluster))
     monkeypatch.setattr(kubernetes_asyncio.client, "CoreV1Api",
                         lambda api_client=None: FakeAsyncCoreV1Api(cluster))
+
+    def fake_stream(api_method, name, namespace, *, container=None, command=(), **_):
+        return FakeExecStream(cluster.exec_output(namespace, name, container, list(command)))
+
+    # The provider's PodManager imports the client's `stream` under this name.
+    monkeypatch.setattr(pod_manager, "kubernetes_stream", fake_stream)
     return cluster

@@ -146,7 +146,7 @@ def test_site_prepare_cannot_open_another_sites_shards(loaded, site_home):
     assert not (base.workspace / "sites" / "north" / "prepare" / "manifest.json").exists()
 
 
-def test_kubernetes_backend_reports_federated_templates_instead_of_building_them(monkeypatch):
+def test_kubernetes_backend_builds_federated_templates(monkeypatch):
     from arf_training.factory import build_dags, template_issues
 
     monkeypatch.setenv("ARF_BACKEND", "kubernetes")
@@ -156,5 +156,7 @@ def test_kubernetes_backend_reports_federated_templates_instead_of_building_them
                        json.dumps({"conn_type": "kubernetes", "extra": {"in_cluster": False}}))
     issues = [i for i in template_issues(REPO / "config_templates")
               if "reach_bc_federated" in i.file]
-    assert len(issues) == 1 and "'kubernetes' backend cannot run yet" in issues[0].message
-    assert "reach_bc_federated" not in build_dags(REPO / "config_templates")
+    assert issues == []
+    dag = build_dags(REPO / "config_templates")["reach_bc_federated"]
+    assert dag.get_task("prepare_data").expand_input.value == {"site": SITES}
+    assert dag.get_task("federate").upstream_task_ids == {"prepare_data"}

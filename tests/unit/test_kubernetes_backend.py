@@ -39,9 +39,10 @@ from arf_training.kubernetes.triggers import GROUP, PLURAL, VERSION
 from arf_training.templates import load_template, template_files
 
 REPO = Path(__file__).resolve().parents[2]
-# Federated templates do not run on Kubernetes yet (the factory reports them; test_federated_dag).
-SHIPPED = [t for t in map(load_template, template_files(REPO / "config_templates"))
-           if t.template.federated is None]
+ALL_SHIPPED = list(map(load_template, template_files(REPO / "config_templates")))
+# The step-by-step checks below; a federated template's tasks differ (its prepare is mapped over
+# sites, it federates instead of training): test_k8s_federated_operators.
+SHIPPED = [t for t in ALL_SHIPPED if t.template.federated is None]
 NAMESPACE = "arf-ml"
 RUN_ID = "manual__2026-01-02T03:04:05+00:00"
 XCOM_RESULT = "/airflow/xcom/return.json"
@@ -110,8 +111,7 @@ def _validate(manifest: dict[str, Any], schema: dict[str, Any]) -> None:
 
 
 def test_same_dags_and_graphs_as_the_local_backend(k8s_dags, local_dags):
-    # Federated templates are local-only for now (reported, not built, on Kubernetes).
-    local_dags = {d: dag for d, dag in local_dags.items() if "federate" not in dag.task_ids}
+    assert any("federate" in dag.task_ids for dag in k8s_dags.values())
     assert sorted(k8s_dags) == sorted(local_dags)
     for dag_id, local in local_dags.items():
         dag = k8s_dags[dag_id]
@@ -167,7 +167,7 @@ def test_evaluate_operator(k8s_dags):
     assert isinstance(pod, KubernetesPodOperator) and pod.templates == task.templates
     assert pod.on_finish_action.value == "delete_succeeded_pod" and pod.do_xcom_push
     # A fine-tune registers under its base model's name: one entry per model.
-    assert sorted(task.templates) == sorted({t.template.model.name for t in SHIPPED
+    assert sorted(task.templates) == sorted({t.template.model.name for t in ALL_SHIPPED
                                              if t.template.evaluation})
 
 
@@ -178,12 +178,8 @@ def test_shipped_shapes_cover_both_train_operators():
 
 def test_switching_backend_needs_no_template_change_and_parses_cleanly(k8s_env):
     result = _bag_in_subprocess(REPO / "dags", REPO / "config_templates")
-    # The one import error: the federated template, which Kubernetes cannot run yet, is
-    # reported by the template-errors DAG file instead of being built (factory._runnable).
-    assert len(result["errors"]) <= 1
-    assert all("reach_bc_federated" in e and "cannot run yet" in e
-               for e in result["errors"].values()), result["errors"]
-    assert result["dags"] == sorted([t.name for t in SHIPPED] + ["arf_evaluate"])
+    assert result["errors"] == {}
+    assert result["dags"] == sorted([t.name for t in ALL_SHIPPED] + ["arf_evaluate"])
     # Not even the Kubernetes clients: the provider's pod operator is created at run time.
     assert result["heavy"] == []
 
@@ -293,7 +289,7 @@ def test_evaluate_renders_one_pod_per_model_version(k8s_dags, pytorchjob_schema)
     (task,) = dag.tasks
     # Every evaluable model: reach_bc's (its fine-tune shares it) and the from-scratch retrain's.
     assert set(task.templates) == {"reach_bc_policy", "reach_bc_policy_retrain",
-                                   "reach_pixels_bc_policy"}
+                                   "reach_pixels_bc_policy", "reach_bc_federated_policy"}
     model = "reach_bc_policy"
     ctx = context(dag, "evaluate", events={"asset": [_event(model, "3", 1), _event(model, "4", 2)]})
     targets = task.targets(ctx)

@@ -7,6 +7,9 @@ backend: only the operator class of each task changes, no template edit is neede
     prepare_data, register_model, evaluate,   `StepPodOperator` / `EvaluatePodOperator`
     train when its world size is 1            (the provider's KubernetesPodOperator)
     train when its world size is above 1      `StepPyTorchJobOperator` (arf's PyTorchJobOperator)
+    a `federated:` template's prepare_data    `SitePodOperator`, mapped over the sites
+    and federate                              `FederateOperator`: SuperLink Pod + Service +
+                                              a SuperNode Pod per site (`kubernetes_federated`)
 
 A step that exits 75 ("preempted, resume me") is resumed without spending an Airflow retry, as
 with the local backend: a PyTorchJob replica is restarted by the Training Operator, a Pod step gets
@@ -120,7 +123,7 @@ def with_xcom_result(spec: StepSpec) -> StepSpec:
                                result_path=Path(XCOM_RESULT_PATH))
 
 
-class _PodTask(BaseOperator):
+class PodTask(BaseOperator):
     """A task whose step runs in a Pod, through the provider's KubernetesPodOperator.
 
     The DAG holds this light operator; the provider's operator (`kubernetes_pods`) is created
@@ -188,7 +191,7 @@ class _PodTask(BaseOperator):
             self._pod_operator.on_kill()
 
 
-class StepPodOperator(_PodTask):
+class StepPodOperator(PodTask):
     """Runs one step (prepare, register, or a 1-process train) as a Pod.
 
     :param loaded: the validated template (with its path and content hash).
@@ -214,7 +217,7 @@ class StepPodOperator(_PodTask):
         return self.pod_operator().render_pod(context)
 
 
-class EvaluatePodOperator(_PodTask):
+class EvaluatePodOperator(PodTask):
     """Evaluates each model version named by the triggering Asset events (or params), one Pod
     per version (see `kubernetes_pods.EvaluatePod`).
 
@@ -314,6 +317,25 @@ class KubernetesBackend(Backend):
         kwargs.setdefault("namespace", self.settings.namespace)
         return EvaluatePodOperator(task_id=task_id, templates=templates, **kwargs)
 
+    def site_task(self, *, task_id: str, loaded: LoadedTemplate, **kwargs: Any):
+        """A template's `federated:` prepare, mapped over its sites (`kubernetes_federated`)."""
+        from arf_training.backends.kubernetes_federated import SitePodOperator
+
+        kwargs.setdefault("namespace", self.settings.namespace)
+        sites = [site.name for site in loaded.template.federated.sites]
+        return SitePodOperator.partial(task_id=task_id, loaded=loaded,
+                                       map_index_template="{{ task.site }}",
+                                       **kwargs).expand(site=sites)
+
+    def federate_task(self, *, task_id: str, loaded: LoadedTemplate, **kwargs: Any):
+        from arf_training.backends.kubernetes_federated import FederateOperator
+
+        kwargs.setdefault("namespace", self.settings.namespace)
+        return FederateOperator(task_id=task_id, loaded=loaded, **kwargs)
+
     def describe(self, template: Any) -> str:
+        if getattr(template, "federated", None) is not None:
+            return (f"{self.name} (federate as a SuperLink Pod and a SuperNode Pod per site "
+                    f"in namespace {self.settings.namespace})")
         shape = "PyTorchJob" if is_distributed(template) else "Pod"
         return f"{self.name} (train as a {shape} in namespace {self.settings.namespace})"

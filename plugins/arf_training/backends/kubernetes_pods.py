@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from arf_training.templates import LoadedTemplate
 
 
-class _ArfPodOperator(KubernetesPodOperator):
+class ArfPodOperator(KubernetesPodOperator):
     """A KubernetesPodOperator whose pod is rendered from a StepSpec when the task runs.
 
     The rendered Pod is handed over as `pod_template_dict`; the provider merges its own
@@ -120,7 +120,7 @@ class _ArfPodOperator(KubernetesPodOperator):
         return result
 
 
-class StepPod(_ArfPodOperator):
+class StepPod(ArfPodOperator):
     """Runs one step (prepare, register, or a 1-process train) as a Pod (for `StepPodOperator`).
 
     :param loaded: the validated template (with its path and content hash).
@@ -146,7 +146,7 @@ class StepPod(_ArfPodOperator):
             spec = with_xcom_result(spec)
         identity = trial_identity(context, self.trial)
         pod = render_pod(spec, identity, settings)
-        return restarts.restarted(pod, identity, start, _elapsed_s(context)) if start else pod
+        return restarts.restarted(pod, identity, start, elapsed_s(context)) if start else pod
 
     def execute(self, context: Any) -> Any:
         self._use(self.render_pod(context))
@@ -184,13 +184,13 @@ class StepPod(_ArfPodOperator):
         return result
 
 
-def _elapsed_s(context: Any) -> float | None:
+def elapsed_s(context: Any) -> float | None:
     """Seconds since this task try started (kept across deferrals), if the context says."""
     started = getattr(context["ti"], "start_date", None)
     return (datetime.now(timezone.utc) - started).total_seconds() if started else None
 
 
-class EvaluatePod(_ArfPodOperator):
+class EvaluatePod(ArfPodOperator):
     """Evaluates each model version named by the triggering Asset events (or params), one Pod
     per version, and returns the list of their results (as `LocalEvaluateOperator` does).
 

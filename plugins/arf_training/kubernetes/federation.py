@@ -90,7 +90,9 @@ class FederationSettings:
         return name
 
 
-def _identity(identity: RunIdentity, part: str) -> RunIdentity:
+def part_identity(identity: RunIdentity, part: str) -> RunIdentity:
+    """The identity that names one part of a task's objects (a site, the SuperLink): the part
+    joins the task id, so every part of every try has its own deterministic name."""
     return dataclasses.replace(identity, task_id=f"{identity.task_id}:{part}")
 
 
@@ -122,26 +124,42 @@ def _run_root(fed: FederationSettings, spec: StepSpec) -> PurePosixPath:
     return PurePosixPath(fed.site_mount_path) / spec.workspace.parent.name / spec.workspace.name
 
 
+def render_site_prepare(spec: StepSpec, loaded: Any, site: str, identity: RunIdentity,
+                        settings: KubernetesSettings, arf_settings: ArfSettings,
+                        fed: FederationSettings | None = None,
+                        result_path: str | None = None) -> dict[str, Any]:
+    """The prepare Pod of site `site`; `spec` is the run's prepare step, built with
+    `arf_settings` (the pods' view: `render.pod_arf_settings`). `result_path`: where the step
+    writes its result JSON instead of the site's claim (the task's xcom volume)."""
+    fed = fed or FederationSettings.from_env()
+    entry = next((s for s in loaded.template.federated.sites if s.name == site), None)
+    if entry is None:
+        raise KubernetesConfigError(
+            f"template {loaded.name!r} has no federated site {site!r}; sites: "
+            f"{[s.name for s in loaded.template.federated.sites]}")
+    hub = _site_hub(fed, site, entry.hub)
+    narrowed = _on_site_claim(site_spec(spec, loaded.template, site, arf_settings),
+                              _run_root(fed, spec))
+    if result_path is not None:
+        narrowed = dataclasses.replace(narrowed, env={**narrowed.env,
+                                                      "ARF_RESULT_PATH": result_path},
+                                       result_path=Path(result_path))
+    # The site's claim is the pod's workspace volume; no platform data hub is mounted.
+    site_settings = dataclasses.replace(
+        settings, workspace_pvc=fed.claim(site), workspace_mount_path=fed.site_mount_path,
+        datahub_pvc=None, datahub_uri=hub)
+    pod = render_pod(narrowed, part_identity(identity, site), site_settings)
+    pod["metadata"]["labels"]["arf.dev/site"] = site
+    return pod
+
+
 def render_site_prepares(spec: StepSpec, loaded: Any, identity: RunIdentity,
                          settings: KubernetesSettings, arf_settings: ArfSettings,
                          fed: FederationSettings | None = None) -> list[dict[str, Any]]:
-    """One prepare Pod per site; `spec` is the run's prepare step, built with `arf_settings`
-    (the pods' view: `render.pod_arf_settings`)."""
+    """One prepare Pod per site (`render_site_prepare`)."""
     fed = fed or FederationSettings.from_env()
-    pods = []
-    for site in loaded.template.federated.sites:
-        hub = _site_hub(fed, site.name, site.hub)
-        narrowed = _on_site_claim(
-            site_spec(spec, loaded.template, site.name, arf_settings),
-            _run_root(fed, spec))
-        # The site's claim is the pod's workspace volume; no platform data hub is mounted.
-        site_settings = dataclasses.replace(
-            settings, workspace_pvc=fed.claim(site.name), workspace_mount_path=fed.site_mount_path,
-            datahub_pvc=None, datahub_uri=hub)
-        pod = render_pod(narrowed, _identity(identity, site.name), site_settings)
-        pod["metadata"]["labels"]["arf.dev/site"] = site.name
-        pods.append(pod)
-    return pods
+    return [render_site_prepare(spec, loaded, site.name, identity, settings, arf_settings, fed)
+            for site in loaded.template.federated.sites]
 
 
 def _labels(pod: dict[str, Any], federation: str, role: str) -> dict[str, Any]:
@@ -171,7 +189,7 @@ def _superlink(spec: StepSpec, loaded: Any, identity: RunIdentity,
         "ARF_FEDERATION_NODE_KEYS_DIR": NODE_KEYS_DIR})
     settings = dataclasses.replace(settings, datahub_pvc=None,
                                    datahub_uri=str(spec.workspace / "federate" / "no-hub"))
-    pod = render_pod(spec, _identity(identity, "superlink"), settings)
+    pod = render_pod(spec, part_identity(identity, "superlink"), settings)
     pod["spec"]["containers"][0]["ports"] = [
         {"name": "fleet", "containerPort": FLEET_PORT, "protocol": "TCP"}]
     pod["spec"]["volumes"].append(_secret_volume("federation-tls", fed.tls_secret,
@@ -216,8 +234,8 @@ def _supernode(spec: StepSpec, identity: RunIdentity, settings: KubernetesSettin
     site_settings = dataclasses.replace(
         settings, workspace_pvc=fed.claim(name), workspace_mount_path=fed.site_mount_path,
         datahub_pvc=None, mlflow_secret=None, datahub_secret=None, secret_env=())
-    template = pod_template(node, _identity(identity, name), site_settings,
-                            name=resource_name(_identity(identity, name)))
+    template = pod_template(node, part_identity(identity, name), site_settings,
+                            name=resource_name(part_identity(identity, name)))
     box = template["spec"]["containers"][0]
     box["env"] = [e for e in box["env"] if e["name"] not in
                   ("ARF_JOB_SPEC_JSON", "ARF_TRACKING_URI", "ARF_ARTIFACT_ROOT",
@@ -235,7 +253,7 @@ def _supernode(spec: StepSpec, identity: RunIdentity, settings: KubernetesSettin
     box["volumeMounts"] += [{"name": "federation-ca", "mountPath": CA_DIR, "readOnly": True},
                             {"name": "node-key", "mountPath": NODE_KEY_DIR, "readOnly": True}]
     box["securityContext"] = restricted_container_security_context()
-    pod_name = resource_name(_identity(identity, name))
+    pod_name = resource_name(part_identity(identity, name))
     metadata = {"name": pod_name, "namespace": settings.namespace, **template["metadata"]}
     metadata["labels"]["arf.dev/site"] = name
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]}

@@ -1,0 +1,294 @@
+"""The provider side of a `federated:` template's tasks (`kubernetes_federated`), at run time.
+
+Imported only when a site prepare or the federate task runs, like `kubernetes_pods`: it loads
+the provider's KubernetesPodOperator and both Kubernetes clients.
+
+* `SitePod`: a `StepPod` whose pod is its site's prepare Pod. Everything else is a step pod's:
+  the result through the xcom sidecar, exit 2 not retried, exit 75 resumed in a new pod.
+* `SuperLinkPod`: runs the SuperLink Pod with the provider's machinery (on the worker), around
+  a `Federation`: the Service and SuperNode Pods it creates first and deletes last.
+
+Names are per try (`kubernetes.federation`, `pod.resource_name`), so two tries never share an
+object. What an earlier try left behind (its worker died before it could clean up) is deleted
+before a try starts; what this very try left (the same try started again) is reused while it
+runs, or replaced once finished. Nothing is ever created twice.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from airflow.providers.cncf.kubernetes.utils.container import container_is_completed
+from airflow.providers.cncf.kubernetes.utils.pod_manager import (
+    detect_pod_terminate_early_issues,
+)
+from kubernetes.client.exceptions import ApiException
+
+from arf_training.backends.kubernetes import (
+    XCOM_RESULT_PATH,
+    pod_step_spec,
+    runtime_settings,
+    with_xcom_result,
+)
+from arf_training.backends.kubernetes_pods import ArfPodOperator, StepPod, elapsed_s
+from arf_training.errors import StepFailed
+from arf_training.kubernetes import federation, restarts
+from arf_training.kubernetes.pod import CONTAINER_NAME, container_exit_code
+from arf_training.kubernetes.render import pod_arf_settings
+from arf_training.runtime import fail_fast_on_bad_input, run_identity
+
+ROLE_LABEL = "arf.dev/federation-role"
+SITE_LABEL = "arf.dev/site"
+TERMINAL_PHASES = ("Succeeded", "Failed")
+# A SuperNode is restarted in place when it crashes and rejoins (restartPolicy OnFailure); one
+# that crashed more often than this keeps crashing, with back-offs growing to minutes, while the
+# SuperLink waits out its round timeouts for it: fail the task instead, naming the site.
+SUPERNODE_MAX_RESTARTS = 3
+RECREATE_WAIT_S = 60  # for a replaced pod's name to be free again
+
+
+class SitePod(StepPod):
+    """The prepare step of site `site`, in a Pod that mounts only the site's claim; returns
+    the step's result with the site's name (as `LocalSiteStepOperator` does)."""
+
+    def __init__(self, *, loaded: Any, site: str, **kwargs: Any):
+        super().__init__(loaded=loaded, step="prepare", **kwargs)
+        self.site = site
+
+    def render_pod(self, context: Any, start: int = 0) -> dict[str, Any]:
+        settings = runtime_settings(self.namespace)
+        with fail_fast_on_bad_input():
+            spec = pod_step_spec(self.loaded, "prepare", context, settings)
+        identity = run_identity(context)
+        pod = federation.render_site_prepare(spec, self.loaded, self.site, identity, settings,
+                                             pod_arf_settings(settings),
+                                             result_path=XCOM_RESULT_PATH)
+        if not start:
+            return pod
+        return restarts.restarted(pod, federation.part_identity(identity, self.site), start,
+                                  elapsed_s(context))
+
+    def _finish(self, context: Any, result: Any) -> Any:
+        return {"site": self.site, **super()._finish(context, result)}
+
+
+def supernode_failure(pod: Any) -> str | None:
+    """Why the SuperNode `pod` (a V1Pod) will not serve its site again, or None while it may."""
+    status = pod.status
+    if status is None:
+        return None
+    code = container_exit_code(pod)
+    if status.phase == "Failed":  # its deadline, an eviction: OnFailure restarts none of these
+        return (f"the pod failed ({status.reason or 'no reason given'}"
+                f"{': ' + status.message if status.message else ''}; exit code {code})")
+    early = detect_pod_terminate_early_issues(pod)  # e.g. an image that cannot be pulled
+    if early:
+        return early.strip()
+    for item in status.container_statuses or []:
+        if item.name == CONTAINER_NAME and (item.restart_count or 0) > SUPERNODE_MAX_RESTARTS:
+            return f"it crashed {item.restart_count} times (last exit code {code})"
+    return None
+
+
+class Federation:
+    """The Service and the SuperNode Pods of one federate try, through the CoreV1Api `client`.
+
+    :param task_id: the federate task's id; an earlier try's objects are found by the run's
+        labels and this task id in their `arf.dev/task-id` annotation (`<task_id>:<part>`).
+    """
+
+    def __init__(self, client: Any, service: dict[str, Any], nodes: list[dict[str, Any]],
+                 task_id: str, log: Any):
+        self.client, self.service, self.nodes, self.log = client, service, nodes, log
+        self.namespace = service["metadata"]["namespace"]
+        self.task_id = task_id
+
+    def clear_earlier_tries(self) -> None:
+        """Delete what earlier tries of this task left: Services, SuperNodes and any SuperLink
+        still running (the provider would reattach this try to it, a federation it cannot
+        reach). A finished SuperLink is kept, like any failed step pod."""
+        labels = self.service["metadata"]["labels"]
+        selector = ",".join(f"{key}={labels[key]}" for key in ("arf.dev/dag-id",
+                                                                "arf.dev/run-id"))
+        selector += f",arf.dev/try-number!={labels['arf.dev/try-number']},{ROLE_LABEL}"
+        for pod in self.client.list_namespaced_pod(self.namespace,
+                                                   label_selector=selector).items:
+            role = pod.metadata.labels[ROLE_LABEL]
+            if self._ours(pod.metadata.annotations) and (
+                    role == "supernode" or (pod.status and pod.status.phase) not in
+                    TERMINAL_PHASES):
+                self.log.info("deleting %s pod %s of an earlier try", role, pod.metadata.name)
+                self._delete("pod", pod.metadata.name)
+        for svc in self.client.list_namespaced_service(self.namespace,
+                                                       label_selector=selector).items:
+            if self._ours(svc.metadata.annotations):
+                self.log.info("deleting Service %s of an earlier try", svc.metadata.name)
+                self._delete("service", svc.metadata.name)
+
+    def _ours(self, annotations: dict[str, str] | None) -> bool:
+        return (annotations or {}).get("arf.dev/task-id", "").startswith(f"{self.task_id}:")
+
+    def start(self) -> None:
+        """Create the Service and the SuperNodes (before the SuperLink: they retry until it
+        listens, and the SuperLink waits for them)."""
+        name = self.service["metadata"]["name"]
+        try:
+            self.client.create_namespaced_service(self.namespace, body=self.service)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            # Same name, same try: its spec is a function of the name, so it is the same.
+            self.log.info("reusing Service %s", name)
+        for node in self.nodes:
+            self._create_node(node)
+
+    def _create_node(self, body: dict[str, Any]) -> None:
+        name = body["metadata"]["name"]
+        try:
+            self.client.create_namespaced_pod(self.namespace, body=body)
+            return
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        existing = self.client.read_namespaced_pod(name, self.namespace)
+        if (existing.status and existing.status.phase) not in TERMINAL_PHASES:
+            self.log.info("reusing SuperNode pod %s, still running", name)
+            return
+        self.log.info("replacing SuperNode pod %s, which has finished", name)
+        self._delete("pod", name, grace_period_seconds=0)
+        deadline = time.monotonic() + RECREATE_WAIT_S
+        while True:
+            try:
+                self.client.create_namespaced_pod(self.namespace, body=body)
+                return
+            except ApiException as exc:  # 409 until the old pod is gone
+                if exc.status != 409 or time.monotonic() > deadline:
+                    raise
+            time.sleep(1)
+
+    def check_nodes(self) -> None:
+        """Raise StepFailed, naming the site and the pod, if a SuperNode will not serve again."""
+        for node in self.nodes:
+            name, site = node["metadata"]["name"], node["metadata"]["labels"][SITE_LABEL]
+            try:
+                why = supernode_failure(self.client.read_namespaced_pod(name, self.namespace))
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                why = "its pod was deleted"
+            if why:
+                self._log_tail(name)
+                raise StepFailed(
+                    f"the SuperNode of site {site!r} (pod {self.namespace}/{name}) failed "
+                    f"before the SuperLink finished: {why}. The federation was stopped; the "
+                    "SuperNode's last log lines are above")
+
+    def _log_tail(self, name: str) -> None:
+        try:
+            tail = self.client.read_namespaced_pod_log(name, self.namespace,
+                                                       container=CONTAINER_NAME, tail_lines=40)
+        except ApiException:
+            return  # a pod that never started has no log
+        for line in str(tail).splitlines():
+            self.log.info("[%s] %s", name, line)
+
+    def tear_down(self) -> None:
+        """Delete the SuperNodes and the Service (already gone: fine; called more than once)."""
+        for node in self.nodes:
+            self._delete("pod", node["metadata"]["name"])
+        self._delete("service", self.service["metadata"]["name"])
+
+    def _delete(self, kind: str, name: str, **options: Any) -> None:
+        delete = (self.client.delete_namespaced_pod if kind == "pod"
+                  else self.client.delete_namespaced_service)
+        try:
+            delete(name, self.namespace, **options)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+
+class SuperLinkPod(ArfPodOperator):
+    """The federate step: `Federation` objects first, then the SuperLink Pod run to its end on
+    the worker by the provider, the SuperNodes read between two reads of its log.
+
+    :param loaded: the validated template (with its `federated:` section).
+    :param node_poll_s: seconds between two reads of the SuperNodes' status.
+    """
+
+    def __init__(self, *, loaded: Any, node_poll_s: float, **kwargs: Any):
+        kwargs["deferrable"] = False
+        super().__init__(**kwargs)
+        self.loaded = loaded
+        self.node_poll_s = node_poll_s
+        self.federation: Federation | None = None
+        # What ended the wait before the SuperLink did (a SuperNode's failure, an API error).
+        self.wait_error: BaseException | None = None
+
+    def render_federation(self, context: Any) -> list[dict[str, Any]]:
+        """[Service, SuperLink Pod, SuperNode Pods] of this try. Validates the conf first."""
+        settings = runtime_settings(self.namespace)
+        with fail_fast_on_bad_input():
+            spec = with_xcom_result(pod_step_spec(self.loaded, "federate", context, settings))
+        return federation.render_federation(spec, self.loaded, run_identity(context), settings)
+
+    def render_pod(self, context: Any) -> dict[str, Any]:
+        return self.render_federation(context)[1]
+
+    def execute(self, context: Any) -> Any:
+        service, link, *nodes = self.render_federation(context)
+        self._use(link)
+        self.federation = Federation(self.client, service, nodes, run_identity(context).task_id,
+                                     self.log)
+        try:
+            self.federation.clear_earlier_tries()
+            self.federation.start()
+            result = self._run(context, super().execute)
+        finally:
+            self.federation.tear_down()
+        return self._expect_result(result, "the federation's SuperLink")
+
+    def await_pod_completion(self, pod: Any) -> None:
+        """The provider's wait (it follows the log to the end), with the SuperNodes' status
+        read between two reads of the SuperLink's log."""
+        try:
+            self._await_superlink(pod)
+        except BaseException as exc:
+            self.wait_error = exc
+            raise
+
+    def _await_superlink(self, pod: Any) -> None:
+        since = None
+        while True:
+            if self.get_logs:
+                since = self.pod_manager.fetch_container_logs(
+                    pod, CONTAINER_NAME, follow=False, since_time=since,
+                    container_name_log_prefix_enabled=self.container_name_log_prefix_enabled,
+                    log_formatter=self.log_formatter).last_log_time
+            remote = self.pod_manager.read_pod(pod)
+            if (container_is_completed(remote, CONTAINER_NAME)
+                    or remote.status.phase in TERMINAL_PHASES
+                    or detect_pod_terminate_early_issues(remote)):
+                return  # the provider reads the outcome (and the result) from here on
+            self.federation.check_nodes()
+            time.sleep(self.node_poll_s)
+
+    def post_complete_action(self, *, pod: Any, remote_pod: Any, context: Any,
+                             result: Any, **kwargs: Any) -> None:
+        if self.wait_error is not None:
+            # A SuperLink without its SuperNodes (deleted next) cannot finish: stop it now, not
+            # at its deadline, and let the error that ended the wait (a SuperNode's, naming its
+            # site) fail the task: the provider's clean-up would raise "pod returned a failure"
+            # over it.
+            self.pod_manager.delete_pod(pod)
+            return
+        super().post_complete_action(pod=pod, remote_pod=remote_pod, context=context,
+                                     result=result, **kwargs)
+
+    def on_kill(self) -> None:
+        try:
+            super().on_kill()
+        finally:
+            if self.federation is not None:
+                self.federation.tear_down()
