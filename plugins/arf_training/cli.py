@@ -8,8 +8,9 @@
     arf datahub ingest TABLE FILE_OR_FOLDER... [--mode append|overwrite] [--partition-by COL]
     arf datahub tables | describe TABLE [--version N]   users' data in the hub (any size)
     arf demo [--template T]           seed, run T end to end through Airflow, evaluate
-    arf demo failure-loop [--nights N]   weak champion -> N nightly fine-tunes on corrected
-                                      field failures, gated; vs a from-scratch retrain
+    arf demo failure-loop [--nights N] [--adaptive]   weak champion -> N nightly fine-tunes
+                                      (or the template's nightly choice) on corrected field
+                                      failures, gated; vs a from-scratch retrain
     arf up [--host H] | arf down      start / stop Airflow + MLflow (+ PostgreSQL) under one
                                       supervisor; loopback only unless --host says otherwise
     arf status                        each component's pid, uptime, restarts, port
@@ -223,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="failure-loop: field rollouts of the champion per night")
     demo.add_argument("--seed", type=int, default=0,
                       help="failure-loop: seed of the demonstrations and the field episodes")
+    demo.add_argument("--adaptive", action="store_true",
+                      help="failure-loop: each night's recipe chosen by the DAG's choose_recipe "
+                      "task (the template's nightly: rule, as on the schedule); default: every "
+                      "night fine-tunes")
     demo.add_argument("-v", "--verbose", action="store_true", help="show the full Airflow output")
     up = sub.add_parser("up", help="start Airflow (api-server, scheduler, dag-processor, "
                                    "triggerer), MLflow and the database under one supervisor "
@@ -317,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 run_failure_loop(LoopConfig(nights=args.nights, demos=args.demos,
                                             field_episodes=args.field_episodes,
-                                            seed=args.seed, finetune_conf=conf),
+                                            seed=args.seed, adaptive=args.adaptive,
+                                            finetune_conf=conf),
                                  verbose=args.verbose)
                 return 0
             from arf_training.demo import run_demo
