@@ -26,10 +26,40 @@ ROLE = "arf.dev/federation-role"
 XCOM_RESULT = "/airflow/xcom/return.json"
 
 
-def _context(dag, task_id: str, *, try_number: int = 1, map_index: int = -1) -> dict[str, Any]:
+def _metadata(index: int, site: str) -> dict[str, Any]:
+    """A site's manifest metadata, as its prepare reports it (arf_trainer.datahub.prepare);
+    different per site, so that a mix-up shows."""
+    names = [f"obs_{i}" for i in range(10)] + ["act_0", "act_1"]
+    return {"features": names[:10], "targets": names[10:],
+            "columns": [{"name": n, "type": "float", "dtype": "float32", "shape": []}
+                        for n in names],
+            "rows": 500 + index, "train_rows": 450 + index, "val_rows": 50,
+            "tables": {"reach_demos": {"version": index}}, "fingerprint": f"sha-{site}"}
+
+
+def _prepared(sites: list[str] = SITES) -> list[dict[str, Any]]:
+    """The mapped prepare_data XComs: `SitePod`'s result, the site's name plus its step's."""
+    return [{"site": s, "rows": 500 + i, "fingerprint": f"sha-{s}", "reused": False,
+             "manifest": f"/site/{DAG_ID}/run/prepare/manifest.json",
+             "manifest_metadata": _metadata(i, s)} for i, s in enumerate(sites)]
+
+
+def _context(dag, task_id: str, *, try_number: int = 1, map_index: int = -1,
+             prepared: Any = "all") -> dict[str, Any]:
     ctx = context(dag, task_id, try_number=try_number)
     ctx["ti"].map_index = map_index
     ctx["ti"].xcom_push = lambda key, value: None  # the pod's name, pushed by the provider
+    prepared = _prepared() if prepared == "all" else prepared
+    pulls: list[dict[str, Any]] = []
+    ctx["ti"].pulls = pulls
+
+    def xcom_pull(task_ids=None, **kwargs):
+        # Airflow's xcom_pull for a mapped task: every instance's value in a list, or a lone
+        # one bare, or None when there is none.
+        pulls.append({"task_ids": task_ids, **kwargs})
+        return prepared if task_ids == "prepare_data" and not kwargs else None
+
+    ctx["ti"].xcom_pull = xcom_pull
     return ctx
 
 
@@ -176,6 +206,72 @@ def test_federate_runs_the_superlink_and_cleans_up(k8s_dags, monkeypatch):
     # SuperNodes and Service deleted; the SuperLink succeeded, so it is deleted too.
     assert cluster.pods == {} and cluster.services == {}
     assert kubelet.reads[link["metadata"]["name"]] >= kubelet.link_reads
+
+
+def test_the_superlink_job_spec_carries_every_sites_manifest_metadata(k8s_dags, monkeypatch):
+    from arf_trainer.federated.launch import site_dirs
+    from arf_trainer.federated.manifests import lineage
+    from arf_trainer.spec import StepEnv
+
+    cluster = install(monkeypatch, FakeCluster())
+    cluster.kubelet = Kubelet()
+    dag, task = _federate(k8s_dags)
+    # In another order than the sites (map indexes finish in any order): matched by name.
+    ctx = _context(dag, "federate", prepared=list(reversed(_prepared())))
+    task.execute(ctx)
+    assert ctx["ti"].pulls == [{"task_ids": "prepare_data"}]
+
+    (link,) = _created(cluster, "superlink")
+    env = _env(link["spec"]["containers"][0])
+    job = json.loads(env["ARF_JOB_SPEC_JSON"])
+    assert job["inputs"]["sites"] == [{"name": s, "manifest": _metadata(i, s)}
+                                      for i, s in enumerate(SITES)]
+    # Only the metadata crosses: not the site's prepare result or its folder.
+    assert "/site/" not in env["ARF_JOB_SPEC_JSON"]
+    # What the SuperLink's `arf-trainer federate` makes of it (it mounts no site claim).
+    step = StepEnv.from_environ({**env, "ARF_TRACKING_URI": "sqlite:///unused.db"})
+    assert lineage(site_dirs(step)) == {
+        s: {"tables": {"reach_demos": i}, "fingerprint": f"sha-{s}", "train_rows": 450 + i,
+            "val_rows": 50} for i, s in enumerate(SITES)}
+    # The SuperNodes get no job spec at all (their sites' data is mounted).
+    for node in _created(cluster, "supernode"):
+        assert "ARF_JOB_SPEC_JSON" not in _env(node["spec"]["containers"][0])
+
+
+def _without_south_metadata() -> list[dict[str, Any]]:
+    results = _prepared()
+    del results[1]["manifest_metadata"]
+    return results
+
+
+def _south_metadata_without_targets() -> list[dict[str, Any]]:
+    results = _prepared()
+    del results[1]["manifest_metadata"]["targets"]
+    return results
+
+
+@pytest.mark.parametrize("prepared, site, why", [
+    (_prepared(["north", "west"]), "south", "has no result"),
+    (None, "north", "has no result"),  # no site's XCom at all
+    (_prepared(["south"])[0], "north", "has no result"),  # a lone XCom comes back bare
+    (_without_south_metadata(), "south", "has no manifest metadata .*an older arf-trainer"),
+    (_south_metadata_without_targets(), "south",
+     r"has manifest metadata without \['targets'\]"),
+])
+def test_a_missing_site_result_fails_the_task_naming_the_site(k8s_dags, monkeypatch, prepared,
+                                                              site, why):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    cluster = install(monkeypatch, FakeCluster())
+    cluster.kubelet = Kubelet()
+    dag, task = _federate(k8s_dags)
+    # Not retried (another try reads the same XComs): clearing prepare_data is the fix.
+    with pytest.raises(AirflowFailException,
+                       match=rf"prepare_data task of site '{site}' \(map index "
+                             rf"{SITES.index(site)}\) {why}.*Clear prepare_data for site "
+                             rf"'{site}'"):
+        task.execute(_context(dag, "federate", prepared=prepared))
+    assert not cluster.verbs("create")  # failed before creating anything
 
 
 def test_a_failed_superlink_fails_the_task_and_still_cleans_up(k8s_dags, monkeypatch):

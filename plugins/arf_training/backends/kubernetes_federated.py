@@ -4,8 +4,9 @@
                    prepare Pod (`kubernetes.federation.render_site_prepare`), mounting only
                    the site's claim; its result (plus the site's name) is the XCom.
     federate       `FederateOperator`: the ClusterIP Service and one SuperNode Pod per site,
-                   then the SuperLink Pod run to completion; its exit decides the task, its
-                   result JSON is the XCom. The Service and the SuperNodes are deleted
+                   then the SuperLink Pod run to completion (its job spec carries every
+                   site's manifest metadata from the prepare_data XComs: it mounts no site's
+                   claim); its exit decides the task, its result JSON is the XCom. The Service and the SuperNodes are deleted
                    afterwards whatever happened (success, failure, kill).
 
 Both are light operators like the other Pod tasks (`kubernetes.PodTask`): the provider's

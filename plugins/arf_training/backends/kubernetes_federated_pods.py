@@ -6,7 +6,10 @@ the provider's KubernetesPodOperator and both Kubernetes clients.
 * `SitePod`: a `StepPod` whose pod is its site's prepare Pod. Everything else is a step pod's:
   the result through the xcom sidecar, exit 2 not retried, exit 75 resumed in a new pod.
 * `SuperLinkPod`: runs the SuperLink Pod with the provider's machinery (on the worker), around
-  a `Federation`: the Service and SuperNode Pods it creates first and deletes last.
+  a `Federation`: the Service and SuperNode Pods it creates first and deletes last. The
+  SuperLink mounts no site claim, so its job spec carries each site's manifest metadata (column
+  names and shapes, row counts, table versions, fingerprint: no rows), taken from the site
+  prepares' results (`site_manifests`).
 
 Names are per try (`kubernetes.federation`, `pod.resource_name`), so two tries never share an
 object. What an earlier try left behind (its worker died before it could clean up) is deleted
@@ -16,6 +19,7 @@ runs, or replaced once finished. Nothing is ever created twice.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -35,8 +39,9 @@ from arf_training.backends.kubernetes_pods import ArfPodOperator, StepPod, elaps
 from arf_training.errors import StepFailed
 from arf_training.kubernetes import federation, restarts
 from arf_training.kubernetes.pod import CONTAINER_NAME, container_exit_code
-from arf_training.kubernetes.render import pod_arf_settings
+from arf_training.kubernetes.render import STEP_TASK_IDS, pod_arf_settings
 from arf_training.runtime import fail_fast_on_bad_input, run_identity
+from arf_training.stepspec import StepSpec
 
 ROLE_LABEL = "arf.dev/federation-role"
 SITE_LABEL = "arf.dev/site"
@@ -46,6 +51,12 @@ TERMINAL_PHASES = ("Succeeded", "Failed")
 # SuperLink waits out its round timeouts for it: fail the task instead, naming the site.
 SUPERNODE_MAX_RESTARTS = 3
 RECREATE_WAIT_S = 60  # for a replaced pod's name to be free again
+# The key of a site prepare's result that holds its manifest metadata: the container's
+# `arf_trainer.datahub.prepare.SITE_METADATA_KEY` (this side must not import arf_trainer), and
+# what the SuperLink's `arf_trainer.federated.manifests` checks field by field.
+SITE_METADATA_KEY = "manifest_metadata"
+SITE_METADATA_FIELDS = ("features", "targets", "train_rows", "val_rows", "tables",
+                        "fingerprint")
 
 
 class SitePod(StepPod):
@@ -89,6 +100,49 @@ def supernode_failure(pod: Any) -> str | None:
         if item.name == CONTAINER_NAME and (item.restart_count or 0) > SUPERNODE_MAX_RESTARTS:
             return f"it crashed {item.restart_count} times (last exit code {code})"
     return None
+
+
+def site_manifests(context: Any, sites: list[str]) -> dict[str, dict[str, Any]]:
+    """{site: its manifest metadata} from the results (XComs) of the mapped site prepares.
+
+    Raises StepFailed (not retryable: another try of federate would read the same XComs)
+    naming the first site whose result is missing or carries no usable metadata."""
+    task_id = STEP_TASK_IDS["prepare"]
+    pulled = context["ti"].xcom_pull(task_ids=task_id)
+    # Airflow returns a lone XCom bare, not in a list (e.g. when only one site's is left).
+    if pulled is None or isinstance(pulled, dict):
+        pulled = [] if pulled is None else [pulled]
+    by_site = {r["site"]: r for r in pulled if isinstance(r, dict) and "site" in r}
+    manifests = {}
+    for index, site in enumerate(sites):
+        result = by_site.get(site)
+        metadata = result.get(SITE_METADATA_KEY) if result is not None else None
+        if result is None:
+            why = "has no result (XCom)"
+        elif not isinstance(metadata, dict):
+            why = (f"has no manifest metadata ({SITE_METADATA_KEY!r}: a prepare by an older "
+                   "arf-trainer image?)")
+        else:
+            missing = [f for f in SITE_METADATA_FIELDS if f not in metadata]
+            why = f"has manifest metadata without {missing}" if missing else ""
+        if why:
+            raise StepFailed(
+                f"the {task_id} task of site {site!r} (map index {index}) {why}; the "
+                "federation needs every site's manifest metadata, as its SuperLink pod mounts "
+                f"no site's data. Clear {task_id} for site {site!r} (with its downstream "
+                "tasks) so that it runs again", retryable=False)
+        manifests[site] = metadata
+    return manifests
+
+
+def with_site_manifests(spec: StepSpec, manifests: dict[str, dict[str, Any]]) -> StepSpec:
+    """The federate `spec` whose job spec's `inputs.sites[i].manifest` is site i's metadata
+    (what `arf_trainer.federated` reads instead of the site's manifest.json)."""
+    inputs = dict(spec.job_spec.get("inputs") or {})
+    given = {s["name"]: s for s in inputs.get("sites", [])}
+    inputs["sites"] = [{**given.get(name, {}), "name": name, "manifest": metadata}
+                       for name, metadata in manifests.items()]
+    return dataclasses.replace(spec, job_spec={**spec.job_spec, "inputs": inputs})
 
 
 class Federation:
@@ -227,10 +281,13 @@ class SuperLinkPod(ArfPodOperator):
         self.wait_error: BaseException | None = None
 
     def render_federation(self, context: Any) -> list[dict[str, Any]]:
-        """[Service, SuperLink Pod, SuperNode Pods] of this try. Validates the conf first."""
+        """[Service, SuperLink Pod, SuperNode Pods] of this try, the sites' manifest metadata
+        in the SuperLink's job spec. Validates the conf and the site prepares' results first."""
         settings = runtime_settings(self.namespace)
         with fail_fast_on_bad_input():
             spec = with_xcom_result(pod_step_spec(self.loaded, "federate", context, settings))
+            sites = [s.name for s in self.loaded.template.federated.sites]
+            spec = with_site_manifests(spec, site_manifests(context, sites))
         return federation.render_federation(spec, self.loaded, run_identity(context), settings)
 
     def render_pod(self, context: Any) -> dict[str, Any]:

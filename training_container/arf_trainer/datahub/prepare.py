@@ -109,6 +109,11 @@ log = logging.getLogger(__name__)
 PREPARE_DIR = "prepare"
 MANIFEST_NAME = "manifest.json"
 _TMP_PREFIX = ".prepare-tmp-"
+# A federated site's prepare result carries its manifest's metadata under this key: the
+# federate step may run where the site's folder is not mounted (Kubernetes: its SuperLink pod),
+# and gets each site's metadata from the prepare results instead (arf_trainer.federated
+# .manifests; the Airflow side, kubernetes_federated_pods, names the same key).
+SITE_METADATA_KEY = "manifest_metadata"
 
 
 def _fingerprint(shards: dict[str, list[dict[str, Any]]]) -> str:
@@ -119,8 +124,9 @@ def _fingerprint(shards: dict[str, list[dict[str, Any]]]) -> str:
     return digest.hexdigest()
 
 
-def _summary(manifest: dict[str, Any], manifest_path: Path, reused: bool) -> dict[str, Any]:
-    return {
+def _summary(manifest: dict[str, Any], manifest_path: Path, reused: bool,
+             site: str | None = None) -> dict[str, Any]:
+    summary = {
         "rows": manifest["rows"],
         "train_rows": manifest["train_rows"],
         "val_rows": manifest["val_rows"],
@@ -128,6 +134,27 @@ def _summary(manifest: dict[str, Any], manifest_path: Path, reused: bool) -> dic
         "fingerprint": manifest["fingerprint"],
         "manifest": str(manifest_path),
         "reused": reused,
+    }
+    if site is not None:  # a federated site's prepare (its job spec's inputs.site)
+        summary[SITE_METADATA_KEY] = _site_metadata(manifest)
+    return summary
+
+
+def _site_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What the federate step reads of a site's manifest: column names, the feature and target
+    columns' types and shapes, row counts, table versions and the fingerprint. Small, and no
+    rows, shard paths, hub URIs (site paths) or query."""
+    wanted = set(manifest["features"]) | set(manifest["targets"])
+    return {
+        "features": list(manifest["features"]),
+        "targets": list(manifest["targets"]),
+        "columns": [c for c in manifest.get("columns", []) if c.get("name") in wanted],
+        "rows": manifest["rows"],
+        "train_rows": manifest["train_rows"],
+        "val_rows": manifest["val_rows"],
+        "tables": {name: {"version": t.get("version")}
+                   for name, t in manifest["tables"].items()},
+        "fingerprint": manifest["fingerprint"],
     }
 
 
@@ -323,15 +350,17 @@ def _build(env: StepEnv, root: Path, spill: Path) -> dict[str, Any]:
 
 
 def run_prepare(env: StepEnv) -> dict[str, Any]:
-    """Run the prepare step for `env`; return the manifest summary (also the step result)."""
+    """Run the prepare step for `env`; return the manifest summary (also the step result),
+    with the manifest's metadata (`_site_metadata`) when `env` is a federated site's prepare."""
     prepared = env.workspace / PREPARE_DIR
     manifest_path = prepared / MANIFEST_NAME
+    site = env.spec.inputs.get("site")  # set by the Airflow side's federation.site_spec
     if manifest_path.is_file():
         manifest = read_json(manifest_path)
         _verify(prepared, manifest)
         log.info("reusing %s from an earlier try: %d rows, fingerprint %s", manifest_path,
                  manifest["rows"], manifest["fingerprint"][:12])
-        return _summary(manifest, manifest_path, reused=True)
+        return _summary(manifest, manifest_path, reused=True, site=site)
 
     env.workspace.mkdir(parents=True, exist_ok=True)
     # Leftovers of tries that died mid-build; only ever complete folders are named `prepare/`.
@@ -366,4 +395,4 @@ def run_prepare(env: StepEnv) -> dict[str, Any]:
              "fingerprint %s", manifest["rows"], manifest["train_rows"], manifest["val_rows"],
              tables or "no tables", len(manifest["features"]), len(manifest["targets"]),
              manifest["fingerprint"][:12])
-    return _summary(manifest, manifest_path, reused=False)
+    return _summary(manifest, manifest_path, reused=False, site=site)

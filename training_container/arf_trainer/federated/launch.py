@@ -8,8 +8,9 @@ Layout (inside the DAG run's workspace)::
     train/                    model.pt, model_info.json, result.json: the train step's layout,
                               so that register and evaluate work unchanged
 
-This process reads each site's manifest.json (column names, table versions, fingerprint:
-metadata, never rows) for the model shape and the lineage, and tracks the federation in
+This process reads each site's manifest (column names, table versions, fingerprint: metadata,
+never rows; from the job spec when given, else the site's manifest.json: manifests.py) for the
+model shape and the lineage, and tracks the federation in
 MLflow: the DAG run's run holds per-round aggregated metrics, bytes exchanged and every site's
 sample counts; one nested run per site holds that site's per-round losses.
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from arf_trainer.errors import TrainingError
-from arf_trainer.spec import StepEnv, read_json, write_json_atomic
+from arf_trainer.spec import StepEnv
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,16 @@ work-dir = ""
 
 
 def site_dirs(env: StepEnv) -> list[dict[str, Any]]:
-    """[{name, index, data_dir}] of the template's sites, from the job spec's inputs."""
+    """[{name, index, data_dir, manifest}] of the template's sites, from the job spec's inputs.
+
+    `manifest`: the site's manifest metadata when the job spec gives it (Kubernetes: this pod
+    mounts no site's folder; see manifests.py), else None (read from `data_dir`)."""
     sites = env.spec.template["federated"]["sites"]
-    given = {s["name"]: s["data_dir"] for s in env.spec.inputs.get("sites", [])}
+    given = {s["name"]: s for s in env.spec.inputs.get("sites", [])}
     return [{"name": s["name"], "index": i,
-             "data_dir": Path(given.get(s["name"]) or
-                              env.workspace / "sites" / s["name"] / "prepare")}
+             "data_dir": Path(given.get(s["name"], {}).get("data_dir") or
+                              env.workspace / "sites" / s["name"] / "prepare"),
+             "manifest": given.get(s["name"], {}).get("manifest")}
             for i, s in enumerate(sites)]
 
 

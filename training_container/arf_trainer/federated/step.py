@@ -7,7 +7,6 @@ import json
 import logging
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,44 +15,14 @@ from arf_trainer import __version__, tracking
 from arf_trainer.errors import TrainingError
 from arf_trainer.federated import apps
 from arf_trainer.federated.launch import Federation, site_dirs
-from arf_trainer.federated.site import model_info
+# Each site's manifest: the metadata in the job spec, else its file (manifests.py).
+from arf_trainer.federated.manifests import lineage
+from arf_trainer.federated.manifests import plan as _plan
 from arf_trainer.spec import StepEnv, write_json_atomic
-from arf_trainer.trainer.checkpoint import save_weights, state_dict_sha256
-from arf_trainer.trainer.data import load_manifest
-from arf_trainer.trainer.recipes import Hyperparameters, get_recipe
+from arf_trainer.trainer.checkpoint import save_weights
+from arf_trainer.trainer.recipes import get_recipe
 
 log = logging.getLogger(__name__)
-
-
-def lineage(sites: list[dict[str, Any]]) -> dict[str, Any]:
-    """Every site's table versions and fingerprint (from its manifest: metadata, no rows)."""
-    record = {}
-    for site in sites:
-        raw = load_manifest(site["data_dir"]).raw
-        record[site["name"]] = {
-            "tables": {n: t.get("version") for n, t in raw.get("tables", {}).items()},
-            "fingerprint": raw["fingerprint"], "train_rows": raw["train_rows"],
-            "val_rows": raw["val_rows"]}
-    return record
-
-
-def _plan(env: StepEnv, sites: list[dict[str, Any]]) -> tuple[dict[str, Any], Any]:
-    spec = env.spec
-    recipe = spec.training["recipe"]
-    hp = Hyperparameters.parse(recipe, spec.hyperparameters)
-    manifests = [load_manifest(s["data_dir"]) for s in sites]
-    info = model_info(manifests[0], recipe, hp)
-    for site, manifest in zip(sites[1:], manifests[1:]):
-        if (manifest.features, manifest.targets) != (info.features, info.targets):
-            raise TrainingError(
-                f"site {site['name']!r} prepared features {manifest.features} -> "
-                f"{manifest.targets}, site {sites[0]['name']!r} {info.features} -> "
-                f"{info.targets}; every site's query must return the same columns")
-    timeout = float(spec.training.get("timeout_minutes", 60)) * 60
-    plan = {"federated": spec.template["federated"], "model_info": info.to_json(),
-            "hyperparameters": spec.hyperparameters, "seed": spec.seed,
-            "round_timeout_s": timeout}
-    return plan, info
 
 
 def run_federate(env: StepEnv) -> dict[str, Any]:
