@@ -49,11 +49,23 @@ def _doc(loaded: LoadedTemplate, backend: str) -> str:
         + (f"| search | {t.hpo.trials} trials ({t.hpo.rounds} round(s) x {t.hpo.parallel}), "
            f"{t.hpo.sampler} sampler, {t.hpo.pruner} pruner, {t.hpo.direction} "
            f"`{t.hpo.metric}`, {t.hpo.budget.epochs} epoch(s) per trial |\n" if t.hpo else "")
-        + 
-        f"| backend | `{backend}` |\n\n"
+        + (_nightly_row(t.nightly) if t.nightly else "")
+        + f"| backend | `{backend}` |\n\n"
         "Trigger with config to change hyperparameters; unknown or out-of-range values are "
         "rejected before any step runs."
     )
+
+
+def _nightly_row(n: Any) -> str:
+    rules = [f"retrain while the champion is below {n.retrain_below:.0%}"
+             if n.retrain_below is not None else "",
+             f"at least every {n.retrain_every} nights" if n.retrain_every else ""]
+    rules = [r for r in rules if r] or ["fine-tune every night"]
+    if n.mode == "fine-tune":
+        rules = ["fine-tune every night (mode: fine-tune)"]
+    return (f"| nightly | `{CHOOSE_TASK}`: {', '.join(rules)}, within "
+            f"{n.compute_budget:.0%} of a from-scratch retrain; trigger with `nightly_recipe` "
+            "to force one |\n")
 
 
 def _schedule(t: Any) -> Any:

@@ -116,6 +116,8 @@ def test_dags_of_the_finetune(monkeypatch):
     assert [t.task_id for t in dag.topological_sort()] == [
         "choose_recipe", "prepare_data", "train", "register_model"]
     assert "nightly_recipe" in dag.params and "nightly_recipe" not in dags["reach_bc"].params
+    assert "| nightly | `choose_recipe`: retrain while the champion is below 80%, within 25% " \
+        in dag.doc_md and "| nightly |" not in dags["reach_bc"].doc_md
     assert [o.uri.rstrip("/") for o in dag.get_task("register_model").outlets] == [
         "arf-model://reach_bc_policy"]
     # arf_evaluate scores reach_bc_policy once, with reach_bc's evaluation section.
