@@ -57,13 +57,12 @@ def _doc(loaded: LoadedTemplate, backend: str) -> str:
 
 
 def _nightly_row(n: Any) -> str:
+    """The DAG page's line for a `nightly:` section (arf_trainer/nightly/policy.py decides)."""
     rules = [f"retrain while the champion is below {n.retrain_below:.0%}"
              if n.retrain_below is not None else "",
              f"at least every {n.retrain_every} nights" if n.retrain_every else ""]
-    rules = [r for r in rules if r] or ["fine-tune every night"]
-    if n.mode == "fine-tune":
-        rules = ["fine-tune every night (mode: fine-tune)"]
-    return (f"| nightly | `{CHOOSE_TASK}`: {', '.join(rules)}, within "
+    rule = ", ".join(r for r in rules if r) if n.mode == "adaptive" else ""
+    return (f"| nightly | `{CHOOSE_TASK}`: {rule or 'fine-tune every night'}, within "
             f"{n.compute_budget:.0%} of a from-scratch retrain; trigger with `nightly_recipe` "
             "to force one |\n")
 

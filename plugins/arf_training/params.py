@@ -18,10 +18,11 @@ if TYPE_CHECKING:  # the CLI and gRPC server check confs without loading the tem
     from arf_training.templates import TrainingTemplate
 
 SECTION_TRAINING = "Training"
-# A template with a `nightly:` section: the night's recipe (arf_trainer.nightly.policy).
+SECTION_DATA = "Data"
+# A template with a `nightly:` section: the night's recipe. The container side spells the same
+# names (arf_trainer.nightly.policy: CONF_KEY, RECIPES), which this side may not import.
 NIGHTLY_PARAM = "nightly_recipe"
 NIGHTLY_RECIPES = ("auto", "fine-tune", "retrain")
-SECTION_DATA = "Data"
 _MAX_FLOAT = 1.7976931348623157e308
 # JSON Schema has no "finite" keyword, and every bound check passes for NaN (`nan < x` and
 # `nan > x` are both false), so a "number" Param alone lets NaN and infinities through Airflow's

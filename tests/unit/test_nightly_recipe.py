@@ -128,3 +128,20 @@ def test_the_trigger_form_offers_the_nights_recipe():
     assert resolve_conf(template, {"nightly_recipe": "retrain"})["nightly_recipe"] == "retrain"
     assert "nightly_recipe" not in param_schemas(load_template(
         REPO / "config_templates" / "reach_bc.yaml").template)
+
+
+def test_both_sides_spell_the_recipes_alike():
+    # The Airflow side may not import the container's package: the names are written twice.
+    from arf_trainer.nightly.policy import CONF_KEY, RECIPES
+    from arf_training.params import NIGHTLY_PARAM, NIGHTLY_RECIPES
+
+    assert (NIGHTLY_PARAM, NIGHTLY_RECIPES) == (CONF_KEY, RECIPES)
+
+
+def test_the_dag_page_says_fine_tune_every_night_when_the_rule_is_off():
+    from arf_training.factory import _nightly_row
+
+    template = load_template(FINETUNE_YAML).template
+    off = template.nightly.model_copy(update={"mode": "fine-tune"})
+    assert "`choose_recipe`: fine-tune every night, within 25%" in _nightly_row(off)
+    assert "retrain while the champion is below 80%" in _nightly_row(template.nightly)

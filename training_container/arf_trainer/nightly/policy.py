@@ -30,7 +30,7 @@ from typing import Any
 FINETUNE, RETRAIN = "fine-tune", "retrain"
 AUTO = "auto"
 RECIPES = (AUTO, FINETUNE, RETRAIN)
-CONF_KEY = "nightly_recipe"  # the trigger conf's choice: auto (default), fine-tune or retrain
+CONF_KEY = "nightly_recipe"  # the trigger conf's choice; the Airflow side: params.NIGHTLY_PARAM
 
 
 @dataclass(frozen=True)
