@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                       "episodes as camera frames, for reach_pixels_bc (slow: a few ms a frame)")
     seed.add_argument("--frame-size", type=int, default=64,
                       help="reach_pixels frame width and height in pixels (default 64)")
+    seed.add_argument("--collected-at", help="collected_at to record, ISO 8601 with a zone "
+                      "(default: a fixed 2026-01-01T00:00:00+00:00: the same rows on any machine)")
     cli_datahub.add_parsers(hsub)  # ingest | tables | describe
     demo = sub.add_parser("demo", help="run a template end to end on the embedded default; "
                           "`arf demo failure-loop` runs the measured failure-learning loop")
@@ -311,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--episodes", str(args.episodes)] + (["--force"] if args.force else [])
             if args.pixels:
                 cmd += ["--pixels", "--frame-size", str(args.frame_size)]
+            if args.collected_at:
+                cmd += ["--collected-at", args.collected_at]
             return subprocess.run(cmd, env=environment(settings)).returncode
         if args.command == "demo":
             try:

@@ -280,6 +280,21 @@ def test_arf_cli_runs_the_container_side(tmp_path: Path, monkeypatch, capfd) -> 
     assert "'eps' has no version 3; versions available: 0" in capfd.readouterr().err
 
 
+def test_arf_cli_seed_passes_collected_at(tmp_path: Path, monkeypatch, capfd) -> None:
+    from arf_training.cli import main as arf_main
+
+    hub = tmp_path / "hub"
+    monkeypatch.setenv("ARF_DATAHUB_URI", str(hub))
+    when = "2026-11-26T01:00:00+00:00"
+    assert arf_main(["datahub", "seed", "--episodes", "1", "--collected-at", when]) == 0
+    times = _rows(hub, "reach_demos")["collected_at"].to_pylist()
+    assert {t.isoformat() for t in times} == {when}
+    assert arf_main(["datahub", "seed", "--force", "--episodes", "1",
+                     "--collected-at", "2026-11-26"]) == 2
+    assert "'2026-11-26' has no time zone" in capfd.readouterr().err
+    assert _version(hub, "reach_demos") == 0  # the refused seeding wrote nothing
+
+
 def test_trainer_cli_seed_sites_names_bad_arguments(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_:
         trainer_main(["datahub", "seed-sites", "--site", "north", "--site", "b=x"])

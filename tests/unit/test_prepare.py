@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import json
 import shutil
 from pathlib import Path
@@ -112,6 +113,22 @@ def test_seed_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["datahub", "seed", "--hub", str(tmp_path / "h"), "--episodes", "2"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["reach_demos"]["rows"] == 100
+    when = "2026-11-26T01:00:00+00:00"
+    assert cli_main(["datahub", "seed", "--hub", str(tmp_path / "t"), "--episodes", "1",
+                     "--collected-at", when]) == 0
+    times = open_table(tmp_path / "t", "reach_demos").dataset.to_table()["collected_at"]
+    assert {t.isoformat() for t in times.to_pylist()} == {when}
+    with pytest.raises(DataHubError, match="time zone"):
+        seed_demo(tmp_path / "n", episodes=1, collected_at=dt.datetime(2026, 1, 1))
+
+
+def test_two_seedings_prepare_the_same_fingerprint(tmp_path: Path, hub: Path) -> None:
+    """The demo's `SELECT *` reads collected_at too: seeded at the wall-clock time, each seeding
+    (each machine) had other rows and so another dataset fingerprint."""
+    again = tmp_path / "again"
+    seed_demo(again, episodes=EPISODES, seed=0, force=False)
+    assert run_prepare(step_env(tmp_path / "a", hub))["fingerprint"] \
+        == run_prepare(step_env(tmp_path / "b", again))["fingerprint"]
 
 
 # --- prepare ----------------------------------------------------------------------------------

@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
                       "episodes as camera frames (slow: a few ms a frame)")
     seed.add_argument("--frame-size", type=int, default=64,
                       help="reach_pixels frame width and height in pixels (default 64)")
+    seed.add_argument("--collected-at", type=_aware_time, default=None,
+                      help="collected_at to record, ISO 8601 with a zone; default: the fixed "
+                      "2026-01-01T00:00:00+00:00, so that seeding is a function of --seed and "
+                      "--episodes (the same rows, the same dataset fingerprint, on any machine)")
     correct = hub_sub.add_parser(
         "correct", help="relabel failed evaluation episodes with the scripted expert (DAgger) "
         "into the corrections table, as the teleoperation module uploads corrections")
@@ -229,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = seed_demo(uri_to_path(args.hub), episodes=args.episodes, seed=args.seed,
                                 force=args.force, pixels=args.pixels,
-                                frame_size=args.frame_size)
+                                frame_size=args.frame_size, collected_at=args.collected_at)
             import json
 
             print(json.dumps(summary, indent=2, sort_keys=True))

@@ -14,8 +14,10 @@ Two tables:
 * `digits`: scikit-learn's 8x8 digits (shipped with scikit-learn, no download) as
   pixel_0..pixel_63 FLOAT32 in [0, 1] and label INT64.
 
-Everything except `collected_at` (the wall-clock time of the seeding run) is a function of
-`seed` and `episodes`. Seeding is idempotent: tables that exist are left alone unless `force`,
+Every column is a function of `seed` and `episodes`: `collected_at` too, a fixed synthetic
+instant (`SEEDED_AT`) unless the caller gives one. With the wall-clock time there, two machines
+seeding the same demo got different rows, so `SELECT *` prepared a different dataset
+fingerprint and `arf training reproduce` could not tell the data was the same. Seeding is idempotent: tables that exist are left alone unless `force`,
 which writes a new version (reach_demos: appends new episodes, numbered after the existing
 ones; digits: overwrites with the same rows, since the data set is fixed).
 """
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 
 REACH_TABLE = "reach_demos"
 DIGITS_TABLE = "digits"
+SEEDED_AT = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+"""`collected_at` of the synthetic demonstrations when the caller gives none."""
 # Std of the Gaussian noise on executed actions (actions live in [-1, 1]). Enough to visit
 # off-expert states (a 3x256 MLP clone trained on 200 episodes reached the target on 96% of
 # 100 evaluation episodes with 0.2, 93% with 0.1; 74-85% with a slower expert), small enough
@@ -93,6 +97,16 @@ def _digits_rows() -> pa.Table:
     return pa.table(columns)
 
 
+def check_collected_at(collected_at: dt.datetime | None) -> dt.datetime:
+    """`collected_at`, or `SEEDED_AT` for None; a naive time is refused (whose zone?)."""
+    if collected_at is None:
+        return SEEDED_AT
+    if not isinstance(collected_at, dt.datetime) or collected_at.tzinfo is None:
+        raise DataHubError(f"collected_at={collected_at!r} must be a datetime with a time zone, "
+                           "e.g. 2026-11-26T01:00:00+00:00")
+    return collected_at
+
+
 def _next_episode(hub: Path) -> int:
     snapshot = open_table(hub, REACH_TABLE)
     latest = pc.max(snapshot.dataset.to_table(columns=["episode"])["episode"]).as_py()
@@ -105,11 +119,13 @@ def _row_count(hub: Path, name: str) -> tuple[int, int]:
 
 
 def seed_demo(hub: Path, episodes: int = 200, seed: int = 0, force: bool = False,
-              pixels: bool = False, frame_size: int = 64) -> dict[str, Any]:
+              pixels: bool = False, frame_size: int = 64,
+              collected_at: dt.datetime | None = None) -> dict[str, Any]:
     """Create (or with `force`, add a version of) the demo tables; return a JSON-able summary.
 
     With `pixels`, also `reach_pixels`: the same episodes rendered as `frame_size` square RGB
-    frames (`arf_trainer.datahub.seed_pixels`; slow, so only on request).
+    frames (`arf_trainer.datahub.seed_pixels`; slow, so only on request). `collected_at`: the
+    time recorded in the rows (timezone-aware; default `SEEDED_AT`).
 
     Summary: {table: {"rows": rows in the table's latest version, "version": that version,
     "action": "created" | "appended" | "overwritten" | "unchanged" | "converted" (reach_pixels
@@ -120,6 +136,7 @@ def seed_demo(hub: Path, episodes: int = 200, seed: int = 0, force: bool = False
                            "(e.g. --episodes 200)")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise DataHubError(f"seed={seed!r} must be a non-negative integer (e.g. --seed 0)")
+    collected_at = check_collected_at(collected_at)
     hub = uri_to_path(str(hub))  # accept a file:// URI too, as ARF_DATAHUB_URI may be one
     hub.mkdir(parents=True, exist_ok=True)
     existing = set(list_tables(hub))
@@ -127,7 +144,7 @@ def seed_demo(hub: Path, episodes: int = 200, seed: int = 0, force: bool = False
 
     if REACH_TABLE not in existing or force:
         first = _next_episode(hub) if REACH_TABLE in existing else 0
-        data = _reach_rows(episodes, seed, first, dt.datetime.now(dt.UTC))
+        data = _reach_rows(episodes, seed, first, collected_at)
         write_table(hub, REACH_TABLE, data, mode="append")
         action = "appended" if REACH_TABLE in existing else "created"
         rate = float(np.mean(data["success"].to_numpy(zero_copy_only=False)))
@@ -149,7 +166,8 @@ def seed_demo(hub: Path, episodes: int = 200, seed: int = 0, force: bool = False
     if pixels:
         from arf_trainer.datahub.seed_pixels import PIXELS_TABLE, seed_pixels
 
-        summary[PIXELS_TABLE] = seed_pixels(hub, episodes, seed, force, frame_size)
+        summary[PIXELS_TABLE] = seed_pixels(hub, episodes, seed, force, frame_size,
+                                             collected_at)
 
     created = create_corrections_table(hub)
     rows, version = _row_count(hub, CORRECTIONS_TABLE)

@@ -110,10 +110,11 @@ def pixel_rows(episodes: int, seed: int, first_episode: int, collected_at: dt.da
     return pa.table(columns)
 
 
-def seed_pixels(hub: Path, episodes: int, seed: int, force: bool,
-                frame_size: int) -> dict[str, Any]:
+def seed_pixels(hub: Path, episodes: int, seed: int, force: bool, frame_size: int,
+                collected_at: dt.datetime | None = None) -> dict[str, Any]:
     """Create (or with `force`, append to) `reach_pixels`; the summary entry of the table:
-    {"rows", "version", "action", "frame_size", "seconds"}."""
+    {"rows", "version", "action", "frame_size", "seconds"}. `collected_at` as in `seed_demo`."""
+    from arf_trainer.datahub.seed import check_collected_at
     from arf_trainer.errors import DataHubError
     from arf_trainer.sim.reach_pixels import check_frame_size
 
@@ -140,7 +141,8 @@ def seed_pixels(hub: Path, episodes: int, seed: int, force: bool,
                     f"{sizes[0].as_py()}, or start a new hub")
             latest = pc.max(snapshot.dataset.to_table(columns=["episode"])["episode"]).as_py()
             first = 0 if latest is None else int(latest) + 1
-        data = pixel_rows(episodes, seed, first, dt.datetime.now(dt.UTC), frame_size)
+        data = pixel_rows(episodes, seed, first, check_collected_at(collected_at),
+                          frame_size)
         write_table(hub, PIXELS_TABLE, data, mode="append")
         action = "appended" if exists else "created"
         rate = float(np.mean(data["success"].to_numpy(zero_copy_only=False)))

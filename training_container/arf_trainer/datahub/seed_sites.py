@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from arf_trainer.datahub.seed import REACH_TABLE, _reach_rows
+from arf_trainer.datahub.seed import REACH_TABLE, _reach_rows, check_collected_at
 from arf_trainer.datahub.tables import list_tables, write_table
 from arf_trainer.errors import DataHubError
 
@@ -32,10 +32,11 @@ def sector_of(table: pa.Table, sites: int) -> np.ndarray:
 
 
 def seed_sites(hubs: dict[str, Path], episodes: int = 300, seed: int = 0,
-               force: bool = False) -> dict[str, Any]:
+               force: bool = False, collected_at: dt.datetime | None = None) -> dict[str, Any]:
     """Write `reach_demos` into each hub of `hubs` (site name -> hub path), by target sector.
 
-    Idempotent: hubs that already hold the table are left alone unless `force`. Returns
+    Idempotent: hubs that already hold the table are left alone unless `force`. `collected_at`
+    as in `seed_demo` (default: the fixed `SEEDED_AT`). Returns
     {site: {"rows", "episodes", "action"}}.
     """
     if len(hubs) < 2:
@@ -48,7 +49,7 @@ def seed_sites(hubs: dict[str, Path], episodes: int = 300, seed: int = 0,
     summary: dict[str, Any] = {name: {"action": "unchanged"} for name in hubs}
     if not todo:
         return summary
-    rows = _reach_rows(episodes, seed, 0, dt.datetime.now(dt.UTC))
+    rows = _reach_rows(episodes, seed, 0, check_collected_at(collected_at))
     site_of_row = sector_of(rows, len(hubs))
     for index, name in enumerate(hubs):
         if name not in todo:
