@@ -13,14 +13,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from trainer_testkit import (  # noqa: E402
+from trainer_testkit import (
     fresh_tracking_uri,
     make_spec,
     prepare_reach,

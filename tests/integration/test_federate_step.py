@@ -12,12 +12,10 @@ import os
 import subprocess
 from pathlib import Path
 
-import sys
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from trainer_testkit import (  # noqa: E402
+from trainer_testkit import (
     fresh_tracking_uri,
     make_spec,
     prepare_reach,

@@ -8,16 +8,14 @@ rank 1 would wait in the next epoch's collectives and the step would hang until 
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from trainer_testkit import fresh_tracking_uri, prepare_digits  # noqa: E402
+from trainer_testkit import fresh_tracking_uri, prepare_digits
 
-from arf_training.templates import LoadedTemplate, parse_template  # noqa: E402
+from arf_training.templates import LoadedTemplate, parse_template
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-# The shared trainer test helpers live beside the unit tests.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_recipe_vision import HP, episodes, prepare_pixels  # noqa: E402,F401 (fixture)
-from trainer_testkit import VENV_BIN, fresh_tracking_uri, make_spec, step_environ  # noqa: E402
+from test_recipe_vision import HP, episodes, prepare_pixels  # noqa: F401 (fixture)
+from trainer_testkit import VENV_BIN, fresh_tracking_uri, make_spec, step_environ
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # two torchrun jobs
 

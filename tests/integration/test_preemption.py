@@ -19,15 +19,13 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from trainer_testkit import (  # noqa: E402
+from trainer_testkit import (
     VENV_BIN,
     fresh_tracking_uri,
     make_spec,
@@ -35,7 +33,7 @@ from trainer_testkit import (  # noqa: E402
     step_environ,
 )
 
-from arf_trainer.errors import PREEMPTED_EXIT  # noqa: E402
+from arf_trainer.errors import PREEMPTED_EXIT
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -23,9 +22,7 @@ from typing import Any
 
 import pytest
 
-# The shared trainer test helpers live beside the unit tests.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from trainer_testkit import (  # noqa: E402
+from trainer_testkit import (
     VENV_BIN,
     fresh_tracking_uri,
     make_env,
@@ -34,8 +31,8 @@ from trainer_testkit import (  # noqa: E402
     step_environ,
 )
 
-from arf_trainer.publisher import run_register  # noqa: E402
-from arf_trainer.spec import read_json  # noqa: E402
+from arf_trainer.publisher import run_register
+from arf_trainer.spec import read_json
 
 pytestmark = pytest.mark.integration
 

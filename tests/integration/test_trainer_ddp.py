@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-# The shared trainer test helpers live beside the unit tests.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from trainer_testkit import (  # noqa: E402
+from trainer_testkit import (
     VENV_BIN,
     fresh_tracking_uri,
     make_spec,

@@ -5,14 +5,12 @@ alias mid-run does not change it); `arf training reproduce` uses the recorded ve
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trainer_testkit import fresh_tracking_uri, make_spec  # noqa: E402
+from trainer_testkit import fresh_tracking_uri, make_spec
 
-from arf_trainer.custom_setup import ENV_FILE, JOB_SPEC_FILE, run_custom_setup  # noqa: E402
-from arf_trainer.spec import StepEnv  # noqa: E402
+from arf_trainer.custom_setup import ENV_FILE, JOB_SPEC_FILE, run_custom_setup
+from arf_trainer.spec import StepEnv
 
 REPO = Path(__file__).resolve().parents[2]
 
