@@ -167,8 +167,12 @@ def _render(name: str, backend: str, steps: list[str] | None) -> int:
     try:
         settings = KubernetesSettings.from_env()
         for step in steps or steps_of(found):
-            docs.append(f"# Source: {found.path} step {step} (backend {backend}, "
-                        "placeholder run id)")
+            source = f"# Source: {found.path} step {step} (backend {backend}, placeholder run id)"
+            if step == "federate":  # what a run adds that no render can know
+                source += ("\n# At run time the SuperLink's job spec also carries each site's "
+                           "manifest metadata (columns, row counts, table versions, "
+                           "fingerprint), from the sites' prepare_data results.")
+            docs.append(source)
             for manifest in render_step_manifests(found, step, settings,
                                                   placeholder_identity(found.name, step)):
                 docs.append(yaml.safe_dump(manifest, sort_keys=False, width=100))

@@ -510,6 +510,12 @@ def test_cli_render_prints_yaml_documents():
     one = subprocess.run([str(arf), "templates", "render", "reach_bc", "--step", "prepare"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert [d["kind"] for d in yaml.safe_load_all(one.stdout) if d] == ["Pod"]
+    fed = subprocess.run([str(arf), "templates", "render", "reach_bc_federated", "--step",
+                          "federate"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert [d["kind"] for d in yaml.safe_load_all(fed.stdout) if d] == ["Service", "Pod"] + \
+        ["Pod"] * 3  # the SuperLink, a SuperNode per site
+    assert "# At run time the SuperLink's job spec also carries each site's manifest metadata" \
+        in fed.stdout.splitlines()[2]
     bad = subprocess.run([str(arf), "templates", "render", "no_such_template"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert bad.returncode == 2 and "no_such_template" in bad.stderr and "reach_bc" in bad.stderr
