@@ -6,8 +6,11 @@ provider's KubernetesPodOperator and its trigger make (create, read, patch label
 the `exec` into the xcom sidecar that reads the result), and Service create/list/delete.
 `install()` plugs it in at the client boundary only: the provider's real `KubernetesHook` /
 `AsyncKubernetesHook` methods run, but their `kubernetes` / `kubernetes_asyncio` API classes (and
-the client's websocket `stream` for `exec`) are replaced by the fakes below and `get_conn`
-returns no real connection.
+the client's websocket `stream` for `exec`) are replaced by the stand-ins of `fake_k8s_clients`
+and `get_conn` returns no real connection.
+
+The test plays the kubelet with `add_pod`, `start_pod`, `stall_pod`, `finish_pod` and
+`finish_with_result`, or with a `kubelet` callback called before each read of a pod.
 
 A scripted "controller" moves a job through its conditions: each read of the job applies the next
 scripted transition, as the Kubeflow training operator would between two polls.
@@ -27,10 +30,19 @@ import kubernetes.client
 import kubernetes_asyncio.client
 from airflow.providers.cncf.kubernetes.hooks.kubernetes import AsyncKubernetesHook, KubernetesHook
 from airflow.providers.cncf.kubernetes.utils import pod_manager
+from fake_k8s_clients import (
+    API_CLIENT,
+    FakeAsyncCoreV1Api,
+    FakeAsyncCustomObjectsApi,
+    FakeCoreV1Api,
+    FakeCustomObjectsApi,
+    FakeExecStream,
+)
 from kubernetes.client import (
     V1ContainerState,
     V1ContainerStateRunning,
     V1ContainerStateTerminated,
+    V1ContainerStateWaiting,
     V1ContainerStatus,
     V1ObjectMeta,
     V1Pod,
@@ -127,12 +139,25 @@ class FakeCluster:
         self.logs[(namespace, name)] = log.encode()
 
     def start_pod(self, namespace: str, name: str, *, restart_count: int = 0) -> None:
-        """The kubelet started every container of a created pod (phase Running)."""
+        """The kubelet started every container of a created pod (phase Running); restarted
+        `restart_count` times, each time after exiting with code 1 (its last state)."""
         pod = self.pods[(namespace, name)]
         state = V1ContainerState(running=V1ContainerStateRunning(started_at=_T0))
+        last = (V1ContainerState(terminated=V1ContainerStateTerminated(exit_code=1))
+                if restart_count else None)
         pod.status = V1PodStatus(phase="Running", container_statuses=[
             V1ContainerStatus(name=c.name, image=c.image, image_id="", ready=True,
-                              restart_count=restart_count, state=state)
+                              restart_count=restart_count, state=state, last_state=last)
+            for c in pod.spec.containers])
+
+    def stall_pod(self, namespace: str, name: str, reason: str, message: str = "") -> None:
+        """The kubelet cannot start a created pod's containers (phase Pending, each container
+        waiting with `reason`, e.g. ErrImagePull)."""
+        pod = self.pods[(namespace, name)]
+        state = V1ContainerState(waiting=V1ContainerStateWaiting(reason=reason, message=message))
+        pod.status = V1PodStatus(phase="Pending", container_statuses=[
+            V1ContainerStatus(name=c.name, image=c.image, image_id="", ready=False,
+                              restart_count=0, state=state)
             for c in pod.spec.containers])
 
     def finish_with_result(self, namespace: str, name: str, exit_code: int, result: str,
@@ -228,7 +253,7 @@ class FakeCluster:
         if (namespace, name) in self.pods:
             raise exc_type(status=409, reason="AlreadyExists")
         self.created_pods.append(copy.deepcopy(body))
-        pod = _API._ApiClient__deserialize(copy.deepcopy(body), "V1Pod")
+        pod = API_CLIENT._ApiClient__deserialize(copy.deepcopy(body), "V1Pod")
         pod.metadata.namespace = namespace
         pod.status = V1PodStatus(phase="Pending")
         self.pods[(namespace, name)] = pod
@@ -273,7 +298,7 @@ class FakeCluster:
         self.calls.append(("create", "services", namespace, name))
         if (namespace, name) in self.services:
             raise exc_type(status=409, reason="AlreadyExists")
-        service = _API._ApiClient__deserialize(copy.deepcopy(body), "V1Service")
+        service = API_CLIENT._ApiClient__deserialize(copy.deepcopy(body), "V1Service")
         service.metadata.namespace = namespace
         self.services[(namespace, name)] = service
         return copy.deepcopy(service)
@@ -288,9 +313,6 @@ class FakeCluster:
         self.calls.append(("delete", "services", namespace, name))
         if self.services.pop((namespace, name), None) is None:
             raise exc_type(status=404, reason="Not Found")
-
-
-_API = kubernetes.client.ApiClient()  # (de)serialization only: it never connects
 
 
 def _selects(selector: str, labels: dict[str, str]) -> bool:
@@ -311,128 +333,6 @@ def _selects(selector: str, labels: dict[str, str]) -> bool:
             if labels.get(key) != value:
                 return False
     return True
-
-
-class FakeLogResponse:
-    """What `read_namespaced_pod_log(..., _preload_content=False)` returns (urllib3-like)."""
-
-    def __init__(self, data: bytes, chunk: int = 7):
-        self.data, self._chunk, self.released = data, chunk, False
-
-    def stream(self, amt: int | None = 65536, decode_content: bool | None = None):
-        step = min(amt or self._chunk, self._chunk)  # small chunks: lines arrive split across reads
-        for i in range(0, len(self.data), step):
-            yield self.data[i:i + step]
-
-    def __iter__(self):  # the provider's pod operator reads the log line by line
-        return iter(self.data.splitlines(keepends=True))
-
-    def release_conn(self) -> None:
-        self.released = True
-
-
-class FakeExecStream:
-    """The websocket client `kubernetes.stream.stream(..., _preload_content=False)` returns."""
-
-    def __init__(self, output: str | None):
-        self.output = output
-
-    def run_forever(self, timeout: float | None = None) -> None:
-        pass
-
-    def is_open(self) -> bool:
-        return False  # the command has ended
-
-    def peek_stderr(self, timeout: float = 0) -> bool:
-        return False
-
-    def read_all(self) -> str | None:
-        return self.output
-
-    def close(self) -> None:
-        pass
-
-
-class FakeCustomObjectsApi:
-    exc = kubernetes.client.ApiException
-
-    def __init__(self, cluster: FakeCluster):
-        self.cluster = cluster
-
-    def create_namespaced_custom_object(self, group, version, namespace, plural, body, **_):
-        return self.cluster.create(self.exc, group, version, namespace, plural, body)
-
-    def get_namespaced_custom_object(self, group, version, namespace, plural, name, **_):
-        return self.cluster.get(self.exc, group, version, namespace, plural, name)
-
-    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, **kw):
-        return self.cluster.delete(self.exc, group, version, namespace, plural, name, **kw)
-
-
-class FakeCoreV1Api:
-    exc = kubernetes.client.ApiException
-    api_client = _API  # the provider's PodManager sanitizes a pod with it before creating it
-
-    def __init__(self, cluster: FakeCluster):
-        self.cluster = cluster
-
-    def create_namespaced_pod(self, namespace, body, **_):
-        return self.cluster.create_pod(self.exc, namespace, body)
-
-    def read_namespaced_pod(self, name, namespace, **_):
-        return self.cluster.read_pod(self.exc, namespace, name)
-
-    def patch_namespaced_pod(self, name, namespace, body, **_):
-        return self.cluster.patch_pod_labels(self.exc, namespace, name, body)
-
-    def delete_namespaced_pod(self, name, namespace, body=None, **_):
-        return self.cluster.delete_pod(self.exc, namespace, name)
-
-    def list_namespaced_pod(self, namespace, label_selector="", **_):
-        return self.cluster.list_pods(namespace, label_selector)
-
-    def connect_get_namespaced_pod_exec(self, *_, **__):  # only called through `stream`
-        raise AssertionError("exec goes through kubernetes.stream.stream")
-
-    def create_namespaced_service(self, namespace, body, **_):
-        return self.cluster.create_service(self.exc, namespace, body)
-
-    def list_namespaced_service(self, namespace, label_selector="", **_):
-        return self.cluster.list_services(namespace, label_selector)
-
-    def delete_namespaced_service(self, name, namespace, **_):
-        return self.cluster.delete_service(self.exc, namespace, name)
-
-    def read_namespaced_pod_log(self, name, namespace, container=None, _preload_content=True,
-                                **_):
-        data = self.cluster.read_log(kubernetes.client.ApiException, namespace, name, container)
-        return FakeLogResponse(data) if not _preload_content else data.decode()
-
-
-class FakeAsyncCustomObjectsApi:
-    exc = kubernetes_asyncio.client.ApiException
-
-    def __init__(self, cluster: FakeCluster):
-        self.cluster = cluster
-
-    async def get_namespaced_custom_object(self, group, version, namespace, plural, name, **_):
-        return self.cluster.get(self.exc, group, version, namespace, plural, name)
-
-    async def delete_namespaced_custom_object(self, group, version, namespace, plural, name,
-                                              **kw):
-        return self.cluster.delete(self.exc, group, version, namespace, plural, name, **kw)
-
-
-class FakeAsyncCoreV1Api:
-    """What the provider's KubernetesPodTrigger reads (through AsyncKubernetesHook.get_pod)."""
-
-    exc = kubernetes_asyncio.client.ApiException
-
-    def __init__(self, cluster: FakeCluster):
-        self.cluster = cluster
-
-    async def read_namespaced_pod(self, name, namespace, **_):
-        return self.cluster.read_pod(self.exc, namespace, name)
 
 
 def install(monkeypatch: Any, cluster: FakeCluster) -> FakeCluster:

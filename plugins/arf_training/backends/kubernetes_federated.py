@@ -6,8 +6,10 @@
     federate       `FederateOperator`: the ClusterIP Service and one SuperNode Pod per site,
                    then the SuperLink Pod run to completion (its job spec carries every
                    site's manifest metadata from the prepare_data XComs: it mounts no site's
-                   claim); its exit decides the task, its result JSON is the XCom. The Service and the SuperNodes are deleted
-                   afterwards whatever happened (success, failure, kill).
+                   claim); its exit decides the task, its result JSON is the XCom (plus
+                   `lost_sites`: the sites whose SuperNode was lost on the way, and why).
+                   The Service and the SuperNodes are deleted afterwards whatever happened
+                   (success, failure, kill).
 
 Both are light operators like the other Pod tasks (`kubernetes.PodTask`): the provider's
 KubernetesPodOperator, and with it both Kubernetes clients, is loaded only when the task runs
@@ -15,10 +17,11 @@ KubernetesPodOperator, and with it both Kubernetes clients, is loaded only when 
 `federate_task`, when a federated template's DAG is built.
 
 Why the federation waits on the worker, not in the triggerer: the provider's pod trigger
-watches one pod, while a federation is several. A SuperNode that fails for good fails the task
-at once, naming its site, instead of leaving the SuperLink waiting out its round timeouts; and
-a killed task deletes the federation it started, which a deferred task (no `on_kill` while in
-the triggerer) could not.
+watches one pod, while a federation is several. A SuperNode that fails for good is deleted, so
+that the rounds go on without its site as `federated.min_sites` allows, and fails the task at
+once, naming the lost sites, once fewer than min_sites remain, instead of leaving the SuperLink
+waiting out its round timeouts; and a killed task deletes the federation it started, which a
+deferred task (no `on_kill` while in the triggerer) could not.
 """
 
 from __future__ import annotations

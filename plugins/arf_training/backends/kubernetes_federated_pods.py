@@ -10,6 +10,9 @@ the provider's KubernetesPodOperator and both Kubernetes clients.
   SuperLink mounts no site claim, so its job spec carries each site's manifest metadata (column
   names and shapes, row counts, table versions, fingerprint: no rows), taken from the site
   prepares' results (`site_manifests`).
+* A SuperNode lost for good (`supernode_failure`) is logged and deleted; the rounds go on
+  without its site (`lost_sites` in the XCom) unless fewer than `federated.min_sites` remain or
+  it never started (round 1 waits for every site): then the task fails at once.
 
 Names are per try (`kubernetes.federation`, `pod.resource_name`), so two tries never share an
 object. What an earlier try left behind (its worker died before it could clean up) is deleted
@@ -19,7 +22,6 @@ runs, or replaced once finished. Nothing is ever created twice.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
@@ -41,15 +43,16 @@ from arf_training.kubernetes import federation, restarts
 from arf_training.kubernetes.pod import CONTAINER_NAME, container_exit_code
 from arf_training.kubernetes.render import STEP_TASK_IDS, pod_arf_settings
 from arf_training.runtime import fail_fast_on_bad_input, run_identity
-from arf_training.stepspec import StepSpec
 
 ROLE_LABEL = "arf.dev/federation-role"
 SITE_LABEL = "arf.dev/site"
 TERMINAL_PHASES = ("Succeeded", "Failed")
 # A SuperNode is restarted in place when it crashes and rejoins (restartPolicy OnFailure); one
 # that crashed more often than this keeps crashing, with back-offs growing to minutes, while the
-# SuperLink waits out its round timeouts for it: fail the task instead, naming the site.
+# SuperLink waits out its round timeouts for it: it is deleted instead (see `Federation`).
 SUPERNODE_MAX_RESTARTS = 3
+# The key of the federate result (XCom) that names the sites lost on the way: {site: why}.
+LOST_SITES_KEY = "lost_sites"
 RECREATE_WAIT_S = 60  # for a replaced pod's name to be free again
 # The key of a site prepare's result that holds its manifest metadata: the container's
 # `arf_trainer.datahub.prepare.SITE_METADATA_KEY` (this side must not import arf_trainer), and
@@ -95,11 +98,22 @@ def supernode_failure(pod: Any) -> str | None:
                 f"{': ' + status.message if status.message else ''}; exit code {code})")
     early = detect_pod_terminate_early_issues(pod)  # e.g. an image that cannot be pulled
     if early:
-        return early.strip()
+        return " ".join(early.split())  # "reason\nmessage": one line in a log or a message
     for item in status.container_statuses or []:
         if item.name == CONTAINER_NAME and (item.restart_count or 0) > SUPERNODE_MAX_RESTARTS:
             return f"it crashed {item.restart_count} times (last exit code {code})"
     return None
+
+
+def supernode_started(pod: Any) -> bool:
+    """Whether the SuperNode `pod` (a V1Pod) ever ran its container (running now, ended, or
+    restarted): one that never did cannot have joined the federation."""
+    for item in (pod.status and pod.status.container_statuses) or []:
+        if item.name == CONTAINER_NAME and (
+                item.restart_count or (item.state and (item.state.running or
+                                                        item.state.terminated))):
+            return True
+    return False
 
 
 def site_manifests(context: Any, sites: list[str]) -> dict[str, dict[str, Any]]:
@@ -135,28 +149,23 @@ def site_manifests(context: Any, sites: list[str]) -> dict[str, dict[str, Any]]:
     return manifests
 
 
-def with_site_manifests(spec: StepSpec, manifests: dict[str, dict[str, Any]]) -> StepSpec:
-    """The federate `spec` whose job spec's `inputs.sites[i].manifest` is site i's metadata
-    (what `arf_trainer.federated` reads instead of the site's manifest.json)."""
-    inputs = dict(spec.job_spec.get("inputs") or {})
-    given = {s["name"]: s for s in inputs.get("sites", [])}
-    inputs["sites"] = [{**given.get(name, {}), "name": name, "manifest": metadata}
-                       for name, metadata in manifests.items()]
-    return dataclasses.replace(spec, job_spec={**spec.job_spec, "inputs": inputs})
-
-
 class Federation:
     """The Service and the SuperNode Pods of one federate try, through the CoreV1Api `client`.
 
     :param task_id: the federate task's id; an earlier try's objects are found by the run's
         labels and this task id in their `arf.dev/task-id` annotation (`<task_id>:<part>`).
+    :param min_sites: `federated.min_sites`: the fewest SuperNodes the federation goes on with.
     """
 
     def __init__(self, client: Any, service: dict[str, Any], nodes: list[dict[str, Any]],
-                 task_id: str, log: Any):
+                 task_id: str, log: Any, min_sites: int):
         self.client, self.service, self.nodes, self.log = client, service, nodes, log
         self.namespace = service["metadata"]["namespace"]
         self.task_id = task_id
+        self.min_sites = min_sites
+        self.lost: dict[str, str] = {}  # site -> why its SuperNode was lost, in loss order
+        self._pods = {n["metadata"]["labels"][SITE_LABEL]: n["metadata"]["name"] for n in nodes}
+        self._started: set[str] = set()  # SuperNode pods seen running their container
 
     def clear_earlier_tries(self) -> None:
         """Delete what earlier tries of this task left: Services, SuperNodes and any SuperLink
@@ -222,21 +231,51 @@ class Federation:
             time.sleep(1)
 
     def check_nodes(self) -> None:
-        """Raise StepFailed, naming the site and the pod, if a SuperNode will not serve again."""
+        """Log and delete each SuperNode that will not serve its site again (`lost`); raise
+        StepFailed naming the lost sites if fewer than min_sites remain, or if a lost one never
+        started (the SuperLink waits for every site before round 1, up to its round timeout)."""
+        unstarted = []
         for node in self.nodes:
             name, site = node["metadata"]["name"], node["metadata"]["labels"][SITE_LABEL]
+            if site in self.lost:
+                continue
             try:
-                why = supernode_failure(self.client.read_namespaced_pod(name, self.namespace))
+                pod = self.client.read_namespaced_pod(name, self.namespace)
             except ApiException as exc:
                 if exc.status != 404:
                     raise
                 why = "its pod was deleted"
+            else:
+                why = supernode_failure(pod)
+                if supernode_started(pod):
+                    self._started.add(name)
             if why:
-                self._log_tail(name)
-                raise StepFailed(
-                    f"the SuperNode of site {site!r} (pod {self.namespace}/{name}) failed "
-                    f"before the SuperLink finished: {why}. The federation was stopped; the "
-                    "SuperNode's last log lines are above")
+                self._lose(site, name, why)
+                if name not in self._started:
+                    unstarted.append(site)
+        remaining = len(self.nodes) - len(self.lost)
+        if remaining >= self.min_sites and not unstarted:
+            return
+        lost = "; ".join(f"site {site!r} (pod {self.namespace}/{self._pods[site]}): {why}"
+                         for site, why in self.lost.items())
+        reason = (f"site(s) {unstarted} never started, and the SuperLink starts round 1 only "
+                  "with every site" if unstarted else
+                  f"{remaining} of {len(self.nodes)} sites remain, fewer than "
+                  f"federated.min_sites={self.min_sites}")
+        raise StepFailed(f"{len(self.lost)} SuperNode(s) lost before the SuperLink finished: "
+                         f"{lost}. {reason[0].upper()}{reason[1:]}: the federation was "
+                         "stopped; the SuperNodes' last log lines are above")
+
+    def _lose(self, site: str, name: str, why: str) -> None:
+        self.log.warning("the SuperNode of site %r (pod %s/%s) is lost: %s; the federation goes "
+                         "on without the site if federated.min_sites=%d allows. Its last log "
+                         "lines:", site, self.namespace, name, why, self.min_sites)
+        self._log_tail(name)  # before the delete, which takes the log with it
+        # Deleted, not left to crash-loop: restarted under its key it re-activates the same
+        # node, which the SuperLink then never marks offline, so the round it was in would wait
+        # for its reply up to the round timeout instead of going on without the site.
+        self._delete("pod", name)
+        self.lost[site] = why
 
     def _log_tail(self, name: str) -> None:
         try:
@@ -287,7 +326,7 @@ class SuperLinkPod(ArfPodOperator):
         with fail_fast_on_bad_input():
             spec = with_xcom_result(pod_step_spec(self.loaded, "federate", context, settings))
             sites = [s.name for s in self.loaded.template.federated.sites]
-            spec = with_site_manifests(spec, site_manifests(context, sites))
+            spec = federation.with_site_manifests(spec, site_manifests(context, sites))
         return federation.render_federation(spec, self.loaded, run_identity(context), settings)
 
     def render_pod(self, context: Any) -> dict[str, Any]:
@@ -296,15 +335,25 @@ class SuperLinkPod(ArfPodOperator):
     def execute(self, context: Any) -> Any:
         service, link, *nodes = self.render_federation(context)
         self._use(link)
-        self.federation = Federation(self.client, service, nodes, run_identity(context).task_id,
-                                     self.log)
+        self.federation = fed = Federation(self.client, service, nodes,
+                                           run_identity(context).task_id, self.log,
+                                           self.loaded.template.federated.min_sites)
         try:
-            self.federation.clear_earlier_tries()
-            self.federation.start()
+            fed.clear_earlier_tries()
+            fed.start()
             result = self._run(context, super().execute)
+        except Exception:
+            if fed.lost and self.wait_error is None:  # else the error names them already
+                self.log.warning("the SuperLink failed after losing the SuperNodes of sites "
+                                 "%s (above)", list(fed.lost))
+            raise
         finally:
-            self.federation.tear_down()
-        return self._expect_result(result, "the federation's SuperLink")
+            fed.tear_down()
+        result = self._expect_result(result, "the federation's SuperLink")
+        if fed.lost:
+            self.log.warning("the federation finished without the sites it lost: %s",
+                             "; ".join(f"{site!r}: {why}" for site, why in fed.lost.items()))
+        return {**result, LOST_SITES_KEY: dict(fed.lost)}
 
     def await_pod_completion(self, pod: Any) -> None:
         """The provider's wait (it follows the log to the end), with the SuperNodes' status

@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from arf_training.federation import site_spec, site_workspace
+from arf_training.federation import site_spec
 from arf_training.kubernetes.config import (KubernetesConfigError, KubernetesSettings, _get,
                                             _name)
 from arf_training.kubernetes.pod import (pod_template, render_pod,
@@ -162,6 +162,16 @@ def render_site_prepares(spec: StepSpec, loaded: Any, identity: RunIdentity,
             for site in loaded.template.federated.sites]
 
 
+def with_site_manifests(spec: StepSpec, manifests: dict[str, dict[str, Any]]) -> StepSpec:
+    """The federate `spec` whose job spec's `inputs.sites[i].manifest` is site i's metadata
+    (what `arf_trainer.federated` reads instead of the site's manifest.json)."""
+    inputs = dict(spec.job_spec.get("inputs") or {})
+    given = {s["name"]: s for s in inputs.get("sites", [])}
+    inputs["sites"] = [{**given.get(name, {}), "name": name, "manifest": metadata}
+                       for name, metadata in manifests.items()]
+    return dataclasses.replace(spec, job_spec={**spec.job_spec, "inputs": inputs})
+
+
 def _labels(pod: dict[str, Any], federation: str, role: str) -> dict[str, Any]:
     labels = pod["metadata"]["labels"]
     labels.update({"arf.dev/federation": federation, "arf.dev/federation-role": role})
@@ -260,7 +270,9 @@ def _supernode(spec: StepSpec, identity: RunIdentity, settings: KubernetesSettin
     # A SuperNode that crashes is restarted in place and rejoins the federation. Under the same
     # key (its Secret) it is the same node to the SuperLink, so the round it died in waits for
     # the round timeout (not Flower's ~60 s offline reply) before going on without it, if
-    # min_sites allows; the local step restarts under a new key instead (launch.revive).
+    # min_sites allows; the local step restarts under a new key instead (launch.revive). One
+    # that keeps crashing is deleted by the federate task (kubernetes_federated_pods), so that
+    # the SuperLink marks it offline and goes on without its site, as min_sites allows.
     pod["spec"]["restartPolicy"] = "OnFailure"
     pod["spec"]["activeDeadlineSeconds"] = max(1, int(spec.timeout_s))
     _labels(pod, federation, "supernode")
