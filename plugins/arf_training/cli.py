@@ -35,6 +35,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from arf_training import cli_datahub, cli_templates
 from arf_training.cli_templates import table_lines
@@ -60,6 +61,17 @@ def _seconds(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"{text[:60]!r} is not a number of seconds > 0")
     return value
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: with two, which one the user meant is a
+    guess (json keeps the last silently)."""
+    from collections import Counter
+
+    twice = sorted(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+    if twice:
+        raise ValueError(f"key(s) {twice} appear more than once in one object")
+    return dict(pairs)
 
 
 def _parse_sets(items: list[str]) -> dict[str, str]:
@@ -106,7 +118,10 @@ def _training(args: argparse.Namespace) -> int:
         conf = {}
         if args.conf_file:
             try:
-                conf = json.loads(Path(args.conf_file).read_text())
+                conf = json.loads(Path(args.conf_file).read_text(), object_pairs_hook=_unique)
+            except RecursionError:
+                raise ConfError(f"--conf-file {args.conf_file} is nested too deeply to read; "
+                                'give a JSON object of Params such as {"epochs": 2}') from None
             except (OSError, ValueError) as exc:
                 raise ConfError(f"--conf-file {args.conf_file}: {exc}; give a JSON object such "
                                 'as {"epochs": 2}') from exc

@@ -28,10 +28,11 @@ from arf_training.client_errors import (EXIT_BAD_INPUT, EXIT_OK, EXIT_RUN_FAILED
                                         Conflict, NotFound, Unreachable)
 from arf_training.client_jobs import (CANCEL_NOTE, FINISHED, STATUS, Job,  # noqa: F401
                                      split_job_id)
-from arf_training.client_settings import DEFAULT_CONFIG, DEFAULT_URL, ClientSettings  # noqa: F401
+from arf_training.client_settings import (DEFAULT_CONFIG, DEFAULT_URL,  # noqa: F401
+                                          ClientSettings, fetch_token, redacted_url)
 from arf_training.errors import ConfError
 from arf_training.limits import (MAX_DISPLAY_NAME, MAX_LIST_LIMIT, MAX_NAME, MAX_VALUE,
-                                 check_length, quote)
+                                 check_length, check_name, quote)
 
 PLATFORM_DAGS = frozenset({"arf_evaluate"})
 # The train step's progress lines (arf_trainer.trainer.run._epoch_line).
@@ -69,41 +70,22 @@ class TrainingClient:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _token(self) -> str:
-        """A JWT for the REST API (Airflow 3: `/auth/token`, not part of the generated client)."""
-        import urllib3
-
-        s = self.settings
-        if s.token:
-            return s.token
-        http = urllib3.PoolManager(timeout=urllib3.Timeout(total=s.timeout_s), retries=False)
-        try:
-            if s.username:
-                resp = http.request("POST", f"{s.url}/auth/token",
-                                    body=json.dumps({"username": s.username,
-                                                     "password": s.password or ""}),
-                                    headers={"Content-Type": "application/json"})
-            else:
-                resp = http.request("GET", f"{s.url}/auth/token")
-        except urllib3.exceptions.HTTPError as exc:
-            raise Unreachable(f"Airflow at {s.url} is unreachable ({type(exc).__name__}); start "
-                              "it (`make up`) or pass --url / set ARF_AIRFLOW_URL") from exc
-        if resp.status >= 500:
-            raise Unreachable(f"Airflow at {s.url} answered HTTP {resp.status} to /auth/token")
-        if resp.status in (401, 403, 400, 422) or resp.status >= 300:
-            how = (f"user {s.username!r} was rejected" if s.username else
-                   "this deployment needs credentials")
-            raise AuthFailed(f"Airflow at {s.url}: {how} (HTTP {resp.status} from /auth/token); "
-                             "pass --username/--password, set ARF_AIRFLOW_USERNAME/"
-                             "ARF_AIRFLOW_PASSWORD or ARF_AIRFLOW_TOKEN", field="credentials")
-        return json.loads(resp.data)["access_token"]
-
     def _api(self):
         if self._api_client is None:
             ac = _airflow_client()
-            config = ac.Configuration(host=self.settings.url, access_token=self._token())
+            config = ac.Configuration(host=self.settings.url,
+                                      access_token=fetch_token(self.settings))
             config.retries = False
-            self._api_client = ac.ApiClient(config)
+            client = ac.ApiClient(config)
+            call_api, timeout = client.call_api, self.settings.timeout_s
+
+            # The generated API waits forever unless each call passes a timeout: a hung Airflow
+            # would hang the CLI and hold a gRPC worker thread for good.
+            def call_api_with_timeout(*args, _request_timeout=None, **kwargs):
+                return call_api(*args, _request_timeout=_request_timeout or timeout, **kwargs)
+
+            client.call_api = call_api_with_timeout
+            self._api_client = client
         return self._api_client
 
     def _call(self, fn: Callable[[], Any], *, what: str, not_found: str | None = None) -> Any:
@@ -122,7 +104,7 @@ class TrainingClient:
                     return fn()
                 raise
         except ac.ApiException as exc:
-            detail = _detail(exc.body)
+            detail, url = _detail(exc.body), redacted_url(self.settings.url)
             if exc.status == 404 and not_found:
                 raise NotFound(not_found) from exc
             if exc.status in (401, 403):
@@ -130,12 +112,13 @@ class TrainingClient:
                                  "check the credentials and the user's role",
                                  field="credentials") from exc
             if exc.status is not None and exc.status >= 500:
-                raise Unreachable(f"{what}: Airflow at {self.settings.url} failed with HTTP "
-                                  f"{exc.status}: {detail}") from exc
+                raise Unreachable(f"{what}: Airflow at {url} failed with HTTP {exc.status}: "
+                                  f"{detail}") from exc
             raise BadInput(f"{what}: HTTP {exc.status}: {detail}") from exc
         except urllib3.exceptions.HTTPError as exc:
-            raise Unreachable(f"{what}: Airflow at {self.settings.url} is unreachable "
-                              f"({type(exc).__name__}); start it or check --url") from exc
+            url = redacted_url(self.settings.url)
+            raise Unreachable(f"{what}: Airflow at {url} is unreachable ({type(exc).__name__}); "
+                              "start it or check --url") from exc
 
     def _dag_runs(self):
         return _airflow_client().DagRunApi(self._api())
@@ -156,13 +139,19 @@ class TrainingClient:
         from arf_training.params import schemas_from_airflow
 
         ac = _airflow_client()
-        check_length("template", template, MAX_NAME)
+        check_name("template", template)
         if template in PLATFORM_DAGS:
             raise NotFound(f"{template!r} is a platform DAG, not a training template",
                            field="template")
-        details = self._call(lambda: ac.DAGApi(self._api()).get_dag_details(template),
-                             what=f"reading template {template!r}",
-                             not_found=self._unknown_template(template))
+        try:
+            details = self._call(lambda: ac.DAGApi(self._api()).get_dag_details(template),
+                                 what=f"reading template {template!r}", not_found="unknown")
+        except NotFound as exc:  # listing the known ones costs a call: only when needed
+            raise NotFound(self._unknown_template(template), field="template") from exc
+        if "arf" not in {getattr(tag, "name", tag) for tag in details.tags or []}:
+            # Another team's DAG on the same Airflow: not ours to start or cancel.
+            raise NotFound(f"{self._unknown_template(template)}; {template!r} is a DAG without "
+                           "the 'arf' tag, not a training template", field="template")
         return schemas_from_airflow(details.params or {})
 
     def _unknown_template(self, template: str) -> str:
@@ -197,7 +186,7 @@ class TrainingClient:
         """Validate the conf, then create a DAG run. Only the keys given are sent (the DAG's
         Params fill in the rest, so a later template default change applies)."""
         ac = _airflow_client()
-        check_length("template", template, MAX_NAME)
+        check_name("template", template)
         check_length("display_name", display_name, MAX_DISPLAY_NAME)
         check_length("dataset_query", dataset_query, MAX_VALUE)
         _checked_sizes(sets)  # all sizes before the first HTTP call
@@ -271,7 +260,7 @@ class TrainingClient:
     def list(self, *, template: str | None = None, state: str | None = None,
              limit: int = 50) -> list[Job]:
         """Recent jobs, newest first, of one template or of all templates."""
-        check_length("template", template, MAX_NAME)
+        check_name("template", template)
         if type(limit) is not int or not 1 <= limit <= MAX_LIST_LIMIT:
             raise BadInput(f"limit {quote(limit)} is out of range; give a whole number from 1 to "
                            f"{MAX_LIST_LIMIT} (--limit, or ListTrainingJobs' limit: 0 means 50)",
@@ -292,6 +281,7 @@ class TrainingClient:
     def cancel(self, job_id: str) -> Job:
         """Mark a queued or running job failed (Airflow stops its running tasks)."""
         ac = _airflow_client()
+        self.param_schemas(split_job_id(job_id)[0])  # a training template's run, or NotFound
         job = self.status(job_id, tasks=False)
         if job.state in FINISHED:
             raise Conflict(f"job {job_id} already finished ({job.state}); nothing to cancel",
@@ -320,10 +310,11 @@ class TrainingClient:
         return lines, resp.continuation_token
 
     def logs(self, job_id: str, *, task: str | None = None, follow: bool = False,
-             poll_s: float = 2.0) -> Iterator[tuple[str, str]]:
-        """(task_id, line) of every task's latest try; with `follow`, until the job finishes."""
+             poll_s: float = 2.0, stop: Any = None) -> Iterator[tuple[str, str]]:
+        """(task_id, line) of every task's latest try; with `follow`, until the job finishes or
+        `stop` (a `threading.Event`: the gRPC caller left) is set."""
         template, run_id = split_job_id(job_id)
-        check_length("task", task, MAX_NAME)
+        check_name("task", task)
         ac = _airflow_client()
         offsets: dict[tuple[str, int], int] = {}
         while True:
@@ -346,7 +337,10 @@ class TrainingClient:
                 offsets[key] = len(lines)
             if not follow or job.state in FINISHED:
                 return
-            time.sleep(poll_s)
+            if stop is None:
+                time.sleep(poll_s)
+            elif stop.wait(poll_s):  # the caller left while we waited
+                return
 
     def wait(self, job_id: str, *, on_task: Callable[[str, str], None] | None = None,
              on_line: Callable[[str, str], None] | None = None, poll_s: float = 2.0,
@@ -397,11 +391,10 @@ def _detail(body: Any) -> str:
     return text if len(text) <= 300 else text[:300] + "..."
 
 
-
 def _first_param(message: str) -> str:
     """The Param a `ConfError` message is about (its first problem), for INVALID_ARGUMENT."""
     for line in message.splitlines():
-        found = re.match(r"\s*(?:- )?(?:unknown parameter )?'?([a-z_][a-z0-9_]*)'?"
+        found = re.match(r"\s*(?:- )?(?:unknown parameter )?'?([^'=\s;]+)'?"
                          r"(?:=| =| must|;)", line)
         if found:
             return found.group(1)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from arf_training.client_errors import BadInput
-from arf_training.limits import MAX_JOB_ID, check_length, quote
+from arf_training.limits import MAX_JOB_ID, check_length, check_name, quote
 
 FINISHED = frozenset({"success", "failed"})
 # Airflow DAG run state -> the job status of the seed API (protos/arf/cloud/v1/training.proto).
@@ -58,4 +58,6 @@ def split_job_id(job_id: str) -> tuple[str, str]:
     if not sep or not template or not run_id:
         raise BadInput(f"job id {quote(job_id)} is not of the form TEMPLATE/RUN_ID (as printed by "
                        "`arf training start` and `arf training list`)", field="job_id")
+    check_name("job_id", template)
+    check_name("job_id", run_id)
     return template, run_id

@@ -30,17 +30,37 @@ QUOTE_CHARS = 60
 
 def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
     """`repr(value)`, or for a long value its first `limit` characters and its length."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:  # a conf value nested thousands of levels deep
+        return f"<a {type(value).__name__} nested too deeply to show>"
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(value) if isinstance(value, str) else len(text)} chars)"
 
 
 def check_length(field: str, value: str | None, limit: int) -> str | None:
-    """`value` unchanged, or `BadInput` naming the field, the length and the cap."""
+    """`value` unchanged, or `BadInput` naming the field, the length and the cap. A NUL character
+    is refused too: Airflow's PostgreSQL cannot store one (text, JSONB), so Airflow would fail
+    with HTTP 500, which reads as "Airflow is down" instead of "fix your input"."""
     if value is not None and len(value) > limit:
         raise BadInput(f"{field} is too long: {len(value)} characters, its limit is {limit} "
                        f"({quote(value)}); shorten it", field=field)
+    at = -1 if value is None else value.find("\x00")
+    if at >= 0:
+        raise BadInput(f"{field} contains a NUL character (\\x00) at position {at} "
+                       f"({quote(value)}); remove it", field=field)
+    return value
+
+
+def check_name(field: str, value: str | None) -> str | None:
+    """A template, run or task id: within `MAX_NAME`, and not `.` or `..`, which would address
+    another REST endpoint (URL path segments; the HTTP client resolves them)."""
+    check_length(field, value, MAX_NAME)
+    if value in (".", ".."):
+        raise BadInput(f"{field} {value!r} is not a usable id (it is a relative URL path "
+                       "segment); give the real one, as `arf training list` prints it",
+                       field=field)
     return value
 
 

@@ -23,6 +23,8 @@ SECTION_DATA = "Data"
 # names (arf_trainer.nightly.policy: CONF_KEY, RECIPES), which this side may not import.
 NIGHTLY_PARAM = "nightly_recipe"
 NIGHTLY_RECIPES = ("auto", "fine-tune", "retrain")
+MAX_PROBLEMS = 10
+"""Problems one invalid conf reports (the rest are counted)."""
 _MAX_FLOAT = 1.7976931348623157e308
 # JSON Schema has no "finite" keyword, and every bound check passes for NaN (`nan < x` and
 # `nan > x` are both false), so a "number" Param alone lets NaN and infinities through Airflow's
@@ -125,9 +127,9 @@ def _check_value(name: str, value: Any, schema: dict[str, Any]) -> str | None:
     if "enum" in schema and value not in schema["enum"]:
         return f"{name!r} must be one of {schema['enum']}, got {quote(value)}"
     if "minimum" in schema and value < schema["minimum"]:
-        return f"{name!r} = {value!r} is below its minimum {schema['minimum']}"
+        return f"{name!r} = {quote(value)} is below its minimum {schema['minimum']}"
     if "maximum" in schema and value > schema["maximum"]:
-        return f"{name!r} = {value!r} is above its maximum {schema['maximum']}"
+        return f"{name!r} = {quote(value)} is above its maximum {schema['maximum']}"
     if "maxLength" in schema and len(value) > schema["maxLength"]:
         return (f"{name!r} is {len(value):,} characters long, over its limit of "
                 f"{schema['maxLength']:,}: {quote(value)}")
@@ -180,9 +182,10 @@ def check_conf(template_name: str, schemas: dict[str, dict[str, Any]],
         if problem:
             problems.append(f"{problem}. Expected {_describe(name, schema)}")
         values[name] = value
-    if problems:
+    if problems:  # the first few: a conf of 10,000 unknown keys must not echo megabytes
+        more = [f"... and {len(problems) - MAX_PROBLEMS} more"] * (len(problems) > MAX_PROBLEMS)
         raise ConfError(f"invalid trigger conf for {template_name!r}:\n  - "
-                        + "\n  - ".join(problems))
+                        + "\n  - ".join(problems[:MAX_PROBLEMS] + more))
     return values
 
 

@@ -121,6 +121,21 @@ def test_oversized_conf_file_value_and_nan_timeout_exit_2(tmp_path, capsys):
     assert "argument --timeout: 'nan' is not a number of seconds > 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text, says", [
+    ('{"epochs": 2, "epochs": 3}', "key(s) ['epochs'] appear more than once"),
+    ("[" * 100_000 + "]" * 100_000, "is nested too deeply to read"),
+    ('{"epochs": ', "Expecting value"),
+])
+def test_a_bad_conf_file_exits_2_naming_it(tmp_path, capsys, text, says):
+    conf = tmp_path / "conf.json"
+    conf.write_text(text)
+    code = main(["training", "start", "digits_smoke", "--conf-file", str(conf),
+                 "--url", UNREACHABLE])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--conf-file {conf}" in err and says in err, err[:300]
+    assert "Traceback" not in err and len(err) < 1000
+
+
 def test_templates_list_columns_fit_long_names(tmp_path, monkeypatch, capsys):
     from arf_training.settings import REPO_ROOT
 

@@ -43,17 +43,20 @@ def anonymous_allowed(host: str, allow_anonymous: bool) -> bool:
 
 
 def caller_token(metadata: Iterable[tuple[str, str]] | None) -> str | None:
-    """The bearer token of a call's metadata; None when it has no `authorization` entry."""
-    for key, value in metadata or ():
-        if key != "authorization":
-            continue
-        scheme, _, token = value.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthFailed("authorization metadata must be 'Bearer <Airflow JWT>' (get a JWT "
-                             "from Airflow's POST /auth/token); other schemes are not accepted",
-                             field="authorization")
-        return token.strip()
-    return None
+    """The bearer token of a call's metadata; None when it has no `authorization` entry. Two
+    entries are refused: which one acts would be a guess (a proxy may have added one)."""
+    values = [value for key, value in metadata or () if key == "authorization"]
+    if len(values) > 1:
+        raise AuthFailed(f"the call carries {len(values)} authorization metadata entries; send "
+                         "exactly one, 'Bearer <Airflow JWT>'", field="authorization")
+    if not values:
+        return None
+    scheme, _, token = values[0].strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthFailed("authorization metadata must be 'Bearer <Airflow JWT>' (get a JWT "
+                         "from Airflow's POST /auth/token); other schemes are not accepted",
+                         field="authorization")
+    return token.strip()
 
 
 def refuse_anonymous() -> AuthFailed:

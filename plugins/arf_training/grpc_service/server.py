@@ -30,12 +30,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from arf_training.client import (STATUS, AuthFailed, BadInput, ClientError, ClientSettings,
-                                 Conflict, Job, NotFound, TrainingClient, Unreachable)
+                                 Conflict, Job, NotFound, TrainingClient, Unreachable,
+                                 redacted_url)
 from arf_training.grpc_service.gen import training_pb2 as pb
 from arf_training.grpc_service.gen import training_pb2_grpc as pb_grpc
 from arf_training.grpc_service.security import (TlsFiles, anonymous_allowed, caller_token,
                                                 refuse_anonymous, startup_warnings)
-from arf_training.limits import MAX_NAME, check_length, clip, quote
+from arf_training.limits import check_name, clip, quote
 
 log = logging.getLogger("arf.grpc")
 SERVICE = pb.DESCRIPTOR.services_by_name["TrainingService"].full_name
@@ -152,9 +153,14 @@ class TrainingService(pb_grpc.TrainingServiceServicer):
         def lines(client: TrainingClient) -> list:
             # Check what can be checked before the first message, so errors are status codes
             # (the task name's length, the job); an unknown task shows with the first lines.
-            check_length("task", request.task, MAX_NAME)
+            check_name("task", request.task)
             client.status(request.job_id, tasks=False)
-            return client.logs(request.job_id, task=request.task or None, follow=request.follow)
+            # Following polls Airflow between lines; stop when the call ends (cancelled, deadline,
+            # disconnect), or an abandoned stream polls, holding a worker, until the job ends.
+            stop = threading.Event()
+            context.add_callback(stop.set)
+            return client.logs(request.job_id, task=request.task or None, follow=request.follow,
+                               stop=stop)
 
         stream = self._run("StreamTrainingJobLogs", context, lines)
         try:
@@ -190,11 +196,16 @@ def make_server(settings: ClientSettings, host: str = "127.0.0.1", port: int = 5
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{host}:{port}"
+    # An IPv6 address needs brackets before the port (`[::]:50051`), as in a URL.
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
         bound = (server.add_secure_port(address, credentials) if credentials
                  else server.add_insecure_port(address))
-    except RuntimeError as exc:  # grpc checks the certificate and key only here
+    except RuntimeError as exc:  # grpc checks the address, and the certificate and key, here
+        if not tls:
+            raise BadInput(f"cannot listen on {address}: gRPC refused the address; pass --host "
+                           "an IP address or host name of this machine (127.0.0.1, ::1, 0.0.0.0)",
+                           field="--host") from exc
         raise ClientError(f"cannot listen on {address} with TLS: gRPC refused --tls-cert "
                           f"{tls.cert} / --tls-key {tls.key} (a key that does not match the "
                           "certificate?)") from exc
@@ -215,7 +226,8 @@ def serve(settings: ClientSettings, host: str = "127.0.0.1", port: int = 50051, 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"listening on {host}:{bound} (Airflow {settings.url}; {tls.mode if tls else 'plaintext'}"
+    print(f"listening on {host}:{bound} (Airflow {redacted_url(settings.url)}; "
+          f"{tls.mode if tls else 'plaintext'}"
           f"; anonymous calls {'served' if anonymous else 'refused'})", flush=True)
     stop.wait()
     server.stop(grace=5).wait()
