@@ -13,8 +13,9 @@ running inside the training container. The sandbox, in the order it is built:
    back are exactly the data the query could read.
 3. A fresh in-memory DuckDB with extension autoload/autoinstall off, Python replacement scans
    off (otherwise `FROM some_name` would find any Python variable of that name in the caller's
-   frames), no temp directory (an in-memory database would otherwise spill to `./.tmp`), and a
-   memory limit. The referenced tables are registered as views over Arrow datasets, then
+   frames), no temp directory (an in-memory database would otherwise spill to `./.tmp`), a
+   memory limit, and the UTC time zone (not the host's: TIMESTAMPTZ results would follow it).
+   The referenced tables are registered as views over Arrow datasets, then
    `enable_external_access=false` (no files, URLs, databases or extensions) and
    `lock_configuration=true` (the query cannot undo any of the above).
 4. A timer interrupts the connection when the time limit passes.
@@ -140,6 +141,10 @@ def _sandbox(snapshots: Mapping[str, TableSnapshot], memory_limit: str,
         # objects, and it happens under our control, not the query's.
         for name, snapshot in snapshots.items():
             con.register(name, _bounded_scan(snapshot) if bounded_scan else snapshot.dataset)
+        # The host's zone otherwise (ICU's settings, so not in `config`): TIMESTAMPTZ values
+        # print, truncate and extract (::VARCHAR, date_trunc, hour) in it, so would the shards.
+        con.execute("SET TimeZone = 'UTC'")
+        con.execute("SET Calendar = 'gregorian'")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     except BaseException:

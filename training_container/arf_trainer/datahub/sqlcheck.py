@@ -9,8 +9,8 @@ lints clean never fails prepare for a reason lint could have seen. In order:
    check; the issue's 1 MB query 30 s and 1.6 GB), and parsing runs outside any query limit.
    DuckDB caps expression nesting at depth 1000 itself.
 2. Exactly one statement, and it is a SELECT (no COPY, ATTACH, PRAGMA, SET, ...).
-3. FROM clauses: only tables referenced by name (hub tables, when the caller knows them),
-   subqueries, joins, VALUES, PIVOT and the table functions in `ALLOWED_TABLE_FUNCTIONS`.
+3. FROM clauses: only tables referenced by name (hub tables, when the caller knows them, or
+   CTEs in scope), subqueries, joins, VALUES, PIVOT and `ALLOWED_TABLE_FUNCTIONS`.
    DESCRIBE/SHOW/SUMMARIZE (`SHOW memory_limit` is a SELECT to DuckDB) are refused.
 4. Functions: an allowlist of the families a dataset query needs (`ALLOWED_FUNCTIONS`), not a
    denylist: a function the next DuckDB release adds is refused until someone adds it here.
@@ -18,10 +18,15 @@ lints clean never fails prepare for a reason lint could have seen. In order:
    (`current_setting`, `duckdb_settings`, `version`, ...; found writing local paths into
    training shards), read files or other databases, sleep, log, or return a different value on
    every run (`now`, `random`, `uuid`): the same table versions must give the same shards.
-   Schema-qualified function names (`main.current_setting`) are refused too.
+   Schema-qualified function names (`main.current_setting`) are refused too, and so are the
+   bare names DuckDB binds to such functions (`CURRENT_DATE`, `user`: `_VALUE_FUNCTIONS`).
+5. Determinism: no USING SAMPLE/TABLESAMPLE, no LIMIT/OFFSET or DISTINCT ON in a SELECT
+   without ORDER BY, and no order-sensitive aggregate or window function (`string_agg`,
+   `first`, `row_number`, ...) without an ORDER BY of its own: each keeps whichever rows a
+   parallel scan delivers first.
 
 What parsing cannot see is left to the sandbox (`arf_trainer.datahub.query`): external access
-off, locked configuration, the memory and time limits.
+off, locked configuration, the UTC time zone, the memory and time limits.
 """
 
 from __future__ import annotations
@@ -128,13 +133,26 @@ _TABLE_REF_KEYS = ("from_table", "left", "right", "source")
 _HINTS = {
     **dict.fromkeys(("now", "today", "current_date", "current_timestamp", "get_current_time",
                      "get_current_timestamp", "transaction_timestamp", "current_localtime",
-                     "current_localtimestamp"),
+                     "current_localtimestamp", "current_time", "localtime", "localtimestamp"),
                     "it returns a different value on every run; use $data_interval_start / "
                     "$data_interval_end (the template's {{ data_interval_start }} macros)"),
     **dict.fromkeys(("random", "uuid", "uuidv4", "uuidv7", "gen_random_uuid", "setseed"),
                     "it is random on every run; for a stable sample filter on "
                     "hash(<key column>) instead"),
 }
+
+# Bare names DuckDB binds to a function where no column has that name (parsed as columns).
+_VALUE_FUNCTIONS = frozenset({
+    "current_date", "current_time", "current_timestamp", "localtime", "localtimestamp",
+    "current_user", "user", "session_user", "current_role", "current_catalog", "current_schema"})
+# Aggregates and window functions that depend on the order rows arrive in (measured: 6 runs
+# of string_agg over a 16-file table gave 6 strings): they need an ORDER BY of their own.
+_ORDER_SENSITIVE = frozenset({
+    "string_agg", "group_concat", "listagg", "list", "array_agg", "first", "last",
+    "any_value", "arbitrary", "row_number", "lag", "lead", "first_value", "last_value",
+    "nth_value", "ntile"})
+_RUN_DEPENDENT = ("the same table versions would not give the same rows, and the dataset "
+                  "fingerprint would change from run to run")
 
 
 @dataclass(frozen=True)
@@ -143,9 +161,9 @@ class CheckedQuery:
 
     statement: duckdb.Statement
     tables: tuple[str, ...]
-    """Table names in FROM/JOIN, in order (possibly qualified, e.g. 'other.t'). A name that is
-    also a CTE of the query is kept: where it is a hub table too, recording its version is
-    harmless, and missing one would not be."""
+    """Table names in FROM/JOIN, in order (possibly qualified, e.g. 'other.t'). A reference to
+    a CTE is kept: where it is a hub table too, recording its version is harmless, and missing
+    one would not be."""
 
 
 def shown(query: str) -> str:
@@ -182,11 +200,10 @@ def check_query(query: str, tables: Collection[str] | None = None, *,
                 f"{what} uses parameter(s) {', '.join('$' + p for p in unknown)}, which the run "
                 f"does not provide (available: {offered}). Query: {shown(query)}. Fix: use one "
                 "of the available parameters, or write the value into the query")
-    names, ctes = _walk(_parse_tree(statement.query, what), statement.query, what, tables)
+    names, outside = _walk(_parse_tree(statement.query, what), statement.query, what, tables)
     if tables is not None:
         by_lower = {name.lower() for name in tables}
-        unknown = sorted({n for n in names if n.lower() not in by_lower
-                          and n.lower() not in ctes})
+        unknown = sorted({n for n in outside if n.lower() not in by_lower})
         if unknown:
             raise QueryError(
                 f"{what} references {', '.join(repr(n) for n in unknown)}, which "
@@ -250,37 +267,59 @@ def _parse_tree(query: str, what: str) -> dict[str, Any]:
 
 
 def _walk(tree: dict[str, Any], query: str, what: str,
-          tables: Collection[str] | None) -> tuple[list[str], set[str]]:
-    """(table names in FROM/JOIN, CTE names); refuses disallowed functions and FROM kinds.
-    Iterative: a parse tree may be deeper than Python's recursion limit."""
+          tables: Collection[str] | None) -> tuple[list[str], list[str]]:
+    """(table names in FROM/JOIN, those of them that are not a CTE in scope); refuses
+    disallowed functions, FROM kinds and run-dependent constructs. Iterative: a parse tree may
+    be deeper than Python's recursion limit. A CTE is in scope in its WITH's query and in the
+    CTEs after it, for unqualified names only (as DuckDB scopes it: one query-wide set let
+    `(WITH pg_settings AS ...), pg_settings` read DuckDB's settings)."""
     names: list[str] = []
-    ctes: set[str] = set()
+    outside: list[str] = []
     table_functions: set[int] = set()  # ids of FUNCTION nodes already checked as FROM items
-    todo: list[tuple[Any, str]] = [(tree, "")]
+    todo: list[tuple[Any, str, frozenset[str]]] = [(tree, "", frozenset())]
     while todo:
-        node, key = todo.pop()
+        node, key, scope = todo.pop()
         if isinstance(node, list):
-            todo.extend((value, key) for value in reversed(node))
+            todo.extend((value, key, scope) for value in reversed(node))
             continue
         if not isinstance(node, dict):
             continue
+        kind = node.get("type")
         # A FROM item sits under one of _TABLE_REF_KEYS; any classless node typed like one is
         # checked too, wherever a future parse tree puts it.
-        if "class" not in node and "type" in node and (
-                key in _TABLE_REF_KEYS or node["type"] in _TABLE_REF_TYPES | {"SHOW_REF"}):
-            _check_table_ref(node, query, what, tables, names)
+        if "class" not in node and isinstance(kind, str) and (
+                key in _TABLE_REF_KEYS or kind in _TABLE_REF_TYPES | {"SHOW_REF"}):
+            _check_table_ref(node, query, what, tables, names, outside, scope)
             table_functions.add(id(node.get("function")))
         elif node.get("class") in ("FUNCTION", "WINDOW") and id(node) not in table_functions:
             _check_function(node, query, what, table_function=False)
-        cte_map = node.get("cte_map")
-        if isinstance(cte_map, dict):
-            ctes.update(entry.get("key", "").lower() for entry in cte_map.get("map", []))
-        todo.extend((value, child) for child, value in reversed(list(node.items())))
-    return names, ctes
+            _check_order(node, query, what)
+        elif node.get("class") == "COLUMN_REF":
+            _check_column(node, query, what)
+        if node.get("sample"):
+            raise QueryError(
+                f"{what} uses USING SAMPLE / TABLESAMPLE, which is not allowed: it picks other "
+                "rows on every run (with more than one thread even with REPEATABLE), so the "
+                f"same table versions would not give the same shards. Query: {shown(query)}. "
+                "Fix: for a stable sample filter on hash(<key column>), e.g. WHERE "
+                "hash(episode) % 10 = 0")
+        if isinstance(node.get("modifiers"), list):
+            _check_modifiers(node["modifiers"], query, what)
+        entries = (node.get("cte_map") or {}).get("map") or []
+        ctes = [str(entry.get("key", "")).lower() for entry in entries]
+        inner = scope | frozenset(ctes)
+        for child, value in reversed(list(node.items())):
+            if child == "cte_map":  # each CTE body sees the CTEs before it, not itself
+                todo.extend((entry.get("value"), "", scope | frozenset(ctes[:i]))
+                            for i, entry in reversed(list(enumerate(entries))))
+            else:
+                todo.append((value, child, inner))
+    return names, outside
 
 
 def _check_table_ref(node: dict[str, Any], query: str, what: str,
-                     tables: Collection[str] | None, names: list[str]) -> None:
+                     tables: Collection[str] | None, names: list[str], outside: list[str],
+                     scope: frozenset[str]) -> None:
     kind = node["type"]
     if kind not in _TABLE_REF_TYPES:
         raise QueryError(
@@ -295,6 +334,8 @@ def _check_table_ref(node: dict[str, Any], query: str, what: str,
             names.append(parts[2])
         else:
             names.append(".".join(p for p in parts if p))
+        if parts[0] or parts[1] or parts[2].lower() not in scope:  # not a CTE reference
+            outside.append(names[-1])
     elif kind == "TABLE_FUNCTION" and isinstance(node.get("function"), dict):
         _check_function(node["function"], query, what, table_function=True, tables=tables)
 
@@ -317,3 +358,43 @@ def _check_function(node: dict[str, Any], query: str, what: str, *, table_functi
                      + ", ".join(ALLOWED_FUNCTIONS) + " (arf_trainer.datahub.sqlcheck)")
     raise QueryError(f"{what} calls {qualified}(), which is not allowed: {why}. "
                      f"Query: {shown(query)}. Fix: remove {qualified}() from the query")
+
+
+def _check_column(node: dict[str, Any], query: str, what: str) -> None:
+    parts = node.get("column_names") or []
+    if len(parts) == 1 and str(parts[0]).lower() in _VALUE_FUNCTIONS:
+        name = str(parts[0])
+        why = _HINTS.get(name.lower(), "it reads the sandbox's own session")
+        raise QueryError(
+            f"{what} uses {name}, which DuckDB reads as the function {name.lower()} where no "
+            f"column has that name; it is not allowed: {why}. Query: {shown(query)}. Fix: if "
+            f"it is a column, qualify it with its table (e.g. t.{name}); else remove it")
+
+
+def _check_order(node: dict[str, Any], query: str, what: str) -> None:
+    """An order-sensitive aggregate or window function needs an ORDER BY of its own."""
+    name = str(node.get("function_name", "")).lower()
+    if name not in _ORDER_SENSITIVE:
+        return
+    window = node.get("class") == "WINDOW"
+    example = (f"{name}(...) OVER (PARTITION BY ... ORDER BY <key columns>)" if window
+               else f"{name}(<value> ORDER BY <key columns>)")
+    if not (node.get("orders") or node.get("arg_orders")
+            or (node.get("order_bys") or {}).get("orders")):
+        raise QueryError(
+            f"{what} calls {name}() without an ORDER BY, which is not allowed: its result "
+            f"depends on the order DuckDB's parallel scan delivers rows in, so {_RUN_DEPENDENT}. "
+            f"Query: {shown(query)}. Fix: order it by columns that are unique, e.g. {example}")
+
+
+def _check_modifiers(modifiers: list[Any], query: str, what: str) -> None:
+    """LIMIT/OFFSET and DISTINCT ON keep rows in arrival order unless the SELECT orders them."""
+    kinds = {m.get("type") for m in modifiers if isinstance(m, dict)}
+    distinct_on = any(isinstance(m, dict) and m.get("distinct_on_targets") for m in modifiers)
+    construct = ("LIMIT/OFFSET" if kinds & {"LIMIT_MODIFIER", "LIMIT_PERCENT_MODIFIER"}
+                 else "DISTINCT ON" if distinct_on else None)
+    if construct and "ORDER_MODIFIER" not in kinds:
+        raise QueryError(
+            f"{what} uses {construct} in a SELECT without ORDER BY, which is not allowed: it "
+            f"keeps whichever rows DuckDB's parallel scan delivers first, so {_RUN_DEPENDENT}. "
+            f"Query: {shown(query)}. Fix: add ORDER BY <columns that are unique> to that SELECT")
