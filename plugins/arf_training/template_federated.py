@@ -63,8 +63,9 @@ class Federated(_Section):
     fraction_fit: float = Field(1.0, gt=0.0, le=1.0,
                                 description="Fraction of the connected sites sampled each round.")
     min_sites: int = Field(2, ge=1, le=MAX_SITES,
-                           description="Fewest sites a round needs; with fewer replies (a site "
-                                       "down) the federate task fails.")
+                           description="Fewest sites a round needs: a site lost on the way "
+                                       "is left out while at least this many reply; with "
+                                       "fewer the federate task fails.")
     local_epochs: int = Field(1, ge=1, le=1000, description="Epochs each site trains per round.")
     proximal_mu: float | None = Field(
         None, gt=0.0, le=1000.0, description="FedProx's proximal weight: required with fedprox, "
@@ -126,6 +127,12 @@ def check_federated(template: Any) -> None:
     if training.recipe is None:
         problems.append("federated needs a built-in training.recipe (the sites train it "
                         "inside Flower's ClientApp); remove federated or use a recipe")
+    elif training.recipe == "classifier":
+        # Its output layer has one unit per distinct training label: only the sites' rows
+        # know them, and the federate step describes the model from metadata alone.
+        problems.append("federated: training.recipe 'classifier' is not supported (its classes "
+                        "are the distinct training labels, which only the sites' rows hold); "
+                        "use recipe 'bc' or 'bc_pixels', or remove federated")
     if training.distributed.nodes * training.distributed.procs_per_node != 1:
         problems.append("federated: training.distributed must be 1 node x 1 process (each "
                         "site trains in one process)")

@@ -138,6 +138,8 @@ def test_malformed_federated_section(section, fragments):
                  "needs a built-in training.recipe", id="custom-command"),
     pytest.param("  features:", "  allow_query_override: true\n  features:",
                  "allow_query_override is not supported", id="query-override"),
+    pytest.param("  recipe: bc\n", "  recipe: classifier\n",
+                 "training.recipe 'classifier' is not supported", id="classifier"),
     pytest.param("  recipe: bc\n", "  recipe: bc\n  precision: bf16\n",
                  "training.precision: bf16 is not supported", id="bf16"),
     pytest.param("  recipe: bc\n", "  recipe: bc\n  deterministic: false\n  compile: true\n",
@@ -150,6 +152,13 @@ def test_federated_conflicts_with_other_sections(old, new, fragment):
     with pytest.raises(TemplateError) as info:
         _template(FEDERATED, base)
     assert fragment in str(info.value)
+
+
+def test_a_bc_pixels_template_federates():
+    """Frames + state federate like the MLP recipes (tests/unit/test_federated_shapes.py)."""
+    base = (REPO / "config_templates" / "reach_pixels_bc.yaml").read_text()
+    loaded = _template(FEDERATED, base)
+    assert (loaded.training.recipe, len(loaded.federated.sites)) == ("bc_pixels", 3)
 
 
 def test_json_schema_describes_the_section():

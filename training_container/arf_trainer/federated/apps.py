@@ -110,7 +110,7 @@ def _pooled_normalization(grid: Grid, initial: dict[str, Any], plan: dict[str, A
     x_stats, y_stats = site.pooled_stats(stats)
     model = recipe.build_model(info)
     model.load_state_dict(initial)
-    recipe.set_normalization(model, x_stats, y_stats)
+    recipe.set_inputs_normalization(model, x_stats, y_stats)
     flwr_log(logging.INFO, "pooled normalization from %s site(s), %d training rows",
              len(good), int(sum(float(s["count"][0]) for s in stats)))
     return {k: v.detach().clone() for k, v in sorted(model.state_dict().items())}
@@ -181,10 +181,11 @@ def client_statistics(msg: Message, context: Context) -> Message:
 
     torch.set_num_threads(1)
     info = ModelInfo.from_json(json.loads(str(msg.content["config"]["model-info"])))
-    data = site.load_site(Path(str(context.node_config["data-dir"])), info,
-                          get_recipe(info.recipe))
+    recipe = get_recipe(info.recipe)
+    data = site.load_site(Path(str(context.node_config["data-dir"])), info, recipe)
     metrics = MetricRecord({"site-index": int(context.node_config["site-index"])})
-    content = RecordDict({"arrays": ArrayRecord(site.statistics(data)), "metrics": metrics})
+    content = RecordDict({"arrays": ArrayRecord(site.statistics(data, recipe)),
+                          "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
 

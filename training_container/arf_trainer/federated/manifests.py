@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from arf_trainer.errors import TrainingError
-from arf_trainer.federated.site import model_info
+from arf_trainer.federated.site import column_shapes, model_info
 from arf_trainer.spec import StepEnv
 from arf_trainer.trainer.data import Manifest, load_manifest
 from arf_trainer.trainer.recipes import Hyperparameters, ModelInfo
@@ -89,18 +89,27 @@ def lineage(sites: list[dict[str, Any]]) -> dict[str, Any]:
 
 def plan(env: StepEnv, sites: list[dict[str, Any]]) -> tuple[dict[str, Any], ModelInfo]:
     """(plan.json for the ServerApp, the model's shape). Every site must have prepared the same
-    feature and target columns: the first site's define the model."""
+    feature and target columns, of the same per-row shapes: the first site's define the model."""
     spec = env.spec
     recipe = spec.training["recipe"]
     hp = Hyperparameters.parse(recipe, spec.hyperparameters)
     manifests = [site_manifest(s) for s in sites]
     info = model_info(manifests[0], recipe, hp)
+    first = column_shapes(manifests[0])
     for site, manifest in zip(sites[1:], manifests[1:]):
         if (manifest.features, manifest.targets) != (info.features, info.targets):
             raise TrainingError(
                 f"site {site['name']!r} prepared features {manifest.features} -> "
                 f"{manifest.targets}, site {sites[0]['name']!r} {info.features} -> "
                 f"{info.targets}; every site's query must return the same columns")
+        shapes = column_shapes(manifest)
+        differ = [f"{n}: {first[n]} vs {shapes[n]}" for n in first if first[n] != shapes[n]]
+        if differ:
+            raise TrainingError(
+                f"sites {sites[0]['name']!r} and {site['name']!r} prepared columns of "
+                f"different per-row shapes ({'; '.join(differ)}); every site's query must "
+                "return the same array sizes (the same frame size in dataset.decode, the "
+                "same CAST(... AS FLOAT[n]))")
     timeout = float(spec.training.get("timeout_minutes", 60)) * 60
     plan_ = {"federated": spec.template["federated"], "model_info": info.to_json(),
              "hyperparameters": spec.hyperparameters, "seed": spec.seed,

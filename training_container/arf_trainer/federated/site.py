@@ -1,9 +1,14 @@
 """One site's local training: the ClientApp's work, in plain torch (no Flower imports).
 
 A site reads only its own prepared shards (the SuperNode's `data-dir`). What leaves the site
-is, once, its normalization statistics (row count, column means and sums of squared
-deviations), then each round the weights after training, the number of training rows and two
-losses: never rows.
+is, once, its normalization statistics (row count, means and sums of squared deviations of the
+input values the model standardizes: every flattened feature for the MLP recipes, the state for
+bc_pixels, whose model scales its frames by a constant), then each round the weights after
+training, the number of training rows and two losses: never rows.
+
+The model's shape comes from manifest metadata alone (column names, per-row shapes), as the
+federate step sees no rows: array columns count with their flattened width, as central
+training's loaders count them.
 
 Determinism: the shuffle and initial state of each local fit are seeded from (template seed,
 round, site index), and torch runs single-threaded on CPU, so one site's update is a function
@@ -21,24 +26,26 @@ import numpy as np
 import torch
 
 from arf_trainer.errors import TrainingError
-from arf_trainer.trainer.data import Manifest, load_manifest, read_split
+from arf_trainer.trainer.data import (Inputs, Manifest, chunks, load_manifest, read_split,
+                                      rows_of, take)
 from arf_trainer.trainer.recipes import (Hyperparameters, ModelInfo, Recipe, Stats, get_recipe,
                                          stats_of)
 
 
 @dataclass
 class SiteData:
-    """A site's splits as tensors (features raw; the model normalizes)."""
+    """A site's splits as the recipe's tensors (inputs raw, a dict of tensors for bc_pixels;
+    the model normalizes)."""
 
-    x_train: torch.Tensor
+    x_train: Inputs
     y_train: torch.Tensor
-    x_val: torch.Tensor | None
+    x_val: Inputs | None
     y_val: torch.Tensor | None
     manifest: Manifest
 
     @property
     def train_rows(self) -> int:
-        return int(self.x_train.shape[0])
+        return int(self.y_train.shape[0])
 
 
 def load_site(data_dir: Path, info: ModelInfo, recipe: Recipe) -> SiteData:
@@ -51,17 +58,55 @@ def load_site(data_dir: Path, info: ModelInfo, recipe: Recipe) -> SiteData:
             f"{info.targets}; every site's query must return the same columns")
     names = info.features + info.targets
     x, y = recipe.columns_to_tensors(info, read_split(manifest, "train", names), "train")
+    _check_widths(info, recipe, x, y, data_dir)
     x_val = y_val = None
     if manifest.rows("val"):
         x_val, y_val = recipe.columns_to_tensors(info, read_split(manifest, "val", names), "val")
     return SiteData(x, y, x_val, y_val, manifest)
 
 
+def _check_widths(info: ModelInfo, recipe: Recipe, x: Inputs, y: torch.Tensor,
+                  data_dir: Path) -> None:
+    """The site's rows fit the model the federate step described from metadata (a manifest
+    that predates per-row shapes counts every column as a scalar: see column_shapes)."""
+    width = int(recipe.normalized_inputs(x).shape[1])
+    expected = info.input_width if info.input_width is not None else len(info.features)
+    outputs = int(y.shape[1]) if y.is_floating_point() and y.ndim == 2 else info.n_outputs
+    if (width, outputs) != (expected, info.n_outputs):
+        raise TrainingError(
+            f"site data at {data_dir} gives {width} input and {outputs} target values a row, "
+            f"but the federation's model takes {expected} and {info.n_outputs} (from the "
+            "sites' manifest metadata); rerun every site's prepare with this arf-trainer, so "
+            "that its manifest records each column's shape")
+
+
+def column_shapes(manifest: Manifest) -> dict[str, list[int]]:
+    """The per-row shape of each feature and target column, from the manifest's "columns" (a
+    scalar is []). Prepare records one for every feature and target; a manifest written before
+    it did has none, and its columns count as scalars (what they were then)."""
+    recorded = {c.get("name"): c.get("shape") for c in manifest.raw.get("columns", [])}
+    return {name: [int(n) for n in recorded.get(name) or []]
+            for name in manifest.features + manifest.targets}
+
+
 def model_info(manifest: Manifest, recipe_name: str, hp: Hyperparameters) -> ModelInfo:
-    """The federation's model shape, from column names only (a manifest holds no rows)."""
+    """The federation's model shape, from the manifest's column names and per-row shapes (a
+    manifest holds no rows): what `recipe.describe_data` gives central training, with the
+    flattened widths the loaders would count."""
     recipe = get_recipe(recipe_name)
-    y_shape = np.zeros((1, len(manifest.targets)), dtype=np.float32)
-    return recipe.describe(manifest.features, manifest.targets, hp, y_shape)
+    if recipe.target_labels:
+        raise TrainingError(
+            f"training.recipe={recipe_name!r} cannot federate: its model's classes are the "
+            "distinct training labels, which the federate step would have to read from the "
+            "sites' rows; use recipe 'bc' or 'bc_pixels', or train centrally")
+    shapes = column_shapes(manifest)
+
+    def width(names: list[str]) -> int:
+        return sum(int(np.prod(shapes[n])) for n in names)
+
+    # What the loaders' `labels` are for a regression recipe: no values, the targets' width.
+    labels = np.zeros((0, width(manifest.targets)), dtype=np.float32)
+    return recipe.describe_data(manifest, hp, labels, width(manifest.features))
 
 
 def _seed(seed: int, server_round: int, site_index: int) -> int:
@@ -90,7 +135,7 @@ def fit(info: ModelInfo, weights: dict[str, torch.Tensor], data: SiteData, hp: H
         order = torch.randperm(data.train_rows, generator=generator)
         for start in range(0, data.train_rows, hp.batch_size):
             index = order[start:start + hp.batch_size]
-            loss = recipe.training_loss(model.net(x_in[index]), y_in[index])
+            loss = recipe.training_loss(model.net(take(x_in, index)), y_in[index])
             if proximal_mu > 0:  # FedProx: stay near the round's global weights
                 loss = loss + proximal_mu / 2 * sum(
                     (p - g).pow(2).sum() for p, g in zip(model.net.parameters(), global_params))
@@ -103,12 +148,13 @@ def fit(info: ModelInfo, weights: dict[str, torch.Tensor], data: SiteData, hp: H
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics
 
 
-def statistics(data: SiteData) -> dict[str, torch.Tensor]:
+def statistics(data: SiteData, recipe: Recipe | None = None) -> dict[str, torch.Tensor]:
     """This site's sufficient statistics for the normalization, in float64: its training row
-    count and, per feature (and float target) column, the mean and the sum of squared
+    count and, per standardized input value (`recipe.normalized_inputs`; every flattened
+    feature without a recipe) and float target value, the mean and the sum of squared
     deviations from it. Aggregates over the whole split: no row can be read back from them."""
     out = {"count": torch.tensor([data.train_rows], dtype=torch.float64)}
-    columns = {"x": data.x_train}
+    columns = {"x": recipe.normalized_inputs(data.x_train) if recipe else data.x_train}
     if data.y_train.is_floating_point():  # a classifier's labels are not standardized
         columns["y"] = data.y_train
     for key, values in columns.items():
@@ -119,10 +165,11 @@ def statistics(data: SiteData) -> dict[str, torch.Tensor]:
 
 
 def pooled_stats(sites: list[dict[str, torch.Tensor]]) -> tuple[Stats, Stats | None]:
-    """(feature, target) mean/std of the union of the sites' training rows, from their
+    """(input, target) mean/std of the union of the sites' training rows, from their
     `statistics` (Chan et al.'s pairwise combination): the statistics central training computes
-    on the pooled data, to float64 rounding. Averaging the sites' own standard deviations instead
-    would leave out the variance between sites, which a non-IID split makes large."""
+    on the pooled data, to float64 rounding (`Recipe.set_inputs_normalization` stores them).
+    Averaging the sites' own standard deviations instead would leave out the variance between
+    sites, which a non-IID split makes large."""
     count = sum(float(s["count"][0]) for s in sites)
     if count == 0:
         raise TrainingError("no site has training rows: check the sites' prepare results")
@@ -146,8 +193,13 @@ def evaluate(model: Any, recipe: Recipe, data: SiteData) -> dict[str, float]:
     """The validation loss of `model` on this site's val split and its row count. Every site
     reports both keys (Flower refuses replies whose metric keys differ): a site whose episode
     split left no validation rows reports 0 rows, and the step weights val_loss by rows."""
-    if data.x_val is None:
+    if data.x_val is None or data.y_val is None:
         return {"val_loss": 0.0, VAL_EXAMPLES: 0}
     model.eval()
-    return {"val_loss": float(recipe.loss(model, model(data.x_val), data.y_val)),
-            VAL_EXAMPLES: int(len(data.x_val))}
+    # In chunks, as central training's evaluation: a split of frames at once would hold
+    # every frame's feature maps.
+    loss_sum, rows = 0.0, 0
+    for x, y in chunks(data.x_val, data.y_val):
+        loss_sum += float(recipe.loss(model, model(x), y)) * len(y)
+        rows += rows_of(x)
+    return {"val_loss": loss_sum / rows, VAL_EXAMPLES: rows}

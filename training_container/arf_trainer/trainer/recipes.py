@@ -196,7 +196,6 @@ def mean_std(values: np.ndarray) -> Stats:
     return stats_of(as64.mean(axis=0), as64.std(axis=0))
 
 
-
 class Recipe:
     """A built-in recipe. Subclasses define targets encoding, model shape, loss and metrics."""
 
@@ -254,10 +253,22 @@ class Recipe:
                                mean_std(y_train.numpy()) if y_train.is_floating_point() else None)
 
     def set_normalization(self, model: MLP, x_stats: Stats | None, y_stats: Stats | None) -> None:
-        """Store the training split's statistics in the model's buffers."""
+        """Store the training split's statistics in the model's buffers. `x_stats` cover the
+        feature columns flattened in order (what the loaders compute, `feature_matrix`)."""
         if x_stats is not None:
             model.input_mean.copy_(x_stats[0])
             model.input_std.copy_(x_stats[1])
+
+    def normalized_inputs(self, x: Any) -> torch.Tensor:
+        """``[N, k]``: the values of model inputs `x` (`columns_to_tensors`) that the model
+        standardizes. A federation pools only their statistics (bc_pixels: the state, not every
+        pixel of every frame); for the MLP recipes, the flattened feature vector."""
+        return x.flatten(start_dim=1)
+
+    def set_inputs_normalization(self, model: MLP, x_stats: Stats | None,
+                                 y_stats: Stats | None) -> None:
+        """`set_normalization` with `x_stats` over `normalized_inputs` (a federation's)."""
+        self.set_normalization(model, x_stats, y_stats)
 
     # Training runs on the standardized core `model.net` with inputs (and, for regression,
     # targets) standardized once up front: the same objective as `loss(model, model(x), y)`,

@@ -26,7 +26,8 @@ without converting them every step.
 Training follows the MLP recipes (recipes.py): the loop trains `model.net` on inputs prepared
 once by `training_tensors` (frames as they are, state and actions standardized with the
 training split's statistics, kept as buffers of the model), with MSE in standardized action
-units; validation and serving use the whole model on raw inputs.
+units; validation and serving use the whole model on raw inputs. A federation pools the sites'
+statistics of the state and actions only (`normalized_inputs`): frames need none.
 """
 
 from __future__ import annotations
@@ -214,10 +215,21 @@ class PixelBehaviourCloning(Recipe):
 
     def set_normalization(self, model: PixelPolicy, x_stats: Any, y_stats: Any) -> None:
         """x_stats cover the flattened features in order: keep the state columns' part."""
+        state_stats = None
         if x_stats is not None and model.state_positions:
             index = torch.tensor(model.state_positions)
-            model.state_mean.copy_(x_stats[0][index])
-            model.state_std.copy_(x_stats[1][index])
+            state_stats = (x_stats[0][index], x_stats[1][index])
+        self.set_inputs_normalization(model, state_stats, y_stats)
+
+    def normalized_inputs(self, x: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The state: frames are scaled by a constant in the model and need no statistics."""
+        return x[STATE_KEY]
+
+    def set_inputs_normalization(self, model: PixelPolicy, x_stats: Any, y_stats: Any) -> None:
+        """x_stats cover the state vector (`normalized_inputs`)."""
+        if x_stats is not None and model.state_positions:
+            model.state_mean.copy_(x_stats[0])
+            model.state_std.copy_(x_stats[1])
         if y_stats is not None:
             model.output_mean.copy_(y_stats[0])
             model.output_std.copy_(y_stats[1])
@@ -284,6 +296,13 @@ def export_arguments(workspace: Any, info: ModelInfo, rows: int = 8) -> dict[str
     from arf_trainer.trainer.data import read_table_columns
 
     prepare_dir = workspace / "prepare"
+    if (workspace / "federate").is_dir() and not (prepare_dir / "manifest.json").exists():
+        # A federated model: no site's rows leave it, so the export traces zeros of its shape
+        # (as publisher.input_example does for the MLP recipes).
+        _, shape, _ = PixelBehaviourCloning.frame(info)
+        example = (np.zeros((2, *shape), dtype=np.uint8),
+                   np.zeros((2, int(info.input_width or 0)), dtype=np.float32))
+        return {"input_example": example, "signature": signature(info)}
     manifest = read_json(prepare_dir / "manifest.json")
     for split in ("val", "train"):
         for shard in manifest["shards"].get(split, []):
