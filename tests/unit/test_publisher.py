@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from trainer_testkit import fresh_tracking_uri, make_env, make_spec, prepare_digits
+from trainer_testkit import (fresh_tracking_uri, make_env, make_spec, prepare_digits,
+                             prepare_reach)
 
 from arf_trainer.errors import RegistryError
 from arf_trainer.publisher import input_example, load_trained_model, run_register
@@ -81,6 +82,32 @@ def test_register_is_idempotent_and_loadable(tmp_path: Path) -> None:
     served = mlflow.pytorch.load_model("models:/digits_classifier/1")
     module, info, _ = load_trained_model(ws)
     x = torch.from_numpy(np.concatenate([input_example(ws, info)] * 5))[:37]
+    with torch.no_grad():
+        torch.testing.assert_close(served(x), module(x), rtol=0, atol=1e-6)
+
+
+def test_an_array_feature_column_registers_flattened(tmp_path: Path) -> None:
+    """One FLOAT[10] observation column: the model's input is its 10 values, and so is the
+    export's input example (it stacked one object per column and failed to register)."""
+    import mlflow
+
+    ws, uri = tmp_path / "ws", fresh_tracking_uri(tmp_path)
+    prepare_reach(ws, rows=200, arrays=True)
+    hp = {"epochs": 1, "hidden_size": 16, "num_layers": 1}
+    trained = run_train(make_env(make_spec("reach_bc", hyperparameters=hp), ws, uri,
+                                 tmp_path / "artifacts"))
+    assert trained is not None
+    registered = run_register(make_env(make_spec("reach_bc", "register", hyperparameters=hp),
+                                       ws, uri, tmp_path / "artifacts"))
+    assert registered["manifest"]["input"] == {"features": ["obs"], "dtype": "float32",
+                                               "shape": [-1, 10]}
+    module, info, _ = load_trained_model(ws)
+    example = input_example(ws, info)
+    assert example.shape == (8, 10) and example.dtype == np.float32
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    served = mlflow.pytorch.load_model(registered["model_uri"])
+    x = torch.from_numpy(example)
     with torch.no_grad():
         torch.testing.assert_close(served(x), module(x), rtol=0, atol=1e-6)
 

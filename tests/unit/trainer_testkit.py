@@ -86,6 +86,13 @@ def step_environ(spec_path: Path, workspace: Path, tracking_uri: str, artifact_r
     return env
 
 
+def _arrow(values: np.ndarray) -> Any:
+    """A column; a 2-D array is a fixed-size list column (FLOAT[n]), as DuckDB writes one."""
+    if values.ndim == 1:
+        return pa.array(values)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+
+
 def _write_prepare(workspace: Path, columns: dict[str, np.ndarray], features: list[str],
                    targets: list[str], val_fraction: float, shards: int, seed: int) -> dict:
     prepare = workspace / "prepare"
@@ -100,13 +107,14 @@ def _write_prepare(workspace: Path, columns: dict[str, np.ndarray], features: li
         for i, part in enumerate(np.array_split(np.sort(rows), shards)):
             rel = f"{split}/shard-{i:05d}.parquet"
             (prepare / split).mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.table({k: v[part] for k, v in columns.items()}), prepare / rel)
+            pq.write_table(pa.table({k: _arrow(v[part]) for k, v in columns.items()}),
+                           prepare / rel)
             digest = hashlib.sha256((prepare / rel).read_bytes()).hexdigest()
             fingerprint.update(digest.encode())
             manifest_shards[split].append({"path": rel, "rows": len(part), "sha256": digest})
     manifest = {
         "query": "SELECT * FROM test", "rows": n, "train_rows": n - n_val, "val_rows": n_val,
-        "columns": [{"name": k, "type": str(pa.array(v[:1]).type)} for k, v in columns.items()],
+        "columns": [{"name": k, "type": str(_arrow(v[:1]).type)} for k, v in columns.items()],
         "features": features, "targets": targets,
         "tables": {"test": {"version": 3, "uri": "file:///hub/test"}},
         "fingerprint": fingerprint.hexdigest(), "shards": manifest_shards,
@@ -128,15 +136,17 @@ def prepare_digits(workspace: Path, rows: int | None = None) -> dict:
                           ["label"], 0.2, shards=2, seed=0)
 
 
-def prepare_reach(workspace: Path, rows: int = 600) -> dict:
-    """A synthetic 10-dim observation -> 2-dim action regression in non-unit scales."""
+def prepare_reach(workspace: Path, rows: int = 600, arrays: bool = False) -> dict:
+    """A synthetic 10-dim observation -> 2-dim action regression in non-unit scales; with
+    `arrays`, the observation is one FLOAT[10] column `obs` (scalars `obs_0..9` otherwise)."""
     rng = np.random.default_rng(1)
     obs = rng.normal(size=(rows, 10)) * np.linspace(0.5, 5.0, 10) + 3.0
     act = np.tanh(obs @ rng.normal(size=(10, 2)) / 10.0) * [2.0, 0.5] + [1.0, -3.0]
-    columns = {f"obs_{i}": obs[:, i] for i in range(10)}
+    columns = {"obs": obs.astype(np.float32)} if arrays else \
+        {f"obs_{i}": obs[:, i] for i in range(10)}
     columns.update({f"act_{j}": act[:, j] for j in range(2)})
-    return _write_prepare(workspace, columns, [f"obs_{i}" for i in range(10)],
-                          ["act_0", "act_1"], 0.1, shards=1, seed=0)
+    return _write_prepare(workspace, columns, list(columns)[:-2], ["act_0", "act_1"], 0.1,
+                          shards=1, seed=0)
 
 
 _MIGRATED_DB: Path | None = None

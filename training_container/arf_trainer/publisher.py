@@ -36,6 +36,7 @@ from arf_trainer import tracking, tracking_spool
 from arf_trainer.errors import RegistryError
 from arf_trainer.spec import StepEnv, read_json, write_json_atomic
 from arf_trainer.trainer.checkpoint import load_weights, state_dict_sha256
+from arf_trainer.trainer.data import feature_matrix, read_table_columns
 from arf_trainer.trainer.recipes import MLP, ModelInfo, get_recipe
 
 log = logging.getLogger(__name__)
@@ -96,9 +97,10 @@ def input_example(workspace: Path, info: ModelInfo) -> np.ndarray:
             if shard.get("rows", 0) < 2:
                 continue
             table = pq.read_table(prepare_dir / shard["path"], columns=info.features)
-            rows = table.slice(0, EXAMPLE_ROWS)
-            return np.stack([rows.column(c).to_numpy() for c in info.features],
-                            axis=1).astype(np.float32)
+            # Array columns flattened in order, as the loaders feed the model (feature_matrix).
+            columns = read_table_columns(table.slice(0, EXAMPLE_ROWS), info.features,
+                                         "the input example")
+            return feature_matrix(columns, info.features)
     raise RegistryError(f"no shard in {prepare_dir / 'manifest.json'} has 2 rows for the input "
                         "example that the pt2 export needs to keep the batch dimension dynamic")
 
