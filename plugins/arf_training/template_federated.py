@@ -141,6 +141,9 @@ def check_federated(template: Any) -> None:
         problems.append(f"federated: training.{', '.join(speed)} is not supported (the sites "
                         "train in fp32, eager, with deterministic kernels, and keep no "
                         "checkpoints); remove it")
+    if training.data_loading == "stream":
+        problems.append("federated: training.data_loading: stream is not supported (each site "
+                        "reads its split whole into memory); remove it")
     if template.hpo is not None:
         problems.append("federated and hpo cannot be combined yet; remove one of them")
     if template.dataset.allow_query_override:

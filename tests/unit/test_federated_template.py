@@ -140,6 +140,8 @@ def test_malformed_federated_section(section, fragments):
                  "allow_query_override is not supported", id="query-override"),
     pytest.param("  recipe: bc\n", "  recipe: classifier\n",
                  "training.recipe 'classifier' is not supported", id="classifier"),
+    pytest.param("  recipe: bc\n", "  recipe: bc\n  data_loading: stream\n",
+                 "training.data_loading: stream is not supported", id="stream"),
     pytest.param("  recipe: bc\n", "  recipe: bc\n  precision: bf16\n",
                  "training.precision: bf16 is not supported", id="bf16"),
     pytest.param("  recipe: bc\n", "  recipe: bc\n  deterministic: false\n  compile: true\n",
