@@ -153,3 +153,28 @@ def test_a_failed_superlink_after_a_lost_site_fails_the_task_naming_it(k8s_dags,
     (link,) = _created(cluster, "superlink")
     assert list(cluster.pods) == [(NAMESPACE, link["metadata"]["name"])]
     assert cluster.services == {}
+
+
+def test_a_supernode_that_does_not_start_in_time_is_lost(k8s_dags, monkeypatch):
+    """Pending with nothing in its status that says why (a Secret or claim it mounts is
+    missing, no node has room): after the start timeout it is lost, and as it never joined,
+    round 1 could not start: the task fails at once instead of waiting out the round timeout."""
+    cluster = install(monkeypatch, FakeCluster())
+    kubelet = Kubelet(link_reads=10_000)
+
+    def south_never_starts(cluster, namespace, name):
+        pod = cluster.pods.get((namespace, name))
+        if pod is not None and _role(cluster, name) == "supernode" \
+                and pod.metadata.labels["arf.dev/site"] == "south":
+            cluster.stall_pod(namespace, name, "ContainerCreating")
+        else:
+            kubelet(cluster, namespace, name)
+
+    cluster.kubelet = south_never_starts
+    dag, task = _federate(k8s_dags)
+    task.pod_operator().startup_timeout_seconds = 0.5
+    with pytest.raises(StepFailed, match=r"site 'south' \(pod .*\): it did not start within 0.5 s "
+                                         r"\(phase Pending, ContainerCreating\): `kubectl "
+                                         r"describe pod .*Site\(s\) \['south'\] never started"):
+        task.execute(_context(dag, "federate"))
+    assert cluster.pods == {} and cluster.services == {}

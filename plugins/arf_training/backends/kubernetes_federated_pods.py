@@ -6,13 +6,14 @@ the provider's KubernetesPodOperator and both Kubernetes clients.
 * `SitePod`: a `StepPod` whose pod is its site's prepare Pod. Everything else is a step pod's:
   the result through the xcom sidecar, exit 2 not retried, exit 75 resumed in a new pod.
 * `SuperLinkPod`: runs the SuperLink Pod with the provider's machinery (on the worker), around
-  a `Federation`: the Service and SuperNode Pods it creates first and deletes last. The
+  a `Federation` (`kubernetes_supernodes`): the Service and SuperNode Pods it creates first and
+  deletes last. The
   SuperLink mounts no site claim, so its job spec carries each site's manifest metadata (column
   names and shapes, row counts, table versions, fingerprint: no rows), taken from the site
   prepares' results (`site_manifests`).
-* A SuperNode lost for good (`supernode_failure`) is logged and deleted; the rounds go on
-  without its site (`lost_sites` in the XCom) unless fewer than `federated.min_sites` remain or
-  it never started (round 1 waits for every site): then the task fails at once.
+* A SuperNode lost for good is logged and deleted; the rounds go on without its site
+  (`lost_sites` in the XCom) unless fewer than `federated.min_sites` remain or it never started
+  (round 1 waits for every site): then the task fails at once.
 
 Names are per try (`kubernetes.federation`, `pod.resource_name`), so two tries never share an
 object. What an earlier try left behind (its worker died before it could clean up) is deleted
@@ -29,7 +30,6 @@ from airflow.providers.cncf.kubernetes.utils.container import container_is_compl
 from airflow.providers.cncf.kubernetes.utils.pod_manager import (
     detect_pod_terminate_early_issues,
 )
-from kubernetes.client.exceptions import ApiException
 
 from arf_training.backends.kubernetes import (
     XCOM_RESULT_PATH,
@@ -38,22 +38,15 @@ from arf_training.backends.kubernetes import (
     with_xcom_result,
 )
 from arf_training.backends.kubernetes_pods import ArfPodOperator, StepPod, elapsed_s
+from arf_training.backends.kubernetes_supernodes import TERMINAL_PHASES, Federation
 from arf_training.errors import StepFailed
 from arf_training.kubernetes import federation, restarts
-from arf_training.kubernetes.pod import CONTAINER_NAME, container_exit_code
+from arf_training.kubernetes.pod import CONTAINER_NAME
 from arf_training.kubernetes.render import STEP_TASK_IDS, pod_arf_settings
 from arf_training.runtime import fail_fast_on_bad_input, run_identity
 
-ROLE_LABEL = "arf.dev/federation-role"
-SITE_LABEL = "arf.dev/site"
-TERMINAL_PHASES = ("Succeeded", "Failed")
-# A SuperNode is restarted in place when it crashes and rejoins (restartPolicy OnFailure); one
-# that crashed more often than this keeps crashing, with back-offs growing to minutes, while the
-# SuperLink waits out its round timeouts for it: it is deleted instead (see `Federation`).
-SUPERNODE_MAX_RESTARTS = 3
 # The key of the federate result (XCom) that names the sites lost on the way: {site: why}.
 LOST_SITES_KEY = "lost_sites"
-RECREATE_WAIT_S = 60  # for a replaced pod's name to be free again
 # The key of a site prepare's result that holds its manifest metadata: the container's
 # `arf_trainer.datahub.prepare.SITE_METADATA_KEY` (this side must not import arf_trainer), and
 # what the SuperLink's `arf_trainer.federated.manifests` checks field by field.
@@ -87,35 +80,6 @@ class SitePod(StepPod):
         return {"site": self.site, **super()._finish(context, result)}
 
 
-def supernode_failure(pod: Any) -> str | None:
-    """Why the SuperNode `pod` (a V1Pod) will not serve its site again, or None while it may."""
-    status = pod.status
-    if status is None:
-        return None
-    code = container_exit_code(pod)
-    if status.phase == "Failed":  # its deadline, an eviction: OnFailure restarts none of these
-        return (f"the pod failed ({status.reason or 'no reason given'}"
-                f"{': ' + status.message if status.message else ''}; exit code {code})")
-    early = detect_pod_terminate_early_issues(pod)  # e.g. an image that cannot be pulled
-    if early:
-        return " ".join(early.split())  # "reason\nmessage": one line in a log or a message
-    for item in status.container_statuses or []:
-        if item.name == CONTAINER_NAME and (item.restart_count or 0) > SUPERNODE_MAX_RESTARTS:
-            return f"it crashed {item.restart_count} times (last exit code {code})"
-    return None
-
-
-def supernode_started(pod: Any) -> bool:
-    """Whether the SuperNode `pod` (a V1Pod) ever ran its container (running now, ended, or
-    restarted): one that never did cannot have joined the federation."""
-    for item in (pod.status and pod.status.container_statuses) or []:
-        if item.name == CONTAINER_NAME and (
-                item.restart_count or (item.state and (item.state.running or
-                                                        item.state.terminated))):
-            return True
-    return False
-
-
 def site_manifests(context: Any, sites: list[str]) -> dict[str, dict[str, Any]]:
     """{site: its manifest metadata} from the results (XComs) of the mapped site prepares.
 
@@ -147,159 +111,6 @@ def site_manifests(context: Any, sites: list[str]) -> dict[str, dict[str, Any]]:
                 "tasks) so that it runs again", retryable=False)
         manifests[site] = metadata
     return manifests
-
-
-class Federation:
-    """The Service and the SuperNode Pods of one federate try, through the CoreV1Api `client`.
-
-    :param task_id: the federate task's id; an earlier try's objects are found by the run's
-        labels and this task id in their `arf.dev/task-id` annotation (`<task_id>:<part>`).
-    :param min_sites: `federated.min_sites`: the fewest SuperNodes the federation goes on with.
-    """
-
-    def __init__(self, client: Any, service: dict[str, Any], nodes: list[dict[str, Any]],
-                 task_id: str, log: Any, min_sites: int):
-        self.client, self.service, self.nodes, self.log = client, service, nodes, log
-        self.namespace = service["metadata"]["namespace"]
-        self.task_id = task_id
-        self.min_sites = min_sites
-        self.lost: dict[str, str] = {}  # site -> why its SuperNode was lost, in loss order
-        self._pods = {n["metadata"]["labels"][SITE_LABEL]: n["metadata"]["name"] for n in nodes}
-        self._started: set[str] = set()  # SuperNode pods seen running their container
-
-    def clear_earlier_tries(self) -> None:
-        """Delete what earlier tries of this task left: Services, SuperNodes and any SuperLink
-        still running (the provider would reattach this try to it, a federation it cannot
-        reach). A finished SuperLink is kept, like any failed step pod."""
-        labels = self.service["metadata"]["labels"]
-        selector = ",".join(f"{key}={labels[key]}" for key in ("arf.dev/dag-id",
-                                                                "arf.dev/run-id"))
-        selector += f",arf.dev/try-number!={labels['arf.dev/try-number']},{ROLE_LABEL}"
-        for pod in self.client.list_namespaced_pod(self.namespace,
-                                                   label_selector=selector).items:
-            role = pod.metadata.labels[ROLE_LABEL]
-            if self._ours(pod.metadata.annotations) and (
-                    role == "supernode" or (pod.status and pod.status.phase) not in
-                    TERMINAL_PHASES):
-                self.log.info("deleting %s pod %s of an earlier try", role, pod.metadata.name)
-                self._delete("pod", pod.metadata.name)
-        for svc in self.client.list_namespaced_service(self.namespace,
-                                                       label_selector=selector).items:
-            if self._ours(svc.metadata.annotations):
-                self.log.info("deleting Service %s of an earlier try", svc.metadata.name)
-                self._delete("service", svc.metadata.name)
-
-    def _ours(self, annotations: dict[str, str] | None) -> bool:
-        return (annotations or {}).get("arf.dev/task-id", "").startswith(f"{self.task_id}:")
-
-    def start(self) -> None:
-        """Create the Service and the SuperNodes (before the SuperLink: they retry until it
-        listens, and the SuperLink waits for them)."""
-        name = self.service["metadata"]["name"]
-        try:
-            self.client.create_namespaced_service(self.namespace, body=self.service)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-            # Same name, same try: its spec is a function of the name, so it is the same.
-            self.log.info("reusing Service %s", name)
-        for node in self.nodes:
-            self._create_node(node)
-
-    def _create_node(self, body: dict[str, Any]) -> None:
-        name = body["metadata"]["name"]
-        try:
-            self.client.create_namespaced_pod(self.namespace, body=body)
-            return
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-        existing = self.client.read_namespaced_pod(name, self.namespace)
-        if (existing.status and existing.status.phase) not in TERMINAL_PHASES:
-            self.log.info("reusing SuperNode pod %s, still running", name)
-            return
-        self.log.info("replacing SuperNode pod %s, which has finished", name)
-        self._delete("pod", name, grace_period_seconds=0)
-        deadline = time.monotonic() + RECREATE_WAIT_S
-        while True:
-            try:
-                self.client.create_namespaced_pod(self.namespace, body=body)
-                return
-            except ApiException as exc:  # 409 until the old pod is gone
-                if exc.status != 409 or time.monotonic() > deadline:
-                    raise
-            time.sleep(1)
-
-    def check_nodes(self) -> None:
-        """Log and delete each SuperNode that will not serve its site again (`lost`); raise
-        StepFailed naming the lost sites if fewer than min_sites remain, or if a lost one never
-        started (the SuperLink waits for every site before round 1, up to its round timeout)."""
-        unstarted = []
-        for node in self.nodes:
-            name, site = node["metadata"]["name"], node["metadata"]["labels"][SITE_LABEL]
-            if site in self.lost:
-                continue
-            try:
-                pod = self.client.read_namespaced_pod(name, self.namespace)
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
-                why = "its pod was deleted"
-            else:
-                why = supernode_failure(pod)
-                if supernode_started(pod):
-                    self._started.add(name)
-            if why:
-                self._lose(site, name, why)
-                if name not in self._started:
-                    unstarted.append(site)
-        remaining = len(self.nodes) - len(self.lost)
-        if remaining >= self.min_sites and not unstarted:
-            return
-        lost = "; ".join(f"site {site!r} (pod {self.namespace}/{self._pods[site]}): {why}"
-                         for site, why in self.lost.items())
-        reason = (f"site(s) {unstarted} never started, and the SuperLink starts round 1 only "
-                  "with every site" if unstarted else
-                  f"{remaining} of {len(self.nodes)} sites remain, fewer than "
-                  f"federated.min_sites={self.min_sites}")
-        raise StepFailed(f"{len(self.lost)} SuperNode(s) lost before the SuperLink finished: "
-                         f"{lost}. {reason[0].upper()}{reason[1:]}: the federation was "
-                         "stopped; the SuperNodes' last log lines are above")
-
-    def _lose(self, site: str, name: str, why: str) -> None:
-        self.log.warning("the SuperNode of site %r (pod %s/%s) is lost: %s; the federation goes "
-                         "on without the site if federated.min_sites=%d allows. Its last log "
-                         "lines:", site, self.namespace, name, why, self.min_sites)
-        self._log_tail(name)  # before the delete, which takes the log with it
-        # Deleted, not left to crash-loop: restarted under its key it re-activates the same
-        # node, which the SuperLink then never marks offline, so the round it was in would wait
-        # for its reply up to the round timeout instead of going on without the site.
-        self._delete("pod", name)
-        self.lost[site] = why
-
-    def _log_tail(self, name: str) -> None:
-        try:
-            tail = self.client.read_namespaced_pod_log(name, self.namespace,
-                                                       container=CONTAINER_NAME, tail_lines=40)
-        except ApiException:
-            return  # a pod that never started has no log
-        for line in str(tail).splitlines():
-            self.log.info("[%s] %s", name, line)
-
-    def tear_down(self) -> None:
-        """Delete the SuperNodes and the Service (already gone: fine; called more than once)."""
-        for node in self.nodes:
-            self._delete("pod", node["metadata"]["name"])
-        self._delete("service", self.service["metadata"]["name"])
-
-    def _delete(self, kind: str, name: str, **options: Any) -> None:
-        delete = (self.client.delete_namespaced_pod if kind == "pod"
-                  else self.client.delete_namespaced_service)
-        try:
-            delete(name, self.namespace, **options)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
 
 
 class SuperLinkPod(ArfPodOperator):
@@ -337,7 +148,8 @@ class SuperLinkPod(ArfPodOperator):
         self._use(link)
         self.federation = fed = Federation(self.client, service, nodes,
                                            run_identity(context).task_id, self.log,
-                                           self.loaded.template.federated.min_sites)
+                                           self.loaded.template.federated.min_sites,
+                                           self.startup_timeout_seconds)
         try:
             fed.clear_earlier_tries()
             fed.start()
