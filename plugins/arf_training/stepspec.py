@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import subprocess
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from arf_training import __version__, custom_launch
 from arf_training.params import NIGHTLY_PARAM, resolve_conf
@@ -82,7 +82,12 @@ def code_version() -> dict[str, str]:
 
 
 def _safe(part: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.:+=-]", "_", part)
+    """One path segment per id, and another one for another id: `%`-escapes what a file name
+    should not hold (`~` and `_` stay apart: both are allowed in run ids), and the dots of `.`
+    and `..`, which Airflow accepts as run ids but which would name the DAG's own folder or the
+    workspace root."""
+    text = quote(part, safe=":+=")  # letters, digits and _.-~ stay as they are
+    return text.replace(".", "%2E") if text in (".", "..") else text
 
 
 def workspace_for(settings: ArfSettings, dag_id: str, run_id: str) -> Path:
