@@ -64,6 +64,13 @@ def test_scoped_ctes_still_work(hub: Path, sql: str) -> None:
     assert versions == {"t": 0}
 
 
+def test_a_recursive_cte_is_refused_saying_so(hub: Path) -> None:
+    """It was refused as "a SELECT_NODE in FROM (e.g. DESCRIBE, SHOW, SUMMARIZE)"."""
+    message = _refused(hub, "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r "
+                       "WHERE n < 3) SELECT n FROM r", "uses WITH RECURSIVE, which is not allowed")
+    assert "DESCRIBE" not in message
+
+
 @pytest.mark.parametrize(("sql", "fragment"), [
     pytest.param("SELECT a, CURRENT_DATE AS d FROM t", "uses CURRENT_DATE", id="current_date"),
     pytest.param('SELECT a, "current_timestamp" AS d FROM t', "uses current_timestamp",

@@ -285,6 +285,9 @@ def _walk(tree: dict[str, Any], query: str, what: str,
         if not isinstance(node, dict):
             continue
         kind = node.get("type")
+        if kind == "RECURSIVE_CTE_NODE":  # its left/right are queries, not FROM items
+            raise QueryError(f"{what} uses WITH RECURSIVE, which is not allowed. Query: "
+                             f"{shown(query)}. Fix: write the rows without recursion")
         # A FROM item sits under one of _TABLE_REF_KEYS; any classless node typed like one is
         # checked too, wherever a future parse tree puts it.
         if "class" not in node and isinstance(kind, str) and (
