@@ -34,11 +34,7 @@ def environment(settings: ArfSettings | None = None, *, api_port: int = 8080,
     home = settings.home
     airflow_home = home / "airflow"
     airflow_home.mkdir(parents=True, exist_ok=True)
-    secret_file = airflow_home / "jwt_secret"
-    if not secret_file.exists():
-        # Every component must sign and verify task tokens with the same secret.
-        secret_file.write_text(secrets.token_urlsafe(32))
-        secret_file.chmod(0o600)
+    secret_file = _jwt_secret(airflow_home)
     env = dict(os.environ)
     env.update({
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
@@ -70,6 +66,28 @@ def environment(settings: ArfSettings | None = None, *, api_port: int = 8080,
         "MLFLOW_TRACKING_URI": settings.tracking_uri,
     })
     return env
+
+
+def _jwt_secret(airflow_home: Path) -> Path:
+    """`<airflow home>/jwt_secret`, created once: 0600 from its first byte (never readable by
+    others, not even until a chmod), and one secret for racing creators (`arf up` beside
+    `arf airflow ...` on a fresh home), since every component must sign and verify task
+    tokens with the same one."""
+    secret_file = airflow_home / "jwt_secret"
+    if not secret_file.exists():
+        tmp = airflow_home / f".jwt_secret.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(32))
+        try:
+            os.link(tmp, secret_file)  # fails if another process won the race: theirs stays
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    if secret_file.stat().st_mode & 0o077:  # one an older version left readable
+        secret_file.chmod(0o600)
+    return secret_file
 
 
 def _async_uri(sync_uri: str) -> str:

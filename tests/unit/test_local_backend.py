@@ -167,7 +167,8 @@ def test_multi_process_uses_torchrun(tmp_path):
     spec = _spec(tmp_path, "", procs=2)
     spec = StepSpec(**{**spec.__dict__, "command": ["arf-trainer", "train"]})
     [command] = LocalStepRunner().commands(spec)
-    assert Path(command[0]).name == "torchrun"
+    # torchrun, with its TCP stores on loopback (arf_training.backends.loopback_torchrun)
+    assert command[:4] == [sys.executable, "-P", "-m", "arf_training.backends.loopback_torchrun"]
     assert "--standalone" in command and "--nproc-per-node=2" in command
     assert command[-3] == "--no-python" and Path(command[-2]).name == "arf-trainer"
     assert command[-1] == "train"

@@ -15,7 +15,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +26,9 @@ from airflow.sdk import BaseOperator
 
 from arf_training import custom_launch
 from arf_training.backends.base import Backend
+from arf_training.backends.loopback_torchrun import free_port, torchrun_command
 from arf_training.backends.memory import Ceiling, step_ceiling
+from arf_training.backends.step_tree import DRAIN_S, STEP_UMASK, StepTree, private_dir
 from arf_training.errors import BAD_INPUT_EXIT, SKIP_EXIT, StepFailed, StepSkipped, StepTimeout
 from arf_training.links import STEP_LINKS
 from arf_training.runtime import (
@@ -74,12 +75,6 @@ def relay_line(line: str) -> tuple[int, str]:
     return logging.getLevelName(match["level"]), line[match.end():]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _threads(spec: StepSpec) -> str:
     try:
         cpu = float(spec.resources.cpu) if not str(spec.resources.cpu).endswith("m") \
@@ -95,6 +90,7 @@ class LocalStepRunner:
     def __init__(self, log: logging.Logger | Any | None = None):
         self.log = log or logging.getLogger(__name__)
         self._procs: list[subprocess.Popen] = []
+        self._tree = StepTree([])  # the running start's groups and what left them
         self._grace_s = 30.0
         self._stopped = False  # kill() found processes running: their exit codes are ours
         self.preemptions = 0  # starts that ended with exit 75 and were restarted
@@ -106,10 +102,11 @@ class LocalStepRunner:
             command[0] = venv_bin("arf-trainer")
         if spec.world_size == 1:
             return [command]
-        torchrun = [venv_bin("torchrun"), f"--nproc-per-node={spec.procs_per_node}"]
+        # torchrun whose TCP stores listen on loopback only (backends/loopback_torchrun.py).
+        torchrun = [*torchrun_command(), f"--nproc-per-node={spec.procs_per_node}"]
         if spec.nodes == 1:
             return [torchrun + ["--standalone", "--no-python", *command]]
-        endpoint = f"127.0.0.1:{_free_port()}"
+        endpoint = f"127.0.0.1:{free_port()}"
         rdzv = [f"--nnodes={spec.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
                 f"--rdzv-id={abs(hash(str(spec.workspace))) % 10**9}"]
         return [torchrun + rdzv + [f"--node-rank={rank}", "--no-python", *command]
@@ -134,7 +131,7 @@ class LocalStepRunner:
         return env
 
     def run(self, spec: StepSpec) -> dict[str, Any]:
-        spec.workspace.mkdir(parents=True, exist_ok=True)
+        private_dir(spec.workspace)  # its files may hold secrets (custom_env.sh: store URIs)
         try_number = spec.job_spec["run"]["try_number"]
         job_spec_path = spec.workspace / "jobspec" / f"{spec.step}-try{try_number}.json"
         job_spec_path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,8 +198,9 @@ class LocalStepRunner:
         proc = subprocess.Popen(ceiling.wrap(command, 0), env=env, cwd=spec.workspace,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, text=True,
-                                errors="replace")
+                                errors="replace", umask=STEP_UMASK)
         self._procs = [proc]  # on_kill reaches it
+        self._tree = StepTree(self._procs)
         ceiling.apply(proc.pid)
         try:
             output, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
@@ -235,16 +233,23 @@ class LocalStepRunner:
             proc = subprocess.Popen(ceiling.wrap(command, node), env=env, cwd=spec.workspace,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, text=True,
-                                    errors="replace", bufsize=1)
+                                    errors="replace", bufsize=1, umask=STEP_UMASK)
             self._procs.append(proc)
             if not ceiling.apply(proc.pid):  # see arf_training.backends.memory for why so
                 self.log.warning("no memory ceiling on this OS (prlimit is Linux only)")
             threading.Thread(target=self._pump, args=(node, proc, lines), daemon=True).start()
         self.log.info("memory ceiling: %s", ceiling.describe())
-        open_streams = len(self._procs)
+        self._tree = tree = StepTree(self._procs)
+        open_nodes, drained = set(range(len(self._procs))), {}
         prefix = len(self._procs) > 1
         try:
-            while open_streams:
+            while open_nodes:
+                tree.snapshot()
+                for node in tree.drain(open_nodes):  # a leftover holds a finished node's output
+                    if time.monotonic() - drained.setdefault(node, time.monotonic()) > DRAIN_S:
+                        self.log.warning("node %d exited, but a process outside its group holds "
+                                         "its output; not waiting for it", node)
+                        open_nodes.discard(node)
                 if time.monotonic() > deadline:
                     self.kill()
                     raise StepTimeout(
@@ -256,7 +261,7 @@ class LocalStepRunner:
                 except queue.Empty:
                     continue
                 if line is None:
-                    open_streams -= 1
+                    open_nodes.discard(node)
                     continue
                 level, text = relay_line(line)
                 text = f"[node {node}] {text}" if prefix else text
@@ -277,6 +282,7 @@ class LocalStepRunner:
     def kill(self) -> None:
         """Stop every process group still running: SIGTERM, the step's grace period (to write a
         checkpoint that a retry resumes from), then SIGKILL."""
+        self._tree.snapshot(force=True)  # who left the groups: killed with them below
         alive = [p for p in self._procs if p.poll() is None]
         self._stopped = self._stopped or bool(alive)
         for proc in alive:
@@ -290,11 +296,7 @@ class LocalStepRunner:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        for proc in self._procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # also reaps orphans left in the group
-            except (ProcessLookupError, PermissionError):
-                pass
+        self._tree.kill_all()  # SIGKILL: the groups' leftovers and those that left them
 
 
 class LocalStepOperator(BaseOperator):
