@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -30,6 +31,8 @@ from arf_training.params import build_params
 from arf_training.runtime import CHOOSE_TASK
 from arf_training.settings import backend_name, templates_dir
 from arf_training.templates import LoadedTemplate, load_folder, template_files
+
+log = logging.getLogger(__name__)
 
 EVALUATE_DAG_ID = "arf_evaluate"
 TASKS = (("prepare_data", "prepare"), ("train", "train"), ("register_model", "register"))
@@ -97,6 +100,9 @@ def build_training_dag(loaded: LoadedTemplate, backend_id: str | None = None):
         catchup=False,
         max_active_runs=t.max_active_runs,
         tags=sorted({"arf", *t.metadata.tags}),
+        # Registered by the DAG file's globals only: a DAG whose build fails half-way (after
+        # its `with` block) must not be picked up by Airflow's auto-registration.
+        auto_register=False,
         default_args={
             "owner": t.metadata.owner,
             "retries": t.training.retries,
@@ -206,6 +212,7 @@ def build_evaluate_dag(templates: list[LoadedTemplate], backend_id: str | None =
         catchup=False,
         max_active_runs=4,
         tags=["arf", "evaluation"],
+        auto_register=False,
         params={
             "model_name": Param(None, type=["null", "string"], enum=[None, *sorted(evaluable)],
                                 description="Model to evaluate on a manual run."),
@@ -230,8 +237,18 @@ def build_dags(folder: Path | None = None) -> dict[str, Any]:
     with _gc_paused():
         loaded, _issues = load_folder(template_files(folder or templates_dir()))
         loaded, _unrunnable = _runnable(loaded)
-        dags = {t.name: build_training_dag(t) for t in loaded}
-        dags[EVALUATE_DAG_ID] = build_evaluate_dag(loaded)
+        dags: dict[str, Any] = {}
+        for t in loaded:
+            # The schema refuses what Airflow would (template_issues reports it without
+            # building: a second build of every DAG would cost a third of the parse). This is
+            # the net under it: one template whose DAG still fails must not take every DAG of
+            # this file with it.
+            try:
+                dags[t.name] = build_training_dag(t)
+            except Exception:  # noqa: BLE001 - logged, and the template left out
+                log.exception("template %s (%s): its DAG cannot be built and is left out; the "
+                              "schema let this through, please report it", t.name, t.path)
+        dags[EVALUATE_DAG_ID] = build_evaluate_dag([t for t in loaded if t.name in dags])
     return dags
 
 

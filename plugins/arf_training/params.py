@@ -54,7 +54,9 @@ def param_schemas(template: TrainingTemplate) -> dict[str, dict[str, Any]]:
             schema["not"] = NOT_FINITE
         schema["title"] = _title(name, schema)
         schemas[name] = schema
-    schemas["seed"] = {"type": "integer", "minimum": 0, "title": "seed (≥ 0)",
+    max_seed = template.training.max_seed  # the trainer's range: a bigger seed fails train
+    schemas["seed"] = {"type": "integer", "minimum": 0, "maximum": max_seed,
+                       "title": "seed (≥ 0)",
                        "default": template.training.seed, "section": SECTION_TRAINING,
                        "description": "Seed of every random number generator (reproducibility)."}
     if template.nightly is not None:
@@ -178,6 +180,10 @@ def check_conf(template_name: str, schemas: dict[str, dict[str, Any]],
     values = {}
     for name, schema in schemas.items():
         value = conf.get(name, schema["default"])
+        if schema["type"] == "integer" and isinstance(value, float) and value.is_integer():
+            # JSON Schema, and so Airflow's check of the UI form and REST API, counts 3.0 as an
+            # integer: accept it as Airflow did, and hand the steps the int.
+            value = int(value)
         problem = _check_value(name, value, schema)
         if problem:
             problems.append(f"{problem}. Expected {_describe(name, schema)}")

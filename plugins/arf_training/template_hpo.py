@@ -11,14 +11,37 @@ from pydantic import Field, field_validator, model_validator
 
 from arf_training.template_sections import _Section
 
+# An infinite bound (YAML's .inf) passes `low < high` and fails in Optuna at run time.
+_Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _hp_value_problem(hp: Any, value: Any) -> str | None:
+    """Why `value` cannot be a value of hyperparameter `hp` (type, bounds, enum), or None."""
+    kind = hp.type
+    ok = {"integer": isinstance(value, int) and not isinstance(value, bool),
+          "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "string": isinstance(value, str), "boolean": isinstance(value, bool)}[kind]
+    if not ok:
+        return f"value {value!r} is not of the hyperparameter's type {kind}"
+    enum = getattr(hp, "enum", None)
+    if enum is not None and value not in enum:
+        return f"value {value!r} is not one of the hyperparameter's enum {enum}"
+    lo, hi = getattr(hp, "minimum", None), getattr(hp, "maximum", None)
+    if lo is not None and value < lo:
+        return f"value {value!r} is below the hyperparameter's minimum {lo}; narrow the range"
+    if hi is not None and value > hi:
+        return f"value {value!r} is above the hyperparameter's maximum {hi}; narrow the range"
+    return None
+
+
 class FloatSearch(_Section):
     """A real-valued dimension: uniform or log-uniform in [low, high] (Optuna FloatDistribution)."""
 
     type: Literal["float"]
-    low: float = Field(description="Smallest value tried.")
-    high: float = Field(description="Largest value tried (inclusive).")
+    low: _Finite = Field(description="Smallest value tried.")
+    high: _Finite = Field(description="Largest value tried (inclusive).")
     log: bool = Field(False, description="Sample on a log scale (learning rates); needs low > 0.")
-    step: float | None = Field(None, gt=0, description="Discretization step; not with log.")
+    step: _Finite | None = Field(None, gt=0, description="Discretization step; not with log.")
 
     @model_validator(mode="after")
     def _check(self) -> "FloatSearch":
@@ -62,7 +85,7 @@ class CategoricalSearch(_Section):
     """A choice among listed values (Optuna CategoricalDistribution)."""
 
     type: Literal["categorical"]
-    choices: list[bool | int | float | str] = Field(
+    choices: list[bool | int | _Finite | str] = Field(
         min_length=2, description="The values tried; at least two, all distinct.")
 
     @field_validator("choices")

@@ -39,7 +39,9 @@ class Metadata(_Section):
     )
     description: str = Field("", description="Markdown shown as the DAG's documentation.")
     owner: str = Field("arf", min_length=1, description="Owning team, shown in the DAG list.")
-    tags: list[str] = Field(default_factory=list, description="DAG tags for filtering in the UI.")
+    # Airflow refuses a tag over 100 characters (TAG_MAX_LEN) when the DAG is built.
+    tags: list[Annotated[str, Field(max_length=100)]] = Field(
+        default_factory=list, description="DAG tags for filtering in the UI (100 characters each).")
 
     @field_validator("name")
     @classmethod
@@ -84,14 +86,19 @@ class IntegerHyperparameter(_HyperparameterBase):
         return self
 
 
+# NaN passes every bound check (`nan < x` is false) and the JSON of the trigger form cannot hold
+# NaN or infinities; a NaN default also fails the Param's own check when the DAG is built.
+_Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
 class NumberHyperparameter(_HyperparameterBase):
-    """A real-valued hyperparameter."""
+    """A real-valued hyperparameter (finite: YAML's .nan and .inf are refused)."""
 
     type: Literal["number"]
-    default: float = Field(description="Value used when the trigger conf does not set it.")
-    minimum: float | None = Field(None, description="Smallest accepted value.")
-    maximum: float | None = Field(None, description="Largest accepted value.")
-    enum: list[float] | None = Field(None, description="If set, the only accepted values.")
+    default: _Finite = Field(description="Value used when the trigger conf does not set it.")
+    minimum: _Finite | None = Field(None, description="Smallest accepted value.")
+    maximum: _Finite | None = Field(None, description="Largest accepted value.")
+    enum: list[_Finite] | None = Field(None, description="If set, the only accepted values.")
 
     @model_validator(mode="after")
     def _check(self) -> "NumberHyperparameter":
@@ -332,6 +339,20 @@ class Training(_Section):
             )
         return self
 
+    @property
+    def max_seed(self) -> int:
+        """Largest seed (template or trigger conf): the trainer seeds numpy with seed + rank,
+        which must stay below 2**32 (arf_trainer.trainer.config checks it again)."""
+        return 2**32 - 1 - self.distributed.world_size
+
+    @model_validator(mode="after")
+    def _seed_range(self) -> "Training":
+        if self.seed > self.max_seed:
+            raise ValueError(f"training.seed={self.seed} is above {self.max_seed} (2**32 - 1 - "
+                             "world size: numpy's seed range, with one seed per process); pick "
+                             "a smaller seed, e.g. 0")
+        return self
+
     def loop_options_set(self) -> list[str]:
         """`name: value` of each LOOP_OPTIONS field set to other than its default."""
         fields = type(self).model_fields
@@ -363,26 +384,6 @@ class Evaluation(_Section):
         return self
 
 
-# -- hyperparameter search (`hpo:`) ------------------------------------------------------------
-
-def _hp_value_problem(hp: Any, value: Any) -> str | None:
-    """Why `value` cannot be a value of hyperparameter `hp` (type, bounds, enum), or None."""
-    kind = hp.type
-    ok = {"integer": isinstance(value, int) and not isinstance(value, bool),
-          "number": isinstance(value, (int, float)) and not isinstance(value, bool),
-          "string": isinstance(value, str), "boolean": isinstance(value, bool)}[kind]
-    if not ok:
-        return f"value {value!r} is not of the hyperparameter's type {kind}"
-    enum = getattr(hp, "enum", None)
-    if enum is not None and value not in enum:
-        return f"value {value!r} is not one of the hyperparameter's enum {enum}"
-    lo, hi = getattr(hp, "minimum", None), getattr(hp, "maximum", None)
-    if lo is not None and value < lo:
-        return f"value {value!r} is below the hyperparameter's minimum {lo}; narrow the range"
-    if hi is not None and value > hi:
-        return f"value {value!r} is above the hyperparameter's maximum {hi}; narrow the range"
-    return None
-
-
-# Params the factory adds next to the hyperparameters; hyperparameters may not take these names.
-RESERVED_PARAMS = frozenset({"seed", "dataset_query"})
+# Params the factory adds next to the hyperparameters; hyperparameters may not take these names
+# (a step takes `nightly_recipe` out of the values it passes on as hyperparameters).
+RESERVED_PARAMS = frozenset({"seed", "dataset_query", "nightly_recipe"})

@@ -4,7 +4,11 @@ PyYAML itself lets through or misplaces.
 1. **Duplicate keys.** PyYAML keeps the last value of a repeated key without a word, so a second
    `metadata.name` silently renames the DAG. Every repeated key is an error here, with the line
    of each occurrence and the field path.
-2. **Syntax error lines.** PyYAML reports where it *noticed* a problem, which is often after it:
+2. **Alias bombs.** An anchor used nine times in a list, itself used nine times, ... ("billion
+   laughs") expands to billions of values from a few lines. Building (and validating) them would
+   stall the DAG file past Airflow's import timeout and hide every template's DAG, so the values
+   built are counted and a document over `MAX_VALUES` is refused at the alias that crossed it.
+3. **Syntax error lines.** PyYAML reports where it *noticed* a problem, which is often after it:
    an unclosed `[` or quote is noticed lines later, a key without its `:` on the next key's line.
    The issue points at the line where the broken construct starts and names both lines.
 
@@ -23,6 +27,17 @@ import yaml
 from arf_training.errors import TemplateError, TemplateIssue
 
 _LOADER: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+MAX_VALUES = 100_000
+"""Scalars, lists and mappings one template may build, aliases expanded (a real one has a few
+hundred)."""
+
+
+class _TooManyValues(yaml.YAMLError):
+    """The document expands to more than MAX_VALUES values (raised at the node that crossed)."""
+
+    def __init__(self, mark: Any):
+        super().__init__()
+        self.mark = mark
 
 
 @dataclass(frozen=True)
@@ -40,6 +55,13 @@ def read_yaml(text: str, path: str) -> YamlDocument:
         root = loader.get_single_node()
         builder = _Builder(loader, path)
         data = builder.build(root, ()) if root is not None else None
+    except _TooManyValues as exc:
+        raise TemplateError([TemplateIssue(
+            file=path, line=exc.mark.line + 1,
+            message=f"the document expands to more than {MAX_VALUES:,} values once its aliases "
+                    "are expanded (the value at this line crossed the limit): anchors reused "
+                    "inside other reused anchors multiply; a template needs a few hundred "
+                    "values, so write them out or nest fewer aliases")]) from None
     except yaml.YAMLError as exc:
         raise TemplateError([syntax_issue(text, path, exc)]) from exc
     finally:
@@ -47,6 +69,30 @@ def read_yaml(text: str, path: str) -> YamlDocument:
     if builder.duplicates:
         raise TemplateError(sorted(builder.duplicates, key=lambda i: i.line or 0))
     return YamlDocument(data=data, root=root)
+
+
+MAX_TEMPLATE_BYTES = 1024 * 1024
+"""Largest template file read. A real one is a few KiB; reading and parsing a stray data dump
+named *.yaml would stall the DAG files past Airflow's import timeout, hiding every DAG."""
+
+
+def decode_template(raw: bytes, path: str) -> str:
+    """The file's text; a file over the size cap or not in UTF-8 is an issue (replacing the
+    bytes that do not decode would silently change a query or a name)."""
+    if len(raw) > MAX_TEMPLATE_BYTES:
+        raise TemplateError([TemplateIssue(
+            file=path, message=f"file is over {MAX_TEMPLATE_BYTES:,} bytes, the limit of a "
+                               "template (a real one is a few KiB); is it a template? Move "
+                               "other files out of the templates folder")])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise TemplateError([TemplateIssue(
+            file=path, line=line,
+            message=f"byte 0x{raw[exc.start]:02x} at line {line}, column {column} is not UTF-8 "
+                    "(templates are UTF-8 text); save the file as UTF-8")]) from None
 
 
 def node_at(root: yaml.Node | None, loc: tuple[Any, ...]) -> tuple[yaml.Node | None, int]:
@@ -85,8 +131,12 @@ class _Builder:
         self.path = path
         self.duplicates: list[TemplateIssue] = []
         self._open: set[int] = set()  # collections being built: an alias to one is a cycle
+        self._built = 0  # values built so far, every expansion of an alias counted
 
     def build(self, node: yaml.Node, where: tuple[str, ...]) -> Any:
+        self._built += 1
+        if self._built > MAX_VALUES:
+            raise _TooManyValues(node.start_mark)
         if isinstance(node, yaml.ScalarNode):
             return node.value if node.tag == _STR else self.loader.construct_object(node)
         if id(node) in self._open:

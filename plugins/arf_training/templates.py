@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from arf_training.errors import TemplateError, TemplateIssue
 from arf_training.nightly_recipe import Nightly, nightly_problems
 from arf_training.template_federated import Federated, check_federated
-from arf_training.template_hpo import CategoricalSearch, FloatSearch, Hpo, IntSearch
+from arf_training.template_hpo import (CategoricalSearch, FloatSearch, Hpo, IntSearch,
+                                       _hp_value_problem)
 # Re-exported: the rest of the package (and users' code) import these from here.
 from arf_training.template_query import (  # noqa: F401
     MAX_QUERY_CHARS, QUERY_MACROS, _check_query_size, _check_single_select, rewrite_query_macros,
@@ -33,8 +34,9 @@ from arf_training.template_query import (  # noqa: F401
 from arf_training.template_sections import (  # noqa: F401
     RECIPE_HYPERPARAMETERS, RESERVED_PARAMS, BooleanHyperparameter, CustomCommand, Dataset,
     Distributed, Evaluation, IntegerHyperparameter, Metadata, Model, NumberHyperparameter,
-    Replay, Resources, StringHyperparameter, Training, _hp_value_problem, _Section)
-from arf_training.template_yaml import node_at, read_yaml
+    Replay, Resources, StringHyperparameter, Training, _Section)
+from arf_training.template_yaml import (MAX_TEMPLATE_BYTES, decode_template, node_at,
+                                        read_yaml)
 
 API_VERSION = "arf.dev/v1"
 KIND = "TrainingTemplate"
@@ -266,14 +268,16 @@ _CACHE: dict[tuple[str, str], LoadedTemplate | TemplateError] = {}
 
 
 def load_template(path: Path) -> LoadedTemplate:
-    raw = path.read_bytes()
+    with open(path, "rb") as file:
+        raw = file.read(MAX_TEMPLATE_BYTES + 1)
     digest = hashlib.sha256(raw).hexdigest()
     key = (str(path), digest)
     cached = _CACHE.get(key)
     if cached is None:
         try:
-            cached = LoadedTemplate(template=parse_template(raw.decode("utf-8", errors="replace"),
-                                                            str(path)), path=path, sha256=digest)
+            text = decode_template(raw, str(path))
+            cached = LoadedTemplate(template=parse_template(text, str(path)), path=path,
+                                    sha256=digest)
         except TemplateError as exc:
             cached = exc
         if len(_CACHE) > 4096:
@@ -286,12 +290,16 @@ def load_template(path: Path) -> LoadedTemplate:
 
 def template_files(folder: Path) -> list[Path]:
     """The folder's *.yaml/*.yml files, by name. (scandir knows the file type without a stat
-    per file, and names sort far faster than Paths: this runs on every DAG parse.)"""
+    per file, and names sort far faster than Paths: this runs on every DAG parse.)
+
+    A broken symlink (dangling, or a loop) is listed too, so that loading reports it instead
+    of the template vanishing; a folder, FIFO or device is not (reading a FIFO would block)."""
     if not folder.is_dir():
         return []
     with os.scandir(folder) as entries:
         names = sorted(e.name for e in entries
-                       if os.path.splitext(e.name)[1] in (".yaml", ".yml") and e.is_file())
+                       if os.path.splitext(e.name)[1] in (".yaml", ".yml")
+                       and (e.is_file() or (e.is_symlink() and not os.path.exists(e.path))))
     return [folder / name for name in names]
 
 
