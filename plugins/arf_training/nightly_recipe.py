@@ -19,6 +19,7 @@ fine-tune template. A trigger conf's `nightly_recipe: fine-tune | retrain` overr
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -38,7 +39,7 @@ class Nightly(BaseModel):
     retrain_hyperparameters: dict[str, int | float] = Field(
         default_factory=dict,
         description="Hyperparameters of a retrain night (e.g. epochs: 10, lr: 0.001), each a "
-                    "hyperparameter of the template (its bounds are checked when a night runs).")
+                    "hyperparameter of the template, within its type and bounds.")
     retrain_below: float | None = Field(
         None, ge=0.0, le=1.0,
         description="Retrain while the champion's evaluated success rate is below this.")
@@ -78,7 +79,32 @@ def nightly_problems(template: object) -> list[str]:
         problems.append(f"nightly.retrain_hyperparameters sets {', '.join(unknown)}, not "
                         f"hyperparameters of this template ({', '.join(sorted(declared))}); "
                         "declare them under training.hyperparameters or remove them")
+    for name, value in sorted(nightly.retrain_hyperparameters.items()):
+        if name in declared:
+            problem = _value_problem(value, declared[name])
+            if problem:
+                problems.append(f"nightly.retrain_hyperparameters.{name} = {value!r} {problem} "
+                                f"(training.hyperparameters.{name}); a retrain night would "
+                                "fail its first step: change the value")
     if "epochs" not in declared:
         problems.append("nightly: the choice estimates a retrain's work from the "
                         "hyperparameter epochs; declare epochs under training.hyperparameters")
     return problems
+
+
+def _value_problem(value: int | float, spec: object) -> str | None:
+    """What makes `value` invalid for the declared hyperparameter `spec` (as the trigger conf's
+    check would say at run time), or None."""
+    if isinstance(value, bool) or not math.isfinite(value):
+        return "is not a finite number"
+    if getattr(spec, "type", None) == "integer" and value != int(value):
+        return "is not a whole number"
+    minimum, maximum = getattr(spec, "minimum", None), getattr(spec, "maximum", None)
+    enum = getattr(spec, "enum", None)
+    if minimum is not None and value < minimum:
+        return f"is below the minimum {minimum}"
+    if maximum is not None and value > maximum:
+        return f"is above the maximum {maximum}"
+    if enum is not None and value not in enum:
+        return f"is not one of {enum}"
+    return None
