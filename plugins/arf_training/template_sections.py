@@ -38,7 +38,10 @@ class Metadata(_Section):
         description="Template name; also the DAG id. Lower-case letters, digits and '_'.",
     )
     description: str = Field("", description="Markdown shown as the DAG's documentation.")
-    owner: str = Field("arf", min_length=1, description="Owning team, shown in the DAG list.")
+    # Airflow stores a DAG's owners in a 2000-character column: a longer one fails the whole
+    # DAG file's write to its database.
+    owner: str = Field("arf", min_length=1, max_length=200,
+                       description="Owning team, shown in the DAG list (200 characters at most).")
     # Airflow refuses a tag over 100 characters (TAG_MAX_LEN) when the DAG is built.
     tags: list[Annotated[str, Field(max_length=100)]] = Field(
         default_factory=list, description="DAG tags for filtering in the UI (100 characters each).")

@@ -99,6 +99,8 @@ def test_broken_symlink_is_reported_and_a_fifo_is_skipped(tmp_path):
                  ["training.hyperparameters.lr.minimum", "finite"], id="nan-minimum"),
     pytest.param("  tags: [reach,", "  tags: [" + "t" * 101 + ", reach,",
                  ["metadata.tags.0", "at most 100 characters"], id="tag-over-airflow-limit"),
+    pytest.param("  owner: robotics-ml\n", "  owner: " + "o" * 2001 + "\n",
+                 ["metadata.owner", "at most 200 characters"], id="owner-over-airflow-column"),
     pytest.param("  seed: 0\n", "  seed: 4294967296\n",
                  ["training.seed", "4294967296", "2**32"], id="seed-over-numpy-range"),
 ])
