@@ -39,6 +39,9 @@ def _when(millis: int | None) -> str | None:
 
 
 def _history(table: DeltaTable, up_to: int) -> list[dict]:
+    """The commits up to version `up_to`; `table` must be loaded at the latest version (delta-rs
+    numbers the history of a table loaded at an older version from that version down, so
+    every entry would carry another commit's number)."""
     entries = []
     for entry in table.history():
         version = int(entry.get("version", -1))
@@ -76,7 +79,7 @@ def describe_table(hub: Path, name: str, version: int | None = None) -> dict:
         "partition_columns": list(table.metadata().partition_columns),
         "columns": [{"name": field.name, "type": type_name(field.type)}
                     for field in snapshot.dataset.schema],
-        "history": _history(table, snapshot.version),
+        "history": _history(DeltaTable(str(table_path(hub, name))), snapshot.version),
     }
 
 

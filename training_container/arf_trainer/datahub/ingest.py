@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-from deltalake import CommitProperties, DeltaTable, write_deltalake
-from deltalake.exceptions import DeltaError, TableNotFoundError
+from deltalake import CommitProperties, DeltaTable, Schema, write_deltalake
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from arf_trainer.datahub.arrow_types import schema_differences, storable_schema, to_storable
 from arf_trainer.datahub.sources import Source, read_source, resolve_sources, source_schema
@@ -88,11 +89,57 @@ def _check_partitions(partition_by: list[str], schema: pa.Schema) -> None:
                 f"{', '.join(schema.names)}"
             )
         dtype = schema.field(column).type
-        if pa.types.is_nested(dtype) or pa.types.is_floating(dtype):
+        # Binary values do not survive a partition folder's name (delta-rs writes b'a' as the
+        # text '\\u0061' and reads that back), so they are refused like floats.
+        if pa.types.is_nested(dtype) or pa.types.is_floating(dtype) or _is_binary(dtype):
             raise DataHubError(
                 f"--partition-by {column!r}: a {dtype} column cannot name a partition folder; "
                 "partition by a string, integer or date column (e.g. a day or a robot id)"
             )
+    if len(set(partition_by)) != len(partition_by) or len(set(partition_by)) >= len(schema):
+        raise DataHubError(
+            f"--partition-by {','.join(partition_by)}: name each column once, and leave at "
+            "least one column out (the data files hold the columns that are not partitions)"
+        )
+
+
+def _is_binary(dtype: pa.DataType) -> bool:
+    return (pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype)
+            or pa.types.is_fixed_size_binary(dtype) or pa.types.is_binary_view(dtype))
+
+
+def _hub_type(dtype: pa.DataType) -> pa.DataType:
+    """The type the hub gives back for `dtype`, so that ingesting the same file twice appends:
+    Delta stores instants in UTC (any time zone reads back as UTC) and dictionary-encoded
+    columns (pandas categoricals) as their values."""
+    if pa.types.is_dictionary(dtype):
+        return _hub_type(dtype.value_type)
+    if pa.types.is_timestamp(dtype) and dtype.tz is not None and dtype.tz != "UTC":
+        return pa.timestamp(dtype.unit, tz="UTC")
+    return dtype
+
+
+def _check_columns(source: Source, schema: pa.Schema) -> pa.Schema:
+    """`schema` in the hub's types, after checking Delta can hold every column as named."""
+    lower: dict[str, str] = {}
+    for column in schema.names:
+        if column.lower() in lower:
+            raise DataHubError(
+                f"{source.path}: columns {lower[column.lower()]!r} and {column!r} differ only "
+                "in case (or repeat); Delta column names are case-insensitive. Rename one of "
+                "them and ingest again (nothing was written)")
+        lower[column.lower()] = column
+    schema = pa.schema([pa.field(f.name, _hub_type(f.type)) for f in schema])
+    for field in storable_schema(schema):
+        try:
+            Schema.from_arrow(pa.schema([field]))
+        except Exception as exc:  # delta-rs raises a bare Exception for a type it lacks
+            raise DataHubError(
+                f"{source.path}: column {field.name!r} has type {field.type}, which a Delta "
+                f"table cannot store ({_short(exc)}). Cast it first (e.g. a time of day or a "
+                "duration to int64 microseconds, or to a string) and ingest again (nothing was "
+                "written)") from exc
+    return schema
 
 
 class _Stream:
@@ -121,6 +168,10 @@ class _Stream:
         return pa.RecordBatchReader.from_batches(self.storable, self.batches())
 
 
+class _CreatedMeanwhile(Exception):
+    """Another writer created the table while this ingest was creating it."""
+
+
 def ingest(hub: Path, name: str, paths: Sequence[str | Path], mode: WriteMode = "append",
            partition_by: Sequence[str] = ()) -> IngestResult:
     """Write the rows of `paths` (files, folders, Delta tables) to table `name` in one commit.
@@ -131,12 +182,23 @@ def ingest(hub: Path, name: str, paths: Sequence[str | Path], mode: WriteMode = 
     """
     if mode not in ("append", "overwrite"):
         raise DataHubError(f"--mode {mode!r} is not supported; use 'append' or 'overwrite'")
+    try:
+        return _ingest_once(hub, name, paths, mode, partition_by)
+    except _CreatedMeanwhile:
+        # Checked again against the table the other writer created: an append of other
+        # columns is then refused, naming them, instead of replacing that table's schema.
+        return _ingest_once(hub, name, paths, mode, partition_by)
+
+
+def _ingest_once(hub: Path, name: str, paths: Sequence[str | Path], mode: WriteMode,
+                 partition_by: Sequence[str]) -> IngestResult:
     path = table_path(hub, name)
     sources = resolve_sources(paths)
-    table = _existing(hub, name) if mode == "append" else None
+    existing = _existing(hub, name)
+    table = existing if mode == "append" else None
     current = open_table(hub, name).dataset.schema if table is not None else None
     # An append reads CSV with the table's column types, so inference cannot invent a clash.
-    schema = source_schema(sources, current)
+    schema = _check_columns(sources[0], source_schema(sources, current))
     partitions = list(partition_by)
     _check_partitions(partitions, schema)
     if table is not None:
@@ -148,23 +210,40 @@ def ingest(hub: Path, name: str, paths: Sequence[str | Path], mode: WriteMode = 
     named = [str(s.path.resolve()) for s in sources[:20]]  # the commit log stays small
     if len(sources) > 20:
         named.append(f"... {len(sources) - 20} more")
+    token = uuid.uuid4().hex
+    # Creating: no retry. delta-rs would otherwise commit a create that lost the race for
+    # version 0 as the next version, replacing the winner's schema even in append mode.
     commit = CommitProperties(custom_metadata={"arf.operation": "ingest",
-                                               "arf.sources": json.dumps(named)})
+                                               "arf.sources": json.dumps(named),
+                                               "arf.ingest_id": token},
+                              max_commit_retries=0 if existing is None else None)
     try:
         write_deltalake(str(path), stream.reader(), mode=mode, partition_by=partitions or None,
                         schema_mode="overwrite" if mode == "overwrite" else None,
                         commit_properties=commit)
-    except (DeltaError, pa.ArrowException, OSError) as exc:
+    except Exception as exc:  # delta-rs raises bare Exceptions too (schema errors)
         if isinstance(stream.error, DataHubError):
             raise stream.error from None
+        if existing is None and isinstance(exc, CommitFailedError) and stream.error is None:
+            raise _CreatedMeanwhile() from exc
         cause = stream.error or exc
         raise DataHubError(
             f"could not {mode} to data hub table {name!r} at {path}: {_short(cause)}; the table "
             "is unchanged (still at its previous version)"
         ) from cause
-    return IngestResult(table=name, version=int(DeltaTable(str(path)).version()),
+    return IngestResult(table=name, version=_committed_version(path, token),
                         rows=stream.rows, files=len(sources),
                         bytes_read=sum(s.size for s in sources), mode=mode)
+
+
+def _committed_version(path: Path, token: str) -> int:
+    """The version this ingest's commit got (other writers may have committed since)."""
+    table = DeltaTable(str(path))
+    for limit in (50, None):
+        for entry in table.history(limit):
+            if entry.get("arf.ingest_id") == token:
+                return int(entry["version"])
+    return int(table.version())
 
 
 def _short(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -57,24 +58,44 @@ def _delta_source(path: Path) -> Source:
     return Source(path, "delta", size, open_delta_dataset(path))
 
 
-def _folder_sources(folder: Path) -> list[Source]:
-    tables = sorted(d.parent for d in folder.rglob("_delta_log") if d.is_dir())
-    found, unknown = [], []
-    for child in sorted(folder.rglob("*")):
-        relative = child.relative_to(folder)
-        if any(part.startswith((".", "_")) for part in relative.parts):
-            continue  # hidden files, _SUCCESS markers, a Delta table's own _delta_log
-        if any(child == t or t in child.parents for t in tables):
-            continue  # a nested Delta table is read as a table (its log says which files count)
-        if child.is_dir():
-            if "=" in child.name:
-                raise DataHubError(
-                    f"{child} is a Hive partition folder (column=value); ingest reads files, so "
-                    "the value in the folder name would be lost. Write the column into the "
-                    "files, or ingest a Delta table of them"
-                )
+def _hidden(name: str) -> bool:
+    return name.startswith((".", "_"))  # hidden files, _SUCCESS markers, _delta_log, _tmp/
+
+
+def _walk(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(files, Delta table folders) under `folder`, each sorted. Hidden and `_` entries are
+    skipped, with what is under them; a symlinked folder is walked like a real one (each real
+    folder once, so a link to an ancestor ends); a nested Delta table is one entry, read as a
+    table (its log says which of its files count)."""
+    files: list[Path] = []
+    tables: list[Path] = []
+    seen: set[str] = set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        here = Path(top)
+        real = os.path.realpath(here)
+        if real in seen:
+            dirs[:] = []
             continue
-        (found if _format_of(child) else unknown).append(child)
+        seen.add(real)
+        if here != folder and (here / "_delta_log").is_dir():
+            tables.append(here)
+            dirs[:] = []
+            continue
+        dirs[:] = [d for d in dirs if not _hidden(d)]
+        for name in dirs:
+            if "=" in name:
+                raise DataHubError(
+                    f"{here / name} is a Hive partition folder (column=value); ingest reads "
+                    "files, so the value in the folder name would be lost. Write the column "
+                    "into the files, or ingest a Delta table of them"
+                )
+        files += [here / name for name in names if not _hidden(name)]
+    return sorted(files), sorted(tables)
+
+
+def _folder_sources(folder: Path) -> list[Source]:
+    found, tables = _walk(folder)
+    unknown = [f for f in found if not _format_of(f)]
     if unknown:
         raise DataHubError(
             f"{folder} holds files of no known format: {', '.join(map(str, unknown[:5]))}"
@@ -148,9 +169,11 @@ def _csv_header(source: Source) -> list[str]:
 
 
 def _text(path: Path) -> io.TextIOBase:
+    # utf-8-sig: Arrow's reader skips a byte-order mark, so the header read here must too (or
+    # the first column's name would not match the table's on an append).
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", newline="")
-    return open(path, newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _open_ipc(path: Path):

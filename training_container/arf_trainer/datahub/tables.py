@@ -30,7 +30,8 @@ from arf_trainer.errors import DataHubError
 # Table names become directory names and SQL identifiers, so keep them to plain identifiers:
 # no path separators (a name like '../x' or '/etc' must never reach the filesystem) and no
 # quoting needed in SQL.
-TABLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,127}$")
+# `\Z`, not `$`: `$` also matches before a trailing newline, which would let 'x\n' through.
+TABLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,127}\Z")
 
 WriteMode = Literal["append", "overwrite"]
 
