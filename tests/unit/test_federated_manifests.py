@@ -15,7 +15,8 @@ import pyarrow.compute as pc
 import pytest
 from test_prepare import load_template
 
-from arf_trainer.datahub.prepare import SITE_METADATA_KEY, run_prepare
+from arf_trainer.datahub.prepare import run_prepare
+from arf_trainer.datahub.prepare_result import SITE_METADATA_KEY
 from arf_trainer.datahub.seed import seed_demo
 from arf_trainer.datahub.tables import open_table
 from arf_trainer.errors import TrainingError

@@ -21,7 +21,8 @@ import torch
 from test_federated_manifests import _env
 from test_prepare import load_template
 
-from arf_trainer.datahub.prepare import SITE_METADATA_KEY, run_prepare
+from arf_trainer.datahub.prepare import run_prepare
+from arf_trainer.datahub.prepare_result import SITE_METADATA_KEY
 from arf_trainer.errors import TrainingError
 from arf_trainer.federated.launch import site_dirs
 from arf_trainer.federated.manifests import plan, site_manifest

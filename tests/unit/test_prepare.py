@@ -183,6 +183,26 @@ def test_prepare_is_deterministic_and_seed_dependent(tmp_path: Path, hub: Path) 
     assert other_seed["rows"] == one["rows"]
 
 
+def test_a_split_that_leaves_no_training_rows_is_refused(tmp_path: Path) -> None:
+    """One episode, split by episode: it goes wholly to one side, and for some seeds that is
+    validation. Prepare succeeded with train_rows 0, and training failed later."""
+    root = tmp_path / "hub"
+    seed_demo(root, episodes=1, seed=0, force=False)
+    dataset = {"validation_split": 0.5, "query": "SELECT * FROM reach_demos"}
+    outcomes = {}
+    for seed in range(6):
+        workspace = tmp_path / f"ws{seed}"
+        try:
+            outcomes[seed] = run_prepare(step_env(workspace, root, dataset=dataset,
+                                                  seed=seed))["train_rows"]
+        except DataHubError as exc:
+            assert "the split left no training rows: all 50 rows went to validation" in str(exc)
+            assert "lower dataset.validation_split" in str(exc)
+            assert not (workspace / "prepare").exists()  # nothing half-written
+            outcomes[seed] = None
+    assert None in outcomes.values() and 50 in outcomes.values(), outcomes
+
+
 def test_retry_reuses_the_manifest_without_querying(tmp_path: Path, hub: Path) -> None:
     workspace = tmp_path / "ws"
     first = run_prepare(step_env(workspace, hub))

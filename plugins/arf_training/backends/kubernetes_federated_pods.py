@@ -48,7 +48,7 @@ from arf_training.runtime import fail_fast_on_bad_input, run_identity
 # The key of the federate result (XCom) that names the sites lost on the way: {site: why}.
 LOST_SITES_KEY = "lost_sites"
 # The key of a site prepare's result that holds its manifest metadata: the container's
-# `arf_trainer.datahub.prepare.SITE_METADATA_KEY` (this side must not import arf_trainer), and
+# `arf_trainer.datahub.prepare_result.SITE_METADATA_KEY` (this side must not import arf_trainer), and
 # what the SuperLink's `arf_trainer.federated.manifests` checks field by field.
 SITE_METADATA_KEY = "manifest_metadata"
 SITE_METADATA_FIELDS = ("features", "targets", "train_rows", "val_rows", "tables",

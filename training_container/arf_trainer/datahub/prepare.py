@@ -97,6 +97,7 @@ from arf_trainer.datahub.dataset_query import (
     resolve_query,
 )
 from arf_trainer.datahub.decode import Decoders
+from arf_trainer.datahub.prepare_result import step_result
 from arf_trainer.datahub.shards import ShardWriter, describe_column, layout, sha256_file
 from arf_trainer.datahub.split import ExactSample, GroupSplit
 from arf_trainer.datahub.stream import QuerySource
@@ -109,11 +110,6 @@ log = logging.getLogger(__name__)
 PREPARE_DIR = "prepare"
 MANIFEST_NAME = "manifest.json"
 _TMP_PREFIX = ".prepare-tmp-"
-# A federated site's prepare result carries its manifest's metadata under this key: the
-# federate step may run where the site's folder is not mounted (Kubernetes: its SuperLink pod),
-# and gets each site's metadata from the prepare results instead (arf_trainer.federated
-# .manifests; the Airflow side, kubernetes_federated_pods, names the same key).
-SITE_METADATA_KEY = "manifest_metadata"
 
 
 def _fingerprint(shards: dict[str, list[dict[str, Any]]]) -> str:
@@ -122,40 +118,6 @@ def _fingerprint(shards: dict[str, list[dict[str, Any]]]) -> str:
         for shard in shards[split]:
             digest.update(f"{shard['path']} {shard['sha256']}\n".encode())
     return digest.hexdigest()
-
-
-def _summary(manifest: dict[str, Any], manifest_path: Path, reused: bool,
-             site: str | None = None) -> dict[str, Any]:
-    summary = {
-        "rows": manifest["rows"],
-        "train_rows": manifest["train_rows"],
-        "val_rows": manifest["val_rows"],
-        "tables": manifest["tables"],
-        "fingerprint": manifest["fingerprint"],
-        "manifest": str(manifest_path),
-        "reused": reused,
-    }
-    if site is not None:  # a federated site's prepare (its job spec's inputs.site)
-        summary[SITE_METADATA_KEY] = _site_metadata(manifest)
-    return summary
-
-
-def _site_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What the federate step reads of a site's manifest: column names, the feature and target
-    columns' types and shapes, row counts, table versions and the fingerprint. Small, and no
-    rows, shard paths, hub URIs (site paths) or query."""
-    wanted = set(manifest["features"]) | set(manifest["targets"])
-    return {
-        "features": list(manifest["features"]),
-        "targets": list(manifest["targets"]),
-        "columns": [c for c in manifest.get("columns", []) if c.get("name") in wanted],
-        "rows": manifest["rows"],
-        "train_rows": manifest["train_rows"],
-        "val_rows": manifest["val_rows"],
-        "tables": {name: {"version": t.get("version")}
-                   for name, t in manifest["tables"].items()},
-        "fingerprint": manifest["fingerprint"],
-    }
 
 
 def _verify(prepared: Path, manifest: dict[str, Any]) -> None:
@@ -320,6 +282,12 @@ def _build(env: StepEnv, root: Path, spill: Path) -> dict[str, Any]:
     train_rows = sum(s["rows"] for s in shards["train"])
     val_rows = sum(s["rows"] for s in shards["val"])
     dataset = env.spec.dataset
+    if train_rows == 0:  # whole groups: a few large ones may all land on the validation side
+        raise DataHubError(
+            f"the split left no training rows: all {val_rows} rows went to validation "
+            f"(dataset.validation_split {data['split']}, split_by "
+            f"{dataset.get('split_by') or 'none'}); lower dataset.validation_split, or query "
+            "more episodes (groups), so that some go to training")
     manifest = {
         "query": query,
         "rows": train_rows + val_rows,
@@ -351,7 +319,7 @@ def _build(env: StepEnv, root: Path, spill: Path) -> dict[str, Any]:
 
 def run_prepare(env: StepEnv) -> dict[str, Any]:
     """Run the prepare step for `env`; return the manifest summary (also the step result),
-    with the manifest's metadata (`_site_metadata`) when `env` is a federated site's prepare."""
+    with the manifest's metadata (`prepare_result`) when `env` is a federated site's prepare."""
     prepared = env.workspace / PREPARE_DIR
     manifest_path = prepared / MANIFEST_NAME
     site = env.spec.inputs.get("site")  # set by the Airflow side's federation.site_spec
@@ -360,7 +328,7 @@ def run_prepare(env: StepEnv) -> dict[str, Any]:
         _verify(prepared, manifest)
         log.info("reusing %s from an earlier try: %d rows, fingerprint %s", manifest_path,
                  manifest["rows"], manifest["fingerprint"][:12])
-        return _summary(manifest, manifest_path, reused=True, site=site)
+        return step_result(manifest, manifest_path, reused=True, site=site)
 
     env.workspace.mkdir(parents=True, exist_ok=True)
     # Leftovers of tries that died mid-build; only ever complete folders are named `prepare/`.
@@ -395,4 +363,4 @@ def run_prepare(env: StepEnv) -> dict[str, Any]:
              "fingerprint %s", manifest["rows"], manifest["train_rows"], manifest["val_rows"],
              tables or "no tables", len(manifest["features"]), len(manifest["targets"]),
              manifest["fingerprint"][:12])
-    return _summary(manifest, manifest_path, reused=False, site=site)
+    return step_result(manifest, manifest_path, reused=False, site=site)

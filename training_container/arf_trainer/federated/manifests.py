@@ -24,7 +24,7 @@ from arf_trainer.spec import StepEnv
 from arf_trainer.trainer.data import Manifest, load_manifest
 from arf_trainer.trainer.recipes import Hyperparameters, ModelInfo
 
-# The fields of a site's metadata (datahub/prepare.py `_site_metadata`), with their types.
+# The fields of a site's metadata (datahub/prepare_result.py `site_metadata`), with their types.
 FIELDS: dict[str, type] = {
     "features": list, "targets": list, "columns": list, "rows": int, "train_rows": int,
     "val_rows": int, "tables": dict, "fingerprint": str}
