@@ -86,51 +86,90 @@ class JobSpec:
 
     @property
     def dataset(self) -> dict[str, Any]:
-        return self.template["dataset"]
+        return self._section("dataset")
 
     @property
     def model(self) -> dict[str, Any]:
-        return self.template["model"]
+        return self._section("model")
 
     @property
     def training(self) -> dict[str, Any]:
-        return self.template["training"]
+        return self._section("training")
+
+    def _section(self, name: str) -> dict[str, Any]:
+        try:
+            return _field(self.template, name, dict, "template.")
+        except KeyError:
+            raise SpecError(f"job spec template has no {name!r} section; rebuild the spec "
+                            "from a validated template") from None
 
     @property
     def evaluation(self) -> dict[str, Any] | None:
         return self.template.get("evaluation")
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "JobSpec":
+    def from_dict(cls, raw: Any) -> "JobSpec":
+        if not isinstance(raw, dict):
+            raise SpecError(f"job spec must be a JSON object, not {type(raw).__name__}; "
+                            "rebuild it with arf-training")
         try:
             if raw.get("spec_version") != SPEC_VERSION:
                 raise SpecError(
                     f"job spec has spec_version={raw.get('spec_version')!r}; this arf-trainer "
                     f"reads version {SPEC_VERSION}: rebuild the spec with a matching arf-training"
                 )
-            run = raw["run"]
-            conf = _finite("conf", raw.get("conf") or {})
-            hyperparameters = _finite("hyperparameters", raw.get("hyperparameters") or {})
+            run = _field(raw, "run", dict)
+            template = _field(raw, "template", dict)
+            conf = _finite("conf", _field(raw, "conf", dict, default={}))
+            hyperparameters = _finite("hyperparameters",
+                                      _field(raw, "hyperparameters", dict, default={}))
             seed = _finite("", {"seed": raw["seed"]})["seed"]
+            if isinstance(seed, bool) or not isinstance(seed, (int, float)) \
+                    or int(seed) != seed:
+                raise SpecError(f"job spec seed={seed!r} must be an integer; fix "
+                                "training.seed or the trigger conf")
+            try_number = run.get("try_number", 1)
+            if isinstance(try_number, str) and try_number.isdigit():
+                try_number = int(try_number)
+            if isinstance(try_number, bool) or not isinstance(try_number, int):
+                raise SpecError(f"job spec run.try_number={try_number!r} must be an integer")
             return cls(
-                step=raw["step"],
-                template=raw["template"],
+                step=_field(raw, "step", str),
+                template=template,
                 template_sha256=raw["template_sha256"],
                 conf=conf,
                 hyperparameters=hyperparameters,
                 seed=int(seed),
                 run=RunIdentity(
-                    dag_id=run["dag_id"],
-                    run_id=run["run_id"],
-                    task_id=run["task_id"],
-                    try_number=int(run.get("try_number", 1)),
+                    dag_id=_field(run, "dag_id", str, "run."),
+                    run_id=_field(run, "run_id", str, "run."),
+                    task_id=_field(run, "task_id", str, "run."),
+                    try_number=try_number,
                 ),
-                inputs=raw.get("inputs") or {},
-                code_version=raw.get("code_version") or {},
+                inputs=_field(raw, "inputs", dict, default={}),
+                code_version=_field(raw, "code_version", dict, default={}),
                 raw=raw,
             )
         except KeyError as exc:
             raise SpecError(f"job spec is missing the field {exc.args[0]!r}") from exc
+
+
+_REQUIRED = object()
+
+
+def _field(raw: dict[str, Any], key: str, kind: type, where: str = "",
+           default: Any = _REQUIRED) -> Any:
+    """raw[key] if it is a `kind` (absent or null: `default`, else `SpecError`)."""
+    value = raw.get(key)
+    if value is None and default is not _REQUIRED:
+        return default
+    if value is None and key not in raw:
+        raise KeyError(f"{where}{key}")
+    if not isinstance(value, kind):
+        raise SpecError(f"job spec {where}{key} must be a JSON "
+                        f"{'object' if kind is dict else 'string'}, not {value!r:.80}; "
+                        "rebuild the spec with arf-training")
+    return value
 
 
 def _finite(where: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -178,12 +217,13 @@ class StepEnv:
         else:
             path = Path(need("ARF_JOB_SPEC"))
             try:
-                text, origin = path.read_text(), str(path)
-            except OSError as exc:
+                text, origin = path.read_text(encoding="utf-8"), str(path)
+            except (OSError, UnicodeDecodeError) as exc:
                 raise SpecError(f"cannot read job spec {path}: {exc}") from exc
         try:
             raw = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
+            # RecursionError: nesting deeper than the interpreter's limit is not a job spec.
             raise SpecError(f"job spec {origin} is not valid JSON: {exc}") from exc
         spec = JobSpec.from_dict(raw)
         workspace = uri_to_path(need("ARF_WORKSPACE"))

@@ -34,6 +34,8 @@ not on torch.save's container format, so it is stable across torch versions and 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import random
 import re
@@ -52,9 +54,19 @@ from arf_trainer.trainer import dist
 from arf_trainer.trainer.dist import DistEnv
 from arf_trainer.trainer.testhooks import TestHooks
 
+
+class CheckpointError(TrainingError):
+    """A complete checkpoint that cannot be resumed (damaged, or written by another config or
+    world size): every retry would meet it again, so bad input (exit 2); the message names it."""
+
+    exit_code = 2
+
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _COMPLETE = ".complete"
 _SHARED = "shared.pt"
+
+log = logging.getLogger(__name__)
 
 
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -252,7 +264,10 @@ class Checkpointer:
         dist.barrier(self.denv, group)
         if self.denv.is_main:
             self.hooks.before_checkpoint_commit()  # tests: a window to kill a save half-way
-            (tmp / _COMPLETE).write_text(f"{step}\n")
+            # The files' sha256 (every rank's: the folder is shared): a resume verifies them,
+            # so a damaged byte is refused instead of silently resumed from.
+            digests = {f.name: _file_sha256(f) for f in sorted(tmp.iterdir())}
+            (tmp / _COMPLETE).write_text(json.dumps({"step": step, "sha256": digests}) + "\n")
             _fsync_dir(tmp)
             os.rename(tmp, self.folder / f"step-{step}")
             _fsync_dir(self.folder)
@@ -269,20 +284,66 @@ class Checkpointer:
 
     def load(self, step: int) -> Checkpoint:
         path = self.folder / f"step-{step}"
+        files = (_SHARED, f"rank-{self.denv.rank:05d}.pt")
+        fix = ("delete that folder to resume from the previous checkpoint (or the whole "
+               "checkpoints folder to start over)")
         try:
-            shared = torch.load(path / _SHARED, map_location="cpu", weights_only=True)
-            if shared["world_size"] != self.denv.world_size:
-                raise TrainingError(
-                    f"checkpoint {path} was written by {shared['world_size']} processes but this "
-                    f"run has world size {self.denv.world_size}; per-rank RNG and data-order "
-                    "states cannot be redistributed exactly: rerun with the original "
-                    "training.distributed shape, or delete the checkpoints to start over"
-                )
-            rank_state = torch.load(path / f"rank-{self.denv.rank:05d}.pt", map_location="cpu",
-                                    weights_only=True)
-        except (OSError, RuntimeError, KeyError) as exc:
-            raise TrainingError(
-                f"checkpoint {path} is marked complete but cannot be read ({exc}); delete that "
-                "folder to resume from the previous checkpoint"
-            ) from exc
+            self._verify(path, files, fix)
+            shared, rank_state = (torch.load(path / name, map_location="cpu", weights_only=True)
+                                  for name in files)
+        except OSError as exc:  # the volume, not the checkpoint: a retry may read it
+            raise TrainingError(f"checkpoint {path} cannot be read ({exc})") from exc
+        except CheckpointError:
+            raise
+        except Exception as exc:  # torch.load of a damaged file: RuntimeError, EOFError, ...
+            raise CheckpointError(f"checkpoint {path} is marked complete but cannot be loaded "
+                                  f"({type(exc).__name__}: {exc}); {fix}") from exc
+        missing = ([f"{_SHARED}:{k}" for k in _SHARED_KEYS if not isinstance(shared, dict)
+                    or k not in shared]
+                   + [f"{files[1]}:{k}" for k in _RANK_KEYS if not isinstance(rank_state, dict)
+                      or k not in rank_state])
+        if missing:
+            raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: not written "
+                                  f"by this arf-trainer; {fix}")
+        if shared["world_size"] != self.denv.world_size:
+            raise CheckpointError(
+                f"checkpoint {path} was written by {shared['world_size']} processes but this "
+                f"run has world size {self.denv.world_size}; per-rank RNG and data-order "
+                "states cannot be redistributed exactly: rerun with the original "
+                "training.distributed shape, or delete the checkpoints to start over"
+            )
         return Checkpoint(step=step, shared=shared, rank_state=rank_state)
+
+    @staticmethod
+    def _verify(path: Path, files: tuple[str, ...], fix: str) -> None:
+        """Check `files` against the sha256 recorded in the marker. A marker of an earlier
+        arf-trainer (the bare step number) records none: such a checkpoint loads unchecked."""
+        text = (path / _COMPLETE).read_text()
+        if re.fullmatch(r"\d+\n?", text):
+            log.warning("checkpoint %s records no sha256 (an earlier arf-trainer wrote it); "
+                        "resuming from it unchecked", path)
+            return
+        try:
+            digests = json.loads(text)["sha256"]
+            wanted = {name: digests[name] for name in files}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint {path} has a damaged {_COMPLETE} marker or "
+                                  f"one that does not list {exc}; {fix}") from exc
+        for name, digest in wanted.items():
+            if not (path / name).is_file():
+                raise CheckpointError(f"checkpoint {path} lacks {name}; {fix}")
+            if _file_sha256(path / name) != digest:
+                raise CheckpointError(f"checkpoint file {path / name} does not match the sha256 "
+                                      f"recorded when it was written (damaged); {fix}")
+
+
+_SHARED_KEYS = ("model", "optimizer", "progress", "config_hash", "world_size")
+_RANK_KEYS = ("rng", "loss_sum", "samples")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

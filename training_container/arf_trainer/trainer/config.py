@@ -33,6 +33,12 @@ DATA_LOADING = ("auto", "stream", "memory")
 PRECISIONS = ("fp32", "bf16")
 
 
+class ConfigError(TrainingError):
+    """training.recipe or the hyperparameters do not fit the recipe: bad input (exit 2)."""
+
+    exit_code = 2
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The validated training settings taken from the job spec."""
@@ -80,10 +86,14 @@ class TrainConfig:
             raise SpecError(f"training.data_loading={loading!r} is not one of "
                             f"{', '.join(DATA_LOADING)}; auto picks by the data's size")
         precision, switches = _speed_options(training)
-        recipe = get_recipe(training.get("recipe"))
-        hp = Hyperparameters.parse(recipe.name, spec.hyperparameters)
+        try:
+            recipe = get_recipe(training.get("recipe"))
+            hp = Hyperparameters.parse(recipe.name, spec.hyperparameters)
+            per_rank_batch_size = hp.per_rank_batch_size(world_size)
+        except TrainingError as exc:  # the template or the conf: a retry would fail the same
+            raise ConfigError(str(exc)) from exc
         if not 0 <= spec.seed < 2**32 - world_size:
-            raise TrainingError(f"seed={spec.seed} must be in [0, 2**32 - world size) "
+            raise SpecError(f"seed={spec.seed} must be in [0, 2**32 - world size) "
                                 "(numpy's seed range); pick a smaller non-negative seed")
         resolved = {"template": spec.template, "hyperparameters": spec.hyperparameters,
                     "seed": spec.seed}
@@ -91,11 +101,10 @@ class TrainConfig:
             recipe=recipe,
             hp=hp,
             seed=spec.seed,
-            per_rank_batch_size=hp.per_rank_batch_size(world_size),
+            per_rank_batch_size=per_rank_batch_size,
             # Absent = the schema's defaults; an explicit 0 keep is refused by the Checkpointer.
-            checkpoint_every_steps=int(training.get("checkpoint_every_steps") or 0),
-            keep_checkpoints=int(1 if training.get("keep_checkpoints") is None
-                                 else training["keep_checkpoints"]),
+            checkpoint_every_steps=_whole(training, "checkpoint_every_steps", 0),
+            keep_checkpoints=_whole(training, "keep_checkpoints", 1),
             resolved=resolved,
             config_hash=tracking.sha256_json(resolved),
             base_model=base,
@@ -107,6 +116,17 @@ class TrainConfig:
             deterministic=switches["deterministic"],
             async_checkpoint=switches["async_checkpoint"],
         )
+
+
+def _whole(training: dict[str, Any], name: str, default: int) -> int:
+    """training.<name> as an int (absent or null: `default`); the Checkpointer checks bounds."""
+    value = training.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"training.{name}={value!r} must be a whole number (a YAML integer, "
+                        "not a string or fraction)")
+    return value
 
 
 def _speed_options(training: dict[str, Any]) -> tuple[str, dict[str, bool]]:

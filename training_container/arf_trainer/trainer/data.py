@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,26 +84,70 @@ class Manifest:
         return max(total, 8 * len(wanted))
 
 
+class PreparedDataError(TrainingError):
+    """The prepared data (manifest, shards) is missing, malformed or changed after prepare:
+    a retry of train reads the same files, so it is bad input (exit 2), fixed by rerunning
+    prepare."""
+
+    exit_code = 2
+
+
 def load_manifest(prepare_dir: Path) -> Manifest:
     path = prepare_dir / "manifest.json"
     if not path.is_file():
-        raise TrainingError(f"no prepared data at {path}; the prepare step must run "
-                            "first in the same workspace")
-    manifest = Manifest(path, read_json(path))
+        raise PreparedDataError(f"no prepared data at {path}; the prepare step must run "
+                                "first in the same workspace")
     try:
-        features, targets = manifest.features, manifest.targets
-        for split in ("train", "val"):
-            manifest.rows(split)
-    except (KeyError, TypeError) as exc:
-        raise TrainingError(f"manifest {path} lacks the field {exc.args[0]!r}; "
-                            "rerun prepare with a matching arf-trainer") from exc
-    if not features or not targets:
-        raise TrainingError(f"manifest {path} has features={features} and "
-                            f"targets={targets}; both must be non-empty (dataset.features/targets)")
+        manifest = Manifest(path, read_json(path))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise PreparedDataError(f"manifest {path} cannot be read as JSON ({exc}); rerun "
+                                "prepare") from exc
+    _check_manifest(manifest)
     if manifest.rows("train") == 0:
-        raise TrainingError(f"the training split in {path} has no rows; the dataset "
-                            "query selected nothing, or validation_split took every row")
+        raise PreparedDataError(f"the training split in {path} has no rows; the dataset "
+                                "query selected nothing, or validation_split took every row")
     return manifest
+
+
+def _check_manifest(manifest: Manifest) -> None:
+    """The fields training reads, with their types; a shard path stays inside prepare/."""
+    raw, path = manifest.raw, manifest.path
+
+    def bad(field: str, value: Any, want: str) -> PreparedDataError:
+        return PreparedDataError(f"manifest {path} has {field}={value!r:.100}, expected {want}; "
+                                 "rerun prepare with a matching arf-trainer")
+
+    if not isinstance(raw, dict):
+        raise bad("(the whole file)", raw, "a JSON object")
+    for field in ("features", "targets"):
+        names = raw.get(field)
+        if not isinstance(names, list) or not names \
+                or not all(isinstance(n, str) and n for n in names):
+            raise bad(field, names, "a non-empty list of column names "
+                      "(dataset.features/targets)")
+    shards = raw.get("shards")
+    if not isinstance(shards, dict):
+        raise bad("shards", shards, "an object of split name -> list of shards")
+    for split in ("train", "val"):
+        listed = shards.get(split, [])
+        if not isinstance(listed, list):
+            raise bad(f"shards.{split}", listed, "a list of shards")
+        for i, shard in enumerate(listed):
+            where = f"shards.{split}[{i}]"
+            if not isinstance(shard, dict):
+                raise bad(where, shard, "an object with path, rows, sha256")
+            rel = shard.get("path")
+            if not isinstance(rel, str) or not rel or Path(rel).is_absolute() \
+                    or ".." in Path(rel).parts:
+                raise bad(f"{where}.path", rel, "a relative path inside prepare/")
+            rows = shard.get("rows")
+            if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+                raise bad(f"{where}.rows", rows, "a row count >= 0")
+            # Absent: not checked (prepare always writes one; tests' hand-made manifests not).
+            digest = shard.get("sha256")
+            if digest is not None and not (isinstance(digest, str)
+                                           and re.fullmatch(r"[0-9a-f]{64}", digest)):
+                raise bad(f"{where}.sha256", digest, "the shard's sha256 (64 hex digits)")
 
 
 def choose_loading(requested: str, manifest: Manifest, memory: str | None) -> tuple[str, str]:
@@ -127,13 +172,30 @@ def file_sha256(path: Path) -> str:
 
 
 def checked_shard(manifest: Manifest, shard: Mapping[str, Any]) -> Path:
-    """The shard's path, after checking it exists and matches its sha256 in the manifest."""
+    """The shard's path, after checking it exists, matches its sha256 in the manifest, and
+    holds the manifest's row count and the feature and target columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path = manifest.folder / shard["path"]
     if not path.is_file():
-        raise TrainingError(f"shard {path} listed in the manifest is missing; rerun prepare")
-    if shard.get("sha256") and file_sha256(path) != shard["sha256"]:
-        raise TrainingError(f"shard {path} does not match its sha256 in the manifest: the "
-                            "prepared data changed after prepare ran; rerun prepare")
+        raise PreparedDataError(f"shard {path} listed in the manifest is missing; rerun "
+                                "prepare")
+    if shard.get("sha256") is not None and file_sha256(path) != shard["sha256"]:
+        raise PreparedDataError(f"shard {path} does not match its sha256 in the manifest: the "
+                                "prepared data changed after prepare ran; rerun prepare")
+    try:
+        meta = pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise PreparedDataError(f"shard {path} is not a readable Parquet file ({exc}); rerun "
+                                "prepare") from exc
+    names = meta.schema.to_arrow_schema().names
+    missing = [n for n in manifest.features + manifest.targets if n not in names]
+    if missing or meta.num_rows != shard["rows"]:
+        raise PreparedDataError(
+            f"shard {path} does not match the manifest: {meta.num_rows} rows (manifest: "
+            f"{shard['rows']}){f', no column(s) {missing}' if missing else ''}; the manifest "
+            "was edited after prepare ran: rerun prepare")
     return path
 
 

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from arf_trainer.errors import TrainingError
 from arf_trainer.trainer.accel import tensor_bytes
 from arf_trainer.trainer.data import (
     Inputs,
@@ -35,6 +34,7 @@ from arf_trainer.trainer.data import (
     target_matrix,
     to_device,
 )
+from arf_trainer.trainer.checkpoint import CheckpointError
 from arf_trainer.trainer.dist import DistEnv
 from arf_trainer.trainer.recipes import MLP, ModelInfo, Recipe, mean_std
 
@@ -166,7 +166,7 @@ class MemoryLoader:
 
     def check_state(self, state: dict[str, Any] | None) -> None:
         if state is not None and state != self.state():
-            raise TrainingError(f"the checkpoint was written reading the data as {state}, this "
+            raise CheckpointError(f"the checkpoint was written reading the data as {state}, this "
                                 f"run reads it as {self.state()}; delete the checkpoints to "
                                 "start over")
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from arf_trainer.errors import TrainingError
 from arf_trainer.trainer.checkpoint import (
+    CheckpointError,
     Checkpointer,
     capture_rng_state,
     cpu_copy,
@@ -109,20 +109,36 @@ class CheckpointPart:
         if self.latest is None:
             return
         ckpt = self.checkpointer.load(self.latest)
+        where = f"checkpoint step-{self.latest} in {self.folder}"
         if ckpt.shared["config_hash"] != self.cfg.config_hash:
-            raise TrainingError(
-                f"checkpoint step-{self.latest} in {self.folder} was written with another "
-                "configuration (config_hash differs); delete the checkpoints folder to start over"
+            changed = ", ".join(_differences(ckpt.shared.get("config"), self.cfg.resolved))
+            raise CheckpointError(
+                f"{where} was written with another configuration (differs in: "
+                f"{changed or 'config_hash'}); one checkpoints folder holds one training: "
+                "restore the original settings, or delete the checkpoints folder to start over"
             )
         loader.check_state(ckpt.rank_state.get("data"))
-        state.model.load_state_dict(ckpt.shared["model"])
-        state.optimizer.load_state_dict(ckpt.shared["optimizer"])
-        state.progress = Progress(**ckpt.shared["progress"],
-                                  loss_sum=ckpt.rank_state["loss_sum"],
-                                  samples=ckpt.rank_state["samples"])
-        restore_rng_state(ckpt.rank_state["rng"])
+        try:
+            state.model.load_state_dict(ckpt.shared["model"])
+            state.optimizer.load_state_dict(ckpt.shared["optimizer"])
+            state.progress = Progress(**ckpt.shared["progress"],
+                                      loss_sum=ckpt.rank_state["loss_sum"],
+                                      samples=ckpt.rank_state["samples"])
+            restore_rng_state(ckpt.rank_state["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise CheckpointError(f"{where} does not fit this model or run ({exc}); delete "
+                                  "the checkpoints folder to start over") from exc
         if self.denv.is_main:
             progress = state.progress
             log.info("resumed from %s/step-%d (epoch %d, after batch %d)", self.folder,
                      self.latest, progress.epoch + 1, progress.batches_done)
 
+
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """The dotted paths where two resolved configs differ (at most 5 named)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            found += _differences(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+        return found[:5]
+    return [] if old == new else [path or "(whole config)"]

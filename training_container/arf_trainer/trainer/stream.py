@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from arf_trainer.datahub.arrow_types import unsliced_table
-from arf_trainer.errors import TrainingError
+from arf_trainer.errors import SpecError, TrainingError
 from arf_trainer.trainer.data import (
     EVAL_CHUNK,
     Inputs,
@@ -49,6 +49,7 @@ from arf_trainer.trainer.data import (
     take,
     target_matrix,
 )
+from arf_trainer.trainer.checkpoint import CheckpointError
 from arf_trainer.trainer.dist import DistEnv
 from arf_trainer.trainer.recipes import MLP, ModelInfo, Recipe, stats_of
 
@@ -67,7 +68,11 @@ def window_rows_for(manifest: Manifest) -> int:
     (from the manifest only, so every rank and every retry agrees; a checkpoint written with
     another window is refused)."""
     if os.environ.get(WINDOW_ENV):
-        return int(os.environ[WINDOW_ENV])
+        raw = os.environ[WINDOW_ENV]
+        if not raw.strip().isdigit() or int(raw) < 1:
+            raise SpecError(f"{WINDOW_ENV}={raw!r} must be a whole number of rows >= 1 (a test "
+                            "and benchmark setting); unset it for the automatic window")
+        return int(raw)
     return max(1, min(MAX_WINDOW_ROWS, WINDOW_BYTES // manifest.row_bytes()))
 
 
@@ -306,7 +311,7 @@ class StreamLoader:
 
     def check_state(self, state: dict[str, Any] | None) -> None:
         if state != self.state():
-            raise TrainingError(
+            raise CheckpointError(
                 f"the checkpoint was written reading the data as {state}, this run streams it "
                 f"as {self.state()}: the order would differ, so the resume would not be exact; "
                 "delete the checkpoints folder to start over (or use the original data)")
