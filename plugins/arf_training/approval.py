@@ -56,12 +56,19 @@ def evidence(results: Any) -> str:
              "p-value | alpha |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         g = r["gate"]
+        # A value the gate did not measure (no champion to compare with) shows as "-".
+        champion = f"v{g['champion_version']}" if g.get("champion_version") else "none"
         lines.append(
-            f"| `{r['model_name']}` | v{r['model_version']} | v{g.get('champion_version')} | "
-            f"{(g.get('candidate_rate') or 0):.1%} / {(g.get('champion_rate') or 0):.1%} | "
-            f"{g.get('episodes')} | {g.get('p_value', float('nan')):.3g} | {g.get('alpha')} |")
+            f"| `{r['model_name']}` | v{r['model_version']} | {champion} | "
+            f"{_figure(g.get('candidate_rate'), '.1%')} / {_figure(g.get('champion_rate'), '.1%')}"
+            f" | {g.get('episodes')} | {_figure(g.get('p_value'), '.3g')} | "
+            f"{g.get('alpha') if g.get('alpha') is not None else '-'} |")
     lines += ["", *[f"- v{r['model_version']}: {r['gate']['reason']}" for r in rows]]
     return "\n".join(lines)
+
+
+def _figure(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _results(context: Any) -> list[dict[str, Any]]:
@@ -89,8 +96,13 @@ def _champion(client: Any, name: str) -> str | None:
 
     try:
         return str(client.get_model_version_by_alias(name, "champion").version)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        # Only "no such alias" means no champion; any other error (MLflow unreachable) must
+        # fail the task for a retry, not be read as a moved champion and tag the version stale.
+        if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST",
+                                              "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def approval_needed(**context: Any) -> str:
@@ -104,13 +116,17 @@ def promote_approved(**context: Any) -> list[str]:
     client, who, promoted = _client(), _responder(context), []
     for r in _results(context):
         name, version = r["model_name"], str(r["model_version"])
-        compared = str(r["gate"].get("champion_version"))
+        # None: the gate found no champion; the approval holds only while there still is none.
+        compared = r["gate"].get("champion_version")
+        compared = None if compared is None else str(compared)
         current = _champion(client, name)
         if current != compared and current != version:
             client.set_model_version_tag(name, version, "arf.gate.approval", "stale")
             raise AirflowFailException(
-                f"models:/{name}/{version} was compared with champion v{compared}, but the "
-                f"champion is now v{current}: the evidence no longer holds. Evaluate v{version} "
+                f"models:/{name}/{version} was compared with champion "
+                f"{'v' + compared if compared else '(none)'}, but the champion is now "
+                f"{'v' + current if current else '(none)'}: the evidence no longer holds. "
+                f"Evaluate v{version} "
                 "again (trigger arf_evaluate with model_name and model_version)")
         if current != version:
             if current is not None:

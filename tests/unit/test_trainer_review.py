@@ -148,7 +148,7 @@ def test_a_bad_manifest_is_refused_naming_the_field(tmp_path: Path, loading: str
     prepare_digits(ws, rows=400)
     damage(ws / "prepare")
     with pytest.raises(TrainerError, match=message) as caught:
-        train(tmp_path, "sqlite:///does/not/exist.db", data_loading=loading)
+        train(tmp_path, "http://127.0.0.1:9", data_loading=loading)
     assert caught.value.exit_code == 2
     assert "rerun prepare" in str(caught.value)
 
@@ -162,7 +162,7 @@ def test_a_tampered_shard_is_bad_input(tmp_path: Path) -> None:
     shard.write_bytes(bytes(data))
     with pytest.raises(TrainerError, match=r"shard-00000.parquet does not match its sha256") \
             as caught:
-        train(tmp_path, "sqlite:///does/not/exist.db")
+        train(tmp_path, "http://127.0.0.1:9")
     assert caught.value.exit_code == 2
 
 
@@ -225,7 +225,7 @@ def test_an_unreadable_job_spec_file_is_a_spec_error(tmp_path: Path, text: bytes
 def test_bad_training_settings_are_bad_input(tmp_path: Path, training: dict, hp: dict,
                                              message: str) -> None:
     with pytest.raises(TrainerError, match=message) as caught:
-        train(tmp_path, "sqlite:///does/not/exist.db", hp={**HP, **hp}, **training)
+        train(tmp_path, "http://127.0.0.1:9", hp={**HP, **hp}, **training)
     assert caught.value.exit_code == 2
 
 
@@ -234,4 +234,4 @@ def test_a_bad_stream_window_setting_is_named(tmp_path: Path, monkeypatch: pytes
                                               value: str) -> None:
     monkeypatch.setenv("ARF_STREAM_WINDOW_ROWS", value)
     with pytest.raises(SpecError, match=rf"ARF_STREAM_WINDOW_ROWS='{value}' must be a whole"):
-        train(tmp_path, "sqlite:///does/not/exist.db", data_loading="stream")
+        train(tmp_path, "http://127.0.0.1:9", data_loading="stream")

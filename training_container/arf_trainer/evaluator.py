@@ -55,7 +55,7 @@ def _model_ref(inputs: dict[str, Any]) -> tuple[str, str]:
         raise SpecError(f"job spec inputs.model_name must be a registered model name, got "
                         f"{name!r}; the evaluate step is started with the model to evaluate")
     text = str(version) if isinstance(version, int | str) and not isinstance(version, bool) else ""
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # '²'.isdigit(), but int('²') fails
         raise SpecError(f"job spec inputs.model_version must be a model version number "
                         f"(e.g. 3), got {version!r}")
     return name, str(int(text))
@@ -275,7 +275,7 @@ def _promotion_gate(client: Any, name: str, version: str, outcomes: list[dict[st
     """Compare the candidate with `models:/<name>@champion` on the same seeds (sequentially,
     `arf_trainer.gate`) and move the alias only if it is significantly better by the margin.
     With `move_alias=False` (approval required) the decision is recorded and the alias left
-    for the approval task to move."""
+    for the approval task to move; a first version (no champion) is proposed to nobody."""
     from arf_trainer import gate
 
     current = gate.champion_version(client, name)
@@ -292,7 +292,7 @@ def _promotion_gate(client: Any, name: str, version: str, outcomes: list[dict[st
     else:
         decision = gate.sequential(settings, _paired_batches(name, version, current, outcomes,
                                                              seed), current)
-    result = gate.apply(client, name, version, decision, move_alias=move_alias)
+    result = gate.apply(client, name, version, decision, move_alias=move_alias or current is None)
     client.log_dict(run_id, {**result, "tags": gate.gate_tags(decision)}, "evaluation/gate.json")
     log.info("promotion gate for models:/%s/%s: %s", name, version, decision.reason)
     return result

@@ -102,7 +102,9 @@ class Comparison:
 
     @property
     def difference(self) -> float:
-        return self.candidate_rate - self.champion_rate
+        # From the counts, not candidate_rate - champion_rate: 0.7 - 0.6 is 0.0999..., which
+        # would read a gain of exactly the margin (0.1) as less than it.
+        return (self.wins - self.losses) / len(self.seeds)
 
 
 @dataclass(frozen=True)
@@ -213,33 +215,55 @@ def champion_version(client: Any, name: str) -> str | None:
         raise
 
 
-def move_champion(client: Any, name: str, version: str) -> None:
-    """Make `version` the champion; the old one keeps `previous-champion`. Idempotent."""
+def move_champion(client: Any, name: str, version: str, compared: str | None) -> str | None:
+    """Make `version` the champion if the champion is still `compared`, the version the gate
+    compared it with (None: there was none): a compare-and-set, so that a candidate never
+    replaces a champion it was not measured against (two evaluations ending at once, or a
+    champion moved by hand during the gate's rollouts). The old one keeps `previous-champion`.
+
+    Returns None when `version` is the champion afterwards (idempotent: a retry moves nothing),
+    else the champion found in place, which is left as it is. MLflow has no atomic alias
+    compare-and-set, so the check is made just before the move: what is left is a window of
+    milliseconds between two moves, not the minutes of a gate's rollouts."""
     current = champion_version(client, name)
-    if current != str(version):
-        if current is not None:
-            client.set_registered_model_alias(name, PREVIOUS_CHAMPION, current)
-        client.set_registered_model_alias(name, CHAMPION, str(version))
+    if current == str(version):
+        return None
+    if current != compared:
+        return current
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, current)
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    return None
 
 
 def apply(client: Any, name: str, candidate_version: str, decision: Decision,
           move_alias: bool = True) -> dict[str, Any]:
     """Record the decision on the candidate and, if promoted, move the aliases (unless
     `move_alias` is False: a person must approve first, the version is tagged
-    `arf.gate.approval=pending`). Idempotent: a retry changes nothing more."""
+    `arf.gate.approval=pending`). The alias moves only if the champion is still the version
+    the gate compared against (`move_champion`); otherwise nothing moves and the decision is
+    recorded as `stale`. Idempotent: a retry changes nothing more."""
     tags = gate_tags(decision)
     pending = decision.promote and not move_alias
     if pending:
         tags["arf.gate.approval"] = "pending"
+    stale = None
+    if decision.promote and move_alias:
+        stale = move_champion(client, name, str(candidate_version), decision.champion_version)
+    reason = decision.reason
+    if stale is not None:
+        compared = f"v{decision.champion_version}" if decision.champion_version else "none"
+        reason = (f"not promoted: the champion is now v{stale}, but the gate compared against "
+                  f"{compared}, so its evidence no longer holds; evaluate "
+                  f"v{candidate_version} again (gate: {decision.reason})")
+        tags.update({"arf.gate.decision": "stale", "arf.gate.reason": reason[:5000]})
     for key, value in tags.items():
         client.set_model_version_tag(name, candidate_version, key, value)
-    if decision.promote and move_alias:
-        move_champion(client, name, str(candidate_version))
-    promoted = decision.promote and move_alias
-    return {"promoted": promoted, "reason": decision.reason,
-            "awaiting_approval": pending,
+    promoted = decision.promote and move_alias and stale is None
+    return {"promoted": promoted, "reason": reason,
+            "awaiting_approval": pending, "stale": stale is not None,
             "champion_version": str(candidate_version) if promoted
-            else decision.champion_version,
+            else stale if stale is not None else decision.champion_version,
             # The champion's rate on the same seeds (None when there was no champion).
             "champion_rate": (decision.comparison.champion_rate
                               if decision.comparison is not None else None),
@@ -249,17 +273,36 @@ def apply(client: Any, name: str, candidate_version: str, decision: Decision,
             "alpha": decision.alpha}
 
 
+# Longest value a model version tag may hold on every MLflow server this talks to (3.x allows
+# 100,000 characters; older servers 5,000).
+TAG_VALUE_LIMIT = 5000
+
+
+def _evidence(comparison: Comparison, looks: Sequence[Look]) -> str:
+    """The comparison and its looks as JSON of at most TAG_VALUE_LIMIT characters: when every
+    look does not fit, the first and last ones are kept and `looks_omitted` counts the rest
+    (cutting the text would leave JSON that no longer parses)."""
+    c = asdict(comparison)
+    seeds = c.pop("seeds")
+    c["seeds"] = f"{seeds[0]}..{seeds[-1]} ({len(seeds)})"
+    every = [asdict(look) for look in looks]
+    keep = len(every)
+    text = json.dumps({**c, "looks": every}, sort_keys=True)
+    while len(text) > TAG_VALUE_LIMIT and keep > 0:
+        keep -= 1
+        head, tail = every[:keep // 2], every[len(every) - (keep - keep // 2):]
+        text = json.dumps({**c, "looks": head + tail, "looks_omitted": len(every) - keep},
+                          sort_keys=True)
+    return text
+
+
 def gate_tags(decision: Decision) -> dict[str, str]:
     tags = {"arf.gate.decision": "promoted" if decision.promote else "rejected",
             "arf.gate.reason": decision.reason[:5000],
             "arf.gate.margin": f"{decision.margin:g}",
             "arf.gate.champion_version": decision.champion_version or ""}
     if decision.comparison is not None:
-        c = asdict(decision.comparison)
-        seeds = c.pop("seeds")
-        c["seeds"] = f"{seeds[0]}..{seeds[-1]} ({len(seeds)})"
-        c["looks"] = [asdict(look) for look in decision.looks]
-        tags["arf.gate.evidence"] = json.dumps(c, sort_keys=True)[:5000]
+        tags["arf.gate.evidence"] = _evidence(decision.comparison, decision.looks)
         tags.update({"arf.gate.test": TEST, "arf.gate.alpha": f"{decision.alpha:g}",
                      "arf.gate.p_value": f"{decision.p_value:.6g}",
                      "arf.gate.episodes": str(decision.episodes)})

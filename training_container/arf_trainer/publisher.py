@@ -151,6 +151,21 @@ def _registered_version(client: Any, name: str, run_id: str) -> str | None:
     return min((v.version for v in versions), key=int, default=None)
 
 
+def _settle_version(client: Any, name: str, run_id: str, mine: Any) -> str:
+    """One version per training run even when two register steps of the run (a retry started
+    while the first try still runs) both found none and both registered one: each keeps the
+    run's oldest version and deletes its own if that is not it (as
+    `tracking.find_or_create_parent_run` does for runs). Version numbers grow in the order
+    versions are made, so the oldest exists before any later one and both settle on it."""
+    oldest = _registered_version(client, name, run_id)
+    if oldest is not None and str(oldest) != str(mine):
+        log.warning("%s version %s duplicates version %s of training run %s, registered at the "
+                    "same time; deleting it", name, mine, oldest, run_id)
+        client.delete_model_version(name, str(mine))
+        return str(oldest)
+    return str(mine)
+
+
 def _logged_model_uri(client: Any, experiment_id: str, run_id: str, sha: str) -> str | None:
     """A finished earlier log_model of these weights into this run (a retry after it)."""
     from mlflow.entities import LoggedModelStatus
@@ -234,7 +249,8 @@ def run_register(env: StepEnv) -> dict[str, Any]:
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
                     tags={"arf.weights_sha256": sha})
                 model_uri = logged.model_uri
-            version = mlflow.register_model(model_uri, name, tags=lineage).version
+            version = _settle_version(
+                client, name, run_id, mlflow.register_model(model_uri, name, tags=lineage).version)
             log.info("registered %s version %s from run %s", name, version, run_id)
         else:
             log.info("%s version %s is already registered for run %s", name, version, run_id)
