@@ -160,6 +160,9 @@ def _secret_env(env: Mapping[str, str]) -> tuple[tuple[str, str, str], ...]:
                 f"{var}: entry {name!r}: {ref!r} must be 'secret-name/key' with a valid "
                 f"environment variable name, e.g. '{example}' (values are Secret references, "
                 "never the secret itself)")
+        if name == "ARF_JOB_SPEC_JSON":
+            raise KubernetesConfigError(
+                f"{var}: {name} is the step's job spec, written by ARF itself; remove it")
         out.append((name, secret, key))
     return tuple(out)
 
@@ -253,6 +256,27 @@ class KubernetesSettings:
             raise KubernetesConfigError(
                 f"ARF_K8S_WORKSPACE_MOUNT={self.workspace_mount_path!r} must be an absolute path, "
                 "e.g. /workspace")
+        # The pod mounts its own emptyDirs there, and the API server refuses two volumes at one
+        # path (and "/" would hide the image).
+        mount = self.workspace_mount_path.rstrip("/") or "/"
+        hub = urlparse(self.datahub_uri).path if self.datahub_uri.startswith("file:") \
+            else self.datahub_uri
+        if mount in ("/", "/tmp", "/dev/shm") or (
+                self.datahub_pvc and hub.startswith("/") and (hub.rstrip("/") or "/") == mount):
+            raise KubernetesConfigError(
+                f"ARF_K8S_WORKSPACE_MOUNT={self.workspace_mount_path!r} is a path the pods "
+                "already use (/, /tmp, /dev/shm or the data hub's ARF_K8S_DATAHUB_URI); "
+                "choose a folder of its own, e.g. /workspace")
+        if self.kueue_queue and len(self.kueue_queue) > 63:
+            raise KubernetesConfigError(
+                f"ARF_K8S_KUEUE_QUEUE={self.kueue_queue!r} is longer than 63 characters, the "
+                "limit of the kueue.x-k8s.io/queue-name label; use a shorter LocalQueue name")
+        if not _LABEL_KEY.match(self.spot_toleration_key) \
+                or not _LABEL_VALUE.match(self.spot_toleration_value):
+            raise KubernetesConfigError(
+                f"ARF_K8S_SPOT_TOLERATION_KEY={self.spot_toleration_key!r} / "
+                f"ARF_K8S_SPOT_TOLERATION_VALUE={self.spot_toleration_value!r} is not a valid "
+                "taint key and value; write e.g. cloud.google.com/gke-spot and true")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "KubernetesSettings":
@@ -271,8 +295,12 @@ class KubernetesSettings:
                                             "Secret name; write comma-separated names")
         spot_label = _get(env, "ARF_K8S_SPOT_NODE_LABEL")
         max_restarts = _int(env, "ARF_K8S_MAX_RESTARTS", 3)
+        namespace = _name(env, "ARF_K8S_NAMESPACE", "arf-training", what="namespace")
+        if not namespace:
+            raise KubernetesConfigError("ARF_K8S_NAMESPACE is set but empty; every object needs "
+                                        "a namespace: unset it or write e.g. arf-training")
         return cls(
-            namespace=_name(env, "ARF_K8S_NAMESPACE", "arf-training", what="namespace") or "",
+            namespace=namespace,
             image=_get(env, "ARF_K8S_IMAGE"),
             image_pull_policy=_choice(env, "ARF_K8S_IMAGE_PULL_POLICY", "IfNotPresent",
                                       ("IfNotPresent", "Always", "Never")),

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 
 from arf_training import custom_launch
 from arf_training.kubernetes.config import KubernetesSettings
-from arf_training.kubernetes.pod import pod_template, resource_name
+from arf_training.kubernetes.pod import literal, pod_template, resource_name
 from arf_training.stepspec import RunIdentity, StepSpec
 
 PYTORCH_PORT = 23456
@@ -78,14 +78,16 @@ class DistributedJobRenderer(ABC):
 def torchrun_command(spec: StepSpec, *, elastic: bool) -> list[str]:
     """The container command of every replica (see the module docstring)."""
     torchrun = ["torchrun", f"--nproc-per-node={spec.procs_per_node}"]
+    # The step's own command is passed on as written; only the flags below use `$(VAR)`.
+    step_command = [literal(c) for c in spec.command]
     if elastic:
         # PET_RDZV_ENDPOINT, PET_RDZV_BACKEND, PET_NNODES, PET_MAX_RESTARTS come from the operator.
-        return [*torchrun, "--no-python", *spec.command]
+        return [*torchrun, "--no-python", *step_command]
     if spec.nodes == 1:
-        return [*torchrun, "--standalone", "--no-python", *spec.command]
+        return [*torchrun, "--standalone", "--no-python", *step_command]
     return [*torchrun, f"--nnodes={spec.nodes}", "--node-rank=$(RANK)",
             "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)",
-            "--no-python", *spec.command]
+            "--no-python", *step_command]
 
 
 class PyTorchJobRenderer(DistributedJobRenderer):

@@ -130,6 +130,19 @@ def _cpu_cores(value: float | int | str) -> float:
         return 1.0
 
 
+def literal(value: str) -> str:
+    """`value` escaped against Kubernetes' `$(VAR)` expansion of env values and commands.
+
+    The kubelet replaces `$(NAME)` with the value of a variable defined earlier (an `envFrom`
+    Secret's too) and `$$` with `$`. Values that carry user input (the job spec with the trigger
+    conf's dataset query and hyperparameters, a template's command) must reach the step as
+    written: otherwise `$(MLFLOW_TRACKING_PASSWORD)` in a conf would copy a Secret's value into
+    the job spec, which the step records in MLflow. `$` -> `$$` is exact: the kubelet turns
+    every `$$` back into `$` and expands nothing else.
+    """
+    return value.replace("$", "$$")
+
+
 def pod_workspace(spec: StepSpec, settings: KubernetesSettings) -> PurePosixPath:
     """The run workspace inside the pod: `<mount>/<dag_id>/<run_id>` (the keying of
     `stepspec.workspace_for`, whose last two parts the spec's workspace already is)."""
@@ -202,9 +215,9 @@ def container_env(spec: StepSpec, settings: KubernetesSettings) -> list[dict[str
     secret_names = {name for name, _, _ in settings.secret_env}
     # A variable given by a Secret wins over a plain one of the same name (a duplicate name
     # is refused by the API server's strict validation, and the plain one would show the value).
-    items = [{"name": k, "value": v} for k, v in {**plumbing, **env}.items()
+    items = [{"name": k, "value": literal(v)} for k, v in {**plumbing, **env}.items()
              if k not in secret_names]
-    items.append({"name": "ARF_JOB_SPEC_JSON", "value": job_spec})
+    items.append({"name": "ARF_JOB_SPEC_JSON", "value": literal(job_spec)})
     items += [{"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
               for name, secret, key in settings.secret_env]
     return items
@@ -272,7 +285,8 @@ def _volumes(spec: StepSpec, settings: KubernetesSettings
 
 def container(spec: StepSpec, settings: KubernetesSettings, *, name: str = CONTAINER_NAME,
               command: list[str] | None = None) -> dict[str, Any]:
-    """The step's container; `command` replaces `spec.command` (e.g. wrapped in torchrun)."""
+    """The step's container; `command` replaces `spec.command` (e.g. wrapped in torchrun; the
+    caller escapes the parts of it that must not be expanded, `literal`)."""
     _, mounts = _volumes(spec, settings)
     return {
         "name": name,
@@ -280,7 +294,7 @@ def container(spec: StepSpec, settings: KubernetesSettings, *, name: str = CONTA
         # (training.command.image) is its framework and stays.
         "image": settings.image if settings.image and spec.image == DEFAULT_IMAGE else spec.image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": list(command or spec.command),
+        "command": list(command) if command else [literal(c) for c in spec.command],
         # No workingDir: the runtime would create a missing run workspace on the volume as root,
         # and the non-root step could not write into it; steps use absolute ARF_* paths.
         "env": container_env(spec, settings),
