@@ -36,6 +36,7 @@ imported when a task runs, never when the DAG file is parsed.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -212,12 +213,20 @@ def ask(loaded: "LoadedTemplate", round_index: int, context: Any) -> list[dict[s
     dag_id, run_id = _ids(context)
     template = loaded.template
     study = open_study(template, dag_id, run_id, round_index=round_index)
+    fixed = distributions(template.model_dump(mode="json")["hpo"]["search_space"])
     existing = _round_trials(study, round_index)
+    # A trial an earlier try asked but died before tagging: every earlier round's tell failed
+    # its own, so an untagged unfinished trial is this round's (its next draw). Adopt it.
+    for t in sorted((t for t in study.get_trials(deepcopy=False)
+                     if ROUND_ATTR not in t.user_attrs and not t.state.is_finished()),
+                    key=lambda t: t.number)[:max(0, template.hpo.parallel - len(existing))]:
+        _set_trial_attr(study, t.number, ROUND_ATTR, round_index)
+        existing.append(t)
     if existing:
         log.info("round %d already has trial(s) %s (a retried ask): asking only %d more",
-                 round_index + 1, [t.number for t in existing],
+                 round_index + 1, sorted(t.number for t in existing),
                  max(0, template.hpo.parallel - len(existing)))
-    fixed = distributions(template.model_dump(mode="json")["hpo"]["search_space"])
+        _replay(study, fixed, len(existing))
     for _ in range(template.hpo.parallel - len(existing)):
         trial = study.ask(fixed_distributions=fixed)
         trial.set_user_attr(ROUND_ATTR, round_index)
@@ -227,6 +236,42 @@ def ask(loaded: "LoadedTemplate", round_index: int, context: Any) -> list[dict[s
     for t in trials:
         log.info("round %d: %s", round_index + 1, t["label"])
     return trials
+
+
+def _replay(study: "optuna.Study", fixed: dict[str, Any], count: int) -> None:
+    """Advance the study's (fresh, round-seeded) sampler past the `count` proposals an earlier
+    try of this ask made, so the trials asked now get the draws an uninterrupted ask would
+    have given (same seed, same trials), not a repeat of the first ones. Replayed by a copy of
+    the sampler on an in-memory copy of the finished trials (the samplers ignore running ones;
+    a sampler's search-space cache is bound to one study), whose random states the study's
+    sampler then takes over."""
+    import copy
+
+    import optuna
+
+    if isinstance(study.sampler, optuna.samplers.QMCSampler):
+        return  # its position in the sequence is kept in the study
+    replayer = copy.deepcopy(study.sampler)
+    ghost = optuna.create_study(direction=study.direction, sampler=replayer)
+    ghost.add_trials([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
+    for _ in range(count):
+        ghost.ask(fixed_distributions=fixed)
+    _take_random_states(replayer, study.sampler)
+
+
+def _take_random_states(source: Any, target: Any) -> None:
+    """Copy every numpy RandomState of sampler `source` (its own, lazily made ones, those of
+    the samplers it holds) onto the same place in `target`, built alike."""
+    import numpy as np
+    import optuna
+
+    for name, value in vars(source).items():
+        if isinstance(value, np.random.RandomState):
+            getattr(target, name).set_state(value.get_state())
+        elif isinstance(getattr(value, "rng", None), np.random.RandomState):
+            getattr(target, name).rng.set_state(value.rng.get_state())
+        elif isinstance(value, optuna.samplers.BaseSampler):
+            _take_random_states(value, getattr(target, name))
 
 
 def tell(loaded: "LoadedTemplate", round_index: int, context: Any) -> dict[str, list[int]]:
@@ -249,16 +294,20 @@ def tell(loaded: "LoadedTemplate", round_index: int, context: Any) -> dict[str, 
                    TrialState.PRUNED: "pruned"}.get(t.state, "fail")
             told[key].append(t.number)
             continue
-        outcome = t.user_attrs.get(OUTCOME_ATTR)
-        if outcome == "complete" and t.user_attrs.get(VALUE_ATTR) is not None:
-            study.tell(t.number, float(t.user_attrs[VALUE_ATTR]), skip_if_finished=True)
+        outcome, value = t.user_attrs.get(OUTCOME_ATTR), t.user_attrs.get(VALUE_ATTR)
+        finite = value is not None and math.isfinite(float(value))
+        if outcome == "complete" and finite:
+            study.tell(t.number, float(value), skip_if_finished=True)
             told["complete"].append(t.number)
         elif outcome == "pruned":
             study.tell(t.number, state=TrialState.PRUNED, skip_if_finished=True)
             told["pruned"].append(t.number)
         else:
             reason = ("no outcome recorded: the trial task failed, timed out, or its worker died "
-                      "and left the trial RUNNING; see the trial task's log")
+                      "and left the trial RUNNING; see the trial task's log"
+                      if outcome != "complete" else
+                      f"its {loaded.template.hpo.metric} is {value!r}, not a finite value (the "
+                      "training diverged)")
             _set_trial_attr(study, t.number, FAIL_REASON_ATTR, reason)
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             log.warning("trial %d: %s; told FAIL, the study goes on", t.number, reason)

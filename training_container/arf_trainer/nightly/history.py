@@ -9,6 +9,7 @@ root of the champion's lineage (each fine-tune or retrain names its base's train
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from arf_trainer.registry import resolve
 
 BASE_RUN_TAG = "arf.base_model_run_id"
 SAMPLES_TAG = "arf.samples"  # epochs x train rows, set by the train step (trainer/finish.py)
+RATE_TAG = "arf.eval.success_rate"  # set by arf_evaluate on the version
 MAX_LINEAGE = 10_000  # fine-tunes between a champion and its from-scratch root
 
 
@@ -53,20 +55,41 @@ def read_history(tracking_uri: str, base_model: str, experiment: str, dag_id: st
     client = tracking.configure(tracking_uri)
     with tracking.mlflow_errors(tracking_uri, "read the champion and the nights before"):
         version = resolve(client, base_model, tracking_uri)
-        rate = version.tags.get("arf.eval.success_rate")
+        rate = _rate(version, base_model)
+        if not version.run_id:
+            raise RegistryError(f"{base_model} (version {version.version}) names no training "
+                                "run, so the from-scratch run at the root of its lineage, which "
+                                "sizes the budget, cannot be found; register a trained version")
         root = _root(client, version.run_id)
         nights = _nights(client, experiment, dag_id, this_run_id, root.start_time)
     recipes, spent, unknown = [], 0, 0
     for run in nights:
         recipes.append(_recipe(run.data.tags))
-        samples = _int(run.data.tags.get(SAMPLES_TAG))
-        if samples is None:
+        given = run.data.tags.get(SAMPLES_TAG)
+        samples = _int(given)
+        if given is None:
             unknown += 1
+        elif samples is None or samples < 0 or samples != _float(given):
+            raise RegistryError(f"run {run.info.run_id} (a night of {dag_id}) has {SAMPLES_TAG}"
+                                f"={given!r}, not a whole number of samples >= 0; fix or delete "
+                                "the tag (the nightly budget sums it)")
         else:
             spent += samples
-    return History(champion_version=str(version.version),
-                   champion_rate=float(rate) if rate is not None else None, root=root,
+    return History(champion_version=str(version.version), champion_rate=rate, root=root,
                    recipes=recipes, spent=spent, unknown=unknown)
+
+
+def _rate(version: Any, base_model: str) -> float | None:
+    """The champion's recorded success rate (arf.eval.success_rate), None if not evaluated."""
+    given = version.tags.get(RATE_TAG)
+    if given is None:
+        return None
+    rate = _float(given)
+    if rate is None or not 0.0 <= rate <= 1.0:
+        raise RegistryError(f"{base_model} (version {version.version}) has {RATE_TAG}="
+                            f"{given!r}, not a success rate in [0, 1]; fix the tag or "
+                            "evaluate the version again (arf_evaluate records it)")
+    return rate
 
 
 def _root(client: Any, run_id: str) -> Root:
@@ -111,7 +134,13 @@ def _recipe(tags: dict[str, str]) -> str:
 
 
 def _int(value: Any) -> int | None:
+    number = _float(value)
+    return None if number is None else int(number)
+
+
+def _float(value: Any) -> float | None:
     try:
-        return int(float(value))
+        number = float(value)
     except (TypeError, ValueError):
         return None
+    return number if math.isfinite(number) else None

@@ -87,6 +87,8 @@ def _auto(env: StepEnv, policy: dict[str, Any], given: dict[str, Any],
         shutil.rmtree(spill, ignore_errors=True)
     epochs = {**spec.hyperparameters, **(policy.get("retrain_hyperparameters") or {}),
               **given}.get("epochs")
+    if isinstance(epochs, float) and epochs.is_integer():
+        epochs = int(epochs)  # 2.0: a whole number, as the conf check and the template's take it
     if isinstance(epochs, bool) or not isinstance(epochs, int):
         raise SpecError(f"template {spec.name!r}: the nightly choice estimates a retrain from "
                         f"the hyperparameter 'epochs' (got {epochs!r}); declare it")
