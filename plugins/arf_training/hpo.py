@@ -340,8 +340,20 @@ def select_best(loaded: "LoadedTemplate", context: Any) -> dict[str, Any]:
             f"{counts['fail']} failed, {counts['pruned']} pruned, {counts['running']} running), "
             "so there is no model to train and register. Read the failed trial tasks' logs "
             "(round_*.trials), fix the cause (search space, data, budget) and trigger a new run")
-    best = study.best_trial
+    best = best_of(study)
     log.info("best of %d trial(s) (%s): trial %d, %s = %g, params %s", len(trials), counts,
              best.number, loaded.template.hpo.metric, best.value, best.params)
     return {"study": study.study_name, "number": best.number, "value": best.value,
             "params": dict(best.params), "counts": counts}
+
+
+def best_of(study: Any) -> Any:
+    """The best completed trial, a tie to the lowest trial number: the container side's
+    `arf_trainer.hpo.best_of` (the final training trains the same trial; Optuna's own
+    `best_trial` orders by value alone, so on PostgreSQL it may pick either of two ties)."""
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+
+    sign = 1.0 if study.direction == StudyDirection.MINIMIZE else -1.0
+    return min(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+               key=lambda trial: (sign * trial.value, trial.number))

@@ -135,3 +135,26 @@ def test_whole_float_retrain_epochs_are_taken_as_the_template_check_takes_them(
     result = run_choose(env)
     assert result["recipe"] == "retrain"
     assert result["estimate"]["retrain_samples"] == 792
+
+
+@pytest.mark.parametrize("direction, values, best", [
+    ("maximize", [0.5, 0.9, 0.9, 0.1], 1),
+    ("minimize", [0.3, 0.1, 0.2, 0.1], 1),
+    ("maximize", [0.9, 0.9, 0.9], 0),
+])
+def test_both_sides_pick_the_same_best_trial_among_ties(direction, values, best):
+    """Optuna's best_trial orders by value alone (PostgreSQL may return either tie): select_best
+    and the final training each queried it, so they could disagree on the trial."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from arf_trainer.hpo import best_of as container_best
+    from arf_training.hpo import best_of as airflow_best
+
+    study = optuna.create_study(direction=direction)
+    for value in values:
+        study.add_trial(create_trial(value=value, params={"lr": 0.01},
+                                     distributions={"lr": FloatDistribution(1e-4, 1.0)}))
+    study.add_trial(create_trial(state=TrialState.FAIL))
+    assert container_best(study).number == airflow_best(study).number == best

@@ -212,7 +212,20 @@ def best_trial(hpo: dict[str, Any], study_name: str) -> "optuna.trial.FrozenTria
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise TrainingError(f"study {study_name!r} has no completed trial; select_best should "
                             "have stopped the DAG run before this step")
-    return study.best_trial
+    return best_of(study)
+
+
+def best_of(study: "optuna.Study") -> "optuna.trial.FrozenTrial":
+    """The best completed trial, a tie to the lowest trial number. Optuna's `best_trial` orders
+    by value alone, so on PostgreSQL two queries (the Airflow side's select_best, this final
+    training) could pick different trials of the same value. The Airflow side's
+    `arf_training.hpo.best_of` is the same rule (it may not import this package)."""
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+
+    sign = 1.0 if study.direction == StudyDirection.MINIMIZE else -1.0
+    return min(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+               key=lambda trial: (sign * trial.value, trial.number))
 
 
 def summarize_study(hpo: dict[str, Any], study_name: str, client: Any,
@@ -227,7 +240,7 @@ def summarize_study(hpo: dict[str, Any], study_name: str, client: Any,
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials)
               for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
-    best = study.best_trial
+    best = best_of(study)
     summary: dict[str, Any] = {"study": study_name, "best_trial": best.number,
                                "best_value": best.value, "best_params": best.params,
                                "metric": hpo["metric"], "direction": hpo["direction"],
