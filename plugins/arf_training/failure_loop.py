@@ -77,6 +77,11 @@ class LoopConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfError(f"failure loop: --{name.replace('_', '-')} {value!r} must be "
                                 "a positive integer")
+        if self.nights * self.field_episodes > FIELD_SEEDS_PER_LOOP:
+            raise ConfError(f"failure loop: --nights x --field-episodes = "
+                            f"{self.nights * self.field_episodes} field seeds, more than the "
+                            f"{FIELD_SEEDS_PER_LOOP} of one --seed's block (they would reuse "
+                            "the next seed's); lower one of them")
         if self.states not in ("all", "failed"):
             raise ConfError(f"failure loop: --states {self.states!r} must be 'all' or 'failed'")
 

@@ -75,6 +75,14 @@ def test_bad_loop_settings_are_input_errors(field, value):
         fl.LoopConfig(**{field: value}).check()
 
 
+def test_a_loop_stays_inside_its_field_seed_block():
+    """A loop of --seed k uses field seeds FIELD_SEED0 + k * FIELD_SEEDS_PER_LOOP onwards: more
+    nights x episodes than the block would reuse the next seed's field seeds."""
+    fl.LoopConfig(nights=4, field_episodes=fl.FIELD_SEEDS_PER_LOOP // 4).check()
+    with pytest.raises(ConfError, match="more than the 100000 of one --seed's block"):
+        fl.LoopConfig(nights=5, field_episodes=fl.FIELD_SEEDS_PER_LOOP // 4).check()
+
+
 def test_cli_rejects_a_bad_setting_before_running(capsys):
     assert arf_main(["demo", "failure-loop", "--nights", "0"]) == 2
     assert "--nights 0 must be a positive integer" in capsys.readouterr().err
