@@ -43,6 +43,13 @@ def frame_input(uri: str) -> tuple[int, int, int] | None:
     if height != width or height < 1:
         raise EvaluationError(f"{uri} takes {height}x{width} frames; the reach_pixels camera "
                               "renders square frames: train on square frames")
+    from arf_trainer.sim.reach_pixels import check_frame_size
+
+    try:  # here, not in the renderer: a bare ValueError there would crash the step unexplained
+        check_frame_size(height, f"the frame size of {uri}'s signature")
+    except ValueError as exc:
+        raise EvaluationError(f"{exc}; the reach_pixels camera cannot render it: train on "
+                              "frames of a size it renders") from exc
     return height, width, 3
 
 

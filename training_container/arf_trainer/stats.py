@@ -28,7 +28,12 @@ def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float
     denom = 1 + z * z / trials
     centre = (p + z * z / (2 * trials)) / denom
     half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At 0 and n successes the bound is exactly 0 or 1 (centre and half are equal there), but
+    # rounding leaves e.g. 6.9e-18 at 0/50 or 0.9999999999999999 at 10/10: an interval that
+    # would exclude its own rate of 100 %.
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == trials else min(1.0, centre + half)
+    return low, high
 
 
 def bootstrap_mean_interval(values: Sequence[float], level: float = 0.95,

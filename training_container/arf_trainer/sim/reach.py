@@ -165,8 +165,7 @@ def rollout(
         observations = np.empty((EPISODE_STEPS, OBS_DIM), dtype=np.float32)
         actions = np.empty((EPISODE_STEPS, ACT_DIM), dtype=np.float32)
         for t in range(EPISODE_STEPS):
-            action = np.clip(np.asarray(policy_fn(obs), dtype=np.float32).reshape(ACT_DIM),
-                             -1.0, 1.0)
+            action = _checked_action(policy_fn(obs), t, seed)
             observations[t] = obs
             actions[t] = action
             executed = action
@@ -182,6 +181,21 @@ def rollout(
     finally:
         if own_env:
             env.close()
+
+
+def _checked_action(raw: object, step: int, seed: int) -> np.ndarray:
+    """The policy's action as float32 [ACT_DIM] clipped to [-1, 1], or a ValueError. NaN cannot
+    be clipped: MuJoCo would warn, reset the simulation and go on, so the episode would end at
+    a distance no policy produced."""
+    action = np.asarray(raw, dtype=np.float32)
+    if action.size != ACT_DIM:
+        raise ValueError(f"the policy returned an action of shape {action.shape} at step {step} "
+                         f"of seed {seed}; a reach policy returns {ACT_DIM} values (joint torques)")
+    action = action.reshape(ACT_DIM)
+    if np.isnan(action).any():
+        raise ValueError(f"the policy returned a NaN action {action.tolist()} at step "
+                         f"{step} of seed {seed}")
+    return np.clip(action, -1.0, 1.0)
 
 
 def expert_policy(obs: np.ndarray) -> np.ndarray:
