@@ -51,6 +51,7 @@ import torch
 
 from arf_trainer.errors import TrainingError
 from arf_trainer.trainer import dist
+from arf_trainer.trainer.data import file_sha256
 from arf_trainer.trainer.dist import DistEnv
 from arf_trainer.trainer.testhooks import TestHooks
 
@@ -266,7 +267,7 @@ class Checkpointer:
             self.hooks.before_checkpoint_commit()  # tests: a window to kill a save half-way
             # The files' sha256 (every rank's: the folder is shared): a resume verifies them,
             # so a damaged byte is refused instead of silently resumed from.
-            digests = {f.name: _file_sha256(f) for f in sorted(tmp.iterdir())}
+            digests = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
             (tmp / _COMPLETE).write_text(json.dumps({"step": step, "sha256": digests}) + "\n")
             _fsync_dir(tmp)
             os.rename(tmp, self.folder / f"step-{step}")
@@ -332,18 +333,10 @@ class Checkpointer:
         for name, digest in wanted.items():
             if not (path / name).is_file():
                 raise CheckpointError(f"checkpoint {path} lacks {name}; {fix}")
-            if _file_sha256(path / name) != digest:
+            if file_sha256(path / name) != digest:
                 raise CheckpointError(f"checkpoint file {path / name} does not match the sha256 "
                                       f"recorded when it was written (damaged); {fix}")
 
 
 _SHARED_KEYS = ("model", "optimizer", "progress", "config_hash", "world_size")
 _RANK_KEYS = ("rng", "loss_sum", "samples")
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
