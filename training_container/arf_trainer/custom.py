@@ -13,6 +13,7 @@ tags and the ARF plugin manifest. Idempotent per DAG run, like `publisher.run_re
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -27,12 +28,46 @@ log = logging.getLogger(__name__)
 MANIFEST_ARTIFACT = "arf_plugin.json"
 
 
+def output_files(folder: Path) -> list[Path]:
+    """The files of `folder` that are hashed and logged, sorted; refuses what would make the
+    logged `model` differ from what is hashed, or pull a host file into MLflow: a symlink that
+    is dangling, points outside `folder` or to a directory (MLflow copies its target)."""
+    root = folder.resolve()
+    files = []
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            target = path.resolve()
+            if not target.is_file() or not target.is_relative_to(root):
+                why = "not a file" if not target.is_file() else f"outside {folder}"
+                raise RegistryError(
+                    f"{path} is a symbolic link to {target}, which is {why}; a custom command "
+                    "must write its model files into $ARF_OUTPUT_DIR as regular files (copy "
+                    "them there instead of linking)")
+        if path.is_file():
+            files.append(path)
+    return sorted(files)
+
+
 def folder_sha256(folder: Path) -> str:
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes())
+    for path in output_files(folder):
+        name = path.relative_to(folder).as_posix().encode("utf-8", "surrogateescape")
+        digest.update(name + b"\0")
+        with open(path, "rb") as fh:  # in chunks: a model may be larger than memory
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
     return digest.hexdigest()
+
+
+def _result_metrics(result: Any, path: Path) -> dict[str, float]:
+    metrics = result.get("metrics") if isinstance(result, dict) else None
+    if not isinstance(result, dict) or not isinstance(metrics, (dict, type(None))) or any(
+            isinstance(v, bool) or not isinstance(v, (int, float))
+            for v in (metrics or {}).values()):
+        raise RegistryError(
+            f"{path} must be a JSON object whose optional \"metrics\" is an object of "
+            f"{{name: number}}; it holds {json.dumps(result)[:300]}")
+    return {k: float(v) for k, v in (metrics or {}).items()}
 
 
 def register_custom(env: StepEnv) -> dict[str, Any]:
@@ -43,12 +78,13 @@ def register_custom(env: StepEnv) -> dict[str, Any]:
     name = spec.model["name"]
     output = ws / "train" / "output"
     result_path = ws / "train" / "result.json"
-    if not result_path.exists() or not output.is_dir() or not any(output.iterdir()):
+    if not result_path.exists() or not output.is_dir() or not output_files(output):
         raise RegistryError(
             f"the training command {spec.training['command']['command']} left no result at "
             f"{result_path} or no files in {output}; a custom command must write its model to "
             "$ARF_OUTPUT_DIR and its result JSON to $ARF_RESULT_PATH")
     result = read_json(result_path)
+    metrics = _result_metrics(result, result_path)
     manifest = read_json(ws / "prepare" / "manifest.json")
     sha = folder_sha256(output)
     resolved = {"template": spec.template, "hyperparameters": spec.hyperparameters,
@@ -71,13 +107,15 @@ def register_custom(env: StepEnv) -> dict[str, Any]:
         if versions:
             version = min((v.version for v in versions), key=int)
             log.info("%s version %s is already registered for run %s", name, version, run_id)
+            # A retry after a crash between registering and ending the run: end it now.
+            client.set_terminated(run_id, "FINISHED")
         else:
             run = client.get_run(run_id)
             now = int(time.time() * 1000)
             # Only what the command did not log itself (live, or a retry of this step before):
             # no point is recorded twice.
             client.log_batch(run_id, metrics=[
-                Metric(k, float(v), now, 0) for k, v in (result.get("metrics") or {}).items()
+                Metric(k, v, now, 0) for k, v in metrics.items()
                 if k not in run.data.metrics],
                 params=[Param(k, str(v)) for k, v in
                         {**spec.hyperparameters, "seed": spec.seed}.items()

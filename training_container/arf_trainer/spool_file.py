@@ -64,7 +64,7 @@ class Spool:
         try:
             _flock(fh, path, lock_timeout)
             acked = folder / ACKED_FILE
-            state = SpoolState(**read_json(acked)) if acked.is_file() else SpoolState()
+            state = _read_state(acked) if acked.is_file() else SpoolState()
             records = _read_records(path)
         except BaseException:
             fh.close()
@@ -139,6 +139,24 @@ def _flock(fh: IO[bytes], path: Path, timeout: float) -> None:
             time.sleep(0.1)
 
 
+def _read_state(path: Path) -> SpoolState:
+    raw = read_json(path)
+    fields = {"acked": int, "attempted": int, "run_id": str, "experiment_id": str}
+    if not isinstance(raw, dict) or set(raw) - set(fields) or any(
+            not (isinstance(v, fields[k]) and not isinstance(v, bool))
+            and not (v is None and fields[k] is str) for k, v in raw.items()):
+        raise SpoolError(f"{path} is not a spool state ({json.dumps(raw)[:200]}): expected "
+                         '{"acked": int, "attempted": int, "run_id": str|null, '
+                         '"experiment_id": str|null}; the file was damaged or written by a newer '
+                         "arf-trainer")
+    state = SpoolState(**raw)
+    if not 0 <= state.acked <= state.attempted or (state.acked and state.run_id is None):
+        raise SpoolError(f"{path} says acked={state.acked}, attempted={state.attempted}, "
+                         f"run_id={state.run_id}, which no delivery leaves (acked <= attempted, "
+                         "and a run id once anything was acked): the file was edited or damaged")
+    return state
+
+
 def _read_records(path: Path) -> list[dict[str, Any]]:
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
@@ -150,7 +168,12 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     for number, line in enumerate(data[:end].splitlines(), 1):
         try:
             record = json.loads(line)
-            int(record["seq"]), record["kind"]  # noqa: B018 - the fields every record has
+            seq, kind = record["seq"], record["kind"]
+            if type(seq) is not int or not isinstance(kind, str):
+                raise TypeError(f"seq {seq!r} is not an integer or kind {kind!r} not a string")
+            if records and seq <= records[-1]["seq"]:
+                # Acks count by seq: out of order, a record would be sent twice or never.
+                raise ValueError(f"seq {seq} does not follow seq {records[-1]['seq']}")
         except (ValueError, KeyError, TypeError) as exc:
             raise SpoolError(
                 f"{path} line {number} is not a spool record ({exc}): the file was damaged; "

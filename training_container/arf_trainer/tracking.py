@@ -120,8 +120,14 @@ def find_or_create_run(client: "MlflowClient", experiment_id: str, dag_id: str, 
         tags[PARENT_RUN_TAG] = find_or_create_parent_run(
             client, experiment_id, parent_key,
             {"arf.dag_id": dag_id, "arf.dag_run_id": run_id, "arf.hpo.study": parent_key})
-    run = client.create_run(experiment_id, start_time=start_time, run_name=key, tags=tags)
-    return run.info.run_id, False
+    mine = client.create_run(experiment_id, start_time=start_time, run_name=key,
+                             tags=tags).info.run_id
+    # Two processes may both have found none and created one: all settle on the oldest.
+    oldest = find_run_by_tag(client, experiment_id, DAG_RUN_TAG, key)
+    if oldest is not None and oldest != mine:
+        client.delete_run(mine)
+        return oldest, True
+    return mine, False
 
 
 def find_or_create_parent_run(client: "MlflowClient", experiment_id: str, key: str,
