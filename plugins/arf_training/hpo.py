@@ -216,9 +216,12 @@ def ask(loaded: "LoadedTemplate", round_index: int, context: Any) -> list[dict[s
     fixed = distributions(template.model_dump(mode="json")["hpo"]["search_space"])
     existing = _round_trials(study, round_index)
     # A trial an earlier try asked but died before tagging: every earlier round's tell failed
-    # its own, so an untagged unfinished trial is this round's (its next draw). Adopt it.
+    # its own, so an untagged running trial is this round's (its next draw). Adopt it. Not a
+    # WAITING one: that was enqueued (study.enqueue_trial) and is what `study.ask` hands out next.
+    from optuna.trial import TrialState
+
     for t in sorted((t for t in study.get_trials(deepcopy=False)
-                     if ROUND_ATTR not in t.user_attrs and not t.state.is_finished()),
+                     if ROUND_ATTR not in t.user_attrs and t.state == TrialState.RUNNING),
                     key=lambda t: t.number)[:max(0, template.hpo.parallel - len(existing))]:
         _set_trial_attr(study, t.number, ROUND_ATTR, round_index)
         existing.append(t)
