@@ -111,9 +111,12 @@ hpo:
 
 def test_a_search_whose_trials_all_fail_fails_the_run_clearly(embedded, tmp_path):
     (tmp_path / "hpo_all_fail.yaml").write_text(TINY)
-    env = {**embedded, "ARF_TEMPLATES_DIR": str(tmp_path)}
-    # A seed the Params accept but the trainer refuses: every trial fails in its container.
-    proc = dags_test(env, "hpo_all_fail", {"seed": 2**32 - 1})
+    # Every trial crashes in its container (the trainer's test hook, any trial). Until the
+    # seed Param got the trainer's bound, a seed the Params accepted but the trainer refused
+    # did this.
+    env = {**embedded, "ARF_TEMPLATES_DIR": str(tmp_path), "ARF_TEST_CRASH_AT_STEP": "1",
+           "ARF_TEST_CRASH_RANK": "0"}
+    proc = dags_test(env, "hpo_all_fail", {})
     output = proc.stdout + proc.stderr
     run = latest_run("hpo_all_fail")
     assert str(run.state) == "failed"
