@@ -155,9 +155,12 @@ def train_dir_of(spec: JobSpec) -> str:
     return folder
 
 
-def completed_result(workspace: Path, config_hash: str,
-                     train_dir: str = "train") -> dict[str, Any] | None:
-    """The result of an earlier, finished attempt of this step, if there is a valid one."""
+def completed_result(workspace: Path, config_hash: str, train_dir: str = "train",
+                     data_fingerprint: str | None = None) -> dict[str, Any] | None:
+    """The result of an earlier, finished attempt of this step, if there is a valid one.
+
+    A result trained on other prepared data (the prepare folder was redone by hand) is refused,
+    not returned: it would register a model under the new data's lineage."""
     path = workspace / train_dir / "result.json"
     if not path.is_file():
         return None
@@ -171,6 +174,13 @@ def completed_result(workspace: Path, config_hash: str,
         raise TrainingError(
             f"{path} was produced by a different configuration (config_hash "
             f"{result['config_hash'][:12]}, this spec {config_hash[:12]}); one workspace holds "
+            "one training: use a new DAG run, or delete the workspace's train/ folder"
+        )
+    trained_on = result.get("data_fingerprint")
+    if data_fingerprint is not None and trained_on is not None and trained_on != data_fingerprint:
+        raise TrainingError(
+            f"{path} was trained on other prepared data (fingerprint {str(trained_on)[:12]}, "
+            f"{workspace / 'prepare'} now holds {data_fingerprint[:12]}); one workspace holds "
             "one training: use a new DAG run, or delete the workspace's train/ folder"
         )
     weights = workspace / result["weights"]

@@ -62,6 +62,7 @@ def finish(p: "Parts", timing: dict[str, float]) -> dict[str, Any]:
         "steps": progress.step,
         "recipe": cfg.recipe.name,
         "config_hash": cfg.config_hash,
+        "data_fingerprint": p.checkpoint.data_fingerprint,
         "data_loading": p.data.mode,
         "data_placement": p.placement.mode,
         "timing": timing,

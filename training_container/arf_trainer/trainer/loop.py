@@ -151,7 +151,8 @@ def build(env: StepEnv, cfg: TrainConfig, manifest: Manifest, source: Any,
         log.info("data placement: %s; precision %s%s%s", placement.label, cfg.precision,
                  ", torch.compile" if cfg.compile else "",
                  "" if cfg.deterministic else ", nondeterministic kernels (not reproducible)")
-    checkpoint = CheckpointPart(out_dir / "checkpoints", cfg, denv, hooks)
+    checkpoint = CheckpointPart(out_dir / "checkpoints", cfg, denv, hooks,
+                                data_fingerprint=manifest.raw["fingerprint"])
     checkpoint.resume(state, data)
     metrics = MetricsSink()
 

@@ -60,10 +60,10 @@ def run_train(env: StepEnv) -> dict[str, Any] | None:
             env = with_best_trial(env)
         # Validate before any distributed init, so a bad spec fails at once on every rank.
         cfg = TrainConfig.from_spec(env.spec, denv.world_size)
-        done = _already_done(env, cfg, denv)
+        manifest = load_manifest(env.workspace / "prepare")
+        done = _already_done(env, cfg, denv, manifest.raw["fingerprint"])
         if done is not None:
             return done if denv.is_main else None
-        manifest = load_manifest(env.workspace / "prepare")
         loading = choose_loading(cfg.data_loading, manifest, cfg.memory)
         source = open_source(loading[0], manifest, cfg.recipe, denv)
         # No process group yet, so no collective to agree in: each rank stops on its own.
@@ -89,10 +89,11 @@ def run_train(env: StepEnv) -> dict[str, Any] | None:
         return result
 
 
-def _already_done(env: StepEnv, cfg: TrainConfig, denv: DistEnv) -> dict[str, Any] | None:
+def _already_done(env: StepEnv, cfg: TrainConfig, denv: DistEnv,
+                  data_fingerprint: str) -> dict[str, Any] | None:
     """A finished earlier attempt's result, or the best trial's when it trained this config."""
     train_dir = train_dir_of(env.spec)
-    done = completed_result(env.workspace, cfg.config_hash, train_dir)
+    done = completed_result(env.workspace, cfg.config_hash, train_dir, data_fingerprint)
     if done is not None:
         if denv.is_main:
             log.info("training already finished for this run (%s); returning its result",

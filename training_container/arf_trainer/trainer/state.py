@@ -69,8 +69,13 @@ class TrainState:
 class CheckpointPart:
     """Saves and resumes `TrainState` + the loader's state; times its own saves."""
 
-    def __init__(self, folder: Path, cfg: TrainConfig, denv: DistEnv, hooks: TestHooks) -> None:
+    def __init__(self, folder: Path, cfg: TrainConfig, denv: DistEnv, hooks: TestHooks, *,
+                 data_fingerprint: str) -> None:
         self.cfg, self.denv = cfg, denv
+        # Not part of config_hash (that is the template, hyperparameters and seed, tagged on the
+        # run); checked on resume so that data prepared again by hand never continues a training
+        # begun on other rows.
+        self.data_fingerprint = data_fingerprint
         self.checkpointer = Checkpointer(folder, denv, keep=cfg.keep_checkpoints,
                                          every_steps=cfg.checkpoint_every_steps, hooks=hooks,
                                          async_writes=cfg.async_checkpoint)
@@ -97,6 +102,7 @@ class CheckpointPart:
             "progress": progress.shared(),
             "config": self.cfg.resolved,
             "config_hash": self.cfg.config_hash,
+            "data_fingerprint": self.data_fingerprint,
         } if self.denv.is_main else {}
         started = time.perf_counter()
         self.checkpointer.save(progress.step, shared, {
@@ -117,6 +123,13 @@ class CheckpointPart:
                 f"{changed or 'config_hash'}); one checkpoints folder holds one training: "
                 "restore the original settings, or delete the checkpoints folder to start over"
             )
+        trained_on = ckpt.shared.get("data_fingerprint")  # absent: written by an older trainer
+        if trained_on is not None and trained_on != self.data_fingerprint:
+            raise CheckpointError(
+                f"{where} was written while training on other prepared data (fingerprint "
+                f"{str(trained_on)[:12]}, the prepare folder now holds "
+                f"{self.data_fingerprint[:12]}); one checkpoints folder holds one training: "
+                "restore the prepared data, or delete the checkpoints folder to start over")
         loader.check_state(ckpt.rank_state.get("data"))
         try:
             state.model.load_state_dict(ckpt.shared["model"])
