@@ -131,11 +131,29 @@ def open_table(hub: Path, name: str, version: int | None = None) -> TableSnapsho
             f"{_format_versions(versions)} (latest {versions[-1] if versions else 'none'}). "
             f"Pin one of those in dataset.tables, or drop the pin to read the latest"
         ) from exc
+    dataset = _scan(table)
+    _check_files_exist(path, name, table, dataset)
     return TableSnapshot(
         name=name,
         version=int(table.version()),
         uri=path.resolve().as_uri(),
-        dataset=_scan(table),
+        dataset=dataset,
+    )
+
+
+def _check_files_exist(path: Path, name: str, table: DeltaTable, dataset: pads.Dataset) -> None:
+    """A version whose data files a VACUUM removed is still in the log: refuse it by name
+    (its scan would fail half-way with a bare "Object ... not found"). The dataset's paths are
+    relative to the table's folder (`file_uris` would be percent-encoded)."""
+    missing = [f for f in dataset.files if not (path / f).is_file()]
+    if not missing:
+        return
+    latest = DeltaTable(str(path)).version()
+    raise DataHubError(
+        f"version {table.version()} of data hub table {name!r} refers to data files that no "
+        f"longer exist ({len(missing)} missing, e.g. {Path(missing[0]).name}): a VACUUM of the "
+        f"table removed them. Pin a version written after the vacuum (the latest is {latest}), "
+        "or drop the pin to read the latest"
     )
 
 

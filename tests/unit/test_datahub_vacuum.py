@@ -1,0 +1,55 @@
+"""A pinned table version whose files a Delta VACUUM removed: refused by name, up front.
+
+The version stays in the Delta log after a vacuum, so opening it succeeded and the scan failed
+half-way with a bare `FileNotFoundError: Object at location ... not found`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from deltalake import DeltaTable
+from test_prepare import step_env
+
+from arf_trainer.datahub.prepare import run_prepare
+from arf_trainer.datahub.seed import seed_demo
+from arf_trainer.datahub.tables import open_table, write_table
+from arf_trainer.errors import DataHubError
+
+
+def _vacuum_all_history(table: Path) -> None:
+    DeltaTable(str(table)).vacuum(retention_hours=0, enforce_retention_duration=False,
+                                  dry_run=False)
+
+
+def test_a_pinned_vacuumed_version_is_refused_naming_it_and_the_latest(tmp_path: Path) -> None:
+    hub = tmp_path / "hub"
+    seed_demo(hub, episodes=2, seed=0)
+    v0 = open_table(hub, "reach_demos", 0).dataset.to_table()
+    # An overwrite makes v0's files unreferenced by the latest version; the vacuum deletes them.
+    write_table(hub, "reach_demos", v0, mode="overwrite")
+    _vacuum_all_history(hub / "reach_demos")
+    latest = DeltaTable(str(hub / "reach_demos")).version()
+
+    workspace = tmp_path / "ws"
+    with pytest.raises(DataHubError) as caught:
+        run_prepare(step_env(workspace, hub, dataset={"tables": {"reach_demos": 0}}))
+    message = str(caught.value)
+    assert "version 0 of data hub table 'reach_demos'" in message
+    assert "VACUUM" in message and f"the latest is {latest}" in message
+    assert not (workspace / "prepare" / "manifest.json").exists()
+
+    # The latest version (the same rows, rewritten) still prepares.
+    manifest = run_prepare(step_env(tmp_path / "ws2", hub))
+    assert manifest["rows"] == 2 * 50
+    assert manifest["tables"]["reach_demos"]["version"] == latest
+
+
+def test_a_hub_path_with_spaces_and_non_ascii_opens(tmp_path: Path) -> None:
+    """The file check resolves the scan's own paths (delta-rs's `file_uris` percent-encode
+    the folder: checking those would refuse every table under such a path)."""
+    hub = tmp_path / "my hub é"
+    seed_demo(hub, episodes=1, seed=0)
+    assert open_table(hub, "reach_demos").dataset.to_table().num_rows == 50
+
