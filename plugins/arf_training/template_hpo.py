@@ -5,6 +5,7 @@ Only pydantic here: it runs on every DAG parse.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
@@ -53,6 +54,14 @@ class FloatSearch(_Section):
                              "1.0e-5, or log: false")
         if self.log and self.step is not None:
             raise ValueError("log and step cannot be combined (Optuna refuses it); drop one")
+        if self.step is not None:
+            # Optuna's own test (decimal, as written): it would silently lower high instead.
+            span, step = Decimal(str(self.high)) - Decimal(str(self.low)), Decimal(str(self.step))
+            if span % step:
+                top = float(span // step * step + Decimal(str(self.low)))
+                raise ValueError(f"high - low = {span} is not a multiple of step {self.step} "
+                                 f"(Optuna would lower high to {top} without a word); set high "
+                                 f"to {top}, or pick a step that divides the range")
         return self
 
 
@@ -93,6 +102,15 @@ class CategoricalSearch(_Section):
     def _distinct(cls, choices: list[Any]) -> list[Any]:
         if len({(type(c), c) for c in choices}) != len(choices):
             raise ValueError(f"choices {choices} repeat a value; list each value once")
+        # Optuna stores a choice as the index of the first equal one: 1.0 after 1 (or true
+        # after 1) would be recorded as 1, and the trial's params would name a value not tried.
+        for i, choice in enumerate(choices):
+            twins = [c for c in choices[:i] if c == choice]
+            if twins:
+                twin = twins[0]
+                raise ValueError(f"choices {choices}: {choice!r} and {twin!r} are equal to "
+                                 "Optuna (it records both as the first); keep one, or quote "
+                                 "them as strings")
         return choices
 
 
