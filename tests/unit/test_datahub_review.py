@@ -158,3 +158,25 @@ def test_reported_version_is_this_ingests_even_if_another_commits_after(
 
     monkeypatch.setattr(ingest_module, "write_deltalake", write_then_another)
     assert ingest(hub, "t", [data]).version == 1
+
+
+def _header_only_csv(folder: Path) -> Path:
+    (folder / "x.csv").write_text("a,b\n")
+    return folder / "x.csv"
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(_header_only_csv, id="header-only-csv"),
+    pytest.param(lambda d: _parquet(d / "x.parquet", pa.table({"a": [1.0], "b": pa.nulls(1)})),
+                 id="all-null-parquet-column"),
+])
+def test_a_column_with_no_type_is_refused_and_creates_no_table(tmp_path: Path, make) -> None:
+    """Stored as type null, it refused every later append of real values."""
+    hub = tmp_path / "hub"
+    with pytest.raises(DataHubError, match=r"'b'.* have no type.*nothing was written") as caught:
+        ingest(hub, "t", [make(tmp_path)])
+    assert "x." in str(caught.value)
+    assert not (table_path(hub, "t") / "_delta_log").exists()
+    (tmp_path / "rows.csv").write_text("a,b\n1.5,2\n")
+    assert ingest(hub, "t", [tmp_path / "rows.csv"]).rows == 1
+    assert str(open_table(hub, "t").dataset.schema.field("b").type) == "int64"

@@ -130,6 +130,15 @@ def _check_columns(source: Source, schema: pa.Schema) -> pa.Schema:
                 "them and ingest again (nothing was written)")
         lower[column.lower()] = column
     schema = pa.schema([pa.field(f.name, _hub_type(f.type)) for f in schema])
+    untyped = [f.name for f in schema if pa.types.is_null(f.type)]
+    if untyped:
+        # Delta would store them as type null, and every later append of real values to the
+        # table would then be refused.
+        raise DataHubError(
+            f"{source.path}: column(s) {', '.join(map(repr, untyped))} have no type: no value to "
+            "infer it from (a CSV with a header and no rows, or a column empty in every row). "
+            "Ingest a file with values first, or write the column with a type (e.g. a Parquet "
+            "file); nothing was written")
     for field in storable_schema(schema):
         try:
             Schema.from_arrow(pa.schema([field]))
