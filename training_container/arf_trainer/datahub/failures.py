@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from arf_trainer.datahub.tables import list_tables, open_table, write_table
+from arf_trainer.datahub.tables import list_tables, open_table, table_lock, write_table
 from arf_trainer.errors import DataHubError
 
 if TYPE_CHECKING:
@@ -96,6 +96,13 @@ def record_failures(hub: Path, *, model_name: str, model_version: int, eval_run_
     of them to `table=FIELD_TABLE`), skipping seeds already recorded for this model version.
     Returns {"episodes", "rows", "version"}."""
     recorded_at = _utc(recorded_at)
+    with table_lock(hub, table):  # two evaluations of one version must not both append a seed
+        return _record_new(hub, table, model_name, int(model_version), eval_run_id, episodes,
+                           recorded_at)
+
+
+def _record_new(hub: Path, table: str, model_name: str, model_version: int, eval_run_id: str,
+                episodes: list[tuple[int, Rollout]], recorded_at: dt.datetime) -> dict[str, Any]:
     known = _keys(hub, table, _KEY)
     new = [(seed, r) for seed, r in episodes
            if (table == FIELD_TABLE or not r.success)
@@ -137,8 +144,6 @@ def correct_failures(hub: Path, *, collected_at: dt.datetime, model_name: str | 
     measures on: correcting those would leak the test set into training); `limit` takes at
     most that many episodes (oldest first, then by seed), e.g. an operator's nightly capacity.
     """
-    from arf_trainer.sim.reach import expert_action
-
     collected_at = _utc(collected_at)
     if limit is not None and limit < 1:
         raise DataHubError(f"limit={limit} must be at least 1 (or omitted for all)")
@@ -150,7 +155,17 @@ def correct_failures(hub: Path, *, collected_at: dt.datetime, model_name: str | 
                            "relabels the failed episodes, 'all' every field episode")
     if STATES[states] not in list_tables(hub):
         return {"episodes": 0, "rows": 0, "version": None}
-    failures = open_table(hub, STATES[states]).dataset.to_table()
+    # Two corrections at once would both relabel every open episode, under the same ids.
+    with table_lock(hub, CORRECTIONS_TABLE):
+        return _correct_open(hub, collected_at, model_name, limit, seeds, STATES[states])
+
+
+def _correct_open(hub: Path, collected_at: dt.datetime, model_name: str | None,
+                  limit: int | None, seeds: tuple[int, int] | None,
+                  source: str) -> dict[str, Any]:
+    from arf_trainer.sim.reach import expert_action
+
+    failures = open_table(hub, source).dataset.to_table()
     if model_name is not None:
         failures = failures.filter(pc.equal(failures["model_name"], model_name))
     if seeds is not None:

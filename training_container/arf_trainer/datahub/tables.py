@@ -12,7 +12,10 @@ demo seeder (`arf_trainer.datahub.seed`) go through the functions here.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -62,6 +65,22 @@ def table_path(hub: Path, name: str) -> Path:
     """The directory of table `name` in `hub` (after checking the name is a plain identifier)."""
     _check_name(name)
     return hub / name
+
+
+@contextlib.contextmanager
+def table_lock(hub: Path, name: str) -> Iterator[None]:
+    """Hold table `name` for a read-check-append sequence across processes (an advisory flock
+    on ``<hub>/.locks/<name>.lock``, released by the OS if the holder dies). Delta's optimistic
+    commits let two blind appends both land, so "append the rows not yet there" needs this."""
+    _check_name(name)
+    folder = hub / ".locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def list_tables(hub: Path) -> list[str]:
