@@ -75,6 +75,13 @@ class TrainingTemplate(_Section):
             raise ValueError(f"unknown preset {value!r}; use one of {', '.join(SCHEDULE_PRESETS)}")
         from croniter import croniter  # an Airflow dependency; only loaded for cron schedules
 
+        fields = len(value.split())
+        if fields != 5:
+            # croniter reads a 6th field as seconds (and a 7th as the year): '* * * * * *'
+            # would start the whole pipeline every second.
+            raise ValueError(
+                f"{value!r} has {fields} fields; write the 5 standard ones (minute hour "
+                "day-of-month month day-of-week), e.g. '0 2 * * *': a 6th would be seconds")
         if not croniter.is_valid(value):
             raise ValueError(
                 f"{value!r} is not a valid cron expression; write 5 fields, e.g. '0 2 * * *'"
