@@ -53,3 +53,30 @@ def test_a_hub_path_with_spaces_and_non_ascii_opens(tmp_path: Path) -> None:
     seed_demo(hub, episodes=1, seed=0)
     assert open_table(hub, "reach_demos").dataset.to_table().num_rows == 50
 
+
+
+@pytest.mark.parametrize("command", [
+    ["seed"], ["ingest", "t", "DATA"], ["seed-sites", "--site", "a=GOOD", "--site", "b=HUB"],
+])
+@pytest.mark.parametrize("hub", ["file", "under-a-file"])
+def test_a_hub_that_cannot_be_a_folder_is_bad_input_named(tmp_path: Path, command: list[str],
+                                                         hub: str,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """It was a FileExistsError/NotADirectoryError traceback (exit 1)."""
+    from arf_trainer.cli import main as cli_main
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    where = blocker if hub == "file" else blocker / "hub"
+    data = tmp_path / "rows.csv"
+    data.write_text("a\n1\n")
+    good = tmp_path / "good"
+    args = [a.replace("DATA", str(data)).replace("HUB", str(where)).replace("GOOD", str(good))
+            for a in command]
+    hub_args = [] if command[0] == "seed-sites" else ["--hub", str(where)]
+    assert cli_main(["datahub", *args, *hub_args]) == 2
+    err = capsys.readouterr().err
+    assert f"the data hub {where} is not a folder this process can write" in err
+    assert ("it is a file" if hub == "file" else "Not a directory") in err
+    assert blocker.read_text() == "not a folder"
+    assert not list(good.glob("*/_delta_log"))  # no site was seeded before the bad one

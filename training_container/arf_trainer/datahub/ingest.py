@@ -33,7 +33,7 @@ from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from arf_trainer.datahub.arrow_types import schema_differences, storable_schema, to_storable
 from arf_trainer.datahub.sources import Source, read_source, resolve_sources, source_schema
-from arf_trainer.datahub.tables import WriteMode, open_table, table_path
+from arf_trainer.datahub.tables import WriteMode, make_hub, open_table, table_path
 from arf_trainer.errors import DataHubError
 
 
@@ -215,7 +215,7 @@ def _ingest_once(hub: Path, name: str, paths: Sequence[str | Path], mode: WriteM
         partitions = partitions or list(table.metadata().partition_columns)
     storable = storable_schema(schema)
     stream = _Stream(sources, schema, storable)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_hub(path.parent)
     named = [str(s.path.resolve()) for s in sources[:20]]  # the commit log stays small
     if len(sources) > 20:
         named.append(f"... {len(sources) - 20} more")

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from arf_trainer.datahub.failures import CORRECTIONS_TABLE, create_corrections_table
-from arf_trainer.datahub.tables import list_tables, open_table, write_table
+from arf_trainer.datahub.tables import list_tables, make_hub, open_table, write_table
 from arf_trainer.errors import DataHubError
 from arf_trainer.spec import uri_to_path
 
@@ -138,7 +138,7 @@ def seed_demo(hub: Path, episodes: int = 200, seed: int = 0, force: bool = False
         raise DataHubError(f"seed={seed!r} must be a non-negative integer (e.g. --seed 0)")
     collected_at = check_collected_at(collected_at)
     hub = uri_to_path(str(hub))  # accept a file:// URI too, as ARF_DATAHUB_URI may be one
-    hub.mkdir(parents=True, exist_ok=True)
+    make_hub(hub)
     existing = set(list_tables(hub))
     summary: dict[str, Any] = {}
 

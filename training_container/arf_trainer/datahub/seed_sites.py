@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from arf_trainer.datahub.seed import REACH_TABLE, _reach_rows, check_collected_at
-from arf_trainer.datahub.tables import list_tables, write_table
+from arf_trainer.datahub.tables import list_tables, make_hub, write_table
 from arf_trainer.errors import DataHubError
 
 log = logging.getLogger(__name__)
@@ -49,13 +49,14 @@ def seed_sites(hubs: dict[str, Path], episodes: int = 300, seed: int = 0,
     summary: dict[str, Any] = {name: {"action": "unchanged"} for name in hubs}
     if not todo:
         return summary
+    for hub in todo.values():  # every site's folder before any site is written
+        make_hub(hub)
     rows = _reach_rows(episodes, seed, 0, check_collected_at(collected_at))
     site_of_row = sector_of(rows, len(hubs))
     for index, name in enumerate(hubs):
         if name not in todo:
             continue
         part = rows.filter(pa.array(site_of_row == index))
-        todo[name].mkdir(parents=True, exist_ok=True)
         write_table(todo[name], REACH_TABLE, part, mode="overwrite")
         n_episodes = len(set(part["episode"].to_pylist()))
         summary[name] = {"rows": part.num_rows, "episodes": n_episodes, "action": "written"}

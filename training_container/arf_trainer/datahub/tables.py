@@ -67,15 +67,28 @@ def table_path(hub: Path, name: str) -> Path:
     return hub / name
 
 
+def make_hub(hub: Path) -> None:
+    """Create the hub's folder for a write; a path that cannot be one is bad input, named."""
+    try:
+        hub.mkdir(parents=True, exist_ok=True)
+        probe = hub / ".locks"
+        probe.mkdir(exist_ok=True)
+    except OSError as exc:
+        why = "it is a file" if hub.is_file() else exc.strerror or str(exc)
+        raise DataHubError(
+            f"the data hub {hub} is not a folder this process can write ({why}); "
+            "pass --hub (or ARF_DATAHUB_URI) a writable folder, created if missing"
+        ) from exc
+
+
 @contextlib.contextmanager
 def table_lock(hub: Path, name: str) -> Iterator[None]:
     """Hold table `name` for a read-check-append sequence across processes (an advisory flock
     on ``<hub>/.locks/<name>.lock``, released by the OS if the holder dies). Delta's optimistic
     commits let two blind appends both land, so "append the rows not yet there" needs this."""
     _check_name(name)
-    folder = hub / ".locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"{name}.lock", "a") as handle:
+    make_hub(hub)
+    with open(hub / ".locks" / f"{name}.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -207,7 +220,7 @@ def write_table(hub: Path, name: str, data: pa.Table, mode: WriteMode = "append"
     if mode not in ("append", "overwrite"):
         raise DataHubError(f"write mode {mode!r} is not supported; use 'append' or 'overwrite'")
     path = table_path(hub, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_hub(path.parent)
     # Array and unsigned columns keep their Arrow types (see arf_trainer.datahub.arrow_types).
     data = data.cast(storable_schema(data.schema))
     try:
