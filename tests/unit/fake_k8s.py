@@ -62,6 +62,9 @@ _TURNS_OFF = {
     "Failed": {"Running"},
 }
 
+_REASONS = {401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 500: "Internal Server Error",
+            503: "Service Unavailable", 504: "Gateway Timeout"}
+
 
 @dataclass
 class FakeCluster:
@@ -83,6 +86,9 @@ class FakeCluster:
     # The kubelet, played by the test: called with (cluster, namespace, name) before each read
     # of a pod, so that pods can move on while an operator waits for them.
     kubelet: Callable[[FakeCluster, str, str], None] | None = None
+    # Scripted API failures of the custom-objects calls: verb -> HTTP statuses, one raised per
+    # call of that verb (an overloaded API server, an RBAC rule that forbids the verb).
+    api_errors: dict[str, collections.deque] = field(default_factory=dict)
     _clock: int = 0
 
     # -- test set-up ---------------------------------------------------------------------------
@@ -92,6 +98,16 @@ class FakeCluster:
         self.scripts[name] = collections.deque(
             t if isinstance(t, tuple) else (t, f"PyTorchJob{t}", f"job is {t.lower()}")
             for t in transitions)
+
+    def fail(self, verb: str, *statuses: int) -> None:
+        """The next calls of `verb` ("create", "get", "delete") answer these statuses."""
+        self.api_errors.setdefault(verb, collections.deque()).extend(statuses)
+
+    def _scripted_error(self, exc_type: type, verb: str) -> None:
+        pending = self.api_errors.get(verb)
+        if pending:
+            status = pending.popleft()
+            raise exc_type(status=status, reason=_REASONS.get(status, "Error"))
 
     def transition(self, key: tuple[str, ...], ctype: str, reason: str, message: str) -> None:
         self._clock += 1
@@ -111,7 +127,7 @@ class FakeCluster:
                                "lastUpdateTime": stamp})
 
     def add_pod(self, namespace: str, name: str, *, job: str, replica_type: str = "master",
-                log: str | bytes = b"", exit_code: int | None = None) -> None:
+                log: str | bytes = b"", exit_code: int | None = None, index: int = 0) -> None:
         """A pod as the training operator labels it, with its training container's log."""
         terminated = (V1ContainerState(terminated=V1ContainerStateTerminated(exit_code=exit_code))
                       if exit_code is not None else V1ContainerState())
@@ -119,6 +135,7 @@ class FakeCluster:
             metadata=V1ObjectMeta(name=name, namespace=namespace, labels={
                 "training.kubeflow.org/job-name": job,
                 "training.kubeflow.org/replica-type": replica_type,
+                "training.kubeflow.org/replica-index": str(index),
                 "training.kubeflow.org/operator-name": "pytorchjob-controller"}),
             status=V1PodStatus(container_statuses=[V1ContainerStatus(
                 name="pytorch", image="arf-trainer", image_id="", ready=False, restart_count=0,
@@ -181,6 +198,7 @@ class FakeCluster:
                body: dict[str, Any]) -> dict[str, Any]:
         name = (body.get("metadata") or {}).get("name")
         self.calls.append(("create", plural, namespace, str(name)))
+        self._scripted_error(exc_type, "create")
         if not name:
             raise exc_type(status=422, reason="Unprocessable Entity: metadata.name required")
         if body.get("apiVersion") != f"{group}/{version}":
@@ -208,6 +226,7 @@ class FakeCluster:
     def get(self, exc_type: type, group: str, version: str, namespace: str, plural: str,
             name: str) -> dict[str, Any]:
         self.calls.append(("get", plural, namespace, name))
+        self._scripted_error(exc_type, "get")
         key = (group, version, plural, namespace, name)
         if key not in self.objects:
             raise exc_type(status=404, reason="Not Found")
@@ -220,6 +239,7 @@ class FakeCluster:
                name: str, **options: Any) -> dict[str, Any]:
         self.calls.append(("delete", plural, namespace, name,
                            str(options.get("propagation_policy"))))
+        self._scripted_error(exc_type, "delete")
         key = (group, version, plural, namespace, name)
         if key not in self.objects:
             raise exc_type(status=404, reason="Not Found")

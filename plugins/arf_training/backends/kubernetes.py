@@ -286,6 +286,14 @@ class StepPyTorchJobOperator(PyTorchJobOperator):
         self.body = self.render_body(context)
         return super().execute(context)
 
+    def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None,
+                         context: Any) -> Any:
+        # Airflow resumes a fresh operator: the job's name (which a failed deferral needs, to
+        # stop the job) is rendered from the run, as in `execute`.
+        if not self.body:
+            self.body = self.render_body(context)
+        return super().resume_execution(next_method, next_kwargs, context)
+
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
         summary = super().execute_complete(context, event)
         spec, settings = self.step_spec(context)

@@ -17,7 +17,7 @@ with another root (for example the Airflow worker's local `.arf/workspace`) is r
 Object storage: `arf-trainer` reads local paths and `file://` URIs only, so a bucket is used by
 mounting it (a CSI driver such as Mountpoint for S3, gcsfuse or blobfuse exposed as a
 ReadWriteMany PersistentVolumeClaim) and naming that claim in `ARF_K8S_WORKSPACE_PVC`.
-`ARF_K8S_WORKSPACE_URI=s3://...` is rejected with that advice rather than failing in the pod.
+An `s3://...` ARF_K8S_WORKSPACE_URI or ARF_K8S_DATAHUB_URI is refused with that advice at load.
 
 Credentials are never values here: only the *names* of Secrets, injected with `envFrom` (whole
 Secret) or `secretKeyRef` (one key).
@@ -36,7 +36,17 @@ from urllib.parse import urlparse
 from arf_training.errors import ArfError
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+                                r"(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$")
+_SUBDOMAIN_RULE = ("lower-case letters, digits, '-' and '.', each '.'-separated part starting and "
+                   "ending with a letter or digit, 253 characters at most")
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
+# An image reference (distribution/reference): [registry/]path[:tag][@digest]; the first part is
+# a registry only if it looks like a host; each path part must match _IMAGE_PATH_PART.
+_IMAGE = re.compile(r"^(?:(?P<registry>localhost|[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+|[A-Za-z0-9-]+"
+                    r"(?=:))(:\d+)?/)?(?P<path>[^:@]+)(:(?P<tag>\w[\w.-]{0,127}))?"
+                    r"(@(?P<digest>[a-z0-9]+([+._-][a-z0-9]+)*:[0-9a-fA-F]{32,}))?$")
+_IMAGE_PATH_PART = re.compile(r"^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}"
                         r"[A-Za-z0-9])?$")
@@ -61,10 +71,10 @@ def _name(env: Mapping[str, str], var: str, default: str | None, *, what: str,
     value = value if value is not None else default
     pattern = _DNS1123_SUBDOMAIN if subdomain else _DNS1123_LABEL
     if value is not None and not pattern.match(value):
-        raise KubernetesConfigError(
-            f"{var}={value!r} is not a valid {what} name: use lower-case letters, digits and '-' "
-            f"({'253' if subdomain else '63'} characters at most, starting and ending with a "
-            "letter or digit), e.g. 'arf-training'")
+        rule = _SUBDOMAIN_RULE if subdomain else ("lower-case letters, digits and '-', starting "
+                                                  "and ending with a letter or digit, 63 at most")
+        raise KubernetesConfigError(f"{var}={value!r} is not a valid {what} name: use {rule}; "
+                                    "e.g. 'arf-training'")
     return value
 
 
@@ -83,13 +93,9 @@ def _int(env: Mapping[str, str], var: str, default: int, *, minimum: int = 0) ->
 
 
 def _bool(env: Mapping[str, str], var: str, default: bool) -> bool:
-    raw = _get(env, var)
-    if raw is None:
-        return default
-    if raw.lower() in ("1", "true", "yes", "on"):
-        return True
-    if raw.lower() in ("0", "false", "no", "off"):
-        return False
+    raw = (_get(env, var) or "").lower()
+    if raw in ("", "1", "true", "yes", "on", "0", "false", "no", "off"):
+        return raw in ("1", "true", "yes", "on") if raw else default
     raise KubernetesConfigError(f"{var}={raw!r} is not a boolean; write true or false")
 
 
@@ -137,12 +143,35 @@ def _tolerations(env: Mapping[str, str]) -> tuple[dict[str, Any], ...]:
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
         raise KubernetesConfigError(f"{var} must be a JSON list of toleration objects, e.g. "
                                     f"'{example}'; got {value!r}")
-    for item in value:
-        unknown = set(item) - _TOLERATION_KEYS
-        if unknown:
-            raise KubernetesConfigError(f"{var}: toleration {item!r} has unknown field(s) "
-                                        f"{sorted(unknown)}; allowed: {sorted(_TOLERATION_KEYS)}")
+    for problem, item in ((_toleration_problem(item), item) for item in value):
+        if problem:
+            raise KubernetesConfigError(f"{var}: toleration {item!r}: {problem}; e.g. '{example}'")
     return tuple(value)
+
+
+def _toleration_problem(item: dict[str, Any]) -> str | None:
+    """What the API server's toleration validation would refuse (`ValidateTolerations`)."""
+    key, value = item.get("key", ""), item.get("value", "")
+    operator, effect = item.get("operator", "Equal"), item.get("effect", "")
+    if set(item) - _TOLERATION_KEYS:
+        return (f"unknown field(s) {sorted(set(item) - _TOLERATION_KEYS)}; allowed: "
+                f"{sorted(_TOLERATION_KEYS)}")
+    if operator not in ("Exists", "Equal"):
+        return f"operator {operator!r} must be Exists or Equal (case matters)"
+    if not isinstance(key, str) or key and not _LABEL_KEY.match(key):
+        return f"key {key!r} is not a taint key (a label key such as nvidia.com/gpu)"
+    if not key and operator != "Exists":
+        return "a toleration without a key must use operator Exists (it tolerates every taint)"
+    if operator == "Exists" and value:
+        return f"value {value!r} must be empty with operator Exists"
+    if not isinstance(value, str) or not _LABEL_VALUE.match(value):
+        return f"value {value!r} is not a taint value (a label value, 63 characters at most)"
+    if effect not in ("", "NoSchedule", "PreferNoSchedule", "NoExecute"):
+        return f"effect {effect!r} must be NoSchedule, PreferNoSchedule or NoExecute (or none)"
+    seconds = item.get("tolerationSeconds")
+    if seconds is not None and (type(seconds) is not int or effect != "NoExecute"):
+        return "tolerationSeconds must be a whole number, with effect NoExecute"
+    return None
 
 
 def _secret_env(env: Mapping[str, str]) -> tuple[tuple[str, str, str], ...]:
@@ -155,16 +184,47 @@ def _secret_env(env: Mapping[str, str]) -> tuple[tuple[str, str, str], ...]:
     out = []
     for name, ref in sorted(value.items()):
         secret, sep, key = str(ref).partition("/")
-        if not _ENV_NAME.match(name) or not sep or not _DNS1123_SUBDOMAIN.match(secret) or not key:
+        if not _ENV_NAME.match(name) or not sep or not _DNS1123_SUBDOMAIN.match(secret) \
+                or not _SECRET_KEY.match(key):
             raise KubernetesConfigError(
                 f"{var}: entry {name!r}: {ref!r} must be 'secret-name/key' with a valid "
-                f"environment variable name, e.g. '{example}' (values are Secret references, "
-                "never the secret itself)")
+                f"environment variable name, the Secret's name of {_SUBDOMAIN_RULE} and a key of "
+                f"letters, digits, '-', '_' and '.', e.g. '{example}' (values are Secret "
+                "references, never the secret itself)")
         if name == "ARF_JOB_SPEC_JSON":
             raise KubernetesConfigError(
                 f"{var}: {name} is the step's job spec, written by ARF itself; remove it")
         out.append((name, secret, key))
     return tuple(out)
+
+
+def _image(env: Mapping[str, str]) -> str | None:
+    image, good = _get(env, "ARF_K8S_IMAGE"), "e.g. ghcr.io/arf/arf-trainer:0.1.0"
+    match = _IMAGE.match(image) if image else None
+    if image and (not match or not all(map(_IMAGE_PATH_PART.match, match["path"].split("/")))):
+        raise KubernetesConfigError(
+            f"ARF_K8S_IMAGE={image!r} is not an image reference [registry/]path[:tag][@digest] "
+            "with a path of lower-case letters, digits, '.', '_' and '-' (the kubelet would "
+            f"refuse it as InvalidImageName: the pod would never start); {good}")
+    if match and not (match["tag"] or match["digest"]):
+        raise KubernetesConfigError(
+            f"ARF_K8S_IMAGE={image!r} has no tag or digest: each node would run the ':latest' it "
+            f"pulled first (IfNotPresent keeps it); pin a tag or a digest (@sha256:...), {good}")
+    return image
+
+
+def _local_uri(env: Mapping[str, str], var: str, pvc: str, default: str) -> str:
+    """A path in the pods, absolute or a file:// URI: arf-trainer reads local paths only."""
+    uri = _no_credentials(var, _get(env, var)) or default
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file") or not (parsed.path if parsed.scheme else uri
+                                                 ).startswith("/"):
+        raise KubernetesConfigError(
+            f"{var}={uri!r} must be an absolute path (or file:// URI) in the pods: arf-trainer "
+            "reads local paths only, so mount object storage with a CSI driver (Mountpoint for "
+            f"S3, gcsfuse, blobfuse) as a ReadWriteMany PersistentVolumeClaim named in {pvc}; "
+            f"e.g. {default}")
+    return uri
 
 
 def _no_credentials(var: str, uri: str | None) -> str | None:
@@ -281,27 +341,22 @@ class KubernetesSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "KubernetesSettings":
         env = os.environ if environ is None else environ
-        workspace_uri = _get(env, "ARF_K8S_WORKSPACE_URI")
-        if workspace_uri and urlparse(workspace_uri).scheme not in ("", "file"):
-            raise KubernetesConfigError(
-                f"ARF_K8S_WORKSPACE_URI={workspace_uri!r}: arf-trainer reads local paths only; "
-                "mount the bucket with a CSI driver (Mountpoint for S3, gcsfuse, blobfuse) as a "
-                "ReadWriteMany PersistentVolumeClaim and set ARF_K8S_WORKSPACE_PVC to its name")
+        workspace_uri = _get(env, "ARF_K8S_WORKSPACE_URI") and _local_uri(
+            env, "ARF_K8S_WORKSPACE_URI", "ARF_K8S_WORKSPACE_PVC", "/workspace")
         pull_secrets = tuple(s.strip() for s in (_get(env, "ARF_K8S_IMAGE_PULL_SECRETS") or "")
                              .split(",") if s.strip())
         for secret in pull_secrets:
             if not _DNS1123_SUBDOMAIN.match(secret):
                 raise KubernetesConfigError(f"ARF_K8S_IMAGE_PULL_SECRETS: {secret!r} is not a "
-                                            "Secret name; write comma-separated names")
-        spot_label = _get(env, "ARF_K8S_SPOT_NODE_LABEL")
-        max_restarts = _int(env, "ARF_K8S_MAX_RESTARTS", 3)
+                                            f"Secret name ({_SUBDOMAIN_RULE}); write "
+                                            "comma-separated names")
         namespace = _name(env, "ARF_K8S_NAMESPACE", "arf-training", what="namespace")
         if not namespace:
             raise KubernetesConfigError("ARF_K8S_NAMESPACE is set but empty; every object needs "
                                         "a namespace: unset it or write e.g. arf-training")
         return cls(
             namespace=namespace,
-            image=_get(env, "ARF_K8S_IMAGE"),
+            image=_image(env),
             image_pull_policy=_choice(env, "ARF_K8S_IMAGE_PULL_POLICY", "IfNotPresent",
                                       ("IfNotPresent", "Always", "Never")),
             image_pull_secrets=pull_secrets,
@@ -314,8 +369,7 @@ class KubernetesSettings:
             tracking_uri=_no_credentials("ARF_K8S_TRACKING_URI", _get(env, "ARF_K8S_TRACKING_URI"))
             or "http://mlflow:5000",
             artifact_root=_get(env, "ARF_K8S_ARTIFACT_ROOT") or "",
-            datahub_uri=_no_credentials("ARF_K8S_DATAHUB_URI", _get(env, "ARF_K8S_DATAHUB_URI"))
-            or "/datahub",
+            datahub_uri=_local_uri(env, "ARF_K8S_DATAHUB_URI", "ARF_K8S_DATAHUB_PVC", "/datahub"),
             datahub_pvc=_name(env, "ARF_K8S_DATAHUB_PVC", "arf-datahub",
                               what="PersistentVolumeClaim", subdomain=True),
             mlflow_secret=_name(env, "ARF_K8S_MLFLOW_SECRET", None, what="Secret", subdomain=True),
@@ -326,8 +380,8 @@ class KubernetesSettings:
             tolerations=_tolerations(env),
             spot_toleration_key=_get(env, "ARF_K8S_SPOT_TOLERATION_KEY") or "arf.dev/spot",
             spot_toleration_value=_get(env, "ARF_K8S_SPOT_TOLERATION_VALUE") or "true",
-            spot_node_label=_label_pair("ARF_K8S_SPOT_NODE_LABEL", spot_label)
-            if spot_label else ("arf.dev/spot", "true"),
+            spot_node_label=_label_pair("ARF_K8S_SPOT_NODE_LABEL", _get(
+                env, "ARF_K8S_SPOT_NODE_LABEL") or "arf.dev/spot=true"),
             spot_affinity=_choice(env, "ARF_K8S_SPOT_AFFINITY", "preferred",
                                   ("preferred", "required")),
             priority_class=_name(env, "ARF_K8S_PRIORITY_CLASS", None, what="PriorityClass",
@@ -341,6 +395,6 @@ class KubernetesSettings:
             clean_pod_policy=_choice(env, "ARF_K8S_CLEAN_POD_POLICY", "Running",
                                      ("None", "Running", "All")),
             elastic=_bool(env, "ARF_K8S_ELASTIC", False),
-            max_restarts=max_restarts,
+            max_restarts=_int(env, "ARF_K8S_MAX_RESTARTS", 3),
             termination_margin_s=_int(env, "ARF_K8S_TERMINATION_MARGIN_S", 15),
         )

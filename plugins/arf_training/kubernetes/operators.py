@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -44,6 +46,7 @@ DELETE_POLICIES: tuple[str, ...] = ("always", "on_success", "never")
 # value is the lower-cased replica name.
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
+REPLICA_INDEX_LABEL = "training.kubeflow.org/replica-index"
 # A PyTorchJob's training container must be called "pytorch" (the operator finds it by name).
 CONTAINER_NAME = "pytorch"
 TAIL_LINES = 60
@@ -168,6 +171,7 @@ class PyTorchJobOperator(BaseOperator):
 
         job = self._read_job(name, namespace)
         if job is not None:
+            self._check_owned(job, name, namespace)
             self.log.info("PyTorchJob %s/%s already exists: reattaching (no new job)",
                           namespace, name)
             return job
@@ -185,9 +189,24 @@ class PyTorchJobOperator(BaseOperator):
             if job is None:
                 raise PyTorchJobFailed(f"PyTorchJob {namespace}/{name} was reported as existing "
                                        f"(409) but could not be read back") from exc
+            self._check_owned(job, name, namespace)
             return job
         self.log.info("created PyTorchJob %s/%s", namespace, name)
         return job
+
+    def _check_owned(self, job: dict[str, Any], name: str, namespace: str) -> None:
+        """Refuse a job of the same name that another run created: the manifest's labels (the
+        renderer's carry the run id and try number) must all be on it. Extra labels are fine
+        (admission webhooks add some)."""
+        labels = (job.get("metadata") or {}).get("labels") or {}
+        for key, value in sorted(((self.body.get("metadata") or {}).get("labels") or {}).items()):
+            if labels.get(key) != value:
+                raise PyTorchJobFailed(
+                    f"PyTorchJob {namespace}/{name} already exists but is not this task try's: "
+                    f"its label {key}={labels.get(key)!r}, this try's is {value!r}. Not "
+                    f"reattaching to another run's job; delete it (kubectl delete pytorchjob -n "
+                    f"{namespace} {name}) or name each job from (dag_id, run_id, task_id, "
+                    f"try_number)")
 
     def execute(self, context: Any) -> dict[str, Any]:
         from arf_training.kubernetes.triggers import (
@@ -211,15 +230,49 @@ class PyTorchJobOperator(BaseOperator):
             name=name, namespace=namespace, kubernetes_conn_id=self.kubernetes_conn_id,
             poll_interval=self.poll_interval, cluster_context=self.cluster_context,
             config_file=self.config_file, in_cluster=self.in_cluster),
-            method_name="execute_complete")
+            method_name="execute_complete", timeout=self._time_left(context))
+
+    def _time_left(self, context: Any) -> timedelta | None:
+        """What is left of `execution_timeout` for the trigger: Airflow does not apply it to a
+        deferred task by itself, and a job that never starts would be waited for forever."""
+        if self.execution_timeout is None:
+            return None
+        ti = context.get("ti") if isinstance(context, Mapping) else None
+        started = getattr(ti, "start_date", None)
+        if not isinstance(started, datetime):
+            return self.execution_timeout
+        spent = datetime.now(timezone.utc) - started
+        return max(self.execution_timeout - spent, timedelta(seconds=1))
+
+    def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None,
+                         context: Any) -> Any:
+        from airflow.sdk.bases.operator import TRIGGER_FAIL_REPR
+
+        if next_method == TRIGGER_FAIL_REPR:
+            # The trigger timed out (execution_timeout) or crashed: the task fails, and its job
+            # must not keep training beside the retry's (a new name, the same checkpoints).
+            name, namespace = self.job_ref()
+            self.log.warning("the wait for PyTorchJob %s/%s failed: %s", namespace, name,
+                             self._stop_unknown(name, namespace))
+        return super().resume_execution(next_method, next_kwargs, context)
 
     def wait(self, name: str, namespace: str) -> dict[str, Any]:
         """The synchronous wait (deferrable=False): the trigger's loop, on the worker."""
-        from arf_training.kubernetes.triggers import conditions_of, job_event, job_outcome
+        from arf_training.kubernetes.triggers import (
+            api_error_text,
+            conditions_of,
+            job_event,
+            job_outcome,
+        )
 
         last_status = None
         while True:
-            job = self._read_job(name, namespace)  # the hook retries transient API errors
+            try:
+                job = self._read_job(name, namespace)  # the hook retries transient API errors
+            except Exception as exc:  # retries used up, or an answer a retry cannot change
+                return job_event(name=name, namespace=namespace, status="error",
+                                 reason=type(exc).__name__,
+                                 message=api_error_text(exc, f"{namespace}/{name}", "worker"))
             if job is None:
                 return job_event(name=name, namespace=namespace, status="error",
                                  reason="NotFound",
@@ -246,15 +299,20 @@ class PyTorchJobOperator(BaseOperator):
         if status != "error":
             tail, exit_code = self.master_logs(name, namespace)
         succeeded = status == "success"
-        if self.delete_on_finish == "always" or (succeeded and self.delete_on_finish ==
-                                                 "on_success"):
+        stopped = ""
+        if status == "error" and event.get("reason") != "NotFound":
+            # The wait gave up (API errors) while the job may still be training: the delete
+            # policies are about finished jobs; this one must not run beside the retry's.
+            stopped = "; " + self._stop_unknown(name, namespace)
+        elif self.delete_on_finish == "always" or (succeeded and self.delete_on_finish ==
+                                                   "on_success"):
             self._delete_job(name, namespace, "Background")
         if succeeded:
             self.log.info("PyTorchJob %s/%s succeeded", namespace, name)
             return {k: event.get(k) for k in
                     ("status", "name", "namespace", "reason", "message", "conditions")}
         what = f"{event.get('reason') or 'no reason given'}: {event.get('message') or ''}"
-        text = f"PyTorchJob {namespace}/{name} {status or 'ended'} ({what.rstrip(': ')})"
+        text = f"PyTorchJob {namespace}/{name} {status or 'ended'} ({what.rstrip(': ')}){stopped}"
         if exit_code is not None:
             text += f"; master exit code {exit_code}"
         if tail:
@@ -262,17 +320,28 @@ class PyTorchJobOperator(BaseOperator):
         with fail_fast_on_bad_input():  # exit code 2 = bad input: no retries
             raise PyTorchJobFailed(text, retryable=exit_code != BAD_INPUT_EXIT)
 
+    def _stop_unknown(self, name: str, namespace: str) -> str:
+        """Delete a job whose outcome is unknown; says what happened, for the failure text."""
+        try:
+            self._delete_job(name, namespace, "Foreground")
+        except Exception as exc:
+            return (f"could not stop it either ({exc}): delete it by hand (kubectl delete "
+                    f"pytorchjob -n {namespace} {name}) before a retry runs beside it")
+        return "stopped it, so that a retry does not train beside it"
+
     # -- logs --------------------------------------------------------------------------------
 
     def master_logs(self, name: str, namespace: str) -> tuple[list[str], int | None]:
         """Copy the master pod's log into the task log. Returns (last lines, exit code).
 
+        An elastic job has Workers only: worker 0 (its rendezvous host) stands in for the master.
         Best effort: a pod already removed (`runPolicy.cleanPodPolicy`) or an API error is
         logged as a warning and never hides the job's own outcome."""
+        job = f"{JOB_NAME_LABEL}={name},{REPLICA_TYPE_LABEL}="
         try:
-            pods = self.hook.core_v1_client.list_namespaced_pod(
-                namespace=namespace,
-                label_selector=f"{JOB_NAME_LABEL}={name},{REPLICA_TYPE_LABEL}=master").items
+            pods = [pod for selector in ("master", f"worker,{REPLICA_INDEX_LABEL}=0")
+                    for pod in self.hook.core_v1_client.list_namespaced_pod(
+                        namespace=namespace, label_selector=job + selector).items][:1]
         except Exception as exc:
             self.log.warning("could not list the pods of PyTorchJob %s/%s: %s", namespace, name,
                              exc)

@@ -33,6 +33,10 @@ PLURAL = "pytorchjobs"
 TERMINAL_CONDITIONS = {"Succeeded": "success", "Failed": "failed"}
 PENDING = "Pending"  # no condition is True yet (the operator has not reconciled the job)
 _CONDITION_KEYS = ("type", "status", "reason", "message", "lastTransitionTime", "lastUpdateTime")
+# Worth another read: the server was busy or the request timed out (the provider's hooks retry
+# the same codes, `kubernetes_helper_functions.TRANSIENT_STATUS_CODES`). Any other status (401,
+# 403: credentials or RBAC; 400, 422) answers the same way every time.
+TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class JobOutcome(NamedTuple):
@@ -74,6 +78,26 @@ def job_outcome(job: dict[str, Any]) -> JobOutcome:
     return JobOutcome(False, PENDING, "", "")
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed API call may succeed when repeated: an HTTP status of
+    `TRANSIENT_STATUSES`, or no HTTP answer at all (connection reset, timeout)."""
+    status = getattr(exc, "status", None)
+    return not isinstance(status, int) or status in TRANSIENT_STATUSES
+
+
+def api_error_text(exc: BaseException, where: str, who: str) -> str:
+    """What a failed read of PyTorchJob `where` means, and how to fix it; `who` is the Airflow
+    component that read it (its service account needs the RBAC rule)."""
+    status = getattr(exc, "status", None)
+    reason = getattr(exc, "reason", None) or type(exc).__name__
+    code = f"{status} {reason}" if status else reason
+    if status in (401, 403):
+        return (f"the {who} may not read PyTorchJob {where} ({code}): check the Kubernetes "
+                f"connection's credentials and grant its service account get, create and "
+                f"delete on {PLURAL}.{GROUP} in namespace {where.split('/', 1)[0]}")
+    return f"could not read PyTorchJob {where} ({code}): {str(exc).strip()}"
+
+
 def job_event(*, name: str, namespace: str, status: str, reason: str = "", message: str = "",
               conditions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The one event payload both wait paths produce (status: success, failed or error)."""
@@ -92,7 +116,8 @@ class PyTorchJobTrigger(BaseTrigger):
     :param config_file: kubeconfig path, overriding the connection's.
     :param in_cluster: use the in-cluster service account, overriding the connection.
     :param max_api_errors: consecutive failed reads (API down, timeouts) tolerated before the
-        trigger gives up with an error event. A 404 ends the wait at once: the job is gone.
+        trigger gives up with an error event. A 404 ends the wait at once (the job is gone), and
+        so does any other status outside `TRANSIENT_STATUSES` (401/403: credentials, RBAC).
     :param delete_on_kill: delete the job when a user kills the deferred task (mark failed,
         clear, mark success); see `on_kill`.
     """
@@ -165,6 +190,10 @@ class PyTorchJobTrigger(BaseTrigger):
                     yield self._event("error", "NotFound",
                                       f"PyTorchJob {where} no longer exists: it was deleted "
                                       f"before it finished (by hand, or by a TTL policy)")
+                    return
+                if not is_transient(exc):
+                    yield self._event("error", str(exc.reason or exc.status),
+                                      api_error_text(exc, where, "triggerer"))
                     return
                 errors += 1
                 error: Exception = exc
