@@ -26,6 +26,7 @@ PREEMPTED_EXIT = 75
 """A step's exit code for "preempted, rerun me to resume" (the container side's
 arf_trainer.errors.PREEMPTED_EXIT; this side must not import it)."""
 
+BAD_INPUT_EXIT = 2  # arf_training.errors.BAD_INPUT_EXIT, the container side's SpecError code
 SETUP_COMMAND = ("arf-trainer", "custom-setup")
 ENV_FILE = "custom_env.sh"  # arf_trainer.custom_setup.ENV_FILE
 EXIT_DIR = "exits"
@@ -54,7 +55,9 @@ exit "$code"
 # workers exit 75, and the Training Operator's `restartPolicy: ExitCode` treats 1-127 as
 # permanent. Every rank of this pod records its code in a folder of the pod's own; when all of
 # them asked to be resumed, the pod exits 143 (as if SIGTERMed), which the operator restarts:
-# a preemption costs a pod restart, not the job and not an Airflow retry. No "$(" anywhere:
+# a preemption costs a pod restart, not the job and not an Airflow retry. A rank's exit 2 (bad
+# input), which torchrun also turns into 1, is the pod's exit 2: the task fails without
+# retries. No "$(" anywhere:
 # Kubernetes expands $(VAR) in a container's command (HOSTNAME is the pod's name).
 POD_PROLOGUE = r"""
 export ARF_EXIT_DIR="$ARF_EXIT_DIR/pod-${HOSTNAME:-local}"
@@ -75,6 +78,12 @@ if [ "$code" -ne 0 ] && [ -d "$ARF_EXIT_DIR" ]; then
     echo "every rank of this pod exited 75 (preempted): exiting 143 so the replica restarts" >&2
     exit 143
   fi
+  for f in "$ARF_EXIT_DIR"/rank-*; do
+    if [ -f "$f" ] && [ "`cat "$f"`" = 2 ]; then
+      echo "a rank of this pod exited 2 (bad input): exiting 2, a retry would fail the same" >&2
+      exit 2
+    fi
+  done
 fi
 exit "$code"
 """.strip()
@@ -97,6 +106,11 @@ def env_for(train_dir: Path) -> dict[str, str]:
             "ARF_EXIT_DIR": str(train_dir / EXIT_DIR)}
 
 
+def exit_dir(env: dict[str, str], workspace: Path, step: str) -> Path:
+    """Where the ranks of a local step record their exit codes."""
+    return Path(env.get("ARF_EXIT_DIR") or workspace / step / EXIT_DIR)
+
+
 def rank_exit_codes(exit_dir: Path) -> dict[str, int]:
     """rank -> exit code the wrapper recorded in this start (clear the folder before it)."""
     codes = {}
@@ -111,6 +125,12 @@ def rank_exit_codes(exit_dir: Path) -> dict[str, int]:
 def clear_exit_codes(exit_dir: Path) -> None:
     for path in exit_dir.glob("rank-*") if exit_dir.is_dir() else []:
         path.unlink(missing_ok=True)
+
+
+def bad_input(exit_dir: Path) -> bool:
+    """Whether a rank recorded exit 2 (bad input: a retry would fail the same way), which
+    torchrun reports as its own exit 1."""
+    return BAD_INPUT_EXIT in rank_exit_codes(exit_dir).values()
 
 
 def was_preempted(codes: list[int], rank_codes: dict[str, int], world_size: int) -> bool:

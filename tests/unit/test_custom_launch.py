@@ -182,11 +182,42 @@ def _quote(words: list[str]) -> list[str]:
     pytest.param([75, 75], custom_launch.RESTARTABLE_EXIT, id="all-preempted-restarts"),
     pytest.param([75, 3], 1, id="one-failed-stays-a-failure"),
     pytest.param([0, 0], 0, id="success"),
+    # torchrun exits 1 when a rank fails; the pod's exit says bad input: no retry, no restart.
+    pytest.param([2, 75], 2, id="bad-input-while-the-other-rank-was-stopped"),
+    pytest.param([1, 2], 2, id="bad-input-on-rank-1"),
 ])
 def test_pytorchjob_replica_turns_preempted_ranks_into_a_restartable_exit(
         tmp_path, rank_codes, pod_code):
     # The Training Operator's restartPolicy ExitCode restarts a replica on 128+ only.
     assert _pod_exit(tmp_path, rank_codes) == pod_code
+
+
+def test_a_ranks_bad_input_under_torchrun_fails_the_step_without_retries(tmp_path):
+    """torchrun reports the rank's exit 2 as its own 1, which was retried as any failure."""
+    spec = _spec(tmp_path, steps=1, procs=2)
+    spec = StepSpec(**{**spec.__dict__, "command": custom_launch.wrap(
+        [sys.executable, "-c", "import os, sys; sys.exit(2 if os.environ['RANK'] == '0' else 0)"])})
+    with pytest.raises(StepFailed) as failed:
+        LocalStepRunner(logging.getLogger("t")).run(spec)
+    assert "exit code 1; a rank exited 2: bad input" in str(failed.value)
+    assert not failed.value.retryable
+
+
+def test_the_built_in_trainer_records_its_bad_input_exit(tmp_path):
+    """What the backends read under torchrun (the trainer's own exit code is lost there)."""
+    import subprocess
+
+    from trainer_testkit import make_spec, step_environ
+
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(__import__("json").dumps(make_spec("digits_smoke")))
+    env = step_environ(spec_path, tmp_path / "ws", "sqlite:////tmp/unused-arf.db",
+                       tmp_path / "artifacts", "manual__1")
+    env["ARF_EXIT_DIR"] = str(tmp_path / "exits")
+    out = subprocess.run([sys.executable, "-m", "arf_trainer.cli", "train"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr  # no prepared data: bad input
+    assert custom_launch.rank_exit_codes(tmp_path / "exits") == {"0": 2}
 
 
 def test_pytorchjob_of_the_lightning_template_runs_setup_and_the_wrappers():

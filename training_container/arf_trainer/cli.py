@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code  # PREEMPTED_EXIT
     except TrainerError as exc:
         print(f"arf-trainer {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        if args.command == "train":
+            _record_rank_exit(exc.exit_code)  # torchrun turns a bad-input 2 into 1
         if args.command == "train" and _is_rank_of_a_group():
             _exit_failed_worker(exc.exit_code)
         return exc.exit_code
@@ -270,9 +272,10 @@ def _is_rank_of_a_group() -> bool:
 def _record_rank_exit(code: int) -> None:
     """Write this rank's exit code to `$ARF_EXIT_DIR/rank-$RANK` (the train step sets it).
 
-    torchrun exits 1 once it was SIGTERMed, whatever its workers exited: the backends read the
-    ranks' own codes to tell "every rank preempted, resume me" (75) from a failure, as they do
-    for a template's own command (arf_training.custom_launch writes the same files)."""
+    torchrun exits 1 once it was SIGTERMed, or when a worker failed, whatever its workers
+    exited: the backends read the ranks' own codes to tell "every rank preempted, resume me"
+    (75) and "bad input, do not retry" (2) from a failure, as they do for a template's own
+    command (arf_training.custom_launch writes the same files)."""
     import os
 
     folder = os.environ.get("ARF_EXIT_DIR")

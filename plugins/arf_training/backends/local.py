@@ -155,11 +155,14 @@ class LocalStepRunner:
             raise StepSkipped(f"step {spec.step!r} found nothing to do (exit code {SKIP_EXIT}): "
                               f"{reason}")
         if failed:
-            what = ", ".join(f"node {i} exit code {c}" for i, c in failed)
+            # Under torchrun a rank's exit 2 arrives as 1: the ranks' recorded codes tell.
+            bad = custom_launch.bad_input(custom_launch.exit_dir(env, spec.workspace, spec.step))
+            what = ", ".join(f"node {i} exit code {c}" for i, c in failed) + (
+                f"; a rank exited {BAD_INPUT_EXIT}: bad input" if bad else "")
             note = "" if self._stopped else ceiling.failure_note(codes, tail)
             raise StepFailed(f"step {spec.step!r} failed ({what}). Last lines of its output:\n"
                              + "\n".join(tail) + note,
-                             retryable=any(c != BAD_INPUT_EXIT for _, c in failed))
+                             retryable=not bad and any(c != BAD_INPUT_EXIT for _, c in failed))
         if not spec.result_path.exists():
             raise StepFailed(f"step {spec.step!r} exited 0 but wrote no result at "
                              f"{spec.result_path}; a step must write its result JSON last")
@@ -168,7 +171,7 @@ class LocalStepRunner:
     def _starts(self, spec: StepSpec, env: dict[str, str], commands: list[list[str]],
                 ceiling: Ceiling) -> tuple[list[int], collections.deque[str]]:
         """The step's starts until one is not preempted: (exit codes, tail) of the last."""
-        exit_dir = Path(env.get("ARF_EXIT_DIR") or spec.workspace / spec.step / "exits")
+        exit_dir = custom_launch.exit_dir(env, spec.workspace, spec.step)
         # One time limit for all starts of the step: preemptions do not extend it.
         deadline = time.monotonic() + spec.timeout_s
         for start in range(MAX_PREEMPTIONS + 1):
