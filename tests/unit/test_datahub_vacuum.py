@@ -80,3 +80,17 @@ def test_a_hub_that_cannot_be_a_folder_is_bad_input_named(tmp_path: Path, comman
     assert ("it is a file" if hub == "file" else "Not a directory") in err
     assert blocker.read_text() == "not a folder"
     assert not list(good.glob("*/_delta_log"))  # no site was seeded before the bad one
+
+
+def test_a_hub_path_with_a_percent_sign_is_refused_before_anything_is_written(
+        tmp_path: Path) -> None:
+    """delta-rs decoded h%41 as hA: the write committed version 0 under one folder, then failed
+    reading it back from the other and reported the table unchanged."""
+    import pyarrow as pa
+
+    hub = tmp_path / "h%41b"
+    with pytest.raises(DataHubError, match="contains '%'.*Rename the folder"):
+        write_table(hub, "t", pa.table({"x": [1.0]}))
+    assert not hub.exists()
+    with pytest.raises(DataHubError, match="contains '%'"):
+        open_table(hub, "t")

@@ -61,14 +61,27 @@ def _check_name(name: str) -> None:
         )
 
 
+def _check_hub(hub: Path) -> None:
+    if "%" in str(hub):
+        # delta-rs takes the path for a URL: h%41 is read as hA. A write then committed its
+        # version under one folder and failed reading it back from the other ("unchanged").
+        raise DataHubError(
+            f"the data hub path {hub} contains '%', which delta-rs decodes as an escape (%41 "
+            "is 'A'): its tables would be written in one folder and looked for in another. "
+            "Rename the folder without '%'")
+
+
 def table_path(hub: Path, name: str) -> Path:
-    """The directory of table `name` in `hub` (after checking the name is a plain identifier)."""
+    """The directory of table `name` in `hub` (after checking the name is a plain identifier
+    and the hub a path delta-rs reads as written)."""
     _check_name(name)
+    _check_hub(hub)
     return hub / name
 
 
 def make_hub(hub: Path) -> None:
     """Create the hub's folder for a write; a path that cannot be one is bad input, named."""
+    _check_hub(hub)
     try:
         hub.mkdir(parents=True, exist_ok=True)
         probe = hub / ".locks"
