@@ -1,7 +1,8 @@
-"""A pinned table version whose files a Delta VACUUM removed: refused by name, up front.
+"""Hub folders and table versions that cannot be used as asked: refused up front, by name.
 
-The version stays in the Delta log after a vacuum, so opening it succeeded and the scan failed
-half-way with a bare `FileNotFoundError: Object at location ... not found`.
+A pinned version whose files a Delta VACUUM removed stays in the Delta log, so opening it
+succeeded and the scan failed half-way with a bare `FileNotFoundError: Object at location ...
+not found`; a hub path that is a file, or holds a '%', failed with tracebacks or worse.
 """
 
 from __future__ import annotations
