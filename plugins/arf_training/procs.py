@@ -25,10 +25,38 @@ def start_process(command: list[str], env: dict[str, str], log_path: Path,
     """Start `command` as the leader of a new session (and process group), its output
     appended to `log_path`; `popen_kwargs` e.g. the user to run as (the database server)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+    with open_private_log(log_path) as log:
         return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 **popen_kwargs)
+
+
+def open_private_log(path: Path):
+    """`path` opened for appending, 0600 whether new or left readable by an older version:
+    a component's log may quote its configuration, connection strings included."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
+
+
+def port_holder(port: int) -> str | None:
+    """Who listens on TCP `port` (any address), as 'pid N (command line)'; None if nobody
+    does, or if this system does not tell."""
+    try:
+        conns = psutil.net_connections(kind="inet")
+    except psutil.Error:
+        return None
+    for conn in conns:
+        if conn.status != psutil.CONN_LISTEN or not conn.laddr or conn.laddr.port != port:
+            continue
+        if not conn.pid:  # another user's socket, as seen by a non-root caller
+            return "a process of another user"
+        try:
+            words = " ".join(psutil.Process(conn.pid).cmdline()).split()  # one line
+            return f"pid {conn.pid} ({' '.join(words)[:80]})"
+        except psutil.Error:
+            return f"pid {conn.pid}"
+    return None
 
 
 def group_alive(pgid: int) -> bool:
@@ -101,6 +129,19 @@ class Descendants:
                 proc.send_signal(sig)
             except psutil.Error:
                 pass
+
+
+def group_descendants(pgid: int) -> Descendants:
+    """The members of process group `pgid` and everything below them: what a component left
+    running, found from its group when its supervisor (and so its `Descendants`) is gone."""
+    found = Descendants()
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid:
+                found.snapshot(proc.pid)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return found
 
 
 def _same(pid: int, created: float) -> bool:

@@ -21,7 +21,9 @@ Steps under `arf up` track to the MLflow server (the step spool covers its outag
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import fcntl
 import ipaddress
 import json
 import os
@@ -38,10 +40,10 @@ from pathlib import Path
 
 from arf_training.embedded import airflow_components, ensure_migrated, environment
 from arf_training.errors import ArfError
-from arf_training.procs import stop_groups
+from arf_training.procs import group_descendants, open_private_log, port_holder, stop_groups
 from arf_training.settings import ArfSettings, database_backend, venv_bin
-from arf_training.supervisor import (PID_FILE, Component, Supervisor, read_state,
-                                     supervisor_pid)
+from arf_training.supervisor import (PID_FILE, Component, Supervisor, another_supervisor,
+                                     read_state, supervisor_pid, take_run_lock)
 
 PUBLIC_USER = "admin"
 
@@ -80,8 +82,12 @@ def sizing(cpus: int | None = None) -> dict[str, int]:
 
 
 def run_dir(settings: ArfSettings) -> Path:
+    """`<home>/run`, 0700: the components' logs there may quote connection strings."""
     path = settings.home / "run"
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+        path.chmod(0o700)
     return path
 
 
@@ -211,19 +217,6 @@ def _heartbeat_probe(api_port: int, job: str) -> Callable[[float], bool]:
 # ---------------------------------------------------------------------------------------------
 # arf up / arf down / arf status (the client side of the supervisor)
 
-def _port_holder(port: int) -> str | None:
-    import psutil
-
-    for conn in psutil.net_connections(kind="inet"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
-            try:
-                proc = psutil.Process(conn.pid) if conn.pid else None
-                return f"pid {conn.pid} ({' '.join(proc.cmdline())[:80]})" if proc else "?"
-            except psutil.Error:
-                return f"pid {conn.pid}"
-    return None
-
-
 def _pid_reused(pid: int, started_at: float | None) -> bool:
     """A live process with this pid that started at another time is not ours. (A dead leader's
     pid cannot be reused while its group has members, so its group is safe to signal.)"""
@@ -237,18 +230,23 @@ def _pid_reused(pid: int, started_at: float | None) -> bool:
 
 
 def _stop_leftovers(rdir: Path) -> list[str]:
-    """Stop what a dead supervisor (or an older `arf up`'s pid files) left running."""
+    """Stop what a dead supervisor (or an older `arf up`'s pid files) left running: each
+    group, and what its members started in sessions of their own (a step's torchrun)."""
     groups = {c["name"]: c["pid"] for c in (read_state(rdir) or {}).get("components", [])
               if c.get("pid") and not _pid_reused(c["pid"], c.get("started_at"))}
     for pid_file in rdir.glob("*.pid"):
         if pid_file.name != PID_FILE:
             try:
-                groups.setdefault(pid_file.stem, int(pid_file.read_text()))
-            except ValueError:
+                pid = int(pid_file.read_text())
+                # Written as its process started: the file's time stands in for the start.
+                if not _pid_reused(pid, pid_file.stat().st_mtime):
+                    groups.setdefault(pid_file.stem, pid)
+            except (OSError, ValueError):
                 pass
             pid_file.unlink(missing_ok=True)
     (rdir / "state.json").unlink(missing_ok=True)
-    return stop_groups(groups, grace_s=10) if groups else []
+    descendants = {name: group_descendants(pgid) for name, pgid in groups.items()}
+    return stop_groups(groups, grace_s=10, descendants=descendants) if groups else []
 
 
 def seed_empty_hub(settings: ArfSettings) -> None:
@@ -273,26 +271,32 @@ def up(opts: StackOptions | None = None, *, timeout_s: float = 600) -> dict:
     opts = opts or StackOptions()
     settings = ArfSettings.from_env()
     rdir = run_dir(settings)
-    pid = supervisor_pid(rdir)
-    if pid:
-        os.kill(pid, signal.SIGHUP)  # restart at once whatever waits in backoff
-        return {**status(), "already_running": True}
-    _stop_leftovers(rdir)
-    for port, what in ((opts.api_port, "Airflow api-server (--port)"),
-                       (opts.mlflow_port, "MLflow (--mlflow-port)")):
-        holder = _port_holder(port)
-        if holder:
-            raise ArfError(f"port {port} for the {what} is in use by {holder}; stop that "
-                           "process or choose another port")
-    seed_empty_hub(settings)
-    passwords_file, password = (ensure_public_password(settings) if opts.public
-                                else (None, None))
     log_path = rdir / "supervisor.log"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "arf_training.stack", *opts.argv()],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=dict(os.environ))
+    # One `arf up` at a time until its supervisor holds the run folder (two saw no stack).
     deadline = time.monotonic() + timeout_s
+    with _up_lock(rdir):
+        pid = supervisor_pid(rdir)
+        if pid:
+            os.kill(pid, signal.SIGHUP)  # restart at once whatever waits in backoff
+            return {**status(), "already_running": True}
+        _stop_leftovers(rdir)
+        for port, what in ((opts.api_port, "Airflow api-server (--port)"),
+                           (opts.mlflow_port, "MLflow (--mlflow-port)")):
+            holder = port_holder(port)
+            if holder:
+                raise ArfError(f"port {port} for the {what} is in use by {holder}; stop that "
+                               "process or choose another port")
+        seed_empty_hub(settings)
+        passwords_file, password = (ensure_public_password(settings) if opts.public
+                                    else (None, None))
+        with open_private_log(log_path) as log:
+            proc = subprocess.Popen([sys.executable, "-m", "arf_training.stack", *opts.argv()],
+                                    stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    env=dict(os.environ))
+        while (proc.poll() is None and supervisor_pid(rdir) != proc.pid
+               and time.monotonic() < deadline):
+            time.sleep(0.2)
     while time.monotonic() < deadline:
         state = read_state(rdir)
         if state and state["supervisor"]["phase"] == "running":
@@ -307,13 +311,21 @@ def up(opts: StackOptions | None = None, *, timeout_s: float = 600) -> dict:
     raise ArfError(f"the stack was not ready within {timeout_s:.0f} s; see the logs in {rdir}")
 
 
+@contextlib.contextmanager
+def _up_lock(rdir: Path):
+    with open(rdir / "up.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def down(grace_s: float = 60) -> list[str]:
     """Stop the supervisor and every process group it started; the component names."""
     settings = ArfSettings.from_env()
     rdir = run_dir(settings)
+    with _up_lock(rdir):  # an `arf up` still preparing (seeding the hub) has started its
+        pid = supervisor_pid(rdir)  # supervisor once this returns: it is found and stopped
     state = read_state(rdir) or {}
     names = [c["name"] for c in state.get("components", []) if c.get("pid")]
-    pid = supervisor_pid(rdir)
     if pid:
         import psutil
 
@@ -340,10 +352,11 @@ def down(grace_s: float = 60) -> list[str]:
 
 def status() -> dict:
     rdir = run_dir(ArfSettings.from_env())
-    state = read_state(rdir)
     pid = supervisor_pid(rdir)
-    if not state or not pid:
+    if not pid:
         return {"running": False, "supervisor_pid": None, "components": [], "run_dir": str(rdir)}
+    # A supervisor that has just started (a second `arf up` meets it) has no state file yet.
+    state = read_state(rdir) or {"supervisor": {"phase": "starting"}, "components": []}
     now = time.time()
     for comp in state["components"]:
         comp["uptime_s"] = round(now - comp["started_at"]) if comp.get("started_at") else None
@@ -374,7 +387,13 @@ def _supervise(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     opts = StackOptions(args.api_port, args.mlflow_port, args.host)
     settings = ArfSettings.from_env()
-    return Supervisor(components(settings, opts), run_dir(settings)).run()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a second `arf up`'s, until run() is ready
+    # Before building the components, which stops a detached database (maybe another's).
+    lock = take_run_lock(run_dir(settings))
+    if lock is None:
+        print(another_supervisor(run_dir(settings)), flush=True)
+        return 1
+    return Supervisor(components(settings, opts), run_dir(settings), lock=lock).run()
 
 
 if __name__ == "__main__":

@@ -13,11 +13,16 @@ Generic over its components (the embedded stack's are built in `arf_training.sta
    period; the database last, since the others write to it while they shut down.
 4. State: `state.json` in the run folder, rewritten atomically on every change, is what
    `arf status` reads (pid, start time, restarts, port, last exit); SIGHUP restarts what waits
-   in backoff at once (a second `arf up`).
+   in backoff at once (a second `arf up`). A state file that cannot be written (full disk, run
+   folder deleted) is logged, never fatal: the components matter more than their report.
+5. One supervisor per run folder: it holds an exclusive lock on `supervisor.lock` for its
+   life (released by the kernel even after SIGKILL), so a second one exits before touching
+   anything, and a pid file copied with the folder or naming a reused pid is not "running".
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -28,12 +33,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from arf_training.procs import Descendants, reap, start_process, stop_groups
+from arf_training.procs import Descendants, port_holder, reap, start_process, stop_groups
 
 STATE_FILE = "state.json"
 PID_FILE = "supervisor.pid"
+LOCK_FILE = "supervisor.lock"
 SETTLE_S = 3.0  # "ready" for a component without a probe: alive this long after its start
 UPTIME_RESETS_BACKOFF_S = 60.0
+MAX_DOUBLINGS = 30  # 2**30 x any base is past any cap; 2**1024 does not fit a float at all
 
 
 @dataclass
@@ -79,7 +86,7 @@ def describe_exit(returncode: int) -> str:
 class Supervisor:
     def __init__(self, components: list[Component], run_dir: Path, *, grace_s: float = 15,
                  backoff_s: tuple[float, float] = (1.0, 60.0), ready_timeout_s: float = 300,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, lock=None) -> None:
         self.slots = [_Slot(c) for c in components]
         self.run_dir = run_dir
         self.grace_s = grace_s
@@ -90,9 +97,14 @@ class Supervisor:
         self._phase = "starting"
         self._started_at = time.time()
         self._last_snapshot = 0.0
+        self._lock = lock  # from `take_run_lock`, when the caller took it before building us
+        self._state_error: str | None = None
 
     def log(self, message: str) -> None:
-        self._log(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} arf-supervisor: {message}")
+        try:
+            self._log(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} arf-supervisor: {message}")
+        except OSError:
+            pass  # a full disk under supervisor.log: keep supervising without a log
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -100,8 +112,10 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_repair)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / PID_FILE).write_text(str(os.getpid()))
+        self._lock = self._lock or take_run_lock(self.run_dir)
+        if self._lock is None:
+            self.log(another_supervisor(self.run_dir))
+            return 1
         code = 0
         try:
             if self.start_all():
@@ -114,8 +128,12 @@ class Supervisor:
             self._phase = "stopping"
             self.write_state()
             self.stop_all()
-            (self.run_dir / STATE_FILE).unlink(missing_ok=True)
-            (self.run_dir / PID_FILE).unlink(missing_ok=True)
+            for name in (STATE_FILE, PID_FILE):
+                try:
+                    (self.run_dir / name).unlink(missing_ok=True)
+                except OSError:
+                    pass
+            self._lock.close()  # the lock file itself stays: a new one would not be the same lock
         return code
 
     def _on_stop(self, signum, _frame) -> None:
@@ -191,6 +209,8 @@ class Supervisor:
                 self._start(slot)
         if snapshot:
             self._last_snapshot = now
+            if self._state_error:  # space again, the folder back: `arf status` is current
+                self.write_state()
 
     def _probe(self, slot: _Slot) -> bool:
         comp = slot.component
@@ -216,12 +236,16 @@ class Supervisor:
                     first_signal=signal.SIGKILL)
         slot.proc = None
         what = f"{describe_exit(returncode)} after {uptime:.0f} s"
+        port = slot.component.port
+        holder = port and port_holder(port)
+        if holder:  # the usual cause of a quick exit, and the component's log may not say
+            what += f"; its port {port} is in use by {holder}"
         self._schedule_restart(slot, f"(pid {pid}) exited: {what}", uptime)
 
     def _schedule_restart(self, slot: _Slot, reason: str, uptime: float) -> None:
         slot.fast_exits = slot.fast_exits + 1 if uptime < UPTIME_RESETS_BACKOFF_S else 1
         base, cap = self.backoff_s
-        delay = min(cap, base * 2 ** (slot.fast_exits - 1))
+        delay = min(cap, base * 2 ** min(slot.fast_exits - 1, MAX_DOUBLINGS))
         slot.restarts += 1
         slot.last_exit = reason
         slot.ready = False
@@ -279,8 +303,16 @@ class Supervisor:
     def write_state(self) -> None:
         path = self.run_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state(), indent=2))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(self.state(), indent=2))
+            os.replace(tmp, path)
+        except OSError as exc:
+            if str(exc) != self._state_error:  # once per cause, not once per tick
+                self._state_error = str(exc)
+                self.log(f"cannot write {path} ({exc}); `arf status` shows an old state until "
+                         "it can; the components keep running")
+            return
+        self._state_error = None
 
 
 def read_state(run_dir: Path) -> dict | None:
@@ -290,11 +322,59 @@ def read_state(run_dir: Path) -> dict | None:
         return None
 
 
+def take_run_lock(run_dir: Path, wait_s: float = 1.0):
+    """The run folder's supervisor lock (an open file; held until it is closed or this
+    process ends), with this process's pid in the pid file; None if another process holds it.
+    Retried briefly: a reader (`supervisor_pid`) holds it shared for an instant."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK_FILE, "a")  # noqa: SIM115 (held for the process's life)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                handle.close()
+                return None
+            time.sleep(0.1)
+    (run_dir / PID_FILE).write_text(str(os.getpid()))
+    return handle
+
+
+def another_supervisor(run_dir: Path) -> str:
+    try:
+        pid = (run_dir / PID_FILE).read_text().strip()
+    except OSError:
+        pid = "?"
+    return (f"another supervisor (pid {pid}) already runs the stack of {run_dir}: nothing was "
+            "started; `arf status` shows it, `arf down` stops it")
+
+
+def _lock_held(run_dir: Path) -> bool | None:
+    """Whether a live process holds the run folder's lock; None: no lock file (a supervisor
+    of a version before the lock)."""
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # none, or not ours to read: the pid file decides, as before the lock
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases the shared lock, if we got it
+    return False
+
+
 def supervisor_pid(run_dir: Path, marker: str = "arf_training.stack") -> int | None:
-    """The pid of a live supervisor of this run folder, else None; `marker` must be in its
-    command line (a pid file may outlive its process, and the pid be reused)."""
+    """The pid of a live supervisor of this run folder, else None: one that holds its lock
+    (a pid file may outlive its process, name a reused pid or be copied with the folder),
+    and `marker` in its command line."""
     import psutil
 
+    if _lock_held(run_dir) is False:
+        return None
     try:
         pid = int((run_dir / PID_FILE).read_text())
         cmdline = " ".join(psutil.Process(pid).cmdline())
