@@ -12,7 +12,7 @@ got "database is locked" and the scheduler died), so `arf` runs its own PostgreS
   uses ``/tmp/arf-pg-<hash of the home>`` instead (`socket_dir` says which).
 * **A password even on the socket.** scram-sha-256 for every connection, with a generated
   password in ``postgres/password`` (0600). The URIs carry it, because step processes get a
-  minimal environment; never log a URI (`redacted` hides it).
+  minimal environment; never log a URI (`client_settings.redacted_url` hides it).
 * **Not as root.** PostgreSQL refuses to run as root, and CI runs as root: then the server runs
   as the unprivileged system user ``arf-postgres`` (created once), which owns ``postgres/``.
   That user must traverse every folder above its data and binaries; a root checkout often
@@ -149,15 +149,6 @@ def server_binaries() -> Path:
         except OSError:  # another process finished first
             shutil.rmtree(partial, ignore_errors=True)
     return copy / inner / "bin"
-
-
-def redacted(uri: str) -> str:
-    """A URI fit for logs and error messages: the password replaced by ***."""
-    head, sep, tail = uri.partition("@")
-    if not sep or ":" not in head.split("//", 1)[-1]:
-        return uri
-    scheme, _, user_pass = head.partition("//")
-    return f"{scheme}//{user_pass.split(':', 1)[0]}:***@{tail}"
 
 
 class EmbeddedPostgres:
