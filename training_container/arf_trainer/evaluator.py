@@ -24,6 +24,9 @@ tags on this version and `evaluation/gate.json` in the run. With `evaluation.gat
 required` a promotion is only proposed (`arf.gate.approval=pending`): the approval task of
 `arf_evaluate` moves the alias once a person approves.
 
+Before any rollout the settings are checked and the loaded weights verified against the
+version's `arf.weights_sha256` tag (`arf_trainer.evaluator_checks`); the gate's champion too.
+
 Failed episodes (states, the model's actions, outcome) go to the data hub's `failures` table
 (`arf_trainer.datahub.failures`), where corrections are made from them.
 
@@ -40,45 +43,15 @@ from typing import Any
 
 import numpy as np
 
-from arf_trainer.errors import EvaluationError, RegistryError, SpecError
+from arf_trainer.errors import EvaluationError, RegistryError
+from arf_trainer.evaluator_checks import (SEEDS_TAG, check_version, read_settings, seed_range,
+                                          verify_weights)
+from arf_trainer.evaluator_checks import model_ref as _model_ref  # its name before the move
 from arf_trainer.spec import StepEnv
 
 log = logging.getLogger(__name__)
 
-ENVIRONMENTS = ("reach", "reach_pixels")  # reach_pixels: evaluator_pixels.py
 _EPISODES_ARTIFACT = "evaluation/episodes.json"
-
-
-def _model_ref(inputs: dict[str, Any]) -> tuple[str, str]:
-    name, version = inputs.get("model_name"), inputs.get("model_version")
-    if not isinstance(name, str) or not name:
-        raise SpecError(f"job spec inputs.model_name must be a registered model name, got "
-                        f"{name!r}; the evaluate step is started with the model to evaluate")
-    text = str(version) if isinstance(version, int | str) and not isinstance(version, bool) else ""
-    if not (text.isascii() and text.isdigit()):  # '²'.isdigit(), but int('²') fails
-        raise SpecError(f"job spec inputs.model_version must be a model version number "
-                        f"(e.g. 3), got {version!r}")
-    return name, str(int(text))
-
-
-def _settings(env: StepEnv) -> tuple[str, int, int, float]:
-    evaluation = env.spec.evaluation
-    if not evaluation:
-        raise EvaluationError(
-            f"template {env.spec.name!r} has no evaluation section; add one "
-            "(evaluation: {environment: reach, episodes: 50}) to evaluate its models"
-        )
-    environment = evaluation.get("environment")
-    if environment not in ENVIRONMENTS:
-        raise EvaluationError(
-            f"evaluation.environment is {environment!r}, which this arf-trainer cannot simulate; "
-            f"use one of: {', '.join(ENVIRONMENTS)}"
-        )
-    episodes, seed = int(evaluation.get("episodes", 50)), int(evaluation.get("seed", 100_000))
-    threshold = float(evaluation.get("success_threshold", 0.8))
-    if episodes < 1:
-        raise EvaluationError(f"evaluation.episodes={episodes} must be at least 1")
-    return environment, episodes, seed, threshold
 
 
 def _experiment_id(client: Any, name: str, artifact_root: str | None) -> str:
@@ -102,22 +75,6 @@ def _experiment_id(client: Any, name: str, artifact_root: str | None) -> str:
     return experiment.experiment_id
 
 
-def _check_version(client: Any, name: str, version: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_model_version(name, version)
-    except MlflowException as exc:
-        try:
-            known = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-        except MlflowException:
-            known = []
-        raise EvaluationError(
-            f"model version models:/{name}/{version} is not in the registry; versions of "
-            f"{name!r}: {', '.join(map(str, known)) or 'none'}. Evaluate a registered version"
-        ) from exc
-
-
 def load_policy(name: str, version: str) -> Any:
     import mlflow.pytorch
     import torch
@@ -130,6 +87,7 @@ def load_policy(name: str, version: str) -> Any:
     if not callable(model):
         raise EvaluationError(f"{uri} loaded as {type(model).__name__}, which is not callable; "
                               "the model contract is a torch.nn.Module obs [B,10] -> action [B,2]")
+    verify_weights(model, name, version)
     if isinstance(model, torch.nn.Module):
         # A torch.export (pt2) module is already an inference graph and refuses eval().
         with contextlib.suppress(NotImplementedError):
@@ -306,18 +264,20 @@ def run_evaluate(env: StepEnv) -> dict[str, Any]:
 
     from arf_trainer.datahub.failures import record_failures
 
-    environment, episodes, seed, threshold = _settings(env)
+    environment, episodes, seed, threshold = read_settings(env.spec)
     name, version = _model_ref(env.spec.inputs)
     evaluation = env.spec.evaluation or {}
     margin = evaluation.get("promotion_margin")
     # Checked before any rollout: a bad gate setting fails at once, not after the evaluation.
     settings = gate_settings(evaluation, float(margin), episodes) if margin is not None else None
     approval = (evaluation.get("gate") or {}).get("approval") == "required"
+    used = seed_range(seed, max(episodes, settings.max_episodes if settings else 0),
+                      "evaluation.seed")
     # load_model resolves models:/ URIs through the process-wide registry URI.
     mlflow.set_tracking_uri(env.tracking_uri)
     mlflow.set_registry_uri(env.tracking_uri)
     client = MlflowClient(tracking_uri=env.tracking_uri, registry_uri=env.tracking_uri)
-    _check_version(client, name, version)
+    check_version(client, name, version)
     experiment_id = _experiment_id(client, f"{env.spec.name}-evaluation", env.artifact_root)
     tags = {
         "arf.model_name": name,
@@ -376,6 +336,8 @@ def run_evaluate(env: StepEnv) -> dict[str, Any]:
         "arf.eval.mean_final_distance_ci95": _pair(figures, "mean_final_distance"),
         "arf.eval.episodes": str(episodes),
         "arf.eval.seed": str(seed),
+        # Every seed this evaluation and its gate may use: `fleet` keeps field seeds clear of it.
+        SEEDS_TAG: f"{used.start}:{used.stop}",
         "arf.eval.passed": str(passed).lower(),
         "arf.eval.run_id": run_id,
     }
