@@ -33,10 +33,19 @@ class Gate(BaseModel):
                     "'champion' alias moves; a rejection is recorded on the version.")
 
 
+MAX_EVAL_SEED = 2**63 - 1  # arf_trainer.evaluator_checks.MAX_SEED (int64 seeds)
+
+
 def check_gate(evaluation: Any) -> None:
     """Cross-field rules of `evaluation` involving the gate (raise ValueError: pydantic names
     the section)."""
     gate = evaluation.gate
+    budget = max(evaluation.episodes, (gate.max_episodes or 0) if gate is not None else 0)
+    if evaluation.seed + budget - 1 > MAX_EVAL_SEED:
+        # The failures table stores seeds as int64: evaluate would refuse it at run time.
+        raise ValueError(f"evaluation.seed={evaluation.seed} with up to {budget} episodes reaches "
+                         f"seed {evaluation.seed + budget - 1}, past {MAX_EVAL_SEED}; pick a "
+                         "smaller first seed, e.g. 100000")
     if gate is None:
         return
     if evaluation.promotion_margin is None:

@@ -36,6 +36,12 @@ def test_gate_section_parses_with_defaults():
                  id="approval-not-a-choice"),
     pytest.param(with_gate("  gate: {alpha: 0.05}\n").replace(MARGIN, ""),
                  ["promotion_margin is not", "no gate runs"], id="gate-without-margin"),
+    # The gate's budget counts: 2**63 - 100 + 200 episodes pass int64, as seeds of the failures
+    # table (the evaluate step refused it only at run time).
+    pytest.param(with_gate("  gate: {max_episodes: 200}\n").replace(
+        "  seed: 100000", "  seed: 9223372036854775708"),
+        ["evaluation.seed=9223372036854775708 with up to 200 episodes", "past 9223372036854775807",
+         "e.g. 100000"], id="seeds-past-int64"),
 ])
 def test_bad_gate_settings_are_named(text, fragments):
     with pytest.raises(TemplateError) as info:
