@@ -46,7 +46,12 @@ def run(args: argparse.Namespace) -> int:
 
     text = json.dumps(json_schema(), indent=2)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        try:
+            Path(args.output).write_text(text + "\n")
+        except OSError as exc:
+            print(f"arf templates schema: error: -o {args.output}: {exc.strerror or exc}; give "
+                  "a file path in an existing folder you can write", file=sys.stderr)
+            return 2
     else:
         print(text)
     return 0

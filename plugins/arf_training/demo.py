@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from arf_training.embedded import environment, migrate
-from arf_training.errors import ArfError
+from arf_training.errors import ArfError, ConfError
 from arf_training.factory import EVALUATE_DAG_ID
 from arf_training.settings import ArfSettings, venv_bin
 from arf_training.stepspec import workspace_for
@@ -37,7 +37,9 @@ def seed_datahub(settings: ArfSettings, env: dict[str, str],
     return json.loads(proc.stdout[proc.stdout.index("{"):])
 
 
-def latest_run(dag_id: str) -> Any:
+def latest_run(dag_id: str, newer_than: int | None = None) -> Any:
+    """The newest DagRun of `dag_id`; with `newer_than` (a DagRun id), only a run created after
+    it counts, so that a command that made no run is never reported with an older one."""
     from airflow.models.dagrun import DagRun
     from airflow.utils.session import create_session
     from sqlalchemy import select
@@ -45,10 +47,18 @@ def latest_run(dag_id: str) -> Any:
     with create_session() as session:
         run = session.scalars(select(DagRun).where(DagRun.dag_id == dag_id)
                               .order_by(DagRun.id.desc()).limit(1)).first()
-        if run is None:
+        if run is None or (newer_than is not None and run.id <= newer_than):
             raise ArfError(f"no run of {dag_id!r} was recorded; see the output above")
         session.expunge(run)
         return run
+
+
+def _latest_run_id(dag_id: str) -> int:
+    """The id of the newest DagRun of `dag_id`, 0 if there is none."""
+    try:
+        return latest_run(dag_id).id
+    except ArfError:
+        return 0
 
 
 def _asset_event(source_dag: str, source_run: str) -> dict[str, Any]:
@@ -80,6 +90,7 @@ def task_states(dag_id: str, run_id: str) -> dict[str, str]:
 def _dags_test(dag_id: str, conf: dict[str, Any], env: dict[str, str], log_path: Path,
                verbose: bool, logical_date: str | None = None) -> tuple[Any, float]:
     start = time.monotonic()
+    before = _latest_run_id(dag_id)
     args = ["dags", "test", dag_id, *([logical_date] if logical_date else []),
             "-c", json.dumps(conf)]
     with open(log_path, "a") as log:
@@ -88,17 +99,39 @@ def _dags_test(dag_id: str, conf: dict[str, Any], env: dict[str, str], log_path:
         proc = subprocess.Popen([venv_bin("airflow"), *args], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            shown = line.rstrip() if verbose else demo_line(line)
-            if shown is not None:
-                print(shown, flush=True)
-        proc.wait()
-    run = latest_run(dag_id)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                shown = line.rstrip() if verbose else demo_line(line)
+                if shown is not None:
+                    print(shown, flush=True)
+            proc.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C: stop the run here rather than leave `airflow dags test` training on,
+            # unseen, with nobody reading its output.
+            _stop(proc, log)
+            raise
+    if proc.returncode != 0 and _latest_run_id(dag_id) == before:
+        raise ArfError(f"`airflow dags test {dag_id}` exited {proc.returncode} before it "
+                       f"started a run; full log: {log_path}")
+    run = latest_run(dag_id, newer_than=before)
     if proc.returncode != 0 or str(run.state) != "success":
         raise ArfError(f"{dag_id} run {run.run_id} ended {run.state} (exit {proc.returncode}); "
                        f"full log: {log_path}")
     return run, time.monotonic() - start
+
+
+def _stop(proc: subprocess.Popen, log: Any, grace_s: float = 30.0) -> None:
+    """SIGTERM `proc` (Airflow then stops its task's step), SIGKILL after `grace_s`; its last
+    output goes to the log."""
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    log.write(out or "")
+    log.write(f"\n[arf demo] interrupted (Ctrl-C): airflow stopped, exit {proc.returncode}\n")
 
 
 # One log record as `airflow dags test` prints it: "<ISO time>Z [<level>  ] <event> [<logger>]
@@ -129,6 +162,11 @@ def demo_line(line: str) -> str | None:
 
 def run_demo(template: str = "reach_bc", conf: dict[str, Any] | None = None,
              verbose: bool = False) -> dict[str, Any]:
+    from arf_training.params import resolve_conf
+
+    # Template and conf first: a typo must fail here, before the hub, database and Airflow.
+    spec = _template(template)
+    resolve_conf(spec, conf)
     settings = ArfSettings.from_env()
     env = environment(settings)
     os.environ.update(env)  # this process reads the Airflow DB below
@@ -137,7 +175,6 @@ def run_demo(template: str = "reach_bc", conf: dict[str, Any] | None = None,
     log_path = logs / f"demo-{time.strftime('%Y%m%d-%H%M%S')}.log"
     t0 = time.monotonic()
 
-    spec = _template(template)
     if spec.federated is not None:
         seeded = seed_site_hubs(settings, env, spec)
     else:
@@ -187,8 +224,8 @@ def _template(name: str) -> Any:
     for t in loaded:
         if t.name == name:
             return t.template
-    raise ArfError(f"no template named {name!r} in {templates_dir()}; "
-                   f"templates: {sorted(t.name for t in loaded)}")
+    raise ConfError(f"no template named {name!r} in {templates_dir()}; "
+                    f"templates: {sorted(t.name for t in loaded)} (--template)")
 
 
 def reads_pixels(template: Any) -> bool:
@@ -262,7 +299,8 @@ def format_summary(s: dict[str, Any], settings: ArfSettings) -> str:
         # carries the embedded database's password, which a console line must not show.
         "  UIs         make up   (Airflow http://127.0.0.1:8080, MLflow http://127.0.0.1:5000; "
         "`make down` stops them)",
-        f"  reproduce   .venv/bin/arf training reproduce {tr.get('mlflow_run_id')}   (re-runs "
+        f"  reproduce   {_shown_path(Path(sys.executable).parent / 'arf')} training reproduce "
+        f"{tr.get('mlflow_run_id')}   (re-runs "
         "from the recorded lineage, compares the weights' sha256)",
         "=" * 78,
     ]
@@ -291,7 +329,12 @@ def _activate_line() -> list[str]:
     activate = Path(sys.executable).parent / "activate"
     if not activate.exists():  # not a venv: `arf` is wherever pip put it
         return []
-    with contextlib.suppress(ValueError):
-        activate = activate.relative_to(Path.cwd())
-    return [f"  shell       source {activate}   (puts `arf`, `airflow` and `mlflow` on PATH, "
-            "as the README's commands expect)"]
+    return [f"  shell       source {_shown_path(activate)}   (puts `arf`, `airflow` and `mlflow` "
+            "on PATH, as the README's commands expect)"]
+
+
+def _shown_path(path: Path) -> Path:
+    """`path` as a command typed in this directory finds it: relative below it, else absolute."""
+    with contextlib.suppress(ValueError, OSError):
+        return path.relative_to(Path.cwd())
+    return path

@@ -84,6 +84,29 @@ class LoopConfig:
                             "the next seed's); lower one of them")
         if self.states not in ("all", "failed"):
             raise ConfError(f"failure loop: --states {self.states!r} must be 'all' or 'failed'")
+        self._check_confs()
+
+    def _check_confs(self) -> None:
+        """Each trigger conf against its template's Params now, not at night 1 after the weak
+        start has trained (a typo would cost that much)."""
+        from arf_training.params import resolve_conf
+        from arf_training.settings import templates_dir
+        from arf_training.templates import load_folder, template_files
+
+        found = {t.name: t.template for t in load_folder(template_files(templates_dir()))[0]}
+        for template, conf, what in ((BASE_TEMPLATE, self.base_conf, "base_conf"),
+                                     (FINETUNE_TEMPLATE, self.finetune_conf, "--conf"),
+                                     (SCRATCH_TEMPLATE, self.scratch_conf, "scratch_conf")):
+            if not isinstance(conf, dict):
+                raise ConfError(f"failure loop: {what} {conf!r:.60} must be a JSON object of "
+                                f"{template}'s Params, e.g. {{\"epochs\": 5}}")
+            if template not in found:
+                raise ConfError(f"failure loop: needs the template {template!r}, which is not "
+                                f"a valid template in {templates_dir()} (`arf templates lint`)")
+            try:
+                resolve_conf(found[template], conf)
+            except ConfError as exc:
+                raise ConfError(f"failure loop: {what}: {exc}") from None
 
 
 @dataclass
@@ -126,7 +149,10 @@ class Loop:
 
         config.check()
         self.home, self.config, self.verbose = home, config, verbose
-        home.mkdir(parents=True, exist_ok=False)
+        if home.exists() and any(home.iterdir()):
+            raise ConfError(f"failure loop: home {home} is not empty; a loop starts from an "
+                            "empty home: give a new folder (or leave it out for a fresh one)")
+        home.mkdir(parents=True, exist_ok=True)
         self.settings = ArfSettings(home=home, tracking_uri=f"sqlite:///{home}/mlflow.db",
                                     datahub_uri=str(home / "datahub"),
                                     artifact_root=str(home / "mlartifacts"))
@@ -324,11 +350,26 @@ def _row(n: Night) -> str:
             f"{n.steps} steps, train {n.train_seconds:.1f} s, DAG {n.dag_seconds:.0f} s")
 
 
+def _new_home(parent: Path) -> Path:
+    """A new, empty folder under `parent`, made here: loops started in the same second
+    (several --seed values in parallel) each get their own (mkdir is the atomic claim)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        home = parent / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            home.mkdir()
+            return home
+        except FileExistsError:
+            continue
+    raise ArfError(f"failure loop: 999 homes named {stamp}* exist in {parent}; remove old ones")
+
+
 def run_failure_loop(config: LoopConfig, home: Path | None = None,
                      verbose: bool = False) -> dict[str, Any]:
-    base = ArfSettings.from_env().home
-    home = home or base / "failure-loop" / time.strftime("%Y%m%d-%H%M%S")
-    loop = Loop(home, config, verbose)  # a new home of its own (it refuses an existing one)
+    config.check()  # before a home is made for it
+    home = home or _new_home(ArfSettings.from_env().home / "failure-loop")
+    loop = Loop(home, config, verbose)  # a home of its own (it refuses one that is not empty)
     try:
         summary = loop.run()
     finally:

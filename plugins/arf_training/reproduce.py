@@ -4,6 +4,9 @@ The MLflow run of every training step records the resolved template, trigger con
 table versions, world size and the final weights' sha256. This re-runs `prepare` and `train`
 with the local backend in a fresh workspace, with every table pinned to the recorded version,
 and reports whether the data fingerprint and the weights' sha256 match. Nothing is registered.
+Result: `match` (exit 0) only when every recorded value equals the re-run's; `mismatch` (1) when
+one differs; `not verified` (1) when the run did not record one. An unknown run, or a record
+that cannot be re-run as it was, is bad input (2), found before anything runs.
 A template's own command logs into the MLflow run `arf-trainer custom-setup` opened for the
 re-run; without a register step to complete it, this ends it (FINISHED, tagged with the run it
 reproduces) so that it does not stay RUNNING.
@@ -22,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from arf_training.backends.local import LocalStepRunner
-from arf_training.errors import ArfError
+from arf_training.errors import BAD_INPUT_EXIT, ArfError, ConfError
 from arf_training.settings import ArfSettings, venv_bin
-from arf_training.stepspec import RunIdentity, build_step_spec
+from arf_training.stepspec import RunIdentity, build_step_spec, code_version
 from arf_training.templates import LoadedTemplate, TrainingTemplate
 
 REPRODUCE_DAG_ID = "arf_reproduce"
@@ -32,11 +35,17 @@ CUSTOM_RUN_FILE = "custom_run.json"  # arf_trainer.custom_setup.RUN_FILE, in the
 
 
 def fetch_lineage(run_id: str, settings: ArfSettings) -> dict[str, Any]:
+    """What the run recorded. An unknown run, or one that is not a finished training run, is
+    bad input (ConfError, exit 2): never a `mismatch` (exit 1) it did not check."""
     proc = subprocess.run([venv_bin("arf-trainer"), "lineage", run_id, "--tracking-uri",
                            settings.tracking_uri], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise ArfError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip()
-                       else f"arf-trainer lineage exited {proc.returncode}")
+        last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        last = last.removeprefix("arf-trainer lineage: error: ")
+        if proc.returncode == BAD_INPUT_EXIT:
+            raise ConfError(last)
+        raise ArfError(f"cannot read the lineage of MLflow run {run_id!r}: {last} (reproduce "
+                       "needs the arf.* tags the train and register steps wrote, unedited)")
     start = proc.stdout.find("\n{")
     return json.loads(proc.stdout[start + 1 if start >= 0 else 0:])
 
@@ -56,13 +65,25 @@ def pinned_template(lineage: dict[str, Any]) -> LoadedTemplate:
                           sha256=lineage.get("template_sha256") or "")
 
 
+def rerun_weights_sha256(result: dict[str, Any], output_dir: Path, custom: bool) -> str:
+    """The re-run's weights hash, computed as the recorded one was. A template's own command:
+    its output folder, hashed as register hashes it (arf_trainer.custom.folder_sha256), never
+    what the command's result JSON says about itself, which register ignores too."""
+    if custom:
+        return folder_sha256(output_dir)
+    return result.get("weights_sha256") or folder_sha256(output_dir)
+
+
 def folder_sha256(folder: Path) -> str:
     """sha256 over sorted relative paths and bytes (the container side's custom.folder_sha256,
     which this side may not import)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes())
+        digest.update(path.relative_to(folder).as_posix().encode("utf-8", "surrogateescape")
+                      + b"\0")
+        with open(path, "rb") as fh:  # in chunks: a model may be larger than memory
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -74,40 +95,55 @@ def reproduce(run_id: str, log: logging.Logger | None = None) -> dict[str, Any]:
     identity = RunIdentity(dag_id=REPRODUCE_DAG_ID,
                            run_id=f"{run_id}-{time.strftime('%Y%m%dT%H%M%S')}",
                            task_id="reproduce")
-    results: dict[str, Any] = {}
-    for step in ("prepare", "train"):
-        spec = build_step_spec(loaded, step, identity, lineage["conf"], settings)
-        workspace = spec.workspace
-        if step == "train":
-            if spec.world_size != lineage["world_size"]:
-                raise ArfError(f"recorded world size {lineage['world_size']} differs from the "
-                               f"template's {spec.world_size}; the weights cannot be compared")
-            if spec.job_spec["hyperparameters"] != lineage["hyperparameters"] or \
-                    spec.job_spec["seed"] != lineage["seed"]:
-                raise ArfError("the recorded conf does not resolve to the recorded "
-                               "hyperparameters/seed; the run's record is inconsistent")
-        results[step] = LocalStepRunner(log).run(spec)
+    specs = {step: build_step_spec(loaded, step, identity, lineage["conf"], settings)
+             for step in ("prepare", "train")}
+    spec, workspace = specs["train"], specs["train"].workspace
+    # Checked before anything runs: a record that cannot be re-run as it was is bad input.
+    if spec.world_size != lineage["world_size"]:
+        raise ConfError(f"run {run_id}: recorded world size {lineage['world_size']} differs from "
+                        f"the template's {spec.world_size}; the weights cannot be compared")
+    if spec.job_spec["hyperparameters"] != lineage["hyperparameters"] or \
+            spec.job_spec["seed"] != lineage["seed"]:
+        raise ConfError(f"run {run_id}: the recorded conf (tag arf.conf) does not resolve to the "
+                        "recorded hyperparameters/seed; the run's record is inconsistent, so "
+                        "it cannot be re-run as it was")
+    results = {step: LocalStepRunner(log).run(specs[step]) for step in ("prepare", "train")}
     rerun_run_id = results["train"].get("mlflow_run_id")
     if spec.setup_command:
         rerun_run_id = _end_custom_run(Path(spec.env["ARF_OUTPUT_DIR"]).parent, settings, run_id)
-    # A custom command's result need not name its weights: hash its output folder as register
-    # does (arf_trainer.custom.folder_sha256).
-    rerun_sha = results["train"].get("weights_sha256") or \
-        folder_sha256(Path(spec.env["ARF_OUTPUT_DIR"]))
-    checks = {
+    rerun_sha = rerun_weights_sha256(results["train"], Path(spec.env["ARF_OUTPUT_DIR"]),
+                                     custom=bool(spec.setup_command))
+    verdict = compare({
         "data_fingerprint": (lineage["data_fingerprint"], results["prepare"]["fingerprint"]),
         "weights_sha256": (lineage["weights_sha256"], rerun_sha),
-    }
-    notes = lineage_notes(lineage)
+    })
     return {
         "run_id": run_id,
-        "match": all(a == b for a, b in checks.values()),
-        "checks": {k: {"recorded": a, "rerun": b, "match": a == b} for k, (a, b) in checks.items()},
+        "match": verdict["result"] == "match",
+        "result": verdict["result"],
+        "checks": verdict["checks"],
         "world_size": lineage["world_size"],
         "rerun_training_run_id": rerun_run_id,
         "base_model": lineage.get("base_model_version") and loaded.template.model.base_model,
         "workspace": str(workspace),
-        "notes": notes,
+        "notes": lineage_notes(lineage) + verdict["notes"],
+    }
+
+
+def compare(pairs: dict[str, tuple[str | None, str | None]]) -> dict[str, Any]:
+    """The checks of (recorded, re-run) pairs and the result: `match` only when every value was
+    recorded and equals the re-run's; a value the run did not record is not compared (neither
+    match nor mismatch), so the result is then at best `not verified`."""
+    compared = {k: (None if not recorded else recorded == rerun)
+                for k, (recorded, rerun) in pairs.items()}
+    unchecked = [k for k, ok in compared.items() if ok is None]
+    return {
+        "result": ("mismatch" if False in compared.values() else
+                   "not verified" if unchecked else "match"),
+        "checks": {k: {"recorded": a, "rerun": b, "match": compared[k]}
+                   for k, (a, b) in pairs.items()},
+        "notes": [f"{k} was not recorded (tag arf.{k} missing or empty): not compared"
+                  for k in unchecked],
     }
 
 
@@ -117,6 +153,13 @@ def lineage_notes(lineage: dict[str, Any]) -> list[str]:
     here = lineage.get("local_torch_version")
     if lineage.get("torch_version") and here and lineage["torch_version"] != here:
         notes.append(f"torch {lineage['torch_version']} recorded, {here} here")
+    recorded, local = lineage.get("code_version") or {}, code_version()
+    for key in ("git_commit", "package"):
+        if recorded.get(key) and local.get(key) and recorded[key] != local[key]:
+            notes.append(f"code {key} {recorded[key]} recorded, {local[key]} here: the re-run "
+                         "uses the code here")
+    if recorded.get("git_dirty") == "true":
+        notes.append("the run's checkout had uncommitted changes: its exact code is not known")
     if lineage.get("bitwise_reproducible") == "false":
         notes.append("the run is recorded as not bitwise reproducible, so a weights mismatch "
                      f"is expected: {lineage.get('bitwise_reproducible_reason')}")
@@ -141,10 +184,11 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"reproduce {report['run_id']} (world size {report['world_size']}, workspace "
              f"{report['workspace']})"]
     for name, check in report["checks"].items():
-        lines.append(f"  {name:17} recorded {check['recorded'][:16]}  re-run "
-                     f"{check['rerun'][:16]}  {'match' if check['match'] else 'MISMATCH'}")
+        verdict = {True: "match", False: "MISMATCH", None: "not compared"}[check["match"]]
+        lines.append(f"  {name:17} recorded {(check['recorded'] or '(none)')[:16]:16}  re-run "
+                     f"{(check['rerun'] or '(none)')[:16]:16}  {verdict}")
     lines += [f"  note: {n}" for n in report["notes"]]
-    lines.append(f"result: {'match' if report['match'] else 'mismatch'}")
+    lines.append(f"result: {report['result']}")
     return "\n".join(lines)
 
 
