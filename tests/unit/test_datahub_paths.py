@@ -95,3 +95,24 @@ def test_a_hub_path_with_a_percent_sign_is_refused_before_anything_is_written(
     assert not hub.exists()
     with pytest.raises(DataHubError, match="contains '%'"):
         open_table(hub, "t")
+
+
+def test_a_table_folder_without_a_commit_is_no_table_and_seeding_fills_it(tmp_path: Path) -> None:
+    """A create killed before its first commit leaves an empty _delta_log: it was listed as a
+    table, seeding skipped it, and reading it said it did not exist while listing it."""
+    from arf_trainer.datahub.tables import list_tables
+
+    hub = tmp_path / "hub"
+    (hub / "digits" / "_delta_log").mkdir(parents=True)
+    assert list_tables(hub) == []
+    seed_demo(hub, episodes=1, seed=0)
+    assert "digits" in list_tables(hub)
+    assert open_table(hub, "digits").dataset.to_table().num_rows == 1797
+
+
+def test_a_version_past_int64_is_refused_by_name(tmp_path: Path) -> None:
+    hub = tmp_path / "hub"
+    seed_demo(hub, episodes=1, seed=0)
+    with pytest.raises(DataHubError, match="99999999999999999999 of table 'reach_demos' is not "
+                                           "a valid table version"):
+        open_table(hub, "reach_demos", 99999999999999999999)  # was an OverflowError

@@ -113,11 +113,18 @@ def list_tables(hub: Path) -> list[str]:
     """Names of the Delta tables directly under `hub`, sorted; [] if the hub does not exist."""
     if not hub.is_dir():
         return []
-    return sorted(
-        child.name
-        for child in hub.iterdir()
-        if TABLE_NAME.match(child.name) and (child / "_delta_log").is_dir()
-    )
+    return sorted(child.name for child in hub.iterdir()
+                  if TABLE_NAME.match(child.name) and _has_commits(child))
+
+
+def _has_commits(table: Path) -> bool:
+    """A Delta table with at least one commit (or checkpoint). A create killed before its first
+    commit leaves an empty `_delta_log`: no table, not one to skip when seeding or to list."""
+    try:
+        return any(entry.name.endswith((".json", ".parquet"))
+                   for entry in (table / "_delta_log").iterdir())
+    except OSError:  # no such folder, or not a folder
+        return False
 
 
 def _format_versions(versions: list[int]) -> str:
@@ -156,7 +163,7 @@ def open_table(hub: Path, name: str, version: int | None = None) -> TableSnapsho
     """
     path = table_path(hub, name)
     if version is not None and (isinstance(version, bool) or not isinstance(version, int)
-                                or version < 0):
+                                or not 0 <= version < 2**63):  # delta-rs: an int64
         raise DataHubError(
             f"version {version!r} of table {name!r} is not a valid table version; "
             "pin a non-negative integer (e.g. dataset.tables: {" + name + ": 0})"
