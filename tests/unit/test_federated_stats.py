@@ -63,3 +63,13 @@ def test_a_site_without_rows_adds_nothing_and_no_rows_at_all_is_an_error():
         torch.testing.assert_close(a[1], b[1])
     with pytest.raises(TrainingError, match="no site has training rows"):
         pooled_stats([statistics(empty)])
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_site_too_small_to_hide_its_rows_shares_no_statistics(rows):
+    """One row is its own mean; two are mean +- sqrt(m2 / 2): the 'aggregates' were the rows."""
+    x = np.arange(2 * rows, dtype=np.float32).reshape(rows, 2) + 0.5
+    with pytest.raises(TrainingError, match=f"{rows} training row.*shares none.*at least 3"):
+        statistics(_site(x, x.copy()))
+    assert set(statistics(_site(np.ones((3, 2), np.float32), np.ones((3, 2), np.float32)))) \
+        == {"count", "x_mean", "x_m2", "y_mean", "y_m2"}

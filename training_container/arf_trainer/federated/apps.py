@@ -7,12 +7,17 @@ site needs besides its data arrives in the messages: model shape, hyperparameter
 
 Before round 1 the server asks every site for its normalization statistics (a query message)
 and starts the federation from the pooled normalization, as central training would.
+
+`superlink_main` is flower-superlink admitting only this step's own run and SuperNodes: Flower's
+Control API authenticates no caller (account auth is Flower Enterprise), and a run it accepts
+executes its app's code in every SuperNode, next to a site's rows.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -37,7 +42,8 @@ class SiteShortfall(RuntimeError):
 
 
 def _ordered(strategy_cls: type) -> type:
-    """`strategy_cls` aggregating replies in site order, and refusing a round below min_sites.
+    """`strategy_cls` aggregating replies in site order, refusing malformed replies (site.
+    update_problem: the site is named and counts as failed) and a round below min_sites.
 
     Flower hands replies over in arrival order; a float sum in a different order differs in the
     last bits, so sorting by site index is what makes a re-run bitwise equal.
@@ -45,22 +51,52 @@ def _ordered(strategy_cls: type) -> type:
     class Ordered(strategy_cls):  # type: ignore[misc, valid-type]
         min_sites = 1
         history: list[dict[str, Any]] = []
+        sites: list[tuple[str, int]] = []  # (name, training rows of its manifest) by index
+        sent: dict[str, Any] = {}
+
+        def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):
+            self.sent = arrays.to_torch_state_dict()
+            return super().configure_train(server_round, arrays, config, grid)
+
+        def _problem(self, message: Message, seen: set[int]) -> tuple[int, str | None]:
+            from arf_trainer.federated.site import update_problem
+
+            metrics = message.content["metrics"]
+            index = int(metrics.get("site-index", -1))
+            if not 0 <= index < len(self.sites) or index in seen:
+                return index, f"site index {index} is unknown or replied twice"
+            seen.add(index)
+            return index, update_problem(message.content["arrays"].to_torch_state_dict(),
+                                         self.sent, float(metrics.get(NUM_EXAMPLES, -1)),
+                                         self.sites[index][1])
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]):
             replies = list(replies)
-            good = sorted((m for m in replies if not m.has_error()),
-                          key=lambda m: int(m.content["metrics"]["site-index"]))
+            seen: set[int] = set()
+            good, rejected = [], {}
+            for message in (m for m in replies if not m.has_error()):
+                index, problem = self._problem(message, seen)
+                if problem is None:
+                    good.append((index, message))
+                    continue
+                name = self.sites[index][0] if 0 <= index < len(self.sites) else str(index)
+                rejected[name] = problem
+                flwr_log(logging.WARNING, "round %s: site %r's update is not aggregated: %s",
+                         server_round, name, problem)
+            good = [m for _, m in sorted(good, key=lambda pair: pair[0])]
             failed = len(replies) - len(good)
             if len(good) < self.min_sites:
                 raise SiteShortfall(
-                    f"round {server_round}: {len(good)} site(s) replied ({failed} failed), "
+                    f"round {server_round}: {len(good)} site(s) replied ({failed} failed"
+                    f"{'; refused: ' + json.dumps(rejected) if rejected else ''}), "
                     f"fewer than federated.min_sites={self.min_sites}; the federation stops")
             indices = [int(m.content["metrics"]["site-index"]) for m in good]
             # Flower's own line counts only what it is handed (the good replies): say it all.
             flwr_log(logging.INFO, "round %s: %s site(s) replied (site indices %s), %s failed",
                      server_round, len(good), indices, failed)
-            self.history.append({"round": server_round, "failed": failed, "sites": [
-                {k: float(v) for k, v in m.content["metrics"].items()} for m in good]})
+            self.history.append({"round": server_round, "failed": failed, "rejected": rejected,
+                                 "sites": [{k: float(v) for k, v in
+                                            m.content["metrics"].items()} for m in good]})
             return super().aggregate_train(server_round, good)
 
     Ordered.__name__ = f"Ordered{strategy_cls.__name__}"
@@ -116,7 +152,7 @@ def _pooled_normalization(grid: Grid, initial: dict[str, Any], plan: dict[str, A
     return {k: v.detach().clone() for k, v in sorted(model.state_dict().items())}
 
 
-def _strategy(fed: dict[str, Any]) -> Any:
+def _strategy(fed: dict[str, Any], site_rows: list[int]) -> Any:
     common = dict(fraction_train=fed["fraction_fit"], fraction_evaluate=0.0,
                   min_train_nodes=fed["min_sites"], min_available_nodes=fed["min_sites"])
     if fed["strategy"] == "fedprox":
@@ -132,6 +168,7 @@ def _strategy(fed: dict[str, Any]) -> Any:
         strategy = _ordered(FedAvg)(**common)
     strategy.min_sites = fed["min_sites"]
     strategy.history = []
+    strategy.sites = [(s["name"], int(rows)) for s, rows in zip(fed["sites"], site_rows)]
     return strategy
 
 
@@ -149,7 +186,7 @@ def server_main(grid: Grid, context: Context) -> None:
     # Round 1 starts with every site (a re-run then sees the same participants); later rounds
     # need only min_sites, so that a site that went down does not stall the federation.
     _wait_for_sites(grid, n_sites, float(plan["round_timeout_s"]))
-    strategy = _strategy(fed)
+    strategy = _strategy(fed, plan["site_rows"])
     initial = _pooled_normalization(
         grid, torch.load(work / "initial.pt", map_location="cpu", weights_only=True), plan)
     config = ConfigRecord({"model-info": json.dumps(plan["model_info"]),
@@ -214,3 +251,79 @@ def client_train(msg: Message, context: Context) -> Message:
     content = RecordDict({"arrays": ArrayRecord({k: new[k] for k in weights}),
                           "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
+
+
+# What `superlink_main` admits, from the federate step (launch.py): the sha256 of the step's
+# FAB, its run config, and the folder of the public keys of the sites' SuperNodes.
+PINNED_FAB = "ARF_FEDERATION_FAB_SHA256"
+PINNED_RUN_CONFIG = "ARF_FEDERATION_RUN_CONFIG"
+ADMITTED_KEYS = "ARF_FEDERATION_ADMITTED_KEYS_DIR"
+
+
+def _admitted_keys(folder: Path) -> set[bytes]:
+    """The DER public keys of the `*.pub` files (OpenSSH format) in `folder`, read per call:
+    a SuperNode the step restarts has a new key (launch.Federation.revive)."""
+    from cryptography.hazmat.primitives import serialization
+
+    der = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return {serialization.load_ssh_public_key(p.read_bytes()).public_bytes(*der)
+            for p in sorted(folder.glob("*.pub"))}
+
+
+def install_superlink_guard(fab_sha256: str, run_config: dict[str, Any], keys: Path) -> None:
+    """Make this process's SuperLink state refuse (a) every run but one of the FAB `fab_sha256`
+    with `run_config`, and (b) every SuperNode key that is not a `*.pub` file in `keys`.
+
+    Why: the Control API (`flwr run`, `flwr supernode register`) answers anyone who reaches
+    the port. A foreign run would execute its own ClientApp in every SuperNode, which reads
+    the site's rows and could send them anywhere; a foreign key would join the rounds.
+    Both refusals sit in the state's `create_run`/`create_node`, which every Control API path
+    (runs, automations, registrations) goes through.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+    from flwr.supercore.error import ApiErrorCode, FlowerError
+
+    runs: list[str] = []
+
+    def refuse(what: str) -> FlowerError:
+        flwr_log(logging.ERROR, "arf federate: refused %s", what)
+        return FlowerError(ApiErrorCode.FORBIDDEN_ACTION, f"refused {what}",
+                           public_details=f"this SuperLink serves one arf federate step "
+                                          f"only; refused {what}")
+
+    for cls in (InMemoryLinkState, SqlLinkState):
+        def create_run(self, fab_id, fab_version, fab_hash, override_config, *args,
+                       _original=cls.create_run, **kwargs):
+            if fab_hash != fab_sha256 or dict(override_config or {}) != run_config or runs:
+                raise refuse(f"a run of app {fab_id!r} (FAB sha256 {fab_hash}, run config "
+                             f"{dict(override_config or {})}): only the step's own run "
+                             f"(FAB sha256 {fab_sha256}) may start, once")
+            runs.append(fab_hash)
+            return _original(self, fab_id, fab_version, fab_hash, override_config, *args,
+                             **kwargs)
+
+        def create_node(self, *args, _original=cls.create_node, **kwargs):
+            pem = kwargs["public_key"] if "public_key" in kwargs else args[2]
+            key = serialization.load_pem_public_key(pem).public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            if key not in _admitted_keys(keys):
+                raise refuse(f"the SuperNode key named {kwargs.get('name')!r}: not one of "
+                             f"the sites' keys in {keys}")
+            return _original(self, *args, **kwargs)
+
+        cls.create_run, cls.create_node = create_run, create_node
+
+
+def superlink_main() -> None:
+    """flower-superlink (its command-line arguments) behind `install_superlink_guard`, pinned
+    by the environment launch.py sets."""
+    import sys
+
+    from flwr.superlink.cli import flower_superlink
+
+    install_superlink_guard(os.environ[PINNED_FAB], json.loads(os.environ[PINNED_RUN_CONFIG]),
+                            Path(os.environ[ADMITTED_KEYS]))
+    sys.argv[0] = "flower-superlink"
+    sys.exit(flower_superlink())

@@ -17,6 +17,7 @@ sample counts; one nested run per site holds that site's per-round losses.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -174,17 +175,30 @@ class Federation:
         env["OMP_NUM_THREADS"] = "1"
         return env
 
-    def _start(self, name: str, command: list[str]) -> subprocess.Popen:
+    def _start(self, name: str, command: list[str], env: dict[str, str] | None = None
+               ) -> subprocess.Popen:
         logfile = self.work / f"{name}.log"
         handle = open(logfile, "ab")  # noqa: SIM115 - the child owns it
         proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=self.environment(),
+                                stdin=subprocess.DEVNULL, env={**self.environment(), **(env or {})},
                                 cwd=self.work, start_new_session=True)
         handle.close()
         self.procs[name] = proc
         return proc
 
+    def _app(self) -> str:
+        """Write the Flower app folder `flwr run` submits; the sha256 of the FAB it builds
+        from it (Flower's build is deterministic: the SuperLink is pinned to it in advance)."""
+        from flwr.cli.build import build_fab_from_disk
+
+        app = self.work / "app"
+        app.mkdir(exist_ok=True)
+        (app / "pyproject.toml").write_text(APP_PYPROJECT)
+        return hashlib.sha256(build_fab_from_disk(app)).hexdigest()
+
     def start(self) -> None:
+        from arf_trainer.federated import apps
+
         self.home.mkdir(parents=True, exist_ok=True)
         external = os.environ.get("ARF_FEDERATION_SUPERNODES") == "external"
         host, port, advertise = _listen_address(external)
@@ -194,13 +208,21 @@ class Federation:
             f'[superlink]\ndefault = "arf"\n\n[superlink.arf]\n'
             f'address = "{advertise}:{self.port}"\n'
             f'root-certificates = {json.dumps(str(self.certs["ca"]))}\n')
+        fab_sha256 = self._app()
+        keys_dir = (Path(os.environ.get("ARF_FEDERATION_NODE_KEYS_DIR",
+                                        "/etc/arf/federation-nodes")) if external
+                    else self.work / "tls")
         # SuperNode authentication: the SuperLink admits only nodes whose public key was
-        # registered through its Control API (below); any other node fails to activate.
+        # registered through its Control API (below); any other node fails to activate. The
+        # guard (apps.superlink_main) refuses any other key, and any run but this step's.
         link = self._start("superlink", [
-            str(self.bin / "flower-superlink"), "--ssl-certfile", str(self.certs["cert"]),
+            sys.executable, "-c", "from arf_trainer.federated.apps import superlink_main; "
+            "superlink_main()", "--ssl-certfile", str(self.certs["cert"]),
             "--ssl-keyfile", str(self.certs["key"]), "--ssl-ca-certfile", str(self.certs["ca"]),
             "--host", host, "--port", str(self.port), "--database", ":flwr-in-memory:",
-            "--enable-supernode-auth"])
+            "--enable-supernode-auth"], env={
+                apps.PINNED_FAB: fab_sha256, apps.ADMITTED_KEYS: str(keys_dir),
+                apps.PINNED_RUN_CONFIG: json.dumps(self.run_config())})
         _wait_port(self.port, link, "the Flower SuperLink", self.work / "superlink.log")
         self.keys = _node_keys(self.work, self.sites, external)
         self.register({name: keys["pub"] for name, keys in self.keys.items()})
@@ -208,6 +230,9 @@ class Federation:
             return
         for site in self.sites:
             self.start_supernode(site)
+
+    def run_config(self) -> dict[str, str]:
+        return {"work-dir": str(self.work)}
 
     def register(self, public_keys: dict[str, Path]) -> None:
         """`flwr supernode register` of each site's public key (run side by side)."""
@@ -234,11 +259,9 @@ class Federation:
             "--host", "127.0.0.1", "--port", str(_free_port()), "--node-config", config])
 
     def run_app(self, timeout_s: float) -> None:
-        app = self.work / "app"
-        app.mkdir(exist_ok=True)
-        (app / "pyproject.toml").write_text(APP_PYPROJECT)
-        command = [str(self.bin / "flwr"), "run", str(app), "arf", "--stream",
-                   "--run-config", f"work-dir={json.dumps(str(self.work))}"]
+        app = self.work / "app"  # written by start(), whose FAB the SuperLink admits
+        command = [str(self.bin / "flwr"), "run", str(app), "arf", "--stream", "--run-config",
+                   " ".join(f"{k}={json.dumps(v)}" for k, v in self.run_config().items())]
         log.info("$ %s", " ".join(command))
         runner = self._start("flwr-run", command)
         deadline = time.monotonic() + timeout_s

@@ -113,5 +113,7 @@ def plan(env: StepEnv, sites: list[dict[str, Any]]) -> tuple[dict[str, Any], Mod
     timeout = float(spec.training.get("timeout_minutes", 60)) * 60
     plan_ = {"federated": spec.template["federated"], "model_info": info.to_json(),
              "hyperparameters": spec.hyperparameters, "seed": spec.seed,
-             "round_timeout_s": timeout}
+             "round_timeout_s": timeout,
+             # What each site's updates must weigh (apps: a larger claim is refused).
+             "site_rows": [m.rows("train") for m in manifests]}
     return plan_, info

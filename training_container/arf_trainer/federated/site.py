@@ -148,11 +148,21 @@ def fit(info: ModelInfo, weights: dict[str, torch.Tensor], data: SiteData, hp: H
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics
 
 
+MIN_SHARED_ROWS = 3  # fewer rows: a column's mean and m2 give its values back
+
+
 def statistics(data: SiteData, recipe: Recipe | None = None) -> dict[str, torch.Tensor]:
     """This site's sufficient statistics for the normalization, in float64: its training row
     count and, per standardized input value (`recipe.normalized_inputs`; every flattened
     feature without a recipe) and float target value, the mean and the sum of squared
-    deviations from it. Aggregates over the whole split: no row can be read back from them."""
+    deviations from it. Aggregates over the whole split: from MIN_SHARED_ROWS rows on, no row
+    can be read back from them (one row is its own mean; two are mean +- sqrt(m2 / 2)), so a
+    smaller site refuses to share them, and counts as a failed site."""
+    if 0 < data.train_rows < MIN_SHARED_ROWS:
+        raise TrainingError(
+            f"this site has {data.train_rows} training row(s): its statistics would be its rows "
+            f"themselves, so it shares none (it needs at least {MIN_SHARED_ROWS}); prepare "
+            "more rows at this site, or leave it out of federated.sites")
     out = {"count": torch.tensor([data.train_rows], dtype=torch.float64)}
     columns = {"x": recipe.normalized_inputs(data.x_train) if recipe else data.x_train}
     if data.y_train.is_floating_point():  # a classifier's labels are not standardized
@@ -183,6 +193,30 @@ def pooled_stats(sites: list[dict[str, torch.Tensor]]) -> tuple[Stats, Stats | N
         return stats_of(mean.numpy(), (m2 / count).sqrt().numpy())
 
     return combine("x"), combine("y")
+
+
+def update_problem(update: dict[str, torch.Tensor], sent: dict[str, torch.Tensor],
+                   num_examples: float, train_rows: int) -> str | None:
+    """Why the server must not aggregate a site's reply to a round, or None if it may.
+
+    The reply must hold the arrays the round sent (names, shapes, dtypes), finite, and weigh
+    by the training rows the site's own manifest reported: FedAvg weights each update by its
+    claimed row count, so a site claiming more rows than it prepared would dominate the
+    global model, and one NaN would poison it for every site.
+    """
+    if list(update) != list(sent):
+        return (f"its arrays are {sorted(update)[:6]}, the round sent {sorted(sent)[:6]}")
+    for name, value in update.items():
+        want = sent[name]
+        if tuple(value.shape) != tuple(want.shape) or value.dtype != want.dtype:
+            return (f"its array {name!r} is {value.dtype} {list(value.shape)}, the round "
+                    f"sent {want.dtype} {list(want.shape)}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"its array {name!r} holds NaN or infinite values"
+    if num_examples != train_rows:
+        return (f"it weighs its update by {num_examples:g} training rows, its manifest "
+                f"reports {train_rows}")
+    return None
 
 
 VAL_EXAMPLES = "val-examples"

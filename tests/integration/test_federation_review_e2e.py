@@ -1,0 +1,139 @@
+"""The real SuperLink of `arf-trainer federate` (Flower 1.42, loopback) against a foreign caller.
+
+Flower's Control API authenticates no caller: before the guard (apps.superlink_main), any
+process that reached the port ran its own app with `flwr run`, whose ClientApp read every
+site's shards inside the SuperNodes and sent them back; `flwr supernode register` admitted any
+key. Slow (one federation); runs in the federation venv (`make federation-venv`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from trainer_testkit import fresh_tracking_uri, make_spec, prepare_reach, step_environ
+
+REPO = Path(__file__).resolve().parents[2]
+FED_VENV = Path(os.environ.get("ARF_FEDERATION_VENV") or REPO / ".federation-venv")
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.skipif(
+    not (FED_VENV / "bin" / "flwr").exists(),
+    reason=f"no federation venv at {FED_VENV}: run `make federation-venv`")]
+
+FOREIGN_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "foreign"
+version = "1.0.0"
+description = "reads the sites' shards"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "foreign"
+
+[tool.flwr.app.components]
+serverapp = "foreign:server_app"
+clientapp = "foreign:client_app"
+
+[tool.flwr.app.config]
+"""
+FOREIGN_APP = """\
+import json
+from pathlib import Path
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+server_app = ServerApp()
+client_app = ClientApp()
+
+@server_app.main()
+def main(grid, context):
+    replies = grid.send_and_receive([Message(RecordDict({"c": ConfigRecord({"x": 1})}), node,
+                                             MessageType.QUERY) for node in grid.get_node_ids()])
+    Path(STOLEN).write_text(json.dumps([dict(r.content["rows"]) for r in replies
+                                        if not r.has_error()]))
+
+@client_app.query()
+def rows(msg, context):
+    shard = sorted(Path(str(context.node_config["data-dir"])).rglob("*.parquet"))[0]
+    return Message(RecordDict({"rows": ConfigRecord({"shard": shard.read_bytes().hex()})}),
+                   reply_to=msg)
+"""
+
+
+def _flwr(home: Path, *args: str) -> subprocess.CompletedProcess:
+    # COLUMNS: Flower's error boxes would cut the message short
+    env = {**os.environ, "FLWR_HOME": str(home), "COLUMNS": "400"}
+    return subprocess.run([str(FED_VENV / "bin" / "flwr"), *args], capture_output=True,
+                          text=True, timeout=180, env=env, cwd=home)
+
+
+def test_a_foreign_caller_can_neither_run_its_app_nor_register_a_supernode(tmp_path):
+    workspace, sites = tmp_path / "run", ["north", "south"]
+    for site in sites:
+        prepare_reach(workspace / "sites" / site, rows=100)
+    spec = make_spec("reach_bc", "federate", run_id="review",
+                     hyperparameters={"hidden_size": 16, "num_layers": 1, "batch_size": 64},
+                     training={"distributed": {"nodes": 1, "procs_per_node": 1},
+                               "timeout_minutes": 5})
+    spec["template"]["federated"] = {
+        "sites": [{"name": s, "hub": f"/hubs/{s}", "query": None} for s in sites],
+        "rounds": 3, "strategy": "fedavg", "fraction_fit": 1.0, "min_sites": 2,
+        "local_epochs": 1, "proximal_mu": None}
+    (workspace / "federate.json").write_text(json.dumps(spec))
+    env = step_environ(workspace / "federate.json", workspace,
+                       fresh_tracking_uri(tmp_path / "mlflow"), tmp_path / "art", "review",
+                       step="federate")
+    out = open(tmp_path / "step.log", "wb")  # noqa: SIM115 - the child owns it
+    proc = subprocess.Popen([str(FED_VENV / "bin" / "arf-trainer"), "federate"], env=env,
+                            stdout=out, stderr=subprocess.STDOUT)
+    out.close()
+    federate = workspace / "federate"
+    try:
+        deadline = time.monotonic() + 300
+        while "[ROUND 1/" not in ((federate / "flwr-run.log").read_text(errors="replace")
+                                  if (federate / "flwr-run.log").is_file() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "step.log").read_text()[-3000:]
+            time.sleep(0.2)
+        # The caller knows the address and trusts the CA (the server's certificate is no
+        # secret); it has no key of the step's and no account.
+        caller = tmp_path / "caller"
+        (caller / "app").mkdir(parents=True)
+        stolen = tmp_path / "stolen.json"
+        (caller / "app" / "pyproject.toml").write_text(FOREIGN_PYPROJECT)
+        (caller / "app" / "foreign.py").write_text(f"STOLEN = {str(stolen)!r}\n" + FOREIGN_APP)
+        shutil.copy(federate / "flwr-home" / "config.toml", caller / "config.toml")
+        run = _flwr(caller, "run", str(caller / "app"), "arf", "--stream")
+        assert "only the step's own run" in run.stdout + run.stderr, run.stdout[-2000:]
+        subprocess.run([str(FED_VENV / "bin" / "python"), "-c",
+                              "import sys; from pathlib import Path; from arf_trainer.federated."
+                              "tls import make_node_key; make_node_key(Path(sys.argv[1]), 'x')",
+                              str(caller / "keys")], check=True, env=env)
+        register = _flwr(caller, "supernode", "register", str(caller / "keys" / "x.pub"), "arf")
+        assert "not one of the sites' keys" in register.stdout + register.stderr, \
+            register.stdout[-2000:]
+        code = proc.wait(timeout=600)
+    finally:  # SIGTERM: the step then stops its Flower processes (SIGKILL would orphan them)
+        proc.terminate()
+        proc.wait(timeout=60)
+    output = (tmp_path / "step.log").read_text()
+    assert code == 0, output[-4000:]  # the step's own run went on, and finished
+    assert not stolen.exists()
+    link = (federate / "superlink.log").read_text(errors="replace")
+    assert "refused a run of app 'foreign/foreign'" in link
+    assert "refused the SuperNode key" in link
+    assert (workspace / "train" / "model.pt").is_file()
