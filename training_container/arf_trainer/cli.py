@@ -246,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         _record_rank_exit(exc.exit_code)
         return exc.exit_code  # PREEMPTED_EXIT
     except TrainerError as exc:
-        print(f"arf-trainer {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        from arf_trainer.tracking import hide_secrets
+
+        print(f"arf-trainer {args.command}: error: {hide_secrets(str(exc))}", file=sys.stderr,
+              flush=True)
         if args.command == "train":
             _record_rank_exit(exc.exit_code)  # torchrun turns a bad-input 2 into 1
         if args.command == "train" and _is_rank_of_a_group():

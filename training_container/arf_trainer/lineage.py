@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from arf_trainer.errors import SpecError
+from arf_trainer.tracking import shown_uri
 
 
 def read_lineage(tracking_uri: str, run_id: str) -> dict[str, Any]:
@@ -22,7 +23,7 @@ def read_lineage(tracking_uri: str, run_id: str) -> dict[str, Any]:
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
-        raise SpecError(f"MLflow run {run_id!r} not found at {tracking_uri}: {exc.message}. "
+        raise SpecError(f"MLflow run {run_id!r} not found at {shown_uri(tracking_uri)}: {exc.message}. "
                         "Pass the training run id (the model version's arf.training_run_id "
                         "tag, or the run id shown by the train step)") from exc
     tags = run.data.tags

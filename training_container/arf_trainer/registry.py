@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from arf_trainer.errors import RegistryError, SpecError
+from arf_trainer.tracking import shown_uri
 
 _URI = re.compile(r"^models:/(?P<name>[A-Za-z][A-Za-z0-9_.-]*)"
                   r"(?:/(?P<version>[0-9]+)|@(?P<alias>[A-Za-z0-9_-]+))$")
@@ -34,7 +35,7 @@ def resolve(client: Any, uri: str, tracking_uri: str, field: str = "model.base_m
     except MlflowException as exc:
         if getattr(exc, "error_code", "") not in ("RESOURCE_DOES_NOT_EXIST",
                                                   "INVALID_PARAMETER_VALUE"):
-            raise RegistryError(f"MLflow at {tracking_uri} failed to resolve {field} "
+            raise RegistryError(f"MLflow at {shown_uri(tracking_uri)} failed to resolve {field} "
                                 f"{uri!r}: {exc.message}") from exc
         try:
             known = sorted(int(v.version) for v in
@@ -45,11 +46,11 @@ def resolve(client: Any, uri: str, tracking_uri: str, field: str = "model.base_m
         if alias is not None:
             raise SpecError(
                 f"{field} {uri!r}: registered model {name!r} has no alias {alias!r} "
-                f"in the registry at {tracking_uri} (its versions: {versions}). Point the alias "
+                f"in the registry at {shown_uri(tracking_uri)} (its versions: {versions}). Point the alias "
                 f"at the version to start from: MlflowClient().set_registered_model_alias("
                 f"{name!r}, {alias!r}, '<version>')"
                 + (" - or evaluate a version with evaluation.promotion_margin set, whose "
                    "promotion gate sets it" if alias == "champion" else "")) from exc
         raise SpecError(f"{field} {uri!r}: {name!r} has no version {version} in the "
-                        f"registry at {tracking_uri} (its versions: {versions}); pin an "
+                        f"registry at {shown_uri(tracking_uri)} (its versions: {versions}); pin an "
                         "existing version or an alias") from exc

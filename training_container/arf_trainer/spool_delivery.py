@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from arf_trainer import tracking
 from arf_trainer.errors import RegistryError, SpoolError
 from arf_trainer.spool_file import LOCK_TIMEOUT_S, SPOOL_FILE, Spool, SpoolState
+from arf_trainer.tracking import shown_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -194,11 +195,11 @@ def replay(folder: Path, client: "MlflowClient", tracking_uri: str,
         left = spool.pending_count
         if is_permanent(exc):
             raise RegistryError(
-                f"MLflow at {tracking_uri} refused a tracking record spooled by the train step "
+                f"MLflow at {shown_uri(tracking_uri)} refused a tracking record spooled by the train step "
                 f"({message_of(exc)}); {left} record(s) remain in {spool.path}: fix the cause "
                 "(e.g. a param logged with another value), then retry the task") from exc
         raise RegistryError(
-            f"MLflow at {tracking_uri} could not take the {left} tracking record(s) that the "
+            f"MLflow at {shown_uri(tracking_uri)} could not take the {left} tracking record(s) that the "
             f"train step spooled in {spool.path} ({message_of(exc)}); retry the task once MLflow "
             "is reachable") from exc
     finally:

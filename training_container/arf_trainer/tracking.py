@@ -44,6 +44,42 @@ def dag_run_key(dag_id: str, run_id: str) -> str:
     return f"{dag_id}/{run_id}"
 
 
+def shown_uri(uri: str) -> str:
+    """`uri` as messages (task logs) show it: without its user info or query. The embedded
+    stack's store URI carries the database password (`postgresql+psycopg://arf:...@/mlflow`)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:  # not a URL at all: its scheme only
+        return uri.split(":", 1)[0] + ":..."
+    if "@" not in parts.netloc and not parts.query:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, ("***@" if "@" in parts.netloc else "") + host,
+                       parts.path, "", ""))
+
+
+_SECRETS: set[str] = set()  # passwords of the tracking URIs `configure` was given
+
+
+def hide_secrets(text: str) -> str:
+    """`text` without the password of any tracking URI this process was pointed at (through
+    `configure`, ARF_TRACKING_URI or MLFLOW_TRACKING_URI): MLflow's own messages quote the
+    URL they called, credentials included."""
+    from urllib.parse import quote, urlsplit
+
+    secrets = set(_SECRETS)
+    for name in ("ARF_TRACKING_URI", "MLFLOW_TRACKING_URI"):
+        try:
+            secrets.add(urlsplit(os.environ.get(name, "")).password or "")
+        except ValueError:
+            pass
+    for secret in sorted(secrets - {""}, key=len, reverse=True):
+        text = text.replace(secret, "***").replace(quote(secret, safe=""), "***")
+    return text
+
+
 @contextmanager
 def mlflow_errors(tracking_uri: str, what: str) -> Iterator[None]:
     """Turn MLflow's exceptions into a `RegistryError` that says what we were doing, and where."""
@@ -52,13 +88,21 @@ def mlflow_errors(tracking_uri: str, what: str) -> Iterator[None]:
     try:
         yield
     except MlflowException as exc:
-        raise RegistryError(f"MLflow at {tracking_uri} failed to {what}: {exc.message}") from exc
+        raise RegistryError(f"MLflow at {shown_uri(tracking_uri)} failed to {what}: "
+                            f"{hide_secrets(exc.message)}") from exc
 
 
 def configure(tracking_uri: str) -> "MlflowClient":
     """Point MLflow (tracking and registry) at `tracking_uri` and return a client for it."""
     import mlflow
+    from urllib.parse import unquote, urlsplit
 
+    try:
+        password = urlsplit(tracking_uri).password
+    except ValueError:
+        password = None
+    if password:
+        _SECRETS.update({password, unquote(password)})
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
