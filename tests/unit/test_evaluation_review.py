@@ -5,7 +5,6 @@ overlap evaluation seeds."""
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
+import test_evaluator as evaluator_tests
 from trainer_testkit import fresh_tracking_uri, make_env, make_spec, prepare_reach
 
 from arf_trainer.errors import EvaluationError, SpecError
@@ -76,22 +75,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def eval_env(registry: dict[str, Any], workspace: Path, version: Any, run_id: str,
              **evaluation: Any) -> Any:
-    from arf_trainer.spec import JobSpec, StepEnv
-
-    template = yaml.safe_load((REPO / "config_templates" / "reach_bc.yaml").read_text())
-    template["dataset"].setdefault("tables", {})
-    template["model"].setdefault("base_model", None)
-    template["evaluation"].pop("promotion_margin", None)
-    template["evaluation"].update({"episodes": EPISODES, **evaluation})
-    spec = JobSpec.from_dict({
-        "spec_version": 1, "step": "evaluate", "template": copy.deepcopy(template),
-        "template_sha256": "0" * 64, "conf": {}, "hyperparameters": {}, "seed": 0,
-        "run": {"dag_id": "arf_evaluate", "run_id": run_id, "task_id": "evaluate"},
-        "inputs": {"model_name": MODEL, "model_version": version},
-    })
-    return StepEnv(workspace=workspace, result_path=workspace / "evaluate" / "result.json",
-                   tracking_uri=registry["uri"], artifact_root=str(registry["artifacts"]),
-                   datahub=workspace / "hub", spec=spec)
+    return evaluator_tests.eval_env(registry, workspace, version, run_id=run_id, model=MODEL,
+                                    evaluation={"episodes": EPISODES, **evaluation})
 
 
 def _client(registry: dict[str, Any]) -> Any:

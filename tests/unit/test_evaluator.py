@@ -69,7 +69,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def eval_env(registry: dict[str, Any], workspace: Path, version: Any, *,
              run_id: str = "manual__1", evaluation: dict[str, Any] | None = None,
-             drop_evaluation: bool = False) -> StepEnv:
+             drop_evaluation: bool = False, model: str = MODEL) -> StepEnv:
     template = yaml.safe_load((REPO / "config_templates" / "reach_bc.yaml").read_text())
     template["dataset"].setdefault("tables", {})
     template["dataset"].setdefault("allow_query_override", False)
@@ -83,7 +83,7 @@ def eval_env(registry: dict[str, Any], workspace: Path, version: Any, *,
         "spec_version": 1, "step": "evaluate", "template": copy.deepcopy(template),
         "template_sha256": "0" * 64, "conf": {}, "hyperparameters": {}, "seed": 0,
         "run": {"dag_id": "arf_evaluate", "run_id": run_id, "task_id": "evaluate"},
-        "inputs": {"model_name": MODEL, "model_version": version},
+        "inputs": {"model_name": model, "model_version": version},
     })
     return StepEnv(workspace=workspace, result_path=workspace / "evaluate" / "result.json",
                    tracking_uri=registry["uri"], artifact_root=str(registry["artifacts"]),

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from test_supervisor import _alive, _wait
 
 from arf_training import stack
 from arf_training.procs import start_process
@@ -48,25 +49,6 @@ DRIVER = textwrap.dedent("""
                        ready=lambda: True, stop_last=name == "db") for name in ("db", "app")]
     sys.exit(Supervisor(comps, run, grace_s=3, backoff_s=(0.2, 1.0)).run())
 """)
-
-
-def _wait(what: str, predicate, timeout: float = 30.0, tick=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if tick:
-            tick()
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def _driver(run: Path, kind: str = "sleep") -> subprocess.Popen:
