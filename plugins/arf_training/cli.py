@@ -50,13 +50,13 @@ def _stack(args: argparse.Namespace) -> int:
         return 0
     if args.command == "status":
         report = stack.status()
-        print(stack.format_status(report))
+        print(format_status(report))
         return 0 if report["running"] else 3
     opts = stack.StackOptions(api_port=args.port, mlflow_port=args.mlflow_port, host=args.host)
     report = stack.up(opts)
     if report["already_running"]:
         print("the stack is already running; components waiting to restart were restarted now")
-    print(stack.format_status(report))
+    print(format_status(report))
     if report.get("password"):
         print(f"Airflow user '{stack.PUBLIC_USER}', password {report['password']} (shown "
               f"once; kept 0600 in {report['passwords_file']})")
@@ -266,3 +266,20 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def format_status(report: dict) -> str:
+    if report.get("leftovers"):
+        return (f"the supervisor is gone, but {', '.join(report['leftovers'])} still run: `arf "
+                "down` stops them, `arf up` stops them and starts the stack afresh")
+    if not report["running"]:
+        return "the stack is not running (start it with `arf up`)"
+    lines = [f"supervisor pid {report['supervisor_pid']} ({report['phase']}); logs in "
+             f"{report['run_dir']}",
+             f"{'component':14} {'state':9} {'pid':>7} {'uptime':>8} {'restarts':>8} {'port':>6}"
+             "  last exit"]
+    for c in report["components"]:
+        uptime = f"{c['uptime_s']}s" if c.get("uptime_s") is not None else "-"
+        lines.append(f"{c['name']:14} {c['state']:9} {c['pid'] or '-':>7} {uptime:>8} "
+                     f"{c['restarts']:>8} {c['port'] or '-':>6}  {c['last_exit'] or ''}")
+    return "\n".join(lines)

@@ -40,7 +40,8 @@ from pathlib import Path
 
 from arf_training.embedded import airflow_components, ensure_migrated, environment
 from arf_training.errors import ArfError
-from arf_training.procs import group_descendants, open_private_log, port_holder, stop_groups
+from arf_training.procs import (group_alive, group_descendants, open_private_log, port_holder,
+                                stop_groups)
 from arf_training.settings import ArfSettings, database_backend, venv_bin
 from arf_training.supervisor import (PID_FILE, Component, Supervisor, another_supervisor,
                                      read_state, supervisor_pid, take_run_lock)
@@ -232,8 +233,7 @@ def _pid_reused(pid: int, started_at: float | None) -> bool:
 def _stop_leftovers(rdir: Path) -> list[str]:
     """Stop what a dead supervisor (or an older `arf up`'s pid files) left running: each
     group, and what its members started in sessions of their own (a step's torchrun)."""
-    groups = {c["name"]: c["pid"] for c in (read_state(rdir) or {}).get("components", [])
-              if c.get("pid") and not _pid_reused(c["pid"], c.get("started_at"))}
+    groups = _leftover_groups(rdir)
     for pid_file in rdir.glob("*.pid"):
         if pid_file.name != PID_FILE:
             try:
@@ -247,6 +247,12 @@ def _stop_leftovers(rdir: Path) -> list[str]:
     (rdir / "state.json").unlink(missing_ok=True)
     descendants = {name: group_descendants(pgid) for name, pgid in groups.items()}
     return stop_groups(groups, grace_s=10, descendants=descendants) if groups else []
+
+
+def _leftover_groups(rdir: Path) -> dict[str, int]:
+    """name -> process group of the components a dead supervisor's state file names."""
+    return {c["name"]: c["pid"] for c in (read_state(rdir) or {}).get("components", [])
+            if c.get("pid") and not _pid_reused(c["pid"], c.get("started_at"))}
 
 
 def seed_empty_hub(settings: ArfSettings) -> None:
@@ -353,8 +359,9 @@ def down(grace_s: float = 60) -> list[str]:
 def status() -> dict:
     rdir = run_dir(ArfSettings.from_env())
     pid = supervisor_pid(rdir)
-    if not pid:
-        return {"running": False, "supervisor_pid": None, "components": [], "run_dir": str(rdir)}
+    if not pid:  # a SIGKILLed supervisor's components may still run
+        return {"running": False, "supervisor_pid": None, "components": [], "run_dir": str(rdir),
+                "leftovers": [n for n, g in _leftover_groups(rdir).items() if group_alive(g)]}
     # A supervisor that has just started (a second `arf up` meets it) has no state file yet.
     state = read_state(rdir) or {"supervisor": {"phase": "starting"}, "components": []}
     now = time.time()
@@ -362,20 +369,6 @@ def status() -> dict:
         comp["uptime_s"] = round(now - comp["started_at"]) if comp.get("started_at") else None
     return {"running": True, "supervisor_pid": pid, "phase": state["supervisor"]["phase"],
             "components": state["components"], "run_dir": str(rdir)}
-
-
-def format_status(report: dict) -> str:
-    if not report["running"]:
-        return "the stack is not running (start it with `arf up`)"
-    lines = [f"supervisor pid {report['supervisor_pid']} ({report['phase']}); logs in "
-             f"{report['run_dir']}",
-             f"{'component':14} {'state':9} {'pid':>7} {'uptime':>8} {'restarts':>8} {'port':>6}"
-             "  last exit"]
-    for c in report["components"]:
-        uptime = f"{c['uptime_s']}s" if c.get("uptime_s") is not None else "-"
-        lines.append(f"{c['name']:14} {c['state']:9} {c['pid'] or '-':>7} {uptime:>8} "
-                     f"{c['restarts']:>8} {c['port'] or '-':>6}  {c['last_exit'] or ''}")
-    return "\n".join(lines)
 
 
 def _supervise(argv: list[str] | None = None) -> int:

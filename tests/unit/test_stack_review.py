@@ -22,6 +22,7 @@ import pytest
 from test_supervisor import _alive, _wait
 
 from arf_training import stack
+from arf_training.cli import format_status
 from arf_training.procs import start_process
 from arf_training.settings import ArfSettings
 from arf_training.supervisor import Component, Supervisor, read_state, supervisor_pid
@@ -189,7 +190,8 @@ def test_the_stack_entry_point_exits_before_building_anything_when_one_runs(tmp_
         lock.close()
 
 
-def test_the_leftovers_of_a_sigkilled_supervisor_include_steps_in_their_own_sessions(tmp_path):
+def test_the_leftovers_of_a_sigkilled_supervisor_include_steps_in_their_own_sessions(tmp_path,
+                                                                                    monkeypatch):
     """The next `arf up` / `arf down` stopped the dead supervisor's groups, but a step its
     scheduler started in a session of its own (the local backend's torchrun) ran on."""
     run = tmp_path / "run"
@@ -202,7 +204,13 @@ def test_the_leftovers_of_a_sigkilled_supervisor_include_steps_in_their_own_sess
         family = [pid for f in files for pid in json.loads(f.read_text())]
         proc.kill()
         proc.wait()
+        # `arf status` says what still runs (it said "not running"), and how to stop it.
+        monkeypatch.setenv("ARF_HOME", str(run.parent))
+        report = stack.status()
+        assert not report["running"] and sorted(report["leftovers"]) == ["app", "db"]
+        assert "the supervisor is gone, but" in format_status(report)
         assert sorted(stack._stop_leftovers(run)) == ["app", "db"]
+        assert stack.status()["leftovers"] == []
         _wait("the step's exit", lambda: not any(_alive(pid) for pid in family), timeout=15)
     finally:
         _kill_all(*family)
@@ -332,7 +340,7 @@ def test_status_of_a_supervisor_that_has_just_started_says_it_runs(tmp_path, mon
         _wait("its lock", lambda: supervisor_pid(run) == proc.pid)
         report = stack.status()
         assert report["running"] and report["phase"] == "starting", report
-        assert "supervisor pid" in stack.format_status(report)
+        assert "supervisor pid" in format_status(report)
     finally:
         proc.kill()
         proc.wait()
