@@ -160,7 +160,7 @@ def test_wrong_type_conf_is_rejected_naming_the_parameter(embedded):
 def test_reproduce_unknown_run_is_a_clear_error(embedded):
     proc = subprocess.run([str(BIN / "arf"), "training", "reproduce", "0123456789abcdef"],
                           env=embedded, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # bad input, never "mismatch" (1): nothing was compared
     assert "MLflow run '0123456789abcdef' not found" in proc.stderr, proc.stderr[-2000:]
 
 
