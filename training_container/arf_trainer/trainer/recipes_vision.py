@@ -4,7 +4,9 @@ Data (data.py's batch interface): one feature column holds uint8 frames ``[H, W,
 fixed-shape array column, e.g. the `reach_pixels` table's ``image``); the other feature
 columns (scalars or vectors) are flattened into the state vector; the targets are actions.
 Frames stay uint8 from storage to the model (a quarter of the memory of float32, and what a
-camera delivers); the model scales them to [-0.5, 0.5] itself.
+camera delivers); the model scales them to [-0.5, 0.5] itself, once, and refuses frames of
+another dtype (a float copy would be scaled again, silently). Frames need at least
+`MIN_FRAME_SIDE` pixels a side: below, the encoder's last map has one position along a side.
 
 Model (`PixelPolicy`), self-contained for serving like the MLP recipes:
 
@@ -84,9 +86,16 @@ class PixelNet(nn.Module):
         self.head = nn.Sequential(*layers)
 
     def forward(self, x: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        image = x[IMAGE_KEY]
+        if image.dtype != torch.uint8:
+            # Scaled here, once: a float frame (already in [0, 1], or 0..255 as float) would be
+            # scaled again and give an action for a near-uniform frame, without an error.
+            raise TypeError(f"bc_pixels takes frames as uint8 [B, H, W, 3] (0..255, scaled "
+                            f"by the model itself), got {image.dtype} {list(image.shape)}: pass "
+                            "the camera's uint8 frames, not a scaled float copy")
         # NHWC uint8 -> a channels_last NCHW view, scaled in the model (frames stay uint8 in
         # storage and on the way here).
-        frames = x[IMAGE_KEY].permute(0, 3, 1, 2).float() * (1.0 / 255.0) - 0.5
+        frames = image.permute(0, 3, 1, 2).float() * (1.0 / 255.0) - 0.5
         return self.head(torch.cat([self.encoder(frames), x[STATE_KEY]], dim=1))
 
 
@@ -118,11 +127,31 @@ def _frame_column(features: Sequence[str], shapes: Mapping[str, Sequence[int]]) 
               and shapes[name][-1] == 3]
     if len(frames) != 1:
         described = {name: list(shapes.get(name, ())) for name in features}
+        # A grayscale or RGBA column is an image column all the same: name its channels and
+        # the decode shape that gives RGB, rather than ask for an image column.
+        other = [name for name in features if len(shapes.get(name, ())) == 3]
+        fix = "list one image column and the state columns"
+        if not frames and other:
+            name, shape = other[0], described[other[0]]
+            fix = (f"column {name!r} holds {shape} per row ({shape[-1]} channels): store "
+                   f"RGB frames, e.g. dataset.decode.{name} with shape {[*shape[:2], 3]} "
+                   "(prepare converts grayscale and RGBA images to RGB)")
         raise TrainingError(
             f"recipe 'bc_pixels' needs exactly one feature column of RGB frames (uint8 "
             f"[H, W, 3], e.g. the reach_pixels table's image); dataset.features resolved to "
-            f"{described} (per-row shapes): list one image column and the state columns")
+            f"{described} (per-row shapes): {fix}")
     return frames[0]
+
+
+def _last_map(side: int) -> int:
+    """Positions per side of the encoder's last feature map: two stride-2 convolutions each
+    round a side up when they halve it, so ceil(side / 4)."""
+    return (side + 3) // 4
+
+
+# The keypoints need 2 positions a side of the last map (`_last_map(5) == 2`): with one,
+# softmax weighs it 1 and that coordinate is the same for every frame (blind along that side).
+MIN_FRAME_SIDE = 5
 
 
 class PixelBehaviourCloning(Recipe):
@@ -144,6 +173,14 @@ class PixelBehaviourCloning(Recipe):
                         hp: Hyperparameters, shapes: Mapping[str, Sequence[int]]) -> ModelInfo:
         """The model's shape from the per-row shapes of the feature and target columns."""
         image = _frame_column(features, shapes)
+        height, width = (int(side) for side in shapes[image][:2])
+        if min(height, width) < MIN_FRAME_SIDE:
+            raise TrainingError(
+                f"recipe 'bc_pixels': column {image!r} holds {height}x{width} frames (height x "
+                f"width); its encoder's last map would be {_last_map(height)}x"
+                f"{_last_map(width)} positions, and along a side of 1 the keypoints are the "
+                "same for every frame, so the policy could not see along it. Use frames of at "
+                f"least {MIN_FRAME_SIDE} pixels a side (dataset.decode shape, e.g. [64, 64, 3])")
         state_width = sum(int(np.prod(shapes.get(n, ()))) for n in features if n != image)
         n_outputs = sum(int(np.prod(shapes.get(n, ()))) for n in targets)
         arrays = {n: [int(s) for s in shapes[n]] for n in features if len(shapes.get(n, ()))}
