@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,24 +199,43 @@ def checked_shard(manifest: Manifest, shard: Mapping[str, Any]) -> Path:
     return path
 
 
-def column_array(column: Any, name: str, where: str) -> np.ndarray:
-    """An Arrow (chunked) column as ``[N, *shape]`` NumPy: fixed_size_list (nested) become
-    trailing dimensions, in the element's stored dtype."""
-    import pyarrow as pa
+class DataValueError(PreparedDataError):
+    """A feature or target value no built-in recipe can train on (null, NaN, infinite): one
+    such value makes every loss and weight NaN. Bad input (exit 2), fixed in the dataset
+    query."""
 
+
+Locate = Callable[[int], str]
+"""Row i of a column read -> where it is, for a message (its shard, row and order_by key)."""
+
+
+def column_array(column: Any, name: str, where: str, locate: Locate | None = None) -> np.ndarray:
+    """An Arrow (chunked) column as ``[N, *shape]`` NumPy: fixed_size_list (nested) become
+    trailing dimensions, in the element's stored dtype. A null, NaN or infinite value (an
+    element of an array column too) is refused, naming the row (`locate`)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    locate = locate or (lambda i: f"row {i} of {where}")
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if column.null_count:
-        raise TrainingError(f"column {name!r} has {column.null_count} null value(s) in {where}; "
-                            "filter or fill them in the dataset query")
+        row = pc.index(column.is_null(), True).as_py()
+        raise DataValueError(
+            f"column {name!r} has {column.null_count} null value(s) in {where}, the first at "
+            f"{locate(row)}; filter or fill them in the dataset query (e.g. WHERE {name} IS NOT "
+            f"NULL, or coalesce({name}, 0)) and rerun prepare")
     shape = []
     while pa.types.is_fixed_size_list(column.type):
         shape.append(column.type.list_size)
         # .values ignores the slice offset; flatten() honours it
         column = column.flatten()
         if column.null_count:
-            raise TrainingError(f"column {name!r} has null array elements in {where}; fill "
-                                "them in the dataset query")
+            element = pc.index(column.is_null(), True).as_py()
+            raise DataValueError(
+                f"column {name!r} has a null array element in {where}, at "
+                f"{locate(element // math.prod(shape))}; fill them in the dataset query and "
+                "rerun prepare")
     if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
         raise TrainingError(f"column {name!r} in {where} holds variable-length lists "
                             f"({column.type}); cast it to a fixed-size array in the dataset "
@@ -224,21 +243,57 @@ def column_array(column: Any, name: str, where: str) -> np.ndarray:
     values = column.to_numpy(zero_copy_only=False)
     if not values.flags.writeable:  # a view of Arrow's buffer: torch.from_numpy wants to own it
         values = values.copy()
-    return values.reshape(-1, *shape) if shape else values
+    values = values.reshape(-1, *shape) if shape else values
+    _check_finite(values, name, where, locate)
+    return values
 
 
-def read_table_columns(table: Any, names: list[str], where: str) -> dict[str, np.ndarray]:
-    return {name: column_array(table.column(name), name, where) for name in names}
+def _check_finite(values: np.ndarray, name: str, where: str, locate: Locate) -> None:
+    """NaN or +-inf trains silently into NaN weights (measured: exit 0, train_loss nan)."""
+    if values.dtype.kind != "f" or np.isfinite(values).all():
+        return
+    flat = values.reshape(len(values), -1)
+    finite = np.isfinite(flat)
+    row = int(np.argmin(finite.all(axis=1)))
+    value = flat[row][~finite[row]][0]
+    raise DataValueError(
+        f"column {name!r} holds {value} in {where}, at {locate(row)}; NaN and infinite values "
+        f"make every loss and weight NaN: filter them in the dataset query (e.g. WHERE "
+        f"isfinite({name})) or replace them, and rerun prepare")
+
+
+def shard_row(manifest: Manifest, shard: Mapping[str, Any], row: int) -> str:
+    """'row R of shard PATH (key=value, ...)': the manifest's order_by key, when it has one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = manifest.folder / shard["path"]
+    text = f"row {row} of shard {path}"
+    key = manifest.raw.get("order_by") or []
+    try:
+        values = pq.read_table(path, columns=list(key)).slice(row, 1).to_pylist() if key else []
+    except (OSError, KeyError, pa.ArrowException):  # only a detail of the message
+        values = []
+    if values:
+        text += " (" + ", ".join(f"{k}={v!r}" for k, v in values[0].items()) + ")"
+    return text
+
+
+def read_table_columns(table: Any, names: list[str], where: str,
+                       locate: Locate | None = None) -> dict[str, np.ndarray]:
+    return {name: column_array(table.column(name), name, where, locate) for name in names}
 
 
 def feature_matrix(columns: Mapping[str, np.ndarray], names: list[str]) -> np.ndarray:
     """float32 ``[N, width]``: the named columns, array columns flattened, in order."""
-    try:
-        parts = [np.asarray(columns[n], dtype=np.float32).reshape(len(columns[n]), -1)
-                 for n in names]
-    except (TypeError, ValueError) as exc:
-        raise TrainingError(f"feature columns {names} must be numeric ({exc}); "
-                            "cast or drop them in the dataset query") from exc
+    parts = []
+    for n in names:
+        try:
+            parts.append(np.asarray(columns[n], dtype=np.float32).reshape(len(columns[n]), -1))
+        except (TypeError, ValueError) as exc:
+            raise TrainingError(f"feature column {n!r} holds {columns[n].dtype} values, not "
+                                f"numbers ({exc}); cast it in the dataset query, or leave it "
+                                "out of dataset.features") from exc
     return np.concatenate(parts, axis=1) if len(parts) > 1 else np.ascontiguousarray(parts[0])
 
 
@@ -250,21 +305,43 @@ def target_matrix(columns: Mapping[str, np.ndarray], names: list[str]) -> np.nda
     return feature_matrix(columns, names)
 
 
+READ_BYTES = 8 * 2**20
+"""Decoded bytes of one Parquet read batch (the trainer reads no more than this at a time)."""
+
+
+def read_rows(manifest: Manifest) -> int:
+    """Rows of a read batch: READ_BYTES of the manifest's estimated decoded row."""
+    return max(1, min(65_536, READ_BYTES // manifest.row_bytes()))
+
+
 def read_split(manifest: Manifest, split: str, names: list[str]) -> dict[str, np.ndarray]:
-    """Every shard of a split, whole (sha256-checked): the in-memory loader's read."""
+    """Every shard of a split, whole (sha256-checked): the in-memory loader's read. Batch by
+    batch into arrays of the split's size, so the peak is the split once and one batch (the
+    shards' Arrow tables, their concatenation and its NumPy copy held it 3x, and Parquet's
+    decoding of a whole 176 MB shard of frames took 1.5 GB more)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tables = []
+    out: dict[str, np.ndarray] = {}
+    total, start, size = manifest.rows(split), 0, read_rows(manifest)
     for shard in manifest.shards(split):
-        path = checked_shard(manifest, shard)
+        path, first = checked_shard(manifest, shard), 0
         try:
-            tables.append(pq.read_table(path, columns=names))
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=size, columns=names):
+                columns = read_table_columns(
+                    batch, names, f"the {split} split",
+                    lambda i, s=shard, at=first: shard_row(manifest, s, at + i))
+                for name, values in columns.items():
+                    if name not in out:
+                        out[name] = np.empty((total, *values.shape[1:]), dtype=values.dtype)
+                    out[name][start:start + len(values)] = values
+                start, first = start + batch.num_rows, first + batch.num_rows
         except (pa.ArrowInvalid, KeyError) as exc:
             raise TrainingError(f"cannot read columns {names} from shard {path}: {exc}") from exc
-    if not tables:
-        return {}
-    return read_table_columns(pa.concat_tables(tables), names, f"the {split} split")
+    if not out and manifest.shards(split):  # shards of no rows: empty columns of their types
+        path = checked_shard(manifest, manifest.shards(split)[0])
+        return read_table_columns(pq.read_table(path, columns=names), names, f"the {split} split")
+    return out
 
 
 # -- pytrees of tensors (inputs may be a dict by column name) -------------------------------

@@ -28,7 +28,6 @@ from arf_trainer.trainer.data import (
     Inputs,
     Manifest,
     chunks,
-    feature_matrix,
     read_split,
     take,
     target_matrix,
@@ -36,7 +35,7 @@ from arf_trainer.trainer.data import (
 )
 from arf_trainer.trainer.checkpoint import CheckpointError
 from arf_trainer.trainer.dist import DistEnv
-from arf_trainer.trainer.recipes import MLP, ModelInfo, Recipe, mean_std
+from arf_trainer.trainer.recipes import MLP, ModelInfo, Recipe
 
 
 class ShardedBatchSampler(Sampler[torch.Tensor]):
@@ -103,10 +102,20 @@ class MemorySource:
     def set_normalization(self, recipe: Recipe, model: MLP, info: ModelInfo) -> None:
         if not recipe.fits_normalization:
             return
-        x_stats = mean_std(feature_matrix(self.train, self.manifest.features))
-        _, targets = recipe.columns_to_tensors(info, self.train, "training")
-        y_stats = mean_std(targets.numpy()) if targets.is_floating_point() else None
-        recipe.set_normalization(model, x_stats, y_stats)
+        from arf_trainer.trainer.stream import READ_ROWS, RunningStats
+
+        # Statistics of what the model standardizes (`normalized_inputs`: the flattened
+        # features of an MLP, bc_pixels' state alone, not every pixel), over row chunks: a
+        # float64 copy of a whole split (of 176 MB of frames) peaked at 4.6 GB.
+        x_stats, y_stats = RunningStats(), RunningStats()
+        n = len(next(iter(self.train.values())))
+        for start in range(0, n, READ_ROWS):
+            part = {name: values[start:start + READ_ROWS] for name, values in self.train.items()}
+            x, targets = recipe.columns_to_tensors(info, part, "training")
+            x_stats.add(recipe.normalized_inputs(x).numpy())
+            if targets.is_floating_point():
+                y_stats.add(targets.numpy())
+        recipe.set_inputs_normalization(model, x_stats.result(), y_stats.result())
 
     def loader(self, recipe: Recipe, info: ModelInfo, model: MLP, denv: DistEnv,
                batch_size: int, seed: int) -> "MemoryLoader":
