@@ -9,7 +9,6 @@ Flower's heartbeat expiry); runs in the federation venv (`make federation-venv`)
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,12 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer_testkit import (
-    fresh_tracking_uri,
-    make_spec,
-    prepare_reach,
-    step_environ,
-)
+from trainer_testkit import start_federate_step
 
 REPO = Path(__file__).resolve().parents[2]
 FED_VENV = Path(os.environ.get("ARF_FEDERATION_VENV") or REPO / ".federation-venv")
@@ -35,26 +29,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.skipif(
 
 def _start(tmp_path: Path, sites: list[str], rounds: int, min_sites: int
            ) -> tuple[subprocess.Popen, Path]:
-    workspace = tmp_path / "run"
-    for site in sites:
-        prepare_reach(workspace / "sites" / site, rows=100)
-    spec = make_spec("reach_bc", "federate", run_id="faults",
-                     hyperparameters={"hidden_size": 64, "num_layers": 1, "batch_size": 64},
-                     training={"distributed": {"nodes": 1, "procs_per_node": 1},
-                               "timeout_minutes": 10})
-    spec["template"]["federated"] = {
-        "sites": [{"name": s, "hub": f"/hubs/{s}", "query": None} for s in sites],
-        "rounds": rounds, "strategy": "fedavg", "fraction_fit": 1.0, "min_sites": min_sites,
-        "local_epochs": 1, "proximal_mu": None}
-    (workspace / "federate.json").write_text(json.dumps(spec))
-    env = step_environ(workspace / "federate.json", workspace,
-                       fresh_tracking_uri(tmp_path / "mlflow"), tmp_path / "art", "faults",
-                       step="federate")
-    out = open(tmp_path / "step.log", "wb")  # noqa: SIM115 - the child owns it
-    proc = subprocess.Popen([str(FED_VENV / "bin" / "arf-trainer"), "federate"], env=env,
-                            stdout=out, stderr=subprocess.STDOUT)
-    out.close()
-    return proc, workspace
+    return start_federate_step(
+        tmp_path, "faults", sites, rounds=rounds, min_sites=min_sites, timeout_minutes=10,
+        hyperparameters={"hidden_size": 64, "num_layers": 1, "batch_size": 64},
+        log=tmp_path / "step.log")
 
 
 def _supernodes(home: Path, site: str) -> list[int]:

@@ -19,6 +19,7 @@ from trainer_testkit import (
     fresh_tracking_uri,
     make_spec,
     prepare_reach,
+    start_federate_step,
     step_environ,
 )
 
@@ -126,21 +127,7 @@ def test_stopped_federate_step_leaves_no_flower_process(tmp_path):
     import signal
     import time
 
-    workspace = tmp_path / "stop"
-    for site in SITES:
-        prepare_reach(workspace / "sites" / site, rows=100)
-    spec = make_spec("reach_bc", "federate", run_id="stop",
-                     training={"distributed": {"nodes": 1, "procs_per_node": 1}})
-    spec["template"]["federated"] = {
-        "sites": [{"name": s, "hub": f"/hubs/{s}", "query": None} for s in SITES],
-        "rounds": 50, "strategy": "fedavg", "fraction_fit": 1.0, "min_sites": 2,
-        "local_epochs": 1, "proximal_mu": None}
-    (workspace / "federate.json").write_text(json.dumps(spec))
-    env = step_environ(workspace / "federate.json", workspace,
-                       fresh_tracking_uri(tmp_path / "mlflow"), tmp_path / "art", "stop",
-                       step="federate")
-    proc = subprocess.Popen([str(FED_VENV / "bin" / "arf-trainer"), "federate"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, workspace = start_federate_step(tmp_path, "stop", SITES, rounds=50)
     home = str(workspace / "federate" / "flwr-home")
     deadline = time.monotonic() + 900
     while len(_flower_processes(home)) < 4 and time.monotonic() < deadline:  # link, 2 nodes, +

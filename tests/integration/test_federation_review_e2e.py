@@ -8,7 +8,6 @@ key. Slow (one federation); runs in the federation venv (`make federation-venv`)
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from trainer_testkit import fresh_tracking_uri, make_spec, prepare_reach, step_environ
+from trainer_testkit import start_federate_step
 
 REPO = Path(__file__).resolve().parents[2]
 FED_VENV = Path(os.environ.get("ARF_FEDERATION_VENV") or REPO / ".federation-venv")
@@ -82,25 +81,10 @@ def _flwr(home: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_a_foreign_caller_can_neither_run_its_app_nor_register_a_supernode(tmp_path):
-    workspace, sites = tmp_path / "run", ["north", "south"]
-    for site in sites:
-        prepare_reach(workspace / "sites" / site, rows=100)
-    spec = make_spec("reach_bc", "federate", run_id="review",
-                     hyperparameters={"hidden_size": 16, "num_layers": 1, "batch_size": 64},
-                     training={"distributed": {"nodes": 1, "procs_per_node": 1},
-                               "timeout_minutes": 5})
-    spec["template"]["federated"] = {
-        "sites": [{"name": s, "hub": f"/hubs/{s}", "query": None} for s in sites],
-        "rounds": 3, "strategy": "fedavg", "fraction_fit": 1.0, "min_sites": 2,
-        "local_epochs": 1, "proximal_mu": None}
-    (workspace / "federate.json").write_text(json.dumps(spec))
-    env = step_environ(workspace / "federate.json", workspace,
-                       fresh_tracking_uri(tmp_path / "mlflow"), tmp_path / "art", "review",
-                       step="federate")
-    out = open(tmp_path / "step.log", "wb")  # noqa: SIM115 - the child owns it
-    proc = subprocess.Popen([str(FED_VENV / "bin" / "arf-trainer"), "federate"], env=env,
-                            stdout=out, stderr=subprocess.STDOUT)
-    out.close()
+    proc, workspace = start_federate_step(
+        tmp_path, "review", ["north", "south"], rounds=3, timeout_minutes=5,
+        hyperparameters={"hidden_size": 16, "num_layers": 1, "batch_size": 64},
+        log=tmp_path / "step.log")
     federate = workspace / "federate"
     try:
         deadline = time.monotonic() + 300
@@ -122,7 +106,7 @@ def test_a_foreign_caller_can_neither_run_its_app_nor_register_a_supernode(tmp_p
         subprocess.run([str(FED_VENV / "bin" / "python"), "-c",
                               "import sys; from pathlib import Path; from arf_trainer.federated."
                               "tls import make_node_key; make_node_key(Path(sys.argv[1]), 'x')",
-                              str(caller / "keys")], check=True, env=env)
+                              str(caller / "keys")], check=True)
         register = _flwr(caller, "supernode", "register", str(caller / "keys" / "x.pub"), "arf")
         assert "not one of the sites' keys" in register.stdout + register.stderr, \
             register.stdout[-2000:]

@@ -18,7 +18,6 @@ from trainer_testkit import fresh_tracking_uri, make_env, make_spec, prepare_rea
 from arf_trainer.errors import EvaluationError, SpecError
 from arf_trainer.evaluator import run_evaluate
 
-REPO = Path(__file__).resolve().parents[2]
 MODEL = "reach_bc_policy"  # reach_bc's model.name, registered by the register step
 EPISODES = 3
 HP = {"epochs": 1, "hidden_size": 8}

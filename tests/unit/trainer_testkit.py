@@ -173,3 +173,38 @@ def fresh_tracking_uri(directory: Path) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copy(_MIGRATED_DB, directory / "mlflow.db")
     return f"sqlite:///{directory / 'mlflow.db'}"
+
+
+FED_VENV = Path(os.environ.get("ARF_FEDERATION_VENV") or REPO / ".federation-venv")
+
+
+def start_federate_step(tmp_path: Path, run_id: str, sites: list[str], *, rounds: int,
+                        min_sites: int = 2, hyperparameters: dict[str, Any] | None = None,
+                        timeout_minutes: int | None = None, log: Path | None = None) -> Any:
+    """`arf-trainer federate` of reach_bc over `sites` (100 prepared rows each, under
+    ``tmp_path/run/sites/<site>``), started in the federation venv as the local backend starts
+    it: (the process, the run workspace). Output to `log`, or discarded."""
+    import subprocess
+
+    workspace = tmp_path / "run"
+    for site in sites:
+        prepare_reach(workspace / "sites" / site, rows=100)
+    training: dict[str, Any] = {"distributed": {"nodes": 1, "procs_per_node": 1}}
+    if timeout_minutes is not None:
+        training["timeout_minutes"] = timeout_minutes
+    spec = make_spec("reach_bc", "federate", run_id=run_id, hyperparameters=hyperparameters,
+                     training=training)
+    spec["template"]["federated"] = {
+        "sites": [{"name": s, "hub": f"/hubs/{s}", "query": None} for s in sites],
+        "rounds": rounds, "strategy": "fedavg", "fraction_fit": 1.0, "min_sites": min_sites,
+        "local_epochs": 1, "proximal_mu": None}
+    (workspace / "federate.json").write_text(json.dumps(spec))
+    env = step_environ(workspace / "federate.json", workspace,
+                       fresh_tracking_uri(tmp_path / "mlflow"), tmp_path / "art", run_id,
+                       step="federate")
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - the child owns it
+    proc = subprocess.Popen([str(FED_VENV / "bin" / "arf-trainer"), "federate"], env=env,
+                            stdout=out, stderr=subprocess.STDOUT)
+    if log:
+        out.close()
+    return proc, workspace
