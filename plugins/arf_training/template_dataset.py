@@ -7,7 +7,7 @@ only once the query runs, so the prepare step checks that and names the columns 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -107,3 +107,22 @@ class DatasetLayout(BaseModel):
                 f"names (1..255 characters) to a decoder{named}, e.g. {{image: {{format: png, "
                 "shape: [64, 64, 3]}}; or leave decode out")
         return decode
+
+
+# What the reach_pixels camera renders (arf_trainer.sim.reach_pixels: square RGB frames, 8..256
+# pixels a side), which this side may not import.
+CAMERA_SIDES = (8, 256)
+
+
+def camera_problems(template: Any) -> list[str]:
+    """Decoded frames a `reach_pixels` evaluation could never render: found at lint time, not
+    after a whole training run (the evaluate step refuses such a model)."""
+    evaluation, decode = template.evaluation, template.dataset.decode or {}
+    if evaluation is None or evaluation.environment != "reach_pixels":
+        return []
+    low, high = CAMERA_SIDES
+    return [f"dataset.decode.{name}.shape={list(d.shape)}: evaluation.environment reach_pixels "
+            f"renders square RGB frames of {low} to {high} pixels a side, so a model trained on "
+            f"these could not be evaluated; decode to e.g. [64, 64, 3]"
+            for name, d in decode.items()
+            if d.shape[0] != d.shape[1] or not low <= d.shape[0] <= high or d.shape[2] != 3]

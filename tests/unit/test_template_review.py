@@ -191,3 +191,20 @@ def test_a_dag_whose_params_fail_is_not_auto_registered():
     finally:
         DagContext.current_autoregister_module_name = None
         DagContext.autoregistered_dags.clear()
+
+
+PIXELS = (Path(__file__).resolve().parents[2] / "config_templates"
+          / "reach_pixels_bc.yaml").read_text()
+
+
+@pytest.mark.parametrize("shape", ["[64, 48, 3]", "[512, 512, 3]", "[64, 64, 1]"])
+def test_frames_the_reach_pixels_camera_cannot_render_are_a_template_error(shape: str) -> None:
+    """They trained for a whole run; only the evaluate step then refused the model."""
+    text = PIXELS.replace("shape: [64, 64, 3]", f"shape: {shape}")
+    assert text != PIXELS
+    with pytest.raises(TemplateError) as caught:
+        parse_template(text, "px.yaml")
+    assert f"dataset.decode.image.shape={shape.replace(' ', '').replace(',', ', ')}" \
+        in str(caught.value)
+    assert "renders square RGB frames of 8 to 256 pixels" in str(caught.value)
+    assert parse_template(PIXELS.replace("shape: [64, 64, 3]", "shape: [32, 32, 3]"), "ok.yaml")
