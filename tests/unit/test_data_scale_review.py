@@ -158,3 +158,24 @@ def test_in_memory_statistics_do_not_copy_every_pixel(tmp_path: Path) -> None:
     assert model.state_mean.item() == pytest.approx(state.mean(), rel=1e-6)
     assert model.state_std.item() == pytest.approx(state.std(), rel=1e-5)
     assert model.output_mean.item() == pytest.approx(2 * state.mean(), rel=1e-6)
+
+
+def test_rows_the_recipe_cannot_train_on_are_bad_input_not_retried(tmp_path: Path) -> None:
+    """A classifier's single label value (and the other recipe/data mismatches) exited 1, so
+    Airflow retried a step that could only fail the same way."""
+    import subprocess
+    import sys
+
+    from trainer_testkit import _write_prepare, make_spec, step_environ
+
+    ws = tmp_path / "ws"
+    columns = {"pixel_0": np.arange(40, dtype=np.float64), "label": np.zeros(40, dtype=np.int64)}
+    _write_prepare(ws, columns, ["pixel_0"], ["label"], 0.2, shards=1, seed=0)
+    spec = make_spec("digits_smoke", hyperparameters={"epochs": 1, "hidden_size": 8})
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env = step_environ(tmp_path / "spec.json", ws, f"sqlite:///{tmp_path}/mlflow.db",
+                       tmp_path / "artifacts", "manual__1")
+    out = subprocess.run([sys.executable, "-m", "arf_trainer.cli", "train"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "found 1 distinct label value(s) [0]" in out.stderr

@@ -59,6 +59,13 @@ class TrainingError(TrainerError):
     """Training could not run (bad hyperparameters for the recipe, empty data, ...)."""
 
 
+class DataMismatchError(TrainingError):
+    """The prepared rows cannot train the template's recipe as asked (a column's type, shape or
+    values): bad input, which a retry would meet again."""
+
+    exit_code = 2
+
+
 class RegistryError(TrainerError):
     """The model registry (MLflow) refused or could not complete an operation."""
 

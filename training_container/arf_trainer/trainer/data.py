@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from arf_trainer.errors import TrainingError
+from arf_trainer.errors import DataMismatchError, TrainingError
 from arf_trainer.spec import memory_bytes, read_json
 
 EVAL_CHUNK = 4096
@@ -237,7 +237,7 @@ def column_array(column: Any, name: str, where: str, locate: Locate | None = Non
                 f"{locate(element // math.prod(shape))}; fill them in the dataset query and "
                 "rerun prepare")
     if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        raise TrainingError(f"column {name!r} in {where} holds variable-length lists "
+        raise DataMismatchError(f"column {name!r} in {where} holds variable-length lists "
                             f"({column.type}); cast it to a fixed-size array in the dataset "
                             "query, e.g. CAST(col AS FLOAT[7])")
     values = column.to_numpy(zero_copy_only=False)
@@ -291,7 +291,7 @@ def feature_matrix(columns: Mapping[str, np.ndarray], names: list[str]) -> np.nd
         try:
             parts.append(np.asarray(columns[n], dtype=np.float32).reshape(len(columns[n]), -1))
         except (TypeError, ValueError) as exc:
-            raise TrainingError(f"feature column {n!r} holds {columns[n].dtype} values, not "
+            raise DataMismatchError(f"feature column {n!r} holds {columns[n].dtype} values, not "
                                 f"numbers ({exc}); cast it in the dataset query, or leave it "
                                 "out of dataset.features") from exc
     return np.concatenate(parts, axis=1) if len(parts) > 1 else np.ascontiguousarray(parts[0])

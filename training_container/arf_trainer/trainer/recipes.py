@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arf_trainer.errors import TrainingError
+from arf_trainer.errors import DataMismatchError, TrainingError
 
 MODEL_INFO_VERSION = 1
 
@@ -302,7 +302,7 @@ class BehaviourCloning(Recipe):
         try:
             return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
         except (TypeError, ValueError) as exc:
-            raise TrainingError(
+            raise DataMismatchError(
                 f"recipe 'bc' needs numeric target columns {info.targets}, but the {split} split "
                 f"has values that are not numbers ({exc}); fix dataset.targets or the query"
             ) from exc
@@ -336,13 +336,13 @@ class Classifier(Recipe):
     def describe(self, features: Sequence[str], targets: Sequence[str], hp: Hyperparameters,
                  y_train: np.ndarray, feature_width: int | None = None) -> ModelInfo:
         if len(targets) != 1:
-            raise TrainingError(
+            raise DataMismatchError(
                 f"recipe 'classifier' needs exactly one target column (the label); dataset.targets "
                 f"resolved to {list(targets)}: list only the label column"
             )
         classes = np.unique(y_train.reshape(-1))
         if len(classes) < 2:
-            raise TrainingError(
+            raise DataMismatchError(
                 f"recipe 'classifier' found {len(classes)} distinct label value(s) "
                 f"{classes.tolist()} in the training split; it needs at least 2: check the query"
             )
@@ -359,7 +359,7 @@ class Classifier(Recipe):
         known = (index < len(classes)) & (classes[np.minimum(index, len(classes) - 1)] == labels)
         if not known.all():
             unseen = sorted(set(labels[~known].tolist()))
-            raise TrainingError(
+            raise DataMismatchError(
                 f"the {split} split has label value(s) {unseen[:5]} that do not occur in the "
                 f"training split (classes {info.classes}); the classifier cannot score them: "
                 "change the query or the validation_split"

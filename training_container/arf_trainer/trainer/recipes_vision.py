@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arf_trainer.errors import TrainingError
+from arf_trainer.errors import DataMismatchError, TrainingError
 from arf_trainer.trainer.recipes import RECIPES, Hyperparameters, ModelInfo, Recipe
 
 CONV_CHANNELS = (16, 32, 32)
@@ -136,7 +136,7 @@ def _frame_column(features: Sequence[str], shapes: Mapping[str, Sequence[int]]) 
             fix = (f"column {name!r} holds {shape} per row ({shape[-1]} channels): store "
                    f"RGB frames, e.g. dataset.decode.{name} with shape {[*shape[:2], 3]} "
                    "(prepare converts grayscale and RGBA images to RGB)")
-        raise TrainingError(
+        raise DataMismatchError(
             f"recipe 'bc_pixels' needs exactly one feature column of RGB frames (uint8 "
             f"[H, W, 3], e.g. the reach_pixels table's image); dataset.features resolved to "
             f"{described} (per-row shapes): {fix}")
@@ -163,7 +163,7 @@ class PixelBehaviourCloning(Recipe):
         shapes = {c["name"]: c.get("shape") for c in manifest.raw.get("columns", [])}
         missing = [n for n in manifest.features + manifest.targets if shapes.get(n) is None]
         if missing:
-            raise TrainingError(
+            raise DataMismatchError(
                 f"the prepared data ({manifest.path}) records no fixed shape for column(s) "
                 f"{missing}; recipe 'bc_pixels' needs scalar or fixed-shape array columns: "
                 "rerun prepare with this arf-trainer, or cast the columns in the query")
@@ -175,7 +175,7 @@ class PixelBehaviourCloning(Recipe):
         image = _frame_column(features, shapes)
         height, width = (int(side) for side in shapes[image][:2])
         if min(height, width) < MIN_FRAME_SIDE:
-            raise TrainingError(
+            raise DataMismatchError(
                 f"recipe 'bc_pixels': column {image!r} holds {height}x{width} frames (height x "
                 f"width); its encoder's last map would be {_last_map(height)}x"
                 f"{_last_map(width)} positions, and along a side of 1 the keypoints are the "
@@ -230,7 +230,7 @@ class PixelBehaviourCloning(Recipe):
         try:
             y = feature_matrix(columns, info.targets)
         except TrainingError as exc:
-            raise TrainingError(f"recipe 'bc_pixels' needs numeric target columns "
+            raise DataMismatchError(f"recipe 'bc_pixels' needs numeric target columns "
                                 f"{info.targets} in the {split} split: {exc}") from exc
         return x, torch.from_numpy(y)
 
@@ -242,7 +242,7 @@ class PixelBehaviourCloning(Recipe):
         image, shape, state = self.frame(info)
         frames = columns[image]
         if frames.dtype != np.uint8 or list(frames.shape[1:]) != shape:
-            raise TrainingError(
+            raise DataMismatchError(
                 f"column {image!r} of the {split} split holds {frames.dtype} "
                 f"{list(frames.shape[1:])} per row; recipe 'bc_pixels' (model_info) expects "
                 f"uint8 {shape}: store frames as UTINYINT arrays of one size")
