@@ -200,7 +200,8 @@ def test_loading_choice(tmp_path: Path, requested: str, memory: str | None,
 
 def test_the_choice_counts_array_columns_by_their_dtype_and_shape(tmp_path: Path) -> None:
     """A manifest of prepare's array columns ("dtype", "shape"): 1,000 uint8 64x64x3 frames are
-    ~47 MiB as the MLP's float32 features, over a quarter of 128Mi, so auto streams."""
+    ~47 MiB as the MLP's float32 features: within half of what 1Gi leaves besides the process
+    (128 MiB), so read whole; 128Mi leaves nothing for the data, so auto streams."""
     manifest = write_shards(tmp_path, {"train": [900], "val": [100]})
     manifest.raw["features"] = ["frame"]
     manifest.raw["columns"] = [
@@ -208,4 +209,5 @@ def test_the_choice_counts_array_columns_by_their_dtype_and_shape(tmp_path: Path
         {"name": "act", "type": "double", "dtype": "float64", "shape": []}]
     assert manifest.row_bytes() == 4 * 64 * 64 * 3 + 8
     assert choose_loading("auto", manifest, "128Mi")[0] == "stream"
-    assert choose_loading("auto", manifest, "256Mi")[0] == "memory"
+    assert choose_loading("auto", manifest, "1Gi")[0] == "memory"
+    assert choose_loading("auto", manifest, "850Mi")[0] == "stream"  # 41 MiB left for data

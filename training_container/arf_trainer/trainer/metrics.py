@@ -78,6 +78,10 @@ def epoch_line(progress: Any, epochs: int, total_steps: int, rate: float,
             f"{rate:,.0f} samples/s | ETA {eta}")
 
 
+PROFILE_BYTES = 16 * 2**20
+"""Largest training split (as float32) whose MLflow lineage carries a profile of the data."""
+
+
 def _lineage(spec: JobSpec, manifest: Manifest, source: Any) -> dict[str, Any]:
     """The training dataset as MLflow lineage: the digest is the prepare fingerprint, so MLflow
     hashes nothing (it caps digests at 36 characters; the full sha256 is a tag)."""
@@ -91,14 +95,18 @@ def _lineage(spec: JobSpec, manifest: Manifest, source: Any) -> dict[str, Any]:
         # MLflow registers its local-file source for both "" and "file" schemes and warns that
         # a path is ambiguous between the two (identical) classes.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-        scalar = source.mode == "memory" and all(
-            source.train[n].ndim == 1 for n in manifest.features + manifest.targets)
-        if scalar:  # small and whole: MLflow profiles it
+        names = manifest.features + manifest.targets
+        scalar = source.mode == "memory" and all(source.train[n].ndim == 1 for n in names)
+        # MLflow profiles a float32 copy of the whole split: past a few MiB that copy (and
+        # MLflow's own) took more memory than the data, and `auto` budgets for the data.
+        small = scalar and manifest.rows("train") * len(names) * 4 <= PROFILE_BYTES
+        if small:  # small and whole: MLflow profiles it
             dataset = mlflow.data.from_numpy(
                 feature_matrix(source.train, manifest.features),
                 targets=target_matrix(source.train, manifest.targets),
                 source=str(manifest.path), name=name, digest=digest)
-        else:  # a stream (or frames) is not copied for a profile: where it is, and its digest
+        else:  # a stream, frames or a large split is not copied for a profile: where it is, and
+            # its digest
             dataset = MetaDataset(resolve_dataset_source(str(manifest.path)), name=name,
                                   digest=digest)
     return dataset.to_dict()
