@@ -29,7 +29,7 @@ import json
 import os
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ BASE_TEMPLATE, FINETUNE_TEMPLATE, SCRATCH_TEMPLATE = (
     "reach_bc", "reach_bc_failure_finetune", "reach_bc_retrain")
 # Field seeds: far from the evaluation seeds of reach_bc (100000..100049) and from the
 # demonstrations' (drawn from a SeedSequence), one block of `field_episodes` per night.
+PARTIAL_RECORD = "failure-loop.partial.json"  # the nights so far; gone once the loop completes
 FIELD_SEED0 = 500_000
 FIELD_SEEDS_PER_LOOP = 100_000  # --seed k uses field seeds from FIELD_SEED0 + k * this
 FIRST_NIGHT = dt.datetime(2026, 12, 1, 2, 0, tzinfo=dt.UTC)  # the first night's logical date
@@ -320,9 +321,11 @@ class Loop:
         start = self.start()
         self.nights.append(start)
         self._say(_row(start))
+        self._record_so_far()
         for n in range(1, self.config.nights + 1):
             self.nights.append(self.night(n))
             self._say(_row(self.nights[-1]))
+            self._record_so_far()
         scratch = self.scratch()
         self._say(_row(scratch))
         summary = summarize(self.config, self.nights, scratch)
@@ -334,7 +337,17 @@ class Loop:
         summary["plot"] = str(png)
         summary["mlflow_run_id"] = log_to_mlflow(self.settings.tracking_uri, summary, out, png)
         out.write_text(json.dumps(summary, indent=2, default=str))
+        (self.home / PARTIAL_RECORD).unlink(missing_ok=True)
         return summary
+
+    def _record_so_far(self) -> None:
+        """The nights done so far, rewritten after each: a loop that fails at night 3 of 4
+        (after an hour) keeps what nights 0-2 measured, not only the console's lines."""
+        partial = {"config": asdict(self.config), "nights": [asdict(n) for n in self.nights],
+                   "complete": False}
+        tmp = self.home / f".{PARTIAL_RECORD}.tmp"
+        tmp.write_text(json.dumps(partial, indent=2, default=str))
+        os.replace(tmp, self.home / PARTIAL_RECORD)
 
     def _say(self, text: str) -> None:
         print(f"[failure-loop] {text}", flush=True)

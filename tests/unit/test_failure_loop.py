@@ -5,6 +5,7 @@ own tests."""
 
 from __future__ import annotations
 
+import json
 import pytest
 
 from arf_training import failure_loop as fl
@@ -86,3 +87,21 @@ def test_a_loop_stays_inside_its_field_seed_block():
 def test_cli_rejects_a_bad_setting_before_running(capsys):
     assert arf_main(["demo", "failure-loop", "--nights", "0"]) == 2
     assert "--nights 0 must be a positive integer" in capsys.readouterr().err
+
+
+def test_the_nights_so_far_are_on_disk_after_each_night(tmp_path):
+    """A loop that failed at night 3 of 4 (an hour in) wrote no record at all: only the
+    console's lines said what nights 0-2 measured."""
+    from arf_training import failure_loop as fl
+
+    loop = fl.Loop(tmp_path / "home", fl.LoopConfig())
+    loop.nights.append(fl.Night(label="night 0", success_rate=0.6))
+    loop._record_so_far()
+    loop.nights.append(fl.Night(label="night 1", success_rate=0.7, promoted=True))
+    loop._record_so_far()
+    record = json.loads((tmp_path / "home" / fl.PARTIAL_RECORD).read_text())
+    assert record["complete"] is False
+    assert [(n["label"], n["success_rate"]) for n in record["nights"]] == [
+        ("night 0", 0.6), ("night 1", 0.7)]
+    assert record["config"]["nights"] == fl.LoopConfig().nights
+    assert not list((tmp_path / "home").glob(".*.tmp"))
