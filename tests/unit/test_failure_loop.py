@@ -6,6 +6,7 @@ own tests."""
 from __future__ import annotations
 
 import json
+
 import pytest
 
 from arf_training import failure_loop as fl
