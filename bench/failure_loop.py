@@ -35,6 +35,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from arf_training.failure_loop import (FIELD_SEED0, FIELD_SEEDS_PER_LOOP, MODEL, LoopConfig,
                                        format_table, run_failure_loop)
+from arf_training.settings import default_home
 
 # Held out from every seed a loop trains on: evaluation 100000+, and the field blocks of
 # --seed 0..99 (FIELD_SEED0 + k * FIELD_SEEDS_PER_LOOP: 500000..10499999). It was 900000 until
@@ -131,8 +132,8 @@ def reeval_lines(s: dict[str, Any]) -> str:
 
 
 def many_seeds(args: argparse.Namespace, seeds: list[int]) -> list[dict[str, Any]]:
-    root = args.home or Path(os.environ.get("ARF_HOME", Path.home() / ".arf")) / \
-        "failure-loop" / time.strftime("seeds-%Y%m%d-%H%M%S")
+    # Where a single loop's home goes (settings.default_home: ARF_HOME, else the checkout's .arf).
+    root = args.home or default_home() / "failure-loop" / time.strftime("seeds-%Y%m%d-%H%M%S")
     root.mkdir(parents=True, exist_ok=False)
     base = [sys.executable, __file__, "--nights", str(args.nights), "--demos", str(args.demos),
             "--field-episodes", str(args.field_episodes), "--states", args.states,
