@@ -293,6 +293,11 @@ def test_rbac_binds_the_service_accounts_airflow_yaml_names():
             assert subject["kind"] == "ServiceAccount" and subject["namespace"] == AIRFLOW_NS
             bound[subject["name"]] = binding["roleRef"]["name"]
     assert set(bound) == {worker, triggerer}
-    # The triggerer only waits: read-only.
+    # The triggerer waits, and deletes only what a user kills while it is deferred (the
+    # triggers' on_kill run there): the job and the pod, nothing else, never create.
     for rule in roles[bound[triggerer]]["rules"]:
-        assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
+        reads = {"get", "list", "watch"}
+        if set(rule["resources"]) <= {"pytorchjobs", "pods"}:
+            assert set(rule["verbs"]) == reads | {"delete"}, rule
+        else:
+            assert set(rule["verbs"]) <= reads, rule

@@ -10,8 +10,9 @@ Where each site's data lives, and who mounts it:
   site's data hub (the template's relative `hub` path, resolved against the mount, as locally
   against ARF_HOME) and the site's prepared shards, `<mount>/<dag_id>/<run_id>/prepare/`.
 * **Site prepare pod** (task `prepare_data`, one per site): mounts its site's claim and nothing
-  else of the run (no shared workspace, no platform data hub); its job spec names its own site
-  only (`arf_training.federation.site_spec`).
+  else of the run (no shared workspace, no platform data hub, no Secret); its job spec names its
+  own site only (`arf_training.federation.site_spec`). Site pods are labelled
+  `arf.dev/egress: none`: helm_values/rbac.yaml's NetworkPolicy keeps them in the namespace.
 * **SuperNode pod** of site S: mounts site S's claim read-only and the federation CA; no other
   claim, no job spec, no tracking credentials. It runs `flower-supernode`, whose ClientApp
   trains on `data-dir` and sends back weights and losses only.
@@ -40,7 +41,7 @@ from typing import Any
 from arf_training.federation import site_spec
 from arf_training.kubernetes.config import (KubernetesConfigError, KubernetesSettings, _get,
                                             _name)
-from arf_training.kubernetes.pod import (pod_template, render_pod,
+from arf_training.kubernetes.pod import (EGRESS_LABEL, pod_template, render_pod,
                                          resource_name, restricted_container_security_context)
 from arf_training.settings import ArfSettings
 from arf_training.stepspec import RunIdentity, StepSpec
@@ -144,12 +145,15 @@ def render_site_prepare(spec: StepSpec, loaded: Any, site: str, identity: RunIde
         narrowed = dataclasses.replace(narrowed, env={**narrowed.env,
                                                       "ARF_RESULT_PATH": result_path},
                                        result_path=Path(result_path))
-    # The site's claim is the pod's workspace volume; no platform data hub is mounted.
+    # The site's claim is the pod's workspace volume; no platform data hub is mounted. No
+    # Secret either: prepare reads the hub on the claim and never talks to MLflow, and the
+    # platform's tracking or object-store keys would give a site's data a way out.
     site_settings = dataclasses.replace(
         settings, workspace_pvc=fed.claim(site), workspace_mount_path=fed.site_mount_path,
-        datahub_pvc=None, datahub_uri=hub)
+        datahub_pvc=None, datahub_uri=hub, mlflow_secret=None, datahub_secret=None,
+        secret_env=())
     pod = render_pod(narrowed, part_identity(identity, site), site_settings)
-    pod["metadata"]["labels"]["arf.dev/site"] = site
+    pod["metadata"]["labels"].update({"arf.dev/site": site, EGRESS_LABEL: "none"})
     return pod
 
 
@@ -197,7 +201,8 @@ def _superlink(spec: StepSpec, loaded: Any, identity: RunIdentity,
         "ARF_FEDERATION_LISTEN": f"0.0.0.0:{FLEET_PORT}", "ARF_FEDERATION_TLS_DIR": TLS_DIR,
         "ARF_FEDERATION_ADVERTISE": _service_host(federation, settings),
         "ARF_FEDERATION_NODE_KEYS_DIR": NODE_KEYS_DIR})
-    settings = dataclasses.replace(settings, datahub_pvc=None,
+    # Tracking credentials only: without a hub it needs no object-store keys.
+    settings = dataclasses.replace(settings, datahub_pvc=None, datahub_secret=None,
                                    datahub_uri=str(spec.workspace / "federate" / "no-hub"))
     pod = render_pod(spec, part_identity(identity, "superlink"), settings)
     pod["spec"]["containers"][0]["ports"] = [
@@ -265,7 +270,8 @@ def _supernode(spec: StepSpec, identity: RunIdentity, settings: KubernetesSettin
     box["securityContext"] = restricted_container_security_context()
     pod_name = resource_name(part_identity(identity, name))
     metadata = {"name": pod_name, "namespace": settings.namespace, **template["metadata"]}
-    metadata["labels"]["arf.dev/site"] = name
+    # Holds the site's data: it reaches the SuperLink in this namespace, nothing outside.
+    metadata["labels"].update({"arf.dev/site": name, EGRESS_LABEL: "none"})
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]}
     # A SuperNode that crashes is restarted in place and rejoins the federation. Under the same
     # key (its Secret) it is the same node to the SuperLink, so the round it died in waits for

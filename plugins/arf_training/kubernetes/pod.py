@@ -61,6 +61,10 @@ MAX_JOB_SPEC_BYTES = 512 * 1024
 CONTAINER_NAME = "step"
 HUB_WRITERS = frozenset({"evaluate"})  # steps that write data hub tables
 TMP_DIR = "/tmp"
+# Selected by the NetworkPolicy `arf-training-egress` (helm_values/rbac.yaml): a pod with
+# "external" may leave the namespace (MLflow, the data hub's store); a site's pods (federation.py)
+# get "none" and reach only the namespace's pods and DNS.
+EGRESS_LABEL = "arf.dev/egress"
 _SECRET_WORDS = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY", re.I)
 
 
@@ -106,6 +110,7 @@ def labels_for(identity: RunIdentity, spec: StepSpec, name: str) -> dict[str, st
         "arf.dev/run-id": label_value(identity.run_id),
         "arf.dev/task-id": label_value(identity.task_id),
         "arf.dev/try-number": str(identity.try_number),
+        EGRESS_LABEL: "external",
     }
 
 
