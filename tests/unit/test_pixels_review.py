@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_recipe_vision import episodes  # noqa: F401 - a fixture: three 16x16 expert episodes
 from trainer_testkit import fresh_tracking_uri, make_env, make_spec
 
 from arf_trainer.datahub.seed_pixels import image_column
@@ -33,23 +34,6 @@ def _one_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture(scope="module")
-def episodes() -> dict[str, np.ndarray]:
-    """Three rendered expert episodes at 16x16 (150 rows): frames, joint state, actions."""
-    renderer, env = reach_pixels.FrameRenderer(16), reach.make_env()
-    try:
-        done = [reach_pixels.rollout(lambda _f, obs: reach.expert_action(obs), seed, renderer,
-                                     env=env) for seed in (11, 12, 13)]
-    finally:
-        env.close()
-        renderer.close()
-    return {"image": np.concatenate([d.frames for d in done]),
-            "state": reach_pixels.state_of(np.concatenate([d.rollout.observations
-                                                           for d in done])),
-            "act": np.concatenate([d.rollout.actions for d in done]),
-            "episode": np.repeat(np.arange(3), reach.EPISODE_STEPS)}
 
 
 def describe(image: list[int]) -> Any:
