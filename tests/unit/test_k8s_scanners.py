@@ -83,7 +83,14 @@ def test_dockerfile_contract():
     text = DOCKERFILE.read_text()
     instructions = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     froms = [ln for ln in instructions if ln.startswith("FROM ")]
-    assert len(froms) == 2 and all("python:3.11-slim-bookworm" in f for f in froms), froms
+    # Two stages on the base (one base: the venv copied across holds absolute paths), and the
+    # federated image built on them: `--target federated` (kubernetes/federation.py's image).
+    assert [f for f in froms if "python:3.11-slim-bookworm" in f] == froms[:2], froms
+    assert froms[2:] == ["FROM builder AS federated-builder", "FROM runtime AS federated"], froms
+    assert "--constraint training_container/requirements-federation.txt" in text
+    flwr_pin = next(ln for ln in (DOCKERFILE.parent / "requirements-federation.txt").read_text()
+                    .splitlines() if ln.startswith("flwr=="))
+    assert f'"{flwr_pin}"' in text
     assert any(ln.startswith("FROM ") and ln.endswith("AS builder") for ln in instructions)
     assert "USER 10001" in text
     assert 'ENTRYPOINT ["arf-trainer"]' in text
