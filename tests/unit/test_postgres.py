@@ -238,7 +238,13 @@ def test_the_session_airflow_uses_the_embedded_postgres(arf_home):
     if database_backend() == "sqlite":
         pytest.skip("the suite runs on SQLite by explicit choice (ARF_DB=sqlite)")
     pg = EmbeddedPostgres(arf_home)
-    assert os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == pg.uri("airflow")
+    # Once (CI, 2026-12-05) the root computed here was the fallback while the session's was the
+    # home's: a folder above the home was not traversable at that moment. Say which, if again.
+    from arf_training.postgres import _blocked_parent
+
+    assert os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == pg.uri("airflow"), (
+        f"blocked parent now: {_blocked_parent(arf_home)}; modes: "
+        f"{[(str(p), oct(p.stat().st_mode)) for p in reversed(arf_home.resolve().parents)]}")
     assert os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC"] == pg.uri("airflow")
     assert pg.is_ready()
     assert Path(os.environ["ARF_HOME"]) == arf_home
