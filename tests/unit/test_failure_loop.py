@@ -95,7 +95,11 @@ def test_the_nights_so_far_are_on_disk_after_each_night(tmp_path):
     console's lines said what nights 0-2 measured."""
     from arf_training import failure_loop as fl
 
-    loop = fl.Loop(tmp_path / "home", fl.LoopConfig())
+    # Not Loop(...): that points this process at a new home's Airflow DB and PostgreSQL (its
+    # os.environ), which broke test_postgres's view of the session's home after it.
+    loop = object.__new__(fl.Loop)
+    loop.home, loop.config, loop.nights = tmp_path / "home", fl.LoopConfig(), []
+    loop.home.mkdir()
     loop.nights.append(fl.Night(label="night 0", success_rate=0.6))
     loop._record_so_far()
     loop.nights.append(fl.Night(label="night 1", success_rate=0.7, promoted=True))
