@@ -212,8 +212,8 @@ def test_approval_does_not_call_an_mlflow_outage_stale(client: Any,
 
 
 def test_non_ascii_digit_version_is_a_spec_error() -> None:
-    from arf_trainer.evaluator import _model_ref
+    from arf_trainer.evaluator_checks import model_ref
 
     # "\u00b2".isdigit() is True, but int() refuses it: a ValueError without a message, before.
     with pytest.raises(SpecError, match="model version number"):
-        _model_ref({"model_name": MODEL, "model_version": "\u00b2"})
+        model_ref({"model_name": MODEL, "model_version": "\u00b2"})

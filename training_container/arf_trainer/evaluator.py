@@ -46,7 +46,7 @@ import numpy as np
 from arf_trainer.errors import EvaluationError, RegistryError
 from arf_trainer.evaluator_checks import (SEEDS_TAG, check_version, read_settings, seed_range,
                                           verify_weights)
-from arf_trainer.evaluator_checks import model_ref as _model_ref  # its name before the move
+from arf_trainer.evaluator_checks import model_ref
 from arf_trainer.spec import StepEnv
 
 log = logging.getLogger(__name__)
@@ -265,7 +265,7 @@ def run_evaluate(env: StepEnv) -> dict[str, Any]:
     from arf_trainer.datahub.failures import record_failures
 
     environment, episodes, seed, threshold = read_settings(env.spec)
-    name, version = _model_ref(env.spec.inputs)
+    name, version = model_ref(env.spec.inputs)
     evaluation = env.spec.evaluation or {}
     margin = evaluation.get("promotion_margin")
     # Checked before any rollout: a bad gate setting fails at once, not after the evaluation.
