@@ -116,3 +116,35 @@ def test_a_version_past_int64_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(DataHubError, match="99999999999999999999 of table 'reach_demos' is not "
                                            "a valid table version"):
         open_table(hub, "reach_demos", 99999999999999999999)  # was an OverflowError
+
+
+@pytest.mark.parametrize("version", [None, 0, 7])
+def test_a_damaged_commit_file_is_named_with_the_fix(tmp_path: Path, version: int | None) -> None:
+    """A commit file someone edited or cut short: every read (seeding, describe, a pinned
+    version) was a delta-rs traceback ending in "Json error", or a missing-version message."""
+    hub = tmp_path / "hub"
+    seed_demo(hub, episodes=1, seed=0)
+    log = hub / "reach_demos" / "_delta_log"
+    with open(log / "00000000000000000000.json", "a") as handle:
+        handle.write("garbage{\n")
+    with pytest.raises(DataHubError) as caught:
+        open_table(hub, "reach_demos", version)
+    message = str(caught.value)
+    assert f"the Delta log of data hub table 'reach_demos' ({log}) cannot be read" in message
+    assert "restore" in message and "\n" not in message
+    with pytest.raises(DataHubError, match="cannot be read"):
+        seed_demo(hub, episodes=1, seed=0)
+
+
+def test_ingest_into_a_table_with_a_damaged_log_is_named(tmp_path: Path) -> None:
+    from arf_trainer.datahub.ingest import ingest
+
+    hub = tmp_path / "hub"
+    seed_demo(hub, episodes=1, seed=0)
+    with open(hub / "digits" / "_delta_log" / "00000000000000000000.json", "a") as handle:
+        handle.write("garbage{\n")
+    source = tmp_path / "rows.csv"
+    source.write_text("a,b\n1,2\n")
+    with pytest.raises(DataHubError, match="the Delta log of data hub table 'digits' .* cannot "
+                                           "be read"):
+        ingest(hub, "digits", [source])

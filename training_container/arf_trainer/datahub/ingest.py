@@ -29,11 +29,12 @@ from pathlib import Path
 
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Schema, write_deltalake
-from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from arf_trainer.datahub.arrow_types import schema_differences, storable_schema, to_storable
 from arf_trainer.datahub.sources import Source, read_source, resolve_sources, source_schema
-from arf_trainer.datahub.tables import WriteMode, make_hub, open_table, table_path
+from arf_trainer.datahub.tables import (WriteMode, damaged_log, make_hub, open_table,
+                                       table_path)
 from arf_trainer.errors import DataHubError
 
 
@@ -54,10 +55,13 @@ class IngestResult:
 
 
 def _existing(hub: Path, name: str) -> DeltaTable | None:
+    path = table_path(hub, name)
     try:
-        return DeltaTable(str(table_path(hub, name)))
+        return DeltaTable(str(path))
     except TableNotFoundError:
         return None
+    except DeltaError as exc:  # a damaged log: appending to it would fail half-way
+        raise damaged_log(path, name, exc) from exc
 
 
 def _check_append(name: str, table: DeltaTable, current: pa.Schema, incoming: pa.Schema,

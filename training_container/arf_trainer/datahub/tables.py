@@ -145,13 +145,30 @@ def _missing_table(hub: Path, name: str, version: int | None) -> DataHubError:
     )
 
 
-def table_versions(hub: Path, name: str) -> list[int]:
-    """The versions of `name` that can still be read, ascending."""
+def damaged_log(path: Path, name: str, exc: Exception) -> DataHubError:
+    # delta-rs appends a Rust backtrace under RUST_BACKTRACE: the first line says what it is.
+    why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DataHubError(
+        f"the Delta log of data hub table {name!r} ({path / '_delta_log'}) cannot be read: "
+        f"{why}. A commit file there is damaged (edited, or cut short by a full disk); restore "
+        "the table's folder from a backup, or move it aside and ingest (or seed) the table again"
+    )
+
+
+def latest_table(hub: Path, name: str) -> DeltaTable:
+    """The latest version of `name`; a missing table or an unreadable log is named."""
     path = table_path(hub, name)
     try:
-        history = DeltaTable(str(path)).history()
+        return DeltaTable(str(path))
     except TableNotFoundError as exc:
         raise _missing_table(hub, name, None) from exc
+    except DeltaError as exc:
+        raise damaged_log(path, name, exc) from exc
+
+
+def table_versions(hub: Path, name: str) -> list[int]:
+    """The versions of `name` that can still be read, ascending."""
+    history = latest_table(hub, name).history()
     return sorted(int(entry["version"]) for entry in history if "version" in entry)
 
 
@@ -173,11 +190,11 @@ def open_table(hub: Path, name: str, version: int | None = None) -> TableSnapsho
     except TableNotFoundError as exc:
         raise _missing_table(hub, name, version) from exc
     except DeltaError as exc:
-        # delta-rs reports a missing version as a generic kernel error; list what exists.
-        try:
-            versions = table_versions(hub, name)
-        except DataHubError:
-            raise _missing_table(hub, name, version) from exc
+        if version is None:
+            raise damaged_log(path, name, exc) from exc
+        # delta-rs reports a missing version as a generic kernel error; list what exists (or
+        # name the damaged log, if that is why the version could not be read).
+        versions = table_versions(hub, name)
         raise DataHubError(
             f"data hub table {name!r} has no version {version}; versions available: "
             f"{_format_versions(versions)} (latest {versions[-1] if versions else 'none'}). "
