@@ -207,3 +207,32 @@ def test_fleet_refuses_field_seeds_that_overlap_evaluation_seeds(registry: dict[
         _fleet(registry, hub, f"models:/{MODEL}/1", 2**63 - 1, episodes=2)
     done = _fleet(registry, hub, f"models:/{MODEL}/1", 100_012, episodes=2)
     assert done["first_seed"] == 100_012 and done["episodes"] == 2
+
+
+@pytest.mark.parametrize(("shape", "fragment"), [
+    pytest.param((7, 2), "failed on an observation batch of shape (2, 10)", id="narrow-input"),
+    pytest.param((10, 3), "returned (2, 3) for an observation batch", id="wide-output"),
+])
+def test_a_model_that_cannot_act_in_the_environment_fails_before_its_run(
+        registry: dict[str, Any], tmp_path: Path, shape: tuple[int, int], fragment: str) -> None:
+    """A model of another width failed at the first step of the first episode, after the
+    evaluation run was created: the version kept a FAILED evaluation run per try."""
+    import mlflow
+
+    name = f"width_{shape[0]}x{shape[1]}"
+    mlflow.set_tracking_uri(registry["uri"])
+    mlflow.set_registry_uri(registry["uri"])
+    with mlflow.start_run():
+        uri = mlflow.pytorch.log_model(torch.nn.Linear(*shape), name="m",
+                                       serialization_format="pt2",
+                                       input_example=np.zeros((2, shape[0]), dtype=np.float32),
+                                       pip_requirements=["torch"]).model_uri
+    mlflow.register_model(uri, name)
+    run_id = f"width__{name}"
+    with pytest.raises(EvaluationError) as caught:
+        run_evaluate(evaluator_tests.eval_env(registry, tmp_path, 1, run_id=run_id, model=name,
+                                              evaluation={"episodes": EPISODES}))
+    assert f"models:/{name}/1" in str(caught.value) and fragment in str(caught.value)
+    assert _runs_of(registry, run_id) == []
+    assert not (tmp_path / "hub").exists()
+

@@ -139,6 +139,21 @@ def rollouts(policy: Any, episodes: int, seed: int) -> list[tuple[int, Any]]:
         sim.close()
 
 
+def probe(policy: Any, seed: int, uri: str) -> None:
+    """One action on the first observation of the first episode, before a run is created: a
+    model of another input or output width fails here, not as a FAILED run of the version."""
+    from arf_trainer.sim import reach
+
+    sim = reach.make_env()
+    try:
+        observation, _ = sim.reset(seed=seed)
+        reach.checked_action(policy(observation), 0, seed)
+    except ValueError as exc:
+        raise EvaluationError(f"{uri}: {exc}") from exc
+    finally:
+        sim.close()
+
+
 FIGURES = ("success_rate", "success_rate_ci95_low", "success_rate_ci95_high",
            "mean_final_distance", "mean_final_distance_ci95_low", "mean_final_distance_ci95_high")
 
@@ -299,6 +314,7 @@ def run_evaluate(env: StepEnv) -> dict[str, Any]:
         from arf_trainer.evaluator_pixels import check_environment
 
         check_environment(environment, policy, f"models:/{name}/{version}")
+        probe(policy, seed, f"models:/{name}/{version}")
         run = client.create_run(experiment_id, tags=tags, run_name=f"{name}-v{version}")
         run_id = run.info.run_id
         try:

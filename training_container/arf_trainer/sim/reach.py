@@ -165,7 +165,7 @@ def rollout(
         observations = np.empty((EPISODE_STEPS, OBS_DIM), dtype=np.float32)
         actions = np.empty((EPISODE_STEPS, ACT_DIM), dtype=np.float32)
         for t in range(EPISODE_STEPS):
-            action = _checked_action(policy_fn(obs), t, seed)
+            action = checked_action(policy_fn(obs), t, seed)
             observations[t] = obs
             actions[t] = action
             executed = action
@@ -183,7 +183,7 @@ def rollout(
             env.close()
 
 
-def _checked_action(raw: object, step: int, seed: int) -> np.ndarray:
+def checked_action(raw: object, step: int, seed: int) -> np.ndarray:
     """The policy's action as float32 [ACT_DIM] clipped to [-1, 1], or a ValueError. NaN cannot
     be clipped: MuJoCo would warn, reset the simulation and go on, so the episode would end at
     a distance no policy produced."""
