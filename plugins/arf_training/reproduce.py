@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -87,14 +88,19 @@ def folder_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def rerun_identity(run_id: str) -> RunIdentity:
+    """A re-run's own identity, hence its own workspace: two re-runs of one run started in the
+    same second shared one (the second took the first's finished steps for its own)."""
+    stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+    return RunIdentity(dag_id=REPRODUCE_DAG_ID, run_id=f"{run_id}-{stamp}", task_id="reproduce")
+
+
 def reproduce(run_id: str, log: logging.Logger | None = None) -> dict[str, Any]:
     log = log or logging.getLogger("arf.reproduce")
     settings = ArfSettings.from_env()
     lineage = fetch_lineage(run_id, settings)
     loaded = pinned_template(lineage)
-    identity = RunIdentity(dag_id=REPRODUCE_DAG_ID,
-                           run_id=f"{run_id}-{time.strftime('%Y%m%dT%H%M%S')}",
-                           task_id="reproduce")
+    identity = rerun_identity(run_id)
     specs = {step: build_step_spec(loaded, step, identity, lineage["conf"], settings)
              for step in ("prepare", "train")}
     spec, workspace = specs["train"], specs["train"].workspace

@@ -193,3 +193,21 @@ def test_a_custom_commands_weights_are_hashed_as_register_hashed_them(tmp_path):
     assert rerun_weights_sha256(claim, out, custom=True) == register_hash(out)
     assert folder_sha256(out) == register_hash(out)
     assert rerun_weights_sha256({"weights_sha256": "abc"}, out, custom=False) == "abc"
+
+
+def test_two_reruns_of_one_run_in_the_same_second_get_workspaces_of_their_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The re-run's id was the run id plus the second it started: two `arf reproduce` of one
+    run in that second shared a workspace, and the second took the first's steps for its own."""
+    from arf_training.reproduce import rerun_identity
+    from arf_training.settings import ArfSettings
+    from arf_training.stepspec import workspace_for
+
+    monkeypatch.setenv("ARF_HOME", str(tmp_path))
+    monkeypatch.setenv("ARF_DB", "sqlite")
+    monkeypatch.setattr("time.strftime", lambda fmt: "20261205T120000")
+    first, second = rerun_identity("abc123"), rerun_identity("abc123")
+    assert first.run_id.startswith("abc123-20261205T120000-")
+    settings = ArfSettings.from_env()
+    assert workspace_for(settings, first.dag_id, first.run_id) != \
+        workspace_for(settings, second.dag_id, second.run_id)
