@@ -3,6 +3,7 @@ and nothing it starts outlives it, also a process that left its process group.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -210,3 +211,36 @@ def test_the_jwt_secret_through_environment_is_0600(tmp_path, _umask_022, monkey
     path = tmp_path / "airflow" / "jwt_secret"
     assert env["AIRFLOW__API_AUTH__JWT_SECRET"] == path.read_text().strip()
     assert all(mode == 0o600 for mode in seen) and path.stat().st_mode & 0o777 == 0o600
+
+
+
+_RANK = """
+import json, os, pathlib
+import psutil
+import torch, torch.distributed as td
+from arf_trainer.trainer import dist
+denv = dist.DistEnv.from_environ()
+dist.init(denv)
+port = int(os.environ["MASTER_PORT"])
+seen = sorted({c.laddr.ip for c in psutil.Process().net_connections(kind="inet")
+               if c.status == psutil.CONN_LISTEN and c.laddr.port == port})
+t = torch.ones(1) * (denv.rank + 1)
+td.all_reduce(t)
+dist.teardown(denv)
+out = pathlib.Path(os.environ["ARF_WORKSPACE"])
+(out / f"rank-{denv.rank}.json").write_text(json.dumps({"listening": seen, "sum": t.item()}))
+if denv.rank == 0:
+    pathlib.Path(os.environ["ARF_RESULT_PATH"]).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(os.environ["ARF_RESULT_PATH"]).write_text("{}")
+"""
+
+
+def test_the_trainers_own_store_listens_on_loopback_when_its_master_is(tmp_path):
+    """Several local nodes start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, so rank 0
+    of the trainer hosts a store of its own: torch bound it on every interface although every
+    peer reaches it through MASTER_ADDR=localhost."""
+    spec = StepSpec(**{**_spec(tmp_path, _RANK, timeout=120).__dict__, "nodes": 2})
+    LocalStepRunner().run(spec)
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["listening"] == ["127.0.0.1"]
+    assert [r["sum"] for r in ranks] == [3.0, 3.0]

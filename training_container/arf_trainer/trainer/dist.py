@@ -82,7 +82,7 @@ def init(denv: DistEnv) -> torch.device:
         backend = "nccl" if device.type == "cuda" else "gloo"
         # device_id binds NCCL communicators eagerly; gloo has no use for it.
         kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
-        store = _restart_store(denv)
+        store = _restart_store(denv) or _loopback_store(denv)
         if store is not None:
             kwargs["store"] = store
         torch_dist.init_process_group(backend=backend, rank=denv.rank,
@@ -116,6 +116,54 @@ def _restart_store(denv: DistEnv) -> torch_dist.Store | None:
     client = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                                  denv.world_size, is_master=False, timeout=default_pg_timeout)
     return torch_dist.PrefixStore(f"arf/attempt-{attempt}", client)
+
+
+def _loopback_store(denv: DistEnv) -> torch_dist.Store | None:
+    """The job's store, listening on 127.0.0.1 only, when this rank would host it and every
+    peer reaches it through a loopback MASTER_ADDR.
+
+    Without torchrun's agent store (the local backend's several nodes set
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, see `_restart_store`), rank 0's env:// rendezvous
+    starts a TCPStore on every interface whatever MASTER_ADDR says, and anyone who reached the
+    port could write the process group's keys. Every rank then uses a store made here (a
+    server on rank 0, clients elsewhere), so that all of them see the same keys: torch prefixes
+    the rendezvous' store with "default_pg" but not one that is passed in.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or \
+            not _is_loopback(os.environ.get("MASTER_ADDR", "")):
+        return None
+    import socket
+
+    from torch.distributed.constants import default_pg_timeout
+
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if denv.rank != 0:
+        return torch_dist.TCPStore(host, port, denv.world_size, is_master=False,
+                                   timeout=default_pg_timeout)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(socket.SOMAXCONN)
+    except OSError:
+        listener.close()
+        raise
+    return torch_dist.TCPStore(host, port, denv.world_size, is_master=True,
+                               timeout=default_pg_timeout, multi_tenant=True,
+                               master_listen_fd=listener.detach())
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether every address `host` resolves to is a loopback one (False if it resolves to
+    none: torch then fails with its own message)."""
+    import ipaddress
+    import socket
+
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
+        return False
+    return bool(found) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in found)
 
 
 def teardown(denv: DistEnv) -> None:
