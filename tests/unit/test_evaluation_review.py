@@ -5,6 +5,7 @@ overlap evaluation seeds."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,6 @@ def _runs_of(registry: dict[str, Any], run_id: str) -> list[Any]:
 
 def _fleet(registry: dict[str, Any], hub: Path, uri: str, first_seed: int,
            episodes: int = 2) -> dict[str, Any]:
-    import datetime as dt
-
     from arf_trainer.fleet import run_fleet
 
     return run_fleet(tracking_uri=registry["uri"], model_uri=uri, hub=hub,
@@ -236,3 +235,32 @@ def test_a_model_that_cannot_act_in_the_environment_fails_before_its_run(
     assert _runs_of(registry, run_id) == []
     assert not (tmp_path / "hub").exists()
 
+
+
+def test_a_retry_after_a_killed_try_finishes_the_run_its_failures_point_at(
+        registry: dict[str, Any], tmp_path: Path) -> None:
+    """A try SIGKILLed after recording its failures left its run RUNNING; the retry marked it
+    FAILED and evaluated into a new run, while the failure rows (kept, not written twice) still
+    named the dead run: the finished evaluation had no failures to follow."""
+    from arf_trainer.datahub.failures import record_failures
+    from arf_trainer.datahub.tables import open_table
+    from arf_trainer.evaluator import rollouts
+
+    client = _client(registry)
+    run_id = "killed__1"
+    first = run_evaluate(eval_env(registry, tmp_path / "a", 1, "reference__1"))
+    experiment = client.get_experiment_by_name("reach_bc-evaluation")
+    tags = {"arf.model_name": MODEL, "arf.model_version": "1", "arf.dag_id": "arf_evaluate",
+            "arf.dag_run_id": run_id, "arf.template": "reach_bc", "arf.environment": "reach"}
+    dead = client.create_run(experiment.experiment_id, tags=tags).info.run_id
+    hub = tmp_path / "b" / "hub"
+    # Stand-in failure rows (a policy that never moves fails every episode).
+    done = rollouts(lambda obs: np.zeros(2, dtype=np.float32), EPISODES, 0)
+    record_failures(hub, model_name=MODEL, model_version=1, eval_run_id=dead, episodes=done,
+                    recorded_at=dt.datetime.now(dt.UTC))
+    result = run_evaluate(eval_env(registry, tmp_path / "b", 1, run_id))
+    assert result["mlflow_run_id"] == dead
+    assert client.get_run(dead).info.status == "FINISHED"
+    assert [r.info.run_id for r in _runs_of(registry, run_id)] == [dead]
+    assert set(open_table(hub, "failures").dataset.to_table()["eval_run_id"].to_pylist()) == {dead}
+    assert result["success_rate"] == first["success_rate"]

@@ -176,27 +176,31 @@ def _pair(figures: dict[str, float], name: str) -> str:
     return f"{figures[f'{name}_ci95_low']:.6g},{figures[f'{name}_ci95_high']:.6g}"
 
 
-def _previous_run(client: Any, experiment_id: str, tags: dict[str, str]) -> Any | None:
+def _previous_run(client: Any, experiment_id: str,
+                  tags: dict[str, str]) -> tuple[Any | None, str | None]:
     """The finished evaluation run of this DAG run and model version, if an earlier try made
-    one; unfinished ones (tries that died) are marked FAILED so they do not linger as RUNNING."""
+    one; else the id of the latest unfinished one (a try that died) for this try to finish."""
     filter_string = (f"tags.`arf.model_name` = '{tags['arf.model_name']}' and "
                      f"tags.`arf.model_version` = '{tags['arf.model_version']}'")
     # The DAG run id is free text (quotes would need escaping in the filter grammar): match it
     # here instead.
-    mine = [run for run in client.search_runs([experiment_id], filter_string=filter_string)
+    mine = [run for run in client.search_runs([experiment_id], filter_string=filter_string,
+                                              order_by=["attributes.start_time DESC"])
             if run.data.tags.get("arf.dag_id") == tags["arf.dag_id"]
             and run.data.tags.get("arf.dag_run_id") == tags["arf.dag_run_id"]]
-    finished = None
-    for run in mine:
-        status = run.info.status
-        # A run without the interval metrics predates them: evaluate again rather than guess.
-        has_metrics = set(FIGURES) <= run.data.metrics.keys()
-        if status == "FINISHED" and has_metrics:
-            finished = finished or run
-        elif status == "RUNNING":
+    # A run without the interval metrics predates them: evaluate again rather than guess.
+    finished = [run for run in mine
+                if run.info.status == "FINISHED" and set(FIGURES) <= run.data.metrics.keys()]
+    if finished:
+        return finished[0], None
+    # The failures a dead try recorded name its run, and are not recorded again: finishing that
+    # run keeps them pointing at the evaluation they belong to.
+    unfinished = [run for run in mine if run.info.status != "FINISHED"]
+    for run in unfinished[1:]:
+        if run.info.status == "RUNNING":
             log.warning("marking evaluation run %s of an earlier try as FAILED", run.info.run_id)
             client.set_terminated(run.info.run_id, status="FAILED")
-    return finished
+    return None, unfinished[0].info.run_id if unfinished else None
 
 
 def _episodes_of(client: Any, run_id: str) -> list[dict[str, Any]]:
@@ -303,7 +307,7 @@ def run_evaluate(env: StepEnv) -> dict[str, Any]:
         "arf.environment": environment,
     }
 
-    previous = _previous_run(client, experiment_id, tags)
+    previous, unfinished = _previous_run(client, experiment_id, tags)
     if previous is not None:
         run_id = previous.info.run_id
         figures = {k: float(v) for k, v in previous.data.metrics.items() if k in FIGURES}
@@ -315,8 +319,13 @@ def run_evaluate(env: StepEnv) -> dict[str, Any]:
 
         check_environment(environment, policy, f"models:/{name}/{version}")
         probe(policy, seed, f"models:/{name}/{version}")
-        run = client.create_run(experiment_id, tags=tags, run_name=f"{name}-v{version}")
-        run_id = run.info.run_id
+        if unfinished is not None:
+            log.info("finishing evaluation run %s of an earlier try", unfinished)
+            client.update_run(unfinished, status="RUNNING")
+            run_id = unfinished
+        else:
+            run_id = client.create_run(experiment_id, tags=tags,
+                                       run_name=f"{name}-v{version}").info.run_id
         try:
             done = rollouts(policy, episodes, seed)
             outcomes = [{"seed": s, "final_distance": r.final_distance, "success": r.success}
