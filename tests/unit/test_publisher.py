@@ -84,6 +84,9 @@ def test_register_is_idempotent_and_loadable(tmp_path: Path) -> None:
     x = torch.from_numpy(np.concatenate([input_example(ws, info)] * 5))[:37]
     with torch.no_grad():
         torch.testing.assert_close(served(x), module(x), rtol=0, atol=1e-6)
+        # And through pyfunc (mlflow models serve / predict): the same logits.
+        logits = mlflow.pyfunc.load_model("models:/digits_classifier/1").predict(x.numpy())
+        np.testing.assert_allclose(logits, module(x).numpy(), rtol=0, atol=1e-6)
 
 
 def test_an_array_feature_column_registers_flattened(tmp_path: Path) -> None:

@@ -21,6 +21,13 @@ unless MLFLOW_ALLOW_PICKLE_DESERIALIZATION is set, so a ``pickle``-format model 
 an evaluator or server by default; ``pt2`` loads with torch alone (no arf_trainer import, no
 arbitrary code). The example has at least 2 rows because torch.export treats a size-1 batch
 dimension as a constant, and the model must accept any batch size.
+
+Serving: every version loads with `mlflow.pyfunc.load_model` and serves with `mlflow models
+serve` / `predict` too (`arf_trainer.pt2_pyfunc` adds the python_function flavor MLflow leaves
+out for a model of several inputs, and pins pyfunc to the CPU the archive was exported on).
+The pt2 guarantee above holds for `mlflow.pytorch.load_model`; pyfunc of a bc_pixels model
+also imports the small loader file shipped in the model (`code/arf_pt2_pyfunc.py`, source
+that imports no arf_trainer).
 """
 
 from __future__ import annotations
@@ -216,6 +223,8 @@ def run_register(env: StepEnv) -> dict[str, Any]:
     """Register this DAG run's trained model (once) and return its version and manifest."""
     import mlflow
 
+    from arf_trainer import pt2_pyfunc
+
     name = env.spec.model["name"]
     model, info, result = load_trained_model(env.workspace)
     client = tracking.configure(env.tracking_uri)
@@ -242,9 +251,9 @@ def run_register(env: StepEnv) -> dict[str, Any]:
                 # MLflow 3 files the logged model under the *active* experiment, not the run's:
                 # without this it would land in "Default" with artifacts in ./mlruns.
                 mlflow.set_experiment(experiment_id=run.info.experiment_id)
-                logged = mlflow.pytorch.log_model(
+                logged = pt2_pyfunc.log_model(
                     model, name=LOGGED_MODEL_NAME, run_id=run_id,
-                    serialization_format="pt2", **export_arguments(env.workspace, info),
+                    **export_arguments(env.workspace, info),
                     # Explicit requirements: inferring them loads the model in a subprocess.
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
                     tags={"arf.weights_sha256": sha})
