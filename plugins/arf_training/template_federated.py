@@ -54,12 +54,16 @@ class Federated(_Section):
     sites: list[Site] = Field(min_length=2, max_length=MAX_SITES,
                               description="At least two sites, each with its own data hub.")
     rounds: int = Field(ge=1, le=10_000, description="Federated rounds (fit + aggregate).")
-    strategy: Literal["fedavg", "fedprox", "fedavgm"] = Field(
+    strategy: Literal["fedavg", "fedprox", "fedavgm", "fedmedian", "fedtrimmedavg"] = Field(
         "fedavg", description="Aggregation: 'fedavg' (sample-weighted mean of the sites' "
                               "weights), 'fedprox' (the same, with a proximal term "
-                              "proximal_mu/2 * ||w - w_global||^2 in each site's loss) or "
+                              "proximal_mu/2 * ||w - w_global||^2 in each site's loss), "
                               "'fedavgm' (the mean's update applied with server momentum: "
-                              "server_momentum, server_lr).")
+                              "server_momentum, server_lr), or, robust to a minority of sites "
+                              "sending extreme weights, 'fedmedian' (coordinate-wise median) "
+                              "and 'fedtrimmedavg' (coordinate-wise mean without the "
+                              "trim_beta share of highest and lowest values); these two count "
+                              "each site once, whatever its rows.")
     fraction_fit: float = Field(1.0, gt=0.0, le=1.0,
                                 description="Fraction of the connected sites sampled each round.")
     min_sites: int = Field(2, ge=1, le=MAX_SITES,
@@ -73,6 +77,9 @@ class Federated(_Section):
                                              "under server momentum).")
     server_momentum: float | None = Field(
         None, ge=0.0, lt=1.0, description="FedAvgM's server momentum (e.g. 0.7); fedavgm only.")
+    trim_beta: float | None = Field(
+        None, gt=0.0, lt=0.5, description="FedTrimmedAvg's share of sites cut at each end of "
+                                          "every coordinate (e.g. 0.2); fedtrimmedavg only.")
     server_lr: float | None = Field(
         None, gt=0.0, le=10.0, description="FedAvgM's server learning rate (default 1.0: "
                                            "the plain mean when server_momentum is 0); "
@@ -113,9 +120,33 @@ class Federated(_Section):
             if self.strategy != "fedavgm" and value is not None:
                 problems.append(f"federated.{name} ({value}) is used by strategy 'fedavgm' "
                                 "only; remove it or set strategy: fedavgm")
+        problems += self._robust_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _robust_problems(self) -> list[str]:
+        """fedmedian / fedtrimmedavg resist a site only where a round has enough of them."""
+        if self.strategy == "fedtrimmedavg" and self.trim_beta is None:
+            return ["federated.trim_beta is required with strategy 'fedtrimmedavg' (e.g. "
+                    "trim_beta: 0.2 cuts a fifth of the sites at each end)"]
+        if self.strategy != "fedtrimmedavg" and self.trim_beta is not None:
+            return [f"federated.trim_beta ({self.trim_beta}) is used by strategy "
+                    "'fedtrimmedavg' only; remove it or set strategy: fedtrimmedavg"]
+        if self.strategy == "fedmedian" and self.min_sites < 3:
+            return [f"federated.strategy 'fedmedian' with min_sites {self.min_sites}: the "
+                    "median of two sites is their mean, which one site moves anywhere; set "
+                    "min_sites: 3 or more (and list as many sites)"]
+        if self.strategy == "fedtrimmedavg" and int(self.trim_beta * self.min_sites) < 1:
+            # Flower cuts int(beta x replies) at each end: the smallest round that cuts one.
+            need = next(n for n in range(self.min_sites, 10**6) if int(self.trim_beta * n))
+            fix = f"raise min_sites to {need} (and list as many sites)"
+            if 1 / self.min_sites < 0.5:
+                fix += f" or trim_beta to {1 / self.min_sites:.3g}"
+            return [f"federated.trim_beta {self.trim_beta} cuts int({self.trim_beta} x "
+                    f"{self.min_sites}) = 0 sites at each end of a round of min_sites "
+                    f"{self.min_sites}, so it resists none; {fix}"]
+        return []
 
 
 def check_federated(template: Any) -> None:

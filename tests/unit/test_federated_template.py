@@ -61,6 +61,14 @@ def test_fedavgm_with_momentum_loads():
     assert _template(text).federated.proximal_mu == 0.01
 
 
+def test_robust_strategies_load():
+    text = _edit("strategy: fedavg", "strategy: fedmedian").replace("min_sites: 2", "min_sites: 3")
+    assert _template(text).federated.strategy == "fedmedian"
+    text = _edit("strategy: fedavg", "strategy: fedtrimmedavg\n  trim_beta: 0.34").replace(
+        "min_sites: 2", "min_sites: 3")
+    assert _template(text).federated.trim_beta == 0.34
+
+
 def test_shipped_federated_template_uses_server_momentum():
     """The shipped example's choice (bench/federated.py, README): FedAvgM with FedProx's term,
     30 x 1 epochs."""
@@ -116,6 +124,22 @@ MALFORMED = [
     pytest.param(_edit("strategy: fedavg", "strategy: fedavgm\n  server_momentum: 0.5\n"
                        "  server_lr: 0"),
                  ["federated.server_lr", "greater than 0"], id="server-lr-zero"),
+    pytest.param(_edit("strategy: fedavg", "strategy: fedmedian"),
+                 ["'fedmedian' with min_sites 2", "median of two sites is their mean",
+                  "min_sites: 3"], id="median-of-two"),
+    pytest.param(_edit("strategy: fedavg", "strategy: fedtrimmedavg"),
+                 ["trim_beta is required", "fedtrimmedavg"], id="trimmed-without-beta"),
+    pytest.param(_edit("strategy: fedavg", "strategy: fedtrimmedavg\n  trim_beta: 0.2"),
+                 ["trim_beta 0.2 cuts int(0.2 x 2) = 0 sites", "raise min_sites to 5"],
+                 id="trimmed-cuts-none"),
+    pytest.param(_edit("strategy: fedavg", "strategy: fedtrimmedavg\n  trim_beta: 0.3").replace(
+                     "min_sites: 2", "min_sites: 3"),
+                 ["cuts int(0.3 x 3) = 0", "raise min_sites to 4", "or trim_beta to 0.333"],
+                 id="trimmed-cuts-none-of-3"),
+    pytest.param(_edit("strategy: fedavg", "strategy: fedtrimmedavg\n  trim_beta: 0.5"),
+                 ["federated.trim_beta", "less than 0.5"], id="trim-half"),
+    pytest.param(_edit("strategy: fedavg", "strategy: fedavg\n  trim_beta: 0.2"),
+                 ["trim_beta (0.2)", "'fedtrimmedavg' only"], id="beta-with-fedavg"),
     pytest.param(_edit("query: \"SELECT * FROM reach_demos\"", "query: \"DELETE FROM x\""),
                  ["federated.sites.1.query", "single SELECT"], id="site-query-not-select"),
     pytest.param(_edit("local_epochs: 2", "local_epochs: 0"),

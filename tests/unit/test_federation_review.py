@@ -8,6 +8,11 @@ update of another shape crashed the round without naming the site.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 from trainer_testkit import make_env, make_spec, prepare_reach
@@ -65,3 +70,59 @@ def test_the_plan_gives_the_server_each_sites_manifest_rows(tmp_path):
     env = make_env(spec, workspace, f"sqlite:///{tmp_path}/unused.db", tmp_path / "art")
     plan_, _ = plan(env, site_dirs(env))
     assert plan_["site_rows"] == [90, 225]  # validation_split 0.1 of each site's rows
+
+
+REPO = Path(__file__).resolve().parents[2]
+FED_VENV = Path(os.environ.get("ARF_FEDERATION_VENV") or REPO / ".federation-venv")
+
+# One round of the server's strategy (apps._strategy, Flower's own FedAvg/FedMedian/
+# FedTrimmedAvg under the site-order and refusal wrapper) over three well-formed updates, one of
+# them finite but extreme: the refusals cannot catch it, only the aggregation can resist it.
+AGGREGATE = """
+import json
+import torch
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from arf_trainer.federated.apps import _strategy
+
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # as a ServerApp has
+SENT = {"w": torch.zeros(3), "steps": torch.zeros(2, dtype=torch.int64)}
+
+def reply(index, value):
+    arrays = ArrayRecord({"w": torch.full((3,), value),
+                          "steps": torch.full((2,), 7, dtype=torch.int64)})
+    metrics = MetricRecord({"num-examples": 100, "site-index": index})
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}),
+                   dst_node_id=index + 1, message_type=MessageType.TRAIN)
+
+out = {}
+for name, extra in (("fedavg", {}), ("fedmedian", {}), ("fedtrimmedavg", {"trim_beta": 0.34})):
+    fed = {"strategy": name, "fraction_fit": 1.0, "min_sites": 3,
+           "sites": [{"name": n} for n in ("north", "south", "east")], **extra}
+    strategy = _strategy(fed, [100, 100, 100])
+    strategy.sent = SENT
+    arrays, _ = strategy.aggregate_train(1, [reply(2, 1e6), reply(0, 1.0), reply(1, 1.5)])
+    merged = arrays.to_torch_state_dict()
+    out[name] = {"w": merged["w"].tolist(), "steps": str(merged["steps"].dtype),
+                 "step_values": merged["steps"].tolist()}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not (FED_VENV / "bin" / "python").exists(),
+                    reason=f"no federation venv at {FED_VENV}: run `make federation-venv`")
+def test_robust_strategies_resist_a_site_with_extreme_finite_weights():
+    """A site with a registered key may send finite but extreme weights (a bug or an attack):
+    FedAvg follows it; fedmedian and fedtrimmedavg keep the other sites' value, and the round's
+    arrays keep the dtypes the round sent (np.median turns integers into float64, which the
+    next round would refuse from every site)."""
+    proc = subprocess.run([str(FED_VENV / "bin" / "python"), "-c", AGGREGATE],
+                          env={**os.environ, "PYTHONPATH": str(REPO / "training_container")},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["fedavg"]["w"][0] > 3e5
+    assert out["fedmedian"]["w"] == [1.5, 1.5, 1.5]
+    assert out["fedtrimmedavg"]["w"] == [1.5, 1.5, 1.5]
+    assert {o["steps"] for o in out.values()} == {"torch.int64"}
+    assert all(o["step_values"] == [7, 7] for o in out.values())  # a mean of 7s, not 6.9999

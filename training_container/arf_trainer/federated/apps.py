@@ -27,7 +27,7 @@ from flwr.app import (ArrayRecord, ConfigRecord, Context, Message, MessageType, 
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,22 @@ def _ordered(strategy_cls: type) -> type:
             self.history.append({"round": server_round, "failed": failed, "rejected": rejected,
                                  "sites": [{k: float(v) for k, v in
                                             m.content["metrics"].items()} for m in good]})
-            return super().aggregate_train(server_round, good)
+            arrays, metrics = super().aggregate_train(server_round, good)
+            if arrays is None:
+                return arrays, metrics
+            # Flower's means and np.median give float64 for integer arrays: the next round would
+            # refuse every site's update as another dtype (and 6.9999 of seven 7s is not 6).
+            merged = arrays.to_torch_state_dict()
+            return ArrayRecord({k: _as_sent(v, self.sent[k]) for k, v in merged.items()}), metrics
 
     Ordered.__name__ = f"Ordered{strategy_cls.__name__}"
     return Ordered
+
+
+def _as_sent(merged: Any, sent: Any) -> Any:
+    if merged.dtype == sent.dtype:
+        return merged
+    return (merged if sent.is_floating_point() else merged.round()).to(sent.dtype)
 
 
 def _wait_for_sites(grid: Grid, n_sites: int, timeout_s: float) -> None:
@@ -164,6 +176,12 @@ def _strategy(fed: dict[str, Any], site_rows: list[int]) -> Any:
         server_lr = fed.get("server_lr")  # optional: 1.0, the mean's own step
         strategy = _ordered(FedAvgM)(server_learning_rate=float(server_lr or 1.0),
                                      server_momentum=float(fed["server_momentum"]), **common)
+    elif fed["strategy"] == "fedmedian":
+        # Robust to a minority of sites sending extreme (finite) weights: the coordinate-wise
+        # median of the sites' weights, each site counting once whatever its rows.
+        strategy = _ordered(FedMedian)(**common)
+    elif fed["strategy"] == "fedtrimmedavg":
+        strategy = _ordered(FedTrimmedAvg)(beta=float(fed["trim_beta"]), **common)
     else:
         strategy = _ordered(FedAvg)(**common)
     strategy.min_sites = fed["min_sites"]
