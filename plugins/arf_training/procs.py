@@ -19,24 +19,30 @@ from pathlib import Path
 
 import psutil
 
+from arf_training.logrotate import RotatingLog, private_fd
 
-def start_process(command: list[str], env: dict[str, str], log_path: Path,
+
+def start_process(command: list[str], env: dict[str, str], log: Path | RotatingLog,
                   **popen_kwargs) -> subprocess.Popen:
     """Start `command` as the leader of a new session (and process group), its output
-    appended to `log_path`; `popen_kwargs` e.g. the user to run as (the database server)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open_private_log(log_path) as log:
-        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+    appended to `log`: a file (0600, written directly) or a `RotatingLog` (through a pipe that
+    the log drains, so that it can rotate without losing a line); `popen_kwargs` e.g. the user
+    to run as (the database server)."""
+    if isinstance(log, RotatingLog):
+        log.path.parent.mkdir(parents=True, exist_ok=True)
+        output = log.pipe()
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        output = open_private_log(log)
+    with output as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 **popen_kwargs)
 
 
 def open_private_log(path: Path):
-    """`path` opened for appending, 0600 whether new or left readable by an older version:
-    a component's log may quote its configuration, connection strings included."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    os.fchmod(fd, 0o600)
-    return os.fdopen(fd, "ab")
+    """`path` opened for appending, 0600 (see `private_fd`)."""
+    return os.fdopen(private_fd(path), "ab")
 
 
 def port_holder(port: int) -> str | None:

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from arf_training.embedded import airflow_components, ensure_migrated, environment
 from arf_training.errors import ArfError
+from arf_training.logrotate import LogLimits
 from arf_training.procs import (group_alive, group_descendants, open_private_log, port_holder,
                                 stop_groups)
 from arf_training.settings import ArfSettings, database_backend, venv_bin
@@ -275,6 +276,7 @@ def up(opts: StackOptions | None = None, *, timeout_s: float = 600) -> dict:
     """Start the stack (or report and repair a running one); the status afterwards, with
     `already_running` and, when generated now, the public admin's `password`."""
     opts = opts or StackOptions()
+    LogLimits.from_env()  # a bad ARF_LOG_* here, not as a supervisor that died in the background
     settings = ArfSettings.from_env()
     rdir = run_dir(settings)
     log_path = rdir / "supervisor.log"
@@ -379,6 +381,7 @@ def _supervise(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
     opts = StackOptions(args.api_port, args.mlflow_port, args.host)
+    limits = LogLimits.from_env()
     settings = ArfSettings.from_env()
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a second `arf up`'s, until run() is ready
     # Before building the components, which stops a detached database (maybe another's).
@@ -386,7 +389,8 @@ def _supervise(argv: list[str] | None = None) -> int:
     if lock is None:
         print(another_supervisor(run_dir(settings)), flush=True)
         return 1
-    return Supervisor(components(settings, opts), run_dir(settings), lock=lock).run()
+    return Supervisor(components(settings, opts), run_dir(settings), lock=lock,
+                      log_limits=limits).run()
 
 
 if __name__ == "__main__":

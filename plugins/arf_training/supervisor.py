@@ -18,11 +18,13 @@ Generic over its components (the embedded stack's are built in `arf_training.sta
 5. One supervisor per run folder: it holds an exclusive lock on `supervisor.lock` for its
    life (released by the kernel even after SIGKILL), so a second one exits before touching
    anything, and a pid file copied with the folder or naming a reused pid is not "running".
+6. Logs (`<component>.log`, `supervisor.log`) are size-bounded: see `arf_training.logrotate`.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import signal
@@ -33,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from arf_training.logrotate import LogLimits, RotatingLog, close_all, own_log
 from arf_training.procs import Descendants, port_holder, reap, start_process, stop_groups
 
 STATE_FILE = "state.json"
@@ -41,6 +44,7 @@ LOCK_FILE = "supervisor.lock"
 SETTLE_S = 3.0  # "ready" for a component without a probe: alive this long after its start
 UPTIME_RESETS_BACKOFF_S = 60.0
 MAX_DOUBLINGS = 30  # 2**30 x any base is past any cap; 2**1024 does not fit a float at all
+_PRINT = functools.partial(print, flush=True)  # the log without `log=`: stdout, or see run()
 
 
 @dataclass
@@ -86,13 +90,16 @@ def describe_exit(returncode: int) -> str:
 class Supervisor:
     def __init__(self, components: list[Component], run_dir: Path, *, grace_s: float = 15,
                  backoff_s: tuple[float, float] = (1.0, 60.0), ready_timeout_s: float = 300,
-                 log: Callable[[str], None] | None = None, lock=None) -> None:
+                 log: Callable[[str], None] | None = None, lock=None,
+                 log_limits: LogLimits | None = None) -> None:
         self.slots = [_Slot(c) for c in components]
         self.run_dir = run_dir
         self.grace_s = grace_s
         self.backoff_s = backoff_s
         self.ready_timeout_s = ready_timeout_s
-        self._log = log or (lambda line: print(line, flush=True))
+        self._log = log or _PRINT
+        self.log_limits = log_limits or LogLimits()
+        self._logs: dict[str, RotatingLog] = {}  # one per component, across its restarts
         self._stopping = False
         self._phase = "starting"
         self._started_at = time.time()
@@ -116,6 +123,8 @@ class Supervisor:
         if self._lock is None:
             self.log(another_supervisor(self.run_dir))
             return 1
+        if self._log is _PRINT:  # now that the run folder is ours, so is its supervisor.log
+            self._log = own_log(self.run_dir / "supervisor.log", self.log_limits) or _PRINT
         code = 0
         try:
             if self.start_all():
@@ -179,8 +188,9 @@ class Supervisor:
         try:
             if c.before_start:
                 c.before_start()
-            slot.proc = start_process(c.command, c.env, self.run_dir / f"{c.name}.log",
-                                      **c.popen_kwargs)
+            log = self._logs.setdefault(c.name, RotatingLog(self.run_dir / f"{c.name}.log",
+                                                            self.log_limits))
+            slot.proc = start_process(c.command, c.env, log, **c.popen_kwargs)
         except Exception as exc:  # noqa: BLE001 (a failed start is retried like an exit)
             slot.proc = None
             self._schedule_restart(slot, f"could not start: {exc}", uptime=0.0)
@@ -269,6 +279,7 @@ class Supervisor:
             for slot in batch:
                 reap(slot.proc.pid)
                 slot.proc = None
+        close_all(self._logs.values())  # with the last words of what was just stopped
         if stopped:
             self.log("stopped " + ", ".join(stopped))
         return stopped
