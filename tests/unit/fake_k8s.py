@@ -11,6 +11,7 @@ and `get_conn` returns no real connection.
 
 The test plays the kubelet with `add_pod`, `start_pod`, `stall_pod`, `finish_pod` and
 `finish_with_result`, or with a `kubelet` callback called before each read of a pod.
+`deletion_reads` makes a deletion take time, as a Foreground deletion or a pod's grace period do.
 
 A scripted "controller" moves a job through its conditions: each read of the job applies the next
 scripted transition, as the Kubeflow training operator would between two polls.
@@ -89,6 +90,11 @@ class FakeCluster:
     # Scripted API failures of the custom-objects calls: verb -> HTTP statuses, one raised per
     # call of that verb (an overloaded API server, an RBAC rule that forbids the verb).
     api_errors: dict[str, collections.deque] = field(default_factory=dict)
+    # A deleted job or pod stays this many reads longer, with a deletionTimestamp (a Foreground
+    # deletion waits for the job's pods, a pod for its grace period); creating its name answers
+    # 409 AlreadyExists meanwhile. 0: gone at once.
+    deletion_reads: int = 0
+    _terminating: dict[tuple[str, ...], int] = field(default_factory=dict)
     _clock: int = 0
 
     # -- test set-up ---------------------------------------------------------------------------
@@ -228,7 +234,7 @@ class FakeCluster:
         self.calls.append(("get", plural, namespace, name))
         self._scripted_error(exc_type, "get")
         key = (group, version, plural, namespace, name)
-        if key not in self.objects:
+        if key not in self.objects or self._deletion_done(key):
             raise exc_type(status=404, reason="Not Found")
         pending = self.scripts.get(name)
         if pending:
@@ -243,12 +249,36 @@ class FakeCluster:
         key = (group, version, plural, namespace, name)
         if key not in self.objects:
             raise exc_type(status=404, reason="Not Found")
+        if self._lingers(key):
+            self.objects[key]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+            return copy.deepcopy(self.objects[key])
+        self._remove(key)
+        return {"kind": "Status", "status": "Success"}
+
+    def _lingers(self, key: tuple[str, ...]) -> bool:
+        if self.deletion_reads:
+            self._terminating.setdefault(key, self.deletion_reads)
+        return bool(self.deletion_reads)
+
+    def _deletion_done(self, key: tuple[str, ...]) -> bool:
+        """One more read of `key` while it terminates; True once it is gone (removed)."""
+        left = self._terminating.get(key)
+        if left:
+            self._terminating[key] = left - 1
+        elif left == 0:
+            del self._terminating[key]
+            self._remove(key)
+        return left == 0
+
+    def _remove(self, key: tuple[str, ...]) -> None:
+        if len(key) == 2:  # a pod: (namespace, name)
+            del self.pods[key]
+            return
         del self.objects[key]
         for pod_key, pod in list(self.pods.items()):  # the garbage collector, at once
-            if pod_key[0] == namespace and \
-                    pod.metadata.labels.get("training.kubeflow.org/job-name") == name:
+            if pod_key[0] == key[3] and \
+                    pod.metadata.labels.get("training.kubeflow.org/job-name") == key[4]:
                 del self.pods[pod_key]
-        return {"kind": "Status", "status": "Success"}
 
     def list_pods(self, namespace: str, label_selector: str = "") -> V1PodList:
         self.calls.append(("list_pods", "pods", namespace, label_selector))
@@ -285,7 +315,7 @@ class FakeCluster:
         self.calls.append(("read", "pods", namespace, name))
         if self.kubelet is not None:
             self.kubelet(self, namespace, name)
-        if (namespace, name) not in self.pods:
+        if (namespace, name) not in self.pods or self._deletion_done((namespace, name)):
             raise exc_type(status=404, reason="Not Found")
         return copy.deepcopy(self.pods[(namespace, name)])
 
@@ -299,8 +329,12 @@ class FakeCluster:
 
     def delete_pod(self, exc_type: type, namespace: str, name: str) -> None:
         self.calls.append(("delete", "pods", namespace, name))
-        if self.pods.pop((namespace, name), None) is None:
+        if (namespace, name) not in self.pods:
             raise exc_type(status=404, reason="Not Found")
+        if self._lingers((namespace, name)):
+            self.pods[(namespace, name)].metadata.deletion_timestamp = _T0
+        else:
+            del self.pods[(namespace, name)]
 
     def exec_output(self, namespace: str, name: str, container: str | None,
                     command: list[str]) -> str | None:

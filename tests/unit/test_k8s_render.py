@@ -327,8 +327,9 @@ def test_credentials_come_from_secrets_only():
     for loaded, step in [(c.values[0], c.values[1]) for c in CASES]:
         for pod in _pods_of(_render(loaded, step, settings)):
             box = _container(pod)
-            assert box["envFrom"] == [{"secretRef": {"name": "mlflow-credentials"}},
-                                      {"secretRef": {"name": "datahub-credentials"}}]
+            # prepare never talks to MLflow (test_k8s_security_review): no tracking Secret.
+            tracking = [] if step == "prepare" else [{"secretRef": {"name": "mlflow-credentials"}}]
+            assert box["envFrom"] == [*tracking, {"secretRef": {"name": "datahub-credentials"}}]
             refs = [e for e in box["env"] if "valueFrom" in e]
             assert refs == [{"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {
                 "secretKeyRef": {"name": "arf-s3", "key": "secret-key"}}}]

@@ -86,6 +86,24 @@ def test_service_rights_are_exactly_the_calls_the_federate_task_makes():
     assert granted == called
 
 
+def _verbs(role: str, resource: str) -> set[str]:
+    (doc,) = [d for d in _rbac() if d["kind"] == "Role" and d["metadata"]["name"] == role]
+    return {v for rule in doc["rules"] if resource in rule["resources"] for v in rule["verbs"]}
+
+
+def test_pytorchjob_rights_are_exactly_the_calls_the_operator_and_trigger_make():
+    """The worker runs PyTorchJobOperator (the provider's KubernetesHook custom-object helpers),
+    the triggerer PyTorchJobTrigger (kubernetes_asyncio's CustomObjectsApi). Before: both roles
+    also held list and watch on pytorchjobs, which no call needs."""
+    calls = {}
+    for module in ("operators", "triggers"):
+        code = (REPO / "plugins" / "arf_training" / "kubernetes" / f"{module}.py").read_text()
+        calls[module] = set(re.findall(r"\.(\w+?)_(?:namespaced_)?custom_object\(", code))
+    assert calls == {"operators": {"create", "get", "delete"}, "triggers": {"get", "delete"}}
+    assert _verbs("arf-step-launcher", "pytorchjobs") == calls["operators"]
+    assert _verbs("arf-step-watcher", "pytorchjobs") == calls["triggers"]
+
+
 # --- NetworkPolicy: a model of the union semantics --------------------------------------------
 
 def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
@@ -214,6 +232,15 @@ def test_federated_pods_carry_only_the_secrets_they_use():
     (evaluate,) = [p for p in pods
                    if p["metadata"]["labels"]["app.kubernetes.io/component"] == "evaluate"]
     assert {TRACKING_SECRET, HUB_SECRET} <= _secrets_of(evaluate)
+
+
+def test_a_plain_prepare_pod_carries_no_tracking_secret():
+    """`arf-trainer prepare` reads the data hub and writes shards; it never talks to MLflow.
+    Before: its pod got the tracking Secret like every other step's."""
+    pods = _pods(SMOKE)
+    by_step = {p["metadata"]["labels"]["app.kubernetes.io/component"]: p for p in pods}
+    assert _secrets_of(by_step.pop("prepare")) == {HUB_SECRET}
+    assert by_step and all(TRACKING_SECRET in _secrets_of(p) for p in by_step.values())
 
 
 # --- MLflow's Host-header guard ---------------------------------------------------------------

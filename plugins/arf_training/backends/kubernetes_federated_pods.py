@@ -15,10 +15,11 @@ the provider's KubernetesPodOperator and both Kubernetes clients.
   (`lost_sites` in the XCom) unless fewer than `federated.min_sites` remain or it never started
   (round 1 waits for every site): then the task fails at once.
 
-Names are per try (`kubernetes.federation`, `pod.resource_name`), so two tries never share an
-object. What an earlier try left behind (its worker died before it could clean up) is deleted
+Names are per try (`kubernetes.federation`, `ownership.resource_name`), so two tries never share
+an object. What an earlier try left behind (its worker died before it could clean up) is deleted
 before a try starts; what this very try left (the same try started again) is reused while it
-runs, or replaced once finished. Nothing is ever created twice.
+runs, or replaced once finished or when an earlier DagRun of the run id left it (deleted in the
+UI, then triggered again: `kubernetes.ownership`). Nothing is ever created twice.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from arf_training.backends.kubernetes import (
 from arf_training.backends.kubernetes_pods import ArfPodOperator, StepPod, elapsed_s
 from arf_training.backends.kubernetes_supernodes import TERMINAL_PHASES, Federation
 from arf_training.errors import StepFailed
-from arf_training.kubernetes import federation, restarts
+from arf_training.kubernetes import federation, ownership, restarts
 from arf_training.kubernetes.pod import CONTAINER_NAME
 from arf_training.kubernetes.render import STEP_TASK_IDS, pod_arf_settings
 from arf_training.runtime import fail_fast_on_bad_input, run_identity
@@ -138,7 +139,8 @@ class SuperLinkPod(ArfPodOperator):
             spec = with_xcom_result(pod_step_spec(self.loaded, "federate", context, settings))
             sites = [s.name for s in self.loaded.template.federated.sites]
             spec = federation.with_site_manifests(spec, site_manifests(context, sites))
-        return federation.render_federation(spec, self.loaded, run_identity(context), settings)
+        return [ownership.stamped(manifest, context) for manifest in federation.render_federation(
+            spec, self.loaded, run_identity(context), settings)]
 
     def render_pod(self, context: Any) -> dict[str, Any]:
         return self.render_federation(context)[1]

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from kubernetes.client import ApiException
 
 from arf_training.backends.kubernetes import (
     ON_FINISH_ACTION,
@@ -26,9 +27,9 @@ from arf_training.backends.kubernetes import (
 )
 from arf_training.custom_launch import PREEMPTED_EXIT
 from arf_training.errors import BAD_INPUT_EXIT, SKIP_EXIT, StepFailed
-from arf_training.kubernetes import restarts
-from arf_training.kubernetes.pod import (CONTAINER_NAME, container_exit_code, render_pod,
-                                         resource_name)
+from arf_training.kubernetes import ownership, restarts
+from arf_training.kubernetes.ownership import resource_name
+from arf_training.kubernetes.pod import CONTAINER_NAME, container_exit_code, render_pod
 from arf_training.runtime import (
     emit_model_event,
     fail_fast_on_bad_input,
@@ -79,6 +80,50 @@ class ArfPodOperator(KubernetesPodOperator):
     def render_pod(self, context: Any) -> dict[str, Any]:
         """The v1 Pod of this try (a plain dict). Validates the trigger conf first."""
         raise NotImplementedError
+
+    def get_or_create_pod(self, pod_request_obj: Any, context: Any) -> Any:
+        """The provider's reattach-or-create, for this DagRun's pods only: the request is
+        annotated with the DagRun's start, and a pod of an earlier DagRun of this run id (deleted
+        in the UI, then triggered again) is deleted first (`arf_training.kubernetes.ownership`)."""
+        meta = pod_request_obj.metadata
+        started = ownership.run_start(context)
+        if started is not None:
+            meta.annotations = {**(meta.annotations or {}), ownership.RUN_START_ANNOTATION: started}
+        if self.reattach_on_restart:
+            self._delete_pods_of_earlier_runs(meta, context)
+        return super().get_or_create_pod(pod_request_obj, context)
+
+    def _delete_pods_of_earlier_runs(self, meta: Any, context: Any) -> None:
+        """Delete what the provider would reattach to (this task's unchecked pods, any try) and
+        what holds this pod's name, where an earlier DagRun of the run id created it, and wait
+        until they are gone (the provider's lookup still finds a pod while it terminates). That
+        run's other pods, finished and checked, are left alone."""
+        selector = self._build_find_pod_label_selector(context, exclude_checked=False)
+        for pod in self.client.list_namespaced_pod(meta.namespace,
+                                                   label_selector=selector).items:
+            theirs = ownership.stale(pod.metadata, meta)
+            checked = (pod.metadata.labels or {}).get(self.POD_CHECKED_KEY) == "True"
+            if theirs is None or (checked and pod.metadata.name != meta.name):
+                continue
+            # A run id names one DagRun at a time, so that run was deleted: no task waits for it.
+            self.log.warning("pod %s/%s was created by an earlier DAG run with this run id "
+                             "(started %s), which no longer exists: deleting it",
+                             meta.namespace, pod.metadata.name, theirs)
+            self.pod_manager.delete_pod(pod)
+            timeout = ownership.gone_timeout_s(pod.spec.termination_grace_period_seconds)
+            if not ownership.wait_until_gone(lambda: self._pod_exists(pod.metadata), timeout):
+                raise StepFailed(f"pod {meta.namespace}/{pod.metadata.name} of an earlier DAG "
+                                 f"run with this run id is still there {timeout:g} s after its "
+                                 f"deletion; a retry creates its own pod under a new name")
+
+    def _pod_exists(self, meta: Any) -> bool:
+        try:
+            self.client.read_namespaced_pod(meta.name, meta.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
 
     def _use(self, pod: dict[str, Any]) -> None:
         self.pod_template_dict = pod

@@ -19,6 +19,7 @@ from airflow.providers.cncf.kubernetes.utils.pod_manager import (
 from kubernetes.client.exceptions import ApiException
 
 from arf_training.errors import StepFailed
+from arf_training.kubernetes import ownership
 from arf_training.kubernetes.pod import CONTAINER_NAME, container_exit_code
 
 ROLE_LABEL = "arf.dev/federation-role"
@@ -131,10 +132,13 @@ class Federation:
             if exc.status != 409:
                 raise
         existing = self.client.read_namespaced_pod(name, self.namespace)
-        if (existing.status and existing.status.phase) not in TERMINAL_PHASES:
+        # One that an earlier DagRun of this run id left (`kubernetes.ownership`) serves no one.
+        theirs = ownership.stale(existing.metadata, body["metadata"])
+        if theirs is None and (existing.status and existing.status.phase) not in TERMINAL_PHASES:
             self.log.info("reusing SuperNode pod %s, still running", name)
             return
-        self.log.info("replacing SuperNode pod %s, which has finished", name)
+        self.log.info("replacing SuperNode pod %s, %s", name, "which has finished" if theirs is
+                      None else f"created by an earlier DAG run with this run id ({theirs})")
         self._delete("pod", name, grace_period_seconds=0)
         deadline = time.monotonic() + RECREATE_WAIT_S
         while True:

@@ -41,8 +41,9 @@ from typing import Any
 from arf_training.federation import site_spec
 from arf_training.kubernetes.config import (KubernetesConfigError, KubernetesSettings, _get,
                                             _name)
-from arf_training.kubernetes.pod import (EGRESS_LABEL, pod_template, render_pod,
-                                         resource_name, restricted_container_security_context)
+from arf_training.kubernetes.ownership import EGRESS_LABEL, resource_name
+from arf_training.kubernetes.pod import (pod_template, render_pod,
+                                         restricted_container_security_context)
 from arf_training.settings import ArfSettings
 from arf_training.stepspec import RunIdentity, StepSpec
 

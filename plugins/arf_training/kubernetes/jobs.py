@@ -35,7 +35,8 @@ from typing import Any, ClassVar
 
 from arf_training import custom_launch
 from arf_training.kubernetes.config import KubernetesSettings
-from arf_training.kubernetes.pod import literal, pod_template, resource_name
+from arf_training.kubernetes.ownership import resource_name
+from arf_training.kubernetes.pod import literal, pod_template
 from arf_training.stepspec import RunIdentity, StepSpec
 
 PYTORCH_PORT = 23456

@@ -7,7 +7,10 @@ is `PyTorchJobTrigger` in the triggerer (deferrable, the default) or a poll loop
 Retries and restarts never duplicate a job: the renderer names the job deterministically from
 (dag_id, run_id, task_id, try_number), so `execute` first looks the name up and *reattaches* to a
 job that already exists (a worker or scheduler restart re-runs `execute` for the same try), and a
-409 AlreadyExists on create (a race with such a restart) is handled the same way.
+409 AlreadyExists on create (a race with such a restart) is handled the same way. Not to one that
+an earlier DagRun of the same run id created (deleted in the UI, then triggered again): `execute`
+annotates the job with its DagRun's start, and a job that names another start is deleted and
+created anew (`arf_training.kubernetes.ownership`).
 
 The backend contract (`arf_training.backends.base`), Kubernetes side:
 
@@ -24,7 +27,6 @@ The backend contract (`arf_training.backends.base`), Kubernetes side:
 
 from __future__ import annotations
 
-import collections
 import time
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
@@ -35,21 +37,13 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
 from arf_training.errors import BAD_INPUT_EXIT, ArfError, StepFailed
-from arf_training.kubernetes.pod import container_exit_code
+from arf_training.kubernetes import job_logs, ownership
 
 if TYPE_CHECKING:
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 
 DeletePolicy = Literal["always", "on_success", "never"]
 DELETE_POLICIES: tuple[str, ...] = ("always", "on_success", "never")
-# Pod labels set by the training operator (kubeflow/common `constants.go`); the replica type
-# value is the lower-cased replica name.
-JOB_NAME_LABEL = "training.kubeflow.org/job-name"
-REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
-REPLICA_INDEX_LABEL = "training.kubeflow.org/replica-index"
-# A PyTorchJob's training container must be called "pytorch" (the operator finds it by name).
-CONTAINER_NAME = "pytorch"
-TAIL_LINES = 60
 
 
 class InvalidJobBody(ArfError, ValueError):
@@ -172,9 +166,10 @@ class PyTorchJobOperator(BaseOperator):
         job = self._read_job(name, namespace)
         if job is not None:
             self._check_owned(job, name, namespace)
-            self.log.info("PyTorchJob %s/%s already exists: reattaching (no new job)",
-                          namespace, name)
-            return job
+            if not self._replaced_stale(job, name, namespace):
+                self.log.info("PyTorchJob %s/%s already exists: reattaching (no new job)",
+                              namespace, name)
+                return job
         body = dict(self.body)
         body["metadata"] = {**(self.body.get("metadata") or {}), "namespace": namespace}
         try:
@@ -190,9 +185,37 @@ class PyTorchJobOperator(BaseOperator):
                 raise PyTorchJobFailed(f"PyTorchJob {namespace}/{name} was reported as existing "
                                        f"(409) but could not be read back") from exc
             self._check_owned(job, name, namespace)
+            if ownership.stale(job.get("metadata") or {}, body["metadata"]):
+                raise PyTorchJobFailed(f"PyTorchJob {namespace}/{name} of an earlier DAG run "
+                                       f"with this run id appeared (409) between this try's "
+                                       f"read and create: not reattaching to it") from exc
             return job
         self.log.info("created PyTorchJob %s/%s", namespace, name)
         return job
+
+    def _replaced_stale(self, job: dict[str, Any], name: str, namespace: str) -> bool:
+        """Delete `job` when an earlier DagRun of this run id created it (`ownership.stale`), and
+        wait until its name is free. False: it is this run's, or carries no run start."""
+        theirs = ownership.stale(job.get("metadata") or {}, self.body.get("metadata") or {})
+        if theirs is None:
+            return False
+        # A run id names one DagRun at a time, so that run was deleted: no task waits for its job.
+        self.log.warning("PyTorchJob %s/%s was created by an earlier DAG run with this run id "
+                         "(started %s), which no longer exists: deleting it and creating this "
+                         "run's job", namespace, name, theirs)
+        self._delete_job(name, namespace, "Foreground")
+        replicas = ((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).values()
+        timeout = max((ownership.gone_timeout_s(((r.get("template") or {}).get("spec") or {}).get(
+            "terminationGracePeriodSeconds")) for r in replicas),
+            default=ownership.gone_timeout_s(None))
+        if not ownership.wait_until_gone(lambda: self._read_job(name, namespace) is not None,
+                                        timeout):
+            raise PyTorchJobFailed(
+                f"PyTorchJob {namespace}/{name} of an earlier DAG run with this run id (started "
+                f"{theirs}) is still there {timeout:g} s after its deletion: a finalizer may "
+                f"hold it (kubectl get pytorchjob -n {namespace} {name} -o yaml). A retry "
+                f"creates its own job under a new name")
+        return True
 
     def _check_owned(self, job: dict[str, Any], name: str, namespace: str) -> None:
         """Refuse a job of the same name that another run created: the manifest's labels (the
@@ -217,6 +240,7 @@ class PyTorchJobOperator(BaseOperator):
         )
 
         name, namespace = self.job_ref()
+        self.body = ownership.stamped(self.body, context)
         job = self.create_or_reattach(name, namespace)
         outcome = job_outcome(job)
         if outcome.terminal:  # reattached to a job that finished while nobody watched
@@ -332,45 +356,9 @@ class PyTorchJobOperator(BaseOperator):
     # -- logs --------------------------------------------------------------------------------
 
     def master_logs(self, name: str, namespace: str) -> tuple[list[str], int | None]:
-        """Copy the master pod's log into the task log. Returns (last lines, exit code).
-
-        An elastic job has Workers only: worker 0 (its rendezvous host) stands in for the master.
-        Best effort: a pod already removed (`runPolicy.cleanPodPolicy`) or an API error is
-        logged as a warning and never hides the job's own outcome."""
-        job = f"{JOB_NAME_LABEL}={name},{REPLICA_TYPE_LABEL}="
-        try:
-            pods = [pod for selector in ("master", f"worker,{REPLICA_INDEX_LABEL}=0")
-                    for pod in self.hook.core_v1_client.list_namespaced_pod(
-                        namespace=namespace, label_selector=job + selector).items][:1]
-        except Exception as exc:
-            self.log.warning("could not list the pods of PyTorchJob %s/%s: %s", namespace, name,
-                             exc)
-            return [], None
-        if not pods:
-            self.log.warning("PyTorchJob %s/%s has no master pod left (cleaned up by its "
-                             "runPolicy.cleanPodPolicy?): no log to show", namespace, name)
-            return [], None
-        pod = pods[0]
-        exit_code = container_exit_code(pod, CONTAINER_NAME)
-        if not self.fetch_logs:
-            return [], exit_code
-        pod_name = pod.metadata.name
-        tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        self.log.info("----- log of %s (master, rank 0) -----", pod_name)
-        try:
-            response = self.hook.get_pod_logs(pod_name, container=CONTAINER_NAME,
-                                              namespace=namespace)
-            try:
-                for line in _lines(response):
-                    tail.append(line)
-                    self.log.info("%s", line)
-            finally:
-                response.release_conn()
-        except Exception as exc:
-            self.log.warning("could not read the log of pod %s/%s: %s", namespace, pod_name,
-                             exc)
-        self.log.info("----- end of log of %s -----", pod_name)
-        return list(tail), exit_code
+        """Copy the master pod's log into the task log (`job_logs.master_logs`)."""
+        return job_logs.master_logs(self.hook, self.log, name, namespace,
+                                    fetch_logs=self.fetch_logs)
 
     # -- kill --------------------------------------------------------------------------------
 
@@ -383,15 +371,3 @@ class PyTorchJobOperator(BaseOperator):
             return
         self._delete_job(name, namespace, "Foreground")
 
-
-def _lines(response: Any):
-    """Lines of a raw (`_preload_content=False`) log response, decoded leniently: training
-    output may hold bytes that are not UTF-8."""
-    pending = b""
-    for chunk in response.stream(65536):
-        pending += chunk
-        *complete, pending = pending.split(b"\n")
-        for raw in complete:
-            yield raw.decode("utf-8", errors="replace").rstrip("\r")
-    if pending:
-        yield pending.decode("utf-8", errors="replace").rstrip("\r")

@@ -22,21 +22,21 @@ What a step's pod looks like, and why:
   so that the SIGTERM checkpoint completes before the kubelet's SIGKILL. Note that a cloud's spot
   reclaim notice (about 30 s on GKE/Azure, 2 min on AWS) caps what any grace period can buy.
 * **Names** are deterministic per (dag_id, run_id, task_id, try_number): a retried or re-submitted
-  task finds its own pod instead of starting a duplicate.
+  task finds its own pod instead of starting a duplicate (`arf_training.kubernetes.ownership`:
+  names, labels and annotations).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
-from arf_training import __version__
 from arf_training.kubernetes.config import KubernetesConfigError, KubernetesSettings
+from arf_training.kubernetes.ownership import annotations_for, labels_for, resource_name
 from arf_training.stepspec import DEFAULT_IMAGE, RunIdentity, StepSpec
 
 RUN_AS_UID = 10001
@@ -55,69 +55,16 @@ def restricted_container_security_context() -> dict[str, Any]:
         "runAsGroup": RUN_AS_UID,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
-DNS1123_MAX = 63
+
+
 # Beyond Kubernetes' own limits: a Pod spec lives in etcd (about 1.5 MiB per object).
 MAX_JOB_SPEC_BYTES = 512 * 1024
 CONTAINER_NAME = "step"
 HUB_WRITERS = frozenset({"evaluate"})  # steps that write data hub tables
+# Steps that never talk to MLflow (prepare reads the hub and writes shards): no tracking Secret.
+UNTRACKED_STEPS = frozenset({"prepare"})
 TMP_DIR = "/tmp"
-# Selected by the NetworkPolicy `arf-training-egress` (helm_values/rbac.yaml): a pod with
-# "external" may leave the namespace (MLflow, the data hub's store); a site's pods (federation.py)
-# get "none" and reach only the namespace's pods and DNS.
-EGRESS_LABEL = "arf.dev/egress"
 _SECRET_WORDS = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY", re.I)
-
-
-def _digest(*parts: object, length: int = 10) -> str:
-    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:length]
-
-
-def resource_name(identity: RunIdentity, max_len: int = DNS1123_MAX) -> str:
-    """A DNS-1123 (and DNS-1035: starts with a letter) name, deterministic per task try.
-
-    `<dag>-<task>` made readable, truncated to fit, then a hash of all four identity fields: the
-    run id is in the hash only (it holds ':' and '+', and is long), so the suffix is always
-    present and two runs never share a name.
-    """
-    suffix = _digest(identity.dag_id, identity.run_id, identity.task_id, identity.try_number)
-    base = re.sub(r"[^a-z0-9]+", "-", f"{identity.dag_id}-{identity.task_id}".lower()).strip("-")
-    if not base or not base[0].isalpha():
-        base = f"arf-{base}".rstrip("-")
-    base = base[: max_len - len(suffix) - 1].rstrip("-")
-    return f"{base}-{suffix}"
-
-
-def label_value(value: str) -> str:
-    """A valid label value (<= 63 characters of [A-Za-z0-9_.-]); hashed when it had to change."""
-    value = str(value)
-    clean = re.sub(r"[^A-Za-z0-9_.-]+", "-", value).strip("-_.")
-    if clean == value and len(clean) <= DNS1123_MAX:
-        return clean
-    suffix = _digest(value)
-    return f"{clean[: DNS1123_MAX - len(suffix) - 1].rstrip('-_.')}-{suffix}".lstrip("-")
-
-
-def labels_for(identity: RunIdentity, spec: StepSpec, name: str) -> dict[str, str]:
-    """Recommended app.kubernetes.io labels plus the run identity, for selectors and `kubectl`."""
-    return {
-        "app.kubernetes.io/name": "arf-trainer",
-        "app.kubernetes.io/instance": name,
-        "app.kubernetes.io/component": label_value(spec.step),
-        "app.kubernetes.io/part-of": "arf-training",
-        "app.kubernetes.io/managed-by": "arf-training",
-        "app.kubernetes.io/version": label_value(__version__),
-        "arf.dev/dag-id": label_value(identity.dag_id),
-        "arf.dev/run-id": label_value(identity.run_id),
-        "arf.dev/task-id": label_value(identity.task_id),
-        "arf.dev/try-number": str(identity.try_number),
-        EGRESS_LABEL: "external",
-    }
-
-
-def annotations_for(identity: RunIdentity) -> dict[str, str]:
-    """The identity verbatim (labels may have been shortened or hashed)."""
-    return {"arf.dev/dag-id": identity.dag_id, "arf.dev/run-id": identity.run_id,
-            "arf.dev/task-id": identity.task_id}
 
 
 def quantity(value: float | int | str) -> str:
@@ -303,8 +250,9 @@ def container(spec: StepSpec, settings: KubernetesSettings, *, name: str = CONTA
         # No workingDir: the runtime would create a missing run workspace on the volume as root,
         # and the non-root step could not write into it; steps use absolute ARF_* paths.
         "env": container_env(spec, settings),
-        "envFrom": [{"secretRef": {"name": s}} for s in
-                    (settings.mlflow_secret, settings.datahub_secret) if s],
+        "envFrom": [{"secretRef": {"name": s}} for s in (
+            None if spec.step in UNTRACKED_STEPS else settings.mlflow_secret,
+            settings.datahub_secret) if s],
         "resources": _resources(spec),
         "volumeMounts": mounts,
         "securityContext": restricted_container_security_context(),

@@ -22,7 +22,8 @@ import dataclasses
 from typing import Any
 
 from arf_training.custom_launch import PREEMPTED_EXIT
-from arf_training.kubernetes.pod import container_exit_code, resource_name
+from arf_training.kubernetes.ownership import resource_name
+from arf_training.kubernetes.pod import container_exit_code
 from arf_training.stepspec import RunIdentity
 
 START_LABEL = "arf.dev/start"
