@@ -7,17 +7,29 @@ then continues::
     evaluate -> approval_needed -> approve_promotion -> promote_approved -> record_rejection
 
 * `approval_needed` (short circuit): the evidence of every candidate the gate proposes, as
-  Markdown; nothing proposed (rejected by the gate, first versions) skips the rest of the run.
+  Markdown (several versions of one model: which one an Approve promotes); nothing proposed
+  (rejected by the gate, first versions) skips the rest of the run.
 * `approve_promotion`: the standard provider's `ApprovalOperator` (Airflow 3 human-in-the-loop)
   shows that evidence and waits for Approve / Reject (UI, or the REST API's `hitlDetails`).
 * `promote_approved` (skipped on Reject): moves `champion` (the old one keeps
   `previous-champion`), tags `arf.gate.approval=approved` and who approved. If the champion
-  moved since the gate compared against it, the evidence is stale: the task fails and says so.
+  moved since the gate compared against it, the evidence is stale: that version is refused
+  (`stale`), the others still promoted, and then the task fails naming the refused ones.
+  Without an Approve answer recorded by `approve_promotion` (the question marked success by
+  hand, or this task run by hand after a Reject) nothing moves and the task fails.
 * `record_rejection` (runs only when `promote_approved` was skipped by a rejection): tags
-  `arf.gate.approval=rejected` and who rejected; the alias stays.
-* `fail_run_on_error` (runs only when a task before it failed): fails the run. Without it a
+  `arf.gate.approval=rejected` and who rejected; the alias stays. Without a Reject answer
+  (a task skipped by hand) it records nothing and is skipped; a version that another run's
+  approval made champion meanwhile is left as it is, and the task fails saying so.
+* `fail_run_on_error` (runs only when a task before it failed): fails the run, naming the
+  failed task(s) (the run's last failed task is where a person looks first). Without it a
   failed evaluation would end the run `success`, because its last task (`record_rejection`,
   trigger rule all_skipped) is skipped then and Airflow judges a run by its last tasks.
+
+The `*_by` tags name who gave the latest answer: an approval drops an earlier
+`arf.gate.rejected_by` of the version (it was evaluated again after a rejection), a rejection
+an earlier `arf.gate.approved_by`. A candidate deleted before approval is refused before any
+alias moves, so `previous-champion` keeps the version a rollback goes back to.
 
 MLflow is imported inside the tasks (run time), never at DAG parse time.
 """
@@ -28,6 +40,8 @@ from typing import Any
 
 APPROVAL_TASK = "approve_promotion"
 EVALUATE_TASK = "evaluate"
+APPROVE, REJECT = "Approve", "Reject"  # the ApprovalOperator's two options
+NO_ANSWER = "none recorded"
 
 
 def approval_required(templates: dict[str, Any]) -> bool:
@@ -64,6 +78,15 @@ def evidence(results: Any) -> str:
             f" | {g.get('episodes')} | {_figure(g.get('p_value'), '.3g')} | "
             f"{g.get('alpha') if g.get('alpha') is not None else '-'} |")
     lines += ["", *[f"- v{r['model_version']}: {r['gate']['reason']}" for r in rows]]
+    versions: dict[str, list[str]] = {}
+    for r in rows:
+        versions.setdefault(r["model_name"], []).append(f"v{r['model_version']}")
+    for name, proposed in versions.items():
+        if len(proposed) > 1:  # promote_approved takes them in this order
+            rest = ", ".join(proposed[1:])
+            lines.append(f"- `{name}`: only one can become champion: on Approve {proposed[0]} "
+                         f"is promoted and {rest} {'is' if len(proposed) == 2 else 'are'} "
+                         "refused as stale (evaluate again against the new champion)")
     return "\n".join(lines)
 
 
@@ -75,11 +98,17 @@ def _results(context: Any) -> list[dict[str, Any]]:
     return pending(context["ti"].xcom_pull(task_ids=EVALUATE_TASK))
 
 
-def _responder(context: Any) -> str:
-    answer = context["ti"].xcom_pull(task_ids=APPROVAL_TASK) or {}
+def _answer(context: Any) -> tuple[str | None, str]:
+    """The answer `approve_promotion` recorded: the option chosen, and who chose it; NO_ANSWER
+    when there is none (the question marked success, or skipped, by hand)."""
+    answer = context["ti"].xcom_pull(task_ids=APPROVAL_TASK)
+    if not isinstance(answer, dict):
+        return NO_ANSWER, "unknown"
+    chosen = answer.get("chosen_options") or [None]
     user = answer.get("responded_by_user") or {}
-    return str(user.get("name") or user.get("id") or "unknown") if isinstance(user, dict) \
+    who = str(user.get("name") or user.get("id") or "unknown") if isinstance(user, dict) \
         else str(user)
+    return chosen[0], who
 
 
 def _client() -> Any:
@@ -91,18 +120,33 @@ def _client() -> Any:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def _champion(client: Any, name: str) -> str | None:
+def _absent(call: Any, *args: Any) -> Any:
+    """`call(*args)`, or None when MLflow says there is no such alias or version."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return str(client.get_model_version_by_alias(name, "champion").version)
+        return call(*args)
     except MlflowException as exc:
-        # Only "no such alias" means no champion; any other error (MLflow unreachable) must
-        # fail the task for a retry, not be read as a moved champion and tag the version stale.
+        # Only "does not exist" means absent; any other error (MLflow unreachable) must fail
+        # the task for a retry, not be read as a moved champion and tag the version stale.
         if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST",
                                               "INVALID_PARAMETER_VALUE"):
             return None
         raise
+
+
+def _champion(client: Any, name: str) -> str | None:
+    found = _absent(client.get_model_version_by_alias, name, "champion")
+    return None if found is None else str(found.version)
+
+
+def _record(client: Any, name: str, version: str, tags: dict[str, str], drop: str) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    # Who gave an earlier, opposite answer (before the version was evaluated again).
+    found = _absent(client.get_model_version, name, version)
+    if found is not None and drop in found.tags:
+        client.delete_model_version_tag(name, version, drop)
 
 
 def approval_needed(**context: Any) -> str:
@@ -113,46 +157,91 @@ def approval_needed(**context: Any) -> str:
 def promote_approved(**context: Any) -> list[str]:
     from airflow.sdk.exceptions import AirflowFailException
 
-    client, who, promoted = _client(), _responder(context), []
+    choice, who = _answer(context)
+    if choice in (REJECT, NO_ANSWER):
+        raise AirflowFailException(
+            f"{APPROVAL_TASK} holds no {APPROVE} answer ({choice}): no one approved, so "
+            f"nothing moves. To be asked again, clear {APPROVAL_TASK}")
+    client, promoted, refused = _client(), [], []
     for r in _results(context):
-        name, version = r["model_name"], str(r["model_version"])
-        # None: the gate found no champion; the approval holds only while there still is none.
-        compared = r["gate"].get("champion_version")
-        compared = None if compared is None else str(compared)
-        current = _champion(client, name)
-        if current != compared and current != version:
-            client.set_model_version_tag(name, version, "arf.gate.approval", "stale")
-            raise AirflowFailException(
-                f"models:/{name}/{version} was compared with champion "
-                f"{'v' + compared if compared else '(none)'}, but the champion is now "
-                f"{'v' + current if current else '(none)'}: the evidence no longer holds. "
-                f"Evaluate v{version} "
-                "again (trigger arf_evaluate with model_name and model_version)")
-        if current != version:
-            if current is not None:
-                client.set_registered_model_alias(name, "previous-champion", current)
-            client.set_registered_model_alias(name, "champion", version)
-        client.set_model_version_tag(name, version, "arf.gate.approval", "approved")
-        client.set_model_version_tag(name, version, "arf.gate.approved_by", who)
-        promoted.append(f"{name}/{version}")
+        why = _promote(client, str(r["model_name"]), str(r["model_version"]),
+                       r["gate"].get("champion_version"), who)
+        if why:
+            refused.append(why)
+        else:
+            promoted.append(f"{r['model_name']}/{r['model_version']}")
+    # Raised after every candidate is handled: one refusal must not leave the others
+    # approved but unpromoted (a failed task is not retried and record_rejection skips).
+    if refused:
+        raise AirflowFailException("; ".join(refused) + (
+            f" (promoted: {', '.join(promoted)})" if promoted else ""))
     return promoted
 
 
+def _promote(client: Any, name: str, version: str, compared: Any, who: str) -> str | None:
+    """Make an approved version champion; why it cannot be, or None once it is."""
+    if _absent(client.get_model_version, name, version) is None:
+        # Checked before any alias moves: previous-champion set over the champion and then
+        # a failed champion move would lose the version a rollback goes back to.
+        return (f"models:/{name}/{version} no longer exists (deleted since it was "
+                "evaluated): nothing moved")
+    # None: the gate found no champion; the approval holds only while there still is none.
+    compared = None if compared is None else str(compared)
+    current = _champion(client, name)
+    if current != compared and current != version:
+        client.set_model_version_tag(name, version, "arf.gate.approval", "stale")
+        return (f"models:/{name}/{version} was compared with champion "
+                f"{'v' + compared if compared else '(none)'}, but the champion is now "
+                f"{'v' + current if current else '(none)'}: the evidence no longer holds. "
+                f"Evaluate v{version} again (trigger arf_evaluate with model_name and "
+                "model_version)")
+    if current != version:
+        if current is not None:
+            client.set_registered_model_alias(name, "previous-champion", current)
+        client.set_registered_model_alias(name, "champion", version)
+    _record(client, name, version, {"arf.gate.approval": "approved",
+                                    "arf.gate.approved_by": who}, drop="arf.gate.rejected_by")
+    return None
+
+
 def record_rejection(**context: Any) -> list[str]:
-    client, who, rejected = _client(), _responder(context), []
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+    choice, who = _answer(context)
+    if choice != REJECT:
+        raise AirflowSkipException(
+            f"{APPROVAL_TASK} holds no {REJECT} answer ({choice}): no one "
+            "rejected, so nothing is recorded (the versions stay arf.gate.approval=pending)")
+    client, rejected, refused = _client(), [], []
     for r in _results(context):
         name, version = r["model_name"], str(r["model_version"])
-        client.set_model_version_tag(name, version, "arf.gate.approval", "rejected")
-        client.set_model_version_tag(name, version, "arf.gate.rejected_by", who)
+        if _champion(client, name) == version:
+            # Approved in another run that proposed it too: a rejection never moves the alias,
+            # so the person must learn that this one changed nothing.
+            refused.append(f"models:/{name}/{version} became champion in another run before "
+                           f"this {REJECT}; nothing recorded and the alias left. To undo that "
+                           "promotion, move 'champion' back to 'previous-champion'")
+            continue
+        _record(client, name, version, {"arf.gate.approval": "rejected",
+                                        "arf.gate.rejected_by": who}, drop="arf.gate.approved_by")
         rejected.append(f"{name}/{version}")
+    if refused:
+        raise AirflowFailException("; ".join(refused))
     return rejected
 
 
-def fail_run_on_error() -> None:
+def fail_run_on_error(**context: Any) -> None:
     from airflow.sdk.exceptions import AirflowFailException
 
-    raise AirflowFailException("a task of this arf_evaluate run failed (see the failed task's "
-                               "log); the run is marked failed so the failure is not hidden")
+    ti = context["ti"]
+    try:
+        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id]).get(ti.run_id) or {}
+    except Exception:  # noqa: BLE001 - naming the task is a courtesy: the run fails regardless
+        states = {}
+    failed = sorted(task for task, state in states.items() if state == "failed")
+    raise AirflowFailException(
+        f"{', '.join(failed) or 'a task of this run'} failed (see its log): this arf_evaluate "
+        "run is marked failed so that the failure is not hidden")
 
 
 def add_approval(evaluate: Any) -> None:

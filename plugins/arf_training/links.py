@@ -15,29 +15,63 @@ Base URLs come from the worker's environment, never from Airflow Variables:
 
 * `ARF_MLFLOW_UI_URL`: the MLflow UI as a browser reaches it. Unset, `ARF_TRACKING_URI` is used
   when it is an http(s) server (under `arf up`, the embedded http://127.0.0.1:5000); a store
-  without a server (sqlite, a file path) has no UI, so no MLflow link.
+  without a server (sqlite, a file path) has no UI, so no MLflow link. Either way a link
+  carries only scheme, host and path: never the user info or query of the address (a tracking
+  URI may hold a password or a token, and a link is shown to everyone who sees the task).
 * `ARF_K8S_JOB_URL`: a URL template for a PyTorchJob with `{namespace}` and `{name}`, e.g. a
-  Kubernetes dashboard's or Kubeflow's page of the job; unset, no PyTorchJob link.
+  Kubernetes dashboard's or Kubeflow's page of the job; unset, no PyTorchJob link. A template
+  with any other field makes no link and says so in the task log.
+
+Every id taken from a result is one URL path segment (`/` and `:` quoted too) and must be a
+string or an integer: a result cannot climb to another page (`../`) or name a scheme.
 
 Imported at DAG parse time (the operator classes name the links): only the SDK's link class.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from string import Formatter
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from airflow.sdk import BaseOperatorLink
+
+log = logging.getLogger(__name__)
+WEB = ("http", "https")
 
 
 def mlflow_ui_url() -> str | None:
     """The MLflow UI's base URL, or None when there is no UI to link to."""
-    url = (os.environ.get("ARF_MLFLOW_UI_URL") or "").strip()
+    source, url = "ARF_MLFLOW_UI_URL", (os.environ.get("ARF_MLFLOW_UI_URL") or "").strip()
     if not url:
         tracking = (os.environ.get("ARF_TRACKING_URI") or "").strip()
-        url = tracking if tracking.startswith(("http://", "https://")) else ""
-    return url.rstrip("/") or None
+        source = "ARF_TRACKING_URI"
+        url = tracking if tracking.lower().startswith(("http://", "https://")) else ""
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme.lower() in WEB and bool(parts.hostname)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        ok = False
+    if not ok:
+        # Without a scheme the link would be relative to Airflow's own UI. The value is not
+        # logged: it may hold a password.
+        log.warning("%s is not an http(s) address with a host (e.g. "
+                    "https://mlflow.example.org): no MLflow links", source)
+        return None
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+
+
+def _segment(value: Any) -> str | None:
+    """An id from a result as one quoted URL path segment; None unless a non-empty string or
+    an integer (a dict or a list would show as its Python repr)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        return None
+    return quote(str(value), safe="")
 
 
 def _first(result: Any) -> dict[str, Any]:
@@ -51,32 +85,46 @@ def run_url(result: Any) -> str:
     """The MLflow run of a step result: the training run (train; `training_run_id` of
     register) or the evaluation run (evaluate)."""
     base, result = mlflow_ui_url(), _first(result)
-    run_id = result.get("mlflow_run_id") or result.get("training_run_id")
+    run_id = _segment(result.get("mlflow_run_id") or result.get("training_run_id"))
     if not base or not run_id:
         return ""
-    experiment = result.get("experiment_id")
+    experiment = _segment(result.get("experiment_id"))
     # MLflow's UI resolves /runs/<id> to its experiment when the result does not name it.
-    path = f"experiments/{quote(str(experiment))}/runs/" if experiment else "runs/"
-    return f"{base}/#/{path}{quote(str(run_id))}"
+    path = f"experiments/{experiment}/runs/" if experiment else "runs/"
+    return f"{base}/#/{path}{run_id}"
 
 
 def model_version_url(result: Any) -> str:
     """The registry page of the version a register/evaluate result names."""
     base, result = mlflow_ui_url(), _first(result)
-    name, version = result.get("model_name"), result.get("model_version")
-    if not base or not name or version in (None, ""):
+    name, version = _segment(result.get("model_name")), _segment(result.get("model_version"))
+    if not base or not name or not version:
         return ""
-    return f"{base}/#/models/{quote(str(name), safe='')}/versions/{quote(str(version))}"
+    return f"{base}/#/models/{name}/versions/{version}"
 
 
 def pytorchjob_url(result: Any) -> str:
     """The PyTorchJob of a distributed train step's summary (its name and namespace)."""
     template = (os.environ.get("ARF_K8S_JOB_URL") or "").strip()
     result = _first(result)
-    if not template or not result.get("name"):
+    values = {"namespace": _segment(result.get("namespace")), "name": _segment(result.get("name"))}
+    if not template or not values["name"]:
         return ""
-    return template.format(namespace=quote(str(result.get("namespace") or ""), safe=""),
-                           name=quote(str(result["name"]), safe=""))
+    try:
+        fields = [(f, spec or conversion) for _, f, spec, conversion in
+                  Formatter().parse(template) if f is not None]
+    except ValueError:  # a lone "{" or "}"
+        fields = [("{", None)]
+    # Only the two names, bare: str.format would also take positions, attributes
+    # ({name.__class__}) and conversions ({name!r}), and raise on any other name.
+    bad = [f for f, extra in fields if f not in values or extra]
+    if bad:
+        log.warning("ARF_K8S_JOB_URL may name only {namespace} and {name}, each bare; it has %s "
+                    "(write {{ and }} for a literal brace): no PyTorchJob link", bad)
+        return ""
+    if any(values[f] is None for f, _ in fields):
+        return ""  # a field the result does not hold: a link with an empty segment is broken
+    return template.format(**values)
 
 
 def _task_result(ti_key: Any) -> Any:

@@ -50,6 +50,87 @@ def test_urls_from_step_results(ui, monkeypatch):
     assert pytorchjob_url(job) == "https://k8s.example/#/pytorchjob/arf-ml/reach-bc-train-1"
 
 
+@pytest.mark.parametrize("variable", ["ARF_TRACKING_URI", "ARF_MLFLOW_UI_URL"])
+def test_credentials_in_the_mlflow_address_never_reach_a_link(variable, monkeypatch):
+    """A link is shown to everyone who may see the task; the tracking URI may carry the
+    server's password (basic auth) or a token in its query."""
+    monkeypatch.delenv("ARF_MLFLOW_UI_URL", raising=False)
+    monkeypatch.setenv(variable, "HTTPS://alice:s3cret@mlflow.example.org:8443/mlflow/?token=t0k#x")
+    assert mlflow_ui_url() == "https://mlflow.example.org:8443/mlflow"
+    link = run_url({"mlflow_run_id": "r1", "experiment_id": "7"})
+    assert link == "https://mlflow.example.org:8443/mlflow/#/experiments/7/runs/r1"
+    for secret in ("alice", "s3cret", "t0k"):
+        assert secret not in link
+
+
+@pytest.mark.parametrize("setting", ["javascript:alert(1)//", "mlflow.example.org",
+                                     "file:///etc/passwd", "http://", "http://[::1",
+                                     "ftp://alice:s3cret@mlflow.example.org/"])
+def test_an_mlflow_ui_url_that_is_no_web_address_makes_no_link(setting, monkeypatch, caplog):
+    """A scheme-less value would be a link relative to the Airflow UI; anything but http(s)
+    (javascript:, file:) is no MLflow UI. The task log says so, without the value."""
+    monkeypatch.setenv("ARF_MLFLOW_UI_URL", setting)
+    assert mlflow_ui_url() is None and run_url({"mlflow_run_id": "r1"}) == ""
+    assert "ARF_MLFLOW_UI_URL is not an http(s) address" in caplog.text
+    assert "s3cret" not in caplog.text
+
+
+def test_hostile_ids_in_a_result_stay_one_path_segment(ui, monkeypatch):
+    """Each id is one segment of the MLflow UI's route: no `/`, `..`, `:` or quotes of its own
+    (a `/` let `../..` climb to another page of the UI), and only strings or integers."""
+    hostile = {"mlflow_run_id": "../../#/admin", "experiment_id": "1/../../x",
+               "model_name": "javascript:alert('x')", "model_version": "../3\"?"}
+    assert run_url(hostile) == f"{UI}/#/experiments/1%2F..%2F..%2Fx/runs/..%2F..%2F%23%2Fadmin"
+    assert model_version_url(hostile) == (
+        f"{UI}/#/models/javascript%3Aalert%28%27x%27%29/versions/..%2F3%22%3F")
+    for odd in ({"a": 1}, ["r1"], True, 1.5, ""):
+        assert run_url({"mlflow_run_id": odd}) == "", odd
+        assert model_version_url({"model_name": "m", "model_version": odd}) == "", odd
+        assert model_version_url({"model_name": odd, "model_version": "1"}) == "", odd
+    # An experiment id that is no id: the /runs/<id> route, which finds the experiment itself.
+    assert run_url({"mlflow_run_id": "r1", "experiment_id": {"id": 7}}) == f"{UI}/#/runs/r1"
+    monkeypatch.setenv("ARF_K8S_JOB_URL", "https://k8s.example/#/pytorchjob/{namespace}/{name}")
+    assert pytorchjob_url({"name": "../../x", "namespace": "a/b"}) == (
+        "https://k8s.example/#/pytorchjob/a%2Fb/..%2F..%2Fx")
+    assert pytorchjob_url({"name": ["x"], "namespace": "a"}) == ""
+
+
+JOB = {"name": "reach-bc-train-1", "namespace": "arf-ml"}
+
+
+@pytest.mark.parametrize("template, link", [
+    pytest.param("https://kubeflow.example/jobs/{name}", "https://kubeflow.example/jobs/"
+                 "reach-bc-train-1", id="no-namespace"),
+    pytest.param("https://d.example/{{x}}/{namespace}/{name}",
+                 "https://d.example/{x}/arf-ml/reach-bc-train-1", id="literal-braces"),
+    pytest.param("https://d.example/{namespace}/{job}", "", id="unknown-field"),
+    pytest.param("https://d.example/{namespace}/{name", "", id="unclosed-brace"),
+    pytest.param("https://d.example/{}/{name}", "", id="positional"),
+    pytest.param("https://d.example/{name.__class__}", "", id="attribute"),
+    pytest.param("https://d.example/{name!r}", "", id="conversion"),
+])
+def test_job_url_templates(template, link, monkeypatch, caplog):
+    """A template naming anything but {namespace} and {name} makes no link and says why in the
+    task log (before, a KeyError or ValueError from str.format: a traceback, or with an
+    attribute or a conversion, a link to the wrong page)."""
+    monkeypatch.setenv("ARF_K8S_JOB_URL", template)
+    assert pytorchjob_url(JOB) == link
+    if not link:
+        assert "ARF_K8S_JOB_URL" in caplog.text
+
+
+def test_a_job_without_the_namespace_its_template_names_has_no_link(monkeypatch):
+    monkeypatch.setenv("ARF_K8S_JOB_URL", "https://d.example/{namespace}/{name}")
+    assert pytorchjob_url({"name": "j"}) == ""  # was https://d.example//j
+
+
+def test_https_mlflow_behind_a_path_prefix(monkeypatch):
+    monkeypatch.delenv("ARF_MLFLOW_UI_URL", raising=False)
+    monkeypatch.setenv("ARF_TRACKING_URI", "https://ml.example.org/tools/mlflow//")
+    assert run_url({"mlflow_run_id": "r1", "experiment_id": 7}) == (
+        "https://ml.example.org/tools/mlflow/#/experiments/7/runs/r1")
+
+
 def _link_names(task) -> set[str]:
     return {link.name for link in task.operator_extra_links}
 
