@@ -55,3 +55,35 @@ def embedded(arf_home) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+# What a test may not leave in the checkout: MLflow's default artifact folder for a store
+# without an artifact location (a relative ./mlruns, under whatever the working directory is),
+# its ./mlartifacts, and SQLite files. They were left there by tests before, unseen.
+_LITTER = ("mlruns", "mlartifacts", "mlflow.db")
+
+
+def _litter() -> set[str]:
+    found = set()
+    for name in _LITTER:
+        path = REPO / name
+        if path.is_dir():
+            found |= {str(p.relative_to(REPO)) for p in path.rglob("*")}
+        elif path.exists():
+            found.add(name)
+    return found
+
+
+_LITTER_BEFORE = _litter()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    new = sorted(_litter() - _LITTER_BEFORE)
+    if new:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = (f"tests wrote into the checkout: {', '.join(new[:5])}"
+                   f"{f' and {len(new) - 5} more' if len(new) > 5 else ''} (a tracking store "
+                   "without an artifact location under a tmp folder); give it one")
+        if reporter is not None:
+            reporter.write_line(f"ERROR: {message}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

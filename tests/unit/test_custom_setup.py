@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 def _base_versions(client, tmp_path: Path, n: int) -> None:
     """`n` versions of model `base`, each with the `model` folder a custom command registers."""
     client.create_registered_model("base")
-    exp = client.create_experiment("base-training")
+    exp = client.create_experiment("base-training",
+                                   artifact_location=str(tmp_path / "artifacts"))
     for i in range(n):
         run = client.create_run(exp)
         folder = tmp_path / f"base-{i}"

@@ -136,12 +136,13 @@ def test_gate_evidence_stays_json_with_many_looks(client: Any) -> None:
     assert json.loads(client.get_model_version(MODEL, "2").tags["arf.gate.evidence"])
 
 
-def test_first_version_under_approval_becomes_champion(client: Any) -> None:
+def test_first_version_under_approval_becomes_champion(client: Any, tmp_path: Path) -> None:
     """README: nothing proposed (a first version) skips the question; so it must not stay
     pending forever (every later version would be a 'first version' too)."""
     from arf_trainer.evaluator import _promotion_gate
 
-    run = client.create_run(client.create_experiment("evaluation"))
+    run = client.create_run(client.create_experiment(
+        "evaluation", artifact_location=str(tmp_path / "artifacts")))
     settings = GateSettings(alpha=0.05, margin=0.02, batch=5, max_episodes=10)
     result = _promotion_gate(client, MODEL, "1", outcomes(set(range(5)), range(5)), settings,
                              True, 0, run.info.run_id, move_alias=False)
