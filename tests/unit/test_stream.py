@@ -211,3 +211,35 @@ def test_the_choice_counts_array_columns_by_their_dtype_and_shape(tmp_path: Path
     assert choose_loading("auto", manifest, "128Mi")[0] == "stream"
     assert choose_loading("auto", manifest, "1Gi")[0] == "memory"
     assert choose_loading("auto", manifest, "850Mi")[0] == "stream"  # 41 MiB left for data
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_each_rank_reads_about_its_share_of_the_rows(tmp_path: Path, world: int,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank read every training and validation row each epoch and kept 1/world of them:
+    on hundreds of GPUs the data was read hundreds of times over. A rank now reads its share,
+    plus at most the two windows its share begins and ends in."""
+    from arf_trainer.trainer import stream
+
+    manifest = write_shards(tmp_path, {"train": [200, 120, 160], "val": [50, 46]})
+    read = {"n": 0}
+    original = stream.ShardStream.read
+
+    def counting(self, order, start):
+        for batch in original(self, order, start):
+            read["n"] += batch.num_rows
+            yield batch
+
+    window, batch = 16, 8
+    monkeypatch.setattr(stream, "READ_ROWS", batch)  # Parquet reads of 8 rows: edges are exact
+    for rank in range(world):
+        ld = loader(manifest, world, rank, window=window)
+        monkeypatch.setattr(stream.ShardStream, "read", counting)
+        read["n"] = 0
+        rows = sum(len(r) for r in ids_of(ld.batches(epoch=1, skip=0)))
+        assert rows == -(-480 // world)
+        assert read["n"] <= rows + 2 * (window + batch), (rank, read["n"])
+        read["n"] = 0
+        val = sum(len(x) for x, _ in ld.val_chunks())
+        assert read["n"] <= val + 2 * (window + batch), (rank, read["n"])
+        monkeypatch.setattr(stream.ShardStream, "read", original)

@@ -9,18 +9,23 @@ Order of an epoch (a pure function of the seed, the epoch and the manifest):
    permuted (``default_rng([seed, epoch, 1, k])`` for window ``k``): a bounded shuffle whose
    memory is one window, never the dataset;
 3. like torch's DistributedSampler, the shuffled stream padded by repeating it from its start
-   to ``per_rank x world_size`` rows; rank ``r`` takes rows ``r, r + world_size, ...`` and cuts
-   them into batches of the per-rank batch size.
+   to ``per_rank x world_size`` rows; rank ``r`` takes the contiguous rows ``r x per_rank`` ..
+   ``(r + 1) x per_rank - 1`` of it and cuts them into batches of the per-rank batch size.
+
+Contiguous, not strided (``r, r + world_size, ...``): a rank then reads its share of the data
+and the windows at its share's two ends, not every row to keep one in world_size (on hundreds
+of GPUs the data was read hundreds of times an epoch). The global batch of a step still mixes
+world_size parts of the shuffled stream, and with one rank the order is the same. Validation
+is split the same way, without padding.
 
 Resume: batch ``b`` of an epoch starts at rank position ``b x batch_size``, so the stream
 seeks to the window that holds it (skipping whole shards and Parquet row groups by their
 metadata) and reads nothing before it. The checkpoint stores the layout (rows, shards,
-window size: a different one is refused) with ``(epoch, batches_done)`` from `Progress`.
+window size, rank assignment: a different one is refused) with ``(epoch, batches_done)`` from
+`Progress`.
 
 Memory: one window of rows (``WINDOW_BYTES`` of decoded columns at most, or
 ``MAX_WINDOW_ROWS``), a Parquet read batch (``data.READ_BYTES`` decoded at most), and the batch.
-Each rank reads every row and keeps its share: simple and exact, at the cost of reading the
-data world_size times.
 Statistics (feature mean/std, the classifier's labels) come from one streaming pass in
 `StreamSource.scan`, which also checks every shard's sha256 and every feature and target
 value of both splits (a null, NaN or infinite one is refused before training starts).
@@ -177,20 +182,19 @@ class StreamLayout:
                   windows: Callable[[int], Iterator[tuple[int, Any]]]) -> Iterator[tuple[Any, np.ndarray]]:
         """(window table, row indices into it) of this rank's rows from rank position
         `start` on, in order; `windows(k)` yields the epoch's windows from k on."""
-        n, world, size = self.n, self.world_size, self.window_rows
-        total = self.per_rank * world
-        g = self.rank + world * start
-        while g < total:
+        n, size = self.n, self.window_rows
+        g, end = self.rank * self.per_rank + start, (self.rank + 1) * self.per_rank
+        while g < end:
             lap, t = divmod(g, n)  # positions past n repeat the stream from its start
-            end = min(total - lap * n, n)
+            stop = min(end - lap * n, n)
             for k, table in windows(t // size):
-                low, high = k * size, k * size + table.num_rows
-                stop = min(high, end)
-                if t < stop:
-                    local = np.arange(t - low, stop - low, world)
+                low = k * size
+                high = min(low + table.num_rows, stop)
+                if t < high:
+                    local = np.arange(t - low, high - low)
                     yield table, self.window_permutation(epoch, k, table.num_rows)[local]
-                    t = low + int(local[-1]) + world
-                if t >= end:
+                    t = high
+                if t >= stop:
                     break
             g = lap * n + t
 
@@ -317,17 +321,23 @@ class StreamLoader:
             yield concat([b[0] for b in buffer]), torch.cat([b[1] for b in buffer])
 
     def val_chunks(self) -> Iterator[tuple[Inputs, torch.Tensor]]:
-        """Validation rows with index = rank (mod world_size), in shard order (no padding)."""
-        world, rank, size = self.denv.world_size, self.denv.rank, self.layout.window_rows
-        for k, table in self.val.windows(range(len(self.val.shards)), size):
-            first = (rank - k * size) % world
-            index = np.arange(first, table.num_rows, world)
+        """This rank's contiguous part of the validation rows, in shard order (no padding)."""
+        total, size = sum(self.val.rows), self.layout.window_rows
+        share = math.ceil(total / self.denv.world_size)
+        low, high = min(total, self.denv.rank * share), min(total, (self.denv.rank + 1) * share)
+        if low >= high:
+            return
+        for k, table in self.val.windows(range(len(self.val.shards)), size, low // size):
+            first = k * size
+            index = np.arange(max(low, first), min(high, first + table.num_rows)) - first
             if len(index):
                 yield from chunks(*self._rows(table, index, "validation"), EVAL_CHUNK)
+            if first + table.num_rows >= high:
+                break
 
     def state(self) -> dict[str, Any]:
         return {"mode": "stream", "rows": self.layout.n, "shards": len(self.layout.shard_rows),
-                "window_rows": self.layout.window_rows}
+                "window_rows": self.layout.window_rows, "ranks": "contiguous"}
 
     def check_state(self, state: dict[str, Any] | None) -> None:
         if state != self.state():
