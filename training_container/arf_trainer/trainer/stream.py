@@ -28,7 +28,9 @@ Memory: one window of rows (``WINDOW_BYTES`` of decoded columns at most, or
 ``MAX_WINDOW_ROWS``), a Parquet read batch (``data.READ_BYTES`` decoded at most), and the batch.
 Statistics (feature mean/std, the classifier's labels) come from one streaming pass in
 `StreamSource.scan`, which also checks every shard's sha256 and every feature and target
-value of both splits (a null, NaN or infinite one is refused before training starts).
+value of both splits (a null, NaN or infinite one is refused before training starts). That pass
+still reads every row on every rank, once per run: it runs before the process group exists, so
+that bad data fails every rank at once, by itself.
 """
 
 from __future__ import annotations
