@@ -9,6 +9,7 @@ key. Slow (one federation); runs in the federation venv (`make federation-venv`)
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -110,6 +111,17 @@ def test_a_foreign_caller_can_neither_run_its_app_nor_register_a_supernode(tmp_p
         register = _flwr(caller, "supernode", "register", str(caller / "keys" / "x.pub"), "arf")
         assert "not one of the sites' keys" in register.stdout + register.stderr, \
             register.stdout[-2000:]
+        # Nor list the runs and sites (their ids, the run's config), stop the step's run or
+        # drop a site, even with their ids (64-bit random: `flwr ls` was the way to learn them).
+        run_id = re.search(r"started run (\d+)", (federate / "flwr-run.log").read_text()).group(1)
+        node_id = re.search(r"Created node_id=(\d+)",
+                            (federate / "superlink.log").read_text(errors="replace")).group(1)
+        for args, call in ((("ls", "arf"), "ListRuns"), (("supernode", "ls", "arf"), "ListNodes"),
+                           (("stop", run_id, "arf"), "StopRun"),
+                           (("supernode", "unregister", node_id, "arf"), "UnregisterNode")):
+            answer = _flwr(caller, *args)
+            assert f"refused the Control API call {call}" in answer.stdout + answer.stderr, \
+                f"{args}: {answer.stdout[-2000:]} {answer.stderr[-2000:]}"
         code = proc.wait(timeout=600)
     finally:  # SIGTERM: the step then stops its Flower processes (SIGKILL would orphan them)
         proc.terminate()

@@ -332,6 +332,37 @@ def install_superlink_guard(fab_sha256: str, run_config: dict[str, Any], keys: P
             return _original(self, *args, **kwargs)
 
         cls.create_run, cls.create_node = create_run, create_node
+    _refuse_control_calls(refuse)
+
+
+# What this step calls on its SuperLink's Control API: `flwr run --stream` (StartRun,
+# StreamLogs) and `flwr supernode register` (RegisterNode; the login calls are harmless).
+CONTROL_CALLS = frozenset({"StartRun", "StreamLogs", "RegisterNode", "GetLoginDetails",
+                           "GetAuthTokens"})
+
+
+def _refuse_control_calls(refuse: Any) -> None:
+    """Refuse every other Control API call. Unauthenticated, `flwr ls` listed the run (its id
+    and config) and `flwr supernode ls` the sites' node ids to anyone who reached the port;
+    with them `flwr stop` stopped the step's run and `flwr supernode unregister` dropped a site.
+
+    Flower serves the Control API twice, over gRPC (`ControlServicer.<Call>`) and HTTP (its
+    router), and both call `control_handlers.<call in snake case>`: patched there."""
+    import re
+
+    from flwr.superlink.servicer.control import control_handlers
+    from flwr.superlink.servicer.control.control_servicer import ControlServicer
+
+    def refused(name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            raise refuse(f"the Control API call {name}: this step makes only "
+                         f"{', '.join(sorted(CONTROL_CALLS))}")
+        return call
+
+    for name in [n for n in vars(ControlServicer) if n[:1].isupper()]:
+        handler = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+        if name not in CONTROL_CALLS and hasattr(control_handlers, handler):
+            setattr(control_handlers, handler, refused(name))
 
 
 def superlink_main() -> None:
