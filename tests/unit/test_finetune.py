@@ -302,3 +302,33 @@ def test_freezing_more_layers_than_the_base_has_says_so(tmp_path: Path) -> None:
     prepare_reach(ws)
     with pytest.raises(SpecError, match="freeze_layers=3, but the base model has 2 hidden"):
         run_train(make_env(_finetune_spec(freeze_layers=3), ws, uri, tmp_path / "artifacts"))
+
+
+@pytest.mark.parametrize(("base_shape", "data_shape", "fragment"), [
+    pytest.param({"arrays": {"frame": [16, 16, 3]}, "input_width": 4},
+                 {"arrays": {"frame": [24, 24, 3]}, "input_width": 4},
+                 "its array columns have per-row shapes {'frame': [16, 16, 3]}, this dataset's "
+                 "{'frame': [24, 24, 3]}", id="frame-size"),
+    pytest.param({"input_width": 10}, {"input_width": 12},
+                 "it takes 10 input values per row, this dataset gives 12", id="array-width"),
+])
+def test_a_base_of_other_input_shapes_is_refused_before_training(base_shape, data_shape,
+                                                                  fragment) -> None:
+    """A bc_pixels fine-tune on frames of another size (or an MLP on array columns of another
+    width) passed the name checks and failed in the first forward pass, with torch's message."""
+    from arf_trainer.trainer.recipes import ModelInfo
+
+    def info(shape: dict[str, Any]) -> ModelInfo:
+        return ModelInfo(recipe="bc_pixels" if "arrays" in shape else "bc",
+                         features=["frame", "q"], targets=["a"], hidden_size=8, num_layers=1,
+                         n_outputs=2, **shape)
+
+    base = base_model.BaseModel(uri="models:/m@champion", name="m", version="3", run_id="r",
+                                weights_sha256="0" * 64, info=info(base_shape), weights={})
+    data = info(data_shape)
+    with pytest.raises(SpecError, match="does not fit") as caught:
+        base_model.check_compatible(base, data.recipe, data.features, data.targets, {},
+                                    data=data)
+    assert fragment in str(caught.value)
+    base_model.check_compatible(base, data.recipe, data.features, data.targets, {},
+                                data=info(base_shape))

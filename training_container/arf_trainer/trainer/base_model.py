@@ -126,9 +126,16 @@ def load(record: dict[str, Any], folder: Path) -> BaseModel:
 
 
 def check_compatible(base: BaseModel, recipe: str, features: list[str], targets: list[str],
-                     hyperparameters: dict[str, Any]) -> None:
-    """The fine-tune must feed the base the same columns and keep its architecture."""
+                     hyperparameters: dict[str, Any], data: ModelInfo | None = None) -> None:
+    """The fine-tune must feed the base the same columns, of the same shapes (`data`: what this
+    dataset's model would be), and keep its architecture."""
     info, problems = base.info, []
+    if data is not None and info.arrays != data.arrays:
+        problems.append(f"its array columns have per-row shapes {info.arrays}, this dataset's "
+                        f"{data.arrays}")
+    elif data is not None and info.n_features != data.n_features:
+        problems.append(f"it takes {info.n_features} input values per row, this dataset gives "
+                        f"{data.n_features}")
     if info.recipe != recipe:
         problems.append(f"its recipe is {info.recipe!r}, this template's is {recipe!r}")
     if info.features != features:

@@ -141,7 +141,7 @@ def build(env: StepEnv, cfg: TrainConfig, manifest: Manifest, source: Any,
     hooks = TestHooks.from_environ(
         trial_number=(env.spec.inputs.get("hpo") or {}).get("trial_number"))
     info = recipe.describe_data(manifest, hp, source.labels, source.feature_width)
-    base = _pinned_base(env, cfg, manifest, denv, out_dir) if cfg.base_model else None
+    base = _pinned_base(env, cfg, manifest, denv, out_dir, info) if cfg.base_model else None
     if base is not None:
         info = base.info  # the base's architecture (and, for a classifier, its classes)
     state = _build_state(cfg, recipe, info, source, base, denv, device)
@@ -181,7 +181,7 @@ def build(env: StepEnv, cfg: TrainConfig, manifest: Manifest, source: Any,
 
 
 def _pinned_base(env: StepEnv, cfg: TrainConfig, manifest: Manifest, denv: DistEnv,
-                 out_dir: Any) -> base_model.BaseModel:
+                 out_dir: Any, data: ModelInfo) -> base_model.BaseModel:
     # Resolved once (rank 0) and pinned in the workspace: a retry or a resumed run starts
     # from the same version even if the alias has moved since.
     folder = out_dir / base_model.FOLDER
@@ -190,7 +190,7 @@ def _pinned_base(env: StepEnv, cfg: TrainConfig, manifest: Manifest, denv: DistE
         "resolve model.base_model"))
     base = base_model.load(record, folder)
     base_model.check_compatible(base, cfg.recipe.name, manifest.features, manifest.targets,
-                                env.spec.hyperparameters)
+                                env.spec.hyperparameters, data=data)
     return base
 
 
