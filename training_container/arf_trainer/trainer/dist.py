@@ -260,6 +260,15 @@ def broadcast_from_main(denv: DistEnv, obj: T) -> T:
     return box[0]
 
 
+def all_gather_objects(denv: DistEnv, obj: T) -> list[T]:
+    """Every rank's `obj` (small and picklable), in rank order, on every rank."""
+    if not denv.enabled:
+        return [obj]
+    gathered: list[Any] = [None] * denv.world_size
+    torch_dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def run_on_main(denv: DistEnv, action: Callable[[], T], what: str) -> T | None:
     """Run `action` on rank 0 only, then raise on every rank if it failed there.
 

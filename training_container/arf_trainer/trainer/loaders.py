@@ -99,10 +99,14 @@ class MemorySource:
     def feature_width(self) -> int:
         return sum(int(np.prod(self.train[n].shape[1:])) for n in self.manifest.features)
 
+    def agree(self, denv: DistEnv) -> None:
+        """Nothing to exchange: every rank read and checked the whole (small) split."""
+
     def set_normalization(self, recipe: Recipe, model: MLP, info: ModelInfo) -> None:
         if not recipe.fits_normalization:
             return
-        from arf_trainer.trainer.stream import READ_ROWS, RunningStats
+        from arf_trainer.trainer.stream import READ_ROWS
+        from arf_trainer.trainer.stream_scan import RunningStats
 
         # Statistics of what the model standardizes (`normalized_inputs`: the flattened
         # features of an MLP, bc_pixels' state alone, not every pixel), over row chunks: a
@@ -187,4 +191,4 @@ def open_source(mode: str, manifest: Manifest, recipe: Recipe, denv: DistEnv,
         return MemorySource.read(manifest)
     from arf_trainer.trainer.stream import StreamSource
 
-    return StreamSource.scan(manifest, recipe, window_rows=window_rows)
+    return StreamSource.scan(manifest, recipe, window_rows=window_rows, denv=denv)

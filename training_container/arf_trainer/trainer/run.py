@@ -76,6 +76,8 @@ def run_train(env: StepEnv) -> dict[str, Any] | None:
         with deterministic(threads, cfg.deterministic):
             device = dist.init(denv)
             try:
+                # The ranks' parts of the data check: bad data fails every rank here, at once.
+                source.agree(denv)
                 result = loop.train(loop.build(env, cfg, manifest, source, loading, denv,
                                                device, guard))
             except Preempted:

@@ -26,11 +26,10 @@ window size, rank assignment: a different one is refused) with ``(epoch, batches
 
 Memory: one window of rows (``WINDOW_BYTES`` of decoded columns at most, or
 ``MAX_WINDOW_ROWS``), a Parquet read batch (``data.READ_BYTES`` decoded at most), and the batch.
-Statistics (feature mean/std, the classifier's labels) come from one streaming pass in
-`StreamSource.scan`, which also checks every shard's sha256 and every feature and target
-value of both splits (a null, NaN or infinite one is refused before training starts). That pass
-still reads every row on every rank, once per run: it runs before the process group exists, so
-that bad data fails every rank at once, by itself.
+Statistics (feature mean/std, the classifier's labels) come from one streaming pass that also
+checks every shard's sha256 and every feature and target value of both splits (a null, NaN or
+infinite one is refused before training starts): each rank reads its share of the shards
+before the process group exists and the ranks agree after it (`stream_scan`).
 """
 
 from __future__ import annotations
@@ -50,19 +49,17 @@ from arf_trainer.trainer.data import (
     EVAL_CHUNK,
     Inputs,
     Manifest,
-    checked_shard,
     chunks,
     concat,
-    feature_matrix,
     read_rows,
     read_table_columns,
     shard_row,
     take,
-    target_matrix,
 )
 from arf_trainer.trainer.checkpoint import CheckpointError
+from arf_trainer.trainer import stream_scan
 from arf_trainer.trainer.dist import DistEnv
-from arf_trainer.trainer.recipes import MLP, ModelInfo, Recipe, stats_of
+from arf_trainer.trainer.recipes import MLP, ModelInfo, Recipe
 
 WINDOW_BYTES = 64 * 2**20
 MAX_WINDOW_ROWS = 65_536
@@ -201,78 +198,71 @@ class StreamLayout:
             g = lap * n + t
 
 
-def _checked_columns(manifest: Manifest, split: str,
-                     names: list[str]) -> Iterator[dict[str, np.ndarray]]:
-    """Every row of a split in bounded read batches, its values checked (`column_array`), a
-    bad one named by its shard, row and order_by key."""
-    stream = ShardStream(manifest, split, names)
-    for index, shard in enumerate(stream.shards):
-        first = 0
-        for batch in stream.read([index], 0):
-            yield read_table_columns(batch, names, f"the {split} split",
-                                     lambda i, s=shard, at=first: shard_row(manifest, s, at + i))
-            first += batch.num_rows
+ONE = DistEnv(rank=0, local_rank=0, world_size=1, enabled=False)
 
 
-class RunningStats:
-    """Column mean and variance merged over chunks (Chan et al.), in float64."""
-
-    def __init__(self) -> None:
-        self.n, self.mean, self.m2 = 0, None, None
-
-    def add(self, values: np.ndarray) -> None:
-        values = values.astype(np.float64, copy=False)
-        n_b, mean_b = len(values), values.mean(axis=0)
-        m2_b = ((values - mean_b) ** 2).sum(axis=0)
-        if self.mean is None:
-            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
-            return
-        n = self.n + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + delta ** 2 * (self.n * n_b / n)
-        self.n = n
-
-    def result(self) -> Any:
-        return None if self.mean is None else stats_of(self.mean, np.sqrt(self.m2 / self.n))
-
-
-@dataclass
 class StreamSource:
-    """The training split's statistics from one streaming pass; batches come from `loader`."""
+    """The training split's statistics from one streaming pass (`stream_scan`, split over the
+    ranks and agreed after `dist.init`); batches come from `loader`."""
 
-    manifest: Manifest
-    window_rows: int
-    labels: np.ndarray
-    feature_width: int
-    x_stats: Any
-    y_stats: Any
     mode = "stream"
 
+    def __init__(self, manifest: Manifest, recipe: Recipe, window_rows: int,
+                 denv: DistEnv) -> None:
+        self.manifest, self.recipe, self.window_rows = manifest, recipe, window_rows
+        self._share = stream_scan.share(manifest, recipe, denv, self._checked_columns)
+        self._agreed: stream_scan.Agreed | None = None
+
     @classmethod
-    def scan(cls, manifest: Manifest, recipe: Recipe,
-             window_rows: int | None = None) -> "StreamSource":
-        for split in ("train", "val"):
-            for shard in manifest.shards(split):
-                checked_shard(manifest, shard)
-        names = manifest.features + manifest.targets
-        for _ in _checked_columns(manifest, "val", names):
-            pass  # a bad value is named now, not after an epoch of training
-        x_stats, y_stats, labels, width = RunningStats(), RunningStats(), [], 0
-        for columns in _checked_columns(manifest, "train", names):
-            x = feature_matrix(columns, manifest.features)
-            width = x.shape[1]
-            if recipe.fits_normalization:
-                x_stats.add(x)
-            y = target_matrix(columns, manifest.targets)
-            if recipe.target_labels:
-                labels.append(np.unique(y))
-            elif y.dtype.kind in "fiu":
-                y_stats.add(y.astype(np.float32))
-                labels = [y[:0]]
-        found = np.unique(np.concatenate(labels)) if recipe.target_labels else labels[0]
-        return cls(manifest, window_rows or window_rows_for(manifest), found, width,
-                   x_stats.result(), y_stats.result())
+    def scan(cls, manifest: Manifest, recipe: Recipe, window_rows: int | None = None,
+             denv: DistEnv | None = None) -> "StreamSource":
+        """This rank's part of the pass; without a process group (one rank), agreed at once.
+        A bad shard is raised then, or by `agree` on every rank."""
+        alone = denv is None or not denv.enabled
+        source = cls(manifest, recipe, window_rows or window_rows_for(manifest),
+                     ONE if alone else denv)
+        if alone:
+            source.agree(ONE)
+        return source
+
+    def agree(self, denv: DistEnv) -> None:
+        """Exchange the ranks' parts of the pass (a collective: after `dist.init`)."""
+        if self._agreed is None:
+            self._agreed = stream_scan.agree(*self._share, self.recipe, denv)
+            self._share = (stream_scan.Share(), None)
+
+    def _checked_columns(self, split: str, names: list[str],
+                         index: int) -> Iterator[dict[str, np.ndarray]]:
+        """Every row of shard `index` of a split in bounded read batches, its values checked
+        (`column_array`), a bad one named by its shard, row and order_by key."""
+        stream = ShardStream(self.manifest, split, names)
+        shard, first = stream.shards[index], 0
+        for batch in stream.read([index], 0):
+            yield read_table_columns(batch, names, f"the {split} split", lambda i, s=shard, at=first:
+                                     shard_row(self.manifest, s, at + i))
+            first += batch.num_rows
+
+    def _outcome(self) -> stream_scan.Agreed:
+        if self._agreed is None:
+            raise RuntimeError("the streaming pass is not agreed yet: call agree() after "
+                               "dist.init")
+        return self._agreed
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._outcome().labels
+
+    @property
+    def feature_width(self) -> int:
+        return self._outcome().width
+
+    @property
+    def x_stats(self) -> Any:
+        return self._outcome().x_stats
+
+    @property
+    def y_stats(self) -> Any:
+        return self._outcome().y_stats
 
     def set_normalization(self, recipe: Recipe, model: MLP, info: ModelInfo) -> None:
         if recipe.fits_normalization:
