@@ -150,6 +150,24 @@ def test_retry_reuses_the_finished_run(registry: dict[str, Any], tmp_path: Path)
     assert other_run["success_rate"] == first["success_rate"]  # same seeds, same outcome
 
 
+def test_a_deleted_evaluation_experiment_is_named_with_the_way_back(registry: dict[str, Any],
+                                                                    tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from arf_trainer.errors import RegistryError
+
+    run_evaluate(eval_env(registry, tmp_path, "1", run_id="deleted__1"))  # creates it
+    client = MlflowClient(tracking_uri=registry["uri"])
+    experiment = client.get_experiment_by_name("reach_bc-evaluation")
+    client.delete_experiment(experiment.experiment_id)
+    try:
+        with pytest.raises(RegistryError, match=r"'reach_bc-evaluation' \(id \d+\) is deleted; "
+                                                r"restore it \(mlflow experiments restore\)"):
+            run_evaluate(eval_env(registry, tmp_path / "again", "1", run_id="deleted__2"))
+    finally:
+        client.restore_experiment(experiment.experiment_id)
+
+
 def test_zero_policy_fails_the_gate(registry: dict[str, Any], tmp_path: Path) -> None:
     result = run_evaluate(eval_env(registry, tmp_path, 2))
     assert result["success_rate"] <= 0.1 and result["passed"] is False

@@ -43,36 +43,16 @@ from typing import Any
 
 import numpy as np
 
-from arf_trainer.errors import EvaluationError, RegistryError
+from arf_trainer.errors import EvaluationError
 from arf_trainer.evaluator_checks import (SEEDS_TAG, check_version, read_settings, seed_range,
                                           verify_weights)
 from arf_trainer.evaluator_checks import model_ref
 from arf_trainer.spec import StepEnv
+from arf_trainer.tracking import get_or_create_experiment
 
 log = logging.getLogger(__name__)
 
 _EPISODES_ARTIFACT = "evaluation/episodes.json"
-
-
-def _experiment_id(client: Any, name: str, artifact_root: str | None) -> str:
-    from mlflow.exceptions import MlflowException
-
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        location = f"{artifact_root.rstrip('/')}/{name}" if artifact_root else None
-        try:
-            return client.create_experiment(name, artifact_location=location)
-        except MlflowException as exc:
-            # Two evaluations may race to create it; the loser uses the winner's.
-            experiment = client.get_experiment_by_name(name)
-            if experiment is None:
-                raise RegistryError(f"cannot create MLflow experiment {name!r}: {exc}") from exc
-    if experiment.lifecycle_stage != "active":
-        raise EvaluationError(
-            f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore "
-            f"--experiment-id {experiment.experiment_id}) or delete it permanently"
-        )
-    return experiment.experiment_id
 
 
 def load_policy(name: str, version: str) -> Any:
@@ -297,7 +277,8 @@ def run_evaluate(env: StepEnv) -> dict[str, Any]:
     mlflow.set_registry_uri(env.tracking_uri)
     client = MlflowClient(tracking_uri=env.tracking_uri, registry_uri=env.tracking_uri)
     check_version(client, name, version)
-    experiment_id = _experiment_id(client, f"{env.spec.name}-evaluation", env.artifact_root)
+    experiment_id = get_or_create_experiment(client, f"{env.spec.name}-evaluation",
+                                             env.artifact_root)
     tags = {
         "arf.model_name": name,
         "arf.model_version": version,
