@@ -26,6 +26,10 @@ How, and why this way:
    copied, so every generation keeps that mode. A log deleted under the stack (`rm run/*.log`)
    is noticed at the next write and created again, instead of filling an unlinked file that
    no one can see or remove.
+
+Airflow's own log files (task and parsing logs) are not written through here: their age, not
+their size, bounds them (`ARF_LOG_RETENTION_DAYS`, read with the other `ARF_LOG_*` settings so
+that `arf up` refuses any bad one at once; applied by `arf_training.log_janitor`).
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ DEFAULT_MAX_BYTES = 50 * 1024 ** 2
 DEFAULT_BACKUPS = 3
 MIN_MAX_BYTES = 64 * 1024  # below this, 'ARF_LOG_MAX_BYTES=50' meant 50 MiB, not 50 bytes
 MAX_BACKUPS = 100  # each rotation renames every generation: a typo must not make it 10**6
+DEFAULT_RETENTION_DAYS = 15  # Airflow's image: AIRFLOW__LOG_RETENTION_DAYS of `clean-logs`
+MAX_RETENTION_DAYS = 36500  # "forever" is 0; a longer number is a typo (and 10**400 no float)
 PIPE_BYTES = 1024 ** 2  # Linux's default cap for an unprivileged F_SETPIPE_SZ
 _UNITS = {"": 1, "k": 1024, "kib": 1024, "m": 1024 ** 2, "mib": 1024 ** 2,
           "g": 1024 ** 3, "gib": 1024 ** 3}
@@ -54,18 +60,22 @@ _SIZE = re.compile(r"\s*(\d+)\s*([a-z]*)\s*", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class LogLimits:
-    """How big one log may grow, and how many rotated generations of it are kept."""
+    """How big one log may grow, how many rotated generations of it are kept, and for how
+    many days Airflow's own log files are kept (0: forever)."""
 
     max_bytes: int = DEFAULT_MAX_BYTES
     backups: int = DEFAULT_BACKUPS
+    retention_days: int = DEFAULT_RETENTION_DAYS
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "LogLimits":
-        """`ARF_LOG_MAX_BYTES` (bytes, or with KiB/MiB/GiB) and `ARF_LOG_BACKUPS`; an
-        `ArfError` naming the variable, the value and the fix for a bad one."""
+        """`ARF_LOG_MAX_BYTES` (bytes, or with KiB/MiB/GiB), `ARF_LOG_BACKUPS` and
+        `ARF_LOG_RETENTION_DAYS`; an `ArfError` naming the variable, the value and the fix for
+        a bad one."""
         env = os.environ if environ is None else environ
         return cls(_max_bytes(env.get("ARF_LOG_MAX_BYTES")),
-                   _backups(env.get("ARF_LOG_BACKUPS")))
+                   _backups(env.get("ARF_LOG_BACKUPS")),
+                   _retention_days(env.get("ARF_LOG_RETENTION_DAYS")))
 
 
 def _max_bytes(text: str | None) -> int:
@@ -95,6 +105,21 @@ def _backups(text: str | None) -> int:
         raise ArfError(f"ARF_LOG_BACKUPS={text[:60]!r} is not a number of rotated logs to keep; "
                        f"give a whole number from 1 to {MAX_BACKUPS} (or unset it for "
                        f"{DEFAULT_BACKUPS})")
+    return value
+
+
+def _retention_days(text: str | None) -> int:
+    if text is None or not text.strip():
+        return DEFAULT_RETENTION_DAYS
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= MAX_RETENTION_DAYS:
+        raise ArfError(f"ARF_LOG_RETENTION_DAYS={text[:60]!r} is not a number of days to keep "
+                       f"Airflow's log files; give a whole number from 0 (keep them forever) to "
+                       f"{MAX_RETENTION_DAYS}, e.g. 30 (or unset it for "
+                       f"{DEFAULT_RETENTION_DAYS})")
     return value
 
 

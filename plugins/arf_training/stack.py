@@ -3,7 +3,8 @@
 `up()` starts a detached supervisor (`python -m arf_training.stack`, pid file and state file in
 `<ARF_HOME>/run/`) that runs, in this order and each after the previous one is ready:
 PostgreSQL (when it is the metadata database), MLflow, the Airflow api-server (after migrating
-the database), dag-processor, triggerer, scheduler. What the stack exposes:
+the database), dag-processor, triggerer, scheduler, and the janitor that deletes Airflow's old
+log files (`arf_training.log_janitor`, `ARF_LOG_RETENTION_DAYS`). What the stack exposes:
 
 - Loopback only by default: every component listens on 127.0.0.1 (the scheduler's and the
   triggerer's log servers, which Airflow binds to every interface, are not started: the
@@ -38,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from arf_training import log_janitor
 from arf_training.embedded import airflow_components, ensure_migrated, environment
 from arf_training.errors import ArfError
 from arf_training.logrotate import LogLimits
@@ -202,7 +204,7 @@ def components(settings: ArfSettings, opts: StackOptions) -> list[Component]:
     for name in ("dag-processor", "triggerer", "scheduler"):
         found.append(Component(name, commands[name], env, ready_since=_heartbeat_probe(
             opts.api_port, name.replace("-", "_"))))
-    return found
+    return [*found, log_janitor.component(env)]  # needed by none: ready once started
 
 
 def _heartbeat_probe(api_port: int, job: str) -> Callable[[float], bool]:

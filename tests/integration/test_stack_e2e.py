@@ -123,9 +123,14 @@ def test_nothing_listens_beyond_loopback(stack):
 def test_status_shows_each_component_and_a_second_up_says_it_runs(stack):
     status = stack.arf("status")
     assert status.returncode == 0, status.stderr
-    for name in ("mlflow", "api-server", "dag-processor", "triggerer", "scheduler"):
+    for name in ("mlflow", "api-server", "dag-processor", "triggerer", "scheduler",
+                 "log-janitor"):
         line = next(line for line in status.stdout.splitlines() if line.startswith(name))
         assert str(stack.pid_of(name)) in line and "running" in line
+    # The janitor sweeps Airflow's log folder of this home (its first sweep is at its start).
+    janitor_log = stack.home / "run" / "log-janitor.log"
+    _poll("the log janitor's first sweep", lambda: "removed " in janitor_log.read_text(), 30, 1)
+    assert str(stack.home / "airflow" / "logs") in janitor_log.read_text()
     assert str(stack.api_port) in status.stdout and str(stack.mlflow_port) in status.stdout
     again = stack.arf("up", "--port", str(stack.api_port), "--mlflow-port",
                       str(stack.mlflow_port))

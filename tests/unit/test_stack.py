@@ -40,7 +40,34 @@ def test_every_component_listens_on_loopback_by_default(settings):
 
 def test_start_order_puts_the_scheduler_after_the_api_server(settings):
     names = [c.name for c in stack.components(settings, stack.StackOptions())]
-    assert names == ["mlflow", "api-server", "dag-processor", "triggerer", "scheduler"]
+    assert names == ["mlflow", "api-server", "dag-processor", "triggerer", "scheduler",
+                     "log-janitor"]
+
+
+@pytest.mark.parametrize("days", [pytest.param(None, id="default-15"),
+                                  pytest.param("0", id="forever"), pytest.param("30", id="30")])
+def test_the_log_janitor_cleans_airflows_log_folder_without_the_stacks_secrets(settings,
+                                                                               monkeypatch, days):
+    if days is None:
+        monkeypatch.delenv("ARF_LOG_RETENTION_DAYS", raising=False)
+    else:
+        monkeypatch.setenv("ARF_LOG_RETENTION_DAYS", days)
+    secrets = ("AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")
+    for name in secrets:  # the session's Airflow settings: not what `arf up` is started with
+        monkeypatch.delenv(name, raising=False)
+    comps = _by_name(stack.components(settings, stack.StackOptions()))
+    janitor = comps["log-janitor"]
+    assert janitor.command[-3:] == ["--retention-days", days or "15",
+                                    str(settings.home / "airflow" / "logs")]
+    assert janitor.ready() and janitor.port is None
+    for name in secrets:
+        assert name in comps["scheduler"].env and name not in janitor.env
+
+
+def test_a_bad_log_retention_stops_the_stack_before_it_is_built(settings, monkeypatch):
+    monkeypatch.setenv("ARF_LOG_RETENTION_DAYS", "2w")
+    with pytest.raises(ArfError, match=r"^ARF_LOG_RETENTION_DAYS='2w' is not a number of days"):
+        stack.components(settings, stack.StackOptions())
 
 
 def test_a_public_host_gets_real_users_with_a_generated_password_never_all_admins(settings):

@@ -230,6 +230,9 @@ def test_the_supervisor_log_rotates_and_its_stdout_and_stderr_follow(tmp_path):
     pytest.param("ARF_LOG_BACKUPS", "0", "is not a number of rotated logs", id="backups-zero"),
     pytest.param("ARF_LOG_BACKUPS", "three", "is not a number of rotated", id="backups-word"),
     pytest.param("ARF_LOG_BACKUPS", "1000000", "is not a number of", id="backups-huge"),
+    pytest.param("ARF_LOG_RETENTION_DAYS", "-1", "is not a number of days", id="days-negative"),
+    pytest.param("ARF_LOG_RETENTION_DAYS", "2w", "is not a number of days", id="days-word"),
+    pytest.param("ARF_LOG_RETENTION_DAYS", "36501", "is not a number of", id="days-huge"),
 ])
 def test_a_bad_log_setting_is_one_clear_error_before_anything_starts(tmp_path, monkeypatch,
                                                                       variable, value, why):
@@ -249,14 +252,16 @@ def test_a_bad_log_setting_is_one_clear_error_before_anything_starts(tmp_path, m
 
 
 @pytest.mark.parametrize("env, limits", [
-    pytest.param({}, (50 * 1024 ** 2, 3), id="defaults"),
-    pytest.param({"ARF_LOG_MAX_BYTES": "", "ARF_LOG_BACKUPS": " "}, (50 * 1024 ** 2, 3),
-                 id="empty-is-default"),
+    pytest.param({}, (50 * 1024 ** 2, 3, 15), id="defaults"),
+    pytest.param({"ARF_LOG_MAX_BYTES": "", "ARF_LOG_BACKUPS": " ", "ARF_LOG_RETENTION_DAYS": ""},
+                 (50 * 1024 ** 2, 3, 15), id="empty-is-default"),
     pytest.param({"ARF_LOG_MAX_BYTES": "200MiB", "ARF_LOG_BACKUPS": "10"},
-                 (200 * 1024 ** 2, 10), id="mib"),
-    pytest.param({"ARF_LOG_MAX_BYTES": "1g"}, (1024 ** 3, 3), id="short-unit"),
-    pytest.param({"ARF_LOG_MAX_BYTES": "65536"}, (65536, 3), id="bytes"),
+                 (200 * 1024 ** 2, 10, 15), id="mib"),
+    pytest.param({"ARF_LOG_MAX_BYTES": "1g"}, (1024 ** 3, 3, 15), id="short-unit"),
+    pytest.param({"ARF_LOG_MAX_BYTES": "65536"}, (65536, 3, 15), id="bytes"),
+    pytest.param({"ARF_LOG_RETENTION_DAYS": "0"}, (50 * 1024 ** 2, 3, 0), id="keep-forever"),
+    pytest.param({"ARF_LOG_RETENTION_DAYS": " 30 "}, (50 * 1024 ** 2, 3, 30), id="days"),
 ])
 def test_log_settings_that_are_read(env, limits):
     got = LogLimits.from_env(env)
-    assert (got.max_bytes, got.backups) == limits
+    assert (got.max_bytes, got.backups, got.retention_days) == limits
