@@ -95,31 +95,29 @@ def _max_bytes(text: str | None) -> int:
 
 
 def _backups(text: str | None) -> int:
-    if text is None or not text.strip():
-        return DEFAULT_BACKUPS
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or not 1 <= value <= MAX_BACKUPS:
-        raise ArfError(f"ARF_LOG_BACKUPS={text[:60]!r} is not a number of rotated logs to keep; "
-                       f"give a whole number from 1 to {MAX_BACKUPS} (or unset it for "
-                       f"{DEFAULT_BACKUPS})")
-    return value
+    return _whole(text, "ARF_LOG_BACKUPS", "a number of rotated logs to keep", DEFAULT_BACKUPS,
+                  1, MAX_BACKUPS)
 
 
 def _retention_days(text: str | None) -> int:
+    return _whole(text, "ARF_LOG_RETENTION_DAYS", "a number of days to keep Airflow's log files",
+                  DEFAULT_RETENTION_DAYS, 0, MAX_RETENTION_DAYS,
+                  f" (keep them forever) to {MAX_RETENTION_DAYS}, e.g. 30")
+
+
+def _whole(text: str | None, name: str, what: str, default: int, low: int, high: int,
+           range_text: str = "") -> int:
+    """`text` as a whole number from `low` to `high`; `default` if unset; else an error naming
+    the variable, its value and the range."""
     if text is None or not text.strip():
-        return DEFAULT_RETENTION_DAYS
+        return default
     try:
         value = int(text)
     except ValueError:
         value = None
-    if value is None or not 0 <= value <= MAX_RETENTION_DAYS:
-        raise ArfError(f"ARF_LOG_RETENTION_DAYS={text[:60]!r} is not a number of days to keep "
-                       f"Airflow's log files; give a whole number from 0 (keep them forever) to "
-                       f"{MAX_RETENTION_DAYS}, e.g. 30 (or unset it for "
-                       f"{DEFAULT_RETENTION_DAYS})")
+    if value is None or not low <= value <= high:
+        raise ArfError(f"{name}={text[:60]!r} is not {what}; give a whole number from {low}"
+                       f"{range_text or f' to {high}'} (or unset it for {default})")
     return value
 
 
