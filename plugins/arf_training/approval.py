@@ -8,9 +8,14 @@ then continues::
 
 * `approval_needed` (short circuit): the evidence of every candidate the gate proposes, as
   Markdown (several versions of one model: which one an Approve promotes); nothing proposed
-  (rejected by the gate, first versions) skips the rest of the run.
+  (rejected by the gate, first versions) skips the question. It runs after `evaluate` failed
+  too: the versions evaluated before another one failed are in `evaluate`'s XCom
+  (`arf_training.backends.evaluate_each`) and still get their question.
 * `approve_promotion`: the standard provider's `ApprovalOperator` (Airflow 3 human-in-the-loop)
   shows that evidence and waits for Approve / Reject (UI, or the REST API's `hitlDetails`).
+  With `evaluation.gate.approval_timeout_hours`, no answer within that time counts as Reject
+  (Airflow answers with the default option and no responder: recorded as rejected by
+  `timeout`), so that unanswered questions do not hold arf_evaluate's few active runs forever.
 * `promote_approved` (skipped on Reject): moves `champion` (the old one keeps
   `previous-champion`), tags `arf.gate.approval=approved` and who approved. If the champion
   moved since the gate compared against it, the evidence is stale: that version is refused
@@ -24,7 +29,9 @@ then continues::
 * `fail_run_on_error` (runs only when a task before it failed): fails the run, naming the
   failed task(s) (the run's last failed task is where a person looks first). Without it a
   failed evaluation would end the run `success`, because its last task (`record_rejection`,
-  trigger rule all_skipped) is skipped then and Airflow judges a run by its last tasks.
+  trigger rule all_skipped) is skipped then and Airflow judges a run by its last tasks. It
+  follows `evaluate`, `promote_approved` and `record_rejection` only: `approval_needed` and
+  `approve_promotion` skip every task directly after them (nothing proposed; Reject).
 
 The `*_by` tags name who gave the latest answer: an approval drops an earlier
 `arf.gate.rejected_by` of the version (it was evaluated again after a rejection), a rejection
@@ -36,22 +43,41 @@ MLflow is imported inside the tasks (run time), never at DAG parse time.
 
 from __future__ import annotations
 
+import functools
+from datetime import timedelta
 from typing import Any
 
 APPROVAL_TASK = "approve_promotion"
 EVALUATE_TASK = "evaluate"
 APPROVE, REJECT = "Approve", "Reject"  # the ApprovalOperator's two options
 NO_ANSWER = "none recorded"
+TIMEOUT = "timeout"  # who answered when no one did within approval_timeout_hours
 
 
-def approval_required(templates: dict[str, Any]) -> bool:
-    """Whether any evaluable template asks for human approval of promotions."""
+def _approval_gates(templates: dict[str, Any]) -> list[Any]:
+    gates = []
     for loaded in templates.values():
         evaluation = loaded.template.evaluation
         if evaluation is not None and evaluation.gate is not None \
                 and evaluation.gate.approval == "required":
-            return True
-    return False
+            gates.append(evaluation.gate)
+    return gates
+
+
+def approval_required(templates: dict[str, Any]) -> bool:
+    """Whether any evaluable template asks for human approval of promotions."""
+    return bool(_approval_gates(templates))
+
+
+def approval_timeout(templates: dict[str, Any]) -> timedelta | None:
+    """How long `approve_promotion` waits for an answer (None: until one comes)."""
+    hours = [g.approval_timeout_hours for g in _approval_gates(templates)
+             if g.approval_timeout_hours is not None]
+    # One question asks about every template's versions, so one timeout holds for all: the
+    # smallest. Running out only rejects (the champion stays; evaluating the version again asks
+    # anew), while a longer wait holds one of arf_evaluate's few active runs, which every
+    # model's evaluation shares: the template that needs them back soonest decides.
+    return timedelta(hours=min(hours)) if hours else None
 
 
 def pending(results: Any) -> list[dict[str, Any]]:
@@ -105,7 +131,11 @@ def _answer(context: Any) -> tuple[str | None, str]:
     if not isinstance(answer, dict):
         return NO_ANSWER, "unknown"
     chosen = answer.get("chosen_options") or [None]
-    user = answer.get("responded_by_user") or {}
+    user = answer.get("responded_by_user")
+    if answer.get("timedout") or user is None:
+        # Airflow's answer when the response timeout passed: the default option (Reject), no
+        # responder (the HITL timeout sweep and trigger read a missing responder so too).
+        return chosen[0], TIMEOUT
     who = str(user.get("name") or user.get("id") or "unknown") if isinstance(user, dict) \
         else str(user)
     return chosen[0], who
@@ -208,6 +238,8 @@ def record_rejection(**context: Any) -> list[str]:
     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
     choice, who = _answer(context)
+    if not _results(context):  # it runs (trigger rule all_skipped) when nothing was proposed
+        raise AirflowSkipException("no version was proposed for approval: nothing to record")
     if choice != REJECT:
         raise AirflowSkipException(
             f"{APPROVAL_TASK} holds no {REJECT} answer ({choice}): no one "
@@ -244,19 +276,52 @@ def fail_run_on_error(**context: Any) -> None:
         "run is marked failed so that the failure is not hidden")
 
 
-def add_approval(evaluate: Any) -> None:
-    """Append the approval tasks after `evaluate` (inside the DAG's context)."""
+@functools.cache
+def _approval_operator() -> type:
+    """The provider's ApprovalOperator, which also keeps a Reject answer as its XCom.
+
+    It skips `promote_approved` on Reject by raising (Airflow 3's SkipMixin), so its
+    `execute_complete` never returns the answer and no XCom holds it: record_rejection would
+    not know that anyone rejected, nor who. The answer is pushed before that. Defined when a
+    DAG is built, as the provider is imported then (not by every import of this module)."""
     from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    class RecordingApprovalOperator(ApprovalOperator):
+        def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+            if "error" not in event:
+                self.validate_chosen_options(event["chosen_options"])
+                context["ti"].xcom_push(key="return_value", value={
+                    key: event.get(key) for key in
+                    ("chosen_options", "responded_by_user", "responded_at", "timedout")})
+            return super().execute_complete(context, event)
+
+    RecordingApprovalOperator.__qualname__ = RecordingApprovalOperator.__name__
+    return RecordingApprovalOperator
+
+
+def add_approval(evaluate: Any, timeout: timedelta | None = None) -> None:
+    """Append the approval tasks after `evaluate` (inside the DAG's context); `timeout`: no
+    answer within it counts as Reject (`approval_timeout`)."""
     from airflow.sdk import task
 
-    needed = task.short_circuit(task_id="approval_needed")(approval_needed)()
-    approve = ApprovalOperator(
+    # all_done: a failed evaluate may still hand over the versions it evaluated. Only the
+    # question is skipped when nothing is proposed; the tasks after it follow their trigger
+    # rules (record_rejection runs and skips itself).
+    needed = task.short_circuit(task_id="approval_needed", trigger_rule="all_done",
+                                ignore_downstream_trigger_rules=False)(approval_needed)()
+    note = "" if timeout is None else (
+        f"\n\nNo answer within {timeout.total_seconds() / 3600:g} h counts as {REJECT}.")
+    approve = _approval_operator()(
         task_id=APPROVAL_TASK, subject="Promote the evaluated version(s) to champion?",
-        body="{{ ti.xcom_pull(task_ids='approval_needed') }}")
+        body="{{ ti.xcom_pull(task_ids='approval_needed') }}" + note,
+        response_timeout=timeout, defaults=None if timeout is None else REJECT)
     promote = task(task_id="promote_approved")(promote_approved)()
-    # Runs only when promote_approved was skipped: by a Reject (the short circuit skips this
-    # task too when nothing was proposed).
+    # Runs only when promote_approved was skipped: by a Reject, or because nothing was proposed
+    # (then it skips itself).
     rejected = task(task_id="record_rejection", trigger_rule="all_skipped")(record_rejection)()
     evaluate >> needed >> approve >> promote >> rejected
     watcher = task(task_id="fail_run_on_error", trigger_rule="one_failed")(fail_run_on_error)()
-    [evaluate, needed, approve, promote, rejected] >> watcher
+    # Not after approval_needed or approve_promotion: both skip every task directly after them
+    # (nothing proposed; Reject), and so would skip the watcher of a failed evaluate, queued
+    # beside them. A failure of either still reaches it: promote_approved is upstream_failed.
+    [evaluate, promote, rejected] >> watcher

@@ -24,7 +24,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from arf_training.approval import add_approval, approval_required
+from arf_training.approval import add_approval, approval_required, approval_timeout
 from arf_training.backends import get_backend
 from arf_training.errors import TemplateError, TemplateIssue
 from arf_training.params import build_params
@@ -224,7 +224,7 @@ def build_evaluate_dag(templates: list[LoadedTemplate], backend_id: str | None =
     with dag:
         evaluate = backend.evaluate_task(task_id="evaluate", templates=evaluable)
         if approval_required(evaluable):  # evaluation.gate.approval: required
-            add_approval(evaluate)
+            add_approval(evaluate, approval_timeout(evaluable))
     return dag
 
 

@@ -11,6 +11,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+# Longest a question may wait: a month. Bounded so that a typo (hours meant as seconds) is
+# caught, and the value stays a valid Airflow timedelta.
+MAX_APPROVAL_TIMEOUT_HOURS = 24 * 31
+
+
 class Gate(BaseModel):
     """The promotion gate's error rate, episode budget and approval."""
 
@@ -31,6 +36,14 @@ class Gate(BaseModel):
         description="'required': a promotion waits for a person to approve it in Airflow "
                     "(human-in-the-loop task of arf_evaluate showing the evidence) before the "
                     "'champion' alias moves; a rejection is recorded on the version.")
+    approval_timeout_hours: float | None = Field(
+        None, gt=0, le=MAX_APPROVAL_TIMEOUT_HOURS, strict=True,
+        description="With approval required: hours the question waits for an answer; none "
+                    "within them counts as Reject (recorded as rejected by 'timeout'; the "
+                    "alias stays, evaluating the version again asks anew). Unset: it waits "
+                    "until someone answers, holding one of arf_evaluate's 4 active runs, which "
+                    "every model's evaluation shares. One arf_evaluate DAG asks about every "
+                    "template's versions: the smallest value among the templates applies.")
 
 
 MAX_EVAL_SEED = 2**63 - 1  # arf_trainer.evaluator_checks.MAX_SEED (int64 seeds)
@@ -48,6 +61,10 @@ def check_gate(evaluation: Any) -> None:
                          "smaller first seed, e.g. 100000")
     if gate is None:
         return
+    if gate.approval_timeout_hours is not None and gate.approval != "required":
+        raise ValueError(f"evaluation.gate.approval_timeout_hours={gate.approval_timeout_hours:g} "
+                         f"is set but evaluation.gate.approval is {gate.approval!r}, so no one is "
+                         "asked; set approval: required or remove approval_timeout_hours")
     if evaluation.promotion_margin is None:
         raise ValueError("evaluation.gate is set but evaluation.promotion_margin is not, so no "
                          "gate runs; set promotion_margin (e.g. 0.0 or 0.02) or remove gate")

@@ -272,5 +272,81 @@ def test_a_failed_evaluation_fails_the_run_and_names_the_task(embedded, monkeypa
     states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
     assert str(run.state) == "failed"
     assert states["evaluate"] == states["fail_run_on_error"] == "failed", states
-    assert states["promote_approved"] == "upstream_failed", states
+    # approval_needed runs after a failed evaluate (all_done) and finds nothing to ask about.
+    assert (states["approval_needed"], states[APPROVAL_TASK], states["promote_approved"],
+            states["record_rejection"]) == ("success", "skipped", "skipped", "skipped"), states
     assert "AirflowFailException: evaluate failed (see its log)" in capfd.readouterr().out
+
+
+class PushTI:
+    """What the approval operator's `execute_complete` uses of its task instance."""
+
+    map_index = -1
+
+    def __init__(self) -> None:
+        self.pushed: dict[str, Any] = {}
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.pushed[key] = value
+
+
+def _asked(timeout_hours: float | None = None) -> Any:
+    """approve_promotion of arf_evaluate built from reach_bc with approval required."""
+    from arf_training.factory import build_evaluate_dag
+    from arf_training.templates import LoadedTemplate, parse_template
+
+    extra = f", approval_timeout_hours: {timeout_hours}" if timeout_hours else ""
+    text = (Path(__file__).resolve().parents[2] / "config_templates" / "reach_bc.yaml")\
+        .read_text().replace("  promotion_margin: 0.02\n",
+                             "  promotion_margin: 0.02\n  gate: {approval: required"
+                             + extra + "}\n")
+    path = Path("/tmp/approval-review.yaml")
+    loaded = LoadedTemplate(path=path, template=parse_template(text, str(path)), sha256="0" * 64)
+    return build_evaluate_dag([loaded], "local").get_task(APPROVAL_TASK)
+
+
+@pytest.mark.parametrize("event, who", [
+    pytest.param({"responded_by_user": {"id": "9", "name": "carol"}, "timedout": False},
+                 "carol", id="a-person"),
+    # The scheduler's timeout sweep (and the triggerer's HITLTrigger before Airflow 3.3)
+    # answers with the defaults and no responder.
+    pytest.param({"responded_by_user": None, "timedout": True}, approval.TIMEOUT,
+                 id="timed-out"),
+])
+def test_a_reject_answer_is_kept_for_record_rejection(client: Any, event: dict[str, Any],
+                                                      who: str):
+    """The provider's ApprovalOperator skips promote_approved on Reject by raising, so its
+    answer never becomes its return value: the operator pushes it first, and record_rejection
+    records who rejected (`timeout` when no one answered in time)."""
+    from airflow.sdk.exceptions import DownstreamTasksSkipped
+
+    task, ti = _asked(timeout_hours=2), PushTI()
+    assert task.defaults == ["Reject"]
+    with pytest.raises(DownstreamTasksSkipped) as skipped:
+        task.execute_complete({"ti": ti, "task": task}, {
+            "chosen_options": ["Reject"], "params_input": {},
+            "responded_at": datetime(2026, 1, 1, tzinfo=UTC), **event})
+    assert skipped.value.tasks == ["promote_approved"]  # not fail_run_on_error
+    results = [propose(client, "policy", "2")]
+    assert approval.record_rejection(ti=TI(results, ti.pushed["return_value"])) == ["policy/2"]
+    recorded = tags(client, "policy", "2")
+    assert (recorded["arf.gate.approval"], recorded["arf.gate.rejected_by"]) == ("rejected", who)
+    assert champion(client, "policy") == "1"
+
+
+def test_an_answer_outside_the_options_is_refused_before_it_is_kept():
+    task, ti = _asked(), PushTI()
+    with pytest.raises(ValueError, match="not in"):
+        task.execute_complete({"ti": ti, "task": task}, {
+            "chosen_options": ["Maybe"], "params_input": {}, "responded_by_user": None,
+            "responded_at": datetime(2026, 1, 1, tzinfo=UTC)})
+    assert ti.pushed == {}
+
+
+def test_nothing_proposed_records_no_rejection(client: Any):
+    """record_rejection (trigger rule all_skipped) runs when approval_needed skipped the
+    question, e.g. after a failed evaluate that proposed nothing: it must skip, not fail."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    with pytest.raises(AirflowSkipException, match="no version was proposed"):
+        approval.record_rejection(ti=TI([], None))

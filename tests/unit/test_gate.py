@@ -175,3 +175,23 @@ def test_aliases_move_only_for_a_better_candidate(registry):
     assert tags["arf.gate.decision"] == "rejected" and "not better" in tags["arf.gate.reason"]
     assert '"wins": 0' in tags["arf.gate.evidence"] and tags["arf.gate.champion_version"] == "2"
     assert client.get_model_version("policy", "2").tags["arf.gate.decision"] == "promoted"
+
+
+def test_a_candidate_deleted_before_the_move_keeps_the_rollback_target(registry):
+    """v2 champion, v1 previous-champion; v3 beat v2 but was deleted before the alias moved.
+    The move must fail saying so before previous-champion moves onto v2 (which would lose v1,
+    the version a rollback goes back to), as the approval path does (`approval._promote`)."""
+    from arf_trainer.errors import RegistryError
+
+    client = registry
+    apply(client, "policy", "1", first_version(0.02))
+    settings = GateSettings(alpha=0.05, margin=0.02, batch=10, max_episodes=10)
+    wins = set(range(100, 110))
+    apply(client, "policy", "2", sequential(settings, lambda s, n: (outcomes(wins),
+                                                                     outcomes({100})), "1"))
+    better = sequential(settings, lambda s, n: (outcomes(wins), outcomes({100})), "2")
+    client.delete_model_version("policy", "3")
+    with pytest.raises(RegistryError, match="models:/policy/3 no longer exists"):
+        apply(client, "policy", "3", better)
+    assert champion_version(client, "policy") == "2"
+    assert str(client.get_model_version_by_alias("policy", PREVIOUS_CHAMPION).version) == "1"

@@ -1,4 +1,5 @@
-"""`evaluation.gate` in a template: defaults, the approval choice and its error messages."""
+"""`evaluation.gate` in a template: defaults, the approval choice, its timeout and their error
+messages."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ def test_gate_section_parses_with_defaults():
     assert parse_template(FINETUNE).evaluation.gate is None  # defaults apply in the evaluator
     gate = parse_template(with_gate("  gate: {approval: required}\n")).evaluation.gate
     assert (gate.alpha, gate.max_episodes, gate.approval) == (0.05, None, "required")
+    assert gate.approval_timeout_hours is None  # the question waits until someone answers
+    timed = with_gate("  gate: {approval: required, approval_timeout_hours: 24}\n")
+    assert parse_template(timed).evaluation.gate.approval_timeout_hours == 24.0
 
 
 @pytest.mark.parametrize("text, fragments", [
@@ -34,6 +38,18 @@ def test_gate_section_parses_with_defaults():
     pytest.param(with_gate("  gate: {approval: maybe}\n"),
                  ["evaluation.gate.approval", "'none' or 'required'", "maybe"],
                  id="approval-not-a-choice"),
+    pytest.param(with_gate("  gate: {approval: required, approval_timeout_hours: 0}\n"),
+                 ["evaluation.gate.approval_timeout_hours", "greater than 0"],
+                 id="timeout-zero"),
+    pytest.param(with_gate("  gate: {approval: required, approval_timeout_hours: 745}\n"),
+                 ["evaluation.gate.approval_timeout_hours", "744", "745"], id="timeout-too-long"),
+    pytest.param(with_gate("  gate: {approval: required, approval_timeout_hours: '24'}\n"),
+                 ["evaluation.gate.approval_timeout_hours", "valid number", "'24'"],
+                 id="timeout-a-string"),
+    pytest.param(with_gate("  gate: {approval_timeout_hours: 24}\n"),
+                 ["evaluation.gate.approval_timeout_hours=24 is set",
+                  "evaluation.gate.approval is 'none'", "set approval: required"],
+                 id="timeout-without-approval"),
     pytest.param(with_gate("  gate: {alpha: 0.05}\n").replace(MARGIN, ""),
                  ["promotion_margin is not", "no gate runs"], id="gate-without-margin"),
     # The gate's budget counts: 2**63 - 100 + 200 episodes pass int64, as seeds of the failures

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from arf_trainer.errors import EvaluationError
+from arf_trainer.errors import EvaluationError, RegistryError
 from arf_trainer.stats import alpha_spending, sign_test_p, wilson_interval
 
 CHAMPION = "champion"
@@ -222,7 +222,8 @@ def move_champion(client: Any, name: str, version: str, compared: str | None) ->
     champion moved by hand during the gate's rollouts). The old one keeps `previous-champion`.
 
     Returns None when `version` is the champion afterwards (idempotent: a retry moves nothing),
-    else the champion found in place, which is left as it is. MLflow has no atomic alias
+    else the champion found in place, which is left as it is. Raises RegistryError, moving
+    nothing, when `version` no longer exists. MLflow has no atomic alias
     compare-and-set, so the check is made just before the move: what is left is a window of
     milliseconds between two moves, not the minutes of a gate's rollouts."""
     current = champion_version(client, name)
@@ -230,10 +231,26 @@ def move_champion(client: Any, name: str, version: str, compared: str | None) ->
         return None
     if current != compared:
         return current
+    _require_version(client, name, str(version))
     if current is not None:
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, current)
     client.set_registered_model_alias(name, CHAMPION, str(version))
     return None
+
+
+def _require_version(client: Any, name: str, version: str) -> None:
+    """Checked before any alias moves: previous-champion set over the champion and then a
+    champion move that fails (the candidate deleted meanwhile) would lose the version a
+    rollback goes back to."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise RegistryError(f"models:/{name}/{version} no longer exists (deleted since it was "
+                                "evaluated): no alias moved") from exc
+        raise
 
 
 def apply(client: Any, name: str, candidate_version: str, decision: Decision,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from kubernetes.client import ApiException
 
+from arf_training.backends.evaluate_each import evaluate_each
 from arf_training.backends.kubernetes import (
     ON_FINISH_ACTION,
     XCOM_RESULT_PATH,
@@ -237,7 +238,8 @@ def elapsed_s(context: Any) -> float | None:
 
 class EvaluatePod(ArfPodOperator):
     """Evaluates each model version named by the triggering Asset events (or params), one Pod
-    per version, and returns the list of their results (as `LocalEvaluateOperator` does).
+    per version, and returns the list of their results (as `LocalEvaluateOperator` does); a
+    failed version does not stop the others (`arf_training.backends.evaluate_each`).
 
     One version (the usual case: one Asset event, or a manual run) waits in the triggerer.
     Several versions in one run are evaluated one after the other on the worker (a deferred
@@ -276,17 +278,17 @@ class EvaluatePod(ArfPodOperator):
 
     def execute(self, context: Any) -> list[Any]:
         targets = self.targets(context)
-        results = []
-        for target in targets:
-            self.log.info("evaluating %s version %s (from %s)", target["model_name"],
-                          target["model_version"], target["source"])
+
+        def evaluate(target: dict[str, str]) -> Any:
             self._use(self.render_pod(context, target))
             if len(targets) == 1 and self.deferrable:
                 self.execute_async(context)  # defers: trigger_reentry returns the result
             result = self._run(context, self.execute_sync)
-            results.append(self._expect_result(result, f"evaluation of {target['model_name']} "
-                                                       f"version {target['model_version']}"))
-        return results
+            return self._expect_result(result, f"evaluation of {target['model_name']} "
+                                               f"version {target['model_version']}")
+
+        # One failed version must not lose the others' results (`evaluate_each`).
+        return evaluate_each(context, targets, evaluate, self.log, lambda: self._killed)
 
     def trigger_reentry(self, context: Any, event: dict[str, Any]) -> list[Any]:
         result = self._run(context, super().trigger_reentry, event)

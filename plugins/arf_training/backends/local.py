@@ -26,6 +26,7 @@ from airflow.sdk import BaseOperator
 
 from arf_training import custom_launch
 from arf_training.backends.base import Backend
+from arf_training.backends.evaluate_each import evaluate_each
 from arf_training.backends.loopback_torchrun import free_port, torchrun_command
 from arf_training.backends.memory import Ceiling, step_ceiling
 from arf_training.backends.step_tree import DRAIN_S, STEP_UMASK, StepTree, private_dir
@@ -339,7 +340,7 @@ class LocalStepOperator(BaseOperator):
 
 
 class LocalEvaluateOperator(BaseOperator):
-    """Evaluates each model version named by the triggering Asset events (or params)."""
+    """Evaluates each model version of the run as its template (not the run's conf) says."""
 
     ui_color = "#fdf2e0"
     operator_extra_links = STEP_LINKS
@@ -348,29 +349,23 @@ class LocalEvaluateOperator(BaseOperator):
         super().__init__(**kwargs)
         self.templates = templates
         self._runner: LocalStepRunner | None = None
+        self._killed = False
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
-        with task_log(context, self.log) as log:
-            return self._evaluate(context, log)
-
-    def _evaluate(self, context: Any, log: Any) -> list[dict[str, Any]]:
-        settings = ArfSettings.from_env()
-        results = []
-        with fail_fast_on_bad_input():
+        with task_log(context, self.log) as log, fail_fast_on_bad_input():
             targets = models_to_evaluate(context, self.templates)
-        for target in targets:
-            loaded = self.templates[target["model_name"]]
-            log.info("evaluating %s version %s (from %s)", target["model_name"],
-                     target["model_version"], target["source"])
-            # Evaluation is configured by the template, not by this run's conf.
-            spec = build_step_spec(loaded, "evaluate", run_identity(context), {}, settings,
-                                   inputs=target)
+            return evaluate_each(context, targets, lambda t: self._evaluate(context, t, log),
+                                 log, lambda: self._killed)
+
+    def _evaluate(self, context: Any, target: dict[str, str], log: Any) -> dict[str, Any]:
+        with fail_fast_on_bad_input():
+            spec = build_step_spec(self.templates[target["model_name"]], "evaluate",
+                                   run_identity(context), {}, ArfSettings.from_env(), inputs=target)
             self._runner = LocalStepRunner(log)
-            with fail_fast_on_bad_input():
-                results.append(self._runner.run(spec))
-        return results
+            return self._runner.run(spec)
 
     def on_kill(self) -> None:
+        self._killed = True
         if self._runner is not None:
             self._runner.kill()
 
