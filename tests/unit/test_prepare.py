@@ -216,6 +216,32 @@ def test_retry_reuses_the_manifest_without_querying(tmp_path: Path, hub: Path) -
         run_prepare(step_env(workspace, hub))
 
 
+def test_a_prepared_folder_of_another_request_is_set_aside_not_reused(tmp_path: Path,
+                                                                        hub: Path) -> None:
+    """The same workspace (one run id) asked for other rows: a template edited between two
+    tries, or a DagRun deleted and triggered again under its run id with another conf. The
+    earlier rows were reused whatever the request; now they are kept aside and prepared anew."""
+    workspace = tmp_path / "ws"
+    first = run_prepare(step_env(workspace, hub))
+    other = run_prepare(step_env(workspace, hub, seed=1))
+    assert other["reused"] is False and other["fingerprint"] != first["fingerprint"]
+    kept = [p.name for p in workspace.iterdir() if p.name.startswith("prepare.request-")]
+    assert len(kept) == 1
+    aside = json.loads((workspace / kept[0] / "manifest.json").read_text())
+    assert aside["fingerprint"] == first["fingerprint"]
+    narrower = {"query": "SELECT * FROM reach_demos WHERE success AND episode < 6"}
+    third = run_prepare(step_env(workspace, hub, seed=1, dataset=narrower))
+    assert third["reused"] is False and third["rows"] < other["rows"]
+    assert run_prepare(step_env(workspace, hub, seed=1, dataset=narrower))["reused"] is True
+
+    # A manifest written before requests were recorded is reused as it was.
+    manifest_path = workspace / "prepare" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["request_sha256"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert run_prepare(step_env(workspace, hub, seed=5))["reused"] is True
+
+
 def test_pinned_version_and_globs(tmp_path: Path, hub: Path) -> None:
     local_hub = tmp_path / "hub"
     shutil.copytree(hub, local_hub)

@@ -97,7 +97,7 @@ from arf_trainer.datahub.dataset_query import (
     resolve_query,
 )
 from arf_trainer.datahub.decode import Decoders
-from arf_trainer.datahub.prepare_result import step_result
+from arf_trainer.datahub.prepare_result import REQUEST_KEY, request_sha256, step_result
 from arf_trainer.datahub.shards import ShardWriter, describe_column, layout, sha256_file
 from arf_trainer.datahub.split import ExactSample, GroupSplit
 from arf_trainer.datahub.stream import QuerySource
@@ -130,6 +130,19 @@ def _verify(prepared: Path, manifest: dict[str, Any]) -> None:
                     f"{prepared / MANIFEST_NAME}; the workspace was modified after prepare "
                     f"finished. Delete {prepared} and retry the prepare task to rebuild it"
                 )
+
+
+def _set_aside(prepared: Path, request: str) -> None:
+    """Move a prepared folder that answers another request out of the way, kept (its rows may
+    be what an earlier model trained on) but never reused."""
+    aside = prepared.with_name(f"{PREPARE_DIR}.request-{request[:12]}")
+    if aside.exists():
+        aside = aside.with_name(f"{aside.name}-{uuid.uuid4().hex[:8]}")
+    os.rename(prepared, aside)
+    log.warning("%s was prepared for another request (the dataset section, query, seed, data "
+                "interval or site differ: the template changed, or this run id was used by an "
+                "earlier DagRun); it is kept as %s and the data is prepared again. Delete %s "
+                "once nothing needs it", prepared, aside, aside)
 
 
 def _tables_text(versions: dict[str, int]) -> str:
@@ -274,9 +287,8 @@ def _replay(old: QuerySource, replay: dict[str, Any], new_rows: int, available: 
             "rows_requested": wanted, "rows": rows, "tables": old.versions}
 
 
-def _build(env: StepEnv, root: Path, spill: Path) -> dict[str, Any]:
+def _build(env: StepEnv, root: Path, spill: Path, query: str, request: str) -> dict[str, Any]:
     """Query, split, write shards + manifest into `root` (a fresh folder); return the manifest."""
-    query = resolve_query(env)
     data = _streams(env, root, spill, query)
     shards = data["shards"]
     train_rows = sum(s["rows"] for s in shards["train"])
@@ -289,6 +301,7 @@ def _build(env: StepEnv, root: Path, spill: Path) -> dict[str, Any]:
             f"{dataset.get('split_by') or 'none'}); lower dataset.validation_split, or query "
             "more episodes (groups), so that some go to training")
     manifest = {
+        REQUEST_KEY: request,
         "query": query,
         "rows": train_rows + val_rows,
         "train_rows": train_rows,
@@ -323,12 +336,16 @@ def run_prepare(env: StepEnv) -> dict[str, Any]:
     prepared = env.workspace / PREPARE_DIR
     manifest_path = prepared / MANIFEST_NAME
     site = env.spec.inputs.get("site")  # set by the Airflow side's federation.site_spec
+    query = resolve_query(env)
+    request = request_sha256(env.spec, query)
     if manifest_path.is_file():
         manifest = read_json(manifest_path)
-        _verify(prepared, manifest)
-        log.info("reusing %s from an earlier try: %d rows, fingerprint %s", manifest_path,
-                 manifest["rows"], manifest["fingerprint"][:12])
-        return step_result(manifest, manifest_path, reused=True, site=site)
+        if manifest.get(REQUEST_KEY, request) == request:  # absent: an older prepare's
+            _verify(prepared, manifest)
+            log.info("reusing %s from an earlier try: %d rows, fingerprint %s", manifest_path,
+                     manifest["rows"], manifest["fingerprint"][:12])
+            return step_result(manifest, manifest_path, reused=True, site=site)
+        _set_aside(prepared, manifest[REQUEST_KEY])
 
     env.workspace.mkdir(parents=True, exist_ok=True)
     # Leftovers of tries that died mid-build; only ever complete folders are named `prepare/`.
@@ -344,7 +361,7 @@ def run_prepare(env: StepEnv) -> dict[str, Any]:
     tmp.mkdir()
     spill.mkdir()
     try:
-        manifest = _build(env, tmp, spill)
+        manifest = _build(env, tmp, spill, query, request)
         try:
             os.rename(tmp, prepared)
         except OSError:

@@ -1,11 +1,29 @@
 """What the prepare step returns (its XCom): the manifest's counts, tables and fingerprint, and
 for a federated site the manifest's metadata (`site_metadata`), which the federate step reads
-where the site's folder is not mounted."""
+where the site's folder is not mounted; and the request a manifest answers (`request_sha256`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+REQUEST_KEY = "request_sha256"
+
+
+def request_sha256(spec: Any, query: str) -> str:
+    """What decides a prepare's rows, hashed: the dataset section, the query that runs (the
+    trigger's override included), the seed, the run's data interval and logical date (query
+    parameters) and the federated site. A prepared folder answering another request is not
+    reused: a template edited between two tries of a task, or a DagRun deleted and triggered
+    again under the same run id with another conf, would train on the earlier request's rows."""
+    from arf_trainer.datahub.dataset_query import INTERVAL_PARAMETERS
+    from arf_trainer.tracking import sha256_json
+
+    run = spec.raw.get("run") or {}
+    return sha256_json({"dataset": spec.dataset, "query": query, "seed": spec.seed,
+                        "site": spec.inputs.get("site"),
+                        "run": {name: run.get(name) for name in INTERVAL_PARAMETERS}})
+
 
 # A federated site's prepare result carries its manifest's metadata under this key: the
 # federate step may run where the site's folder is not mounted (Kubernetes: its SuperLink pod),
