@@ -116,7 +116,12 @@ def _register(uri: str) -> None:
     zero = nn.Linear(10, 2)
     nn.init.zeros_(zero.weight)
     nn.init.zeros_(zero.bias)
-    experiment = mlflow.set_experiment("approval-e2e").experiment_id
+    from arf_training.settings import ArfSettings
+
+    # With an artifact location of the test home's: MLflow's default is ./mlruns of the checkout.
+    client = MlflowClient(uri, uri)
+    experiment = client.create_experiment("approval-e2e", artifact_location=str(
+        Path(ArfSettings.from_env().artifact_root) / "approval-e2e"))
     with mlflow.start_run(experiment_id=experiment):
         mlflow.pytorch.log_model(zero, name="zero", registered_model_name=MODEL,
                                  serialization_format="pt2", pip_requirements=["torch"],
@@ -127,7 +132,7 @@ def _register(uri: str) -> None:
                                      serialization_format="pickle", pip_requirements=["torch"],
                                      code_paths=[str(Path(__file__).with_name(
                                          "approval_policies.py"))])
-    MlflowClient(uri, uri).set_registered_model_alias(MODEL, "champion", "1")
+    client.set_registered_model_alias(MODEL, "champion", "1")
 
 
 def _evaluate_and_answer(api: Api, version: str, answer: str) -> tuple[str, dict]:
