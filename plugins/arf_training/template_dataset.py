@@ -28,7 +28,8 @@ class ImageDecode(BaseModel):
     shape: tuple[int, int, int] = Field(
         description="[H, W, C] of every decoded image: height and width in pixels (each image "
                     "must have exactly this size; nothing is resized) and channels, 1 "
-                    "(grayscale), 3 (RGB) or 4 (RGBA), which the image is converted to.")
+                    "(grayscale), 3 (RGB) or 4 (RGBA), which the image is converted to. An "
+                    "image with transparent pixels is refused unless C is 4.")
 
     @field_validator("shape", mode="before")
     @classmethod

@@ -154,6 +154,34 @@ def _sixteen_bit(frame: np.ndarray) -> bytes:
     return encode(frame[..., 0].astype(np.uint16) * 257)
 
 
+def _rgba(frame: np.ndarray, transparent_rows: int = 0) -> np.ndarray:
+    """`frame` with an alpha band: opaque, but 0 in its first `transparent_rows` rows."""
+    alpha = np.full((*frame.shape[:2], 1), 255, dtype=np.uint8)
+    alpha[:transparent_rows] = 0
+    return np.concatenate([frame, alpha], axis=-1)
+
+
+def _half_transparent(frame: np.ndarray) -> bytes:
+    return encode(_rgba(frame, SIDE // 2))
+
+
+def _one_translucent_pixel(frame: np.ndarray) -> bytes:
+    rgba = _rgba(frame)
+    rgba[3, 5, 3] = 254  # nearly opaque is not opaque: the colour beneath still shows
+    return encode(rgba)
+
+
+def _transparent_palette(frame: np.ndarray) -> bytes:
+    """A P-mode PNG of four colours whose index 0 is transparent (a tRNS entry)."""
+    indices = (frame[..., 0] % 4).astype(np.uint8)
+    indices[0, 0] = 0  # at least one transparent pixel, whatever the frame
+    image = Image.fromarray(indices, mode="P")
+    image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", transparency=0)
+    return buffer.getvalue()
+
+
 BAD_VALUES = [
     pytest.param(lambda f: None, ["a null value"], id="null"),
     pytest.param(lambda f: b"not an image", ["12 bytes that are not a PNG image",
@@ -164,6 +192,19 @@ BAD_VALUES = [
     pytest.param(_truncated, ["with a PNG signature that do not decode",
                               "do not decode as PNG"], id="truncated"),
     pytest.param(_sixteen_bit, ["not 8 bits per channel"], id="16-bit"),
+    # Alpha that a column of 3 channels would drop (the colour beneath would be trained on).
+    pytest.param(_half_transparent, [
+        "holds an RGBA image with transparent pixels (32 of 64, 50.0%, alpha below 255)",
+        "the column declares 3 channels", "Declare 4 channels to keep the alpha "
+        "(dataset.decode.image.shape [8, 8, 4])", "flatten the images onto a background",
+        "before ingest"], id="transparent-rgba"),
+    pytest.param(_one_translucent_pixel, [
+        "an RGBA image with transparent pixels (1 of 64, 1.6%", "declares 3 channels"],
+        id="one-translucent-pixel"),
+    pytest.param(_transparent_palette, [
+        "holds a P image (transparency entry) with transparent pixels",
+        "declares 3 channels", "dataset.decode.image.shape [8, 8, 4]"],
+        id="transparent-palette"),
 ]
 
 
@@ -188,6 +229,43 @@ def test_a_bad_value_fails_prepare_naming_column_and_row(
     # Complete-or-absent: nothing is written as prepared.
     assert not (tmp_path / "ws" / "prepare").exists()
     assert list((tmp_path / "ws").iterdir()) == []
+
+
+def test_opaque_rgba_pngs_decode_as_their_rgb_version(tmp_path: Path) -> None:
+    # RGBA with alpha 255 everywhere (as screenshots are often saved) loses nothing in RGB.
+    _, frames = frames_table()
+    table, _ = frames_table([encode(_rgba(f)) for f in frames])
+    rows = _shard_rows(_prepare(tmp_path, table))
+    position = rows["episode"].to_numpy() * STEPS + rows["step"].to_numpy()
+    stored = np.asarray(rows["image"].to_pylist(), dtype=np.uint8)
+    np.testing.assert_array_equal(stored, frames[position])
+
+
+def test_transparent_images_are_refused_in_rgb_and_keep_their_alpha_in_four_channels(
+        tmp_path: Path) -> None:
+    _, frames = frames_table()
+    images = [encode(_rgba(f, SIDE // 2)) for f in frames]
+    images[7] = _transparent_palette(frames[7])
+    table, _ = frames_table(images)
+    (tmp_path / "rgb").mkdir()
+    (tmp_path / "rgba").mkdir()
+    with pytest.raises(DecodeError, match=r"row 0 of dataset.query's result \(episode=0, "
+                                          r"step=0\) holds an RGBA image with transparent "
+                                          r"pixels") as info:
+        _prepare(tmp_path / "rgb", table)
+    assert "shape [8, 8, 4]" in str(info.value)
+
+    # The fix the message names: 4 channels keep every pixel's alpha, palette entries too.
+    decode = {"image": {"format": "png", "shape": [SIDE, SIDE, 4]}}
+    rows = _shard_rows(_prepare(tmp_path / "rgba", table, decode=decode))
+    assert rows.schema.field("image").type == image_type(SIDE, SIDE, 4)
+    position = rows["episode"].to_numpy() * STEPS + rows["step"].to_numpy()
+    stored = np.asarray(rows["image"].to_pylist(), dtype=np.uint8)
+    expected = np.stack([_rgba(frames[p], SIDE // 2) if p != 7 else
+                         np.asarray(Image.open(io.BytesIO(images[7])).convert("RGBA"))
+                         for p in position])
+    np.testing.assert_array_equal(stored, expected)
+    assert (stored[:, : SIDE // 2, :, 3] == 0).any() and (stored[..., 3] == 255).any()
 
 
 def test_a_bad_replay_value_names_the_replay_query(tmp_path: Path) -> None:

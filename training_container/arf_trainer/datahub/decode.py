@@ -13,7 +13,10 @@ What is checked, in order, each failure naming the column and how to fix it:
 2. Every value, as it streams: not null; opened by Pillow's decoder for the declared format
    only (no other of Pillow's parsers sees the bytes, and a value in another format is named
    by its signature); `img.format` is the declared one; exactly W x H pixels (nothing is
-   resized); 8 bits per channel; converted to L, RGB or RGBA for C = 1, 3 or 4. The first bad
+   resized); 8 bits per channel; for C = 1 or 3, no transparent pixel (an alpha band or a
+   transparency entry whose alpha is below 255 anywhere: the conversion would drop the alpha
+   and the policy would train on the colour beneath, which nobody saw; fully opaque alpha, as
+   in RGBA screenshots, passes); converted to L, RGB or RGBA for C = 1, 3 or 4. The first bad
    value stops prepare, naming its row (position in the query's sorted result, and its
    `order_by` key when the template declares one).
 
@@ -40,6 +43,9 @@ _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG"}
 _MODE = {1: "L", 3: "RGB", 4: "RGBA"}
 # Source modes of 8 bits per channel; 16-bit and float images (I;16, I, F) would be clipped.
 _EIGHT_BIT = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
+# Source modes with an alpha band; any other mode carries alpha only as a PNG transparency
+# entry (a transparent palette index, or a grey/RGB colour key) in `img.info`.
+_ALPHA = {"LA", "La", "PA", "RGBA", "RGBa"}
 _SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF",
                b"BM": "BMP", b"RIFF": "RIFF (WebP?)", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
 
@@ -99,6 +105,10 @@ class ImageDecoder:
                 if img.mode not in _EIGHT_BIT:
                     return (f"a {img.mode} image (not 8 bits per channel); store 8-bit "
                             "images")
+                if channels != 4 and (img.mode in _ALPHA or "transparency" in img.info):
+                    problem = self._transparent(img)
+                    if problem:
+                        return problem
                 pixels = np.asarray(img.convert(_MODE[channels]))
         except UnidentifiedImageError:
             return _not_the_format(data, expected)
@@ -106,6 +116,27 @@ class ImageDecoder:
             return f"{len(data)} bytes that do not decode as {expected} ({exc})"
         out[...] = pixels.reshape(height, width, channels)
         return None
+
+    def _transparent(self, img: Any) -> str | None:
+        """Why `img` (which carries alpha) cannot go into this column of 1 or 3 channels, or
+        None when its alpha is 255 everywhere (then converting it loses nothing)."""
+        kind = f"{'an' if img.mode[0] in 'LR' else 'a'} {img.mode} image"
+        if img.mode in _ALPHA:
+            alpha = np.asarray(img.getchannel("A"))
+        else:  # a transparency entry: Pillow's RGBA conversion applies it
+            alpha = np.asarray(img.convert("RGBA").getchannel("A"))
+            kind += " (transparency entry)"
+        count = int(np.count_nonzero(alpha != 255))
+        if not count:
+            return None
+        height, width, channels = self.shape
+        share = count / alpha.size
+        return (f"{kind} with transparent pixels ({count} of {alpha.size}, {share:.1%}, alpha "
+                f"below 255) while the column declares {channels} "
+                f"channel{'s' if channels > 1 else ''}: converting would drop the alpha and "
+                "keep the colour beneath each transparent pixel. Declare 4 channels to keep "
+                f"the alpha ({self.field}.shape [{height}, {width}, 4]), or flatten the images "
+                "onto a background (composite them) before ingest")
 
 
 def _levels(arrow_type: pa.DataType) -> list[pa.DataType]:

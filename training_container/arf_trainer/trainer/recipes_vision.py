@@ -135,7 +135,8 @@ def _frame_column(features: Sequence[str], shapes: Mapping[str, Sequence[int]]) 
             name, shape = other[0], described[other[0]]
             fix = (f"column {name!r} holds {shape} per row ({shape[-1]} channels): store "
                    f"RGB frames, e.g. dataset.decode.{name} with shape {[*shape[:2], 3]} "
-                   "(prepare converts grayscale and RGBA images to RGB)")
+                   "(prepare converts grayscale and opaque RGBA images to RGB; images with "
+                   "transparent pixels need compositing onto a background first)")
         raise DataMismatchError(
             f"recipe 'bc_pixels' needs exactly one feature column of RGB frames (uint8 "
             f"[H, W, 3], e.g. the reach_pixels table's image); dataset.features resolved to "
