@@ -187,10 +187,16 @@ def _ids(context: Any) -> tuple[str, str]:
     return context["ti"].dag_id, context["dag_run"].run_id
 
 
+RUN_AFTER_ATTR = "arf.dag_run_after"
+
+
 def create_study(loaded: "LoadedTemplate", context: Any) -> dict[str, Any]:
     """Create (or, on a retry, find) this DAG run's study."""
     dag_id, run_id = _ids(context)
     study = open_study(loaded.template, dag_id, run_id, create=True)
+    run_after = getattr(context["dag_run"], "run_after", None)
+    if run_after is not None:
+        study = _own_study(loaded.template, study, (dag_id, run_id), run_after.isoformat())
     hpo = loaded.template.hpo
     study.set_user_attr("arf.template", loaded.name)
     study.set_user_attr("arf.template_sha256", loaded.sha256)
@@ -199,6 +205,33 @@ def create_study(loaded: "LoadedTemplate", context: Any) -> dict[str, Any]:
              study.study_name, hpo.trials, hpo.rounds, hpo.parallel, hpo.sampler, hpo.pruner,
              hpo.metric, hpo.direction)
     return {"study": study.study_name, "trials": hpo.trials, "rounds": hpo.rounds}
+
+
+def _own_study(template: "TrainingTemplate", study: "optuna.Study", ids: tuple[str, str],
+               run_after: str) -> "optuna.Study":
+    """`study`, unless another DagRun of the run id (deleted, then triggered again) made it:
+    then that one is kept as ``<name> (DagRun <its run_after>)`` and this run gets a new one
+    (its trials would count towards this run's budget). One without the attribute predates it
+    and is adopted (arf_trainer.dag_run_dir has the why)."""
+    import optuna
+
+    theirs = study.user_attrs.get(RUN_AFTER_ATTR)
+    if theirs is None:
+        study.set_user_attr(RUN_AFTER_ATTR, run_after)
+        return study
+    if theirs == run_after:
+        return study
+    name, storage = study.study_name, _storage(storage_url(ArfSettings.from_env()))
+    kept = f"{name} (DagRun {theirs})"
+    optuna.copy_study(from_study_name=name, from_storage=storage, to_storage=storage,
+                      to_study_name=kept)
+    optuna.delete_study(study_name=name, storage=storage)
+    log.warning("study %r belonged to another DagRun of this run id (run_after %s; this one's "
+                "is %s): kept as %r, and this run starts a new study", name, theirs, run_after,
+                kept)
+    fresh = open_study(template, *ids, create=True)
+    fresh.set_user_attr(RUN_AFTER_ATTR, run_after)
+    return fresh
 
 
 def _round_trials(study: "optuna.Study", round_index: int) -> list["optuna.trial.FrozenTrial"]:

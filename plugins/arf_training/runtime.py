@@ -123,6 +123,7 @@ def run_identity(context: Any) -> RunIdentity:
         logical_date=iso("logical_date"),
         data_interval_start=iso("data_interval_start"),
         data_interval_end=iso("data_interval_end"),
+        run_after=iso("run_after"),
     )
 
 

@@ -37,6 +37,9 @@ class RunIdentity:
     data_interval_start: str | None = None
     """ISO 8601 with zone; None for a run without a data interval (some manual runs)."""
     data_interval_end: str | None = None
+    run_after: str | None = None
+    """When the DagRun was created to run (ISO 8601): with the run id, it names one DagRun (a
+    run deleted and triggered again under its id has another; arf_trainer.dag_run_dir)."""
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,8 @@ def build_step_spec(
                 "try_number": run.try_number, "logical_date": run.logical_date,
                 # Bound to the dataset query's $data_interval_start/... by the prepare step.
                 "data_interval_start": run.data_interval_start,
-                "data_interval_end": run.data_interval_end},
+                "data_interval_end": run.data_interval_end,
+                "run_after": run.run_after},
         "inputs": inputs,
         "code_version": code_version(),
     }
@@ -177,6 +181,7 @@ def build_step_spec(
     env = {
         "ARF_STEP": step,
         "ARF_WORKSPACE": str(workspace),
+        "ARF_DAG_RUN_DIR": str(workspace),  # the folder a site's or trial's step claims too
         "ARF_RESULT_PATH": str(result_path),
         "ARF_TRACKING_URI": settings.tracking_uri,
         "ARF_ARTIFACT_ROOT": settings.artifact_root,

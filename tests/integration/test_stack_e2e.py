@@ -1,6 +1,7 @@
 """`arf up` for real, in a home of its own on free ports: nothing listens beyond loopback, status
 and a second `arf up`, a SIGKILLed scheduler during `train` (restarted, the run succeeds, one
-model version), 16 simultaneous REST triggers (16 runs, 16 successes), `arf down` stops all.
+model version), a run deleted and triggered again under its id (a new model), 16 simultaneous
+REST triggers (16 runs, 16 successes), `arf down` stops all.
 
 One stack for the module (a start takes about a minute on 2 cores); its data hub is the
 session's seeded one, everything else (metadata DB, MLflow store, logs) is its own.
@@ -171,6 +172,31 @@ def test_a_sigkilled_scheduler_is_restarted_and_the_run_finishes_once(stack):
     assert len(_versions_of_run(stack, run_id)) == 1
     # The steps tracked through the MLflow server of `arf up`, not straight into its store.
     assert "POST /api/2.0/mlflow/runs/create" in (stack.home / "run" / "mlflow.log").read_text()
+
+
+def test_a_run_deleted_and_triggered_again_under_its_id_starts_afresh(stack):
+    """A CI system's chosen run id, its run deleted and triggered again: a new DagRun, which
+    must not take the deleted one's prepared rows, checkpoints, MLflow run or model version for
+    its own (arf_trainer.dag_run_dir); the deleted run's files are kept aside."""
+    _poll("digits_smoke to be parsed", lambda: stack.api("GET", "/dags/digits_smoke"), 300)
+    run_id = "ci-build-42"
+
+    def run_once() -> None:
+        stack.api("POST", "/dags/digits_smoke/dagRuns",
+                  {"dag_run_id": run_id, "logical_date": None, "conf": {"epochs": 1}})
+        _poll(f"run {run_id}", lambda: stack.api(
+            "GET", f"/dags/digits_smoke/dagRuns/{run_id}")["state"] == "success", 600)
+
+    run_once()
+    [first] = _versions_of_run(stack, run_id)
+    stack.api("DELETE", f"/dags/digits_smoke/dagRuns/{run_id}")
+    run_once()
+    versions = _versions_of_run(stack, run_id)
+    assert len(versions) == 2 and len({v.run_id for v in versions}) == 2, versions
+    [aside] = stack.home.rglob(f"{run_id}%dagrun-*")
+    assert (aside / "train" / "result.json").exists()
+    assert json.loads((aside / "register" / "result.json").read_text())["model_version"] \
+        == str(first.version)
 
 
 def test_sixteen_simultaneous_triggers_all_run_and_succeed(stack):

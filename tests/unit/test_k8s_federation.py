@@ -119,6 +119,7 @@ def test_site_prepare_pods_see_only_their_own_claim_hub_and_site():
         assert env["ARF_DATAHUB_URI"] == f"/site/sites/{site}/datahub"
         assert env["ARF_WORKSPACE"] == "/site/reach_bc_federated/manual__placeholder"
         assert env["ARF_DATA_DIR"].startswith(env["ARF_WORKSPACE"] + "/")
+        assert env["ARF_DAG_RUN_DIR"] == env["ARF_WORKSPACE"]  # claimed on the site's volume
         job = json.loads(env["ARF_JOB_SPEC_JSON"])
         assert [s["name"] for s in job["template"]["federated"]["sites"]] == [site]
         others = [s for s in SITES if s != site]

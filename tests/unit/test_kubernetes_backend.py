@@ -10,6 +10,7 @@ API boundary (`fake_k8s`) and the task context.
 from __future__ import annotations
 
 import collections
+import datetime
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,6 +46,7 @@ ALL_SHIPPED = list(map(load_template, template_files(REPO / "config_templates"))
 SHIPPED = [t for t in ALL_SHIPPED if t.template.federated is None]
 NAMESPACE = "arf-ml"
 RUN_ID = "manual__2026-01-02T03:04:05+00:00"
+RUN_AFTER = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
 XCOM_RESULT = "/airflow/xcom/return.json"
 STEP_OF = {"prepare_data": "prepare", "train": "train", "register_model": "register"}
 
@@ -90,7 +92,8 @@ def context(dag, task_id: str, *, conf: dict | None = None, params: dict | None 
     """The parts of an Airflow task context the operators and the provider read."""
     ti = SimpleNamespace(dag_id=dag.dag_id, task_id=task_id, try_number=try_number, map_index=-1)
     return {"ti": ti, "dag": dag, "run_id": RUN_ID, "params": params or {},
-            "dag_run": SimpleNamespace(run_id=RUN_ID, conf=conf or {}, logical_date=None),
+            "dag_run": SimpleNamespace(run_id=RUN_ID, conf=conf or {}, logical_date=None,
+                                       run_after=RUN_AFTER),
             "triggering_asset_events": events or {},
             "outlet_events": collections.defaultdict(SimpleNamespace)}
 
@@ -220,7 +223,10 @@ def test_run_time_manifest_is_valid(k8s_dags, loaded, task_id, pytorchjob_schema
     assert job_spec["step"] == STEP_OF[task_id] and job_spec["seed"] == 7
     assert job_spec["run"] == {"dag_id": loaded.name, "run_id": RUN_ID, "task_id": task_id,
                                "try_number": 3, "logical_date": None,
-                               "data_interval_start": None, "data_interval_end": None}
+                               "data_interval_start": None, "data_interval_end": None,
+                               "run_after": RUN_AFTER.isoformat()}
+    # The step claims the run's folder on the workspace volume (arf_trainer.dag_run_dir).
+    assert env["ARF_DAG_RUN_DIR"] == env["ARF_WORKSPACE"]
     workspace = env["ARF_WORKSPACE"]
     assert workspace.startswith("/workspace/" + loaded.name + "/")
     if task_id == "train" and (_custom(loaded) or _world_size(loaded) > 1):

@@ -41,6 +41,19 @@ def _run_step(step: str) -> None:
         _dispatch(step)
 
 
+def claim_run_dir(env: "StepEnv") -> None:
+    """The run's folder made this DagRun's (on Kubernetes only the step sees it; the local
+    backend has claimed it already): arf_trainer.dag_run_dir."""
+    from pathlib import Path
+
+    from arf_trainer.dag_run_dir import DIR_ENV, claim
+
+    folder = os.environ.get(DIR_ENV)
+    if folder:
+        run = env.spec.run
+        claim(Path(folder), run.run_after, dag_id=run.dag_id, run_id=run.run_id)
+
+
 def _dispatch(step: str) -> None:
     fresh = "pyarrow" not in sys.modules  # this process is the step's own, not a caller's
     if step == "prepare" and fresh:
@@ -52,6 +65,7 @@ def _dispatch(step: str) -> None:
     from arf_trainer.spec import StepEnv, write_json_atomic
 
     env = StepEnv.from_environ()
+    claim_run_dir(env)
     if step == "prepare" and fresh:  # process-wide: never resized under an in-process caller
         _arrow_threads(env)
     if env.spec.step != step:
@@ -184,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             from arf_trainer.custom_setup import run_custom_setup
             from arf_trainer.spec import StepEnv
 
-            run_custom_setup(StepEnv.from_environ())
+            env = StepEnv.from_environ()
+            claim_run_dir(env)
+            run_custom_setup(env)
         elif args.command == "lineage":
             import json
             import os

@@ -69,8 +69,7 @@ def lineage_tags(env: StepEnv) -> dict[str, str]:
     return {
         "arf.template": spec.name,
         "arf.template_sha256": spec.template_sha256,
-        "arf.dag_id": spec.run.dag_id,
-        "arf.dag_run_id": spec.run.run_id,
+        **tracking.dag_run_tags(spec.run),
         "arf.conf": tracking.canonical_json(spec.conf),
         "arf.data_fingerprint": str(manifest.get("fingerprint", "")),
         "arf.data_tables": tracking.canonical_json(tables),

@@ -48,6 +48,7 @@ from arf_trainer.evaluator_checks import (SEEDS_TAG, check_version, read_setting
                                           verify_weights)
 from arf_trainer.evaluator_checks import model_ref
 from arf_trainer.spec import StepEnv
+from arf_trainer import tracking
 from arf_trainer.tracking import get_or_create_experiment
 
 log = logging.getLogger(__name__)
@@ -164,10 +165,13 @@ def _previous_run(client: Any, experiment_id: str,
                      f"tags.`arf.model_version` = '{tags['arf.model_version']}'")
     # The DAG run id is free text (quotes would need escaping in the filter grammar): match it
     # here instead.
+    run_after = tags.get(tracking.RUN_AFTER_TAG)
     mine = [run for run in client.search_runs([experiment_id], filter_string=filter_string,
                                               order_by=["attributes.start_time DESC"])
             if run.data.tags.get("arf.dag_id") == tags["arf.dag_id"]
-            and run.data.tags.get("arf.dag_run_id") == tags["arf.dag_run_id"]]
+            and run.data.tags.get("arf.dag_run_id") == tags["arf.dag_run_id"]
+            # Not a deleted DagRun's of the same run id (one without the tag predates it).
+            and run.data.tags.get(tracking.RUN_AFTER_TAG, run_after) == run_after]
     # A run without the interval metrics predates them: evaluate again rather than guess.
     finished = [run for run in mine
                 if run.info.status == "FINISHED" and set(FIGURES) <= run.data.metrics.keys()]
@@ -282,8 +286,7 @@ def run_evaluate(env: StepEnv) -> dict[str, Any]:
     tags = {
         "arf.model_name": name,
         "arf.model_version": version,
-        "arf.dag_id": env.spec.run.dag_id,
-        "arf.dag_run_id": env.spec.run.run_id,
+        **tracking.dag_run_tags(env.spec.run),
         "arf.template": env.spec.name,
         "arf.environment": environment,
     }

@@ -62,6 +62,8 @@ class RunIdentity:
     run_id: str
     task_id: str
     try_number: int
+    run_after: str | None = None
+    """With the run id, names one DagRun (absent in a job spec from before it was recorded)."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ class JobSpec:
                     run_id=_field(run, "run_id", str, "run."),
                     task_id=_field(run, "task_id", str, "run."),
                     try_number=try_number,
+                    run_after=_field(run, "run_after", str, "run.", default=None),
                 ),
                 inputs=_field(raw, "inputs", dict, default={}),
                 code_version=_field(raw, "code_version", dict, default={}),

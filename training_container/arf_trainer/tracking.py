@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 DAG_RUN_TAG = "arf.dag_run"
+# Which DagRun of the run id (arf_trainer.dag_run_dir): a run deleted and triggered again under
+# its id has another run_after, and must not continue the deleted one's MLflow run.
+RUN_AFTER_TAG = "arf.dag_run_after"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 
 # A training job must not phone home. MLflow reads this when it is first imported, so it is set
@@ -38,6 +41,14 @@ def canonical_json(value: Any) -> str:
 
 def sha256_json(value: Any) -> str:
     return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+def dag_run_tags(run: Any) -> dict[str, str]:
+    """The tags naming the DagRun of `run` (a job spec's `RunIdentity`)."""
+    tags = {"arf.dag_id": run.dag_id, "arf.dag_run_id": run.run_id}
+    if getattr(run, "run_after", None):
+        tags[RUN_AFTER_TAG] = run.run_after
+    return tags
 
 
 def dag_run_key(dag_id: str, run_id: str) -> str:
@@ -144,6 +155,27 @@ def find_run_by_tag(client: "MlflowClient", experiment_id: str, key: str, value:
     return runs[0].info.run_id if runs else None
 
 
+def find_own_run(client: "MlflowClient", experiment_id: str, key: str,
+                 run_after: str | None) -> str | None:
+    """The oldest run with the key `key` that this DagRun (`run_after`) may continue.
+
+    A run keyed so by another DagRun of the run id (deleted, then triggered again) is retired:
+    its key becomes ``<key> (DagRun <its run_after>)``, where it stays with all it recorded,
+    and the search goes on. A run without `RUN_AFTER_TAG` predates it and is adopted.
+    """
+    while True:
+        found = find_run_by_tag(client, experiment_id, DAG_RUN_TAG, key)
+        if found is None or not run_after:
+            return found
+        theirs = client.get_run(found).data.tags.get(RUN_AFTER_TAG)
+        if theirs is None:
+            client.set_tag(found, RUN_AFTER_TAG, run_after)
+            return found
+        if theirs == run_after:
+            return found
+        client.set_tag(found, DAG_RUN_TAG, f"{key} (DagRun {theirs})")
+
+
 def find_or_create_run(client: "MlflowClient", experiment_id: str, dag_id: str, run_id: str,
                        tags: dict[str, str], start_time: int | None = None,
                        key: str | None = None, parent_key: str | None = None
@@ -156,14 +188,16 @@ def find_or_create_run(client: "MlflowClient", experiment_id: str, dag_id: str, 
     new run under the run with that key (the study's parent run), created if needed.
     """
     key = key or dag_run_key(dag_id, run_id)
-    existing = find_run_by_tag(client, experiment_id, DAG_RUN_TAG, key)
+    run_after = tags.get(RUN_AFTER_TAG)
+    existing = find_own_run(client, experiment_id, key, run_after)
     if existing is not None:
         return existing, True
     tags = {**tags, DAG_RUN_TAG: key}
     if parent_key:
         tags[PARENT_RUN_TAG] = find_or_create_parent_run(
             client, experiment_id, parent_key,
-            {"arf.dag_id": dag_id, "arf.dag_run_id": run_id, "arf.hpo.study": parent_key})
+            {"arf.dag_id": dag_id, "arf.dag_run_id": run_id, "arf.hpo.study": parent_key,
+             **({RUN_AFTER_TAG: run_after} if run_after else {})})
     mine = client.create_run(experiment_id, start_time=start_time, run_name=key,
                              tags=tags).info.run_id
     # Two processes may both have found none and created one: all settle on the oldest.
@@ -181,7 +215,7 @@ def find_or_create_parent_run(client: "MlflowClient", experiment_id: str, key: s
     Trials running side by side may both create it: each then settles on the oldest run with
     the key and deletes its own duplicate, so every trial nests under the same parent.
     """
-    existing = find_run_by_tag(client, experiment_id, DAG_RUN_TAG, key)
+    existing = find_own_run(client, experiment_id, key, tags.get(RUN_AFTER_TAG))
     if existing is not None:
         return existing
     mine = client.create_run(experiment_id, run_name=key,

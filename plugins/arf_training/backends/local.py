@@ -29,7 +29,7 @@ from arf_training.backends.base import Backend
 from arf_training.backends.evaluate_each import evaluate_each
 from arf_training.backends.loopback_torchrun import free_port, torchrun_command
 from arf_training.backends.memory import Ceiling, step_ceiling
-from arf_training.backends.step_tree import DRAIN_S, STEP_UMASK, StepTree, private_dir
+from arf_training.backends.step_tree import DRAIN_S, STEP_UMASK, StepTree, step_folder
 from arf_training.errors import BAD_INPUT_EXIT, SKIP_EXIT, StepFailed, StepSkipped, StepTimeout
 from arf_training.links import STEP_LINKS
 from arf_training.runtime import (
@@ -132,12 +132,7 @@ class LocalStepRunner:
         return env
 
     def run(self, spec: StepSpec) -> dict[str, Any]:
-        private_dir(spec.workspace)  # its files may hold secrets (custom_env.sh: store URIs)
-        try_number = spec.job_spec["run"]["try_number"]
-        job_spec_path = spec.workspace / "jobspec" / f"{spec.step}-try{try_number}.json"
-        job_spec_path.parent.mkdir(parents=True, exist_ok=True)
-        job_spec_path.write_text(json.dumps(spec.job_spec, indent=2, sort_keys=True))
-        env = self.environment(spec, job_spec_path)
+        env = self.environment(spec, step_folder(spec))
         commands = self.commands(spec)
         self._grace_s = spec.grace_s
         self.log.info("step %s: world size %d, workspace %s", spec.step, spec.world_size,

@@ -18,13 +18,18 @@ snapshots; this covers the default.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from arf_training.procs import Descendants
+
+if TYPE_CHECKING:
+    from arf_training.stepspec import StepSpec
 
 # What a step creates is its user's alone (0600 files, 0700 folders), whatever the worker's
 # umask: a run's workspace holds the store URIs with the database password (custom-setup's
@@ -34,6 +39,26 @@ SNAPSHOT_EVERY_S = 1.0
 # After a leader exited: how long the rest of its output may take before what still holds the
 # stream (a leftover in the background) is killed.
 DRAIN_S = 2.0
+
+
+def step_folder(spec: "StepSpec") -> Path:
+    """The step's workspace made ready, its job spec written there (the path returned).
+
+    First the run's folder is made this DagRun's, before anything is written there (files of
+    a deleted run under the same run id are moved aside: arf_trainer.dag_run_dir); then the
+    workspace is closed to others (custom_env.sh holds store URIs).
+    """
+    from arf_trainer.dag_run_dir import DIR_ENV, claim  # stdlib only
+
+    run = spec.job_spec["run"]
+    if spec.env.get(DIR_ENV):
+        claim(Path(spec.env[DIR_ENV]), run.get("run_after"), dag_id=run["dag_id"],
+              run_id=run["run_id"])
+    private_dir(spec.workspace)
+    path = spec.workspace / "jobspec" / f"{spec.step}-try{run['try_number']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec.job_spec, indent=2, sort_keys=True))
+    return path
 
 
 def private_dir(path: Path) -> None:

@@ -118,6 +118,7 @@ def _on_site_claim(spec: StepSpec, run_root: PurePosixPath) -> StepSpec:
     local, root = str(spec.workspace), str(run_root)
     env = {k: root + v[len(local):] if v == local or v.startswith(local + "/") else v
            for k, v in spec.env.items()}
+    env["ARF_DAG_RUN_DIR"] = root  # the run's folder on the site's own claim
     return dataclasses.replace(spec, env=env, workspace=Path(root),
                                result_path=Path(env["ARF_RESULT_PATH"]))
 

@@ -105,7 +105,7 @@ def _track(env: StepEnv, record, history, per_round_bytes, sha: str, wall: float
     resolved = {"template": spec.template, "hyperparameters": spec.hyperparameters,
                 "seed": spec.seed}
     tags = {"arf.template": spec.name, "arf.template_sha256": spec.template_sha256,
-            "arf.dag_id": spec.run.dag_id, "arf.dag_run_id": spec.run.run_id,
+            **tracking.dag_run_tags(spec.run),
             "arf.data_fingerprint": fingerprint,
             "arf.data_tables": tracking.canonical_json(
                 {name: site["tables"] for name, site in record.items()}),
@@ -139,7 +139,8 @@ def _track(env: StepEnv, record, history, per_round_bytes, sha: str, wall: float
     for index, name in names.items():
         site_run, _ = tracking.find_or_create_run(
             client, experiment_id, spec.run.dag_id, spec.run.run_id,
-            {"arf.federated.site": name, "arf.data_fingerprint": record[name]["fingerprint"],
+            {**tracking.dag_run_tags(spec.run),
+             "arf.federated.site": name, "arf.data_fingerprint": record[name]["fingerprint"],
              "arf.data_tables": tracking.canonical_json(record[name]["tables"])},
             key=f"{key}/site-{name}", parent_key=key)
         site_metrics = []

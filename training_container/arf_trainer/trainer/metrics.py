@@ -54,8 +54,7 @@ def reproducibility_tags(spec: JobSpec, config_hash: str, manifest: dict[str, An
         **hpo_tags,
         "arf.template": spec.name,
         "arf.template_sha256": spec.template_sha256,
-        "arf.dag_id": spec.run.dag_id,
-        "arf.dag_run_id": spec.run.run_id,
+        **tracking.dag_run_tags(spec.run),
         "arf.dag_run": run_keys(spec)[0],
         "arf.config_hash": config_hash,
         "arf.code_version": tracking.canonical_json(code_version),
@@ -193,7 +192,7 @@ def summarize_on_parent(env: StepEnv) -> None:
                                                               env.artifact_root)
             parent = tracking.find_or_create_parent_run(
                 client, experiment_id, parent_key,
-                {"arf.dag_id": spec.run.dag_id, "arf.dag_run_id": spec.run.run_id,
+                {**tracking.dag_run_tags(spec.run),
                  "arf.hpo.study": parent_key})
             summary = hpo_mod.summarize_study(spec.template["hpo"], spec.inputs["hpo"]["study"],
                                               client, parent)
