@@ -19,7 +19,7 @@ from test_hpo import DAG_ID, hpo_template
 from trainer_testkit import fresh_tracking_uri
 
 from arf_trainer import tracking
-from arf_trainer.dag_run_dir import ASIDE, MARKER, claim, owner
+from arf_trainer.dag_run_dir import ASIDE, LOCK, MARKER, claim, owner
 
 FIRST, SECOND = "2026-12-01T10:00:00+00:00", "2026-12-05T09:30:00.123456+00:00"
 
@@ -32,7 +32,7 @@ def test_the_first_step_marks_the_folder_and_the_dag_runs_own_steps_keep_it(tmp_
     # A retry, a clear, a trial or another rank of the same DagRun: nothing moves.
     assert claim(folder, FIRST) is None
     assert (folder / "prepare").is_dir()
-    assert [p.name for p in folder.parent.iterdir()] == ["ci-1"]
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["ci-1", f"ci-1{LOCK}"]
 
 
 def test_a_folder_made_before_markers_is_adopted(tmp_path: Path):
@@ -71,26 +71,30 @@ def _claim_in_process(folder: str, run_after: str, start, out) -> None:
 
 
 def test_steps_of_one_new_dag_run_starting_together_agree(tmp_path: Path):
-    """The parallel first tasks (mapped trials, a job's pods) of a re-triggered run: one moves
-    the old folder aside, none moves a folder of their own DagRun."""
+    """The parallel first tasks (mapped trials, a job's pods) of a re-triggered run, three
+    DagRuns in turn: each time one step moves the old folder aside, and none moves the folder
+    of its own DagRun (which another step may have just made)."""
     folder = tmp_path / "ci-1"
     claim(folder, FIRST)
-    (folder / "prepare").mkdir()
     ctx = multiprocessing.get_context("spawn")
-    start, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_claim_in_process, args=(str(folder), SECOND, start, out))
-             for _ in range(4)]
-    for p in procs:
-        p.start()
-    start.set()
-    results = [out.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    assert sorted(results).count("None") == 3, results
-    assert owner(folder) == SECOND
-    assert [p.name for p in tmp_path.iterdir() if ASIDE in p.name] == [Path(
-        next(r for r in results if r != "None")).name]
+    for n, run_after in enumerate((SECOND, "2026-12-06T00:00:00+00:00",
+                                   "2026-12-07T00:00:00+00:00")):
+        (folder / f"written-by-{n}").mkdir()
+        start, out = ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_claim_in_process, args=(str(folder), run_after, start, out))
+                 for _ in range(6)]
+        for p in procs:
+            p.start()
+        start.set()
+        results = [out.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(60)
+            assert p.exitcode == 0
+        moved = [r for r in results if r != "None"]
+        assert len(moved) == 1, results
+        assert (Path(moved[0]) / f"written-by-{n}").is_dir()
+        assert owner(folder) == run_after and not list(folder.glob("written-by-*"))
+    assert len([p for p in tmp_path.iterdir() if ASIDE in p.name]) == 3
 
 
 def _run_tags(run_after: str | None) -> dict[str, str]:

@@ -18,23 +18,32 @@ by a backfill), they cannot be told apart here and the second continues the firs
 stand for the same data interval. The MLflow run (`tracking.find_or_create_run`) and the
 Optuna study of the run are told apart by the same `run_after`.
 
+Steps of one DagRun often start together (mapped trials, a job's pods, a federation's sites):
+a claim that changes anything holds a lock file beside the folder (`<run_id>%claim`, kept),
+so that one step's check and rename cannot interleave with another's; one that finds its own
+marker reads it and goes.
+
 Stdlib only: the Airflow side (local backend) calls it before it writes the job spec, and the
 step container calls it too (on Kubernetes the folder is on a volume only the pods see).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 MARKER = "dag_run.json"
 DIR_ENV = "ARF_DAG_RUN_DIR"
-ASIDE = "%dagrun-"  # `%` + lowercase never comes out of stepspec._safe: no run id's folder
-ATTEMPTS = 20
+# `%` + lowercase never comes out of stepspec._safe: no run id's folder has these names.
+ASIDE = "%dagrun-"
+LOCK = "%claim"
 
 log = logging.getLogger(__name__)
 
@@ -50,59 +59,47 @@ def owner(folder: Path) -> str | None:
 
 def claim(folder: Path, run_after: str | None, *, dag_id: str = "", run_id: str = "") -> Path | None:
     """Make `folder` the DagRun's of `run_after`; the folder another DagRun's files were moved
-    to, or None. `run_after` None (a job spec from before it was recorded) claims nothing.
-
-    Safe for several steps of one DagRun at once (mapped trials, a distributed job's pods):
-    the marker is linked in whole or not at all, and only one rename of a folder succeeds.
-    """
-    if not run_after:
+    to, or None. `run_after` None (a job spec from before it was recorded) claims nothing."""
+    if not run_after or owner(folder) == run_after:
         return None
-    moved = None
-    for _ in range(ATTEMPTS):
-        if _mark(folder, run_after, dag_id, run_id):
-            return moved
+    with _locked(folder):
         found = owner(folder)
         if found == run_after:
-            return moved
-        if found is None:
-            continue  # a marker being written, or one unreadable: look again
-        aside = _aside(folder, found)
-        try:
+            return None  # another step of this DagRun claimed it meanwhile
+        aside = None
+        if found is not None:
+            aside = _aside(folder, found)
             os.rename(folder, aside)
-        except FileNotFoundError:
-            continue  # another step of this DagRun moved it first
-        log.warning("workspace %s belonged to another DagRun of run id %r (run_after %s, this "
-                    "one's is %s: the run was deleted and triggered again); its files are kept "
-                    "in %s and this run starts afresh", folder, run_id or folder.name, found,
-                    run_after, aside)
-        moved = aside
-    raise RuntimeError(f"could not claim workspace {folder} for the DagRun with run_after "
-                       f"{run_after}: its {MARKER} kept changing or cannot be read; check the "
-                       "file (another DagRun of this run id may be running)")
+            log.warning("workspace %s belonged to another DagRun of run id %r (run_after %s, "
+                        "this one's is %s: the run was deleted and triggered again); its files "
+                        "are kept in %s and this run starts afresh", folder,
+                        run_id or folder.name, found, run_after, aside)
+        # No marker: a new folder, or one from before markers, adopted as it is.
+        _mark(folder, {"run_after": run_after, "dag_id": dag_id, "run_id": run_id})
+        return aside
 
 
-def _mark(folder: Path, run_after: str, dag_id: str, run_id: str) -> bool:
-    """Write the marker if `folder` has none (created, or adopted when it predates markers)."""
-    marker = folder / MARKER
-    if marker.exists():
-        return False
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(folder.parent / f"{folder.name}{LOCK}", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{MARKER}.")
-    except FileNotFoundError:  # the folder was moved away meanwhile
-        return False
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _mark(folder: Path, record: dict[str, str]) -> None:
+    """The marker written whole (a reader never sees half of it)."""
+    folder.mkdir(mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{MARKER}.")
     try:
         with os.fdopen(fd, "w") as out:
-            json.dump({"run_after": run_after, "dag_id": dag_id, "run_id": run_id}, out)
-        try:
-            os.link(tmp, marker)  # whole or not at all, and never over another's
-        except FileExistsError:
-            return False
-        except FileNotFoundError:  # the folder was moved away meanwhile
-            return False
+            json.dump(record, out)
+        os.replace(tmp, folder / MARKER)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return True
 
 
 def _aside(folder: Path, run_after: str) -> Path:
