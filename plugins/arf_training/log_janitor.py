@@ -49,6 +49,9 @@ from arf_training.logrotate import LogLimits
 from arf_training.supervisor import Component
 
 EVERY_S = 15 * 60.0  # as often as Airflow's log groomer
+# Where Airflow writes its logs when a user moves them. Not swept: a mistaken value would aim
+# the deletion at another folder; the janitor says so instead.
+BASE_LOG_FOLDER = "AIRFLOW__LOGGING__BASE_LOG_FOLDER"
 SETTLED_S = 5 * 60.0
 DAY_S = 24 * 3600
 # Airflow's deepest: dag_id=/run_id=/task_id=/map_index=/attempt=N.log, or dag_processor/<date>/
@@ -66,9 +69,12 @@ def component(env: dict[str, str]) -> Component:
     needs none of the stack's secrets (metadata database URI, JWT secret) that `env` adds.
     Ready once started: nothing waits for it."""
     days = LogLimits.from_env(env).retention_days
-    return Component("log-janitor", [
-        sys.executable, "-m", "arf_training.log_janitor", "--retention-days", str(days),
-        str(Path(env["AIRFLOW_HOME"]) / "logs")], dict(os.environ), ready=lambda: True)
+    root = Path(env["AIRFLOW_HOME"]) / "logs"
+    command = [sys.executable, "-m", "arf_training.log_janitor", "--retention-days", str(days)]
+    elsewhere = env.get(BASE_LOG_FOLDER)
+    if elsewhere and Path(elsewhere).resolve() != root.resolve():
+        command += ["--not-swept", elsewhere]
+    return Component("log-janitor", [*command, str(root)], dict(os.environ), ready=lambda: True)
 
 
 @dataclass
@@ -205,6 +211,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--retention-days", type=int, required=True,
                         help="delete *.log files older than this; 0 keeps them forever")
     parser.add_argument("--every-s", type=float, default=EVERY_S, help="seconds between sweeps")
+    parser.add_argument("--not-swept", type=Path, help=f"the folder {BASE_LOG_FOLDER} names, "
+                        "which this janitor leaves alone (said once at its start)")
     args = parser.parse_args(argv)
     if args.retention_days < 0:
         parser.error("--retention-days must be 0 (keep forever) or more")
@@ -225,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the handlers inside: a signal right after the first one is installed is caught too
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        if args.not_swept:
+            _say(f"WARNING: Airflow writes its logs to {args.not_swept} ({BASE_LOG_FOLDER}), "
+                 f"which this janitor does not clean: it deletes only under {args.root}, so "
+                 "that a mistaken value cannot aim it at another folder. Bound that folder "
+                 f"with your own tool, or unset {BASE_LOG_FOLDER} to keep the logs in "
+                 f"{args.root}")
         with contextlib.suppress(OSError):
             os.nice(10)  # the stack first: a sweep of a large tree is never urgent
         if args.retention_days == 0:

@@ -247,3 +247,29 @@ def test_under_the_supervisor_it_starts_ready_logs_and_stops_cleanly(tmp_path, m
 def test_a_bad_retention_is_refused_naming_the_variable(tmp_path, value):
     with pytest.raises(ArfError, match=rf"^ARF_LOG_RETENTION_DAYS='{value}' is not a number"):
         log_janitor.component({"AIRFLOW_HOME": str(tmp_path), "ARF_LOG_RETENTION_DAYS": value})
+
+
+def test_logs_moved_by_base_log_folder_are_named_not_swept(tmp_path):
+    """AIRFLOW__LOGGING__BASE_LOG_FOLDER moves Airflow's logs: the janitor says at its start that
+    it leaves that folder alone (a mistaken value must not aim deletion elsewhere)."""
+    home, moved = tmp_path / "airflow", tmp_path / "elsewhere"
+    old = _file(moved / "dag_id=d" / "attempt=1.log", OLD)
+    comp = log_janitor.component({"AIRFLOW_HOME": str(home), "ARF_LOG_RETENTION_DAYS": "5",
+                                  log_janitor.BASE_LOG_FOLDER: str(moved)})
+    assert comp.command[-5:] == ["--retention-days", "5", "--not-swept", str(moved),
+                                 str(home / "logs")]
+    same = log_janitor.component({"AIRFLOW_HOME": str(home), "ARF_LOG_RETENTION_DAYS": "5",
+                                  log_janitor.BASE_LOG_FOLDER: str(home / "logs") + "/"})
+    assert "--not-swept" not in same.command
+    out = tmp_path / "log-janitor.log"
+    proc = _start(home / "logs", out, "--retention-days", "5", "--not-swept", str(moved),
+                  "--every-s", "0.2")
+    try:
+        _wait("its first sweep", lambda: "removed 0 log files" in out.read_text(), timeout=20)
+        text = _stop(proc, out)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert old.exists()
+    assert f"Airflow writes its logs to {moved} (AIRFLOW__LOGGING__BASE_LOG_FOLDER), which " \
+           "this janitor does not clean" in text, text
