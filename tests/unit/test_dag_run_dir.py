@@ -20,6 +20,7 @@ from trainer_testkit import fresh_tracking_uri
 
 from arf_trainer import tracking
 from arf_trainer.dag_run_dir import ASIDE, LOCK, MARKER, claim, owner
+from arf_trainer.errors import WorkspaceError
 
 FIRST, SECOND = "2026-12-01T10:00:00+00:00", "2026-12-05T09:30:00.123456+00:00"
 
@@ -58,6 +59,14 @@ def test_another_dag_run_of_the_run_id_moves_the_folder_aside_whole(tmp_path: Pa
     third = claim(folder, "2026-12-06T00:00:00+00:00")
     assert third is not None and third != aside and (third / "prepare").is_dir()
     assert owner(aside) == FIRST and owner(third) == SECOND
+
+
+def test_a_folder_that_cannot_be_written_is_named_with_the_fix(tmp_path: Path):
+    (tmp_path / "not-a-folder").write_text("")
+    folder = tmp_path / "not-a-folder" / "digits_smoke" / "ci-1"
+    with pytest.raises(WorkspaceError, match=rf"cannot claim the run's workspace folder "
+                       rf"{folder} for this DagRun: .*Not a directory.*must be a writable"):
+        claim(folder, FIRST)
 
 
 def test_a_job_spec_without_run_after_claims_nothing(tmp_path: Path):

@@ -39,6 +39,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from arf_trainer.errors import WorkspaceError
+
 MARKER = "dag_run.json"
 DIR_ENV = "ARF_DAG_RUN_DIR"
 # `%` + lowercase never comes out of stepspec._safe: no run id's folder has these names.
@@ -62,6 +64,16 @@ def claim(folder: Path, run_after: str | None, *, dag_id: str = "", run_id: str 
     to, or None. `run_after` None (a job spec from before it was recorded) claims nothing."""
     if not run_after or owner(folder) == run_after:
         return None
+    try:
+        return _claim(folder, run_after, dag_id, run_id)
+    except OSError as exc:
+        raise WorkspaceError(
+            f"cannot claim the run's workspace folder {folder} for this DagRun: {exc}; the "
+            "workspace must be a writable folder (ARF_WORKSPACE_ROOT on this machine, the "
+            "workspace volume on Kubernetes)") from exc
+
+
+def _claim(folder: Path, run_after: str, dag_id: str, run_id: str) -> Path | None:
     with _locked(folder):
         found = owner(folder)
         if found == run_after:

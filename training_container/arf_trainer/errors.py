@@ -55,6 +55,10 @@ class DecodeError(DataHubError):
     size (arf_trainer.datahub.decode)."""
 
 
+class WorkspaceError(TrainerError):
+    """The run's workspace folder cannot be claimed or written (arf_trainer.dag_run_dir)."""
+
+
 class TrainingError(TrainerError):
     """Training could not run (bad hyperparameters for the recipe, empty data, ...)."""
 
