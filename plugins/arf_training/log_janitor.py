@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from arf_training import workspace_janitor
 from arf_training.logrotate import LogLimits
 from arf_training.supervisor import Component
 
@@ -74,6 +75,10 @@ def component(env: dict[str, str]) -> Component:
     elsewhere = env.get(BASE_LOG_FOLDER)
     if elsewhere and Path(elsewhere).resolve() != root.resolve():
         command += ["--not-swept", elsewhere]
+    workspace_days = workspace_janitor.retention_days(env)
+    if workspace_days:
+        command += ["--workspace-root", str(workspace_janitor.workspace_root(env)),
+                    "--workspace-retention-days", str(workspace_days)]
     return Component("log-janitor", [*command, str(root)], dict(os.environ), ready=lambda: True)
 
 
@@ -211,6 +216,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--retention-days", type=int, required=True,
                         help="delete *.log files older than this; 0 keeps them forever")
     parser.add_argument("--every-s", type=float, default=EVERY_S, help="seconds between sweeps")
+    parser.add_argument("--workspace-root", type=Path, help="also delete the run folders here "
+                        "unchanged for --workspace-retention-days (arf_training.workspace_janitor)")
+    parser.add_argument("--workspace-retention-days", type=int, default=0)
     parser.add_argument("--not-swept", type=Path, help=f"the folder {BASE_LOG_FOLDER} names, "
                         "which this janitor leaves alone (said once at its start)")
     args = parser.parse_args(argv)
@@ -218,7 +226,21 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--retention-days must be 0 (keep forever) or more")
     if not args.every_s > 0:
         parser.error("--every-s must be more than 0")
+    if args.workspace_root and args.workspace_retention_days <= 0:
+        parser.error("--workspace-root needs --workspace-retention-days of 1 or more")
     return args
+
+
+def _announce(args: argparse.Namespace) -> None:
+    if args.retention_days:
+        _say(f"every {args.every_s:g} s: deleting the *.log files under {args.root} older "
+             f"than {args.retention_days} days, then the folders left empty")
+    else:
+        _say(f"ARF_LOG_RETENTION_DAYS=0: the log files under {args.root} are kept forever")
+    if args.workspace_root:
+        _say(f"every {args.every_s:g} s: deleting the run folders under {args.workspace_root} "
+             f"in which nothing changed for {args.workspace_retention_days} days "
+             f"({workspace_janitor.RETENTION_ENV})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,17 +263,18 @@ def main(argv: list[str] | None = None) -> int:
                  f"{args.root}")
         with contextlib.suppress(OSError):
             os.nice(10)  # the stack first: a sweep of a large tree is never urgent
-        if args.retention_days == 0:
-            _say(f"ARF_LOG_RETENTION_DAYS=0: the log files under {args.root} are kept forever")
-            while True:
-                time.sleep(3600)
-        _say(f"every {args.every_s:g} s: deleting the *.log files under {args.root} older "
-             f"than {args.retention_days} days, then the folders left empty")
+        _announce(args)
         while True:
-            started = time.monotonic()
-            swept = sweep(args.root, time.time() - args.retention_days * DAY_S)
-            _say(f"{swept} in {time.monotonic() - started:.1f} s")
-            time.sleep(args.every_s)
+            if args.retention_days:
+                started = time.monotonic()
+                swept = sweep(args.root, time.time() - args.retention_days * DAY_S)
+                _say(f"{swept} in {time.monotonic() - started:.1f} s")
+            if args.workspace_root:
+                started = time.monotonic()
+                expired = workspace_janitor.sweep(
+                    args.workspace_root, time.time() - args.workspace_retention_days * DAY_S)
+                _say(f"workspace: {expired} in {time.monotonic() - started:.1f} s")
+            time.sleep(args.every_s if args.retention_days or args.workspace_root else 3600)
     except _Stopped as signame:
         _say(f"{signame} received: stopped")
         return 0

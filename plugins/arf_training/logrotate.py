@@ -95,18 +95,19 @@ def _max_bytes(text: str | None) -> int:
 
 
 def _backups(text: str | None) -> int:
-    return _whole(text, "ARF_LOG_BACKUPS", "a number of rotated logs to keep", DEFAULT_BACKUPS,
-                  1, MAX_BACKUPS)
+    return whole_setting(text, "ARF_LOG_BACKUPS", "a number of rotated logs to keep",
+                         DEFAULT_BACKUPS, 1, MAX_BACKUPS)
 
 
 def _retention_days(text: str | None) -> int:
-    return _whole(text, "ARF_LOG_RETENTION_DAYS", "a number of days to keep Airflow's log files",
-                  DEFAULT_RETENTION_DAYS, 0, MAX_RETENTION_DAYS,
-                  f" (keep them forever) to {MAX_RETENTION_DAYS}, e.g. 30")
+    return whole_setting(text, "ARF_LOG_RETENTION_DAYS",
+                         "a number of days to keep Airflow's log files", DEFAULT_RETENTION_DAYS,
+                         0, MAX_RETENTION_DAYS,
+                         f" (keep them forever) to {MAX_RETENTION_DAYS}, e.g. 30")
 
 
-def _whole(text: str | None, name: str, what: str, default: int, low: int, high: int,
-           range_text: str = "") -> int:
+def whole_setting(text: str | None, name: str, what: str, default: int, low: int, high: int,
+                  range_text: str = "") -> int:
     """`text` as a whole number from `low` to `high`; `default` if unset; else an error naming
     the variable, its value and the range."""
     if text is None or not text.strip():

@@ -74,7 +74,7 @@ def claim(folder: Path, run_after: str | None, *, dag_id: str = "", run_id: str 
 
 
 def _claim(folder: Path, run_after: str, dag_id: str, run_id: str) -> Path | None:
-    with _locked(folder):
+    with locked(folder):
         found = owner(folder)
         if found == run_after:
             return None  # another step of this DagRun claimed it meanwhile
@@ -92,7 +92,8 @@ def _claim(folder: Path, run_after: str, dag_id: str, run_id: str) -> Path | Non
 
 
 @contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
+def locked(folder: Path) -> Iterator[None]:
+    """`folder`'s claim lock held (also by the workspace janitor before it deletes one)."""
     folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(folder.parent / f"{folder.name}{LOCK}", os.O_RDWR | os.O_CREAT, 0o600)
     try:
