@@ -94,13 +94,16 @@ def _sweep_entry(entry: Path, older_than: float, expired: Expired) -> None:
     if entry.name.endswith(EXPIRED) and not entry.is_symlink():
         _remove(entry, expired)  # a sweep stopped between its rename and its removal
     elif entry.is_dir() and not entry.is_symlink() and _newest(entry) < older_than:
-        from arf_trainer.dag_run_dir import locked  # stdlib only; the steps' claim lock
+        from arf_trainer.dag_run_dir import ASIDE, locked  # stdlib only
 
-        with locked(entry):
-            if _newest(entry) >= older_than:
-                return  # a step claimed it meanwhile
-            gone = entry.with_name(entry.name + EXPIRED)
+        gone = entry.with_name(entry.name + EXPIRED)
+        if ASIDE in entry.name:  # set aside: no step claims it any more
             os.rename(entry, gone)
+        else:
+            with locked(entry):  # the steps' claim lock: a step going on keeps its folder
+                if _newest(entry) >= older_than:
+                    return  # a step claimed it meanwhile
+                os.rename(entry, gone)
         _remove(gone, expired)
 
 

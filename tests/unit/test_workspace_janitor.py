@@ -21,10 +21,12 @@ OLD = NOW - 40 * 86400
 RETENTION = NOW - 30 * 86400
 
 
-def _run(root: Path, name: str, age: float, *, fresh_file: bool = False) -> Path:
+def _run(root: Path, name: str, age: float, *, fresh_file: bool = False,
+         claimed: bool = True) -> Path:
     """A run folder with a checkpoint and a result, everything last changed at `age`."""
     folder = root / name
-    claim(folder, "2026-10-01T00:00:00+00:00")
+    if claimed:
+        claim(folder, "2026-10-01T00:00:00+00:00")
     (folder / "train" / "checkpoints").mkdir(parents=True)
     (folder / "train" / "checkpoints" / "step-10.pt").write_bytes(b"x" * 1000)
     (folder / "train" / "result.json").write_text("{}")
@@ -41,7 +43,7 @@ def _run(root: Path, name: str, age: float, *, fresh_file: bool = False) -> Path
 def test_only_run_folders_unchanged_for_the_retention_time_go(tmp_path: Path):
     root = tmp_path / "workspace"
     old = _run(root / "digits_smoke", "ci-1", OLD)
-    aside = _run(root / "digits_smoke", f"ci-1{ASIDE}20260901T000000", OLD)
+    aside = _run(root / "digits_smoke", f"ci-1{ASIDE}20260901T000000", OLD, claimed=False)
     live = _run(root / "digits_smoke", "ci-2", OLD, fresh_file=True)
     recent = _run(root / "reach_bc", "manual__1", NOW - 86400)
     expired = workspace_janitor.sweep(root, RETENTION)
@@ -51,6 +53,7 @@ def test_only_run_folders_unchanged_for_the_retention_time_go(tmp_path: Path):
     assert live.is_dir() and recent.is_dir()
     assert (root / "digits_smoke").is_dir() and root.is_dir()  # the DAG folders stay
     assert (root / "digits_smoke" / f"ci-1{LOCK}").is_file()  # locks stay (see the module)
+    assert not list((root / "digits_smoke").glob(f"*{ASIDE}*{LOCK}"))  # none made for asides
     assert "removed 2 run folders" in str(expired)
 
 
