@@ -83,25 +83,16 @@ def component(env: dict[str, str]) -> Component:
 
 
 @dataclass
-class Swept:
-    """What one sweep removed, and what it could not."""
+class Swept(workspace_janitor.Removals):
+    """What one sweep of the logs removed, and what it could not."""
 
     files: int = 0
-    bytes: int = 0
     folders: int = 0
-    failed: int = 0
-    first_error: str = ""
-
-    def fail(self, exc: OSError) -> None:
-        self.failed += 1
-        self.first_error = self.first_error or str(exc)
 
     def __str__(self) -> str:
-        text = (f"removed {self.files} log files ({self.bytes} bytes, "
-                f"{self.bytes / 1024 ** 2:.1f} MiB) and {self.folders} empty folders")
-        if self.failed:
-            text += f"; {self.failed} could not be removed, the first: {self.first_error}"
-        return text
+        return (f"removed {self.files} log files ({self.bytes} bytes, "
+                f"{self.bytes / 1024 ** 2:.1f} MiB) and {self.folders} empty folders"
+                + self.failures())
 
 
 @dataclass

@@ -52,10 +52,9 @@ def workspace_root(env: dict[str, str]) -> Path:
 
 
 @dataclass
-class Expired:
-    """What one sweep removed, and what it could not."""
+class Removals:
+    """What a sweep could not remove (its subclasses count what it did), for its log line."""
 
-    runs: int = 0
     bytes: int = 0
     failed: int = 0
     first_error: str = ""
@@ -64,12 +63,20 @@ class Expired:
         self.failed += 1
         self.first_error = self.first_error or str(exc)
 
+    def failures(self) -> str:
+        return (f"; {self.failed} could not be removed, the first: {self.first_error}"
+                if self.failed else "")
+
+
+@dataclass
+class Expired(Removals):
+    """What one workspace sweep removed, and what it could not."""
+
+    runs: int = 0
+
     def __str__(self) -> str:
-        text = (f"removed {self.runs} run folders unchanged for the retention time "
-                f"({self.bytes / 1024 ** 2:.1f} MiB)")
-        if self.failed:
-            text += f"; {self.failed} could not be removed, the first: {self.first_error}"
-        return text
+        return (f"removed {self.runs} run folders unchanged for the retention time "
+                f"({self.bytes / 1024 ** 2:.1f} MiB)" + self.failures())
 
 
 def sweep(root: Path, older_than: float, *,
