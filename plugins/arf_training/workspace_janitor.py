@@ -17,8 +17,9 @@ sweeps the workspace root, as often as it sweeps the logs:
    later) starts that task's work afresh, with the same result from the same data. The claim
    locks (`<run_id>%claim`, empty files) stay: deleting a lock file that a step may be opening
    would let two steps hold "the" lock.
-2. Never half a run and never a live one: the folder is taken under its claim lock (a step that
-   claims it waits), its age checked again, then renamed to `<name>%expired` (nothing writes
+2. Never half a run and never a live one: the folder is taken under its claim lock, held
+   exclusively (a step's claim, which touches the folder's marker under the lock, waits or has
+   made it fresh), its age checked again, then renamed to `<name>%expired` (nothing writes
    into a run folder under that name) and deleted with `shutil.rmtree`, which follows no link
    and removes the link itself only. A link where a run or DAG folder belongs is left alone. An
    `%expired` folder left by a sweep that was stopped goes on the next one.

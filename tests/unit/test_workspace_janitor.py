@@ -134,3 +134,13 @@ def test_the_stacks_janitor_sweeps_the_workspace_only_when_asked(tmp_path: Path)
     text = out.read_text()
     assert "in which nothing changed for 30 days (ARF_WORKSPACE_RETENTION_DAYS)" in text, text
     assert "workspace: removed 1 run folders" in text, text
+
+
+def test_a_step_that_claims_an_old_folder_makes_it_fresh(tmp_path: Path):
+    """A DagRun that goes on after the retention time (a task cleared weeks later): its step's
+    claim finds the folder its own and touches the marker under the lock, so the janitor, which
+    checks the age under the same lock, keeps it."""
+    root = tmp_path / "workspace"
+    run = _run(root / "digits_smoke", "ci-1", OLD)
+    assert claim(run, "2026-10-01T00:00:00+00:00") is None  # the fast path: its own folder
+    assert workspace_janitor.sweep(root, RETENTION).runs == 0 and run.is_dir()

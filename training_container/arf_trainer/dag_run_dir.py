@@ -19,9 +19,10 @@ stand for the same data interval. The MLflow run (`tracking.find_or_create_run`)
 Optuna study of the run are told apart by the same `run_after`.
 
 Steps of one DagRun often start together (mapped trials, a job's pods, a federation's sites):
-a claim that changes anything holds a lock file beside the folder (`<run_id>%claim`, kept),
-so that one step's check and rename cannot interleave with another's; one that finds its own
-marker reads it and goes.
+a claim that changes anything holds a lock file beside the folder (`<run_id>%claim`, kept)
+exclusively, so that one step's check and rename cannot interleave with another's; one that
+finds its own marker holds it shared while it reads the marker and touches it (the workspace
+janitor, which deletes folders nothing changed in for days, takes it exclusively).
 
 Stdlib only: the Airflow side (local backend) calls it before it writes the job spec, and the
 step container calls it too (on Kubernetes the folder is on a volume only the pods see).
@@ -62,9 +63,15 @@ def owner(folder: Path) -> str | None:
 def claim(folder: Path, run_after: str | None, *, dag_id: str = "", run_id: str = "") -> Path | None:
     """Make `folder` the DagRun's of `run_after`; the folder another DagRun's files were moved
     to, or None. `run_after` None (a job spec from before it was recorded) claims nothing."""
-    if not run_after or owner(folder) == run_after:
+    if not run_after:
         return None
     try:
+        with locked(folder, shared=True):  # steps of one DagRun share it; a change waits
+            if owner(folder) == run_after:
+                # Fresh from now on: the workspace janitor, which checks the age under the
+                # exclusive lock, keeps a folder a step has just claimed.
+                os.utime(folder / MARKER)
+                return None
         return _claim(folder, run_after, dag_id, run_id)
     except OSError as exc:
         raise WorkspaceError(
@@ -92,12 +99,13 @@ def _claim(folder: Path, run_after: str, dag_id: str, run_id: str) -> Path | Non
 
 
 @contextlib.contextmanager
-def locked(folder: Path) -> Iterator[None]:
-    """`folder`'s claim lock held (also by the workspace janitor before it deletes one)."""
+def locked(folder: Path, *, shared: bool = False) -> Iterator[None]:
+    """`folder`'s claim lock held: shared by steps that find the folder theirs, exclusive to
+    change it (a claim that marks or moves it, the workspace janitor before it deletes it)."""
     folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(folder.parent / f"{folder.name}{LOCK}", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock
