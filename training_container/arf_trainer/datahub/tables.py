@@ -200,7 +200,7 @@ def open_table(hub: Path, name: str, version: int | None = None) -> TableSnapsho
             f"{_format_versions(versions)} (latest {versions[-1] if versions else 'none'}). "
             f"Pin one of those in dataset.tables, or drop the pin to read the latest"
         ) from exc
-    dataset = _scan(table)
+    dataset = _scan(table, local_filesystem(path))
     _check_files_exist(path, name, table, dataset)
     return TableSnapshot(
         name=name,
@@ -226,7 +226,21 @@ def _check_files_exist(path: Path, name: str, table: DeltaTable, dataset: pads.D
     )
 
 
-def _scan(table: DeltaTable, filesystem: pafs.FileSystem | None = None) -> pads.Dataset:
+def local_filesystem(path: Path) -> pafs.FileSystem:
+    """The table folder `path` as Arrow's own filesystem, which every scan reads through.
+
+    Not delta-rs's default, a Python filesystem handler: its reads hand Arrow Python `bytes`,
+    and a scan's read-ahead ends on Arrow's worker threads after the scan has returned. The
+    last such buffer freed there needs the GIL; once the interpreter is finalizing, taking it
+    exits the thread mid-destructor and the process aborts ("terminate called without an
+    active exception", SIGABRT after the step's work was done: 5 % of two-process evaluate
+    runs here, `bench/datahub_exit_abort.py`). Arrow's own reads are native buffers, and need
+    no Python at all (so no GIL either while DuckDB scans).
+    """
+    return pafs.SubTreeFileSystem(str(Path(path).resolve()), pafs.LocalFileSystem())
+
+
+def _scan(table: DeltaTable, filesystem: pafs.FileSystem) -> pads.Dataset:
     dataset = table.to_pyarrow_dataset(filesystem=filesystem)
     recorded = recorded_types(table.schema())
     if recorded:  # array / unsigned columns: scan them with their original Arrow types
@@ -241,9 +255,8 @@ def open_delta_dataset(path: Path) -> pads.Dataset:
     Its files are read through Arrow's own filesystem, not delta-rs's: an ingest scans it
     while delta-rs writes, from delta-rs's runtime thread, which must not start another.
     """
-    local = pafs.SubTreeFileSystem(str(Path(path).resolve()), pafs.LocalFileSystem())
     try:
-        return _scan(DeltaTable(str(path)), local)
+        return _scan(DeltaTable(str(path)), local_filesystem(path))
     except (TableNotFoundError, DeltaError) as exc:
         raise DataHubError(f"{path} is not a readable Delta table: {exc}") from exc
 
