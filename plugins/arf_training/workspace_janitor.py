@@ -24,12 +24,19 @@ sweeps the workspace root, as often as it sweeps the logs:
    and removes the link itself only. A link where a run or DAG folder belongs is left alone. An
    `%expired` folder left by a sweep that was stopped goes on the next one.
 3. The root and the DAG folders stay.
+
+On Kubernetes the workspace is a volume no stack process sees: a CronJob sweeps it once a day
+(`helm_values/workspace-janitor.yaml`) with this module's one-shot command,
+`python -m arf_training.workspace_janitor ROOT --retention-days N`.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
+import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,3 +150,32 @@ def _folders(root: Path) -> list[Path]:
         return sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())
     except FileNotFoundError:
         return []  # no run yet
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One sweep of a workspace root (the Kubernetes CronJob's command): exit 0, or 1 when a
+    folder could not be removed (the Job then shows failed; the next run tries again)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m arf_training.workspace_janitor",
+        description="delete the run folders under ROOT in which nothing changed for "
+                    "--retention-days days (one sweep)")
+    parser.add_argument("root", type=Path, help="the run workspace root (ARF_WORKSPACE_ROOT)")
+    parser.add_argument("--retention-days", type=int, required=True,
+                        help=f"1 to {MAX_RETENTION_DAYS}")
+    args = parser.parse_args(argv)
+    if not 1 <= args.retention_days <= MAX_RETENTION_DAYS:
+        parser.error(f"--retention-days must be 1 to {MAX_RETENTION_DAYS} days, not "
+                     f"{args.retention_days}; to keep every run folder, do not run the janitor")
+    if args.root.exists() and not args.root.is_dir():
+        parser.error(f"{args.root} is not a folder: give the run workspace root, as mounted "
+                     "(e.g. /workspace/runs, ARF_WORKSPACE_ROOT)")
+    started = time.monotonic()
+    expired = sweep(args.root, time.time() - args.retention_days * 24 * 3600)
+    found = "" if args.root.exists() else " (it does not exist: no run has written there yet)"
+    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} workspace-janitor: {args.root}{found}: "
+          f"{expired} in {time.monotonic() - started:.1f} s", flush=True)
+    return 1 if expired.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 SKIPS_FILE = HERE / "checkov-skips.yaml"
 DEFAULT_DOCKERFILES = [REPO / "training_container" / "Dockerfile"]
-DEFAULT_MANIFESTS = [REPO / "helm_values" / "rbac.yaml"]
+DEFAULT_MANIFESTS = [REPO / "helm_values" / "rbac.yaml", REPO / "helm_values" / "workspace-janitor.yaml"]
 FAILING_SEVERITIES = {"HIGH", "CRITICAL"}
 HADOLINT_THRESHOLD = "warning"
 
