@@ -272,6 +272,8 @@ def test_pod_request_as_the_provider_builds_it(k8s_dags, loaded, task_id):
     # Writable despite readOnlyRootFilesystem: an emptyDir, group-owned by the step's fsGroup.
     assert {"name": "xcom", "emptyDir": {}} in pod["spec"]["volumes"]
     assert pod["spec"]["securityContext"]["fsGroup"] == step["securityContext"]["runAsGroup"]
+    # No recursive chown of the (large) workspace and data hub volumes at every step's start.
+    assert pod["spec"]["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
     assert _env(step)["ARF_RESULT_PATH"] == XCOM_RESULT
 
 
