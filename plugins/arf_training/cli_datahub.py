@@ -1,8 +1,11 @@
-"""`arf datahub ingest | tables | describe`: users' data in the embedded data hub.
+"""`arf datahub ingest | tables | describe | compact | vacuum`: users' data in the embedded
+data hub.
 
     arf datahub ingest TABLE FILE_OR_FOLDER... [--mode append|overwrite] [--partition-by COL]
     arf datahub tables
     arf datahub describe TABLE [--version N]
+    arf datahub compact TABLE [--target-size-mb N]
+    arf datahub vacuum TABLE --retain-days N [--dry-run]
 
 Like `arf datahub seed`, each runs `arf-trainer datahub ...` from this installation as a
 subprocess against the hub of ARF_DATAHUB_URI (default `$ARF_HOME/datahub`): the Airflow side
@@ -16,7 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-COMMANDS = ("ingest", "tables", "describe")
+COMMANDS = ("ingest", "tables", "describe", "compact", "vacuum")
 
 
 def add_parsers(hsub: argparse._SubParsersAction) -> None:
@@ -39,6 +42,18 @@ def add_parsers(hsub: argparse._SubParsersAction) -> None:
     describe.add_argument("table", help="table name")
     describe.add_argument("--version", type=int, help="this version (default: the latest)")
     describe.add_argument("--json", action="store_true", help="print JSON")
+    compact = hsub.add_parser("compact", help="rewrite the latest version's small files into "
+                              "large ones as a new version (every version stays readable)")
+    compact.add_argument("table", help="table name")
+    compact.add_argument("--target-size-mb", type=int, help="file size to aim for (default 100)")
+    compact.add_argument("--json", action="store_true", help="print JSON")
+    vacuum = hsub.add_parser("vacuum", help="delete the files no version of the last N days "
+                             "reads: older versions (and reproducing runs that read them) break")
+    vacuum.add_argument("table", help="table name")
+    vacuum.add_argument("--retain-days", type=int, required=True,
+                        help="keep every version that was the latest in the last N days")
+    vacuum.add_argument("--dry-run", action="store_true", help="report, delete nothing")
+    vacuum.add_argument("--json", action="store_true", help="print JSON")
 
 
 def trainer_command(args: argparse.Namespace, hub: str) -> list[str]:
@@ -55,6 +70,13 @@ def trainer_command(args: argparse.Namespace, hub: str) -> list[str]:
         cmd.append(args.table)
         if args.version is not None:
             cmd += ["--version", str(args.version)]
+    elif args.sub == "compact":
+        cmd.append(args.table)
+        if args.target_size_mb is not None:
+            cmd += ["--target-size-mb", str(args.target_size_mb)]
+    elif args.sub == "vacuum":
+        cmd += [args.table, "--retain-days", str(args.retain_days)]
+        cmd += ["--dry-run"] if args.dry_run else []
     return cmd + (["--json"] if args.json else [])
 
 

@@ -1,10 +1,12 @@
-"""`arf-trainer datahub ingest | tables | describe | seed-sites`: the container side of
-`arf datahub`, and the federated demo's site hubs.
+"""`arf-trainer datahub ingest | tables | describe | compact | vacuum | seed-sites`: the
+container side of `arf datahub`, and the federated demo's site hubs.
 
     arf-trainer datahub ingest --hub PATH TABLE FILE_OR_FOLDER... [--mode append|overwrite]
                                [--partition-by COL] [--json]
     arf-trainer datahub tables --hub PATH [--json]
     arf-trainer datahub describe --hub PATH TABLE [--version N] [--json]
+    arf-trainer datahub compact --hub PATH TABLE [--target-size-mb N] [--json]
+    arf-trainer datahub vacuum --hub PATH TABLE --retain-days N [--dry-run] [--json]
     arf-trainer datahub seed-sites --site NAME=HUB --site NAME=HUB... [--episodes 300]
                                    [--seed 0] [--force]
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 
-COMMANDS = ("ingest", "tables", "describe", "seed-sites")
+COMMANDS = ("ingest", "tables", "describe", "compact", "vacuum", "seed-sites")
 
 
 def add_parsers(hub_sub: argparse._SubParsersAction) -> None:
@@ -41,6 +43,7 @@ def add_parsers(hub_sub: argparse._SubParsersAction) -> None:
     describe.add_argument("table", help="table name")
     describe.add_argument("--version", type=int, help="describe this version (default: latest)")
     describe.add_argument("--json", action="store_true", help="print JSON")
+    _add_maintenance(hub_sub)
     sites = hub_sub.add_parser(
         "seed-sites", help="the federated demo's data: the reach demonstrations split non-IID "
         "(by target sector) over one data hub per site (arf_trainer.datahub.seed_sites)")
@@ -50,6 +53,25 @@ def add_parsers(hub_sub: argparse._SubParsersAction) -> None:
                        help="expert episodes recorded, then split over the sites")
     sites.add_argument("--seed", type=int, default=0, help="RNG seed of the demonstrations")
     sites.add_argument("--force", action="store_true", help="rewrite hubs already seeded")
+
+
+def _add_maintenance(hub_sub: argparse._SubParsersAction) -> None:
+    compact = hub_sub.add_parser(
+        "compact", help="rewrite the latest version's small files into large ones, as a new "
+        "version with the same rows (older versions stay readable)")
+    compact.add_argument("--hub", required=True, help="data hub root directory")
+    compact.add_argument("table", help="table name")
+    compact.add_argument("--target-size-mb", type=int, help="file size to aim for (default 100)")
+    compact.add_argument("--json", action="store_true", help="print JSON")
+    vacuum = hub_sub.add_parser(
+        "vacuum", help="delete the files no version of the last N days reads; older versions "
+        "become unreadable")
+    vacuum.add_argument("--hub", required=True, help="data hub root directory")
+    vacuum.add_argument("table", help="table name")
+    vacuum.add_argument("--retain-days", type=int, required=True,
+                        help="keep every version that was the latest in the last N days")
+    vacuum.add_argument("--dry-run", action="store_true", help="report, delete nothing")
+    vacuum.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _site(text: str) -> tuple[str, str]:
@@ -83,6 +105,16 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result.as_dict(), sort_keys=True) if args.json else
               f"{args.table}: version {result.version} ({result.mode}, {result.rows:,} rows "
               f"from {result.files} file{'s' if result.files != 1 else ''})", flush=True)
+        return 0
+    if args.hub_command in ("compact", "vacuum"):
+        from arf_trainer.datahub import maintenance as m
+
+        summary = (m.compact(hub, args.table, args.target_size_mb)
+                   if args.hub_command == "compact"
+                   else m.vacuum(hub, args.table, args.retain_days, dry_run=args.dry_run))
+        text = (m.describe_compact(summary) if args.hub_command == "compact"
+                else m.describe_vacuum(summary))
+        print(json.dumps(summary, sort_keys=True) if args.json else text, flush=True)
         return 0
     from arf_trainer.datahub import describe
 
