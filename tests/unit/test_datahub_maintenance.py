@@ -104,6 +104,21 @@ def test_compact_many_small_appends_keeps_rows_types_and_old_versions(tmp_path: 
     assert _rows(hub, "eps", 3).num_rows == 16
 
 
+def test_describe_advises_compaction_of_many_small_files_only(tmp_path: Path) -> None:
+    from arf_trainer.datahub.describe import describe_table, format_description
+
+    hub = tmp_path / "hub"
+    _appended(hub, "eps", 49)
+    advice = "`arf datahub compact eps` makes them fewer and larger"
+    assert advice not in format_description(describe_table(hub, "eps"))  # 49 files
+    _appended(hub, "eps", 1)
+    text = format_description(describe_table(hub, "eps"))
+    assert "50 files of" in text and advice in text
+    compact(hub, "eps")
+    assert advice not in format_description(describe_table(hub, "eps"))
+    assert advice not in format_description(describe_table(hub, "eps", 49))  # not the latest
+
+
 def test_compact_with_nothing_to_compact_writes_no_version(tmp_path: Path) -> None:
     hub = tmp_path / "hub"
     write_table(hub, "one", _batch(0, 50))
