@@ -13,7 +13,7 @@ The guarantees, in the order they are built:
    put with an atomic create-if-absent. Anything that stops the stream (a CSV row that does not
    parse, a corrupt file, SIGKILL) leaves no log entry, so the table stays at its previous
    version and every reader sees what it saw before. Orphaned data files of a stopped write
-   are never referenced (a Delta `VACUUM` removes them).
+   are never referenced (`arf datahub vacuum` removes them once older than its retention).
 4. Array columns (`FLOAT[7]` joint vectors, `UTINYINT[64][64][3]` frames) and unsigned integers
    keep their Arrow types through `arf_trainer.datahub.arrow_types`.
 """

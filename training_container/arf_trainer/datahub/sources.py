@@ -3,6 +3,8 @@
 Formats are told by the file name (`.parquet`/`.pq`, `.csv`/`.csv.gz`/`.tsv`,
 `.arrow`/`.feather`/`.ipc`/`.arrows`); a folder holding `_delta_log` is a Delta table. Each
 file is read on its own, batch by batch, so an error names the file (and, for CSV, the line).
+Hive partition folders (`column=value/`) under a walked folder add their columns
+(`arf_trainer.datahub.hive`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from arf_trainer.datahub import hive
 from arf_trainer.datahub.arrow_types import schema_differences
 from arf_trainer.datahub.tables import open_delta_dataset
 from arf_trainer.errors import DataHubError
@@ -43,6 +46,7 @@ class Source:
     # A Delta table is opened here, on the caller's thread: delta-rs cannot open a table from
     # the thread of its own runtime that pulls the batches during the write.
     dataset: pads.Dataset | None = field(default=None, compare=False, repr=False)
+    partition: hive.Partition = ()  # the column=value folders it sits under, outermost first
 
 
 def _format_of(path: Path) -> str | None:
@@ -82,13 +86,6 @@ def _walk(folder: Path) -> tuple[list[Path], list[Path]]:
             dirs[:] = []
             continue
         dirs[:] = [d for d in dirs if not _hidden(d)]
-        for name in dirs:
-            if "=" in name:
-                raise DataHubError(
-                    f"{here / name} is a Hive partition folder (column=value); ingest reads "
-                    "files, so the value in the folder name would be lost. Write the column "
-                    "into the files, or ingest a Delta table of them"
-                )
         files += [here / name for name in names if not _hidden(name)]
     return sorted(files), sorted(tables)
 
@@ -102,8 +99,10 @@ def _folder_sources(folder: Path) -> list[Source]:
             f"{' ...' if len(unknown) > 5 else ''}; known: {_KNOWN}. Move them out of the "
             "folder or pass the data files one by one"
         )
-    return [Source(f, _format_of(f), f.stat().st_size) for f in found] + [
-        _delta_source(t) for t in tables]
+    partitions = [hive.partition_of(f, folder) for f in found]
+    hive.check_same_columns(folder, found, partitions)
+    return [Source(f, _format_of(f), f.stat().st_size, partition=p)
+            for f, p in zip(found, partitions)] + [_delta_source(t) for t in tables]
 
 
 def resolve_sources(paths: Sequence[str | Path]) -> list[Source]:
@@ -190,20 +189,32 @@ def source_schema(sources: Sequence[Source], hint: pa.Schema | None = None) -> p
     `hint` (the target table's schema on an append) fixes CSV column types by name.
     """
     first = _file_schema(sources[0], hint)
+    partitions = hive.partition_fields(sources, first, hint)
+    columns = [c for c, _ in sources[0].partition]
     for source in sources[1:]:
         other = _file_schema(source, first if source.format == "csv" else None)
         problems = schema_differences(first, other)
+        if [c for c, _ in source.partition] != columns:
+            problems.append(f"partition folders {[c for c, _ in source.partition] or 'none'} "
+                            f"instead of {columns or 'none'}")
         if problems:
             raise DataHubError(
                 f"{source.path} does not have the columns of {sources[0].path}: "
                 f"{'; '.join(problems)}. One ingest writes one schema: ingest the files "
                 "separately (the table's append check then names what to fix)"
             )
-    return pa.schema([pa.field(f.name, f.type) for f in first])
+    return pa.schema([*(pa.field(f.name, f.type) for f in first), *partitions])
 
 
 def read_source(source: Source, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
-    """The rows of `source` as record batches with the column names of `schema`."""
+    """The rows of `source` as record batches with the column names of `schema` (its
+    partition folders' columns included)."""
+    fields = [schema.field(column) for column, _ in source.partition]
+    for batch in _file_batches(source, schema):
+        yield hive.with_partition(batch, source, fields)
+
+
+def _file_batches(source: Source, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
     if source.format == "csv":
         yield from _csv_batches(source, schema)
         return
