@@ -7,7 +7,7 @@
     arf datahub seed [--force]        create the demo tables in the embedded data hub
     arf datahub ingest TABLE FILE_OR_FOLDER... [--mode append|overwrite] [--partition-by COL]
     arf datahub tables | describe TABLE [--version N]   users' data in the hub (any size)
-    arf datahub compact TABLE | vacuum TABLE --retain-days N [--dry-run]   table maintenance
+    arf datahub compact | vacuum | restore TABLE ...     table maintenance
     arf demo [--template T]           seed, run T end to end through Airflow, evaluate
     arf demo failure-loop [--nights N] [--adaptive]   weak champion -> N nightly fine-tunes
                                       (or the template's nightly choice) on corrected field
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="reach_pixels frame width and height in pixels (default 64)")
     seed.add_argument("--collected-at", help="collected_at to record, ISO 8601 with a zone "
                       "(default: a fixed 2026-01-01T00:00:00+00:00: the same rows on any machine)")
-    cli_datahub.add_parsers(hsub)  # ingest | tables | describe | compact | vacuum
+    cli_datahub.add_parsers(hsub)  # ingest | tables | describe | compact | vacuum | restore
     demo = sub.add_parser("demo", help="run a template end to end on the embedded default; "
                           "`arf demo failure-loop` runs the measured failure-learning loop")
     demo.add_argument("what", nargs="?", choices=["failure-loop"],

@@ -1,11 +1,12 @@
-"""`arf datahub ingest | tables | describe | compact | vacuum`: users' data in the embedded
-data hub.
+"""`arf datahub ingest | tables | describe | compact | vacuum | restore`: users' data in the
+embedded data hub.
 
     arf datahub ingest TABLE FILE_OR_FOLDER... [--mode append|overwrite] [--partition-by COL]
     arf datahub tables
     arf datahub describe TABLE [--version N]
     arf datahub compact TABLE [--target-size-mb N]
     arf datahub vacuum TABLE --retain-days N [--dry-run]
+    arf datahub restore TABLE --version N
 
 Like `arf datahub seed`, each runs `arf-trainer datahub ...` from this installation as a
 subprocess against the hub of ARF_DATAHUB_URI (default `$ARF_HOME/datahub`): the Airflow side
@@ -19,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-COMMANDS = ("ingest", "tables", "describe", "compact", "vacuum")
+COMMANDS = ("ingest", "tables", "describe", "compact", "vacuum", "restore")
 
 
 def add_parsers(hsub: argparse._SubParsersAction) -> None:
@@ -54,6 +55,11 @@ def add_parsers(hsub: argparse._SubParsersAction) -> None:
                         help="keep every version that was the latest in the last N days")
     vacuum.add_argument("--dry-run", action="store_true", help="report, delete nothing")
     vacuum.add_argument("--json", action="store_true", help="print JSON")
+    restore = hsub.add_parser("restore", help="make an older version's rows the latest again, "
+                              "as a new version (undo a bad ingest; every version stays readable)")
+    restore.add_argument("table", help="table name")
+    restore.add_argument("--version", type=int, required=True, help="the version to restore")
+    restore.add_argument("--json", action="store_true", help="print JSON")
 
 
 def trainer_command(args: argparse.Namespace, hub: str) -> list[str]:
@@ -77,6 +83,8 @@ def trainer_command(args: argparse.Namespace, hub: str) -> list[str]:
     elif args.sub == "vacuum":
         cmd += [args.table, "--retain-days", str(args.retain_days)]
         cmd += ["--dry-run"] if args.dry_run else []
+    elif args.sub == "restore":
+        cmd += [args.table, "--version", str(args.version)]
     return cmd + (["--json"] if args.json else [])
 
 

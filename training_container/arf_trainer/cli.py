@@ -4,7 +4,7 @@
     arf-trainer custom-setup                              (before a template's own train command)
     arf-trainer datahub seed [--hub PATH] [...]           (demo data for the embedded data hub)
     arf-trainer datahub ingest | tables | describe ...     (users' data; see datahub.hub_cli)
-    arf-trainer datahub compact | vacuum ...              (table maintenance; datahub.maintenance)
+    arf-trainer datahub compact | vacuum | restore ...    (table maintenance; datahub.maintenance)
     arf-trainer datahub correct --hub PATH [...]          (expert corrections of failed episodes)
     arf-trainer fleet --model URI --hub PATH [...]        (field rollouts: failures into the hub)
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(step, help=f"run the {step} step described by the ARF_* environment")
     hub = sub.add_parser("datahub", help="embedded data hub utilities")
     hub_sub = hub.add_subparsers(dest="hub_command", required=True)
-    hub_cli.add_parsers(hub_sub)  # ingest | tables | describe | compact | vacuum | seed-sites
+    hub_cli.add_parsers(hub_sub)  # ingest | tables | describe | compact | vacuum | restore | ...
     seed = hub_sub.add_parser("seed", help="create the demo tables (reach demonstrations, digits)")
     seed.add_argument("--hub", required=True, help="data hub root directory")
     seed.add_argument("--episodes", type=int, default=200, help="expert reach episodes to record")

@@ -1,5 +1,5 @@
-"""`arf-trainer datahub ingest | tables | describe | compact | vacuum | seed-sites`: the
-container side of `arf datahub`, and the federated demo's site hubs.
+"""`arf-trainer datahub ingest | tables | describe | compact | vacuum | restore | seed-sites`:
+the container side of `arf datahub`, and the federated demo's site hubs.
 
     arf-trainer datahub ingest --hub PATH TABLE FILE_OR_FOLDER... [--mode append|overwrite]
                                [--partition-by COL] [--json]
@@ -7,6 +7,7 @@ container side of `arf datahub`, and the federated demo's site hubs.
     arf-trainer datahub describe --hub PATH TABLE [--version N] [--json]
     arf-trainer datahub compact --hub PATH TABLE [--target-size-mb N] [--json]
     arf-trainer datahub vacuum --hub PATH TABLE --retain-days N [--dry-run] [--json]
+    arf-trainer datahub restore --hub PATH TABLE --version N [--json]
     arf-trainer datahub seed-sites --site NAME=HUB --site NAME=HUB... [--episodes 300]
                                    [--seed 0] [--force]
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 
-COMMANDS = ("ingest", "tables", "describe", "compact", "vacuum", "seed-sites")
+COMMANDS = ("ingest", "tables", "describe", "compact", "vacuum", "restore", "seed-sites")
 
 
 def add_parsers(hub_sub: argparse._SubParsersAction) -> None:
@@ -72,6 +73,12 @@ def _add_maintenance(hub_sub: argparse._SubParsersAction) -> None:
                         help="keep every version that was the latest in the last N days")
     vacuum.add_argument("--dry-run", action="store_true", help="report, delete nothing")
     vacuum.add_argument("--json", action="store_true", help="print JSON")
+    restore = hub_sub.add_parser(
+        "restore", help="make an older version's rows the latest again, as a new version")
+    restore.add_argument("--hub", required=True, help="data hub root directory")
+    restore.add_argument("table", help="table name")
+    restore.add_argument("--version", type=int, required=True, help="the version to restore")
+    restore.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _site(text: str) -> tuple[str, str]:
@@ -106,14 +113,18 @@ def run(args: argparse.Namespace) -> int:
               f"{args.table}: version {result.version} ({result.mode}, {result.rows:,} rows "
               f"from {result.files} file{'s' if result.files != 1 else ''})", flush=True)
         return 0
-    if args.hub_command in ("compact", "vacuum"):
+    if args.hub_command in ("compact", "vacuum", "restore"):
         from arf_trainer.datahub import maintenance as m
 
-        summary = (m.compact(hub, args.table, args.target_size_mb)
-                   if args.hub_command == "compact"
-                   else m.vacuum(hub, args.table, args.retain_days, dry_run=args.dry_run))
-        text = (m.describe_compact(summary) if args.hub_command == "compact"
-                else m.describe_vacuum(summary))
+        if args.hub_command == "compact":
+            summary = m.compact(hub, args.table, args.target_size_mb)
+            text = m.describe_compact(summary)
+        elif args.hub_command == "vacuum":
+            summary = m.vacuum(hub, args.table, args.retain_days, dry_run=args.dry_run)
+            text = m.describe_vacuum(summary)
+        else:
+            summary = m.restore(hub, args.table, args.version)
+            text = m.describe_restore(summary)
         print(json.dumps(summary, sort_keys=True) if args.json else text, flush=True)
         return 0
     from arf_trainer.datahub import describe

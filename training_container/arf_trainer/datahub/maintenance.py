@@ -1,10 +1,11 @@
-"""Table maintenance: compaction (Delta OPTIMIZE) and VACUUM of data hub tables.
+"""Table maintenance: compaction (Delta OPTIMIZE), VACUUM and RESTORE of data hub tables.
 
 Every append (an ingest, an evaluation recording its failures, a nightly correction) adds small
 files and a log entry, and an overwrite leaves the replaced files on disk. `compact` rewrites
 the latest version's small files into fewer large ones as a new version (every older version
 stays readable); `vacuum` deletes the files that no version of the last `retain_days` days
-uses, which makes the older versions unreadable for good.
+uses, which makes the older versions unreadable for good; `restore` makes an older version's
+rows the latest again, as a new version (undoing a bad ingest without losing it).
 
 Both hold the table's writers' lock (`tables.table_lock`, the one the failure tables' appends
 hold), so a read-check-append never interleaves with them. `arf datahub ingest` takes no lock:
@@ -21,7 +22,8 @@ from urllib.parse import unquote
 from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import DeltaError
 
-from arf_trainer.datahub.tables import latest_table, table_lock, table_path
+from arf_trainer.datahub.tables import (latest_table, open_table, table_lock, table_path,
+                                       table_versions)
 from arf_trainer.errors import DataHubError
 
 MAX_RETAIN_DAYS = 36500
@@ -204,3 +206,43 @@ def describe_vacuum(summary: dict) -> str:
                    f"(`arf training reproduce` of runs that read them fails); {kept} "
                    f"{'would stay' if dry else 'stay'} readable"
                    + ("; nothing was deleted (--dry-run)" if dry else ""))
+
+
+def restore(hub: Path, name: str, version: int) -> dict:
+    """Make `version`'s rows (and columns) the latest again, as one new version; every version
+    stays readable. For a bad append or overwrite: templates that read the latest, and the
+    nightly runs, see the restored rows from then on."""
+    versions = table_versions(hub, name)  # an unknown table is named as open_table names it
+    if not _whole(version, 0, 2**63 - 1) or version not in versions:
+        raise DataHubError(
+            f"data hub table {name!r} has no version {version!r} to restore; versions: "
+            f"{_ranges(versions)} (latest {versions[-1]}). `arf datahub describe {name}` shows "
+            "what each one wrote")
+    snapshot = open_table(hub, name, version)  # names a version whose files a vacuum removed
+    with table_lock(hub, name):
+        table = latest_table(hub, name)
+        before = int(table.version())
+        if before == version:
+            return {"table": name, "restored": False, "version": version,
+                    "version_before": before, "version_after": before}
+        commit = CommitProperties(custom_metadata={"arf.operation": "restore",
+                                                   "arf.restored_version": str(version)})
+        try:
+            table.restore(version, commit_properties=commit)
+        except DeltaError as exc:
+            raise DataHubError(
+                f"could not restore data hub table {name!r} to version {version}: {exc}. The "
+                "table is unchanged") from exc
+        after = int(latest_table(hub, name).version())
+    return {"table": name, "restored": True, "version": version, "version_before": before,
+            "version_after": after, "rows": snapshot.dataset.count_rows()}
+
+
+def describe_restore(summary: dict) -> str:
+    """The one line `arf datahub restore` prints."""
+    name, version = summary["table"], summary["version"]
+    if not summary["restored"]:
+        return f"{name}: version {version} is already the latest; nothing to restore"
+    return (f"{name}: version {summary['version_after']} has the rows of version {version} "
+            f"({summary['rows']:,} rows); the versions it replaces "
+            f"({_ranges(list(range(version + 1, summary['version_before'] + 1)))}) stay readable")
