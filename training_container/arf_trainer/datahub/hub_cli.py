@@ -39,11 +39,8 @@ def add_parsers(hub_sub: argparse._SubParsersAction) -> None:
     tables = hub_sub.add_parser("tables", help="list the tables: version, rows, columns")
     tables.add_argument("--hub", required=True, help="data hub root directory")
     tables.add_argument("--json", action="store_true", help="print JSON")
-    describe = hub_sub.add_parser("describe", help="a table's columns, rows, versions, history")
-    describe.add_argument("--hub", required=True, help="data hub root directory")
-    describe.add_argument("table", help="table name")
+    describe = _table_command(hub_sub, "describe", "a table's columns, rows, versions, history")
     describe.add_argument("--version", type=int, help="describe this version (default: latest)")
-    describe.add_argument("--json", action="store_true", help="print JSON")
     _add_maintenance(hub_sub)
     sites = hub_sub.add_parser(
         "seed-sites", help="the federated demo's data: the reach demonstrations split non-IID "
@@ -56,29 +53,29 @@ def add_parsers(hub_sub: argparse._SubParsersAction) -> None:
     sites.add_argument("--force", action="store_true", help="rewrite hubs already seeded")
 
 
+def _table_command(hub_sub: argparse._SubParsersAction, name: str,
+                   help: str) -> argparse.ArgumentParser:
+    """A subcommand on one table: --hub, the table and --json; the caller adds the rest."""
+    parser = hub_sub.add_parser(name, help=help)
+    parser.add_argument("--hub", required=True, help="data hub root directory")
+    parser.add_argument("table", help="table name")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
 def _add_maintenance(hub_sub: argparse._SubParsersAction) -> None:
-    compact = hub_sub.add_parser(
-        "compact", help="rewrite the latest version's small files into large ones, as a new "
-        "version with the same rows (older versions stay readable)")
-    compact.add_argument("--hub", required=True, help="data hub root directory")
-    compact.add_argument("table", help="table name")
+    compact = _table_command(hub_sub, "compact", "rewrite the latest version's small files into "
+                             "large ones, as a new version with the same rows (older versions "
+                             "stay readable)")
     compact.add_argument("--target-size-mb", type=int, help="file size to aim for (default 100)")
-    compact.add_argument("--json", action="store_true", help="print JSON")
-    vacuum = hub_sub.add_parser(
-        "vacuum", help="delete the files no version of the last N days reads; older versions "
-        "become unreadable")
-    vacuum.add_argument("--hub", required=True, help="data hub root directory")
-    vacuum.add_argument("table", help="table name")
+    vacuum = _table_command(hub_sub, "vacuum", "delete the files no version of the last N days "
+                            "reads; older versions become unreadable")
     vacuum.add_argument("--retain-days", type=int, required=True,
                         help="keep every version that was the latest in the last N days")
     vacuum.add_argument("--dry-run", action="store_true", help="report, delete nothing")
-    vacuum.add_argument("--json", action="store_true", help="print JSON")
-    restore = hub_sub.add_parser(
-        "restore", help="make an older version's rows the latest again, as a new version")
-    restore.add_argument("--hub", required=True, help="data hub root directory")
-    restore.add_argument("table", help="table name")
+    restore = _table_command(hub_sub, "restore", "make an older version's rows the latest "
+                             "again, as a new version")
     restore.add_argument("--version", type=int, required=True, help="the version to restore")
-    restore.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _site(text: str) -> tuple[str, str]:
