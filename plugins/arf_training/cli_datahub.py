@@ -2,6 +2,7 @@
 embedded data hub.
 
     arf datahub ingest TABLE FILE_OR_FOLDER... [--mode append|overwrite] [--partition-by COL]
+                       [--type COL=TYPE]
     arf datahub tables
     arf datahub describe TABLE [--version N]
     arf datahub compact TABLE [--target-size-mb N]
@@ -35,6 +36,9 @@ def add_parsers(hsub: argparse._SubParsersAction) -> None:
                         "overwrite (replace rows and schema; older versions stay readable)")
     ingest.add_argument("--partition-by", action="append", default=[], metavar="COL",
                         help="partition a new table by this column (repeatable)")
+    ingest.add_argument("--type", action="append", default=[], metavar="COL=TYPE",
+                        dest="types", help="read this column as TYPE (int64, float64, string, "
+                        "bool, date, timestamp, ...) instead of inferring it (repeatable)")
     ingest.add_argument("--json", action="store_true", help="print the result as JSON")
     tables = hsub.add_parser("tables", help="the tables: latest version, rows, columns")
     tables.add_argument("--json", action="store_true", help="print JSON")
@@ -72,6 +76,8 @@ def trainer_command(args: argparse.Namespace, hub: str) -> list[str]:
         cmd += [str(Path(p).expanduser().absolute()) for p in args.paths]
         for column in args.partition_by:
             cmd += ["--partition-by", column]
+        for spec in args.types:
+            cmd += ["--type", spec]
     elif args.sub == "describe":
         cmd.append(args.table)
         if args.version is not None:

@@ -111,13 +111,13 @@ def _while_streaming(monkeypatch, action) -> None:
     """Run `action` (another writer) once, as the ingest's first batch is read."""
     real, done = ingest_module.read_source, []
 
-    def read_source(source, schema):
+    def read_source(source, schema, *rest):
         if not done:
             done.append(True)
             other = threading.Thread(target=action)  # delta-rs's thread cannot write itself
             other.start()
             other.join()
-        yield from real(source, schema)
+        yield from real(source, schema, *rest)
 
     monkeypatch.setattr(ingest_module, "read_source", read_source)
 

@@ -2,7 +2,7 @@
 the container side of `arf datahub`, and the federated demo's site hubs.
 
     arf-trainer datahub ingest --hub PATH TABLE FILE_OR_FOLDER... [--mode append|overwrite]
-                               [--partition-by COL] [--json]
+                               [--partition-by COL] [--type COL=TYPE] [--json]
     arf-trainer datahub tables --hub PATH [--json]
     arf-trainer datahub describe --hub PATH TABLE [--version N] [--json]
     arf-trainer datahub compact --hub PATH TABLE [--target-size-mb N] [--json]
@@ -35,6 +35,9 @@ def add_parsers(hub_sub: argparse._SubParsersAction) -> None:
                         "rows and schema; older versions stay readable)")
     ingest.add_argument("--partition-by", action="append", default=[], metavar="COL",
                         help="partition a new table by this column (repeatable)")
+    ingest.add_argument("--type", action="append", default=[], metavar="COL=TYPE",
+                        dest="types", help="read this column as TYPE (int64, float64, string, "
+                        "bool, date, timestamp, ...) instead of inferring it (repeatable)")
     ingest.add_argument("--json", action="store_true", help="print the result as JSON")
     tables = hub_sub.add_parser("tables", help="list the tables: version, rows, columns")
     tables.add_argument("--hub", required=True, help="data hub root directory")
@@ -102,10 +105,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     hub = uri_to_path(args.hub)
     if args.hub_command == "ingest":
+        from arf_trainer.datahub.column_types import parse_types
         from arf_trainer.datahub.ingest import ingest
 
         result = ingest(hub, args.table, args.paths, mode=args.mode,
-                        partition_by=args.partition_by)
+                        partition_by=args.partition_by, types=parse_types(args.types))
         print(json.dumps(result.as_dict(), sort_keys=True) if args.json else
               f"{args.table}: version {result.version} ({result.mode}, {result.rows:,} rows "
               f"from {result.files} file{'s' if result.files != 1 else ''})", flush=True)

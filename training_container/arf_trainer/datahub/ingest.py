@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,8 +72,9 @@ def _check_append(name: str, table: DeltaTable, current: pa.Schema, incoming: pa
         raise DataHubError(
             f"cannot append to data hub table {name!r}: the input's columns differ from the "
             f"table's (version {table.version()}): {'; '.join(problems)}. Fix: make the input "
-            "match the table (rename or cast those columns, e.g. in DuckDB or pandas), or "
-            f"replace the table with `--mode overwrite` (older versions stay readable)"
+            "match the table (rename those columns, read one as the table's type with "
+            "`--type COLUMN=TYPE`, or cast it in DuckDB or pandas), or replace the table with "
+            "`--mode overwrite` (older versions stay readable)"
         )
     existing = list(table.metadata().partition_columns)
     if partition_by and partition_by != existing:
@@ -162,15 +163,16 @@ class _Stream:
     as a generic DeltaError, so the original one is kept to be re-raised as it was.
     """
 
-    def __init__(self, sources: Sequence[Source], schema: pa.Schema, storable: pa.Schema):
-        self.sources, self.schema, self.storable = sources, schema, storable
+    def __init__(self, sources: Sequence[Source], schema: pa.Schema, storable: pa.Schema,
+                 types: Mapping[str, pa.DataType]):
+        self.sources, self.schema, self.storable, self.types = sources, schema, storable, types
         self.rows = 0
         self.error: BaseException | None = None
 
     def batches(self) -> Iterator[pa.RecordBatch]:
         try:
             for source in self.sources:
-                for batch in read_source(source, self.schema):
+                for batch in read_source(source, self.schema, self.types):
                     self.rows += batch.num_rows
                     yield to_storable(batch, self.storable)
         except BaseException as exc:
@@ -186,39 +188,42 @@ class _CreatedMeanwhile(Exception):
 
 
 def ingest(hub: Path, name: str, paths: Sequence[str | Path], mode: WriteMode = "append",
-           partition_by: Sequence[str] = ()) -> IngestResult:
+           partition_by: Sequence[str] = (),
+           types: Mapping[str, pa.DataType] | None = None) -> IngestResult:
     """Write the rows of `paths` (files, folders, Delta tables) to table `name` in one commit.
 
     `append` adds to the table (creating it if needed) and requires the same columns and
-    types; `overwrite` replaces rows and schema (older versions stay readable). Raises
-    `DataHubError` for bad input; the table is then unchanged.
+    types; `overwrite` replaces rows and schema (older versions stay readable). `types`
+    (`--type`, `arf_trainer.datahub.column_types`) gives columns' types instead of inferring
+    them. Raises `DataHubError` for bad input; the table is then unchanged.
     """
     if mode not in ("append", "overwrite"):
         raise DataHubError(f"--mode {mode!r} is not supported; use 'append' or 'overwrite'")
     try:
-        return _ingest_once(hub, name, paths, mode, partition_by)
+        return _ingest_once(hub, name, paths, mode, partition_by, types or {})
     except _CreatedMeanwhile:
         # Checked again against the table the other writer created: an append of other
         # columns is then refused, naming them, instead of replacing that table's schema.
-        return _ingest_once(hub, name, paths, mode, partition_by)
+        return _ingest_once(hub, name, paths, mode, partition_by, types or {})
 
 
 def _ingest_once(hub: Path, name: str, paths: Sequence[str | Path], mode: WriteMode,
-                 partition_by: Sequence[str]) -> IngestResult:
+                 partition_by: Sequence[str],
+                 types: Mapping[str, pa.DataType]) -> IngestResult:
     path = table_path(hub, name)
     sources = resolve_sources(paths)
     existing = _existing(hub, name)
     table = existing if mode == "append" else None
     current = open_table(hub, name).dataset.schema if table is not None else None
     # An append reads CSV with the table's column types, so inference cannot invent a clash.
-    schema = _check_columns(sources[0], source_schema(sources, current))
+    schema = _check_columns(sources[0], source_schema(sources, current, types))
     partitions = list(partition_by)
     _check_partitions(partitions, schema)
     if table is not None:
         schema = _check_append(name, table, current, schema, partitions)
         partitions = partitions or list(table.metadata().partition_columns)
     storable = storable_schema(schema)
-    stream = _Stream(sources, schema, storable)
+    stream = _Stream(sources, schema, storable, types)
     make_hub(path.parent)
     named = [str(s.path.resolve()) for s in sources[:20]]  # the commit log stays small
     if len(sources) > 20:

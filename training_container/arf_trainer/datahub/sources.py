@@ -14,7 +14,7 @@ import gzip
 import io
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from arf_trainer.datahub import hive
+from arf_trainer.datahub import column_types, hive
 from arf_trainer.datahub.arrow_types import schema_differences
 from arf_trainer.datahub.tables import open_delta_dataset
 from arf_trainer.errors import DataHubError
@@ -183,16 +183,25 @@ def _open_ipc(path: Path):
     return pa.ipc.open_stream(pa.OSFile(str(path)))
 
 
-def source_schema(sources: Sequence[Source], hint: pa.Schema | None = None) -> pa.Schema:
+def source_schema(sources: Sequence[Source], hint: pa.Schema | None = None,
+                  types: Mapping[str, pa.DataType] | None = None) -> pa.Schema:
     """The columns of the first source, after checking every other source has the same ones.
 
-    `hint` (the target table's schema on an append) fixes CSV column types by name.
+    `hint` (the target table's schema on an append) fixes CSV column types by name; `types`
+    (`--type`) fixes any column's, before it.
     """
+    types = dict(types or {})
+    hint = _with_types(hint, types)
     first = _file_schema(sources[0], hint)
+    column_types.check_named(types, pa.schema([*first, *(pa.field(c, pa.string()) for c, _
+                                                         in sources[0].partition)]),
+                             str(sources[0].path))
+    first = column_types.retyped(first, types)
     partitions = hive.partition_fields(sources, first, hint)
     columns = [c for c, _ in sources[0].partition]
     for source in sources[1:]:
-        other = _file_schema(source, first if source.format == "csv" else None)
+        other = column_types.retyped(
+            _file_schema(source, first if source.format == "csv" else None), types)
         problems = schema_differences(first, other)
         if [c for c, _ in source.partition] != columns:
             problems.append(f"partition folders {[c for c, _ in source.partition] or 'none'} "
@@ -206,11 +215,23 @@ def source_schema(sources: Sequence[Source], hint: pa.Schema | None = None) -> p
     return pa.schema([*(pa.field(f.name, f.type) for f in first), *partitions])
 
 
-def read_source(source: Source, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+def _with_types(hint: pa.Schema | None, types: dict[str, pa.DataType]) -> pa.Schema | None:
+    """The table's columns (on an append) with the `--type` ones put over them."""
+    if not types:
+        return hint
+    fields = {f.name: f.type for f in hint} if hint is not None else {}
+    return pa.schema({**fields, **types})
+
+
+def read_source(source: Source, schema: pa.Schema,
+                types: Mapping[str, pa.DataType] | None = None) -> Iterator[pa.RecordBatch]:
     """The rows of `source` as record batches with the column names of `schema` (its
-    partition folders' columns included)."""
+    partition folders' columns included); the `types` columns cast (CSV: parsed) to them."""
     fields = [schema.field(column) for column, _ in source.partition]
+    where = str(source.path)
     for batch in _file_batches(source, schema):
+        if source.format != "csv":
+            batch = column_types.cast_named(batch, types or {}, where)
         yield hive.with_partition(batch, source, fields)
 
 
@@ -258,7 +279,7 @@ _BAD_VALUE = re.compile(r"In CSV column #(\d+): .*invalid value '(.*)'", re.DOTA
 def _csv_error(source: Source, exc: Exception, rows_before: int) -> DataHubError:
     """A CSV error naming the file and the line (1 = the header) of the row that failed."""
     text = str(exc).replace("CSV parse error: ", "")
-    line = None
+    line, retype = None, ""
     if match := _ROW.search(text):
         line, text = int(match.group(1)), _ROW.sub("", text, count=1)
     if match := _BAD_VALUE.search(text):
@@ -267,10 +288,12 @@ def _csv_error(source: Source, exc: Exception, rows_before: int) -> DataHubError
         header = _csv_header(source)
         if column < len(header):  # the type comes from the table (append) or the first rows
             text = f"column {header[column]!r}: {text}"
+            retype = (f", or read the column as another type with --type {header[column]}=TYPE "
+                      "(e.g. float64 or string; on an append it must be the table's)")
     where = f"line {line}" if line else f"after data row {rows_before}"
     return DataHubError(
-        f"{source.path}: {where}: {text.strip()}. Fix or remove that row and ingest again "
-        "(nothing was written; the table is at its previous version)"
+        f"{source.path}: {where}: {text.strip()}. Fix or remove that row and ingest again"
+        f"{retype} (nothing was written; the table is at its previous version)"
     )
 
 

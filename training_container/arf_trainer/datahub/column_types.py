@@ -1,0 +1,74 @@
+"""`arf datahub ingest --type COLUMN=TYPE`: a column's type given instead of inferred.
+
+A CSV column's type is otherwise inferred from the file's first 4 MiB block, and a later value
+of another type (`1.5` after a million integers, `n/a` in a number column) fails the ingest at
+its line. Given a type, the CSV is parsed into it; a Parquet or Arrow column is cast to it (a
+value that does not fit names the file and the column). Type names are Arrow's (`int64`,
+`float64` or `double`, `float` = float32, `string`, `bool`, `date32`, `timestamp[us]`, ...),
+plus `date` (date32) and `timestamp` (microseconds, UTC: what the hub stores instants as).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import pyarrow as pa
+
+from arf_trainer.errors import DataHubError
+
+_ALIASES = {"date": pa.date32(), "timestamp": pa.timestamp("us", tz="UTC")}
+_EXAMPLES = "int64, float64, string, bool, date, timestamp"
+
+
+def parse_types(specs: Iterable[str]) -> dict[str, pa.DataType]:
+    """{column: type} from `COLUMN=TYPE` texts; `DataHubError` naming a bad one."""
+    types: dict[str, pa.DataType] = {}
+    for spec in specs:
+        column, sep, name = spec.partition("=")
+        column, name = column.strip(), name.strip()
+        if not sep or not column or not name:
+            raise DataHubError(f"--type {spec!r}: give COLUMN=TYPE, e.g. --type step=int64")
+        if column in types:
+            raise DataHubError(f"--type names column {column!r} twice; give it once")
+        try:
+            types[column] = _ALIASES.get(name.lower()) or pa.type_for_alias(name.lower())
+        except (ValueError, KeyError) as exc:
+            raise DataHubError(f"--type {spec!r}: {name!r} is not a type name; use one of "
+                               f"{_EXAMPLES} (Arrow's names)") from exc
+    return types
+
+
+def retyped(schema: pa.Schema, types: Mapping[str, pa.DataType]) -> pa.Schema:
+    """`schema` with the given columns' types replaced."""
+    return pa.schema([field.with_type(types[field.name]) if field.name in types else field
+                      for field in schema])
+
+
+def check_named(types: Mapping[str, pa.DataType], schema: pa.Schema, where: str) -> None:
+    """Every column `--type` names is a column of the input."""
+    unknown = [c for c in types if c not in schema.names]
+    if unknown:
+        raise DataHubError(
+            f"--type names {', '.join(map(repr, unknown))}, which {where} does not have; its "
+            f"columns: {', '.join(schema.names)}")
+
+
+def cast_named(batch: pa.RecordBatch, types: Mapping[str, pa.DataType],
+               where: str) -> pa.RecordBatch:
+    """`batch` with the `--type` columns cast (checked: a value that does not fit fails)."""
+    if not types:
+        return batch
+    arrays = []
+    for name, column in zip(batch.schema.names, batch.columns):
+        target = types.get(name)
+        if target is None or column.type == target:
+            arrays.append(column)
+            continue
+        try:
+            arrays.append(column.cast(target))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise DataHubError(
+                f"{where}: column {name!r} ({column.type}) cannot be read as {target} given by "
+                f"--type: {exc}; fix the value or give another type (nothing was written)"
+            ) from exc
+    return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
