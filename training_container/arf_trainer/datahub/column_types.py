@@ -5,7 +5,8 @@ of another type (`1.5` after a million integers, `n/a` in a number column) fails
 its line. Given a type, the CSV is parsed into it; a Parquet or Arrow column is cast to it (a
 value that does not fit names the file and the column). Type names are Arrow's (`int64`,
 `float64` or `double`, `float` = float32, `string`, `bool`, `date32`, `timestamp[us]`, ...),
-plus `date` (date32) and `timestamp` (microseconds, UTC: what the hub stores instants as).
+plus `date` (date32) and `timestamp` (microseconds, UTC: what the hub stores instants as; its
+values need a zone offset, `2026-12-01T10:00:00Z`: naive ones read as `timestamp[us]`).
 """
 
 from __future__ import annotations
