@@ -18,7 +18,8 @@ running inside the training container. The sandbox, in the order it is built:
    The referenced tables are registered as views over Arrow datasets, then
    `enable_external_access=false` (no files, URLs, databases or extensions) and
    `lock_configuration=true` (the query cannot undo any of the above).
-4. A timer interrupts the connection when the time limit passes.
+4. A timer interrupts the connection when the time limit passes, and ends the process if the
+   query does not stop (`arf_trainer.datahub.deadline`: DuckDB checks between row batches).
 
 The prepare step streams instead (`arf_trainer.datahub.stream`): the same steps 1, 2 and 4 and
 the same locked connection, except that step 3 gives DuckDB a spill directory inside the run
@@ -36,6 +37,7 @@ still differ in the last bits between thread counts; pass `threads=1` where that
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Iterator, Mapping
@@ -47,6 +49,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+from arf_trainer.datahub.deadline import Deadline
 from arf_trainer.datahub.sqlcheck import (
     _FIX_READ_ONLY,
     available_text,
@@ -181,6 +184,12 @@ def open_checked(hub: Path, query: str, pinned: Mapping[str, int] | None,
     return statement.query, bound, _open_snapshots(hub, referenced, dict(pinned or {}))
 
 
+def timeout_line(what: str, query: str, timeout_s: float, how: str = "was stopped") -> str:
+    return (f"{what} ran longer than its {timeout_s:g}s limit and {how}. Query: "
+            f"{_shown(query)}. Fix: select fewer rows (WHERE), avoid cross joins and functions "
+            "over huge lists, or raise the time limit")
+
+
 @contextmanager
 def query_errors(hub: Path, what: str, query: str, memory_limit: str, ceiling: str | None,
                  timeout_s: float, timed_out: threading.Event) -> Iterator[None]:
@@ -189,11 +198,7 @@ def query_errors(hub: Path, what: str, query: str, memory_limit: str, ceiling: s
         yield
     except duckdb.InterruptException as exc:
         if timed_out.is_set():
-            raise QueryError(
-                f"the dataset query ran longer than its {timeout_s:g}s limit and was stopped. "
-                f"Query: {_shown(query)}. Fix: select fewer rows (WHERE), avoid cross joins, or "
-                "raise the time limit"
-            ) from exc
+            raise QueryError(timeout_line(what, query, timeout_s)) from exc
         raise QueryError(f"the dataset query was interrupted: {exc}") from exc
     except (duckdb.OutOfMemoryException, MemoryError) as exc:
         raise _out_of_memory(what, query, memory_limit, ceiling, exc) from exc
@@ -252,25 +257,15 @@ def run_query(
     """
     sql, bound, snapshots = open_checked(hub, query, pinned, parameters, what, timeout_s)
     con = _sandbox(snapshots, memory_limit, threads)
-
-    timed_out = threading.Event()
-
-    def _interrupt() -> None:
-        timed_out.set()
-        con.interrupt()
-
-    timer = threading.Timer(timeout_s, _interrupt)
-    timer.daemon = True
-    timer.start()
+    deadline = Deadline(con, timeout_s, functools.partial(timeout_line, what, query, timeout_s))
     try:
-        with query_errors(hub, what, query, memory_limit, memory_ceiling, timeout_s, timed_out):
+        with deadline, query_errors(hub, what, query, memory_limit, memory_ceiling, timeout_s,
+                                    deadline.timed_out):
             relation = con.sql(sql, params=bound or None)
             if relation is None:  # cannot happen for a SELECT; kept so the type is honest
                 raise QueryError(f"the dataset query returned no result. Query: {_shown(query)}")
             result = relation.order("ALL").to_arrow_table()
     finally:
-        timer.cancel()
-        timer.join()  # never close the connection under a timer that is interrupting it
         con.close()
     versions = {name: snap.version for name, snap in snapshots.items()}
     log.info("query read %s and returned %d rows",

@@ -25,6 +25,7 @@ What differs from `run_query`:
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -36,7 +37,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from arf_trainer.datahub.query import _sandbox, open_checked, query_errors
+from arf_trainer.datahub.deadline import Deadline
+from arf_trainer.datahub.query import _sandbox, open_checked, query_errors, timeout_line
 from arf_trainer.errors import QueryError, SpecError
 
 
@@ -67,7 +69,9 @@ class QuerySource:
                        bounded_scan)
         clock = _Clock(con, self)
         try:
-            with self._errors(clock):
+            # Timed too: DuckDB folds constant expressions while it plans, so a query's whole
+            # work can happen here (`list_sort(range(...))`).
+            with self._errors(clock), clock.running():
                 relation = con.sql(self._sql, params=self._bound or None)
             if relation is None:  # cannot happen for a checked SELECT
                 raise QueryError(f"{self.what} returned no result")
@@ -95,17 +99,17 @@ class QuerySource:
                batch_rows: int) -> Iterator[tuple[pa.Schema, Iterator[pa.RecordBatch]]]:
         """(schema, batches) of the result in canonical order; see the module docstring."""
         with self._connection(bounded_scan=True) as (_, relation, clock):
-            if order_by:
-                missing = [c for c in order_by if c not in relation.columns]
-                if missing:
-                    raise SpecError(
-                        f"dataset.order_by names {', '.join(missing)}, not a column of the "
-                        f"result of {self.what}; columns: {', '.join(relation.columns)}. "
-                        "Fix the name (case-sensitive) or select the column in the query")
-                ordered = relation.sort(*(duckdb.ColumnExpression(c) for c in order_by))
-            else:
-                ordered = relation.order("ALL")
             with self._errors(clock), clock.running():
+                if order_by:
+                    missing = [c for c in order_by if c not in relation.columns]
+                    if missing:
+                        raise SpecError(
+                            f"dataset.order_by names {', '.join(missing)}, not a column of the "
+                            f"result of {self.what}; columns: {', '.join(relation.columns)}. "
+                            "Fix the name (case-sensitive) or select the column in the query")
+                    ordered = relation.sort(*(duckdb.ColumnExpression(c) for c in order_by))
+                else:
+                    ordered = relation.order("ALL")
                 reader = ordered.to_arrow_reader(batch_rows)  # runs the sort (spilling)
             batches = self._batches(reader, clock)
             yield reader.schema, (_unique(batches, order_by, self.what) if order_by else batches)
@@ -128,25 +132,22 @@ class _Clock:
         self.con, self.source = con, source
         self.timed_out = threading.Event()
 
-    def _interrupt(self) -> None:
-        self.timed_out.set()
-        self.con.interrupt()
-
     @contextmanager
     def running(self) -> Iterator[None]:
         if self.source._left <= 0:  # spent by earlier fetches: stop before asking for more
             self.timed_out.set()
             raise duckdb.InterruptException("the time limit was reached")
-        timer = threading.Timer(max(self.source._left, 0.0), self._interrupt)
-        timer.daemon = True
+        source = self.source
+        deadline = Deadline(self.con, source._left, functools.partial(
+            timeout_line, source.what, source.query, source.timeout_s))
         started = time.monotonic()
-        timer.start()
         try:
-            yield
+            with deadline:
+                yield
         finally:
-            timer.cancel()
-            timer.join()  # never close the connection under a timer that is interrupting it
-            self.source._left -= time.monotonic() - started
+            if deadline.timed_out.is_set():
+                self.timed_out.set()
+            source._left -= time.monotonic() - started
 
 
 def _same(a: pa.Array, b: pa.Array) -> pa.Array:
