@@ -5,12 +5,14 @@ of another type (`1.5` after a million integers, `n/a` in a number column) fails
 its line. Given a type, the CSV is parsed into it; a Parquet or Arrow column is cast to it (a
 value that does not fit names the file and the column). Type names are Arrow's (`int64`,
 `float64` or `double`, `float` = float32, `string`, `bool`, `date32`, `timestamp[us]`, ...),
+with `[N]` for fixed-size arrays as DuckDB writes them (`float32[7]`, `uint8[64][64][3]`),
 plus `date` (date32) and `timestamp` (microseconds, UTC: what the hub stores instants as; its
 values need a zone offset, `2026-12-01T10:00:00Z`: naive ones read as `timestamp[us]`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 import pyarrow as pa
@@ -18,7 +20,8 @@ import pyarrow as pa
 from arf_trainer.errors import DataHubError
 
 _ALIASES = {"date": pa.date32(), "timestamp": pa.timestamp("us", tz="UTC")}
-_EXAMPLES = "int64, float64, string, bool, date, timestamp"
+_EXAMPLES = "int64, float64, string, bool, date, timestamp, float32[7]"
+_ARRAY = re.compile(r"(.+?)((?:\[[0-9]+\])+)")
 
 
 def parse_types(specs: Iterable[str]) -> dict[str, pa.DataType]:
@@ -32,11 +35,24 @@ def parse_types(specs: Iterable[str]) -> dict[str, pa.DataType]:
         if column in types:
             raise DataHubError(f"--type names column {column!r} twice; give it once")
         try:
-            types[column] = _ALIASES.get(name.lower()) or pa.type_for_alias(name.lower())
+            types[column] = _type(name.lower())
         except (ValueError, KeyError) as exc:
             raise DataHubError(f"--type {spec!r}: {name!r} is not a type name; use one of "
                                f"{_EXAMPLES} (Arrow's names)") from exc
     return types
+
+
+def _type(name: str) -> pa.DataType:
+    """An Arrow type name, or one with `[N]...` dimensions (outermost first)."""
+    array = _ARRAY.fullmatch(name)
+    if array is None:
+        return _ALIASES.get(name) or pa.type_for_alias(name)
+    dtype = _type(array.group(1))
+    for size in reversed([int(n) for n in re.findall(r"[0-9]+", array.group(2))]):
+        if size < 1:
+            raise ValueError(f"array size {size} in {name!r}")
+        dtype = pa.list_(dtype, size)
+    return dtype
 
 
 def retyped(schema: pa.Schema, types: Mapping[str, pa.DataType]) -> pa.Schema:

@@ -1,7 +1,8 @@
 """The files an ingest reads: finding them, their schemas, and their rows as a bounded stream.
 
 Formats are told by the file name (`.parquet`/`.pq`, `.csv`/`.csv.gz`/`.tsv`,
-`.arrow`/`.feather`/`.ipc`/`.arrows`); a folder holding `_delta_log` is a Delta table. Each
+`.arrow`/`.feather`/`.ipc`/`.arrows`, `.jsonl`/`.ndjson` (gzipped too): JSON Lines,
+`arf_trainer.datahub.jsonl`); a folder holding `_delta_log` is a Delta table. Each
 file is read on its own, batch by batch, so an error names the file (and, for CSV, the line).
 Hive partition folders (`column=value/`) under a walked folder add their columns
 (`arf_trainer.datahub.hive`).
@@ -23,14 +24,15 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from arf_trainer.datahub import column_types, hive
+from arf_trainer.datahub import column_types, hive, jsonl
 from arf_trainer.datahub.arrow_types import schema_differences
 from arf_trainer.datahub.tables import open_delta_dataset
 from arf_trainer.errors import DataHubError
 
 SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv",
             ".csv.gz": "csv", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow",
-            ".arrows": "arrow"}
+            ".arrows": "arrow", ".jsonl": "json", ".ndjson": "json", ".jsonl.gz": "json",
+            ".ndjson.gz": "json"}
 BATCH_ROWS = 65_536
 CSV_BLOCK_BYTES = 4 << 20
 _KNOWN = ", ".join(sorted(SUFFIXES))
@@ -147,6 +149,8 @@ def _open_csv(source: Source, schema: pa.Schema | None) -> pacsv.CSVStreamingRea
 
 
 def _file_schema(source: Source, hint: pa.Schema | None) -> pa.Schema:
+    if source.format == "json":
+        return jsonl.schema(source.path, hint)
     try:
         if source.format == "parquet":
             return pq.read_schema(source.path)
@@ -201,7 +205,7 @@ def source_schema(sources: Sequence[Source], hint: pa.Schema | None = None,
     columns = [c for c, _ in sources[0].partition]
     for source in sources[1:]:
         other = column_types.retyped(
-            _file_schema(source, first if source.format == "csv" else None), types)
+            _file_schema(source, first if source.format in ("csv", "json") else None), types)
         problems = schema_differences(first, other)
         if [c for c, _ in source.partition] != columns:
             problems.append(f"partition folders {[c for c, _ in source.partition] or 'none'} "
@@ -238,6 +242,9 @@ def read_source(source: Source, schema: pa.Schema,
 def _file_batches(source: Source, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
     if source.format == "csv":
         yield from _csv_batches(source, schema)
+        return
+    if source.format == "json":
+        yield from jsonl.batches(source.path, schema)
         return
     try:
         if source.format == "parquet":
