@@ -107,7 +107,7 @@ def queued_events(versions: list[str]):
     dag.test() itself creates a manual run, which would evaluate at most one version."""
     from airflow.models.asset import AssetEvent, AssetModel, association_table
     from airflow.models.dagrun import DagRun
-    from airflow.utils import timezone
+    from airflow.sdk import timezone
     from sqlalchemy import event, insert, select
 
     def link(_mapper: Any, connection: Any, run: Any) -> None:
