@@ -61,13 +61,13 @@ def retyped(schema: pa.Schema, types: Mapping[str, pa.DataType]) -> pa.Schema:
                       for field in schema])
 
 
-def check_named(types: Mapping[str, pa.DataType], schema: pa.Schema, where: str) -> None:
-    """Every column `--type` names is a column of the input."""
-    unknown = [c for c in types if c not in schema.names]
+def check_named(types: Mapping[str, pa.DataType], columns: list[str], where: str) -> None:
+    """Every column `--type` names is one of the input's `columns`."""
+    unknown = [c for c in types if c not in columns]
     if unknown:
         raise DataHubError(
             f"--type names {', '.join(map(repr, unknown))}, which {where} does not have; its "
-            f"columns: {', '.join(schema.names)}")
+            f"columns: {', '.join(columns)}")
 
 
 def cast_named(batch: pa.RecordBatch, types: Mapping[str, pa.DataType],

@@ -51,16 +51,15 @@ def partition_of(file: Path, root: Path) -> Partition:
 
 def check_same_columns(root: Path, files: Sequence[Path], partitions: Sequence[Partition]) -> None:
     """Every file under `root` has the same partition columns, in the same order."""
-    columns = {tuple(c for c, _ in p) for p in partitions}
-    if len(columns) <= 1:
+    columns = [[c for c, _ in p] for p in partitions]
+    other = next((i for i, c in enumerate(columns) if c != columns[0]), None)
+    if other is None:
         return
-    first = [tuple(c for c, _ in p) for p in partitions][0]
-    other = next(i for i, p in enumerate(partitions) if tuple(c for c, _ in p) != first)
     raise DataHubError(
         f"{root}: its files sit under different partition folders: {files[0]} under "
-        f"{list(first) or 'none'}, {files[other]} under "
-        f"{[c for c, _ in partitions[other]] or 'none'}. Every file of one ingest needs the same "
-        "column=value folders in the same order; ingest the parts separately")
+        f"{columns[0] or 'none'}, {files[other]} under {columns[other] or 'none'}. Every file "
+        "of one ingest needs the same column=value folders in the same order; ingest the parts "
+        "separately")
 
 
 def partition_fields(sources: Sequence[Source], file_schema: pa.Schema,

@@ -197,12 +197,10 @@ def source_schema(sources: Sequence[Source], hint: pa.Schema | None = None,
     types = dict(types or {})
     hint = _with_types(hint, types)
     first = _file_schema(sources[0], hint)
-    column_types.check_named(types, pa.schema([*first, *(pa.field(c, pa.string()) for c, _
-                                                         in sources[0].partition)]),
-                             str(sources[0].path))
+    columns = [c for c, _ in sources[0].partition]
+    column_types.check_named(types, [*first.names, *columns], str(sources[0].path))
     first = column_types.retyped(first, types)
     partitions = hive.partition_fields(sources, first, hint)
-    columns = [c for c, _ in sources[0].partition]
     for source in sources[1:]:
         other = column_types.retyped(
             _file_schema(source, first if source.format in ("csv", "json") else None), types)

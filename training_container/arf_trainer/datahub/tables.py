@@ -200,7 +200,7 @@ def open_table(hub: Path, name: str, version: int | None = None) -> TableSnapsho
             f"{_format_versions(versions)} (latest {versions[-1] if versions else 'none'}). "
             f"Pin one of those in dataset.tables, or drop the pin to read the latest"
         ) from exc
-    dataset = _scan(table, local_filesystem(path))
+    dataset = _scan(table, path)
     _check_files_exist(path, name, table, dataset)
     return TableSnapshot(
         name=name,
@@ -233,14 +233,16 @@ def local_filesystem(path: Path) -> pafs.FileSystem:
     and a scan's read-ahead ends on Arrow's worker threads after the scan has returned. The
     last such buffer freed there needs the GIL; once the interpreter is finalizing, taking it
     exits the thread mid-destructor and the process aborts ("terminate called without an
-    active exception", SIGABRT after the step's work was done: 5 % of two-process evaluate
-    runs here, `bench/datahub_exit_abort.py`). Arrow's own reads are native buffers, and need
+    active exception", SIGABRT after the step's work was done: 15 of 80 reading processes
+    here, `bench/datahub_exit_abort.py`). Arrow's own reads are native buffers, and need
     no Python at all (so no GIL either while DuckDB scans).
     """
     return pafs.SubTreeFileSystem(str(Path(path).resolve()), pafs.LocalFileSystem())
 
 
-def _scan(table: DeltaTable, filesystem: pafs.FileSystem) -> pads.Dataset:
+def _scan(table: DeltaTable, path: Path) -> pads.Dataset:
+    """The table's dataset, its files read through `local_filesystem(path)`."""
+    filesystem = local_filesystem(path)
     dataset = table.to_pyarrow_dataset(filesystem=filesystem)
     recorded = recorded_types(table.schema())
     if recorded:  # array / unsigned columns: scan them with their original Arrow types
@@ -256,7 +258,7 @@ def open_delta_dataset(path: Path) -> pads.Dataset:
     while delta-rs writes, from delta-rs's runtime thread, which must not start another.
     """
     try:
-        return _scan(DeltaTable(str(path)), local_filesystem(path))
+        return _scan(DeltaTable(str(path)), path)
     except (TableNotFoundError, DeltaError) as exc:
         raise DataHubError(f"{path} is not a readable Delta table: {exc}") from exc
 
