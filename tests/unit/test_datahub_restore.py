@@ -69,7 +69,7 @@ def test_restoring_the_latest_writes_nothing_and_bad_versions_are_named(tmp_path
     summary = restore(hub, "eps", 1)
     assert not summary["restored"] and open_table(hub, "eps").version == 1
     assert describe_restore(summary) == "eps: version 1 is already the latest; nothing to restore"
-    with pytest.raises(DataHubError, match=r"has no version 7 to restore; versions: 0-1 \(latest"):
+    with pytest.raises(DataHubError, match=r"has no version 7 to restore; versions: 0, 1 \(latest"):
         restore(hub, "eps", 7)
     with pytest.raises(DataHubError, match="has no version -1 to restore"):
         restore(hub, "eps", -1)

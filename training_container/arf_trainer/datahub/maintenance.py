@@ -22,8 +22,8 @@ from urllib.parse import unquote
 from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import DeltaError
 
-from arf_trainer.datahub.tables import (latest_table, open_table, table_lock, table_path,
-                                       table_versions)
+from arf_trainer.datahub.tables import (format_versions, latest_table, open_table, table_lock,
+                                       table_path, table_versions)
 from arf_trainer.errors import DataHubError
 
 MAX_RETAIN_DAYS = 36500
@@ -118,8 +118,8 @@ def vacuum(hub: Path, name: str, retain_days: int, dry_run: bool = False) -> dic
     return {"table": name, "retain_days": retain_days, "dry_run": dry_run,
             "version_before": before, "version_after": after,
             "files_removed": len(removed), "bytes_removed": size,
-            "removed": removed, "readable_versions": _ranges(readable),
-            "unreadable_versions": _ranges(unreadable)}
+            "removed": removed, "readable_versions": format_versions(readable),
+            "unreadable_versions": format_versions(unreadable)}
 
 
 def _delete(table: DeltaTable, path: Path, options: dict,
@@ -181,17 +181,6 @@ def _readability(path: Path, removed: set[str]) -> tuple[list[int], list[int]]:
     return readable, unreadable
 
 
-def _ranges(versions: list[int]) -> str:
-    """[0, 1, 2, 3, 5, 7, 8] as '0-3, 5, 7-8'; 'none' for []."""
-    runs: list[list[int]] = []
-    for v in versions:
-        if runs and v == runs[-1][1] + 1:
-            runs[-1][1] = v
-        else:
-            runs.append([v, v])
-    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs) or "none"
-
-
 def describe_vacuum(summary: dict) -> str:
     """The one line `arf datahub vacuum` prints."""
     dry, days = summary["dry_run"], summary["retain_days"]
@@ -216,8 +205,8 @@ def restore(hub: Path, name: str, version: int) -> dict:
     if not _whole(version, 0, 2**63 - 1) or version not in versions:
         raise DataHubError(
             f"data hub table {name!r} has no version {version!r} to restore; versions: "
-            f"{_ranges(versions)} (latest {versions[-1]}). `arf datahub describe {name}` shows "
-            "what each one wrote")
+            f"{format_versions(versions)} (latest {versions[-1]}). `arf datahub describe {name}` "
+            "shows what each one wrote")
     snapshot = open_table(hub, name, version)  # names a version whose files a vacuum removed
     with table_lock(hub, name):
         table = latest_table(hub, name)
@@ -245,4 +234,5 @@ def describe_restore(summary: dict) -> str:
         return f"{name}: version {version} is already the latest; nothing to restore"
     return (f"{name}: version {summary['version_after']} has the rows of version {version} "
             f"({summary['rows']:,} rows); the versions it replaces "
-            f"({_ranges(list(range(version + 1, summary['version_before'] + 1)))}) stay readable")
+            f"({format_versions(list(range(version + 1, summary['version_before'] + 1)))}) "
+            "stay readable")

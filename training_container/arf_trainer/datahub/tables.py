@@ -127,13 +127,17 @@ def _has_commits(table: Path) -> bool:
         return False
 
 
-def _format_versions(versions: list[int]) -> str:
-    """'0-41' for a contiguous run, else the list; version lists can be long."""
-    if not versions:
-        return "none"
-    if versions == list(range(versions[0], versions[-1] + 1)) and len(versions) > 2:
-        return f"{versions[0]}-{versions[-1]}"
-    return ", ".join(str(v) for v in versions)
+def format_versions(versions: list[int]) -> str:
+    """[0, 1, ..., 41, 44, 45] as '0-41, 44, 45' (runs of three or more joined; version lists
+    can be long, and a vacuum leaves gaps); 'none' for []."""
+    runs: list[list[int]] = []
+    for v in versions:
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r))
+                     for r in runs) or "none"
 
 
 def _missing_table(hub: Path, name: str, version: int | None) -> DataHubError:
@@ -197,7 +201,7 @@ def open_table(hub: Path, name: str, version: int | None = None) -> TableSnapsho
         versions = table_versions(hub, name)
         raise DataHubError(
             f"data hub table {name!r} has no version {version}; versions available: "
-            f"{_format_versions(versions)} (latest {versions[-1] if versions else 'none'}). "
+            f"{format_versions(versions)} (latest {versions[-1] if versions else 'none'}). "
             f"Pin one of those in dataset.tables, or drop the pin to read the latest"
         ) from exc
     dataset = _scan(table, path)
