@@ -113,7 +113,7 @@ def test_describe_advises_compaction_of_many_small_files_only(tmp_path: Path) ->
     assert advice not in format_description(describe_table(hub, "eps"))  # 49 files
     _appended(hub, "eps", 1)
     text = format_description(describe_table(hub, "eps"))
-    assert "50 files of" in text and advice in text
+    assert "50 of its 50 files are under 16.0 MB" in text and advice in text
     compact(hub, "eps")
     assert advice not in format_description(describe_table(hub, "eps"))
     assert advice not in format_description(describe_table(hub, "eps", 49))  # not the latest

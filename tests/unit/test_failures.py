@@ -5,11 +5,13 @@ from __future__ import annotations
 import datetime as dt
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from arf_trainer.datahub.failures import (
     CORRECTIONS_TABLE, FAILURES_TABLE, correct_failures, record_failures)
-from arf_trainer.datahub.tables import open_table
+from arf_trainer.datahub.maintenance import SMALL_FILES
+from arf_trainer.datahub.tables import open_table, write_table
 from arf_trainer.errors import DataHubError
 from arf_trainer.sim import reach
 
@@ -54,7 +56,7 @@ def test_only_failed_episodes_are_recorded_once(tmp_path, episodes):
 
     retry = record_failures(tmp_path, model_name="m", model_version=3, eval_run_id="run-b",
                             episodes=zero, recorded_at=T0 + dt.timedelta(hours=1))
-    assert retry == {"episodes": 0, "rows": 0, "version": None}
+    assert retry == {"episodes": 0, "rows": 0, "version": None, "compacted_version": None}
     other = record_failures(tmp_path, model_name="m", model_version=4, eval_run_id="run-c",
                             episodes=zero[:2], recorded_at=T0)
     assert other["episodes"] == 2  # another version's failures are its own
@@ -82,6 +84,55 @@ def test_corrections_relabel_with_the_expert_once(tmp_path, episodes):
     times = set(rows["collected_at"].to_pylist())
     assert times == {night, night + dt.timedelta(days=1)}
     assert set(rows["source_model_version"].to_pylist()) == {1}
+
+
+def _files(hub, table, version=None):
+    from deltalake import DeltaTable
+
+    return len(DeltaTable(str(hub / table), version=version).file_uris())
+
+
+def _copies(hub, table, rows, column, count):
+    """`count` more appends of `rows` (one file each), `column` made distinct per copy."""
+    for i in range(1, count + 1):
+        values = pa.array(np.asarray(rows[column].to_numpy()) + 1000 * i, rows[column].type)
+        write_table(hub, table, rows.set_column(rows.schema.get_field_index(column), column,
+                                                values))
+
+
+def test_failure_loop_appends_compact_at_fifty_small_files(tmp_path, episodes):
+    """One small file per evaluation or night: the appends compact the table themselves
+    once its latest version reads SMALL_FILES (50) small files; the rows stay the same."""
+    zero = episodes["zero"]
+    first = record_failures(tmp_path, model_name="m", model_version=0, eval_run_id="r",
+                            episodes=zero[:1], recorded_at=T0)
+    _copies(tmp_path, FAILURES_TABLE, _rows(tmp_path, FAILURES_TABLE), "model_version",
+            SMALL_FILES - 3)
+    below = record_failures(tmp_path, model_name="m", model_version=1, eval_run_id="r",
+                            episodes=zero[:1], recorded_at=T0)
+    assert first["compacted_version"] is below["compacted_version"] is None
+    assert _files(tmp_path, FAILURES_TABLE) == SMALL_FILES - 1
+    at = record_failures(tmp_path, model_name="m", model_version=2, eval_run_id="r",
+                         episodes=zero[:1], recorded_at=T0)
+    assert at["compacted_version"] == at["version"] + 1
+    assert _files(tmp_path, FAILURES_TABLE, at["version"]) == SMALL_FILES
+    assert _files(tmp_path, FAILURES_TABLE) == 1
+    key = [("model_version", "ascending"), ("seed", "ascending"), ("step", "ascending")]
+    appended = open_table(tmp_path, FAILURES_TABLE, at["version"]).dataset.to_table()
+    assert _rows(tmp_path, FAILURES_TABLE).sort_by(key).equals(appended.sort_by(key))
+    from deltalake import DeltaTable
+
+    assert DeltaTable(str(tmp_path / FAILURES_TABLE)).history(1)[0]["arf.operation"] \
+        == "auto-compact"
+
+    night = T0 + dt.timedelta(days=1)
+    correct_failures(tmp_path, collected_at=night, limit=1)
+    _copies(tmp_path, CORRECTIONS_TABLE, _rows(tmp_path, CORRECTIONS_TABLE), "episode",
+            SMALL_FILES - 2)
+    corrected = correct_failures(tmp_path, collected_at=night, limit=1)
+    assert corrected["episodes"] == 1
+    assert corrected["compacted_version"] == corrected["version"] + 1
+    assert _files(tmp_path, CORRECTIONS_TABLE) == 1
 
 
 def test_model_filter_and_bad_input(tmp_path, episodes):

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from arf_trainer.datahub.arrow_types import type_name
+from arf_trainer.datahub.maintenance import SMALL_FILE_BYTES, SMALL_FILES, small_files
 from arf_trainer.datahub.tables import list_tables, open_table, table_path, table_versions
 
 
@@ -76,6 +77,7 @@ def describe_table(hub: Path, name: str, version: int | None = None) -> dict:
         "rows": _row_count(table, files, snapshot.dataset),
         "files": files.num_rows,
         "bytes": int(pc.sum(files.column("size_bytes")).as_py() or 0),
+        "small_files": small_files(table),
         "partition_columns": list(table.metadata().partition_columns),
         "columns": [{"name": field.name, "type": type_name(field.type)}
                     for field in snapshot.dataset.schema],
@@ -117,18 +119,13 @@ def format_tables(hub: Path, summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# Delta's auto-compaction threshold (50 files); "small" as delta-rs's compaction sees it.
-SMALL_FILES, SMALL_FILE_BYTES = 50, 16 * 2**20
-
-
 def _compact_hint(info: dict) -> list[str]:
-    """A line advising `arf datahub compact` when the latest version is many small files
+    """A line advising `arf datahub compact` when the latest version reads many small files
     (500 small appends scan ~3.8x slower than the same rows compacted: bench/datahub_compact.py)."""
-    files = info["files"]
-    if info["version"] != info["latest_version"] or files < SMALL_FILES \
-            or info["bytes"] / files >= SMALL_FILE_BYTES:
+    small = info["small_files"]
+    if info["version"] != info["latest_version"] or small < SMALL_FILES:
         return []
-    return [f"  {files} files of {_size(info['bytes'] / files)} on average: "
+    return [f"  {small} of its {info['files']} files are under {_size(SMALL_FILE_BYTES)}: "
             f"`arf datahub compact {info['table']}` makes them fewer and larger, and scans faster"]
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from arf_trainer.datahub.maintenance import compact_if_fragmented
 from arf_trainer.datahub.tables import list_tables, open_table, table_lock, write_table
 from arf_trainer.errors import DataHubError
 
@@ -108,7 +109,7 @@ def _record_new(hub: Path, table: str, model_name: str, model_version: int, eval
            if (table == FIELD_TABLE or not r.success)
            and (model_name, int(model_version), int(seed)) not in known]
     if not new:
-        return {"episodes": 0, "rows": 0, "version": None}
+        return {"episodes": 0, "rows": 0, "version": None, "compacted_version": None}
     steps = len(new[0][1].observations)
     n = len(new) * steps
     columns: dict[str, pa.Array] = {
@@ -127,7 +128,8 @@ def _record_new(hub: Path, table: str, model_name: str, model_version: int, eval
     version = write_table(hub, table, pa.table(columns))
     log.info("recorded %d episode(s) of %s v%s in %s (version %d)", len(new), model_name,
              model_version, table, version)
-    return {"episodes": len(new), "rows": n, "version": version}
+    return {"episodes": len(new), "rows": n, "version": version,
+            "compacted_version": compact_if_fragmented(hub, table)}
 
 
 def correct_failures(hub: Path, *, collected_at: dt.datetime, model_name: str | None = None,
@@ -154,7 +156,7 @@ def correct_failures(hub: Path, *, collected_at: dt.datetime, model_name: str | 
         raise DataHubError(f"--states {states!r} is not one of {', '.join(STATES)}: 'failed' "
                            "relabels the failed episodes, 'all' every field episode")
     if STATES[states] not in list_tables(hub):
-        return {"episodes": 0, "rows": 0, "version": None}
+        return {"episodes": 0, "rows": 0, "version": None, "compacted_version": None}
     # Two corrections at once would both relabel every open episode, under the same ids.
     with table_lock(hub, CORRECTIONS_TABLE):
         return _correct_open(hub, collected_at, model_name, limit, seeds, STATES[states])
@@ -180,7 +182,7 @@ def _correct_open(hub: Path, collected_at: dt.datetime, model_name: str | None,
             episodes.setdefault((name, version, seed), at)
     chosen = sorted(episodes, key=lambda k: (episodes[k], k))[:limit]
     if not chosen:
-        return {"episodes": 0, "rows": 0, "version": None}
+        return {"episodes": 0, "rows": 0, "version": None, "compacted_version": None}
     keys = pa.table({"model_name": [k[0] for k in chosen],
                      "model_version": pa.array([k[1] for k in chosen], type=pa.int64()),
                      "seed": pa.array([k[2] for k in chosen], type=pa.int64()),
@@ -205,7 +207,8 @@ def _correct_open(hub: Path, collected_at: dt.datetime, model_name: str | None,
     version = write_table(hub, CORRECTIONS_TABLE, pa.table(columns, schema=CORRECTIONS_SCHEMA))
     log.info("corrected %d failure episode(s) (%d states) into %s version %d, collected at %s",
              len(chosen), n, CORRECTIONS_TABLE, version, collected_at.isoformat())
-    return {"episodes": len(chosen), "rows": n, "version": version}
+    return {"episodes": len(chosen), "rows": n, "version": version,
+            "compacted_version": compact_if_fragmented(hub, CORRECTIONS_TABLE)}
 
 
 def _next_correction_episode(hub: Path) -> int:

@@ -7,13 +7,18 @@ stays readable); `vacuum` deletes the files that no version of the last `retain_
 uses, which makes the older versions unreadable for good; `restore` makes an older version's
 rows the latest again, as a new version (undoing a bad ingest without losing it).
 
-Both hold the table's writers' lock (`tables.table_lock`, the one the failure tables' appends
-hold), so a read-check-append never interleaves with them. `arf datahub ingest` takes no lock:
-delta-rs's commit check lets its blind append and a compaction both land.
+All three hold the table's writers' lock (`tables.table_lock`, the one the failure tables'
+appends hold), so a read-check-append never interleaves with them. `arf datahub ingest` takes no
+lock: delta-rs's commit check lets its blind append and a compaction both land.
+
+The failure loop's own appends (one small file per evaluation or night) compact as they go:
+`compact_if_fragmented`, called by an appender that already holds the lock, compacts once the
+latest version has `SMALL_FILES` small files, as Delta's auto-compaction does.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +34,11 @@ from arf_trainer.errors import DataHubError
 MAX_RETAIN_DAYS = 36500
 MAX_TARGET_SIZE_MB = 10240
 _DAY_MS = 86_400_000
+# Delta's auto-compaction threshold (delta.autoOptimize's minNumFiles, 50 files); "small" as
+# `arf datahub describe` counts it when it advises a compaction.
+SMALL_FILES, SMALL_FILE_BYTES = 50, 16 * 2**20
+
+log = logging.getLogger(__name__)
 
 
 def _whole(value: object, low: int, high: int) -> bool:
@@ -52,19 +62,45 @@ def compact(hub: Path, name: str, target_size_mb: int | None = None) -> dict:
             f"give whole megabytes from 1 to {MAX_TARGET_SIZE_MB}, or leave it out (100 MB)")
     latest_table(hub, name)  # an unknown table is named before the lock creates <hub>/.locks
     with table_lock(hub, name):
-        table = latest_table(hub, name)
-        before, (files, rows, size) = table.version(), _snapshot(table)
-        commit = CommitProperties(custom_metadata={"arf.operation": "compact"})
-        try:
-            metrics = table.optimize.compact(
-                target_size=target_size_mb * 2**20 if target_size_mb else None,
-                commit_properties=commit)
-        except DeltaError as exc:
-            raise DataHubError(
-                f"could not compact data hub table {name!r}: {exc}. The table is unchanged; "
-                "run the compaction again") from exc
-        after = latest_table(hub, name)
-        files_after, rows_after, size_after = _snapshot(after)
+        return _compact(hub, name, target_size_mb, "compact")
+
+
+def small_files(table: DeltaTable) -> int:
+    """How many of the files `table`'s version reads are under SMALL_FILE_BYTES."""
+    sizes = table.get_add_actions(flatten=True).column("size_bytes").to_pylist()
+    return sum(size < SMALL_FILE_BYTES for size in sizes)
+
+
+def compact_if_fragmented(hub: Path, name: str) -> int | None:
+    """Compact `name` when its latest version reads SMALL_FILES or more small files; the
+    compacted version, or None. The caller holds `table_lock(hub, name)` (a second flock from
+    this process would wait on itself). A compaction that fails is logged and changes nothing:
+    the append before it has landed, and the next append tries again."""
+    if small_files(latest_table(hub, name)) < SMALL_FILES:
+        return None
+    try:
+        summary = _compact(hub, name, None, "auto-compact")
+    except DataHubError as exc:
+        log.warning("%s; it stays as it is until the next append compacts it", exc)
+        return None
+    log.info("%s", describe_compact(summary))
+    return summary["version_after"] if summary["compacted"] else None
+
+
+def _compact(hub: Path, name: str, target_size_mb: int | None, operation: str) -> dict:
+    table = latest_table(hub, name)
+    before, (files, rows, size) = table.version(), _snapshot(table)
+    commit = CommitProperties(custom_metadata={"arf.operation": operation})
+    try:
+        metrics = table.optimize.compact(
+            target_size=target_size_mb * 2**20 if target_size_mb else None,
+            commit_properties=commit)
+    except DeltaError as exc:
+        raise DataHubError(
+            f"could not compact data hub table {name!r}: {exc}. The table is unchanged; "
+            "run the compaction again") from exc
+    after = latest_table(hub, name)
+    files_after, rows_after, size_after = _snapshot(after)
     return {"table": name, "compacted": metrics["numFilesAdded"] > 0,
             "version_before": int(before), "version_after": int(after.version()),
             "files_before": files, "files_after": files_after, "rows": rows_after,
