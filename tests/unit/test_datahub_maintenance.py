@@ -246,6 +246,28 @@ def test_vacuum_removes_replaced_files_and_old_versions_fail_clearly(tmp_path: P
     assert again["files_removed"] == 0 and again["version_after"] == 12  # no empty commits
 
 
+def test_vacuum_under_a_running_query_names_the_vacuum(tmp_path: Path) -> None:
+    """The prepare step opens its snapshots, then streams: a vacuum in between removes the
+    pinned version's files under it; the step names the VACUUM, not Arrow's "No such file"."""
+    from arf_trainer.datahub.query import run_query
+    from arf_trainer.datahub.stream import QuerySource
+
+    hub = tmp_path / "hub"
+    table = _overwritten(hub)
+    source = QuerySource(hub, "SELECT * FROM eps", {"eps": 9}, parameters=None,
+                         what="dataset.query", memory_limit="1GB", timeout_s=60,
+                         spill_dir=tmp_path / "spill")
+    assert source.count() == 40
+    _age(table, 3)
+    assert vacuum(hub, "eps", 1)["unreadable_versions"] == "0-9"
+    with pytest.raises(DataHubError, match=r"version 9 of data hub table 'eps' refers to data "
+                       r"files that no longer exist \(10 missing.*VACUUM of the table removed "
+                       r"them while this run read the version.*the latest is 12"):
+        with source.stream(["id"], 16) as (_, batches):
+            list(batches)
+    assert run_query(hub, "SELECT count(*) AS n FROM eps")[0]["n"].to_pylist() == [40]  # the latest reads on
+
+
 def test_vacuum_removes_files_whose_tombstone_a_checkpoint_dropped(tmp_path: Path) -> None:
     hub = tmp_path / "hub"
     table = _overwritten(hub)

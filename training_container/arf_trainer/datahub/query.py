@@ -56,7 +56,7 @@ from arf_trainer.datahub.sqlcheck import (
     check_query,
 )
 from arf_trainer.datahub.sqlcheck import shown as _shown
-from arf_trainer.datahub.tables import TableSnapshot, list_tables, open_table
+from arf_trainer.datahub.tables import TableSnapshot, list_tables, open_table, vacuumed
 from arf_trainer.errors import QueryError
 
 log = logging.getLogger(__name__)
@@ -192,8 +192,10 @@ def timeout_line(what: str, query: str, timeout_s: float, how: str = "was stoppe
 
 @contextmanager
 def query_errors(hub: Path, what: str, query: str, memory_limit: str, ceiling: str | None,
-                 timeout_s: float, timed_out: threading.Event) -> Iterator[None]:
-    """Turn what DuckDB (or Arrow, reading its result) raises into a QueryError that says why."""
+                 timeout_s: float, timed_out: threading.Event,
+                 snapshots: Mapping[str, TableSnapshot]) -> Iterator[None]:
+    """Turn what DuckDB (or Arrow, reading its result) raises into a QueryError that says why
+    (a DataHubError when a VACUUM removed files of a version the query was reading)."""
     try:
         yield
     except duckdb.InterruptException as exc:
@@ -214,6 +216,10 @@ def query_errors(hub: Path, what: str, query: str, memory_limit: str, ceiling: s
             f"FROM/JOIN clauses can be read; {_available(list_tables(hub))}"
         ) from exc
     except (duckdb.Error, pa.ArrowException) as exc:
+        for snapshot in snapshots.values():
+            error = vacuumed(hub, snapshot, while_reading=True)
+            if error:
+                raise error from exc
         raise QueryError(f"the dataset query failed: {exc}. Query: {_shown(query)}") from exc
 
 
@@ -253,14 +259,15 @@ def run_query(
     Raises:
         QueryError: the query is not one SELECT, is invalid, references a table the hub does not
             have, touches files/extensions/settings, or exceeds its time or memory limit.
-        DataHubError: a pinned table or version does not exist.
+        DataHubError: a pinned table or version does not exist, or a VACUUM removed its files
+            (before or while the query read them).
     """
     sql, bound, snapshots = open_checked(hub, query, pinned, parameters, what, timeout_s)
     con = _sandbox(snapshots, memory_limit, threads)
     deadline = Deadline(con, timeout_s, functools.partial(timeout_line, what, query, timeout_s))
     try:
         with deadline, query_errors(hub, what, query, memory_limit, memory_ceiling, timeout_s,
-                                    deadline.timed_out):
+                                    deadline.timed_out, snapshots):
             relation = con.sql(sql, params=bound or None)
             if relation is None:  # cannot happen for a SELECT; kept so the type is honest
                 raise QueryError(f"the dataset query returned no result. Query: {_shown(query)}")

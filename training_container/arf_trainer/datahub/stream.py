@@ -81,7 +81,7 @@ class QuerySource:
 
     def _errors(self, clock: _Clock) -> Any:
         return query_errors(self.hub, self.what, self.query, self.memory_limit, self.ceiling,
-                            self.timeout_s, clock.timed_out)
+                            self.timeout_s, clock.timed_out, self._snapshots)
 
     def schema(self) -> pa.Schema:
         """The result's columns and Arrow types (an empty result of the same query)."""

@@ -205,28 +205,32 @@ def open_table(hub: Path, name: str, version: int | None = None) -> TableSnapsho
             f"Pin one of those in dataset.tables, or drop the pin to read the latest"
         ) from exc
     dataset = _scan(table, path)
-    _check_files_exist(path, name, table, dataset)
-    return TableSnapshot(
-        name=name,
-        version=int(table.version()),
-        uri=path.resolve().as_uri(),
-        dataset=dataset,
-    )
+    snapshot = TableSnapshot(name=name, version=int(table.version()), uri=path.resolve().as_uri(),
+                             dataset=dataset)
+    error = vacuumed(hub, snapshot)
+    if error:
+        raise error
+    return snapshot
 
 
-def _check_files_exist(path: Path, name: str, table: DeltaTable, dataset: pads.Dataset) -> None:
-    """A version whose data files a VACUUM removed is still in the log: refuse it by name
-    (its scan would fail half-way with a bare "Object ... not found"). The dataset's paths are
-    relative to the table's folder (`file_uris` would be percent-encoded)."""
-    missing = [f for f in dataset.files if not (path / f).is_file()]
+def vacuumed(hub: Path, snapshot: TableSnapshot, *, while_reading: bool = False
+             ) -> DataHubError | None:
+    """The error naming the VACUUM that removed data files of `snapshot`'s version, or None
+    while every file is there. A version a vacuum emptied is still in the log: refused by name
+    when opened (its scan would fail half-way with a bare "Object ... not found"), and named
+    when a vacuum removed the files under a query reading it (`while_reading`). The dataset's
+    paths are relative to the table's folder (`file_uris` would be percent-encoded)."""
+    path = table_path(hub, snapshot.name)
+    missing = [f for f in snapshot.dataset.files if not (path / f).is_file()]
     if not missing:
-        return
+        return None
     latest = DeltaTable(str(path)).version()
-    raise DataHubError(
-        f"version {table.version()} of data hub table {name!r} refers to data files that no "
-        f"longer exist ({len(missing)} missing, e.g. {Path(missing[0]).name}): a VACUUM of the "
-        f"table removed them. Pin a version written after the vacuum (the latest is {latest}), "
-        "or drop the pin to read the latest"
+    when = "removed them while this run read the version" if while_reading else "removed them"
+    return DataHubError(
+        f"version {snapshot.version} of data hub table {snapshot.name!r} refers to data files "
+        f"that no longer exist ({len(missing)} missing, e.g. {Path(missing[0]).name}): a "
+        f"VACUUM of the table {when}. Pin a version written after the vacuum (the latest is "
+        f"{latest}), or drop the pin to read the latest"
     )
 
 
