@@ -77,8 +77,9 @@ class DatasetLayout(BaseModel):
         description="Columns of encoded image bytes (BLOB) to decode in prepare, e.g. {image: "
                     "{format: png, shape: [64, 64, 3]}}: the shards and the trainer see a "
                     "uint8 [H][W][C] array column (like UTINYINT[64][64][3]) and the "
-                    "fingerprint covers the decoded pixels. A null, undecodable, other-format "
-                    "or other-size value fails prepare.")
+                    "fingerprint covers the decoded pixels. A null, undecodable, damaged "
+                    "(a JPEG libjpeg warns about), other-format or other-size value fails "
+                    "prepare.")
 
     @field_validator("order_by")
     @classmethod

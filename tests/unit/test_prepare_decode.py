@@ -129,6 +129,9 @@ def test_jpeg_grayscale_and_the_replay_path_decode(tmp_path: Path) -> None:
     manifest = _manifest(workspace)
     assert manifest["replay"]["rows"] == EPISODES * STEPS // 2
     assert manifest["rows"] == EPISODES * STEPS * 3 // 2
+    import simplejpeg  # it decides which JPEGs pass (damaged ones do not): recorded
+
+    assert manifest["created_with"]["simplejpeg"] == simplejpeg.__version__
     rows = _shard_rows(workspace)
     position = rows["episode"].to_numpy() * STEPS + rows["step"].to_numpy()
     stored = np.asarray(rows["image"].to_pylist(), dtype=np.uint8)
@@ -228,6 +231,44 @@ def test_a_bad_value_fails_prepare_naming_column_and_row(
         assert fragment in message, message
     # Complete-or-absent: nothing is written as prepared.
     assert not (tmp_path / "ws" / "prepare").exists()
+    assert list((tmp_path / "ws").iterdir()) == []
+
+
+def _cut_short(jpeg: bytes) -> bytes:
+    """The first half of the entropy-coded data, then the end-of-image marker (a copy or an
+    upload that stopped early, closed by a tool that 'repairs' files)."""
+    scan = jpeg.index(b"\xff\xda")
+    return jpeg[:scan + (len(jpeg) - scan) // 2] + b"\xff\xd9"
+
+
+def _altered(jpeg: bytes) -> bytes:
+    """Two bytes of the entropy-coded data altered (bad storage, a broken transfer)."""
+    scan = jpeg.index(b"\xff\xda")
+    middle = scan + (len(jpeg) - scan) // 2
+    return jpeg[:middle] + bytes(b ^ 0x55 for b in jpeg[middle:middle + 2]) + jpeg[middle + 2:]
+
+
+@pytest.mark.parametrize("damage, warning", [
+    pytest.param(_cut_short, "premature end of data segment", id="cut-short"),
+    pytest.param(_altered, "Corrupt JPEG data", id="altered"),
+])
+def test_a_damaged_jpeg_is_refused_not_decoded_with_grey(tmp_path: Path, damage: Any,
+                                                         warning: str) -> None:
+    """Pillow decodes both, filling the damage with grey (asserted first); libjpeg warns, and
+    prepare refuses the row by its warning."""
+    _, frames = frames_table()
+    jpegs = [encode(f, "JPEG") for f in frames]
+    damaged = damage(jpegs[23])
+    with Image.open(io.BytesIO(damaged)) as img:  # what the check is for
+        assert np.asarray(img.convert("RGB")).shape == (SIDE, SIDE, 3)
+    table, _ = frames_table([*jpegs[:23], damaged, *jpegs[24:]])
+    with pytest.raises(DecodeError) as info:
+        _prepare(tmp_path, table, decode={"image": {"format": "jpeg", "shape": [SIDE, SIDE, 3]}})
+    message = str(info.value)
+    assert "row 23 of dataset.query's result (episode=2, step=3)" in message
+    assert f"{len(damaged)} bytes of a damaged JPEG (libjpeg: " in message
+    assert warning in message and "fill the damaged part with grey" in message
+    assert "filter such rows out in the query" in message
     assert list((tmp_path / "ws").iterdir()) == []
 
 

@@ -12,7 +12,8 @@ What is checked, in order, each failure naming the column and how to fix it:
 1. The column is in the result and binary (DuckDB BLOB) — before any row is read.
 2. Every value, as it streams: not null; opened by Pillow's decoder for the declared format
    only (no other of Pillow's parsers sees the bytes, and a value in another format is named
-   by its signature); `img.format` is the declared one; exactly W x H pixels (nothing is
+   by its signature); `img.format` is the declared one; a JPEG libjpeg warns about (cut short
+   or altered: Pillow would decode it with grey where the damage is) is refused; exactly W x H pixels (nothing is
    resized); 8 bits per channel; for C = 1 or 3, no transparent pixel (an alpha band or a
    transparency entry whose alpha is below 255 anywhere: the conversion would drop the alpha
    and the policy would train on the colour beneath, which nobody saw; fully opaque alpha, as
@@ -109,6 +110,10 @@ class ImageDecoder:
                     problem = self._transparent(img)
                     if problem:
                         return problem
+                if expected == "JPEG":
+                    problem = _damaged_jpeg(data)
+                    if problem:
+                        return problem
                 pixels = np.asarray(img.convert(_MODE[channels]))
         except UnidentifiedImageError:
             return _not_the_format(data, expected)
@@ -137,6 +142,28 @@ class ImageDecoder:
                 "keep the colour beneath each transparent pixel. Declare 4 channels to keep "
                 f"the alpha ({self.field}.shape [{height}, {width}, 4]), or flatten the images "
                 "onto a background (composite them) before ingest")
+
+
+# The check decodes the source's own colour space at 1/8 scale: libjpeg still reads every
+# entropy-coded byte, where damage shows. It adds ~17 % to decoding (bench/jpeg_check.py).
+_CHECK_AS = {"Gray": "GRAY", "CMYK": "CMYK", "YCCK": "CMYK"}
+
+
+def _damaged_jpeg(data: bytes) -> str | None:
+    """libjpeg's warning about `data`, or None. A cut-short or altered JPEG makes libjpeg warn
+    ("Corrupt JPEG data: premature end of data segment", "... extraneous bytes before marker")
+    and go on, filling what it could not read with grey; Pillow drops the warning, so such a
+    frame would train silently. simplejpeg's strict mode turns it into an error. Damage that
+    still decodes to valid codes (some single bit flips) leaves no trace in any decoder."""
+    import simplejpeg
+
+    try:
+        colour = _CHECK_AS.get(simplejpeg.decode_jpeg_header(data)[2], "RGB")
+        simplejpeg.decode_jpeg(data, colorspace=colour, strict=True, min_height=1, min_width=1)
+    except ValueError as exc:
+        return (f"{len(data)} bytes of a damaged JPEG (libjpeg: {exc}): the image is cut short "
+                "or altered, and decoding it would fill the damaged part with grey")
+    return None
 
 
 def _levels(arrow_type: pa.DataType) -> list[pa.DataType]:
@@ -234,4 +261,9 @@ class Decoders:
             return {}
         import PIL
 
-        return {"pillow": PIL.__version__}
+        versions = {"pillow": PIL.__version__}
+        if any(d.format == "jpeg" for d in self.decoders):  # it decides which frames pass
+            import simplejpeg
+
+            versions["simplejpeg"] = simplejpeg.__version__
+        return versions

@@ -24,8 +24,8 @@ Layout, under the run workspace (shared by every step of one DAG run)::
      "shards": {"train": [{"path", "rows", "sha256"}], "val": [...]} (a split with no rows
                has no shards),
      "validation_split", "split_by" (a column or null), "order_by" (columns or null), "seed",
-     "created_with": {"duckdb", "pyarrow"} (and "pillow" when decoding), "decode": null or
-               {column: {"format", "shape"}} (`dataset.decode`, below),
+     "created_with": {"duckdb", "pyarrow"} (and "pillow" when decoding, "simplejpeg" for
+               JPEG), "decode": null or {column: {"format", "shape"}} (`dataset.decode`),
      "new_rows": rows of dataset.query, "replay": null or {"query", "ratio", "rows_available",
                "rows_requested", "rows", "tables"} (see below),
      "parameters": {name: ISO time} bound to the queries ($data_interval_start, ...)}
