@@ -28,7 +28,8 @@ def add_parsers(hsub: argparse._SubParsersAction) -> None:
     """Add the subcommands to `arf datahub`."""
     ingest = hsub.add_parser(
         "ingest", help="add Parquet, CSV, Arrow IPC or JSON Lines files or folders (or a "
-        "Delta table) to a table as one new version, streamed (any size)")
+        "Delta table, or a LeRobot dataset with its videos) to a table as one new version, "
+        "streamed (any size)")
     ingest.add_argument("table", help="table name, a lower-case identifier (e.g. robot_episodes)")
     ingest.add_argument("paths", nargs="+", metavar="FILE_OR_FOLDER")
     ingest.add_argument("--mode", choices=["append", "overwrite"], default="append",

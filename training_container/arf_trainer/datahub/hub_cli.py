@@ -26,7 +26,8 @@ def add_parsers(hub_sub: argparse._SubParsersAction) -> None:
     """Add the subcommands of COMMANDS to `arf-trainer datahub`."""
     ingest = hub_sub.add_parser(
         "ingest", help="write Parquet, CSV, Arrow IPC or JSON Lines files or folders (or a "
-        "Delta table) into a data hub table as one new version")
+        "Delta table, or a LeRobot dataset with its videos) into a data hub table as one new "
+        "version")
     ingest.add_argument("--hub", required=True, help="data hub root directory")
     ingest.add_argument("table", help="table name, a lower-case identifier (e.g. robot_episodes)")
     ingest.add_argument("paths", nargs="+", metavar="FILE_OR_FOLDER")

@@ -1,5 +1,6 @@
-"""Users' data into the hub: Parquet, CSV, Arrow IPC files or folders (or a Delta table) in one
-atomic, versioned Delta commit, streamed in bounded memory.
+"""Users' data into the hub: Parquet, CSV, Arrow IPC, JSON Lines files or folders (or a Delta
+table, or a LeRobot dataset: `arf_trainer.datahub.lerobot`) in one atomic, versioned Delta
+commit, streamed in bounded memory.
 
 The guarantees, in the order they are built:
 

@@ -2,7 +2,9 @@
 
 Formats are told by the file name (`.parquet`/`.pq`, `.csv`/`.csv.gz`/`.tsv`,
 `.arrow`/`.feather`/`.ipc`/`.arrows`, `.jsonl`/`.ndjson` (gzipped too): JSON Lines,
-`arf_trainer.datahub.jsonl`); a folder holding `_delta_log` is a Delta table. Each
+`arf_trainer.datahub.jsonl`); a folder holding `_delta_log` is a Delta table, and one holding
+`meta/info.json` a LeRobot dataset (`arf_trainer.datahub.lerobot`: its data files, one source
+each, with their camera frames). Each
 file is read on its own, batch by batch, so an error names the file (and, for CSV, the line).
 Hive partition folders (`column=value/`) under a walked folder add their columns
 (`arf_trainer.datahub.hive`).
@@ -24,7 +26,7 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from arf_trainer.datahub import column_types, hive, jsonl
+from arf_trainer.datahub import column_types, hive, jsonl, lerobot
 from arf_trainer.datahub.arrow_types import schema_differences
 from arf_trainer.datahub.tables import open_delta_dataset
 from arf_trainer.errors import DataHubError
@@ -43,12 +45,13 @@ class Source:
     """One input: a file of a known format, or a Delta table folder."""
 
     path: Path
-    format: str  # parquet | csv | arrow | delta
+    format: str  # parquet | csv | json | arrow | delta | lerobot
     size: int
     # A Delta table is opened here, on the caller's thread: delta-rs cannot open a table from
     # the thread of its own runtime that pulls the batches during the write.
     dataset: pads.Dataset | None = field(default=None, compare=False, repr=False)
     partition: hive.Partition = ()  # the column=value folders it sits under, outermost first
+    lerobot: lerobot.LeRobotMeta | None = field(default=None, compare=False, repr=False)
 
 
 def _format_of(path: Path) -> str | None:
@@ -118,6 +121,10 @@ def resolve_sources(paths: Sequence[str | Path]) -> list[Source]:
             raise DataHubError(f"{path} does not exist; check the path (nothing was written)")
         if path.is_dir() and (path / "_delta_log").is_dir():
             sources.append(_delta_source(path))
+        elif lerobot.is_dataset(path):
+            meta = lerobot.read_meta(path)
+            sources.extend(Source(f, "lerobot", f.stat().st_size, lerobot=meta)
+                           for f in lerobot.data_files(path))
         elif path.is_dir():
             found = _folder_sources(path)
             if not found:
@@ -151,6 +158,8 @@ def _open_csv(source: Source, schema: pa.Schema | None) -> pacsv.CSVStreamingRea
 def _file_schema(source: Source, hint: pa.Schema | None) -> pa.Schema:
     if source.format == "json":
         return jsonl.schema(source.path, hint)
+    if source.lerobot is not None:
+        return lerobot.table_schema(source.lerobot, source.path)
     try:
         if source.format == "parquet":
             return pq.read_schema(source.path)
@@ -243,6 +252,10 @@ def _file_batches(source: Source, schema: pa.Schema) -> Iterator[pa.RecordBatch]
         return
     if source.format == "json":
         yield from jsonl.batches(source.path, schema)
+        return
+    if source.lerobot is not None:
+        yield from lerobot.batches(source.lerobot, source.path,
+                                   lerobot.table_schema(source.lerobot, source.path))
         return
     try:
         if source.format == "parquet":

@@ -1,0 +1,133 @@
+"""Tiny LeRobot datasets on disk, written the way `lerobot` lays them out (v2.1: a Parquet and
+an MP4 per episode; v3.0: many episodes per file, found through meta/episodes), for the
+ingest tests.
+
+Every frame says which it is: frame i of episode e is one flat grey level, `level(e, i)`, so a
+test can tell from the decoded pixels whether a row got its own frame (a lossy codec keeps a
+flat frame's level within a few units; neighbouring frames differ by 12).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FPS, SIDE, STATE = 10, 64, 6
+TASKS = ["pick the cube", "place the cube"]
+
+
+def level(episode: int, frame: int) -> int:
+    return 20 + 12 * frame + 5 * episode
+
+
+def frames(episode: int, length: int, channels: int = 3) -> np.ndarray:
+    return np.stack([np.full((SIDE, SIDE, channels), level(episode, i), dtype=np.uint8)
+                     for i in range(length)])
+
+
+def encode(path: Path, pictures: np.ndarray, codec: str = "libsvtav1") -> None:
+    """`pictures` [N, H, W, 3] as an MP4 at FPS (LeRobot's default codec: AV1 by SVT-AV1)."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = SIDE, SIDE, "yuv420p"
+        for picture in pictures:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _rows(episode: int, length: int, first_index: int) -> pa.Table:
+    rng = np.random.default_rng(episode)
+    vectors = pa.list_(pa.float32())
+    return pa.table({
+        "observation.state": pa.array(list(rng.normal(size=(length, STATE)).astype(np.float32)),
+                                      vectors),
+        "action": pa.array(list(rng.normal(size=(length, 2)).astype(np.float32)), vectors),
+        "timestamp": pa.array(np.arange(length, dtype=np.float32) / FPS),
+        "frame_index": pa.array(np.arange(length, dtype=np.int64)),
+        "episode_index": pa.array(np.full(length, episode, dtype=np.int64)),
+        "index": pa.array(np.arange(first_index, first_index + length, dtype=np.int64)),
+        "task_index": pa.array(np.full(length, episode % 2, dtype=np.int64)),
+    })
+
+
+def _info(version: str, data_path: str, video_path: str, lengths: list[int]) -> dict:
+    features = {
+        "observation.images.top": {"dtype": "video", "shape": [SIDE, SIDE, 3],
+                                   "names": ["height", "width", "channels"]},
+        "observation.state": {"dtype": "float32", "shape": [STATE]},
+        "action": {"dtype": "float32", "shape": [2]},
+        **{name: {"dtype": dtype, "shape": [1]} for name, dtype in (
+            ("timestamp", "float32"), ("frame_index", "int64"), ("episode_index", "int64"),
+            ("index", "int64"), ("task_index", "int64"))},
+    }
+    return {"codebase_version": version, "robot_type": "so100", "fps": FPS,
+            "total_episodes": len(lengths), "total_frames": sum(lengths), "chunks_size": 1000,
+            "data_path": data_path, "video_path": video_path, "features": features}
+
+
+def write_v21(root: Path, lengths: list[int]) -> Path:
+    """A v2.1 dataset: data/chunk-000/episode_{e:06d}.parquet and one MP4 per episode."""
+    first = 0
+    for episode, length in enumerate(lengths):
+        data = root / "data" / "chunk-000" / f"episode_{episode:06d}.parquet"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(_rows(episode, length, first), data)
+        encode(root / "videos" / "chunk-000" / "observation.images.top"
+               / f"episode_{episode:06d}.mp4", frames(episode, length))
+        first += length
+    meta = root / "meta"
+    meta.mkdir(parents=True, exist_ok=True)
+    info = _info("v2.1", "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+                 "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4",
+                 lengths)
+    (meta / "info.json").write_text(json.dumps(info, indent=4))
+    (meta / "tasks.jsonl").write_text("".join(
+        json.dumps({"task_index": i, "task": t}) + "\n" for i, t in enumerate(TASKS)))
+    return root
+
+
+def write_v30(root: Path, lengths: list[int], episodes_per_video: int = 2) -> Path:
+    """A v3.0 dataset: all rows in data/chunk-000/file-000.parquet, the episodes' frames
+    concatenated `episodes_per_video` to a file, and meta/episodes giving each one's file and
+    from_timestamp."""
+    tables, meta_rows, first = [], [], 0
+    groups = [list(range(s, min(s + episodes_per_video, len(lengths))))
+              for s in range(0, len(lengths), episodes_per_video)]
+    for file_index, group in enumerate(groups):
+        offset = 0.0
+        encode(root / "videos" / "observation.images.top" / "chunk-000"
+               / f"file-{file_index:03d}.mp4",
+               np.concatenate([frames(e, lengths[e]) for e in group]))
+        for episode in group:
+            tables.append(_rows(episode, lengths[episode], first))
+            meta_rows.append({"episode_index": episode, "length": lengths[episode],
+                              "data/chunk_index": 0, "data/file_index": 0,
+                              "videos/observation.images.top/chunk_index": 0,
+                              "videos/observation.images.top/file_index": file_index,
+                              "videos/observation.images.top/from_timestamp": offset,
+                              "videos/observation.images.top/to_timestamp":
+                                  offset + lengths[episode] / FPS})
+            offset += lengths[episode] / FPS
+            first += lengths[episode]
+    data = root / "data" / "chunk-000" / "file-000.parquet"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.concat_tables(tables), data)
+    episodes = root / "meta" / "episodes" / "chunk-000" / "file-000.parquet"
+    episodes.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(meta_rows), episodes)
+    pq.write_table(pa.table({"task_index": pa.array(range(len(TASKS)), pa.int64()),
+                             "__index_level_0__": TASKS}), root / "meta" / "tasks.parquet")
+    info = _info("v3.0", "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+                 "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4",
+                 lengths)
+    (root / "meta" / "info.json").write_text(json.dumps(info, indent=4))
+    return root

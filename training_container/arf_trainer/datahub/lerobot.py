@@ -1,0 +1,325 @@
+"""LeRobot datasets in: `arf datahub ingest TABLE DATASET_FOLDER` on a LeRobotDataset folder.
+
+A folder with `meta/info.json` is read as a LeRobot dataset (codebase v2.0, v2.1 or v3.0, as
+`lerobot` writes and the Hugging Face Hub serves them), not as loose Parquet files. One table
+row per frame, the dataset's own column names (`observation.state`, `action`, ...), and:
+
+- Each video feature (`dtype: video`, a camera) becomes a column of that name holding the
+  frame as PNG bytes: decoded from the episode's MP4 at the row's time (`timestamp`, plus the
+  episode's `from_timestamp` in a v3.0 file of many episodes) within LeRobot's tolerance
+  (`video_frames`). PNG is lossless, so prepare's `dataset.decode` gives back exactly the
+  pixels the video decoder produced; frames are never resized.
+- Each image feature (`dtype: image`, stored in the Parquet as {bytes, path}) becomes a column
+  of its encoded bytes (PNG or JPEG as recorded), for `dataset.decode` as well.
+- Vector features (`shape: [6]`) become fixed-size arrays (`FLOAT[6]`), so they can be
+  features or targets without a CAST.
+- `task`: the task text of the row's `task_index` (meta/tasks.parquet, or tasks.jsonl).
+
+Data files are read in order (`data/**.parquet`, sorted), batch by batch; every error names
+the file and what to fix. The table's history records the data files read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from arf_trainer.datahub.video_frames import VideoFrames
+from arf_trainer.errors import DataHubError
+
+INFO = Path("meta") / "info.json"
+VERSIONS = ("v2.0", "v2.1", "v3.0")
+TOLERANCE_S = 1e-4  # LeRobotDataset's default tolerance_s
+FRAME_BATCH_BYTES = 64 << 20  # decoded pixels held per batch, before PNG encoding
+PNG_LEVEL = 1  # zlib level: the pixels are the same at any level; 1 encodes ~4x faster than 6
+
+
+@dataclass(frozen=True)
+class LeRobotMeta:
+    """What meta/ says about a dataset: its features, videos, tasks and episodes."""
+
+    root: Path
+    version: str
+    features: dict[str, dict[str, Any]]
+    video_path: str | None
+    chunks_size: int
+    tasks: dict[int, str]
+    # v3.0: episode -> {video key: (chunk_index, file_index, from_timestamp)}
+    episodes: dict[int, dict[str, tuple[int, int, float]]]
+
+    @property
+    def video_keys(self) -> list[str]:
+        return [k for k, f in self.features.items() if f.get("dtype") == "video"]
+
+    @property
+    def image_keys(self) -> list[str]:
+        return [k for k, f in self.features.items() if f.get("dtype") == "image"]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.features[key].get("shape") or ())
+
+
+def is_dataset(path: Path) -> bool:
+    return path.is_dir() and (path / INFO).is_file()
+
+
+def read_meta(root: Path) -> LeRobotMeta:
+    """The dataset's metadata, checked; errors name the file and the field."""
+    info_path = root / INFO
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataHubError(f"{info_path}: not a readable JSON file ({exc}); a LeRobot "
+                           "dataset's meta/info.json is written by lerobot") from exc
+    version = info.get("codebase_version") if isinstance(info, dict) else None
+    if version not in VERSIONS:
+        raise DataHubError(
+            f"{info_path}: codebase_version {version!r} is not one this ingest reads "
+            f"({', '.join(VERSIONS)}); convert the dataset with lerobot's converter "
+            "(e.g. lerobot.datasets.v30.convert_dataset_v21_to_v30) first")
+    features = info.get("features")
+    if not isinstance(features, dict) or not features:
+        raise DataHubError(f"{info_path}: 'features' must map column names to "
+                           "{dtype, shape}; found {features!r}")
+    for key, feature in features.items():
+        if not isinstance(feature, dict) or "dtype" not in feature:
+            raise DataHubError(f"{info_path}: features.{key} has no dtype: {feature!r}")
+    videos = [k for k, f in features.items() if f["dtype"] == "video"]
+    if videos and not isinstance(info.get("video_path"), str):
+        raise DataHubError(f"{info_path}: features {', '.join(videos)} are videos, but "
+                           "'video_path' (where their MP4 files are) is missing")
+    for key in videos:
+        shape = features[key].get("shape")
+        if not (isinstance(shape, list) and len(shape) == 3 and shape[2] in (1, 3)):
+            raise DataHubError(f"{info_path}: features.{key}.shape {shape!r} must be "
+                               "[height, width, channels] with 1 or 3 channels")
+    episodes = _episode_videos(root, videos) if version == "v3.0" and videos else {}
+    return LeRobotMeta(root=root, version=version, features=features,
+                       video_path=info.get("video_path"),
+                       chunks_size=int(info.get("chunks_size") or 1000),
+                       tasks=_tasks(root), episodes=episodes)
+
+
+def _tasks(root: Path) -> dict[int, str]:
+    """task_index -> task text, from meta/tasks.parquet (v3.0) or meta/tasks.jsonl (v2.x)."""
+    parquet, lines = root / "meta" / "tasks.parquet", root / "meta" / "tasks.jsonl"
+    if parquet.is_file():
+        table = pq.read_table(parquet)
+        # lerobot writes a pandas frame indexed by the task text: its index is a column.
+        text = next((c for c in ("task", "__index_level_0__") if c in table.column_names), None)
+        if text is None or "task_index" not in table.column_names:
+            raise DataHubError(f"{parquet}: expected columns task_index and task (or the "
+                               f"task text as the index); found {table.column_names}")
+        return dict(zip(table["task_index"].to_pylist(), table[text].to_pylist(), strict=True))
+    if lines.is_file():
+        tasks = {}
+        for number, line in enumerate(lines.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    entry = json.loads(line)
+                    tasks[int(entry["task_index"])] = str(entry["task"])
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise DataHubError(f"{lines}:{number}: not a {{task_index, task}} "
+                                       f"line ({exc})") from exc
+        return tasks
+    return {}
+
+
+def _episode_videos(root: Path, videos: list[str]) -> dict[int, dict[str, tuple[int, int, float]]]:
+    """v3.0: where each episode's frames are: (chunk, file, from_timestamp) per camera."""
+    files = sorted((root / "meta" / "episodes").rglob("*.parquet"))
+    if not files:
+        raise DataHubError(f"{root / 'meta' / 'episodes'}: no episode metadata (Parquet), "
+                           "which a v3.0 dataset with videos needs to find each episode's frames")
+    wanted = ["episode_index"] + [f"videos/{key}/{part}" for key in videos
+                                  for part in ("chunk_index", "file_index", "from_timestamp")]
+    out: dict[int, dict[str, tuple[int, int, float]]] = {}
+    for path in files:
+        names = pq.read_schema(path).names
+        missing = [c for c in wanted if c not in names]
+        if missing:
+            raise DataHubError(f"{path}: episode metadata lacks {', '.join(missing)}")
+        table = pq.read_table(path, columns=wanted).to_pydict()
+        for i, episode in enumerate(table["episode_index"]):
+            out[int(episode)] = {key: (int(table[f"videos/{key}/chunk_index"][i]),
+                                       int(table[f"videos/{key}/file_index"][i]),
+                                       float(table[f"videos/{key}/from_timestamp"][i]))
+                                 for key in videos}
+    return out
+
+
+def data_files(root: Path) -> list[Path]:
+    files = sorted(p for p in (root / "data").rglob("*.parquet")
+                   if not any(part.startswith((".", "_")) for part in p.relative_to(root).parts))
+    if not files:
+        raise DataHubError(f"{root}: a LeRobot dataset (meta/info.json) with no data/**.parquet "
+                           "files; download its data folder too")
+    return files
+
+
+def _fixed(dtype: pa.DataType, shape: tuple[int, ...]) -> pa.DataType:
+    """A list column of `shape` as nested fixed-size lists (what FLOAT[6] is to the hub)."""
+    if not shape or not (pa.types.is_list(dtype) or pa.types.is_large_list(dtype)
+                         or pa.types.is_fixed_size_list(dtype)):
+        return dtype
+    inner = _fixed(dtype.value_type, shape[1:])
+    return pa.list_(pa.field("item", inner), shape[0])
+
+
+def table_schema(meta: LeRobotMeta, path: Path) -> pa.Schema:
+    """The table's columns for data file `path`: its own (converted) plus the cameras', then
+    `task`."""
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataHubError(f"{path}: not a readable Parquet file: {exc}") from exc
+    fields = []
+    for field in schema:
+        if field.name in meta.image_keys:
+            fields.append(pa.field(field.name, pa.binary()))
+        elif field.name in meta.features:
+            fields.append(pa.field(field.name, _fixed(field.type, meta.shape(field.name))))
+        else:
+            fields.append(pa.field(field.name, field.type))
+    fields += [pa.field(key, pa.binary()) for key in meta.video_keys
+               if key not in schema.names]
+    if meta.tasks and "task_index" in schema.names and "task" not in schema.names:
+        fields.append(pa.field("task", pa.string()))
+    return pa.schema(fields)
+
+
+def batches(meta: LeRobotMeta, path: Path, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    """The rows of data file `path` in `schema` (from `table_schema`), frames decoded."""
+    missing = [c for c in ("episode_index", "timestamp")
+               if meta.video_keys and c not in pq.read_schema(path).names]
+    if missing:
+        raise DataHubError(f"{path}: no {', '.join(missing)} column, which finds each row's "
+                           "video frame")
+    pixels = sum(int(np.prod(meta.shape(k))) for k in meta.video_keys)
+    rows = max(8, FRAME_BATCH_BYTES // pixels) if pixels else 65_536
+    videos = _Videos(meta)
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=rows):
+            yield _converted(meta, path, batch, schema, videos)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataHubError(f"{path}: could not read this LeRobot data file: {exc}; nothing "
+                           "was written") from exc
+    finally:
+        videos.close()
+
+
+def _converted(meta: LeRobotMeta, path: Path, batch: pa.RecordBatch, schema: pa.Schema,
+               videos: _Videos) -> pa.RecordBatch:
+    columns = []
+    for field in schema:
+        if field.name in meta.video_keys and field.name not in batch.schema.names:
+            columns.append(videos.column(field.name, batch))
+        elif field.name == "task" and "task" not in batch.schema.names:
+            columns.append(_task_column(meta, path, batch["task_index"]))
+        elif field.name in meta.image_keys:
+            columns.append(_image_bytes(path, field.name, batch[field.name]))
+        else:
+            try:
+                columns.append(batch[field.name].cast(field.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise DataHubError(
+                    f"{path}: column {field.name!r} does not fit meta/info.json's shape "
+                    f"{list(meta.shape(field.name))} ({exc}); fix the feature's shape in "
+                    "info.json or the data") from exc
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _task_column(meta: LeRobotMeta, path: Path, indexes: pa.Array) -> pa.Array:
+    unknown = sorted({i for i in indexes.to_pylist() if i not in meta.tasks})
+    if unknown:
+        raise DataHubError(f"{path}: task_index {unknown[:5]} not in the dataset's tasks "
+                           f"(meta/tasks.*: {sorted(meta.tasks)[:10]})")
+    return pa.array([meta.tasks[i] for i in indexes.to_pylist()], type=pa.string())
+
+
+def _image_bytes(path: Path, key: str, column: pa.Array) -> pa.Array:
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        return column.cast(pa.binary())
+    if not pa.types.is_struct(column.type) or column.type.get_field_index("bytes") < 0:
+        raise DataHubError(f"{path}: image column {key!r} is {column.type}, not the "
+                           "{bytes, path} struct lerobot writes")
+    data = pc.struct_field(column, "bytes")
+    if data.null_count:
+        raise DataHubError(f"{path}: image column {key!r} has rows without embedded bytes "
+                           "(images kept as separate files); embed them with lerobot first")
+    return data.cast(pa.binary())
+
+
+class _Videos:
+    """The open video of each camera: one file at a time, reopened when the rows move on."""
+
+    def __init__(self, meta: LeRobotMeta):
+        self.meta = meta
+        self.open: dict[str, tuple[Path, VideoFrames]] = {}
+
+    def column(self, key: str, batch: pa.RecordBatch) -> pa.Array:
+        from PIL import Image
+
+        shape = self.meta.shape(key)
+        encoded = []
+        frames = (batch["frame_index"].to_pylist() if "frame_index" in batch.schema.names
+                  else [None] * batch.num_rows)
+        for episode, timestamp, index in zip(batch["episode_index"].to_pylist(),
+                                             batch["timestamp"].to_pylist(), frames, strict=True):
+            video, offset = self._where(key, int(episode))
+            try:
+                frame = self._frames(key, video, shape).frame(offset + float(timestamp))
+            except DataHubError as exc:
+                raise DataHubError(f"episode {episode}, frame_index {index}, timestamp "
+                                   f"{timestamp:.6f} s, camera {key!r}: {exc}") from exc
+            buffer = io.BytesIO()
+            Image.fromarray(frame if shape[2] == 3 else frame[..., 0]).save(
+                buffer, format="PNG", compress_level=PNG_LEVEL)
+            encoded.append(buffer.getvalue())
+        return pa.array(encoded, type=pa.binary())
+
+    def _where(self, key: str, episode: int) -> tuple[Path, float]:
+        """The video file holding `episode`'s frames of camera `key`, and its time offset."""
+        meta = self.meta
+        names: dict[str, Any] = {"video_key": key, "episode_index": episode,
+                                 "episode_chunk": episode // meta.chunks_size}
+        offset = 0.0
+        if meta.version == "v3.0":
+            if episode not in meta.episodes:
+                raise DataHubError(f"{meta.root}: episode {episode} is not in meta/episodes, "
+                                   f"so its {key} frames cannot be found")
+            chunk, file, offset = meta.episodes[episode][key]
+            names.update(chunk_index=chunk, file_index=file)
+        try:
+            relative = str(meta.video_path).format(**names)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise DataHubError(f"{meta.root / INFO}: video_path {meta.video_path!r} names "
+                               f"{exc}, which this ingest does not know") from exc
+        path = meta.root / relative
+        if not path.is_file():
+            raise DataHubError(f"{path}: the video of camera {key!r}, episode {episode}, is "
+                               "missing; download the dataset's videos folder too")
+        return path, offset
+
+    def _frames(self, key: str, path: Path, shape: tuple[int, ...]) -> VideoFrames:
+        held = self.open.get(key)
+        if held is None or held[0] != path:
+            if held is not None:
+                held[1].close()
+            held = (path, VideoFrames(path, (shape[0], shape[1], shape[2]), TOLERANCE_S))
+            self.open[key] = held
+        return held[1]
+
+    def close(self) -> None:
+        for _, frames in self.open.values():
+            frames.close()
+        self.open.clear()
