@@ -10,6 +10,7 @@ flat frame's level within a few units; neighbouring frames differ by 12).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +30,16 @@ def frames(episode: int, length: int, channels: int = 3) -> np.ndarray:
                      for i in range(length)])
 
 
-def encode(path: Path, pictures: np.ndarray, codec: str = "libsvtav1") -> None:
-    """`pictures` [N, H, W, 3] as an MP4 at FPS (LeRobot's default codec: AV1 by SVT-AV1)."""
+def encode(path: Path, pictures: np.ndarray, options: dict[str, str] | None = None) -> None:
+    """`pictures` [N, H, W, 3] as an MP4 at FPS in AV1 by SVT-AV1 (LeRobot's default codec;
+    lerobot itself passes options {"g": "2", "crf": "30"})."""
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = SIDE, SIDE, "yuv420p"
+        stream = container.add_stream("libsvtav1", rate=FPS, options=options or {})
+        stream.width, stream.height = pictures.shape[2], pictures.shape[1]
+        stream.pix_fmt = "yuv420p"
         for picture in pictures:
             for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
                 container.mux(packet)
@@ -59,9 +62,10 @@ def _rows(episode: int, length: int, first_index: int) -> pa.Table:
     })
 
 
-def _info(version: str, data_path: str, video_path: str, lengths: list[int]) -> dict:
+def _info(version: str, data_path: str, video_path: str, lengths: list[int],
+          side: int = SIDE) -> dict:
     features = {
-        "observation.images.top": {"dtype": "video", "shape": [SIDE, SIDE, 3],
+        "observation.images.top": {"dtype": "video", "shape": [side, side, 3],
                                    "names": ["height", "width", "channels"]},
         "observation.state": {"dtype": "float32", "shape": [STATE]},
         "action": {"dtype": "float32", "shape": [2]},
@@ -95,10 +99,13 @@ def write_v21(root: Path, lengths: list[int]) -> Path:
     return root
 
 
-def write_v30(root: Path, lengths: list[int], episodes_per_video: int = 2) -> Path:
+def write_v30(root: Path, lengths: list[int], episodes_per_video: int = 2,
+              pictures: Callable[[int, int], np.ndarray] = frames,
+              options: dict[str, str] | None = None) -> Path:
     """A v3.0 dataset: all rows in data/chunk-000/file-000.parquet, the episodes' frames
-    concatenated `episodes_per_video` to a file, and meta/episodes giving each one's file and
-    from_timestamp."""
+    (`pictures(episode, length)`) concatenated `episodes_per_video` to a file, and
+    meta/episodes giving each one's file and from_timestamp."""
+    side = pictures(0, 1).shape[1]
     tables, meta_rows, first = [], [], 0
     groups = [list(range(s, min(s + episodes_per_video, len(lengths))))
               for s in range(0, len(lengths), episodes_per_video)]
@@ -106,7 +113,7 @@ def write_v30(root: Path, lengths: list[int], episodes_per_video: int = 2) -> Pa
         offset = 0.0
         encode(root / "videos" / "observation.images.top" / "chunk-000"
                / f"file-{file_index:03d}.mp4",
-               np.concatenate([frames(e, lengths[e]) for e in group]))
+               np.concatenate([pictures(e, lengths[e]) for e in group]), options)
         for episode in group:
             tables.append(_rows(episode, lengths[episode], first))
             meta_rows.append({"episode_index": episode, "length": lengths[episode],
@@ -128,6 +135,6 @@ def write_v30(root: Path, lengths: list[int], episodes_per_video: int = 2) -> Pa
                              "__index_level_0__": TASKS}), root / "meta" / "tasks.parquet")
     info = _info("v3.0", "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
                  "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4",
-                 lengths)
+                 lengths, side)
     (root / "meta" / "info.json").write_text(json.dumps(info, indent=4))
     return root
