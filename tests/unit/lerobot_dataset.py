@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -131,8 +132,9 @@ def write_v30(root: Path, lengths: list[int], episodes_per_video: int = 2,
     episodes = root / "meta" / "episodes" / "chunk-000" / "file-000.parquet"
     episodes.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(meta_rows), episodes)
-    pq.write_table(pa.table({"task_index": pa.array(range(len(TASKS)), pa.int64()),
-                             "__index_level_0__": TASKS}), root / "meta" / "tasks.parquet")
+    # As lerobot writes it: a pandas frame indexed by the task text (index unnamed).
+    pd.DataFrame({"task_index": range(len(TASKS))}, index=TASKS).to_parquet(
+        root / "meta" / "tasks.parquet")
     info = _info("v3.0", "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
                  "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4",
                  lengths, side)

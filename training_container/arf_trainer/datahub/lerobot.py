@@ -118,8 +118,11 @@ def _tasks(root: Path) -> dict[int, str]:
     parquet, lines = root / "meta" / "tasks.parquet", root / "meta" / "tasks.jsonl"
     if parquet.is_file():
         table = pq.read_table(parquet)
-        # lerobot writes a pandas frame indexed by the task text: its index is a column.
-        text = next((c for c in ("task", "__index_level_0__") if c in table.column_names), None)
+        # lerobot writes a pandas frame indexed by the task text: its index is a column
+        # ("task" when named so, else what pandas' metadata names).
+        index = [c for c in (table.schema.pandas_metadata or {}).get("index_columns", [])
+                 if isinstance(c, str)]
+        text = next((c for c in ("task", *index) if c in table.column_names), None)
         if text is None or "task_index" not in table.column_names:
             raise DataHubError(f"{parquet}: expected columns task_index and task (or the "
                                f"task text as the index); found {table.column_names}")
