@@ -153,8 +153,14 @@ def _damaged_video(dataset: Path) -> str:
     return f"{video}: not a readable video"
 
 
+def _partly_downloaded(dataset: Path) -> str:
+    (dataset / "data" / "chunk-000" / "episode_000003.parquet").unlink()
+    return (f"{dataset}: data/ holds {sum(LENGTHS[:3])} frames in 3 files, but meta/info.json's "
+            f"total_frames is {sum(LENGTHS)}: the dataset is incomplete")
+
+
 @pytest.mark.parametrize("damage", [_old_version, _missing_video, _misaligned, _wrong_shape,
-                                    _damaged_video])
+                                    _damaged_video, _partly_downloaded])
 def test_a_bad_dataset_is_named_and_nothing_is_written(tmp_path: Path, damage, capsys) -> None:
     dataset = write_v21(tmp_path / "so100", LENGTHS)
     expected = damage(dataset)

@@ -59,6 +59,7 @@ class LeRobotMeta:
     tasks: dict[int, str]
     # v3.0: episode -> {video key: (chunk_index, file_index, from_timestamp)}
     episodes: dict[int, dict[str, tuple[int, int, float]]]
+    total_frames: int | None = None  # what info.json says the dataset holds
 
     @property
     def video_keys(self) -> list[str]:
@@ -110,7 +111,12 @@ def read_meta(root: Path) -> LeRobotMeta:
     return LeRobotMeta(root=root, version=version, features=features,
                        video_path=info.get("video_path"),
                        chunks_size=int(info.get("chunks_size") or 1000),
-                       tasks=_tasks(root), episodes=episodes)
+                       tasks=_tasks(root), episodes=episodes,
+                       total_frames=_whole(info.get("total_frames")))
+
+
+def _whole(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _tasks(root: Path) -> dict[int, str]:
@@ -164,12 +170,27 @@ def _episode_videos(root: Path, videos: list[str]) -> dict[int, dict[str, tuple[
     return out
 
 
-def data_files(root: Path) -> list[Path]:
+def data_files(meta: LeRobotMeta) -> list[Path]:
+    """The data files, sorted; all of them: their rows must add up to info.json's
+    total_frames (a partly downloaded dataset would otherwise train on a part, silently)."""
+    root = meta.root
     files = sorted(p for p in (root / "data").rglob("*.parquet")
                    if not any(part.startswith((".", "_")) for part in p.relative_to(root).parts))
     if not files:
         raise DataHubError(f"{root}: a LeRobot dataset (meta/info.json) with no data/**.parquet "
                            "files; download its data folder too")
+    if meta.total_frames is not None:
+        try:
+            rows = sum(pq.read_metadata(f).num_rows for f in files)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataHubError(f"{root}: a data file is not readable Parquet ({exc}); "
+                               "download the dataset again") from exc
+        if rows != meta.total_frames:
+            raise DataHubError(
+                f"{root}: data/ holds {rows:,} frames in {len(files)} files, but "
+                f"meta/info.json's total_frames is {meta.total_frames:,}: the dataset is "
+                "incomplete or mixed; download it whole (or fix total_frames if the data "
+                "was trimmed on purpose)")
     return files
 
 

@@ -124,7 +124,7 @@ def resolve_sources(paths: Sequence[str | Path]) -> list[Source]:
         elif lerobot.is_dataset(path):
             meta = lerobot.read_meta(path)
             sources.extend(Source(f, "lerobot", f.stat().st_size, lerobot=meta)
-                           for f in lerobot.data_files(path))
+                           for f in lerobot.data_files(meta))
         elif path.is_dir():
             found = _folder_sources(path)
             if not found:
