@@ -22,6 +22,9 @@ RECIPE_HYPERPARAMETERS: dict[str, frozenset[str]] = {
     "classifier": frozenset({"epochs", "batch_size", "lr", "hidden_size", "num_layers", "weight_decay"}),
     "bc_pixels": frozenset({"epochs", "batch_size", "lr", "hidden_size", "num_layers", "weight_decay"}),
 }
+# What each built-in recipe cannot run without (arf_trainer's Hyperparameters.REQUIRED): found
+# when the template is read, not by the train step after prepare has run.
+RECIPE_REQUIRED = ("epochs", "batch_size", "lr")
 # Kubernetes resource quantities (the subset people write): 500m, 2, 1.5, 512Mi, 2Gi, 1G.
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
 
@@ -325,7 +328,8 @@ class Training(_Section):
     def _recipe_or_command(self) -> "Training":
         if (self.recipe is None) == (self.command is None):
             raise ValueError(
-                "set exactly one of 'recipe' (bc, classifier) or 'command' (image + command)"
+                "set exactly one of 'recipe' (bc, classifier, bc_pixels) or 'command' (image + "
+                "command)"
             )
         if self.recipe is not None:
             unknown = sorted(set(self.hyperparameters) - RECIPE_HYPERPARAMETERS[self.recipe])
@@ -333,6 +337,14 @@ class Training(_Section):
                 raise ValueError(
                     f"recipe {self.recipe!r} has no hyperparameter(s) {unknown}; it accepts "
                     f"{sorted(RECIPE_HYPERPARAMETERS[self.recipe])}"
+                )
+            missing = [n for n in RECIPE_REQUIRED if n not in self.hyperparameters]
+            if missing:
+                raise ValueError(
+                    f"recipe {self.recipe!r} needs hyperparameter(s) {missing} declared in "
+                    "training.hyperparameters (each with a default, or given by every trigger), "
+                    "e.g. epochs: {type: integer, default: 30}, batch_size: {type: integer, "
+                    "default: 64}, lr: {type: number, default: 0.001}"
                 )
         elif changed := self.loop_options_set():
             raise ValueError(

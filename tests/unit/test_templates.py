@@ -71,6 +71,10 @@ MALFORMED = [
     pytest.param(_edit("    epochs:\n      type: integer", "    epochz:\n      type: integer"),
                  ["recipe 'classifier' has no hyperparameter(s) ['epochz']", "accepts"], None,
                  id="unknown-hyperparameter"),
+    pytest.param(_edit("    lr:\n      type: number\n      default: 0.01\n      minimum: 1.0e-6\n"
+                       "      maximum: 1.0\n      description: Adam learning rate.\n", ""),
+                 ["training", "recipe 'classifier' needs hyperparameter(s) ['lr'] declared",
+                  "lr: {type: number, default: 0.001}"], None, id="required-hyperparameter"),
     pytest.param(_edit("    epochs:\n      type: integer", "    epochs:\n      type: int"),
                  ["training.hyperparameters.epochs", "'integer'"], None, id="bad-param-type"),
     pytest.param(_edit("  recipe: classifier", "  recipe: classifier\n  command:\n    image: x\n"

@@ -1,0 +1,68 @@
+"""A LeRobot dataset to a registered model through real Airflow (`airflow dags test`): a v3.0
+dataset (AV1 camera video, lerobot's layout) ingested with `arf-trainer datahub ingest`, then
+the README's so100_pick_bc template (at 64x64) run: prepare decodes the camera's PNG frames,
+bc_pixels trains on them and the dotted LeRobot column names, and the model is registered
+with its camera in the signature."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from lerobot_dataset import SIDE, write_v30
+
+from airflow_runs import latest_run, task_states
+from arf_training.settings import ArfSettings
+from arf_training.stepspec import workspace_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
+DAG = "so100_pick_bc"
+CAMERA = "observation.images.top"
+
+
+def _readme_template() -> str:
+    readme = (REPO / "README.md").read_text()
+    start = readme.index(f"  ```yaml\n  # config_templates/{DAG}.yaml")
+    block = readme[start:readme.index("  ```\n", start + 10)].split("\n", 1)[1]
+    shipped = "shape: [480, 640, 3]"
+    assert block.count(shipped) == 1, f"README's {DAG} template: expected one {shipped!r}"
+    return textwrap.dedent(block).replace(shipped, f"shape: [{SIDE}, {SIDE}, 3]")
+
+
+def test_a_lerobot_dataset_trains_and_registers_through_airflow(
+        embedded: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SVT_LOG", "1")  # SVT-AV1 prints its configuration per file otherwise
+    env = dict(embedded)
+    dataset = write_v30(tmp_path / "so100", [12] * 8, episodes_per_video=3)
+    ingest = subprocess.run([str(BIN / "arf-trainer"), "datahub", "ingest", "--hub",
+                             env["ARF_DATAHUB_URI"], "so100_pick", str(dataset)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert ingest.returncode == 0, ingest.stdout[-3000:] + ingest.stderr[-3000:]
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / f"{DAG}.yaml").write_text(_readme_template())
+    env["ARF_TEMPLATES_DIR"] = str(templates)
+    conf = {"epochs": 2, "batch_size": 16}
+    proc = subprocess.run([str(BIN / "airflow"), "dags", "test", DAG, "-c", json.dumps(conf)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+
+    run = latest_run(DAG)
+    assert str(run.state) == "success"
+    assert task_states(DAG, run.run_id) == {
+        "prepare_data": "success", "train": "success", "register_model": "success"}
+    ws = workspace_for(ArfSettings.from_env(), DAG, run.run_id)
+    manifest = json.loads((ws / "prepare" / "manifest.json").read_text())
+    assert manifest["rows"] == 96 and manifest["tables"]["so100_pick"]["version"] == 0
+    assert manifest["features"] == [CAMERA, "observation.state"]
+    train = json.loads((ws / "train" / "result.json").read_text())
+    assert train["recipe"] == "bc_pixels" and train["steps"] > 0
+    plugin = json.loads((ws / "register" / "result.json").read_text())["manifest"]
+    assert plugin["input"]["tensors"][0] == {"name": "image", "column": CAMERA,
+                                             "dtype": "uint8", "shape": [-1, SIDE, SIDE, 3]}
