@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from arf_trainer.datahub import workers
 from arf_trainer.datahub.video_frames import VideoFrames
 from arf_trainer.errors import DataHubError
 
@@ -293,7 +292,6 @@ class _Videos:
     def __init__(self, meta: LeRobotMeta):
         self.meta = meta
         self.open: dict[str, tuple[Path, VideoFrames]] = {}
-        self.pool: ThreadPoolExecutor | None = None
 
     def column(self, key: str, batch: pa.RecordBatch) -> pa.Array:
         """Camera `key`'s frame of each row of `batch`, PNG-encoded."""
@@ -310,15 +308,9 @@ class _Videos:
                 raise DataHubError(f"episode {episode}, frame_index {index}, timestamp "
                                    f"{timestamp:.6f} s, camera {key!r}: {exc}") from exc
             decoded.append(frame if shape[2] == 3 else frame[..., 0])
-        # Decoding is sequential (one decoder per file); the encodings are independent, and
-        # zlib runs without the GIL: one thread per core (the bytes do not depend on it).
-        return pa.array(list(self._pool().map(_png, decoded)), type=pa.binary())
-
-    def _pool(self) -> ThreadPoolExecutor:
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(max_workers=min(8, len(os.sched_getaffinity(0))),
-                                           thread_name_prefix="png")
-        return self.pool
+        # Decoding is sequential (one decoder per file); the encodings are independent and
+        # run side by side (`workers`: the bytes do not depend on the number of threads).
+        return pa.array(list(workers.pool().map(_png, decoded)), type=pa.binary())
 
     def _where(self, key: str, episode: int) -> tuple[Path, float]:
         """The video file holding `episode`'s frames of camera `key`, and its time offset."""
@@ -356,9 +348,6 @@ class _Videos:
         for _, frames in self.open.values():
             frames.close()
         self.open.clear()
-        if self.pool is not None:
-            self.pool.shutdown()
-            self.pool = None
 
 
 def _png(frame: np.ndarray) -> bytes:
