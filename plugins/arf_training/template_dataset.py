@@ -128,3 +128,23 @@ def camera_problems(template: Any) -> list[str]:
             f"these could not be evaluated; decode to e.g. [64, 64, 3]"
             for name, d in decode.items()
             if d.shape[0] != d.shape[1] or not low <= d.shape[0] <= high or d.shape[2] != 3]
+
+
+def pixel_recipe_problems(template: Any) -> list[str]:
+    """`bc_pixels` reads one camera: two decoded RGB columns among the features (a LeRobot
+    dataset's cameras, say) are found at lint time, not by the train step after prepare.
+    Features match as the prepare step matches them (names or fnmatch globs)."""
+    import fnmatch
+
+    if template.training.recipe != "bc_pixels":
+        return []
+    patterns = template.dataset.features or []
+    cameras = [name for name, d in (template.dataset.decode or {}).items() if d.shape[2] == 3
+               and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    if len(cameras) < 2:
+        return []
+    return [f"dataset.features take {len(cameras)} decoded RGB columns ({', '.join(cameras)}), "
+            "but recipe bc_pixels reads exactly one camera: keep one of them in "
+            "dataset.features (the others may stay in the query), or train a several-camera "
+            "policy with a custom training.command"]
+

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from arf_training.errors import TemplateError, TemplateIssue
 from arf_training.nightly_recipe import Nightly, nightly_problems
-from arf_training.template_dataset import camera_problems
+from arf_training.template_dataset import camera_problems, pixel_recipe_problems
 from arf_training.template_federated import Federated, check_federated
 from arf_training.template_hpo import (CategoricalSearch, FloatSearch, Hpo, IntSearch,
                                        _hp_value_problem)
@@ -91,7 +91,7 @@ class TrainingTemplate(_Section):
 
     @model_validator(mode="after")
     def _fine_tune_fits(self) -> "TrainingTemplate":
-        problems = nightly_problems(self) + camera_problems(self)
+        problems = nightly_problems(self) + camera_problems(self) + pixel_recipe_problems(self)
         queries = [("dataset.query", self.dataset.query)]
         if self.dataset.replay is not None:
             queries.append(("dataset.replay.query", self.dataset.replay.query))

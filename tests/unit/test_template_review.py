@@ -208,3 +208,16 @@ def test_frames_the_reach_pixels_camera_cannot_render_are_a_template_error(shape
         in str(caught.value)
     assert "renders square RGB frames of 8 to 256 pixels" in str(caught.value)
     assert parse_template(PIXELS.replace("shape: [64, 64, 3]", "shape: [32, 32, 3]"), "ok.yaml")
+
+
+def test_bc_pixels_with_two_cameras_among_its_features_is_a_template_error() -> None:
+    """One camera per bc_pixels policy: a second decoded RGB feature (a LeRobot dataset's
+    wrist camera, say) failed the train step only, after prepare had decoded every frame."""
+    two = PIXELS.replace("  decode:\n", "  decode:\n    wrist: {format: png, shape: [64, 64, 3]}\n")
+    assert two != PIXELS
+    assert parse_template(two, "ok.yaml")  # in the query, not a feature: fine
+    both = two.replace("features: [image, ", "features: [image, wr*, ")
+    with pytest.raises(TemplateError) as caught:
+        parse_template(both, "px.yaml")
+    assert ("dataset.features take 2 decoded RGB columns (wrist, image), but recipe bc_pixels "
+            "reads exactly one camera") in str(caught.value)
