@@ -210,3 +210,18 @@ def test_the_readme_template_over_a_lerobot_table_lints(tmp_path: Path, capsys) 
     # The lint does check the table name: the same template over another name fails.
     template.write_text(textwrap.dedent(block).replace("FROM so100_pick", "FROM so100_place"))
     assert arf_main(["templates", "lint", "--hub", str(hub), str(template)]) != 0
+
+
+def test_a_one_channel_camera_is_stored_as_grey_png(tmp_path: Path) -> None:
+    """A depth or mono camera: info.json shape [H, W, 1]; the frames decode to grey."""
+    dataset = write_v21(tmp_path / "so100", [4, 3])
+    info = _info(dataset)
+    info["features"][CAMERA]["shape"] = [SIDE, SIDE, 1]
+    (dataset / "meta" / "info.json").write_text(json.dumps(info))
+    assert _ingest(tmp_path / "hub", "so100", dataset) == 0
+    table = open_table(tmp_path / "hub", "so100").dataset.to_table()
+    for episode, frame, png in zip(*(table[c].to_pylist() for c in (
+            "episode_index", "frame_index", CAMERA)), strict=True):
+        with Image.open(io.BytesIO(png)) as image:
+            assert image.mode == "L" and image.size == (SIDE, SIDE)
+            assert abs(np.asarray(image).astype(float).mean() - level(episode, frame)) <= 3
