@@ -4,8 +4,10 @@ the statistics, or on the first bad shard, which every rank then raises."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import random
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,9 @@ def _worker(rank: int, world: int, folder: str, init: str, recipe: str) -> None:
     Writes what it got (statistics or the error) to rank-<r>.json."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    # A hang here fails in a minute, not in gloo's default half hour.
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     out: dict = {}
     try:
         denv = DistEnv(rank=rank, local_rank=rank, world_size=world, enabled=True)
@@ -46,7 +50,11 @@ def _worker(rank: int, world: int, folder: str, init: str, recipe: str) -> None:
 
 
 def run_ranks(folder: Path, world: int, recipe: str = "bc") -> list[dict]:
-    mp.spawn(_worker, args=(world, str(folder), f"file://{folder / 'store'}", recipe),
+    # A new store file per group: torch's FileStore can outlive its group (its cleanup left
+    # the file in one CI run), and a second group on it read the first one's addresses and
+    # hung in init_process_group.
+    store = folder / f"store-{uuid.uuid4().hex}"
+    mp.spawn(_worker, args=(world, str(folder), f"file://{store}", recipe),
              nprocs=world, join=True)
     return [json.loads((folder / f"rank-{r}.json").read_text()) for r in range(world)]
 
