@@ -365,3 +365,16 @@ def test_oversized_query_is_a_template_error_before_any_parsing():
     assert len(message) < 1000  # a short prefix of the query, not all 40 000 characters
     with pytest.raises(TemplateError, match="dataset.replay.query is 40,0"):
         parse_template(_with_queries("SELECT 1", replay="SELECT 1 AS a, " + "2 AS b, " * 5000))
+
+
+def test_both_sides_agree_on_the_recipes_hyperparameters():
+    """The Airflow side may not import the container's package: the names are written twice."""
+    import arf_trainer.trainer.recipes_vision  # noqa: F401 (registers bc_pixels)
+    from arf_trainer.trainer.recipes import RECIPES, Hyperparameters
+
+    from arf_training.template_sections import RECIPE_HYPERPARAMETERS, RECIPE_REQUIRED
+
+    assert set(RECIPE_HYPERPARAMETERS) == set(RECIPES)
+    assert all(names == set(Hyperparameters.accepted())
+               for names in RECIPE_HYPERPARAMETERS.values())
+    assert RECIPE_REQUIRED == Hyperparameters.REQUIRED
