@@ -116,35 +116,46 @@ class DatasetLayout(BaseModel):
 CAMERA_SIDES = (8, 256)
 
 
+def _decoded_features(template: Any) -> dict[str, Any]:
+    """The decoded columns among dataset.features, matched as the prepare step matches them
+    (names or fnmatch globs): the ones the model takes."""
+    import fnmatch
+
+    patterns = template.dataset.features or []
+    return {name: d for name, d in (template.dataset.decode or {}).items()
+            if any(fnmatch.fnmatchcase(name, p) for p in patterns)}
+
+
 def camera_problems(template: Any) -> list[str]:
     """Decoded frames a `reach_pixels` evaluation could never render: found at lint time, not
     after a whole training run (the evaluate step refuses such a model)."""
-    evaluation, decode = template.evaluation, template.dataset.decode or {}
+    evaluation = template.evaluation
     if evaluation is None or evaluation.environment != "reach_pixels":
         return []
     low, high = CAMERA_SIDES
     return [f"dataset.decode.{name}.shape={list(d.shape)}: evaluation.environment reach_pixels "
             f"renders square RGB frames of {low} to {high} pixels a side, so a model trained on "
             f"these could not be evaluated; decode to e.g. [64, 64, 3]"
-            for name, d in decode.items()
+            for name, d in _decoded_features(template).items()
             if d.shape[0] != d.shape[1] or not low <= d.shape[0] <= high or d.shape[2] != 3]
 
 
 def pixel_recipe_problems(template: Any) -> list[str]:
-    """`bc_pixels` reads one camera: two decoded RGB columns among the features (a LeRobot
-    dataset's cameras, say) are found at lint time, not by the train step after prepare.
-    Features match as the prepare step matches them (names or fnmatch globs)."""
-    import fnmatch
-
+    """What the bc_pixels train step would refuse after prepare had decoded every frame, found
+    at lint time: a decoded grey or RGBA column among the features (every camera must be RGB),
+    and, for a reach_pixels evaluation, a second camera (it renders one view)."""
     if template.training.recipe != "bc_pixels":
         return []
-    patterns = template.dataset.features or []
-    cameras = [name for name, d in (template.dataset.decode or {}).items() if d.shape[2] == 3
-               and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
-    if len(cameras) < 2:
-        return []
-    return [f"dataset.features take {len(cameras)} decoded RGB columns ({', '.join(cameras)}), "
-            "but recipe bc_pixels reads exactly one camera: keep one of them in "
-            "dataset.features (the others may stay in the query), or train a several-camera "
-            "policy with a custom training.command"]
-
+    decoded = _decoded_features(template)
+    problems = [f"dataset.decode.{name}.shape={list(d.shape)}: recipe bc_pixels takes RGB "
+                f"frames from each camera; decode to shape {[*d.shape[:2], 3]} (prepare "
+                "converts grayscale and opaque RGBA to RGB), or leave the column out of "
+                "dataset.features" for name, d in decoded.items() if d.shape[2] != 3]
+    cameras = [name for name, d in decoded.items() if d.shape[2] == 3]
+    evaluation = template.evaluation
+    if len(cameras) > 1 and evaluation is not None and evaluation.environment == "reach_pixels":
+        problems.append(
+            f"dataset.features take {len(cameras)} cameras ({', '.join(cameras)}), but "
+            "evaluation.environment reach_pixels renders one view, so the model could not be "
+            "evaluated: keep one camera in dataset.features, or evaluate elsewhere")
+    return problems

@@ -1,8 +1,8 @@
 """A LeRobot dataset to a registered model through real Airflow (`airflow dags test`): a v3.0
-dataset (AV1 camera video, lerobot's layout) ingested with `arf-trainer datahub ingest`, then
-the README's so100_pick_bc template (at 64x64) run: prepare decodes the camera's PNG frames,
-bc_pixels trains on them and the dotted LeRobot column names, and the model is registered
-with its camera in the signature."""
+dataset of two cameras (AV1 video, lerobot's layout) ingested with `arf-trainer datahub
+ingest`, then the README's so100_pick_bc template (at 64x64 and 48x64) run: prepare decodes
+both cameras' PNG frames, bc_pixels trains an encoder per camera on them and the dotted
+LeRobot column names, and the model is registered with both cameras in the signature."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from lerobot_dataset import SIDE, write_v30
+from lerobot_dataset import SIDE, TOP, WRIST, WRIST_SHAPE, write_v30
 
 from airflow_runs import latest_run, task_states
 from arf_training.settings import ArfSettings
@@ -23,7 +23,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
 DAG = "so100_pick_bc"
-CAMERA = "observation.images.top"
 
 
 def _readme_template() -> str:
@@ -31,15 +30,20 @@ def _readme_template() -> str:
     start = readme.index(f"  ```yaml\n  # config_templates/{DAG}.yaml")
     block = readme[start:readme.index("  ```\n", start + 10)].split("\n", 1)[1]
     shipped = "shape: [480, 640, 3]"
-    assert block.count(shipped) == 1, f"README's {DAG} template: expected one {shipped!r}"
-    return textwrap.dedent(block).replace(shipped, f"shape: [{SIDE}, {SIDE}, 3]")
+    assert block.count(shipped) == 2, f"README's {DAG} template: expected two {shipped!r}"
+    top, wrist = f"{TOP}: {{format: png, {shipped}}}", f"{WRIST}: {{format: png, {shipped}}}"
+    assert top in block and wrist in block, f"README's {DAG} template: expected {top}, {wrist}"
+    return textwrap.dedent(block.replace(top, top.replace(shipped, f"shape: [{SIDE}, {SIDE}, 3]"))
+                           .replace(wrist, wrist.replace(shipped,
+                                                         f"shape: [{WRIST_SHAPE[0]}, "
+                                                         f"{WRIST_SHAPE[1]}, 3]")))
 
 
 def test_a_lerobot_dataset_trains_and_registers_through_airflow(
         embedded: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SVT_LOG", "1")  # SVT-AV1 prints its configuration per file otherwise
     env = dict(embedded)
-    dataset = write_v30(tmp_path / "so100", [12] * 8, episodes_per_video=3)
+    dataset = write_v30(tmp_path / "so100", [12] * 8, episodes_per_video=3, wrist=True)
     ingest = subprocess.run([str(BIN / "arf-trainer"), "datahub", "ingest", "--hub",
                              env["ARF_DATAHUB_URI"], "so100_pick", str(dataset)],
                             env=env, capture_output=True, text=True, timeout=300)
@@ -60,9 +64,13 @@ def test_a_lerobot_dataset_trains_and_registers_through_airflow(
     ws = workspace_for(ArfSettings.from_env(), DAG, run.run_id)
     manifest = json.loads((ws / "prepare" / "manifest.json").read_text())
     assert manifest["rows"] == 96 and manifest["tables"]["so100_pick"]["version"] == 0
-    assert manifest["features"] == [CAMERA, "observation.state"]
+    assert manifest["features"] == [TOP, "observation.state", WRIST]
     train = json.loads((ws / "train" / "result.json").read_text())
     assert train["recipe"] == "bc_pixels" and train["steps"] > 0
     plugin = json.loads((ws / "register" / "result.json").read_text())["manifest"]
-    assert plugin["input"]["tensors"][0] == {"name": "image", "column": CAMERA,
-                                             "dtype": "uint8", "shape": [-1, SIDE, SIDE, 3]}
+    tensors = plugin["input"]["tensors"]
+    assert [t["name"] for t in tensors] == ["image", "state", "image_1"]
+    assert tensors[0] == {"name": "image", "column": TOP, "dtype": "uint8",
+                          "shape": [-1, SIDE, SIDE, 3]}
+    assert tensors[2] == {"name": "image_1", "column": WRIST, "dtype": "uint8",
+                          "shape": [-1, *WRIST_SHAPE, 3]}

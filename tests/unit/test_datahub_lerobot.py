@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from lerobot_dataset import FPS, SIDE, STATE, TASKS, level, write_v21, write_v30
+from lerobot_dataset import (FPS, SIDE, STATE, TASKS, WRIST, WRIST_SHAPE, level, write_v21,
+                             write_v30)
 from PIL import Image
 from test_prepare import _manifest, step_env
 
@@ -71,40 +72,105 @@ def test_rows_out_of_time_order_seek_back_for_their_frames(tmp_path: Path) -> No
             assert abs(np.asarray(image).astype(float).mean() - level(episode, frame)) <= 3
 
 
-def test_a_lerobot_table_prepares_and_bc_pixels_trains_on_it(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainer_testkit import fresh_tracking_uri, make_env, make_spec
-
+def _prepare_two_cameras(tmp_path: Path, write) -> tuple[Path, dict]:
+    """A two-camera dataset (top 64x64, wrist 48x64) ingested and prepared; (workspace,
+    manifest)."""
     from arf_trainer.datahub.prepare import run_prepare
-    from arf_trainer.trainer.run import run_train
 
     hub, workspace = tmp_path / "hub", tmp_path / "ws"
-    assert _ingest(hub, "so100", write_v30(tmp_path / "so100", LENGTHS)) == 0
+    assert _ingest(hub, "so100", write(tmp_path / "so100", LENGTHS, wrist=True)) == 0
     dataset = {
-        "query": f'SELECT episode_index, frame_index, "{CAMERA}", "observation.state", action '
-                 "FROM so100",
-        "decode": {CAMERA: {"format": "png", "shape": [SIDE, SIDE, 3]}},
-        "features": [CAMERA, "observation.state"], "targets": ["action"],
+        "query": f'SELECT episode_index, frame_index, "{CAMERA}", "{WRIST}", '
+                 '"observation.state", action FROM so100',
+        "decode": {CAMERA: {"format": "png", "shape": [SIDE, SIDE, 3]},
+                   WRIST: {"format": "png", "shape": [*WRIST_SHAPE, 3]}},
+        "features": [CAMERA, "observation.state", WRIST], "targets": ["action"],
         "order_by": ["episode_index", "frame_index"], "split_by": "episode_index",
         "validation_split": 0.5,
     }
     run_prepare(step_env(workspace, hub, "reach_pixels_bc", dataset=dataset))
-    manifest = _manifest(workspace)
-    assert manifest["rows"] == sum(LENGTHS) and manifest["features"] == [CAMERA,
-                                                                         "observation.state"]
+    return workspace, _manifest(workspace)
+
+
+@pytest.mark.parametrize("write", [write_v21, write_v30], ids=["v2.1", "v3.0"])
+def test_each_camera_of_a_lerobot_table_prepares_with_its_own_frames(tmp_path: Path,
+                                                                     write) -> None:
+    workspace, manifest = _prepare_two_cameras(tmp_path, write)
+    assert manifest["rows"] == sum(LENGTHS)
+    assert manifest["features"] == [CAMERA, "observation.state", WRIST]
     columns = {c["name"]: c for c in manifest["columns"]}
     assert columns[CAMERA]["shape"] == [SIDE, SIDE, 3] and columns[CAMERA]["dtype"] == "uint8"
+    assert columns[WRIST]["shape"] == [*WRIST_SHAPE, 3] and columns[WRIST]["dtype"] == "uint8"
     assert columns["action"]["shape"] == [2]
     assert 0 < manifest["val_rows"] < manifest["rows"]  # whole episodes on each side
+    seen = 0
+    for split in ("train", "val"):
+        for shard in manifest["shards"][split]:
+            table = pq.read_table(workspace / "prepare" / shard["path"])
+            top = np.asarray(table[CAMERA].to_pylist(), dtype=np.int16)
+            wrist = np.asarray(table[WRIST].to_pylist(), dtype=np.int16)
+            for row, (episode, frame) in enumerate(zip(table["episode_index"].to_pylist(),
+                                                       table["frame_index"].to_pylist())):
+                assert np.abs(top[row] - level(episode, frame)).max() <= 2
+                assert np.abs(wrist[row] - (255 - level(episode, frame))).max() <= 2
+                seen += 1
+    assert seen == sum(LENGTHS)
 
+
+def test_a_two_camera_policy_trains_registers_and_serves_each_camera_by_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bc_pixels with one encoder per camera, from a LeRobot table to a registered model that
+    `mlflow.pyfunc` serves from {image, state, image_1}; the plugin manifest names each input's
+    column, and the one-camera reach_pixels evaluation refuses it by name."""
+    import mlflow
+    import torch
+    from trainer_testkit import fresh_tracking_uri, make_env, make_spec
+
+    from arf_trainer.errors import EvaluationError
+    from arf_trainer.evaluator_pixels import frame_input
+    from arf_trainer.publisher import load_trained_model, run_register
+    from arf_trainer.trainer.run import run_train
+
+    workspace, _ = _prepare_two_cameras(tmp_path, write_v30)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    spec = make_spec("reach_pixels_bc", hyperparameters={"epochs": 1, "batch_size": 8,
-                                                         "hidden_size": 32})
-    result = run_train(make_env(spec, workspace, fresh_tracking_uri(tmp_path / "mlflow"),
-                                tmp_path / "artifacts"))
+    uri = fresh_tracking_uri(tmp_path / "mlflow")
+    hp = {"epochs": 1, "batch_size": 8, "hidden_size": 32}
+    spec = make_spec("reach_pixels_bc", hyperparameters=hp)
+    result = run_train(make_env(spec, workspace, uri, tmp_path / "artifacts"))
     assert result["recipe"] == "bc_pixels" and np.isfinite(result["metrics"]["val_loss"])
+    model, info, _ = load_trained_model(workspace)
+    assert len(model.net.extra_encoders) == 1
+    assert info.arrays[WRIST] == [*WRIST_SHAPE, 3]
+
+    registered = run_register(make_env(make_spec("reach_pixels_bc", "register",
+                                                 hyperparameters=hp),
+                                       workspace, uri, tmp_path / "artifacts"))
+    tensors = registered["manifest"]["input"]["tensors"]
+    assert [(t["name"], t.get("column", t.get("columns")), t["shape"]) for t in tensors] == [
+        ("image", CAMERA, [-1, SIDE, SIDE, 3]), ("state", ["observation.state"], [-1, STATE]),
+        ("image_1", WRIST, [-1, *WRIST_SHAPE, 3])]
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model_uri = f"models:/{registered['model_name']}/{registered['model_version']}"
+    rng = np.random.default_rng(0)
+    top = rng.integers(0, 256, (3, SIDE, SIDE, 3), dtype=np.uint8)
+    wrist = rng.integers(0, 256, (3, *WRIST_SHAPE, 3), dtype=np.uint8)
+    state = rng.normal(size=(3, STATE)).astype(np.float32)
+    served = mlflow.pyfunc.load_model(model_uri).predict(
+        {"image": top, "state": state, "image_1": wrist})
+    with torch.no_grad():
+        expected = model(torch.from_numpy(top), torch.from_numpy(state),
+                         torch.from_numpy(wrist)).numpy()
+        other_wrist = model(torch.from_numpy(top), torch.from_numpy(state),
+                            torch.from_numpy(255 - wrist)).numpy()
+    np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(other_wrist, expected)  # the wrist camera reaches the action
+    with pytest.raises(EvaluationError, match=r"takes 2 camera inputs .*'image', 'state', "
+                                              r"'image_1'.*renders one view"):
+        frame_input(model_uri)
 
 
 def _info(dataset: Path) -> dict:
@@ -204,7 +270,7 @@ def test_the_readme_template_over_a_lerobot_table_lints(tmp_path: Path, capsys) 
     template.parent.mkdir()
     template.write_text(textwrap.dedent(block))
     hub = tmp_path / "hub"
-    assert _ingest(hub, "so100_pick", write_v30(tmp_path / "so100", [3])) == 0
+    assert _ingest(hub, "so100_pick", write_v30(tmp_path / "so100", [3], wrist=True)) == 0
     assert arf_main(["templates", "lint", "--hub", str(hub), str(template)]) == 0
     assert "1 valid, 0 invalid" in capsys.readouterr().out
     # The lint does check the table name: the same template over another name fails.

@@ -53,13 +53,21 @@ def episodes() -> dict[str, np.ndarray]:
             "episode": np.repeat(np.arange(3), reach.EPISODE_STEPS)}
 
 
-def prepare_pixels(workspace: Path, data: dict[str, np.ndarray]) -> None:
+def prepare_pixels(workspace: Path, data: dict[str, np.ndarray], wrist: bool = False) -> None:
     """What prepare writes for reach_pixels_bc: shards with a uint8 [16, 16, 3] image column
-    (nested fixed_size_list), the manifest with each column's dtype and per-row shape."""
+    (nested fixed_size_list), the manifest with each column's dtype and per-row shape. With
+    `wrist`, a second camera after the state: the frames at half the size, upside down."""
     prepare = workspace / "prepare"
     columns: dict[str, pa.Array] = {"image": image_column(data["image"])}
     columns.update({name: pa.array(data["state"][:, j]) for j, name in enumerate(STATE)})
     columns.update({f"act_{j}": pa.array(data["act"][:, j]) for j in range(2)})
+    features = ["image", *STATE]
+    described = [{"name": "image", "type": "image", "dtype": "uint8", "shape": [FRAME, FRAME, 3]}]
+    if wrist:
+        columns["wrist"] = image_column(np.ascontiguousarray(data["image"][:, ::-2, ::2]))
+        features.append("wrist")
+        described.append({"name": "wrist", "type": "image", "dtype": "uint8",
+                          "shape": [FRAME // 2, FRAME // 2, 3]})
     table = pa.table(columns)
     splits = {"train": data["episode"] != 2, "val": data["episode"] == 2}
     shards: dict[str, list[dict[str, Any]]] = {}
@@ -69,22 +77,22 @@ def prepare_pixels(workspace: Path, data: dict[str, np.ndarray]) -> None:
         pq.write_table(table.filter(pa.array(rows)), prepare / rel)
         shards[split] = [{"path": rel, "rows": int(rows.sum()),
                           "sha256": hashlib.sha256((prepare / rel).read_bytes()).hexdigest()}]
-    described = [{"name": "image", "type": str(table.schema.field("image").type),
-                  "dtype": "uint8", "shape": [FRAME, FRAME, 3]}]
+    for column in described:
+        column["type"] = str(table.schema.field(column["name"]).type)
     described += [{"name": n, "type": "float", "dtype": "float32", "shape": []}
                   for n in STATE + ["act_0", "act_1"]]
     manifest = {"query": "SELECT * FROM reach_pixels", "rows": len(data["act"]),
-                "columns": described, "features": ["image", *STATE],
+                "columns": described, "features": features,
                 "targets": ["act_0", "act_1"], "tables": {"reach_pixels": {"version": 0}},
                 "fingerprint": "f" * 64, "shards": shards, "validation_split": 0.1, "seed": 0}
     (prepare / "manifest.json").write_text(json.dumps(manifest))
 
 
 def train(tmp: Path, data: dict[str, np.ndarray], workspace: str, uri: str,
-          **training: Any) -> dict[str, Any]:
+          wrist: bool = False, **training: Any) -> dict[str, Any]:
     ws = tmp / workspace
     if not (ws / "prepare").exists():
-        prepare_pixels(ws, data)
+        prepare_pixels(ws, data, wrist)
     spec = make_spec("reach_pixels_bc", run_id=f"manual__{workspace}", hyperparameters=HP,
                      training=training)
     result = run_train(make_env(spec, ws, uri, tmp / "artifacts"))
@@ -92,16 +100,17 @@ def train(tmp: Path, data: dict[str, np.ndarray], workspace: str, uri: str,
     return result
 
 
-@pytest.mark.parametrize("loading", [pytest.param("memory", id="memory"),
-                                     pytest.param("stream", id="stream")])
+@pytest.mark.parametrize(("loading", "wrist"), [
+    pytest.param("memory", False, id="memory"), pytest.param("stream", False, id="stream"),
+    pytest.param("stream", True, id="stream-two-cameras")])
 def test_bc_pixels_reruns_and_resumes_bit_identically(tmp_path: Path, episodes: dict,
-                                                      loading: str,
+                                                      loading: str, wrist: bool,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ARF_STREAM_WINDOW_ROWS", "40")  # 100 training rows in three windows
     uri = fresh_tracking_uri(tmp_path)
     training = {"data_loading": loading, "checkpoint_every_steps": 3}
-    first = train(tmp_path, episodes, "a", uri, **training)
-    second = train(tmp_path, episodes, "b", uri, **training)
+    first = train(tmp_path, episodes, "a", uri, wrist, **training)
+    second = train(tmp_path, episodes, "b", uri, wrist, **training)
     assert first["weights_sha256"] == second["weights_sha256"]
     assert first["steps"] == 2 * 4 and first["recipe"] == "bc_pixels"  # 100 rows / 32
     assert first["data_loading"] == loading
@@ -113,11 +122,14 @@ def test_bc_pixels_reruns_and_resumes_bit_identically(tmp_path: Path, episodes: 
     shutil.rmtree(train_dir / "checkpoints" / "step-8")
     for name in ("result.json", "model.pt", "model_info.json"):
         (train_dir / name).unlink()
-    resumed = train(tmp_path, episodes, "a", uri, **training)
+    resumed = train(tmp_path, episodes, "a", uri, wrist, **training)
     assert resumed["weights_sha256"] == first["weights_sha256"]
 
     info = read_json(train_dir / "model_info.json")
-    assert info["recipe"] == "bc_pixels" and info["arrays"] == {"image": [FRAME, FRAME, 3]}
+    cameras = {"image": [FRAME, FRAME, 3]}
+    if wrist:
+        cameras["wrist"] = [FRAME // 2, FRAME // 2, 3]
+    assert info["recipe"] == "bc_pixels" and info["arrays"] == cameras
     assert info["input_width"] == len(STATE)
 
 
@@ -164,12 +176,12 @@ def test_bc_pixels_model_serves_raw_frames_and_registers(tmp_path: Path, episode
     np.testing.assert_allclose(policy(obs), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_bc_pixels_needs_one_frame_column(tmp_path: Path, episodes: dict) -> None:
+def test_bc_pixels_needs_a_frame_column(tmp_path: Path, episodes: dict) -> None:
     from arf_trainer.trainer.recipes import Hyperparameters, get_recipe
 
     recipe = get_recipe("bc_pixels")
     hp = Hyperparameters(epochs=1, batch_size=8, lr=0.01)
-    with pytest.raises(TrainingError, match="exactly one feature column of RGB frames"):
+    with pytest.raises(TrainingError, match="one or more feature columns of RGB frames"):
         recipe.describe_shapes(STATE, ["act_0"], hp, {n: [] for n in STATE})
     info = recipe.describe_shapes(["image", *STATE], ["act_0", "act_1"], hp,
                                   {"image": [FRAME, FRAME, 3], **{n: [] for n in STATE}})

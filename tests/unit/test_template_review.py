@@ -210,14 +210,23 @@ def test_frames_the_reach_pixels_camera_cannot_render_are_a_template_error(shape
     assert parse_template(PIXELS.replace("shape: [64, 64, 3]", "shape: [32, 32, 3]"), "ok.yaml")
 
 
-def test_bc_pixels_with_two_cameras_among_its_features_is_a_template_error() -> None:
-    """One camera per bc_pixels policy: a second decoded RGB feature (a LeRobot dataset's
-    wrist camera, say) failed the train step only, after prepare had decoded every frame."""
-    two = PIXELS.replace("  decode:\n", "  decode:\n    wrist: {format: png, shape: [64, 64, 3]}\n")
+def test_bc_pixels_cameras_the_train_or_evaluate_step_would_refuse_are_template_errors() -> None:
+    """Found at lint time, not after prepare has decoded every frame: a second camera where
+    the reach_pixels evaluation renders one view, and a grey decoded column among the features
+    (every camera must be RGB). Several RGB cameras without that evaluation are fine."""
+    two = PIXELS.replace("  decode:\n", "  decode:\n    wrist: {format: png, shape: [48, 64, 3]}\n")
     assert two != PIXELS
     assert parse_template(two, "ok.yaml")  # in the query, not a feature: fine
     both = two.replace("features: [image, ", "features: [image, wr*, ")
     with pytest.raises(TemplateError) as caught:
         parse_template(both, "px.yaml")
-    assert ("dataset.features take 2 decoded RGB columns (wrist, image), but recipe bc_pixels "
-            "reads exactly one camera") in str(caught.value)
+    assert ("dataset.features take 2 cameras (wrist, image), but evaluation.environment "
+            "reach_pixels renders one view") in str(caught.value)
+    unevaluated = both[:both.index("evaluation:")]
+    assert "evaluation:" in both and parse_template(unevaluated, "two.yaml")
+
+    grey = unevaluated.replace("shape: [48, 64, 3]", "shape: [48, 64, 1]")
+    with pytest.raises(TemplateError) as caught:
+        parse_template(grey, "grey.yaml")
+    assert ("dataset.decode.wrist.shape=[48, 64, 1]: recipe bc_pixels takes RGB frames from "
+            "each camera; decode to shape [48, 64, 3]") in str(caught.value)

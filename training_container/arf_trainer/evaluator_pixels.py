@@ -28,7 +28,9 @@ CONTRACT = ("a torch.nn.Module mapping (image uint8 [B, H, W, 3], state float32 
 
 
 def frame_input(uri: str) -> tuple[int, int, int] | None:
-    """(H, W, 3) when the model at `uri` takes frames (an (image, state) signature), else None."""
+    """(H, W, 3) when the model at `uri` takes frames (an (image, state) signature), else None;
+    an error for a model of several cameras (image, state, image_1, ...), which this one camera
+    cannot feed."""
     import mlflow.models
 
     try:
@@ -36,11 +38,15 @@ def frame_input(uri: str) -> tuple[int, int, int] | None:
     except Exception as exc:  # MLflow raises several types for a missing or odd MLmodel file
         raise EvaluationError(f"cannot read the signature of {uri}: {exc}") from exc
     inputs = signature.inputs.inputs if signature is not None and signature.inputs else []
-    if len(inputs) != 2:
-        return None
-    shape = tuple(getattr(inputs[0], "shape", ()) or ())
+    shape = tuple(getattr(inputs[0], "shape", ()) or ()) if len(inputs) >= 2 else ()
     if len(shape) != 4:
         return None
+    frames = [spec for spec in inputs if len(tuple(getattr(spec, "shape", ()) or ())) == 4]
+    if len(frames) > 1:  # bc_pixels of several cameras: (image, state, image_1, ...)
+        names = [getattr(spec, "name", None) for spec in inputs]
+        raise EvaluationError(f"{uri} takes {len(frames)} camera inputs (signature inputs "
+                              f"{names}); the reach_pixels camera renders one view: evaluate a "
+                              f"one-camera model there (the model contract is {CONTRACT})")
     height, width, channels = (int(s) for s in shape[1:])
     if channels != 3 or min(height, width) < 1:
         # Still a frame input, one the camera cannot fill: say so rather than "no frames".

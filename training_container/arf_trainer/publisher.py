@@ -116,7 +116,7 @@ def export_arguments(workspace: Path, info: ModelInfo) -> dict[str, Any]:
     """log_model's input_example, and for a model of several inputs (bc_pixels: frames and
     state) the signature too, which MLflow cannot infer from a tuple of arrays."""
     if info.arrays:
-        from arf_trainer.trainer.recipes_vision import export_arguments as vision_export
+        from arf_trainer.trainer.vision_export import export_arguments as vision_export
 
         return vision_export(workspace, info)
     return {"input_example": input_example(workspace, info)}
@@ -124,7 +124,7 @@ def export_arguments(workspace: Path, info: ModelInfo) -> dict[str, Any]:
 
 def _input_description(info: ModelInfo) -> dict[str, Any]:
     if info.arrays:
-        from arf_trainer.trainer.recipes_vision import manifest_input
+        from arf_trainer.trainer.vision_export import manifest_input
 
         return manifest_input(info)
     return {"features": info.features, "dtype": "float32", "shape": [-1, info.n_features]}

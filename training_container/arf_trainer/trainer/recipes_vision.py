@@ -1,24 +1,36 @@
 """The vision recipe ``bc_pixels``: behaviour cloning from camera frames plus a state vector.
 
-Data (data.py's batch interface): one feature column holds uint8 frames ``[H, W, 3]`` (a
-fixed-shape array column, e.g. the `reach_pixels` table's ``image``); the other feature
-columns (scalars or vectors) are flattened into the state vector; the targets are actions.
-Frames stay uint8 from storage to the model (a quarter of the memory of float32, and what a
-camera delivers); the model scales them to [-0.5, 0.5] itself, once, and refuses frames of
-another dtype (a float copy would be scaled again, silently). Frames need at least
-`MIN_FRAME_SIDE` pixels a side: below, the encoder's last map has one position along a side.
+Data (data.py's batch interface): each camera is a feature column of uint8 frames ``[H, W, 3]``
+(a fixed-shape array column, e.g. the `reach_pixels` table's ``image``, or a LeRobot dataset's
+``observation.images.top`` and ``observation.images.wrist``); the other feature columns
+(scalars or vectors) are flattened into the state vector; the targets are actions. Frames stay
+uint8 from storage to the model (a quarter of the memory of float32, and what a camera
+delivers); the model scales them to [-0.5, 0.5] itself, once, and refuses frames of another
+dtype (a float copy would be scaled again, silently). Frames need at least `MIN_FRAME_SIDE`
+pixels a side: below, the encoder's last map has one position along a side.
 
-Model (`PixelPolicy`), self-contained for serving like the MLP recipes:
+Model (`PixelPolicy`), self-contained for serving like the MLP recipes; cameras in the order of
+`dataset.features`, each of its own size:
 
-    forward(image uint8 [B, H, W, 3], state float32 [B, S]) -> actions float32 [B, A]
+    forward(image uint8 [B, H, W, 3], state float32 [B, S],
+            [image_1 uint8 [B, H1, W1, 3], ... up to MAX_CAMERAS]) -> actions float32 [B, A]
 
-    frame -> conv 5x5/2 (16) -> conv 3x3/2 (32) -> conv 3x3 (32), ReLU between
-          -> spatial softmax: the expected (x, y) image position of each channel's activation
-    [keypoints, standardized state] -> MLP (hidden_size x num_layers) -> de-standardized action
+    each camera's frame -> its own encoder: conv 5x5/2 (16) -> conv 3x3/2 (32) -> conv 3x3 (32),
+          ReLU between -> spatial softmax: the expected (x, y) image position of each channel
+    [keypoints of every camera, standardized state] -> MLP (hidden_size x num_layers)
+          -> de-standardized action
 
 Why spatial softmax: the policy must find a small target in the frame; a keypoint layer turns
 "where is it" into coordinates directly (Levine et al. 2016, robomimic's default encoder), which
-a flattening head would have to learn from many more parameters and demonstrations.
+a flattening head would have to learn from many more parameters and demonstrations. Why one
+encoder per camera, not one shared: a wrist and a scene camera see different things at
+different scales (robomimic's default too), and the keypoints say which camera they came from
+by their place in the head's input.
+
+A one-camera model is the model from before several cameras: inputs (image, state), the first
+camera's encoder ``net.encoder`` and the others' ``net.extra_encoders`` made after it, so its
+parameters, their names and initial values, its checkpoints, registered champions (fine-tunes
+load them) and bitwise re-runs are unchanged. More cameras come after the state.
 
 channels_last: the frames arrive NHWC, so ``image.permute(0, 3, 1, 2)`` is already a
 channels_last NCHW view; the convolutions run on it without a layout copy. On CUDA the
@@ -35,7 +47,7 @@ statistics of the state and actions only (`normalized_inputs`): frames need none
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -47,6 +59,14 @@ from arf_trainer.trainer.recipes import RECIPES, Hyperparameters, ModelInfo, Rec
 
 CONV_CHANNELS = (16, 32, 32)
 IMAGE_KEY, STATE_KEY = "image", "state"
+# PixelPolicy.forward's camera parameters: ALOHA's four (two wrists, high, low) fit.
+MAX_CAMERAS = 4
+
+
+def camera_key(index: int) -> str:
+    """The model's name of its `index`-th camera input: image, image_1, image_2, ... (the first
+    keeps the one-camera models' name, which registered models and the evaluator use)."""
+    return IMAGE_KEY if index == 0 else f"{IMAGE_KEY}_{index}"
 
 
 class SpatialSoftmax(nn.Module):
@@ -63,47 +83,63 @@ class SpatialSoftmax(nn.Module):
         return torch.cat([x, y], dim=1)
 
 
+def _encoder() -> nn.Sequential:
+    c1, c2, c3 = CONV_CHANNELS
+    # A 64x64 frame: 32x32 -> 16x16 -> 16x16 maps, ~7 MFLOP a frame forward; the last map
+    # keeps 16x16 positions for the keypoints (the target is ~3 pixels wide).
+    return nn.Sequential(
+        nn.Conv2d(3, c1, 5, stride=2, padding=2), nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(c2, c3, 3, stride=1, padding=1),
+        SpatialSoftmax())
+
+
 class PixelNet(nn.Module):
-    """The trained core: {image uint8 NHWC, standardized state} -> standardized action."""
+    """The trained core: {image, image_1, ... uint8 NHWC, standardized state} -> standardized
+    action."""
 
     def __init__(self, state_width: int, n_outputs: int, hidden_size: int,
-                 num_layers: int) -> None:
+                 num_layers: int, cameras: int = 1) -> None:
         super().__init__()
-        c1, c2, c3 = CONV_CHANNELS
-        # A 64x64 frame: 32x32 -> 16x16 -> 16x16 maps, ~7 MFLOP a frame forward; the last
-        # map keeps 16x16 positions for the keypoints (the target is ~3 pixels wide).
-        self.encoder = nn.Sequential(
-            nn.Conv2d(3, c1, 5, stride=2, padding=2), nn.ReLU(),
-            nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(c2, c3, 3, stride=1, padding=1),
-            SpatialSoftmax())
+        self.cameras = cameras
+        self.encoder = _encoder()
+        if cameras > 1:  # absent for one camera: its parameters stay as they always were
+            self.extra_encoders = nn.ModuleList(_encoder() for _ in range(cameras - 1))
         layers: list[nn.Module] = []
-        width = 2 * c3 + state_width
+        width = 2 * CONV_CHANNELS[-1] * cameras + state_width
         for _ in range(num_layers):
             layers += [nn.Linear(width, hidden_size), nn.ReLU()]
             width = hidden_size
         layers.append(nn.Linear(width, n_outputs))
         self.head = nn.Sequential(*layers)
 
+    def encoders(self) -> list[nn.Module]:
+        return [self.encoder, *(self.extra_encoders if self.cameras > 1 else ())]
+
     def forward(self, x: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        image = x[IMAGE_KEY]
-        if image.dtype != torch.uint8:
-            # Scaled here, once: a float frame (already in [0, 1], or 0..255 as float) would be
-            # scaled again and give an action for a near-uniform frame, without an error.
-            raise TypeError(f"bc_pixels takes frames as uint8 [B, H, W, 3] (0..255, scaled "
-                            f"by the model itself), got {image.dtype} {list(image.shape)}: pass "
-                            "the camera's uint8 frames, not a scaled float copy")
-        # NHWC uint8 -> a channels_last NCHW view, scaled in the model (frames stay uint8 in
-        # storage and on the way here).
-        frames = image.permute(0, 3, 1, 2).float() * (1.0 / 255.0) - 0.5
-        return self.head(torch.cat([self.encoder(frames), x[STATE_KEY]], dim=1))
+        keypoints = []
+        for index, encoder in enumerate(self.encoders()):
+            image = x[camera_key(index)]
+            if image.dtype != torch.uint8:
+                # Scaled here, once: a float frame (already in [0, 1], or 0..255 as float)
+                # would be scaled again and give an action for a near-uniform frame, without
+                # an error.
+                raise TypeError(f"bc_pixels takes frames as uint8 [B, H, W, 3] (0..255, "
+                                f"scaled by the model itself), got {image.dtype} "
+                                f"{list(image.shape)} for {camera_key(index)!r}: pass the "
+                                "camera's uint8 frames, not a scaled float copy")
+            # NHWC uint8 -> a channels_last NCHW view, scaled in the model (frames stay uint8
+            # in storage and on the way here).
+            keypoints.append(encoder(image.permute(0, 3, 1, 2).float() * (1.0 / 255.0) - 0.5))
+        return self.head(torch.cat([*keypoints, x[STATE_KEY]], dim=1))
 
 
 class PixelPolicy(nn.Module):
     """Raw frames and state in, actions in data units out (normalization as buffers)."""
 
     def __init__(self, state_width: int, n_outputs: int, hidden_size: int,
-                 num_layers: int, state_positions: Sequence[int] = ()) -> None:
+                 num_layers: int, state_positions: Sequence[int] = (),
+                 cameras: int = 1) -> None:
         super().__init__()
         # Where the state values sit in the flattened feature vector that the loaders compute
         # statistics over (frames included); not state: only used to pick those statistics.
@@ -112,36 +148,58 @@ class PixelPolicy(nn.Module):
         self.register_buffer("state_std", torch.ones(state_width))
         self.register_buffer("output_mean", torch.zeros(n_outputs))
         self.register_buffer("output_std", torch.ones(n_outputs))
-        self.net = PixelNet(state_width, n_outputs, hidden_size, num_layers)
+        self.net = PixelNet(state_width, n_outputs, hidden_size, num_layers, cameras)
 
-    def forward(self, image: Any, state: torch.Tensor | None = None) -> torch.Tensor:
-        if isinstance(image, Mapping):  # the training loop's validation passes its batch dict
-            image, state = image[IMAGE_KEY], image[STATE_KEY]
+    def forward(self, image: Any, state: torch.Tensor | None = None,
+                image_1: torch.Tensor | None = None, image_2: torch.Tensor | None = None,
+                image_3: torch.Tensor | None = None) -> torch.Tensor:
+        """model(image, state, [image_1, ...]), or model(batch dict) as the training loop's
+        validation passes it. The parameters are spelled out, not *args: torch.export (as
+        MLflow calls it) matches its dynamic shapes to the forward's parameters one by one."""
+        if isinstance(image, Mapping):
+            batch = image
+            x = {key: value for key, value in batch.items() if key != STATE_KEY}
+            state = batch[STATE_KEY]
+        else:
+            extra = [t for t in (image_1, image_2, image_3) if t is not None]
+            x = {camera_key(i): t for i, t in enumerate([image, *extra])}
+        if len(x) != self.net.cameras or state is None:
+            names = ", ".join(input_names(self.net.cameras))
+            raise TypeError(f"this bc_pixels model takes {names}: {self.net.cameras} camera "
+                            f"frame batch(es) and the state; got {len(x)} frame batch(es) and "
+                            f"{'no' if state is None else 'a'} state")
         standardized = (state - self.state_mean) / self.state_std
-        y = self.net({IMAGE_KEY: image, STATE_KEY: standardized})
+        y = self.net({**x, STATE_KEY: standardized})
         return y * self.output_std + self.output_mean
 
 
-def _frame_column(features: Sequence[str], shapes: Mapping[str, Sequence[int]]) -> str:
-    frames = [name for name in features if len(shapes.get(name, ())) == 3
-              and shapes[name][-1] == 3]
-    if len(frames) != 1:
-        described = {name: list(shapes.get(name, ())) for name in features}
+def input_names(cameras: int) -> list[str]:
+    """The positional inputs of a bc_pixels model of `cameras` cameras, in order: image, state,
+    image_1, ... (a one-camera model's (image, state) as it always was)."""
+    return [IMAGE_KEY, STATE_KEY, *(camera_key(i) for i in range(1, cameras))]
+
+
+def _frame_columns(features: Sequence[str], shapes: Mapping[str, Sequence[int]]) -> list[str]:
+    """The camera columns among `features`, in their order: every column of 3-d rows, which
+    must be RGB (a grey or RGBA one is named with the decode shape that gives RGB)."""
+    described = {name: list(shapes.get(name, ())) for name in features}
+    images = [name for name in features if len(described[name]) == 3]
+    other = [name for name in images if described[name][-1] != 3]
+    if images and not other:
+        return images
+    fix = "list one or more image columns and the state columns"
+    if other:
         # A grayscale or RGBA column is an image column all the same: name its channels and
         # the decode shape that gives RGB, rather than ask for an image column.
-        other = [name for name in features if len(shapes.get(name, ())) == 3]
-        fix = "list one image column and the state columns"
-        if not frames and other:
-            name, shape = other[0], described[other[0]]
-            fix = (f"column {name!r} holds {shape} per row ({shape[-1]} channels): store "
-                   f"RGB frames, e.g. dataset.decode.{name} with shape {[*shape[:2], 3]} "
-                   "(prepare converts grayscale and opaque RGBA images to RGB; images with "
-                   "transparent pixels need compositing onto a background first)")
-        raise DataMismatchError(
-            f"recipe 'bc_pixels' needs exactly one feature column of RGB frames (uint8 "
-            f"[H, W, 3], e.g. the reach_pixels table's image); dataset.features resolved to "
-            f"{described} (per-row shapes): {fix}")
-    return frames[0]
+        name, shape = other[0], described[other[0]]
+        fix = (f"column {name!r} holds {shape} per row ({shape[-1]} channels): store "
+               f"RGB frames, e.g. dataset.decode.{name} with shape {[*shape[:2], 3]} "
+               "(prepare converts grayscale and opaque RGBA images to RGB; images with "
+               "transparent pixels need compositing onto a background first)")
+    raise DataMismatchError(
+        f"recipe 'bc_pixels' needs one or more feature columns of RGB frames (uint8 "
+        f"[H, W, 3], e.g. the reach_pixels table's image), one per camera; dataset.features "
+        f"resolved to {described} (per-row shapes): {fix}")
 
 
 def _last_map(side: int) -> int:
@@ -153,6 +211,14 @@ def _last_map(side: int) -> int:
 # The keypoints need 2 positions a side of the last map (`_last_map(5) == 2`): with one,
 # softmax weighs it 1 and that coordinate is the same for every frame (blind along that side).
 MIN_FRAME_SIDE = 5
+
+
+class Cameras(NamedTuple):
+    """A bc_pixels model's inputs: its camera columns and their frame shapes, in input order,
+    and its state columns."""
+    columns: list[str]
+    shapes: list[list[int]]
+    state: list[str]
 
 
 class PixelBehaviourCloning(Recipe):
@@ -173,16 +239,23 @@ class PixelBehaviourCloning(Recipe):
     def describe_shapes(self, features: Sequence[str], targets: Sequence[str],
                         hp: Hyperparameters, shapes: Mapping[str, Sequence[int]]) -> ModelInfo:
         """The model's shape from the per-row shapes of the feature and target columns."""
-        image = _frame_column(features, shapes)
-        height, width = (int(side) for side in shapes[image][:2])
-        if min(height, width) < MIN_FRAME_SIDE:
+        images = _frame_columns(features, shapes)
+        if len(images) > MAX_CAMERAS:
             raise DataMismatchError(
-                f"recipe 'bc_pixels': column {image!r} holds {height}x{width} frames (height x "
-                f"width); its encoder's last map would be {_last_map(height)}x"
-                f"{_last_map(width)} positions, and along a side of 1 the keypoints are the "
-                "same for every frame, so the policy could not see along it. Use frames of at "
-                f"least {MIN_FRAME_SIDE} pixels a side (dataset.decode shape, e.g. [64, 64, 3])")
-        state_width = sum(int(np.prod(shapes.get(n, ()))) for n in features if n != image)
+                f"recipe 'bc_pixels' takes up to {MAX_CAMERAS} cameras (an encoder each); "
+                f"dataset.features hold {len(images)} frame columns {images}: keep at most "
+                f"{MAX_CAMERAS} of them in dataset.features")
+        for image in images:
+            height, width = (int(side) for side in shapes[image][:2])
+            if min(height, width) < MIN_FRAME_SIDE:
+                raise DataMismatchError(
+                    f"recipe 'bc_pixels': column {image!r} holds {height}x{width} frames "
+                    f"(height x width); its encoder's last map would be {_last_map(height)}x"
+                    f"{_last_map(width)} positions, and along a side of 1 the keypoints are the "
+                    "same for every frame, so the policy could not see along it. Use frames of "
+                    f"at least {MIN_FRAME_SIDE} pixels a side (dataset.decode shape, e.g. "
+                    "[64, 64, 3])")
+        state_width = sum(int(np.prod(shapes.get(n, ()))) for n in features if n not in images)
         n_outputs = sum(int(np.prod(shapes.get(n, ()))) for n in targets)
         arrays = {n: [int(s) for s in shapes[n]] for n in features if len(shapes.get(n, ()))}
         return ModelInfo(recipe=self.name, features=list(features), targets=list(targets),
@@ -190,30 +263,33 @@ class PixelBehaviourCloning(Recipe):
                          n_outputs=n_outputs, input_width=state_width, arrays=arrays)
 
     @staticmethod
-    def frame(info: ModelInfo) -> tuple[str, list[int], list[str]]:
-        """(image column, frame shape [H, W, 3], state columns) of a bc_pixels ModelInfo."""
+    def cameras(info: ModelInfo) -> Cameras:
+        """The camera columns, their frame shapes [H, W, 3] and the state columns of a
+        bc_pixels ModelInfo."""
         try:
-            image = _frame_column(info.features, info.arrays or {})
+            images = _frame_columns(info.features, info.arrays or {})
         except TrainingError as exc:
             raise TrainingError(f"model_info of recipe 'bc_pixels' has no image column "
                                 f"(arrays={info.arrays!r}): {exc}") from None
-        return image, list(info.arrays[image]), [n for n in info.features if n != image]
+        return Cameras(images, [list(info.arrays[n]) for n in images],
+                       [n for n in info.features if n not in images])
 
     @staticmethod
     def state_positions(info: ModelInfo) -> list[int]:
         """Indices of the state values in the flattened feature vector (frames included)."""
         positions, offset = [], 0
-        image, _, _ = PixelBehaviourCloning.frame(info)
+        images = PixelBehaviourCloning.cameras(info).columns
         for name in info.features:
             width = int(np.prod((info.arrays or {}).get(name, ())))
-            if name != image:
+            if name not in images:
                 positions.extend(range(offset, offset + width))
             offset += width
         return positions
 
     def build_model(self, info: ModelInfo) -> PixelPolicy:
         return PixelPolicy(int(info.input_width or 0), info.n_outputs, info.hidden_size,
-                           info.num_layers, self.state_positions(info))
+                           info.num_layers, self.state_positions(info),
+                           len(self.cameras(info).columns))
 
     def to_device(self, model: nn.Module, device: torch.device) -> None:
         """On CUDA the convolution weights go channels_last too: with the NHWC frames' view,
@@ -221,7 +297,8 @@ class PixelBehaviourCloning(Recipe):
         they stay as they are (the layout would change the kernels, and so the bits)."""
         model.to(device)
         if device.type == "cuda":
-            model.net.encoder.to(memory_format=torch.channels_last)
+            for encoder in model.net.encoders():
+                encoder.to(memory_format=torch.channels_last)
 
     def columns_to_tensors(self, info: ModelInfo, columns: Mapping[str, np.ndarray],
                            split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -237,19 +314,24 @@ class PixelBehaviourCloning(Recipe):
 
     def inputs(self, info: ModelInfo, columns: Mapping[str, np.ndarray],
                split: str) -> dict[str, torch.Tensor]:
-        """The model's inputs {image: uint8 [N, H, W, 3], state: float32 [N, S]} of some rows."""
+        """The model's inputs {image: uint8 [N, H, W, 3], image_1: ..., state: float32 [N, S]}
+        of some rows."""
         from arf_trainer.trainer.data import feature_matrix
 
-        image, shape, state = self.frame(info)
-        frames = columns[image]
-        if frames.dtype != np.uint8 or list(frames.shape[1:]) != shape:
-            raise DataMismatchError(
-                f"column {image!r} of the {split} split holds {frames.dtype} "
-                f"{list(frames.shape[1:])} per row; recipe 'bc_pixels' (model_info) expects "
-                f"uint8 {shape}: store frames as UTINYINT arrays of one size")
-        return {IMAGE_KEY: torch.from_numpy(np.ascontiguousarray(frames)),
-                STATE_KEY: torch.from_numpy(feature_matrix(columns, state)) if state
-                else torch.zeros(len(frames), 0)}
+        cameras = self.cameras(info)
+        x = {}
+        for index, (image, shape) in enumerate(zip(cameras.columns, cameras.shapes)):
+            frames = columns[image]
+            if frames.dtype != np.uint8 or list(frames.shape[1:]) != shape:
+                raise DataMismatchError(
+                    f"column {image!r} of the {split} split holds {frames.dtype} "
+                    f"{list(frames.shape[1:])} per row; recipe 'bc_pixels' (model_info) "
+                    f"expects uint8 {shape}: store frames as UTINYINT arrays of one size")
+            x[camera_key(index)] = torch.from_numpy(np.ascontiguousarray(frames))
+        rows = len(columns[cameras.columns[0]])
+        x[STATE_KEY] = (torch.from_numpy(feature_matrix(columns, cameras.state))
+                        if cameras.state else torch.zeros(rows, 0))
+        return x
 
     def set_normalization(self, model: PixelPolicy, x_stats: Any, y_stats: Any) -> None:
         """x_stats cover the flattened features in order: keep the state columns' part."""
@@ -279,7 +361,8 @@ class PixelBehaviourCloning(Recipe):
             return buffer.to(t.device)
 
         state = x[STATE_KEY]
-        return ({IMAGE_KEY: x[IMAGE_KEY],
+        frames = {key: value for key, value in x.items() if key != STATE_KEY}
+        return ({**frames,
                  STATE_KEY: (state - on(state, model.state_mean)) / on(state, model.state_std)},
                 (y - on(y, model.output_mean)) / on(y, model.output_std))
 
@@ -291,67 +374,10 @@ class PixelBehaviourCloning(Recipe):
         return F.mse_loss(outputs, targets)
 
     def export_example(self, info: ModelInfo, columns: Mapping[str, np.ndarray]
-                       ) -> tuple[np.ndarray, np.ndarray]:
-        """The (image, state) example rows the pt2 export traces with (features only)."""
+                       ) -> tuple[np.ndarray, ...]:
+        """The (image, state, [image_1, ...]) example rows the pt2 export traces with."""
         x = self.inputs(info, columns, "example")
-        return x[IMAGE_KEY].numpy(), x[STATE_KEY].numpy()
-
-
-
-# -- registration (publisher.py): what the pt2 export traces with and what consumers read ----
-
-def manifest_input(info: ModelInfo) -> dict[str, Any]:
-    """The plugin manifest's `input` of a bc_pixels model: two positional tensors."""
-    image, shape, state = PixelBehaviourCloning.frame(info)
-    return {"features": info.features,
-            "tensors": [{"name": IMAGE_KEY, "column": image, "dtype": "uint8",
-                         "shape": [-1, *shape]},
-                        {"name": STATE_KEY, "columns": state, "dtype": "float32",
-                         "shape": [-1, int(info.input_width or 0)]}]}
-
-
-def signature(info: ModelInfo) -> Any:
-    """The MLflow signature (image uint8 [-1, H, W, 3], state float32 [-1, S]) -> actions; the
-    evaluator reads the frame size from it (evaluator_pixels.frame_input)."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    _, shape, _ = PixelBehaviourCloning.frame(info)
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *shape), IMAGE_KEY),
-                       TensorSpec(np.dtype(np.float32), (-1, int(info.input_width or 0)),
-                                  STATE_KEY)]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, info.n_outputs), "action")]))
-
-
-def export_arguments(workspace: Any, info: ModelInfo, rows: int = 8) -> dict[str, Any]:
-    """log_model's input_example (up to `rows` real rows, at least 2 so that torch.export keeps
-    the batch dimension dynamic) and signature."""
-    import pyarrow.parquet as pq
-
-    from arf_trainer.errors import RegistryError
-    from arf_trainer.spec import read_json
-    from arf_trainer.trainer.data import read_table_columns
-
-    prepare_dir = workspace / "prepare"
-    if (workspace / "federate").is_dir() and not (prepare_dir / "manifest.json").exists():
-        # A federated model: no site's rows leave it, so the export traces zeros of its shape
-        # (as publisher.input_example does for the MLP recipes).
-        _, shape, _ = PixelBehaviourCloning.frame(info)
-        example = (np.zeros((2, *shape), dtype=np.uint8),
-                   np.zeros((2, int(info.input_width or 0)), dtype=np.float32))
-        return {"input_example": example, "signature": signature(info)}
-    manifest = read_json(prepare_dir / "manifest.json")
-    for split in ("val", "train"):
-        for shard in manifest["shards"].get(split, []):
-            if shard.get("rows", 0) >= 2:
-                table = pq.read_table(prepare_dir / shard["path"], columns=info.features)
-                columns = read_table_columns(table.slice(0, rows), info.features, "the example")
-                recipe = PixelBehaviourCloning()
-                return {"input_example": recipe.export_example(info, columns),
-                        "signature": signature(info)}
-    raise RegistryError(f"no shard in {prepare_dir / 'manifest.json'} has 2 rows for the input "
-                        "example that the pt2 export needs to keep the batch dimension dynamic")
+        return tuple(x[name].numpy() for name in input_names(len(self.cameras(info).columns)))
 
 
 RECIPES[PixelBehaviourCloning.name] = PixelBehaviourCloning()
