@@ -40,6 +40,12 @@ def add_parsers(hsub: argparse._SubParsersAction) -> None:
     ingest.add_argument("--type", action="append", default=[], metavar="COL=TYPE",
                         dest="types", help="read this column as TYPE (int64, float64, string, "
                         "bool, date, timestamp, ...) instead of inferring it (repeatable)")
+    ingest.add_argument("--frames", choices=["png", "video"], default="png",
+                        help="a LeRobot dataset's cameras as PNG frames, one per row (png, "
+                        "the default), or as its video files, stored once, with a frame "
+                        "reference per row (video: "
+                        "the table stays the size of the videos; prepare decodes with "
+                        "dataset.decode format video)")
     ingest.add_argument("--json", action="store_true", help="print the result as JSON")
     tables = hsub.add_parser("tables", help="the tables: latest version, rows, columns")
     tables.add_argument("--json", action="store_true", help="print JSON")
@@ -73,7 +79,7 @@ def trainer_command(args: argparse.Namespace, hub: str) -> list[str]:
 
     cmd = [venv_bin("arf-trainer"), "datahub", args.sub, "--hub", hub]
     if args.sub == "ingest":
-        cmd += ["--mode", args.mode, args.table]
+        cmd += ["--mode", args.mode, "--frames", args.frames, args.table]
         cmd += [str(Path(p).expanduser().absolute()) for p in args.paths]
         for column in args.partition_by:
             cmd += ["--partition-by", column]

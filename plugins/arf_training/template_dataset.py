@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Largest decoded side: a 4096x4096x4 frame is 64 MiB, already past one shard row group
 # (`arf_trainer.datahub.shards.GROUP_BYTES`); larger images are not camera frames for a policy.
@@ -17,14 +17,17 @@ MAX_IMAGE_SIDE = 4096
 
 
 class ImageDecode(BaseModel):
-    """`dataset.decode.<column>`: the column holds encoded image bytes (a BLOB per row) that
-    prepare decodes into a fixed-shape uint8 array [H, W, C] before writing the shards."""
+    """`dataset.decode.<column>`: the column holds encoded image bytes (a BLOB per row), or
+    references to frames of the hub's stored videos, that prepare decodes into a fixed-shape
+    uint8 array [H, W, C] before writing the shards."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format: Literal["png", "jpeg"] = Field(
-        description="Encoding of every value: png (lossless) or jpeg. A value in another "
-                    "format fails prepare.")
+    format: Literal["png", "jpeg", "video"] = Field(
+        description="Encoding of every value: png (lossless) or jpeg bytes, or video: a frame "
+                    "reference {video, timestamp} of a camera ingested with `arf datahub "
+                    "ingest TABLE LEROBOT_FOLDER --frames video` (channels 3 or 1). A value in "
+                    "another format fails prepare.")
     shape: tuple[int, int, int] = Field(
         description="[H, W, C] of every decoded image: height and width in pixels (each image "
                     "must have exactly this size; nothing is resized) and channels, 1 "
@@ -52,6 +55,13 @@ class ImageDecode(BaseModel):
                 f"shape={list(shape)!r}: channels must be 1 (grayscale), 3 (RGB) or 4 (RGBA), "
                 f"got {channels}; e.g. [64, 64, 3]")
         return shape
+
+    @model_validator(mode="after")
+    def _video_channels(self) -> ImageDecode:
+        if self.format == "video" and self.shape[2] not in (1, 3):
+            raise ValueError(f"shape={list(self.shape)!r}: format video decodes frames to RGB "
+                             "(3 channels) or grey (1); e.g. [480, 640, 3]")
+        return self
 
 
 class DatasetLayout(BaseModel):

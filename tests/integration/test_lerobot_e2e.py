@@ -1,8 +1,9 @@
 """A LeRobot dataset to a registered model through real Airflow (`airflow dags test`): a v3.0
 dataset of two cameras (AV1 video, lerobot's layout) ingested with `arf-trainer datahub
-ingest`, then the README's so100_pick_bc template (at 64x64 and 48x64) run: prepare decodes
-both cameras' PNG frames, bc_pixels trains an encoder per camera on them and the dotted
-LeRobot column names, and the model is registered with both cameras in the signature."""
+ingest --frames video` (the videos stored as they are), then the README's so100_pick_bc
+template (at 64x64 and 48x64) run: prepare decodes both cameras' frames from the stored
+videos, bc_pixels trains an encoder per camera on them and the dotted LeRobot column names,
+and the model is registered with both cameras in the signature."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def _readme_template() -> str:
     block = readme[start:readme.index("  ```\n", start + 10)].split("\n", 1)[1]
     shipped = "shape: [480, 640, 3]"
     assert block.count(shipped) == 2, f"README's {DAG} template: expected two {shipped!r}"
-    top, wrist = f"{TOP}: {{format: png, {shipped}}}", f"{WRIST}: {{format: png, {shipped}}}"
+    top, wrist = (f"{TOP}: {{format: video, {shipped}}}",
+                  f"{WRIST}: {{format: video, {shipped}}}")
     assert top in block and wrist in block, f"README's {DAG} template: expected {top}, {wrist}"
     return textwrap.dedent(block.replace(top, top.replace(shipped, f"shape: [{SIDE}, {SIDE}, 3]"))
                            .replace(wrist, wrist.replace(shipped,
@@ -45,7 +47,8 @@ def test_a_lerobot_dataset_trains_and_registers_through_airflow(
     env = dict(embedded)
     dataset = write_v30(tmp_path / "so100", [12] * 8, episodes_per_video=3, wrist=True)
     ingest = subprocess.run([str(BIN / "arf-trainer"), "datahub", "ingest", "--hub",
-                             env["ARF_DATAHUB_URI"], "so100_pick", str(dataset)],
+                             env["ARF_DATAHUB_URI"], "--frames", "video", "so100_pick",
+                             str(dataset)],
                             env=env, capture_output=True, text=True, timeout=300)
     assert ingest.returncode == 0, ingest.stdout[-3000:] + ingest.stderr[-3000:]
     templates = tmp_path / "templates"

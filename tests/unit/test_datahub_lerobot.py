@@ -270,7 +270,9 @@ def test_the_readme_template_over_a_lerobot_table_lints(tmp_path: Path, capsys) 
     template.parent.mkdir()
     template.write_text(textwrap.dedent(block))
     hub = tmp_path / "hub"
-    assert _ingest(hub, "so100_pick", write_v30(tmp_path / "so100", [3], wrist=True)) == 0
+    dataset = write_v30(tmp_path / "so100", [3], wrist=True)
+    assert trainer_main(["datahub", "ingest", "--hub", str(hub), "--frames", "video",
+                         "so100_pick", str(dataset)]) == 0
     assert arf_main(["templates", "lint", "--hub", str(hub), str(template)]) == 0
     assert "1 valid, 0 invalid" in capsys.readouterr().out
     # The lint does check the table name: the same template over another name fails.

@@ -100,7 +100,7 @@ def test_the_command_lines(tmp_path: Path) -> None:
     from arf_training.cli_datahub import trainer_command
 
     args = Namespace(sub="ingest", table="eps", paths=["x.csv"], mode="append", partition_by=[],
-                     types=["torque=float64", "day=date"], json=False)
+                     types=["torque=float64", "day=date"], json=False, frames="png")
     assert trainer_command(args, "/h")[-4:] == ["--type", "torque=float64", "--type", "day=date"]
     csv = _late_float_csv(tmp_path / "eps.csv")
     done = subprocess.run([str(TRAINER), "datahub", "ingest", "--hub", str(tmp_path / "hub"),

@@ -85,7 +85,7 @@ MALFORMED = [
     pytest.param(_edit("validation_split: 0.2", "validation_split: 1.5"),
                  ["dataset.validation_split", "less than 1"], None, id="split-range"),
     pytest.param(_decode("{format: gif, shape: [8, 8, 1]}"),
-                 ["dataset.decode.pixels.format", "'png' or 'jpeg'", "'gif'"], None,
+                 ["dataset.decode.pixels.format", "'png', 'jpeg' or 'video'", "'gif'"], None,
                  id="decode-format"),
     pytest.param(_decode("{format: png, shape: [8, 8, 2]}"),
                  ["dataset.decode.pixels.shape", "channels must be 1 (grayscale), 3 (RGB) or 4"],

@@ -6,15 +6,17 @@ BLOB of PNG or JPEG bytes) and how to read it, e.g. ``{image: {format: png, shap
 fingerprint see a plain uint8 [H][W][C] array column, of exactly the Arrow type DuckDB gives a
 `UTINYINT[H][W][C]` column: every recipe that takes frames (bc_pixels) reads it unchanged, and
 the fingerprint covers the decoded pixels (were two JPEG decoders to disagree, the
-fingerprints would differ, not silently the training data).
+fingerprints would differ, not silently the training data). Format ``video`` decodes frame
+references to the hub's stored videos instead (`decode_video`); the checks below are those of
+png and jpeg.
 
 What is checked, in order, each failure naming the column and how to fix it:
 1. The column is in the result and binary (DuckDB BLOB) — before any row is read.
 2. Every value, as it streams: not null; opened by Pillow's decoder for the declared format
    only (no other of Pillow's parsers sees the bytes, and a value in another format is named
    by its signature); `img.format` is the declared one; a JPEG libjpeg warns about (cut short
-   or altered: Pillow would decode it with grey where the damage is) is refused; exactly W x H pixels (nothing is
-   resized); 8 bits per channel; for C = 1 or 3, no transparent pixel (an alpha band or a
+   or altered: Pillow would decode it with grey where the damage is) is refused; exactly
+   W x H pixels (nothing is resized); 8 bits per channel; for C = 1 or 3, no transparent pixel (an alpha band or a
    transparency entry whose alpha is below 255 anywhere: the conversion would drop the alpha
    and the policy would train on the colour beneath, which nobody saw; fully opaque alpha, as
    in RGBA screenshots, passes); converted to L, RGB or RGBA for C = 1, 3 or 4. The first bad
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,6 +63,15 @@ def image_type(height: int, width: int, channels: int) -> pa.DataType:
     for size in (channels, width, height):
         arrow_type = pa.list_(pa.field("", arrow_type), size)
     return arrow_type
+
+
+def nested(pixels: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+    """`pixels` [N, H, W, C] uint8 as a column of `arrow_type` (`image_type`), without a copy
+    per row."""
+    array: pa.Array = pa.array(pixels.reshape(-1))
+    for size_type in reversed(_levels(arrow_type)):
+        array = pa.FixedSizeListArray.from_arrays(array, type=size_type)
+    return array
 
 
 @dataclass(frozen=True)
@@ -98,10 +110,7 @@ class ImageDecoder:
                 f"{where(i)} holds {problem}. Fix the data (every row must hold one "
                 f"{self.format} image of {width}x{height} pixels), filter such rows out "
                 "in the query, or correct the declared format/shape")
-        array: pa.Array = pa.array(out.reshape(-1))
-        for size_type in reversed(_levels(image_type(*self.shape))):
-            array = pa.FixedSizeListArray.from_arrays(array, type=size_type)
-        return array
+        return nested(out, image_type(*self.shape))
 
     def _decode_into(self, data: bytes, out: np.ndarray) -> str | None:
         """Decode `data` into `out` ([H, W, C] uint8); what was wrong with it, or None."""
@@ -196,31 +205,39 @@ def _not_the_format(data: bytes, expected: str) -> str:
             f"{len(data)} bytes that are not a {expected} image (they start {data[:8]!r})")
 
 
-def _decoder(column: Any, entry: Any) -> ImageDecoder:
+def _decoder(column: Any, entry: Any, hub: Path | None) -> Any:
     field = f"dataset.decode.{column}"
     if not isinstance(column, str) or not column or not isinstance(entry, dict) \
             or set(entry) != {"format", "shape"}:
-        raise SpecError(f"{field}={entry!r} must be {{format: png|jpeg, shape: [H, W, C]}}")
+        raise SpecError(f"{field}={entry!r} must be {{format: png|jpeg|video, shape: "
+                        "[H, W, C]}")
     fmt, shape = entry["format"], entry["shape"]
-    if fmt not in _PIL_FORMAT:
-        raise SpecError(f"{field}.format={fmt!r} must be 'png' or 'jpeg'")
+    if fmt not in (*_PIL_FORMAT, "video"):
+        raise SpecError(f"{field}.format={fmt!r} must be 'png', 'jpeg' or 'video'")
+    channels = (1, 3) if fmt == "video" else tuple(_MODE)
     if (not isinstance(shape, (list, tuple)) or len(shape) != 3
             or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)
             or not (1 <= shape[0] <= MAX_IMAGE_SIDE and 1 <= shape[1] <= MAX_IMAGE_SIDE)
-            or shape[2] not in _MODE):
+            or shape[2] not in channels):
         raise SpecError(f"{field}.shape={shape!r} must be [H, W, C] with H and W in "
-                        f"1..{MAX_IMAGE_SIDE} and C 1, 3 or 4, e.g. [64, 64, 3]")
+                        f"1..{MAX_IMAGE_SIDE} and C {'1 or 3' if fmt == 'video' else '1, 3 or 4'} "
+                        f"(format {fmt}), e.g. [64, 64, 3]")
+    if fmt == "video":
+        from arf_trainer.datahub.decode_video import VideoDecoder
+
+        return VideoDecoder(column, (shape[0], shape[1], shape[2]), hub)
     return ImageDecoder(column, fmt, (shape[0], shape[1], shape[2]))
 
 
 class Decoders:
     """Every `dataset.decode` column of one prepare run (none: batches pass unchanged)."""
 
-    def __init__(self, decode: Any, order_by: list[str] | None):
+    def __init__(self, decode: Any, order_by: list[str] | None, hub: Path | None = None):
         if decode is not None and not isinstance(decode, dict):
             raise SpecError(f"dataset.decode={decode!r} must map column names to "
                             "{format, shape}, e.g. {image: {format: png, shape: [64, 64, 3]}}")
-        self.decoders = [_decoder(column, entry) for column, entry in (decode or {}).items()]
+        # `hub`: where format video finds the stored videos (`video_store`).
+        self.decoders = [_decoder(column, entry, hub) for column, entry in (decode or {}).items()]
         self.keys = list(order_by or [])
 
     def schema(self, schema: pa.Schema) -> pa.Schema:
@@ -232,7 +249,9 @@ class Decoders:
                     f"columns: {', '.join(schema.names)}. Select it in dataset.query or fix "
                     "the name (case-sensitive)")
             found = schema.field(decoder.column).type
-            if not (pa.types.is_binary(found) or pa.types.is_large_binary(found)
+            if decoder.format == "video":
+                decoder.check_type(found)
+            elif not (pa.types.is_binary(found) or pa.types.is_large_binary(found)
                     or pa.types.is_binary_view(found) or pa.types.is_fixed_size_binary(found)):
                 raise SpecError(
                     f"{decoder.field}: column {decoder.column!r} has type {found}, not binary "
@@ -279,4 +298,15 @@ class Decoders:
             import simplejpeg
 
             versions["simplejpeg"] = simplejpeg.__version__
+        if any(d.format == "video" for d in self.decoders):  # PyAV and the FFmpeg it ships
+            import av
+
+            versions["av"] = av.__version__
+            versions["libavcodec"] = ".".join(map(str, av.library_versions["libavcodec"]))
         return versions
+
+    def close(self) -> None:
+        """Close the videos format video holds open."""
+        for decoder in self.decoders:
+            if hasattr(decoder, "close"):
+                decoder.close()

@@ -2,6 +2,7 @@
 the container side of `arf datahub`, and the federated demo's site hubs.
 
     arf-trainer datahub ingest --hub PATH TABLE FILE_OR_FOLDER... [--mode append|overwrite]
+                               [--frames png|video]
                                [--partition-by COL] [--type COL=TYPE] [--json]
     arf-trainer datahub tables --hub PATH [--json]
     arf-trainer datahub describe --hub PATH TABLE [--version N] [--json]
@@ -39,6 +40,12 @@ def add_parsers(hub_sub: argparse._SubParsersAction) -> None:
     ingest.add_argument("--type", action="append", default=[], metavar="COL=TYPE",
                         dest="types", help="read this column as TYPE (int64, float64, string, "
                         "bool, date, timestamp, ...) instead of inferring it (repeatable)")
+    ingest.add_argument("--frames", choices=["png", "video"], default="png",
+                        help="a LeRobot dataset's cameras as PNG frames, one per row (png, "
+                        "the default), or as its video files, stored once, with a frame "
+                        "reference per row (video: "
+                        "the table stays the size of the videos; prepare decodes with "
+                        "dataset.decode format video)")
     ingest.add_argument("--json", action="store_true", help="print the result as JSON")
     tables = hub_sub.add_parser("tables", help="list the tables: version, rows, columns")
     tables.add_argument("--hub", required=True, help="data hub root directory")
@@ -110,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         from arf_trainer.datahub.ingest import ingest
 
         result = ingest(hub, args.table, args.paths, mode=args.mode,
-                        partition_by=args.partition_by, types=parse_types(args.types))
+                        partition_by=args.partition_by, types=parse_types(args.types),
+                        frames=args.frames)
         print(json.dumps(result.as_dict(), sort_keys=True) if args.json else
               f"{args.table}: version {result.version} ({result.mode}, {result.rows:,} rows "
               f"from {result.files} file{'s' if result.files != 1 else ''})", flush=True)

@@ -25,7 +25,7 @@ import json
 import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -190,29 +190,47 @@ class _CreatedMeanwhile(Exception):
 
 def ingest(hub: Path, name: str, paths: Sequence[str | Path], mode: WriteMode = "append",
            partition_by: Sequence[str] = (),
-           types: Mapping[str, pa.DataType] | None = None) -> IngestResult:
+           types: Mapping[str, pa.DataType] | None = None,
+           frames: str = "png") -> IngestResult:
     """Write the rows of `paths` (files, folders, Delta tables) to table `name` in one commit.
 
     `append` adds to the table (creating it if needed) and requires the same columns and
     types; `overwrite` replaces rows and schema (older versions stay readable). `types`
     (`--type`, `arf_trainer.datahub.column_types`) gives columns' types instead of inferring
-    them. Raises `DataHubError` for bad input; the table is then unchanged.
+    them. `frames` ("png" or "video", `--frames`) is how a LeRobot dataset's cameras are
+    stored (`arf_trainer.datahub.lerobot`, `video_store`). Raises `DataHubError` for bad input;
+    the table is then unchanged (a stopped `--frames video` ingest may leave videos in the
+    table's `_videos` folder, stored by content: a later ingest reuses them).
     """
     if mode not in ("append", "overwrite"):
         raise DataHubError(f"--mode {mode!r} is not supported; use 'append' or 'overwrite'")
+    if frames not in ("png", "video"):
+        raise DataHubError(f"--frames {frames!r} is not supported; use 'png' or 'video'")
     try:
-        return _ingest_once(hub, name, paths, mode, partition_by, types or {})
+        return _ingest_once(hub, name, paths, mode, partition_by, types or {}, frames)
     except _CreatedMeanwhile:
         # Checked again against the table the other writer created: an append of other
         # columns is then refused, naming them, instead of replacing that table's schema.
-        return _ingest_once(hub, name, paths, mode, partition_by, types or {})
+        return _ingest_once(hub, name, paths, mode, partition_by, types or {}, frames)
+
+
+def _with_frames(sources: list[Source], frames: str, table_dir: Path) -> list[Source]:
+    """`--frames video`: the LeRobot sources store their videos in `table_dir`."""
+    if frames == "png":
+        return sources
+    if not any(s.lerobot is not None and s.lerobot.video_keys for s in sources):
+        raise DataHubError("--frames video stores a LeRobot dataset's camera videos; none of "
+                           "the sources is a LeRobot dataset with video features (a folder "
+                           "with meta/info.json): leave --frames out")
+    return [replace(s, lerobot=replace(s.lerobot, video_store=table_dir))
+            if s.lerobot is not None else s for s in sources]
 
 
 def _ingest_once(hub: Path, name: str, paths: Sequence[str | Path], mode: WriteMode,
                  partition_by: Sequence[str],
-                 types: Mapping[str, pa.DataType]) -> IngestResult:
+                 types: Mapping[str, pa.DataType], frames: str) -> IngestResult:
     path = table_path(hub, name)
-    sources = resolve_sources(paths)
+    sources = _with_frames(resolve_sources(paths), frames, path)
     existing = _existing(hub, name)
     table = existing if mode == "append" else None
     current = open_table(hub, name).dataset.schema if table is not None else None

@@ -8,7 +8,10 @@ row per frame, the dataset's own column names (`observation.state`, `action`, ..
   frame as PNG bytes: decoded from the episode's MP4 at the row's time (`timestamp`, plus the
   episode's `from_timestamp` in a v3.0 file of many episodes) within LeRobot's tolerance
   (`video_frames`). PNG is lossless, so prepare's `dataset.decode` gives back exactly the
-  pixels the video decoder produced; frames are never resized.
+  pixels the video decoder produced; frames are never resized. With `--frames video` the
+  column holds the frame's reference instead, {video: sha256, timestamp}, and the MP4 is
+  stored once, unchanged, in the table's `_videos` folder (`video_store`): every frame is
+  still decoded and checked here, and prepare decodes the same frame (format video).
 - Each image feature (`dtype: image`, stored in the Parquet as {bytes, path}) becomes a column
   of its encoded bytes (PNG or JPEG as recorded), for `dataset.decode` as well.
 - Vector features (`shape: [6]`) become fixed-size arrays (`FLOAT[6]`), so they can be
@@ -34,12 +37,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from arf_trainer.datahub import workers
-from arf_trainer.datahub.video_frames import VideoFrames
+from arf_trainer.datahub.video_frames import TOLERANCE_S, VideoFrames
+from arf_trainer.datahub.video_store import FRAME_REF, store
 from arf_trainer.errors import DataHubError
 
 INFO = Path("meta") / "info.json"
 VERSIONS = ("v2.0", "v2.1", "v3.0")
-TOLERANCE_S = 1e-4  # LeRobotDataset's default tolerance_s
 FRAME_BATCH_BYTES = 64 << 20  # decoded pixels held per batch, before PNG encoding
 # zlib level of the PNG frames (the pixels are the same at any level): 1 encodes 1.25-1.5x as
 # fast as Pillow's default 6, for files 9-43 % larger (bench/lerobot_ingest.py).
@@ -59,6 +62,8 @@ class LeRobotMeta:
     # v3.0: episode -> {video key: (chunk_index, file_index, from_timestamp)}
     episodes: dict[int, dict[str, tuple[int, int, float]]]
     total_frames: int | None = None  # what info.json says the dataset holds
+    # --frames video: the table folder whose video store keeps the MP4s (None: PNG frames)
+    video_store: Path | None = None
 
     @property
     def video_keys(self) -> list[str]:
@@ -217,8 +222,8 @@ def table_schema(meta: LeRobotMeta, path: Path) -> pa.Schema:
             fields.append(pa.field(field.name, _fixed(field.type, meta.shape(field.name))))
         else:
             fields.append(pa.field(field.name, field.type))
-    fields += [pa.field(key, pa.binary()) for key in meta.video_keys
-               if key not in schema.names]
+    camera = FRAME_REF if meta.video_store is not None else pa.binary()
+    fields += [pa.field(key, camera) for key in meta.video_keys if key not in schema.names]
     if meta.tasks and "task_index" in schema.names and "task" not in schema.names:
         fields.append(pa.field("task", pa.string()))
     return pa.schema(fields)
@@ -292,22 +297,36 @@ class _Videos:
     def __init__(self, meta: LeRobotMeta):
         self.meta = meta
         self.open: dict[str, tuple[Path, VideoFrames]] = {}
+        self.stored: dict[Path, str] = {}  # video file -> its sha256 in the video store
+
+    def _stored(self, video: Path) -> str:
+        sha = self.stored.get(video)
+        if sha is None:
+            sha = self.stored[video] = store(self.meta.video_store, video)
+        return sha
 
     def column(self, key: str, batch: pa.RecordBatch) -> pa.Array:
-        """Camera `key`'s frame of each row of `batch`, PNG-encoded."""
+        """Camera `key`'s frame of each row of `batch`, PNG-encoded, or with a video store its
+        reference {video, timestamp} (the frame decoded all the same: checked, not kept)."""
         shape = self.meta.shape(key)
-        decoded = []
+        decoded, references = [], []
         frames = (batch["frame_index"].to_pylist() if "frame_index" in batch.schema.names
                   else [None] * batch.num_rows)
         for episode, timestamp, index in zip(batch["episode_index"].to_pylist(),
                                              batch["timestamp"].to_pylist(), frames, strict=True):
             video, offset = self._where(key, int(episode))
+            at = offset + float(timestamp)
             try:
-                frame = self._frames(key, video, shape).frame(offset + float(timestamp))
+                frame = self._frames(key, video, shape).frame(at)
             except DataHubError as exc:
                 raise DataHubError(f"episode {episode}, frame_index {index}, timestamp "
                                    f"{timestamp:.6f} s, camera {key!r}: {exc}") from exc
-            decoded.append(frame if shape[2] == 3 else frame[..., 0])
+            if self.meta.video_store is not None:
+                references.append({"video": self._stored(video), "timestamp": at})
+            else:
+                decoded.append(frame if shape[2] == 3 else frame[..., 0])
+        if self.meta.video_store is not None:
+            return pa.array(references, type=FRAME_REF)
         # Decoding is sequential (one decoder per file); the encodings are independent and
         # run side by side (`workers`: the bytes do not depend on the number of threads).
         return pa.array(list(workers.pool().map(_png, decoded)), type=pa.binary())

@@ -216,14 +216,25 @@ def _drain(batches: Iterator[pa.RecordBatch], writers: dict[str, ShardWriter], s
 
 def _streams(env: StepEnv, root: Path, spill: Path, query: str) -> dict[str, Any]:
     """Stream dataset.query (and its replay) into train/val shards; the manifest's data part."""
-    dataset, seed = env.spec.dataset, env.spec.seed
-    pins, values = dict(dataset.get("tables") or {}), query_parameters(env)
+    dataset = env.spec.dataset
     split = float(dataset.get("validation_split", 0.0))
     if not 0.0 <= split < 1.0:
         raise SpecError(f"dataset.validation_split={split!r} must be in [0, 1), e.g. 0.1")
+    # Format video holds videos open between batches: closed however the stream ends.
+    decoders = Decoders(dataset.get("decode"), dataset.get("order_by") or None, env.datahub)
+    try:
+        return _streamed(env, root, spill, query, decoders)
+    finally:
+        decoders.close()
+
+
+def _streamed(env: StepEnv, root: Path, spill: Path, query: str,
+              decoders: Decoders) -> dict[str, Any]:
+    dataset, seed = env.spec.dataset, env.spec.seed
+    pins, values = dict(dataset.get("tables") or {}), query_parameters(env)
+    split = float(dataset.get("validation_split", 0.0))
     order_by, split_by = dataset.get("order_by") or None, dataset.get("split_by")
     replay = dataset.get("replay")
-    decoders = Decoders(dataset.get("decode"), order_by)
     new = open_dataset_query(env, "dataset.query", query, pins, values, spill)
     schema = new.schema()
     features, targets = check_columns(dataset, decoders.schema(schema))

@@ -20,9 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from arf_trainer.datahub.workers import worker_threads
 from arf_trainer.errors import DataHubError
 
 SEEK_AHEAD_S = 2.0
+TOLERANCE_S = 1e-4  # LeRobotDataset's default tolerance_s
 _FORMATS = {3: "rgb24", 1: "gray"}
 
 
@@ -40,6 +42,10 @@ class VideoFrames:
         try:
             self._container = av.open(str(path))
             self._stream = self._container.streams.video[0]
+            # The step's CPU budget (`workers`), not every core FFmpeg can see; the decoded
+            # frames are the same for any number of threads.
+            self._stream.thread_type = "AUTO"
+            self._stream.codec_context.thread_count = worker_threads()
         except (av.FFmpegError, IndexError, OSError) as exc:
             raise DataHubError(f"{path}: not a readable video ({exc}); the dataset's video "
                                "files must be where meta/info.json's video_path puts them"
