@@ -80,7 +80,7 @@ run(model, x.to(device), y.to(device), x_val.to(device), y_val.to(device), batch
 # convolutions in channels_last.
 BC_PIXELS = _COMMON + r'''
 from arf_trainer.trainer.data import read_table_columns
-from arf_trainer.trainer.recipes_vision import PixelNet
+from arf_trainer.trainer.vision_model import PixelNet
 LR = 0.001
 image = next(c["name"] for c in manifest["columns"]
              if c["name"] in manifest["features"] and len(c.get("shape") or []) == 3)

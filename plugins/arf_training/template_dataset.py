@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, field_validator, model_serializer,
+                      model_validator)
 
 # Largest decoded side: a 4096x4096x4 frame is 64 MiB, already past one shard row group
 # (`arf_trainer.datahub.shards.GROUP_BYTES`); larger images are not camera frames for a policy.
@@ -33,6 +34,13 @@ class ImageDecode(BaseModel):
                     "must have exactly this size; nothing is resized) and channels, 1 "
                     "(grayscale), 3 (RGB) or 4 (RGBA), which the image is converted to. An "
                     "image with transparent pixels is refused unless C is 4.")
+
+    downscale: int = Field(
+        default=1, ge=1,
+        description="Store each frame this many times smaller a side: the mean of each k x k "
+                    "block, in integers (e.g. 5 makes a 480x640 camera 96x128 in the shards). "
+                    "Must divide height and width. A bc_pixels model then takes the full "
+                    "frames when served and averages the blocks itself, the same way.")
 
     @field_validator("shape", mode="before")
     @classmethod
@@ -61,7 +69,23 @@ class ImageDecode(BaseModel):
         if self.format == "video" and self.shape[2] not in (1, 3):
             raise ValueError(f"shape={list(self.shape)!r}: format video decodes frames to RGB "
                              "(3 channels) or grey (1); e.g. [480, 640, 3]")
+        height, width, _ = self.shape
+        if height % self.downscale or width % self.downscale:
+            fitting = [k for k in range(2, min(height, width) + 1)
+                       if height % k == 0 and width % k == 0][:6]
+            raise ValueError(f"downscale={self.downscale} must divide the frame's height and "
+                             f"width ({height}x{width}) so that every block is whole; factors "
+                             f"that fit: {fitting or 'none but 1'}")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_default_downscale(self, handler: Any) -> Any:
+        # The job spec of a template without downscale stays as it was (prepare's request,
+        # and so its reuse of prepared data, does not change under an upgrade).
+        data = handler(self)
+        if isinstance(data, dict) and data.get("downscale") == 1:
+            del data["downscale"]
+        return data
 
 
 class DatasetLayout(BaseModel):

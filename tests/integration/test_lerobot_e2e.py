@@ -1,9 +1,9 @@
 """A LeRobot dataset to a registered model through real Airflow (`airflow dags test`): a v3.0
 dataset of two cameras (AV1 video, lerobot's layout) ingested with `arf-trainer datahub
 ingest --frames video` (the videos stored as they are), then the README's so100_pick_bc
-template (at 64x64 and 48x64) run: prepare decodes both cameras' frames from the stored
-videos, bc_pixels trains an encoder per camera on them and the dotted LeRobot column names,
-and the model is registered with both cameras in the signature."""
+template (at 64x64 and 48x64, downscale 2) run: prepare decodes both cameras' frames from the
+stored videos at half their size, bc_pixels trains an encoder per camera on them and the dotted
+LeRobot column names, and the model is registered taking both cameras at their full size."""
 
 from __future__ import annotations
 
@@ -30,15 +30,12 @@ def _readme_template() -> str:
     readme = (REPO / "README.md").read_text()
     start = readme.index(f"  ```yaml\n  # config_templates/{DAG}.yaml")
     block = readme[start:readme.index("  ```\n", start + 10)].split("\n", 1)[1]
-    shipped = "shape: [480, 640, 3]"
-    assert block.count(shipped) == 2, f"README's {DAG} template: expected two {shipped!r}"
-    top, wrist = (f"{TOP}: {{format: video, {shipped}}}",
-                  f"{WRIST}: {{format: video, {shipped}}}")
+    shipped = "{format: video, shape: [480, 640, 3], downscale: 5}"
+    top, wrist = f"{TOP}: {shipped}", f"{WRIST}: {shipped}"
     assert top in block and wrist in block, f"README's {DAG} template: expected {top}, {wrist}"
-    return textwrap.dedent(block.replace(top, top.replace(shipped, f"shape: [{SIDE}, {SIDE}, 3]"))
-                           .replace(wrist, wrist.replace(shipped,
-                                                         f"shape: [{WRIST_SHAPE[0]}, "
-                                                         f"{WRIST_SHAPE[1]}, 3]")))
+    small = "{format: video, shape: [%d, %d, 3], downscale: 2}"
+    return textwrap.dedent(block.replace(top, f"{TOP}: {small % (SIDE, SIDE)}")
+                           .replace(wrist, f"{WRIST}: {small % WRIST_SHAPE}"))
 
 
 def test_a_lerobot_dataset_trains_and_registers_through_airflow(
@@ -73,7 +70,11 @@ def test_a_lerobot_dataset_trains_and_registers_through_airflow(
     plugin = json.loads((ws / "register" / "result.json").read_text())["manifest"]
     tensors = plugin["input"]["tensors"]
     assert [t["name"] for t in tensors] == ["image", "state", "image_1"]
+    # Taken at the cameras' size when served; stored (and trained on) at half of it.
     assert tensors[0] == {"name": "image", "column": TOP, "dtype": "uint8",
-                          "shape": [-1, SIDE, SIDE, 3]}
+                          "shape": [-1, SIDE, SIDE, 3], "downscale": 2}
     assert tensors[2] == {"name": "image_1", "column": WRIST, "dtype": "uint8",
-                          "shape": [-1, *WRIST_SHAPE, 3]}
+                          "shape": [-1, *WRIST_SHAPE, 3], "downscale": 2}
+    columns = {c["name"]: c["shape"] for c in manifest["columns"]}
+    assert columns[TOP] == [SIDE // 2, SIDE // 2, 3]
+    assert columns[WRIST] == [WRIST_SHAPE[0] // 2, WRIST_SHAPE[1] // 2, 3]

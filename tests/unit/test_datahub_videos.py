@@ -89,6 +89,24 @@ def test_video_frames_prepare_to_the_pixels_of_png_frames(tmp_path: Path, write,
     assert video["decode"][WRIST] == {"format": "video", "shape": [*WRIST_SHAPE, 3]}
 
 
+def test_video_frames_downscale_as_png_frames_do(tmp_path: Path) -> None:
+    from arf_trainer.downscale import block_mean
+
+    hub = tmp_path / "hub"
+    dataset = write_v30(tmp_path / "so100", LENGTHS, wrist=True)
+    assert _ingest(hub, "so100", dataset, "--frames", "video") == 0
+    run_prepare(step_env(tmp_path / "full", hub, "reach_pixels_bc",
+                         dataset=_dataset("so100", "video")))
+    smaller = _dataset("so100", "video")
+    smaller["decode"][TOP]["downscale"] = 4
+    smaller["decode"][WRIST]["downscale"] = 2
+    run_prepare(step_env(tmp_path / "small", hub, "reach_pixels_bc", dataset=smaller))
+    full, small = _frames(tmp_path / "full"), _frames(tmp_path / "small")
+    np.testing.assert_array_equal(small[TOP], block_mean(full[TOP], 4))
+    np.testing.assert_array_equal(small[WRIST], block_mean(full[WRIST], 2))
+    assert small[WRIST].shape[1:] == (WRIST_SHAPE[0] // 2, WRIST_SHAPE[1] // 2, 3)
+
+
 def _stored(hub: Path) -> list[Path]:
     return sorted((hub / "so100" / VIDEOS).iterdir())
 
@@ -208,7 +226,7 @@ def test_the_template_schema_takes_format_video_with_rgb_or_grey(tmp_path: Path)
     start = readme.index("  ```yaml\n  # config_templates/so100_pick_bc.yaml")
     block = readme[start:readme.index("  ```\n", start + 10)].split("\n", 1)[1]
     text = textwrap.dedent(block)
-    assert "{format: video, shape: [480, 640, 3]}" in text  # the README's template uses it
+    assert "{format: video, shape: [480, 640, 3], downscale: 5}" in text  # the README's
     assert parse_template(text, "so100.yaml")
     with pytest.raises(TemplateError, match=r"format video decodes frames to RGB"):
         parse_template(text.replace("shape: [480, 640, 3]", "shape: [480, 640, 4]", 1),

@@ -97,7 +97,7 @@ MALFORMED = [
                  ["dataset.decode.pixels.shape", "[height, width, channels]"], None,
                  id="decode-rank"),
     pytest.param(_decode("{format: png, shape: [8, 8, 1], resize: true}"),
-                 ["dataset.decode.pixels.resize", "allowed keys here: format, shape"], None,
+                 ["dataset.decode.pixels.resize", "allowed keys here: downscale, format, shape"], None,
                  id="decode-unknown-key"),
     pytest.param(_edit("apiVersion: arf.dev/v1", "apiVersion: arf.dev/v9"),
                  ["apiVersion", "unsupported apiVersion 'arf.dev/v9'"], 1, id="api-version"),

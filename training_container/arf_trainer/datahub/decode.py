@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 from arf_trainer.datahub import workers
+from arf_trainer.downscale import block_mean, check_factor
 from arf_trainer.errors import DecodeError, SpecError
 
 # The Airflow side's bound (arf_training.template_dataset.MAX_IMAGE_SIDE), checked again here
@@ -74,6 +75,11 @@ def nested(pixels: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
     return array
 
 
+def stored_shape(shape: tuple[int, int, int], downscale: int) -> tuple[int, int, int]:
+    """The shards' frame shape of decoded `shape` made `downscale` times smaller a side."""
+    return shape[0] // downscale, shape[1] // downscale, shape[2]
+
+
 @dataclass(frozen=True)
 class ImageDecoder:
     """One `dataset.decode.<column>` entry."""
@@ -81,6 +87,7 @@ class ImageDecoder:
     column: str
     format: str
     shape: tuple[int, int, int]
+    downscale: int = 1  # `arf_trainer.downscale`: the shards hold shape / downscale a side
 
     @property
     def field(self) -> str:
@@ -110,7 +117,8 @@ class ImageDecoder:
                 f"{where(i)} holds {problem}. Fix the data (every row must hold one "
                 f"{self.format} image of {width}x{height} pixels), filter such rows out "
                 "in the query, or correct the declared format/shape")
-        return nested(out, image_type(*self.shape))
+        return nested(block_mean(out, self.downscale),
+                      image_type(*stored_shape(self.shape, self.downscale)))
 
     def _decode_into(self, data: bytes, out: np.ndarray) -> str | None:
         """Decode `data` into `out` ([H, W, C] uint8); what was wrong with it, or None."""
@@ -208,9 +216,9 @@ def _not_the_format(data: bytes, expected: str) -> str:
 def _decoder(column: Any, entry: Any, hub: Path | None) -> Any:
     field = f"dataset.decode.{column}"
     if not isinstance(column, str) or not column or not isinstance(entry, dict) \
-            or set(entry) != {"format", "shape"}:
+            or not {"format", "shape"} <= set(entry) <= {"format", "shape", "downscale"}:
         raise SpecError(f"{field}={entry!r} must be {{format: png|jpeg|video, shape: "
-                        "[H, W, C]}")
+                        "[H, W, C]} and optionally downscale: k")
     fmt, shape = entry["format"], entry["shape"]
     if fmt not in (*_PIL_FORMAT, "video"):
         raise SpecError(f"{field}.format={fmt!r} must be 'png', 'jpeg' or 'video'")
@@ -222,11 +230,15 @@ def _decoder(column: Any, entry: Any, hub: Path | None) -> Any:
         raise SpecError(f"{field}.shape={shape!r} must be [H, W, C] with H and W in "
                         f"1..{MAX_IMAGE_SIDE} and C {'1 or 3' if fmt == 'video' else '1, 3 or 4'} "
                         f"(format {fmt}), e.g. [64, 64, 3]")
+    try:
+        factor = check_factor(shape[0], shape[1], entry.get("downscale", 1), f"{field}.downscale")
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
     if fmt == "video":
         from arf_trainer.datahub.decode_video import VideoDecoder
 
-        return VideoDecoder(column, (shape[0], shape[1], shape[2]), hub)
-    return ImageDecoder(column, fmt, (shape[0], shape[1], shape[2]))
+        return VideoDecoder(column, (shape[0], shape[1], shape[2]), hub, downscale=factor)
+    return ImageDecoder(column, fmt, (shape[0], shape[1], shape[2]), factor)
 
 
 class Decoders:
@@ -240,8 +252,10 @@ class Decoders:
         self.decoders = [_decoder(column, entry, hub) for column, entry in (decode or {}).items()]
         self.keys = list(order_by or [])
 
-    def schema(self, schema: pa.Schema) -> pa.Schema:
-        """The shards' schema for the query's `schema`: each decoded column's type replaced."""
+    def schema(self, schema: pa.Schema, stored: bool = True) -> pa.Schema:
+        """The shards' schema for the query's `schema`: each decoded column's type replaced;
+        with `stored` False, the frames as decoded, before any downscale (what a batch holds
+        in memory while it decodes)."""
         for decoder in self.decoders:
             if decoder.column not in schema.names:
                 raise SpecError(
@@ -259,7 +273,8 @@ class Decoders:
                     f"column from dataset.decode (an array column such as UTINYINT"
                     f"{''.join(f'[{s}]' for s in decoder.shape)} needs no decoding)")
             index = schema.get_field_index(decoder.column)
-            schema = schema.set(index, pa.field(decoder.column, image_type(*decoder.shape)))
+            shape = stored_shape(decoder.shape, decoder.downscale) if stored else decoder.shape
+            schema = schema.set(index, pa.field(decoder.column, image_type(*shape)))
         return schema
 
     def batch(self, batch: pa.RecordBatch, rows: np.ndarray, *, schema: pa.Schema,
@@ -283,8 +298,10 @@ class Decoders:
         return pa.RecordBatch.from_arrays(columns, schema=schema)
 
     def manifest(self) -> dict[str, Any] | None:
-        """The manifest's "decode" entry: {column: {"format", "shape"}}, or None."""
-        return {d.column: {"format": d.format, "shape": list(d.shape)}
+        """The manifest's "decode" entry: {column: {"format", "shape"[, "downscale"]}} (the
+        shape decoded; the shards' is the columns' shape), or None."""
+        return {d.column: {"format": d.format, "shape": list(d.shape),
+                           **({"downscale": d.downscale} if d.downscale > 1 else {})}
                 for d in self.decoders} or None
 
     def versions(self) -> dict[str, str]:

@@ -38,6 +38,7 @@ class VideoDecoder:
     shape: tuple[int, int, int]
     hub: Path | None
     format: str = "video"
+    downscale: int = 1  # `arf_trainer.downscale`: the shards hold shape / downscale a side
     _files: VideoFiles | None = field(default=None, repr=False)
     _open: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
@@ -59,7 +60,8 @@ class VideoDecoder:
 
     def decode(self, values: pa.Array, where: Any) -> pa.Array:
         """The decoded column of one batch; `where(i)` names the batch's row i in errors."""
-        from arf_trainer.datahub.decode import image_type, nested
+        from arf_trainer.datahub.decode import image_type, nested, stored_shape
+        from arf_trainer.downscale import block_mean
 
         height, width, channels = self.shape
         out = np.empty((len(values), height, width, channels), dtype=np.uint8)
@@ -73,7 +75,8 @@ class VideoDecoder:
                 out[i] = self._frames(sha).frame(float(time_s))
             except DataHubError as exc:
                 self._refuse(where(i), f"a frame that cannot be read: {exc}")
-        return nested(out, image_type(*self.shape))
+        return nested(block_mean(out, self.downscale),
+                      image_type(*stored_shape(self.shape, self.downscale)))
 
     def _refuse(self, row: str, problem: str) -> None:
         raise DecodeError(f"{self.field} (format video, shape {list(self.shape)}): {row} "

@@ -255,7 +255,8 @@ def _streamed(env: StepEnv, root: Path, spill: Path, query: str,
         side = lambda batch: sample.mask(batch.num_rows)  # noqa: E731
     else:
         side = GroupSplit(split_by, split, seed).mask
-    batch_rows = min(65_536, layout(decoders.schema(schema))[0])  # the decoded row's width
+    # The row's width as decoded (before a downscale): what a batch holds while it decodes.
+    batch_rows = min(65_536, layout(decoders.schema(schema, stored=False))[0])
     with new.stream(order_by, batch_rows) as (schema, batches):
         shard_schema = decoders.schema(schema)
         writers = {name: ShardWriter(root, name, shard_schema) for name in ("train", "val")}

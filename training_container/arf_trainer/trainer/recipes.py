@@ -120,6 +120,8 @@ class ModelInfo:
     arrays: dict[str, list[int]] | None = None
     """Per-row shapes of the array feature columns of a recipe that takes arrays as they are
     (bc_pixels: its frames [H, W, 3], recipes_vision.py); None for the MLP recipes."""
+    downscale: dict[str, int] | None = None
+    """bc_pixels: cameras stored k times smaller a side (`dataset.decode.<c>.downscale`)."""
 
     @property
     def n_features(self) -> int:
@@ -127,7 +129,7 @@ class ModelInfo:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        for optional in ("input_width", "arrays"):
+        for optional in ("input_width", "arrays", "downscale"):
             if data[optional] is None:
                 del data[optional]  # files of scalar-column models stay as they were
         data["n_features"] = self.n_features

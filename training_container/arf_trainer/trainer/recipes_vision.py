@@ -5,37 +5,12 @@ Data (data.py's batch interface): each camera is a feature column of uint8 frame
 ``observation.images.top`` and ``observation.images.wrist``); the other feature columns
 (scalars or vectors) are flattened into the state vector; the targets are actions. Frames stay
 uint8 from storage to the model (a quarter of the memory of float32, and what a camera
-delivers); the model scales them to [-0.5, 0.5] itself, once, and refuses frames of another
-dtype (a float copy would be scaled again, silently). Frames need at least `MIN_FRAME_SIDE`
-pixels a side: below, the encoder's last map has one position along a side.
+delivers). Frames need at least `MIN_FRAME_SIDE` pixels a side as stored: below, the encoder's
+last map has one position along a side.
 
-Model (`PixelPolicy`), self-contained for serving like the MLP recipes; cameras in the order of
-`dataset.features`, each of its own size:
-
-    forward(image uint8 [B, H, W, 3], state float32 [B, S],
-            [image_1 uint8 [B, H1, W1, 3], ... up to MAX_CAMERAS]) -> actions float32 [B, A]
-
-    each camera's frame -> its own encoder: conv 5x5/2 (16) -> conv 3x3/2 (32) -> conv 3x3 (32),
-          ReLU between -> spatial softmax: the expected (x, y) image position of each channel
-    [keypoints of every camera, standardized state] -> MLP (hidden_size x num_layers)
-          -> de-standardized action
-
-Why spatial softmax: the policy must find a small target in the frame; a keypoint layer turns
-"where is it" into coordinates directly (Levine et al. 2016, robomimic's default encoder), which
-a flattening head would have to learn from many more parameters and demonstrations. Why one
-encoder per camera, not one shared: a wrist and a scene camera see different things at
-different scales (robomimic's default too), and the keypoints say which camera they came from
-by their place in the head's input.
-
-A one-camera model is the model from before several cameras: inputs (image, state), the first
-camera's encoder ``net.encoder`` and the others' ``net.extra_encoders`` made after it, so its
-parameters, their names and initial values, its checkpoints, registered champions (fine-tunes
-load them) and bitwise re-runs are unchanged. More cameras come after the state.
-
-channels_last: the frames arrive NHWC, so ``image.permute(0, 3, 1, 2)`` is already a
-channels_last NCHW view; the convolutions run on it without a layout copy. On CUDA the
-convolution weights are made channels_last as well (`to_device`), so cuDNN's NHWC kernels run
-without converting them every step.
+The model is `vision_model.PixelPolicy` (one encoder per camera, spatial-softmax keypoints, an
+MLP head). On CUDA the convolution weights are made channels_last (`to_device`), so cuDNN's
+NHWC kernels run on the frames' NHWC view without converting them every step.
 
 Training follows the MLP recipes (recipes.py): the loop trains `model.net` on inputs prepared
 once by `training_tensors` (frames as they are, state and actions standardized with the
@@ -56,128 +31,8 @@ from torch import nn
 
 from arf_trainer.errors import DataMismatchError, TrainingError
 from arf_trainer.trainer.recipes import RECIPES, Hyperparameters, ModelInfo, Recipe
-
-CONV_CHANNELS = (16, 32, 32)
-IMAGE_KEY, STATE_KEY = "image", "state"
-# PixelPolicy.forward's camera parameters: ALOHA's four (two wrists, high, low) fit.
-MAX_CAMERAS = 4
-
-
-def camera_key(index: int) -> str:
-    """The model's name of its `index`-th camera input: image, image_1, image_2, ... (the first
-    keeps the one-camera models' name, which registered models and the evaluator use)."""
-    return IMAGE_KEY if index == 0 else f"{IMAGE_KEY}_{index}"
-
-
-class SpatialSoftmax(nn.Module):
-    """[B, C, H, W] feature maps -> [B, 2C]: each channel's softmax-weighted (x, y) position,
-    in [-1, 1] image coordinates."""
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = features.shape
-        weights = torch.softmax(features.reshape(b, c, h * w), dim=-1).reshape(b, c, h, w)
-        xs = torch.linspace(-1.0, 1.0, w, device=features.device, dtype=features.dtype)
-        ys = torch.linspace(-1.0, 1.0, h, device=features.device, dtype=features.dtype)
-        x = (weights.sum(dim=2) * xs).sum(dim=-1)
-        y = (weights.sum(dim=3) * ys).sum(dim=-1)
-        return torch.cat([x, y], dim=1)
-
-
-def _encoder() -> nn.Sequential:
-    c1, c2, c3 = CONV_CHANNELS
-    # A 64x64 frame: 32x32 -> 16x16 -> 16x16 maps, ~7 MFLOP a frame forward; the last map
-    # keeps 16x16 positions for the keypoints (the target is ~3 pixels wide).
-    return nn.Sequential(
-        nn.Conv2d(3, c1, 5, stride=2, padding=2), nn.ReLU(),
-        nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(c2, c3, 3, stride=1, padding=1),
-        SpatialSoftmax())
-
-
-class PixelNet(nn.Module):
-    """The trained core: {image, image_1, ... uint8 NHWC, standardized state} -> standardized
-    action."""
-
-    def __init__(self, state_width: int, n_outputs: int, hidden_size: int,
-                 num_layers: int, cameras: int = 1) -> None:
-        super().__init__()
-        self.cameras = cameras
-        self.encoder = _encoder()
-        if cameras > 1:  # absent for one camera: its parameters stay as they always were
-            self.extra_encoders = nn.ModuleList(_encoder() for _ in range(cameras - 1))
-        layers: list[nn.Module] = []
-        width = 2 * CONV_CHANNELS[-1] * cameras + state_width
-        for _ in range(num_layers):
-            layers += [nn.Linear(width, hidden_size), nn.ReLU()]
-            width = hidden_size
-        layers.append(nn.Linear(width, n_outputs))
-        self.head = nn.Sequential(*layers)
-
-    def encoders(self) -> list[nn.Module]:
-        return [self.encoder, *(self.extra_encoders if self.cameras > 1 else ())]
-
-    def forward(self, x: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        keypoints = []
-        for index, encoder in enumerate(self.encoders()):
-            image = x[camera_key(index)]
-            if image.dtype != torch.uint8:
-                # Scaled here, once: a float frame (already in [0, 1], or 0..255 as float)
-                # would be scaled again and give an action for a near-uniform frame, without
-                # an error.
-                raise TypeError(f"bc_pixels takes frames as uint8 [B, H, W, 3] (0..255, "
-                                f"scaled by the model itself), got {image.dtype} "
-                                f"{list(image.shape)} for {camera_key(index)!r}: pass the "
-                                "camera's uint8 frames, not a scaled float copy")
-            # NHWC uint8 -> a channels_last NCHW view, scaled in the model (frames stay uint8
-            # in storage and on the way here).
-            keypoints.append(encoder(image.permute(0, 3, 1, 2).float() * (1.0 / 255.0) - 0.5))
-        return self.head(torch.cat([*keypoints, x[STATE_KEY]], dim=1))
-
-
-class PixelPolicy(nn.Module):
-    """Raw frames and state in, actions in data units out (normalization as buffers)."""
-
-    def __init__(self, state_width: int, n_outputs: int, hidden_size: int,
-                 num_layers: int, state_positions: Sequence[int] = (),
-                 cameras: int = 1) -> None:
-        super().__init__()
-        # Where the state values sit in the flattened feature vector that the loaders compute
-        # statistics over (frames included); not state: only used to pick those statistics.
-        self.state_positions = list(state_positions)
-        self.register_buffer("state_mean", torch.zeros(state_width))
-        self.register_buffer("state_std", torch.ones(state_width))
-        self.register_buffer("output_mean", torch.zeros(n_outputs))
-        self.register_buffer("output_std", torch.ones(n_outputs))
-        self.net = PixelNet(state_width, n_outputs, hidden_size, num_layers, cameras)
-
-    def forward(self, image: Any, state: torch.Tensor | None = None,
-                image_1: torch.Tensor | None = None, image_2: torch.Tensor | None = None,
-                image_3: torch.Tensor | None = None) -> torch.Tensor:
-        """model(image, state, [image_1, ...]), or model(batch dict) as the training loop's
-        validation passes it. The parameters are spelled out, not *args: torch.export (as
-        MLflow calls it) matches its dynamic shapes to the forward's parameters one by one."""
-        if isinstance(image, Mapping):
-            batch = image
-            x = {key: value for key, value in batch.items() if key != STATE_KEY}
-            state = batch[STATE_KEY]
-        else:
-            extra = [t for t in (image_1, image_2, image_3) if t is not None]
-            x = {camera_key(i): t for i, t in enumerate([image, *extra])}
-        if len(x) != self.net.cameras or state is None:
-            names = ", ".join(input_names(self.net.cameras))
-            raise TypeError(f"this bc_pixels model takes {names}: {self.net.cameras} camera "
-                            f"frame batch(es) and the state; got {len(x)} frame batch(es) and "
-                            f"{'no' if state is None else 'a'} state")
-        standardized = (state - self.state_mean) / self.state_std
-        y = self.net({**x, STATE_KEY: standardized})
-        return y * self.output_std + self.output_mean
-
-
-def input_names(cameras: int) -> list[str]:
-    """The positional inputs of a bc_pixels model of `cameras` cameras, in order: image, state,
-    image_1, ... (a one-camera model's (image, state) as it always was)."""
-    return [IMAGE_KEY, STATE_KEY, *(camera_key(i) for i in range(1, cameras))]
-
+from arf_trainer.trainer.vision_model import (MAX_CAMERAS, STATE_KEY, PixelPolicy, camera_key,
+                                              input_names)
 
 def _frame_columns(features: Sequence[str], shapes: Mapping[str, Sequence[int]]) -> list[str]:
     """The camera columns among `features`, in their order: every column of 3-d rows, which
@@ -214,11 +69,14 @@ MIN_FRAME_SIDE = 5
 
 
 class Cameras(NamedTuple):
-    """A bc_pixels model's inputs: its camera columns and their frame shapes, in input order,
-    and its state columns."""
+    """A bc_pixels model's inputs: its camera columns, their frame shapes as stored (what
+    training feeds) and as the camera gives them (what serving feeds: larger by the column's
+    downscale), in input order, and its state columns."""
     columns: list[str]
     shapes: list[list[int]]
     state: list[str]
+    served: list[list[int]]
+    downscale: list[int]
 
 
 class PixelBehaviourCloning(Recipe):
@@ -234,11 +92,15 @@ class PixelBehaviourCloning(Recipe):
                 f"the prepared data ({manifest.path}) records no fixed shape for column(s) "
                 f"{missing}; recipe 'bc_pixels' needs scalar or fixed-shape array columns: "
                 "rerun prepare with this arf-trainer, or cast the columns in the query")
-        return self.describe_shapes(manifest.features, manifest.targets, hp, shapes)
+        decode = manifest.raw.get("decode") or {}
+        factors = {name: int(entry.get("downscale", 1)) for name, entry in decode.items()}
+        return self.describe_shapes(manifest.features, manifest.targets, hp, shapes, factors)
 
     def describe_shapes(self, features: Sequence[str], targets: Sequence[str],
-                        hp: Hyperparameters, shapes: Mapping[str, Sequence[int]]) -> ModelInfo:
-        """The model's shape from the per-row shapes of the feature and target columns."""
+                        hp: Hyperparameters, shapes: Mapping[str, Sequence[int]],
+                        downscale: Mapping[str, int] | None = None) -> ModelInfo:
+        """The model's shape from the per-row shapes of the feature and target columns (and
+        the cameras' downscale factors: the shapes are those stored)."""
         images = _frame_columns(features, shapes)
         if len(images) > MAX_CAMERAS:
             raise DataMismatchError(
@@ -258,9 +120,11 @@ class PixelBehaviourCloning(Recipe):
         state_width = sum(int(np.prod(shapes.get(n, ()))) for n in features if n not in images)
         n_outputs = sum(int(np.prod(shapes.get(n, ()))) for n in targets)
         arrays = {n: [int(s) for s in shapes[n]] for n in features if len(shapes.get(n, ()))}
+        factors = {n: int(k) for n, k in (downscale or {}).items() if n in images and k > 1}
         return ModelInfo(recipe=self.name, features=list(features), targets=list(targets),
                          hidden_size=hp.hidden_size, num_layers=hp.num_layers,
-                         n_outputs=n_outputs, input_width=state_width, arrays=arrays)
+                         n_outputs=n_outputs, input_width=state_width, arrays=arrays,
+                         downscale=factors or None)
 
     @staticmethod
     def cameras(info: ModelInfo) -> Cameras:
@@ -271,8 +135,10 @@ class PixelBehaviourCloning(Recipe):
         except TrainingError as exc:
             raise TrainingError(f"model_info of recipe 'bc_pixels' has no image column "
                                 f"(arrays={info.arrays!r}): {exc}") from None
-        return Cameras(images, [list(info.arrays[n]) for n in images],
-                       [n for n in info.features if n not in images])
+        shapes = [list(info.arrays[n]) for n in images]
+        factors = [int((info.downscale or {}).get(n, 1)) for n in images]
+        return Cameras(images, shapes, [n for n in info.features if n not in images],
+                       [[h * k, w * k, c] for (h, w, c), k in zip(shapes, factors)], factors)
 
     @staticmethod
     def state_positions(info: ModelInfo) -> list[int]:
@@ -287,9 +153,11 @@ class PixelBehaviourCloning(Recipe):
         return positions
 
     def build_model(self, info: ModelInfo) -> PixelPolicy:
+        cameras = self.cameras(info)
+        frames = [(h, w, k) for (h, w, _), k in zip(cameras.shapes, cameras.downscale)]
         return PixelPolicy(int(info.input_width or 0), info.n_outputs, info.hidden_size,
-                           info.num_layers, self.state_positions(info),
-                           len(self.cameras(info).columns))
+                           info.num_layers, self.state_positions(info), len(cameras.columns),
+                           frames)
 
     def to_device(self, model: nn.Module, device: torch.device) -> None:
         """On CUDA the convolution weights go channels_last too: with the NHWC frames' view,
