@@ -117,6 +117,8 @@ def test_a_downscaled_camera_is_served_and_evaluated_at_the_cameras_size(
         with pytest.raises(TypeError, match=r"holds 24x24 frames.*takes 16x16 or the "
                                             r"camera's 32x32"):
             model(torch.zeros(1, 24, 24, 3, dtype=torch.uint8), state)
+        with pytest.raises(TypeError, match="got torch.float32"):  # not averaged into uint8
+            model(torch.from_numpy(full[None]).float() / 255, state)
 
     register = make_spec("reach_pixels_bc", "register", hyperparameters=HP)
     registered = run_register(make_env(register, workspace, uri, tmp_path / "artifacts"))

@@ -108,7 +108,7 @@ class PixelNet(nn.Module):
     def forward(self, x: Mapping[str, torch.Tensor]) -> torch.Tensor:
         keypoints = []
         for index, encoder in enumerate(self.encoders()):
-            image = self._stored(index, x[camera_key(index)])
+            image = x[camera_key(index)]
             if image.dtype != torch.uint8:
                 # Scaled here, once: a float frame (already in [0, 1], or 0..255 as float)
                 # would be scaled again and give an action for a near-uniform frame, without
@@ -117,6 +117,7 @@ class PixelNet(nn.Module):
                                 f"scaled by the model itself), got {image.dtype} "
                                 f"{list(image.shape)} for {camera_key(index)!r}: pass the "
                                 "camera's uint8 frames, not a scaled float copy")
+            image = self._stored(index, image)
             # NHWC uint8 -> a channels_last NCHW view, scaled in the model (frames stay uint8
             # in storage and on the way here).
             keypoints.append(encoder(image.permute(0, 3, 1, 2).float() * (1.0 / 255.0) - 0.5))
