@@ -81,4 +81,6 @@ def test_flower_federation_reruns_bitwise(sites, tmp_path):
 
         spec = make_spec("reach_pixels_bc", "register", run_id="run1")
         registered = run_register(make_env(spec, first, tracking, tmp_path / "artifacts"))
-        assert registered["manifest"]["input"]["tensors"][0]["shape"] == [-1, 8, 8, 3]
+        image = registered["manifest"]["input"]["tensors"][0]
+        # Served at the sites' camera size (16x16), which the model halves itself.
+        assert (image["shape"], image["downscale"]) == ([-1, 16, 16, 3], 2)

@@ -42,9 +42,11 @@ KINDS: dict[str, dict[str, Any]] = {
         "query": f"SELECT episode, step, [{OBS}]::FLOAT[10] AS obs, "
                  "[act_0, act_1]::FLOAT[2] AS act FROM reach_demos WHERE success",
         "features": ["obs"], "targets": ["act"], "validation_split": 0.3}},
-    # uint8 [8, 8, 3] frames + six state columns -> two actions.
+    # uint8 [8, 8, 3] frames (16x16 renders stored at half the size) + six state columns ->
+    # two actions.
     "pixels": {"template": "reach_pixels_bc", "dataset": {
-        "decode": {"image": {"format": "png", "shape": [8, 8, 3]}}, "validation_split": 0.3}},
+        "decode": {"image": {"format": "png", "shape": [16, 16, 3], "downscale": 2}},
+        "validation_split": 0.3}},
 }
 
 
@@ -66,7 +68,7 @@ def _seed(kind: str, hub: Path, index: int) -> None:
     else:
         from arf_trainer.datahub.seed_pixels import seed_pixels
 
-        seed_pixels(hub, episodes=4 + 2 * index, seed=index, force=False, frame_size=8)
+        seed_pixels(hub, episodes=4 + 2 * index, seed=index, force=False, frame_size=16)
 
 
 @pytest.fixture(scope="module", params=list(KINDS))
@@ -126,6 +128,15 @@ def test_the_model_shape_from_metadata_is_central_trainings(sites, tmp_path):
     else:
         assert (info.recipe, info.arrays["image"], info.input_width) == ("bc_pixels",
                                                                          [8, 8, 3], 6)
+        assert info.downscale == {"image": 2}  # served at the sites' camera size
+        # A site that stored its frames from another camera size is refused too.
+        other = copy.deepcopy(sites["results"]["south"][SITE_METADATA_KEY])
+        other["decode"]["image"] = {"format": "png", "shape": [32, 32, 3], "downscale": 4}
+        env, given = _federate_env(sites, tmp_path / "superlink", True, south=other)
+        with pytest.raises(TrainingError, match=r"decode their frames differently \(image: "
+                                                r"\{'format': 'png', 'shape': \[16, 16, 3\], "
+                                                r"'downscale': 2\} vs"):
+            plan(env, given)
     # the first site's shapes define the model: another frame or vector size is refused
     metadata = copy.deepcopy(sites["results"]["south"][SITE_METADATA_KEY])
     for column in metadata["columns"]:

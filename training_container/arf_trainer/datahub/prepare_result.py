@@ -51,10 +51,13 @@ def step_result(manifest: dict[str, Any], manifest_path: Path, reused: bool,
 
 def site_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
     """What the federate step reads of a site's manifest: column names, the feature and target
-    columns' types and shapes, row counts, table versions and the fingerprint. Small, and no
-    rows, shard paths, hub URIs (site paths) or query."""
+    columns' types and shapes (and how the frames among them were decoded: a downscaled
+    camera's model is served at the camera's size), row counts, table versions and the
+    fingerprint. Small, and no rows, shard paths, hub URIs (site paths) or query."""
     wanted = set(manifest["features"]) | set(manifest["targets"])
+    decode = {c: d for c, d in (manifest.get("decode") or {}).items() if c in wanted}
     return {
+        **({"decode": decode} if decode else {}),
         "features": list(manifest["features"]),
         "targets": list(manifest["targets"]),
         "columns": [c for c in manifest.get("columns", []) if c.get("name") in wanted],

@@ -87,6 +87,19 @@ def lineage(sites: list[dict[str, Any]]) -> dict[str, Any]:
     return record
 
 
+def _same_decode(first_name: str, first: Manifest, name: str, manifest: Manifest) -> None:
+    """The sites' frames come from cameras of one size, made smaller alike (the model is
+    served at that size: `dataset.decode.<c>.downscale`)."""
+    ours, theirs = (m.raw.get("decode") or {} for m in (first, manifest))
+    differ = [f"{c}: {ours.get(c)} vs {theirs.get(c)}" for c in sorted(set(ours) | set(theirs))
+              if ours.get(c) != theirs.get(c)]
+    if differ:
+        raise TrainingError(
+            f"sites {first_name!r} and {name!r} decode their frames differently "
+            f"({'; '.join(differ)}); every site needs the same dataset.decode (format, camera "
+            "shape, downscale)")
+
+
 def plan(env: StepEnv, sites: list[dict[str, Any]]) -> tuple[dict[str, Any], ModelInfo]:
     """(plan.json for the ServerApp, the model's shape). Every site must have prepared the same
     feature and target columns, of the same per-row shapes: the first site's define the model."""
@@ -110,6 +123,7 @@ def plan(env: StepEnv, sites: list[dict[str, Any]]) -> tuple[dict[str, Any], Mod
                 f"different per-row shapes ({'; '.join(differ)}); every site's query must "
                 "return the same array sizes (the same frame size in dataset.decode, the "
                 "same CAST(... AS FLOAT[n]))")
+        _same_decode(sites[0]["name"], manifests[0], site["name"], manifest)
     timeout = float(spec.training.get("timeout_minutes", 60)) * 60
     plan_ = {"federated": spec.template["federated"], "model_info": info.to_json(),
              "hyperparameters": spec.hyperparameters, "seed": spec.seed,
