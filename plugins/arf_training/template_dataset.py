@@ -145,6 +145,10 @@ class DatasetLayout(BaseModel):
         return decode
 
 
+# bc_pixels' smallest stored frame side (arf_trainer.trainer.recipes_vision.MIN_FRAME_SIDE,
+# which this side may not import; a test holds the two equal).
+MIN_FRAME_SIDE = 5
+
 # What the reach_pixels camera renders (arf_trainer.sim.reach_pixels: square RGB frames, 8..256
 # pixels a side), which this side may not import.
 CAMERA_SIDES = (8, 256)
@@ -185,6 +189,12 @@ def pixel_recipe_problems(template: Any) -> list[str]:
                 f"frames from each camera; decode to shape {[*d.shape[:2], 3]} (prepare "
                 "converts grayscale and opaque RGBA to RGB), or leave the column out of "
                 "dataset.features" for name, d in decoded.items() if d.shape[2] != 3]
+    problems += [f"dataset.decode.{name}: shape {list(d.shape)} with downscale {d.downscale} "
+                 f"stores {d.shape[0] // d.downscale}x{d.shape[1] // d.downscale} frames; "
+                 f"recipe bc_pixels needs at least {MIN_FRAME_SIDE} pixels a side (its "
+                 "encoder would be blind along a shorter one): use a smaller downscale"
+                 for name, d in decoded.items()
+                 if min(d.shape[0], d.shape[1]) // d.downscale < MIN_FRAME_SIDE]
     cameras = [name for name, d in decoded.items() if d.shape[2] == 3]
     evaluation = template.evaluation
     if len(cameras) > 1 and evaluation is not None and evaluation.environment == "reach_pixels":

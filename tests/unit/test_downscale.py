@@ -76,6 +76,15 @@ def test_a_downscale_that_does_not_divide_the_frame_is_a_template_error() -> Non
                                             r"width \(64x64\)"):
         parse_template(text.replace(shipped, "{format: png, shape: [64, 64, 3], downscale: 3}"),
                        "bad.yaml")
+    # Stored frames too small for the encoder: found at lint time, not after prepare.
+    with pytest.raises(TemplateError, match=r"shape \[64, 64, 3\] with downscale 16 stores 4x4 "
+                                            r"frames; recipe bc_pixels needs at least 5"):
+        parse_template(text.replace(shipped, "{format: png, shape: [64, 64, 3], downscale: 16}"),
+                       "tiny.yaml")
+    from arf_trainer.trainer.recipes_vision import MIN_FRAME_SIDE
+    from arf_training import template_dataset
+
+    assert template_dataset.MIN_FRAME_SIDE == MIN_FRAME_SIDE  # written on both sides
 
 
 def test_a_downscaled_camera_is_served_and_evaluated_at_the_cameras_size(
