@@ -58,8 +58,8 @@ def _frames(workspace: Path) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize(("write", "files"), [(write_v21, 8), (write_v30, 4)],
                          ids=["v2.1", "v3.0"])
-def test_video_frames_prepare_to_the_pixels_of_png_frames(tmp_path: Path, write,
-                                                          files: int) -> None:
+def test_video_frames_prepare_to_the_pixels_of_png_frames(tmp_path: Path, write, files: int,
+                                                          capsys) -> None:
     hub = tmp_path / "hub"
     dataset = write(tmp_path / "so100", LENGTHS, wrist=True)
     assert _ingest(hub, "so100_png", dataset) == 0
@@ -71,6 +71,9 @@ def test_video_frames_prepare_to_the_pixels_of_png_frames(tmp_path: Path, write,
     assert len(stored) == files
     originals = {p.read_bytes() for p in (dataset / "videos").rglob("*.mp4")}
     assert {p.read_bytes() for p in stored} == originals
+    assert trainer_main(["datahub", "describe", "--hub", str(hub), "so100"]) == 0
+    size = sum(p.stat().st_size for p in stored)
+    assert f"stored videos {files}  size {size / 1024:.1f} KB" in capsys.readouterr().out
 
     run_prepare(step_env(tmp_path / "png", hub, "reach_pixels_bc",
                          dataset=_dataset("so100_png", "png")))

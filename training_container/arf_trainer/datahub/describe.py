@@ -82,7 +82,19 @@ def describe_table(hub: Path, name: str, version: int | None = None) -> dict:
         "columns": [{"name": field.name, "type": type_name(field.type)}
                     for field in snapshot.dataset.schema],
         "history": _history(DeltaTable(str(table_path(hub, name))), snapshot.version),
+        "stored_videos": _stored_videos(table_path(hub, name)),
     }
+
+
+def _stored_videos(path: Path) -> dict | None:
+    """The table's video store (`arf datahub ingest --frames video`), all versions': files and
+    bytes; None without one."""
+    from arf_trainer.datahub.video_store import VIDEOS
+
+    videos = list((path / VIDEOS).glob("*.mp4"))
+    if not videos:
+        return None
+    return {"files": len(videos), "bytes": sum(f.stat().st_size for f in videos)}
 
 
 def list_summaries(hub: Path) -> list[dict]:
@@ -138,6 +150,9 @@ def format_description(info: dict) -> str:
         f"rows {info['rows']:,}  files {info['files']}  size {_size(info['bytes'])}  "
         f"partitioned by {', '.join(info['partition_columns']) or '-'}",
         *_compact_hint(info),
+        *([f"stored videos {info['stored_videos']['files']}  size "
+           f"{_size(info['stored_videos']['bytes'])}  (all versions'; frames decoded by "
+           "dataset.decode format video)"] if info.get("stored_videos") else []),
         "columns:",
     ]
     width = max((len(c["name"]) for c in info["columns"]), default=4)
