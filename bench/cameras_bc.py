@@ -15,13 +15,17 @@ cameras to one (this VM's speed drifts, so per round).
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from arf_trainer.trainer.recipes import Hyperparameters, mean_std
-from arf_trainer.trainer.recipes_vision import PixelBehaviourCloning
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _pixel_fit import fit_net  # noqa: E402
+
+from arf_trainer.trainer.recipes import Hyperparameters, mean_std  # noqa: E402
+from arf_trainer.trainer.recipes_vision import PixelBehaviourCloning  # noqa: E402
 
 TARGETS = ["act_0", "act_1"]
 STATE = ["s0", "s1"]
@@ -62,21 +66,7 @@ def fit(cameras: list[str], train: dict, val: dict, hp: Hyperparameters) -> dict
     recipe.set_inputs_normalization(model, state_stats, mean_std(y.numpy()))
     x, y = recipe.training_tensors(model, x, y)
     x_val, y_val = recipe.columns_to_tensors(info, val, "validation")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-    generator = torch.Generator().manual_seed(0)
-    started = time.perf_counter()
-    for _ in range(hp.epochs):
-        model.net.train()
-        order = torch.randperm(len(y), generator=generator)
-        for i in range(0, len(y), hp.batch_size):
-            batch = order[i:i + hp.batch_size]
-            loss = recipe.training_loss(model.net({k: v[batch] for k, v in x.items()}),
-                                        y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    seconds = time.perf_counter() - started
-    model.eval()
+    seconds = fit_net(recipe, model, x, y, hp)
     with torch.no_grad():
         val_loss = recipe.loss(model, model(x_val), y_val).item()
     return {"val_loss": val_loss, "seconds": seconds}

@@ -61,6 +61,15 @@ def _rendered(episodes: int, size: int) -> dict[int, np.ndarray]:
         env.close()
 
 
+def build_dataset(scratch: Path, episodes: int, size: int) -> tuple[dict[int, np.ndarray], Path]:
+    """The expert's rendered episodes and the LeRobot v3.0 dataset of them in `scratch`, as
+    lerobot records one (AV1, `g=2, crf=30`, 10 episodes a video file)."""
+    frames = _rendered(episodes, size)
+    dataset = write_v30(scratch / "dataset", [STEPS] * episodes, episodes_per_video=10,
+                        pictures=lambda e, n: frames[e][:n], options={"g": "2", "crf": "30"})
+    return frames, dataset
+
+
 def _png(frame: np.ndarray, level: int) -> bytes:
     from PIL import Image
 
@@ -100,10 +109,7 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="lerobot-bench-"))
     try:
         start = time.perf_counter()
-        frames = _rendered(args.episodes, args.size)
-        dataset = write_v30(scratch / "dataset", [STEPS] * args.episodes, episodes_per_video=10,
-                            pictures=lambda e, n: frames[e][:n],
-                            options={"g": "2", "crf": "30"})
+        frames, dataset = build_dataset(scratch, args.episodes, args.size)
         print(f"dataset: {args.episodes} episodes x {STEPS} frames at {args.size}x{args.size}, "
               f"videos {_size(dataset / 'videos') / 1e6:.1f} MB, built in "
               f"{time.perf_counter() - start:.0f} s", flush=True)

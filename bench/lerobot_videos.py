@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("SVT_LOG", "1")
 
-from lerobot_dataset import TOP, write_v30  # noqa: E402 (tests/unit is on sys.path)
-from lerobot_ingest import STEPS, _rendered, _size  # noqa: E402
+from lerobot_dataset import TOP  # noqa: E402 (tests/unit is on sys.path)
+from lerobot_ingest import STEPS, _size, build_dataset  # noqa: E402
 from test_prepare import _manifest, step_env  # noqa: E402
 
 from arf_trainer.datahub.ingest import ingest  # noqa: E402
@@ -72,10 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="lerobot-videos-"))
     try:
-        frames = _rendered(args.episodes, args.size)
-        dataset = write_v30(scratch / "dataset", [STEPS] * args.episodes, episodes_per_video=10,
-                            pictures=lambda e, n: frames[e][:n],
-                            options={"g": "2", "crf": "30"})
+        _, dataset = build_dataset(scratch, args.episodes, args.size)
         videos = _size(dataset / "videos")
         print(f"dataset: {args.episodes} episodes x {STEPS} frames at {args.size}x{args.size}, "
               f"videos {videos / 1e6:.2f} MB", flush=True)

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _pixel_fit import fit_net  # noqa: E402
 from pixels_bc import EVAL_SEEDS, PIXEL_FEATURES, TARGETS, _rollouts, _split  # noqa: E402
 
 from arf_trainer.datahub.tables import open_table  # noqa: E402
@@ -49,23 +49,8 @@ def fit(hub: Path, size: int, factor: int, hp: Hyperparameters, episodes: int) -
                              mean_std(y.numpy()))
     x, y = recipe.training_tensors(model, x, y)
     x_val, y_val = recipe.columns_to_tensors(info, val, "validation")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-    generator = torch.Generator().manual_seed(0)
-    started = time.perf_counter()
-    for epoch in range(hp.epochs):
-        model.net.train()
-        order = torch.randperm(len(y), generator=generator)
-        for i in range(0, len(y), hp.batch_size):
-            batch = order[i:i + hp.batch_size]
-            loss = recipe.training_loss(model.net({k: v[batch] for k, v in x.items()}),
-                                        y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        print(f"  downscale {factor}: epoch {epoch + 1} {time.perf_counter() - started:.0f} s",
-              flush=True)
-    seconds = time.perf_counter() - started
-    model.eval()
+    seconds = fit_net(recipe, model, x, y, hp, lambda epoch, s: print(
+        f"  downscale {factor}: epoch {epoch} {s:.0f} s", flush=True))
     with torch.no_grad():
         val_loss = recipe.loss(model, model(x_val), y_val).item()
 

@@ -19,7 +19,6 @@ Where: any table's `_videos` folder in the hub, as a query may join tables or re
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from arf_trainer.datahub.shards import sha256_file
 from arf_trainer.errors import DataHubError
 
 VIDEOS = "_videos"
@@ -39,17 +39,9 @@ def is_frame_ref(dtype: pa.DataType) -> bool:
             and {dtype.field(i).name for i in range(2)} == {"video", "timestamp"})
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def store(table_dir: Path, source: Path) -> str:
     """Copy `source` into the table's video store (once: the name is its sha256); its hash."""
-    sha = file_sha256(source)
+    sha = sha256_file(source)
     folder = table_dir / VIDEOS
     target = folder / f"{sha}.mp4"
     if not target.exists():
@@ -91,7 +83,7 @@ class VideoFiles:
                 f"<table>/{VIDEOS}/{sha}.mp4): its file was removed or the table was copied "
                 f"without its {VIDEOS} folder; ingest the dataset again")
         path = candidates[0]
-        actual = file_sha256(path)
+        actual = sha256_file(path)
         if actual != sha:
             raise DataHubError(
                 f"{path}: the stored video's bytes have changed (sha256 {actual[:12]}..., not "
