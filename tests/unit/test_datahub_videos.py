@@ -92,6 +92,23 @@ def test_video_frames_prepare_to_the_pixels_of_png_frames(tmp_path: Path, write,
     assert video["decode"][WRIST] == {"format": "video", "shape": [*WRIST_SHAPE, 3]}
 
 
+def test_rows_that_jump_between_episodes_of_one_video_get_their_own_frames(
+        tmp_path: Path) -> None:
+    """Ordered by frame, then episode: the rows alternate between the two episodes of each
+    v3.0 video file, so the decoder seeks back and forth in it (and keeps both files open)."""
+    hub = tmp_path / "hub"
+    dataset = write_v30(tmp_path / "so100", LENGTHS, wrist=True)
+    assert _ingest(hub, "so100_png", dataset) == 0
+    assert _ingest(hub, "so100", dataset, "--frames", "video") == 0
+    frames = {}
+    for table, fmt in (("so100_png", "png"), ("so100", "video")):
+        jumping = {**_dataset(table, fmt), "order_by": ["frame_index", "episode_index"]}
+        run_prepare(step_env(tmp_path / fmt, hub, "reach_pixels_bc", dataset=jumping))
+        frames[fmt] = _frames(tmp_path / fmt)
+    for camera in (TOP, WRIST):
+        np.testing.assert_array_equal(frames["video"][camera], frames["png"][camera])
+
+
 def test_video_frames_downscale_as_png_frames_do(tmp_path: Path) -> None:
     from arf_trainer.downscale import block_mean
 
