@@ -65,7 +65,7 @@ class ImageDecode(BaseModel):
         return shape
 
     @model_validator(mode="after")
-    def _video_channels(self) -> ImageDecode:
+    def _fits_the_shape(self) -> ImageDecode:
         if self.format == "video" and self.shape[2] not in (1, 3):
             raise ValueError(f"shape={list(self.shape)!r}: format video decodes frames to RGB "
                              "(3 channels) or grey (1); e.g. [480, 640, 3]")

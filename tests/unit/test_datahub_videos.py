@@ -71,6 +71,7 @@ def test_video_frames_prepare_to_the_pixels_of_png_frames(tmp_path: Path, write,
     assert len(stored) == files
     originals = {p.read_bytes() for p in (dataset / "videos").rglob("*.mp4")}
     assert {p.read_bytes() for p in stored} == originals
+    assert {p.stat().st_mode & 0o777 for p in stored} == {0o644}  # as the hub's other files
     assert trainer_main(["datahub", "describe", "--hub", str(hub), "so100"]) == 0
     size = sum(p.stat().st_size for p in stored)
     assert f"stored videos {files}  size {size / 1024:.1f} KB" in capsys.readouterr().out

@@ -16,10 +16,11 @@ What is checked, in order, each failure naming the column and how to fix it:
    only (no other of Pillow's parsers sees the bytes, and a value in another format is named
    by its signature); `img.format` is the declared one; a JPEG libjpeg warns about (cut short
    or altered: Pillow would decode it with grey where the damage is) is refused; exactly
-   W x H pixels (nothing is resized); 8 bits per channel; for C = 1 or 3, no transparent pixel (an alpha band or a
-   transparency entry whose alpha is below 255 anywhere: the conversion would drop the alpha
-   and the policy would train on the colour beneath, which nobody saw; fully opaque alpha, as
-   in RGBA screenshots, passes); converted to L, RGB or RGBA for C = 1, 3 or 4. The first bad
+   W x H pixels (nothing is resized; `downscale` makes the stored frame smaller afterwards);
+   8 bits per channel; for C = 1 or 3, no transparent pixel (an alpha band or a transparency
+   entry whose alpha is below 255 anywhere: the conversion would drop the alpha and the policy
+   would train on the colour beneath, which nobody saw; fully opaque alpha, as in RGBA
+   screenshots, passes); converted to L, RGB or RGBA for C = 1, 3 or 4. The first bad
    value stops prepare, naming its row (position in the query's sorted result, and its
    `order_by` key when the template declares one).
 
@@ -92,6 +93,9 @@ class ImageDecoder:
     @property
     def field(self) -> str:
         return f"dataset.decode.{self.column}"
+
+    def close(self) -> None:
+        """Nothing is held open between batches (format video's decoder holds its videos)."""
 
     def decode(self, values: pa.Array, where: Any) -> pa.Array:
         """The decoded column of one batch; `where(i)` names the batch's row i in errors."""
@@ -325,5 +329,4 @@ class Decoders:
     def close(self) -> None:
         """Close the videos format video holds open."""
         for decoder in self.decoders:
-            if hasattr(decoder, "close"):
-                decoder.close()
+            decoder.close()

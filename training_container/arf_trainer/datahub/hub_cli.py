@@ -43,9 +43,8 @@ def add_parsers(hub_sub: argparse._SubParsersAction) -> None:
     ingest.add_argument("--frames", choices=["png", "video"], default="png",
                         help="a LeRobot dataset's cameras as PNG frames, one per row (png, "
                         "the default), or as its video files, stored once, with a frame "
-                        "reference per row (video: "
-                        "the table stays the size of the videos; prepare decodes with "
-                        "dataset.decode format video)")
+                        "reference per row (video: the table stays the size of the videos; "
+                        "prepare decodes with dataset.decode format video)")
     ingest.add_argument("--json", action="store_true", help="print the result as JSON")
     tables = hub_sub.add_parser("tables", help="list the tables: version, rows, columns")
     tables.add_argument("--hub", required=True, help="data hub root directory")

@@ -49,6 +49,9 @@ def store(table_dir: Path, source: Path) -> str:
         # Written under a temporary name and renamed: a stopped ingest never leaves a partial
         # file under a hash name (the rename is atomic on one filesystem).
         handle, temporary = tempfile.mkstemp(dir=folder, prefix=".incoming-")
+        # mkstemp makes the file 0600: readable as the data hub's other files are, so that a
+        # prepare pod of another user can decode it (as custom_setup.write_atomic does).
+        os.fchmod(handle, 0o644)
         try:
             with os.fdopen(handle, "wb") as out, open(source, "rb") as data:
                 shutil.copyfileobj(data, out, _CHUNK)

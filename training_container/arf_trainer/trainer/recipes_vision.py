@@ -156,8 +156,7 @@ class PixelBehaviourCloning(Recipe):
         cameras = self.cameras(info)
         frames = [(h, w, k) for (h, w, _), k in zip(cameras.shapes, cameras.downscale)]
         return PixelPolicy(int(info.input_width or 0), info.n_outputs, info.hidden_size,
-                           info.num_layers, self.state_positions(info), len(cameras.columns),
-                           frames)
+                           info.num_layers, self.state_positions(info), frames)
 
     def to_device(self, model: nn.Module, device: torch.device) -> None:
         """On CUDA the convolution weights go channels_last too: with the NHWC frames' view,

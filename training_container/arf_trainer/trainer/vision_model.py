@@ -85,12 +85,12 @@ class PixelNet(nn.Module):
     smaller itself, by the same integer block mean prepare used."""
 
     def __init__(self, state_width: int, n_outputs: int, hidden_size: int,
-                 num_layers: int, cameras: int = 1,
-                 frames: Sequence[tuple[int, int, int]] = ()) -> None:
+                 num_layers: int, frames: Sequence[tuple[int, int, int]] = ()) -> None:
         super().__init__()
-        self.cameras = cameras
-        # Per camera: (stored height, stored width, downscale); empty: frames as they come.
+        # Per camera: (stored height, stored width, downscale); empty: one camera whose frames
+        # are taken as they come (the bare loops of bench/).
         self.frames = [tuple(f) for f in frames]
+        cameras = self.cameras = max(1, len(self.frames))
         self.encoder = _encoder()
         if cameras > 1:  # absent for one camera: its parameters stay as they always were
             self.extra_encoders = nn.ModuleList(_encoder() for _ in range(cameras - 1))
@@ -145,7 +145,7 @@ class PixelPolicy(nn.Module):
 
     def __init__(self, state_width: int, n_outputs: int, hidden_size: int,
                  num_layers: int, state_positions: Sequence[int] = (),
-                 cameras: int = 1, frames: Sequence[tuple[int, int, int]] = ()) -> None:
+                 frames: Sequence[tuple[int, int, int]] = ()) -> None:
         super().__init__()
         # Where the state values sit in the flattened feature vector that the loaders compute
         # statistics over (frames included); not state: only used to pick those statistics.
@@ -154,7 +154,7 @@ class PixelPolicy(nn.Module):
         self.register_buffer("state_std", torch.ones(state_width))
         self.register_buffer("output_mean", torch.zeros(n_outputs))
         self.register_buffer("output_std", torch.ones(n_outputs))
-        self.net = PixelNet(state_width, n_outputs, hidden_size, num_layers, cameras, frames)
+        self.net = PixelNet(state_width, n_outputs, hidden_size, num_layers, frames)
 
     def forward(self, image: Any, state: torch.Tensor | None = None,
                 image_1: torch.Tensor | None = None, image_2: torch.Tensor | None = None,
