@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from lerobot_dataset import SIDE, TOP, WRIST, WRIST_SHAPE, write_v21, write_v30
@@ -166,13 +168,19 @@ def test_a_missing_or_changed_stored_video_is_named_with_its_row(tmp_path: Path,
     assert not (tmp_path / "ws" / "prepare" / "manifest.json").exists()
 
 
-def test_stored_videos_outlive_overwrite_and_vacuum(tmp_path: Path) -> None:
-    """Delta leaves the `_videos` folder alone: a vacuum that removes the overwritten
-    version's data files (all of it three days old, videos included) keeps every video, and
-    the latest version's frames decode; a video ingested twice is stored once."""
+def _age_videos(hub: Path, days: float) -> None:
+    for video in _stored(hub):
+        os.utime(video, (video.stat().st_mtime - days * 86400,) * 2)
+
+
+def test_a_vacuum_removes_the_videos_no_row_names_and_keeps_the_rest(tmp_path: Path) -> None:
+    """Delta leaves the `_videos` folder alone; after a vacuum removes the overwritten
+    version's data files, the videos only those rows named go too, unless they are inside the
+    retention window or another table's rows name them. The latest version's frames decode."""
+    import deltalake
     from test_datahub_maintenance import _age
 
-    from arf_trainer.datahub.maintenance import vacuum
+    from arf_trainer.datahub.maintenance import describe_vacuum, vacuum
 
     hub = tmp_path / "hub"
     first = write_v30(tmp_path / "a", LENGTHS, wrist=True)
@@ -184,14 +192,39 @@ def test_stored_videos_outlive_overwrite_and_vacuum(tmp_path: Path) -> None:
                    "video", "--mode", "overwrite") == 0
     assert len(_stored(hub)) == len(stored) + 2
     _age(hub / "so100", 3)
-    for video in _stored(hub):
-        os.utime(video, (video.stat().st_mtime - 3 * 86400,) * 2)
+    # Stored inside the window (an ingest in flight could be about to name them): kept.
     summary = vacuum(hub, "so100", 1)
     assert summary["files_removed"] > 0 and summary["unreadable_versions"] == "0, 1"
-    assert len(_stored(hub)) == len(stored) + 2
+    assert summary["videos_removed"] == [] and len(_stored(hub)) == len(stored) + 2
+
+    second = [v for v in _stored(hub) if v not in stored]
+    (hub / "so100" / VIDEOS / ".incoming-x1y2").write_bytes(b"a stopped ingest's copy")
+    _age_videos(hub, 3)
+    kept = stored[0]  # named by another table's rows: the decoder looks in every store
+    deltalake.write_deltalake(str(hub / "copied"), pa.table({"frame": pa.array(
+        [[{"video": kept.stem, "timestamp": 0.0}]], type=pa.list_(FRAME_REF))}))
+    dry = vacuum(hub, "so100", 1, dry_run=True)
+    assert len(_stored(hub)) == len(stored) + 3  # a dry run deletes nothing
+    gone = sorted([f"{VIDEOS}/{v.name}" for v in stored[1:]] + [f"{VIDEOS}/.incoming-x1y2"])
+    assert sorted(dry["videos_removed"]) == gone and dry["video_bytes_removed"] > 0
+    assert f"would remove {len(gone)} stored videos" in describe_vacuum(dry)
+    done = vacuum(hub, "so100", 1)
+    assert sorted(done["videos_removed"]) == gone
+    assert f"removed {len(gone)} stored videos" in describe_vacuum(done)
+    assert _stored(hub) == sorted([kept, *second])
     run_prepare(step_env(tmp_path / "new", hub, "reach_pixels_bc",
                          dataset=_dataset("so100", "video")))
     assert _manifest(tmp_path / "new")["rows"] == 6
+
+
+def test_an_ingest_reusing_a_stored_video_makes_it_new_again(tmp_path: Path) -> None:
+    """So that a vacuum running beside the ingest spares it, as it spares what was stored."""
+    hub = tmp_path / "hub"
+    dataset = write_v30(tmp_path / "a", LENGTHS, wrist=True)
+    assert _ingest(hub, "so100", dataset, "--frames", "video") == 0
+    _age_videos(hub, 3)
+    assert _ingest(hub, "so100", dataset, "--frames", "video") == 0
+    assert all(time.time() - v.stat().st_mtime < 3600 for v in _stored(hub))
 
 
 def test_frames_video_needs_a_lerobot_dataset_and_a_bad_one_writes_no_table(

@@ -4,7 +4,8 @@ Every append (an ingest, an evaluation recording its failures, a nightly correct
 files and a log entry, and an overwrite leaves the replaced files on disk. `compact` rewrites
 the latest version's small files into fewer large ones as a new version (every older version
 stays readable); `vacuum` deletes the files that no version of the last `retain_days` days
-uses, which makes the older versions unreadable for good; `restore` makes an older version's
+uses, which makes the older versions unreadable for good, and the stored videos no row names any
+more (`video_gc`); `restore` makes an older version's
 rows the latest again, as a new version (undoing a bad ingest without losing it).
 
 All three hold the table's writers' lock (`tables.table_lock`, the one the failure tables'
@@ -27,6 +28,7 @@ from urllib.parse import unquote
 from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import DeltaError
 
+from arf_trainer.datahub import video_gc
 from arf_trainer.datahub.tables import (format_versions, latest_table, open_table, table_lock,
                                        table_path, table_versions)
 from arf_trainer.errors import DataHubError
@@ -125,7 +127,8 @@ def _mb(size: int) -> str:
 
 
 def vacuum(hub: Path, name: str, retain_days: int, dry_run: bool = False) -> dict:
-    """Delete the data files of `name` that no version of the last `retain_days` days uses.
+    """Delete the data files of `name` that no version of the last `retain_days` days uses,
+    then the table's stored videos that no data file of the hub names (`video_gc`).
 
     Versions superseded before then become unreadable (a pinned template or `arf training
     reproduce` of a run that read one fails, naming the VACUUM). `dry_run` reports the same
@@ -151,11 +154,18 @@ def vacuum(hub: Path, name: str, retain_days: int, dry_run: bool = False) -> dic
         removed, size = _delete(table, path, options, dry_run)
         readable, unreadable = _readability(path, set(removed))
         after = int(latest_table(hub, name).version())  # + VACUUM START and END if it deleted
+        # After the data files: the rows that named a video are gone only once their files are.
+        videos = video_gc.unreferenced(hub, name, retain_days, leaving=removed)
+        video_bytes = sum(_size(v) or 0 for v in videos)
+        for video in [] if dry_run else videos:
+            video.unlink(missing_ok=True)
     return {"table": name, "retain_days": retain_days, "dry_run": dry_run,
             "version_before": before, "version_after": after,
             "files_removed": len(removed), "bytes_removed": size,
             "removed": removed, "readable_versions": format_versions(readable),
-            "unreadable_versions": format_versions(unreadable)}
+            "unreadable_versions": format_versions(unreadable),
+            "videos_removed": [str(v.relative_to(path)) for v in videos],
+            "video_bytes_removed": video_bytes}
 
 
 def _delete(table: DeltaTable, path: Path, options: dict,
@@ -225,6 +235,10 @@ def describe_vacuum(summary: dict) -> str:
     line = (f"{summary['table']}: {verb} {summary['files_removed']:,} files "
             f"({_mb(summary['bytes_removed'])}) that no version of the last {days} "
             f"day{'s' if days != 1 else ''} reads; ")
+    videos = summary.get("videos_removed") or []
+    if videos:
+        line += (f"{verb} {len(videos):,} stored video{'s' if len(videos) != 1 else ''} "
+                 f"({_mb(summary['video_bytes_removed'])}) that no row of the hub names; ")
     if gone == "none":
         return line + f"every version stays readable ({kept})"
     return line + (f"versions {gone} {'would be' if dry else 'are'} no longer readable "

@@ -11,9 +11,10 @@ tolerance: `video_frames.VideoFrames`).
 
 Why by content: a row names its video by the hash of the file's bytes, so whatever version of
 the table a template pins, the frames it reads are those bytes, checked when opened (a changed
-or cut file is refused, not decoded). Files are never changed or removed by a later ingest,
-an overwrite, a compaction, a restore or a vacuum: Delta (delta-rs) leaves a table's files
-whose names start with `_` alone (`tests/unit/test_datahub_videos.py` runs a vacuum).
+or cut file is refused, not decoded). Files are never changed by a later ingest, and never
+removed by an overwrite, a compaction or a restore: Delta (delta-rs) leaves a table's files
+whose names start with `_` alone. `arf datahub vacuum` removes the videos that no row of the
+hub names any more (`video_gc`).
 Where: any table's `_videos` folder in the hub, as a query may join tables or read a copy.
 """
 
@@ -30,6 +31,7 @@ from arf_trainer.datahub.shards import sha256_file
 from arf_trainer.errors import DataHubError
 
 VIDEOS = "_videos"
+INCOMING = ".incoming-"  # a copy being written; a stopped ingest's stays until a vacuum
 FRAME_REF = pa.struct([pa.field("video", pa.string()), pa.field("timestamp", pa.float64())])
 _CHUNK = 1 << 20
 
@@ -44,11 +46,15 @@ def store(table_dir: Path, source: Path) -> str:
     sha = sha256_file(source)
     folder = table_dir / VIDEOS
     target = folder / f"{sha}.mp4"
-    if not target.exists():
+    if target.exists():
+        # Reused: newly in use, so a vacuum running beside this ingest, which spares what was
+        # stored inside its retention window (`video_gc`), leaves it for the rows to come.
+        os.utime(target)
+    else:
         folder.mkdir(parents=True, exist_ok=True)
         # Written under a temporary name and renamed: a stopped ingest never leaves a partial
         # file under a hash name (the rename is atomic on one filesystem).
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".incoming-")
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=INCOMING)
         # mkstemp makes the file 0600: readable as the data hub's other files are, so that a
         # prepare pod of another user can decode it (as custom_setup.write_atomic does).
         os.fchmod(handle, 0o644)
