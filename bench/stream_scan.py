@@ -27,8 +27,9 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "training_container"))
 
+from arf_trainer.datahub.shards import sha256_file  # noqa: E402
 from arf_trainer.trainer import stream  # noqa: E402
-from arf_trainer.trainer.data import file_sha256, load_manifest  # noqa: E402
+from arf_trainer.trainer.data import load_manifest  # noqa: E402
 from arf_trainer.trainer.dist import DistEnv  # noqa: E402
 from arf_trainer.trainer.recipes import get_recipe  # noqa: E402
 
@@ -46,7 +47,7 @@ def write(folder: Path, rows: int, shards: int, features: int) -> None:
                               "act": rng.standard_normal(n)})
             rel = f"{split}/shard-{i:05d}.parquet"
             pq.write_table(table, prepare / rel, row_group_size=65_536)
-            out[split].append({"path": rel, "rows": n, "sha256": file_sha256(prepare / rel)})
+            out[split].append({"path": rel, "rows": n, "sha256": sha256_file(prepare / rel)})
     columns = [{"name": c, "type": "double"} for c in names + ["act"]]
     (prepare / "manifest.json").write_text(json.dumps(
         {"features": names, "targets": ["act"], "shards": out, "columns": columns}))

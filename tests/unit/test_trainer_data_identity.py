@@ -15,10 +15,10 @@ import pytest
 import torch
 from trainer_testkit import fresh_tracking_uri, make_env, make_spec, prepare_digits
 
+from arf_trainer.datahub.shards import sha256_file
 from arf_trainer.errors import TrainingError
 from arf_trainer.spec import read_json
 from arf_trainer.trainer.checkpoint import CheckpointError
-from arf_trainer.trainer.data import file_sha256
 from arf_trainer.trainer.run import run_train
 
 HP = {"epochs": 2, "hidden_size": 16}
@@ -101,7 +101,7 @@ def test_checkpoints_and_results_of_an_older_trainer_still_resume(tmp_path: Path
     torch.save(shared, older / "shared.pt")
     # The .complete marker records the files' sha256s: rewritten as that trainer would have.
     marker = read_json(older / ".complete")
-    marker["sha256"]["shared.pt"] = file_sha256(older / "shared.pt")
+    marker["sha256"]["shared.pt"] = sha256_file(older / "shared.pt")
     (older / ".complete").write_text(json.dumps(marker))
 
     resumed = _train(tmp_path, uri)

@@ -49,9 +49,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from arf_trainer.datahub.shards import sha256_file
 from arf_trainer.errors import TrainingError
 from arf_trainer.trainer import dist
-from arf_trainer.trainer.data import file_sha256
 from arf_trainer.trainer.dist import DistEnv
 from arf_trainer.trainer.testhooks import TestHooks
 
@@ -267,7 +267,7 @@ class Checkpointer:
             self.hooks.before_checkpoint_commit()  # tests: a window to kill a save half-way
             # The files' sha256 (every rank's: the folder is shared): a resume verifies them,
             # so a damaged byte is refused instead of silently resumed from.
-            digests = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
+            digests = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
             (tmp / _COMPLETE).write_text(json.dumps({"step": step, "sha256": digests}) + "\n")
             _fsync_dir(tmp)
             os.rename(tmp, self.folder / f"step-{step}")
@@ -333,7 +333,7 @@ class Checkpointer:
         for name, digest in wanted.items():
             if not (path / name).is_file():
                 raise CheckpointError(f"checkpoint {path} lacks {name}; {fix}")
-            if file_sha256(path / name) != digest:
+            if sha256_file(path / name) != digest:
                 raise CheckpointError(f"checkpoint file {path / name} does not match the sha256 "
                                       f"recorded when it was written (damaged); {fix}")
 

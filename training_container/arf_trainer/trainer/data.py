@@ -23,7 +23,6 @@ Loading mode (`training.data_loading`, recorded as the MLflow param ``data_loadi
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from arf_trainer.datahub.shards import sha256_file
 from arf_trainer.errors import DataMismatchError, TrainingError
 from arf_trainer.spec import memory_bytes, read_json
 
@@ -170,14 +170,6 @@ def choose_loading(requested: str, manifest: Manifest, memory: str | None) -> tu
 
 # -- columns --------------------------------------------------------------------------------
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def checked_shard(manifest: Manifest, shard: Mapping[str, Any]) -> Path:
     """The shard's path, after checking it exists, matches its sha256 in the manifest, and
     holds the manifest's row count and the feature and target columns."""
@@ -188,7 +180,7 @@ def checked_shard(manifest: Manifest, shard: Mapping[str, Any]) -> Path:
     if not path.is_file():
         raise PreparedDataError(f"shard {path} listed in the manifest is missing; rerun "
                                 "prepare")
-    if shard.get("sha256") is not None and file_sha256(path) != shard["sha256"]:
+    if shard.get("sha256") is not None and sha256_file(path) != shard["sha256"]:
         raise PreparedDataError(f"shard {path} does not match its sha256 in the manifest: the "
                                 "prepared data changed after prepare ran; rerun prepare")
     try:
