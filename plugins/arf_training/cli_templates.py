@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from arf_training.errors import TemplateError
 
@@ -88,41 +89,143 @@ def _lint(paths: list[str], hub: str | None = None) -> int:
 
 def _lint_queries(good: list, hub_uri: str) -> dict[Path, list[str]]:
     """The prepare step's own static query check (arf_trainer.datahub.sqlcheck) over each
-    template's queries, with the hub's table names when the hub is a local folder."""
-    try:  # the container side's check: lint is a command, not DAG parsing, so import it here
-        from arf_trainer.datahub.sqlcheck import check_query
-        from arf_trainer.datahub.tables import list_tables, open_table
-        from arf_trainer.errors import DataHubError, QueryError
+    template's queries, with the hub's table names when the hub is a local folder; there, also
+    prepare's column checks on the queries' zero-row results (`_lint_columns`)."""
+    import importlib
+    import tempfile
+
+    try:  # the container side's checks: lint is a command, not DAG parsing, so import them here
+        for module in ("sqlcheck", "tables", "columns", "decode", "stream"):
+            importlib.import_module(f"arf_trainer.datahub.{module}")
     except ImportError as exc:
         print(f"note   queries not checked with DuckDB's parser ({exc}); install the trainer "
               "extra: pip install -e '.[trainer]'")
         return {}
-    from arf_training.templates import QUERY_MACROS
+    from arf_trainer.datahub.tables import list_tables
 
     hub = Path(hub_uri.removeprefix("file://"))
     tables = list_tables(hub) if "://" not in str(hub) else []
     if tables:
-        print(f"note   data hub {hub}: query table names checked against {', '.join(tables)}")
+        print(f"note   data hub {hub}: query table names checked against {', '.join(tables)}; "
+              "result columns checked as prepare checks them, on each query's zero-row result")
     else:
         print(f"note   no data hub tables at {hub_uri}: query table names not checked (seed it "
               "with `arf datahub seed`, or pass --hub / set ARF_DATAHUB_URI)")
     found: dict[Path, list[str]] = {}
-    for loaded in good:
-        dataset = loaded.template.dataset
-        queries = [("dataset.query", dataset.query)]
-        if dataset.replay is not None:
-            queries.append(("dataset.replay.query", dataset.replay.query))
-        for what, query in queries:
-            try:
-                check_query(query, tables or None, what=what, parameters=QUERY_MACROS)
-            except QueryError as exc:
-                found.setdefault(loaded.path, []).append(str(exc))
-        for name, version in dataset.tables.items() if tables else ():
-            try:  # prepare opens every pin, used or not: a typo must not pass silently
-                open_table(hub, name, version)
-            except DataHubError as exc:
-                found.setdefault(loaded.path, []).append(f"dataset.tables: {exc}")
+    # DuckDB's spill folder, as prepare gives it one (nothing spills at LIMIT 0).
+    with tempfile.TemporaryDirectory(prefix="arf-lint-") as spill:
+        for loaded in good:
+            problems = _lint_static(loaded.template.dataset, hub, tables)
+            # Only over queries that passed: a failed one would report the same problem again.
+            if tables and not problems:
+                problems = _lint_columns(loaded.template, hub, Path(spill))
+            if problems:
+                found[loaded.path] = problems
     return found
+
+
+def _lint_static(dataset: Any, hub: Path, tables: list[str]) -> list[str]:
+    """The static check of the queries (with the hub's table names, if any), and every pinned
+    table version opened (with tables)."""
+    from arf_trainer.datahub.sqlcheck import check_query
+    from arf_trainer.datahub.tables import open_table
+    from arf_trainer.errors import DataHubError, QueryError
+
+    from arf_training.templates import QUERY_MACROS
+
+    problems: list[str] = []
+    queries = [("dataset.query", dataset.query)]
+    if dataset.replay is not None:
+        queries.append(("dataset.replay.query", dataset.replay.query))
+    for what, query in queries:
+        try:
+            check_query(query, tables or None, what=what, parameters=QUERY_MACROS)
+        except QueryError as exc:
+            problems.append(str(exc))
+    for name, version in dataset.tables.items() if tables else ():
+        try:  # prepare opens every pin, used or not: a typo must not pass silently
+            open_table(hub, name, version)
+        except DataHubError as exc:
+            problems.append(f"dataset.tables: {exc}")
+    return problems
+
+
+# The lint's bound on each zero-row query: LIMIT 0 reads no row, but DuckDB folds constant
+# expressions while it plans, and a query whose planning alone runs this long is worth a line.
+LINT_QUERY_TIMEOUT_S = 30.0
+
+
+def _lint_columns(template: Any, hub: Path, spill: Path) -> list[str]:
+    """Prepare's checks of a template's result columns (`arf_trainer.datahub.columns`: decode
+    types, features, targets, split_by, order_by, the replay query's columns), run on each
+    query's zero-row result (`QuerySource.schema`, LIMIT 0); one line per problem, naming its
+    field. A query that fails to run is one such line, not an exception."""
+    from arf_trainer.datahub.columns import (check_order_by, check_replay_columns, check_result,
+                                             check_scalar_keys)
+    from arf_trainer.datahub.decode import Decoders
+    from arf_trainer.errors import DataHubError, QueryError, SpecError
+
+    errors = (SpecError, DataHubError, QueryError)
+    # The job spec's dataset section, dumped with stepspec.build_step_spec's options: the dict
+    # prepare reads as env.spec.dataset. Only this section: the whole template's dump warns
+    # about an integer `resources.cpu` (pydantic's serializer), noise in a lint's output.
+    dataset = template.dataset.model_dump(mode="json", by_alias=True)
+    order_by, replay = dataset.get("order_by") or None, dataset.get("replay")
+    try:
+        schema = _zero_row_schema(hub, "dataset.query", dataset["query"], dataset, spill)
+    except errors as exc:
+        return [_lint_line("dataset.query", exc)]
+    problems: list[str] = []
+    decoders = None
+    try:  # as prepare's _streams and _streamed: the decoders, then the columns as decoded
+        decoders = Decoders(dataset.get("decode"), order_by, hub)
+        check_result(dataset, schema, decoders)
+    except errors as exc:
+        problems.append(_lint_line("dataset.features", exc))
+    finally:
+        if decoders is not None:
+            decoders.close()
+    if order_by:
+        try:  # what prepare's sorted stream checks (arf_trainer.datahub.stream)
+            check_order_by(order_by, schema.names, "dataset.query")
+            check_scalar_keys(order_by, schema)
+        except errors as exc:
+            problems.append(_lint_line("dataset.order_by", exc))
+    if replay:
+        try:  # as prepare's _replay_source
+            check_replay_columns(schema, _zero_row_schema(
+                hub, "dataset.replay.query", replay["query"], dataset, spill))
+        except errors as exc:
+            problems.append(_lint_line("dataset.replay.query", exc))
+    return problems
+
+
+def _lint_line(field: str, exc: Exception) -> str:
+    """A container error as a lint line: most messages start with the field they are about
+    (`dataset.decode.image: ...`); the others get `field: ` in front."""
+    text = str(exc)
+    return text if text.startswith("dataset.") else f"{field}: {text}"
+
+
+def _zero_row_schema(hub: Path, what: str, query: str, dataset: dict[str, Any],
+                     spill: Path) -> Any:
+    """The Arrow schema of `query`'s result as prepare would get it: the same sandbox, pins and
+    parameter binding (`arf_trainer.datahub.dataset_query`), with placeholder times for the
+    data-interval macros (a zero-row result depends only on their type, TIMESTAMPTZ)."""
+    import datetime as dt
+
+    from arf_trainer.datahub.dataset_query import (INTERVAL_PARAMETERS, QUERY_MEMORY_LIMIT,
+                                                   parameters_for)
+    from arf_trainer.datahub.stream import QuerySource
+
+    end = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    values = {name: end if name == "data_interval_end" else end - dt.timedelta(days=1)
+              for name in INTERVAL_PARAMETERS}
+    source = QuerySource(hub, query, dict(dataset.get("tables") or {}),
+                         parameters=parameters_for(what, query, values), what=what,
+                         memory_limit=QUERY_MEMORY_LIMIT, timeout_s=LINT_QUERY_TIMEOUT_S,
+                         spill_dir=spill, threads=1)
+    return source.schema()
 
 
 def _list() -> int:

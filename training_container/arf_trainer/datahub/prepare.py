@@ -88,7 +88,7 @@ import numpy as np
 import pyarrow as pa
 
 from arf_trainer.datahub.arrow_types import unsliced_batch
-from arf_trainer.datahub.columns import check_columns
+from arf_trainer.datahub.columns import as_main, check_replay_columns, check_result
 from arf_trainer.datahub.dataset_query import (
     hub_path,
     open_dataset_query,
@@ -171,27 +171,8 @@ def _replay_source(env: StepEnv, replay: dict[str, Any], schema: pa.Schema, pins
     if not ratio > 0:
         raise SpecError(f"dataset.replay.ratio={ratio!r} must be above 0, e.g. 1.0")
     old = open_dataset_query(env, "dataset.replay.query", replay["query"], pins, values, spill)
-    old_schema = old.schema()
-    missing = [c for c in schema.names if c not in old_schema.names]
-    extra = [c for c in old_schema.names if c not in schema.names]
-    if missing or extra:
-        raise SpecError(
-            "dataset.replay.query must return the same columns as dataset.query (the rows are "
-            f"stacked); missing: {missing or 'none'}, extra: {extra or 'none'}. Select the same "
-            "columns in both queries (e.g. list them explicitly instead of *)")
-    list(_as_new([pa.RecordBatch.from_pylist([], schema=old_schema)], schema))  # types convert?
+    check_replay_columns(schema, old.schema())
     return old
-
-
-def _as_new(batches: Any, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
-    """Replay batches in dataset.query's column order and types."""
-    try:
-        for batch in batches:
-            yield pa.RecordBatch.from_arrays(
-                [batch.column(field.name).cast(field.type) for field in schema], schema=schema)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-        raise SpecError(f"dataset.replay.query's columns do not convert to dataset.query's "
-                        f"types ({exc}); CAST them in the replay query") from exc
 
 
 def _drain(batches: Iterator[pa.RecordBatch], writers: dict[str, ShardWriter], side: Any,
@@ -237,7 +218,7 @@ def _streamed(env: StepEnv, root: Path, spill: Path, query: str,
     replay = dataset.get("replay")
     new = open_dataset_query(env, "dataset.query", query, pins, values, spill)
     schema = new.schema()
-    features, targets = check_columns(dataset, decoders.schema(schema))
+    features, targets = check_result(dataset, schema, decoders)
 
     def empty() -> Exception:
         return _empty(env, new.versions, parameters_for("dataset.query", query, values))
@@ -292,7 +273,7 @@ def _replay(old: QuerySource, replay: dict[str, Any], new_rows: int, available: 
     # Its own stream (seed, 1): the row split draws from default_rng(seed).
     pick = ExactSample(available, take, [seed, 1], "dataset.replay.query")
     with old.stream(order_by, batch_rows) as (_, batches):
-        rows = _drain(_as_new(batches, schema), writers, side, decode, pick)
+        rows = _drain(as_main(batches, schema), writers, side, decode, pick)
     log.info("replay: %d of %d rows from %s added to %d new rows", rows, available,
              _tables_text(old.versions), new_rows)
     return {"query": replay["query"], "ratio": ratio, "rows_available": available,

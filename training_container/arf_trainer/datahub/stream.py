@@ -37,6 +37,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from arf_trainer.datahub.columns import check_order_by, check_scalar_keys
 from arf_trainer.datahub.deadline import Deadline
 from arf_trainer.datahub.query import _sandbox, open_checked, query_errors, timeout_line
 from arf_trainer.errors import QueryError, SpecError
@@ -101,12 +102,7 @@ class QuerySource:
         with self._connection(bounded_scan=True) as (_, relation, clock):
             with self._errors(clock), clock.running():
                 if order_by:
-                    missing = [c for c in order_by if c not in relation.columns]
-                    if missing:
-                        raise SpecError(
-                            f"dataset.order_by names {', '.join(missing)}, not a column of the "
-                            f"result of {self.what}; columns: {', '.join(relation.columns)}. "
-                            "Fix the name (case-sensitive) or select the column in the query")
+                    check_order_by(order_by, relation.columns, self.what)
                     ordered = relation.sort(*(duckdb.ColumnExpression(c) for c in order_by))
                 else:
                     ordered = relation.order("ALL")
@@ -162,10 +158,7 @@ def _unique(batches: Iterator[pa.RecordBatch], order_by: list[str],
     last: pa.RecordBatch | None = None
     for batch in batches:
         keys = batch.select(order_by)
-        nested = [f.name for f in keys.schema if pa.types.is_nested(f.type)]
-        if nested:
-            raise SpecError(f"dataset.order_by column(s) {', '.join(nested)} hold arrays or "
-                            "structs; order by scalar columns (e.g. [episode, step])")
+        check_scalar_keys(order_by, keys.schema)
         both = pa.Table.from_batches([last, keys] if last is not None else [keys]).combine_chunks()
         repeated = None
         for name in order_by:
