@@ -34,7 +34,8 @@ from arf_trainer.trainer.recipes import Hyperparameters, mean_std  # noqa: E402
 from arf_trainer.trainer.recipes_vision import PixelBehaviourCloning  # noqa: E402
 
 
-def fit(hub: Path, size: int, factor: int, hp: Hyperparameters, episodes: int) -> dict:
+def fit(hub: Path, size: int, factor: int, hp: Hyperparameters, episodes: int,
+        seed: int = 0) -> dict:
     recipe = PixelBehaviourCloning()
     train, val, demos = _split(hub, "reach_pixels", PIXEL_FEATURES + TARGETS, episodes)
     for split in (train, val):
@@ -42,7 +43,7 @@ def fit(hub: Path, size: int, factor: int, hp: Hyperparameters, episodes: int) -
     stored = size // factor
     shapes = {"image": [stored, stored, 3], **{n: [] for n in PIXEL_FEATURES[1:] + TARGETS}}
     info = recipe.describe_shapes(PIXEL_FEATURES, TARGETS, hp, shapes, {"image": factor})
-    torch.manual_seed(0)
+    torch.manual_seed(seed)  # the model's initial weights
     model = recipe.build_model(info)
     x, y = recipe.columns_to_tensors(info, train, "training")
     recipe.set_normalization(model, mean_std(feature_matrix(train, PIXEL_FEATURES)),
@@ -50,7 +51,7 @@ def fit(hub: Path, size: int, factor: int, hp: Hyperparameters, episodes: int) -
     x, y = recipe.training_tensors(model, x, y)
     x_val, y_val = recipe.columns_to_tensors(info, val, "validation")
     seconds = fit_net(recipe, model, x, y, hp, lambda epoch, s: print(
-        f"  downscale {factor}: epoch {epoch} {s:.0f} s", flush=True))
+        f"  downscale {factor}: epoch {epoch} {s:.0f} s", flush=True), seed)
     with torch.no_grad():
         val_loss = recipe.loss(model, model(x_val), y_val).item()
 

@@ -20,7 +20,8 @@ from arf_training.template_query import _check_query_size, _check_single_select
 RECIPE_HYPERPARAMETERS: dict[str, frozenset[str]] = {
     "bc": frozenset({"epochs", "batch_size", "lr", "hidden_size", "num_layers", "weight_decay"}),
     "classifier": frozenset({"epochs", "batch_size", "lr", "hidden_size", "num_layers", "weight_decay"}),
-    "bc_pixels": frozenset({"epochs", "batch_size", "lr", "hidden_size", "num_layers", "weight_decay"}),
+    "bc_pixels": frozenset({"epochs", "batch_size", "lr", "hidden_size", "num_layers", "weight_decay",
+                            "random_shift"}),
 }
 # What each built-in recipe cannot run without (arf_trainer's Hyperparameters.REQUIRED): found
 # when the template is read, not by the train step after prepare has run.

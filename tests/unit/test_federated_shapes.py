@@ -187,14 +187,15 @@ def test_pooled_normalization_is_central_trainings(sites):
     assert float(buffers[next(iter(buffers))].abs().sum()) > 0  # not the identity
 
 
-def _in_process(info: ModelInfo, recipe: Any, data: list, rounds: int = 2):
+def _in_process(info: ModelInfo, recipe: Any, data: list, rounds: int = 2,
+                **extra: Any):
     """The ServerApp's sequence without Flower: pooled normalization, then per round every
     site's `fit` from the global weights and their sample-weighted mean in site order."""
     torch.manual_seed(SEED)
     model = recipe.build_model(info)
     recipe.set_inputs_normalization(model, *pooled_stats([statistics(d, recipe) for d in data]))
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    hp = Hyperparameters.parse(info.recipe, HP)
+    hp = Hyperparameters.parse(info.recipe, {**HP, **extra})
     rows = sum(d.train_rows for d in data)
     metrics = []
     for server_round in range(1, rounds + 1):
@@ -220,6 +221,19 @@ def test_site_updates_are_deterministic(sites):
     for site in metrics[-1]:
         assert np.isfinite(site["train_loss"]) and np.isfinite(site["val_loss"])
     assert sum(site["val-examples"] for site in metrics[-1]) > 0  # evaluated on val rows
+
+
+def test_sites_shift_their_frames_reproducibly(sites):
+    """bc_pixels' random_shift on a site: drawn per (seed, round, site, step), so a second
+    federation gives the same bits, and the shifts change what the sites learn."""
+    if sites["kind"] == "arrays":
+        pytest.skip("random_shift is bc_pixels' only")
+    info, recipe, data = _sites_data(sites)
+    shifted, _ = _in_process(info, recipe, data, random_shift=1)
+    again, _ = _in_process(info, recipe, data, random_shift=1)
+    plain, _ = _in_process(info, recipe, data)
+    assert all(torch.equal(shifted[k], again[k]) for k in shifted)
+    assert any(not torch.equal(shifted[k], plain[k]) for k in shifted)
 
 
 def test_a_site_whose_rows_do_not_fit_the_described_model_says_so(sites, tmp_path):

@@ -89,29 +89,34 @@ def prepare_pixels(workspace: Path, data: dict[str, np.ndarray], wrist: bool = F
 
 
 def train(tmp: Path, data: dict[str, np.ndarray], workspace: str, uri: str,
-          wrist: bool = False, **training: Any) -> dict[str, Any]:
+          wrist: bool = False, shift: int = 0, **training: Any) -> dict[str, Any]:
     ws = tmp / workspace
     if not (ws / "prepare").exists():
         prepare_pixels(ws, data, wrist)
-    spec = make_spec("reach_pixels_bc", run_id=f"manual__{workspace}", hyperparameters=HP,
+    hp = {**HP, "random_shift": shift} if shift else HP
+    spec = make_spec("reach_pixels_bc", run_id=f"manual__{workspace}", hyperparameters=hp,
                      training=training)
     result = run_train(make_env(spec, ws, uri, tmp / "artifacts"))
     assert result is not None
     return result
 
 
-@pytest.mark.parametrize(("loading", "wrist"), [
-    pytest.param("memory", False, id="memory"), pytest.param("stream", False, id="stream"),
-    pytest.param("stream", True, id="stream-two-cameras")])
+@pytest.mark.parametrize(("loading", "wrist", "shift"), [
+    pytest.param("memory", False, 0, id="memory"), pytest.param("stream", False, 0, id="stream"),
+    pytest.param("stream", True, 0, id="stream-two-cameras"),
+    pytest.param("memory", True, 2, id="memory-two-cameras-shifted")])
 def test_bc_pixels_reruns_and_resumes_bit_identically(tmp_path: Path, episodes: dict,
-                                                      loading: str, wrist: bool,
+                                                      loading: str, wrist: bool, shift: int,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ARF_STREAM_WINDOW_ROWS", "40")  # 100 training rows in three windows
     uri = fresh_tracking_uri(tmp_path)
     training = {"data_loading": loading, "checkpoint_every_steps": 3}
-    first = train(tmp_path, episodes, "a", uri, wrist, **training)
-    second = train(tmp_path, episodes, "b", uri, wrist, **training)
+    first = train(tmp_path, episodes, "a", uri, wrist, shift, **training)
+    second = train(tmp_path, episodes, "b", uri, wrist, shift, **training)
     assert first["weights_sha256"] == second["weights_sha256"]
+    if shift:  # the shifts are drawn and change what is learnt
+        plain = train(tmp_path, episodes, "plain", uri, wrist, **training)
+        assert plain["weights_sha256"] != first["weights_sha256"]
     assert first["steps"] == 2 * 4 and first["recipe"] == "bc_pixels"  # 100 rows / 32
     assert first["data_loading"] == loading
     assert np.isfinite(first["metrics"]["val_loss"])
@@ -122,7 +127,7 @@ def test_bc_pixels_reruns_and_resumes_bit_identically(tmp_path: Path, episodes: 
     shutil.rmtree(train_dir / "checkpoints" / "step-8")
     for name in ("result.json", "model.pt", "model_info.json"):
         (train_dir / name).unlink()
-    resumed = train(tmp_path, episodes, "a", uri, wrist, **training)
+    resumed = train(tmp_path, episodes, "a", uri, wrist, shift, **training)
     assert resumed["weights_sha256"] == first["weights_sha256"]
 
     info = read_json(train_dir / "model_info.json")

@@ -375,6 +375,6 @@ def test_both_sides_agree_on_the_recipes_hyperparameters():
     from arf_training.template_sections import RECIPE_HYPERPARAMETERS, RECIPE_REQUIRED
 
     assert set(RECIPE_HYPERPARAMETERS) == set(RECIPES)
-    assert all(names == set(Hyperparameters.accepted())
-               for names in RECIPE_HYPERPARAMETERS.values())
+    assert all(names == set(Hyperparameters.accepted(recipe))
+               for recipe, names in RECIPE_HYPERPARAMETERS.items())
     assert RECIPE_REQUIRED == Hyperparameters.REQUIRED

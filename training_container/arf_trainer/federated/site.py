@@ -131,11 +131,14 @@ def fit(info: ModelInfo, weights: dict[str, torch.Tensor], data: SiteData, hp: H
     generator = torch.Generator().manual_seed(_seed(seed, server_round, site_index))
     model.train()
     losses = []
+    step = 0
     for _epoch in range(epochs):
         order = torch.randperm(data.train_rows, generator=generator)
         for start in range(0, data.train_rows, hp.batch_size):
             index = order[start:start + hp.batch_size]
-            loss = recipe.training_loss(model.net(take(x_in, index)), y_in[index])
+            x = recipe.augment(take(x_in, index), hp, (seed, server_round, site_index, step))
+            step += 1
+            loss = recipe.training_loss(model.net(x), y_in[index])
             if proximal_mu > 0:  # FedProx: stay near the round's global weights
                 loss = loss + proximal_mu / 2 * sum(
                     (p - g).pow(2).sum() for p, g in zip(model.net.parameters(), global_params))

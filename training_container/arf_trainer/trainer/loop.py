@@ -14,7 +14,8 @@ Parts (each with its own state, in its own module):
 Determinism: every part is seeded from the spec's seed (+rank for per-rank streams),
 deterministic algorithms are enforced (config.deterministic; training.deterministic: false
 opts out for speed, recorded), data order is a pure function
-of (seed, epoch) and the data, and loading stays in the main process.
+of (seed, epoch) and the data, a batch's augmentation (`Recipe.augment`) of (seed, rank, step),
+and loading stays in the main process.
 """
 
 from __future__ import annotations
@@ -257,6 +258,7 @@ def run_epoch(p: Parts, epoch: int, clock: Clock) -> None:
     loss_sum = accel.LossSum(progress.loss_sum, p.device)
     for x, y in p.data.batches(epoch, skip=progress.batches_done):
         x, y = move(x), move(y)
+        x = recipe.augment(x, p.cfg.hp, (p.cfg.seed, p.denv.rank, progress.step))
         with accel.autocast(p.device, p.cfg.precision):
             loss = recipe.training_loss(state.net(x), y)
         state.optimizer.zero_grad(set_to_none=True)

@@ -19,7 +19,6 @@ Templates that need anything else bring their own image and command instead of a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
@@ -30,73 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from arf_trainer.errors import DataMismatchError, TrainingError
+from arf_trainer.trainer.hyperparameters import Hyperparameters
 
 MODEL_INFO_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Hyperparameters:
-    """The hyperparameters every built-in recipe accepts (template `training.hyperparameters`)."""
-
-    epochs: int
-    batch_size: int
-    """Global batch: samples per optimizer step summed over all DDP ranks."""
-    lr: float
-    hidden_size: int = 64
-    num_layers: int = 2
-    weight_decay: float = 0.0
-
-    REQUIRED: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "lr")
-    INTEGERS: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "hidden_size", "num_layers")
-
-    @classmethod
-    def accepted(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
-
-    @classmethod
-    def parse(cls, recipe: str, raw: Mapping[str, Any]) -> "Hyperparameters":
-        accepted = cls.accepted()
-        unknown = sorted(set(raw) - set(accepted))
-        if unknown:
-            raise TrainingError(
-                f"hyperparameter {', '.join(map(repr, unknown))} is not accepted by the "
-                f"built-in recipe {recipe!r}; accepted names: {', '.join(accepted)}. Remove it "
-                "from the template's training.hyperparameters (or the trigger conf), or use a "
-                "custom training.command"
-            )
-        missing = [name for name in cls.REQUIRED if name not in raw]
-        if missing:
-            raise TrainingError(
-                f"hyperparameter {missing[0]!r} is required by the built-in recipe {recipe!r} "
-                "but has no value; declare it with a default in training.hyperparameters"
-            )
-        values: dict[str, Any] = {}
-        for name, value in raw.items():
-            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if name in cls.INTEGERS:
-                ok, need = is_number and isinstance(value, int) and value >= 1, "an integer >= 1"
-            elif name == "weight_decay":
-                ok, need = is_number and 0 <= value < math.inf, "a finite number >= 0"
-            else:  # lr
-                ok, need = is_number and 0 < value < math.inf, "a finite number > 0"
-            if not ok:
-                raise TrainingError(
-                    f"hyperparameter {name}={value!r} is invalid for recipe {recipe!r}: it must "
-                    f"be {need}; fix the template default or the trigger conf"
-                )
-            values[name] = value if name in cls.INTEGERS else float(value)
-        return cls(**values)
-
-    def per_rank_batch_size(self, world_size: int) -> int:
-        """Split the global batch evenly over the ranks, or say how to fix it."""
-        if self.batch_size % world_size:
-            lower = self.batch_size - self.batch_size % world_size
-            raise TrainingError(
-                f"hyperparameter batch_size={self.batch_size} is the global batch and must be "
-                f"divisible by the world size {world_size} (nodes x procs_per_node); use "
-                f"{lower or world_size} or {lower + world_size}, or change training.distributed"
-            )
-        return self.batch_size // world_size
 
 
 @dataclass(frozen=True)
@@ -288,6 +223,12 @@ class Recipe:
     def training_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The loss of `model.net`'s outputs against `training_tensors` targets."""
         raise NotImplementedError
+
+    def augment(self, x: Any, hp: Hyperparameters, key: Sequence[int]) -> Any:
+        """Training batch `x` (`training_tensors`' inputs, on the model's device) as the step
+        trains on it. `key` (seed, rank, step) seeds any randomness, so that a re-run and a
+        resumed run draw the same (bc_pixels: `random_shift`)."""
+        return x
 
 
 class BehaviourCloning(Recipe):

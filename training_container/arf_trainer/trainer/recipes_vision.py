@@ -117,6 +117,11 @@ class PixelBehaviourCloning(Recipe):
                     "same for every frame, so the policy could not see along it. Use frames of "
                     f"at least {MIN_FRAME_SIDE} pixels a side (dataset.decode shape, e.g. "
                     "[64, 64, 3])")
+            if hp.random_shift >= min(height, width):
+                raise DataMismatchError(
+                    f"hyperparameter random_shift={hp.random_shift} is not smaller than the "
+                    f"{height}x{width} frames of column {image!r} (as stored): a shift of a "
+                    "whole side leaves only its border. Use a few pixels (e.g. 4 at 64x64)")
         state_width = sum(int(np.prod(shapes.get(n, ()))) for n in features if n not in images)
         n_outputs = sum(int(np.prod(shapes.get(n, ()))) for n in targets)
         arrays = {n: [int(s) for s in shapes[n]] for n in features if len(shapes.get(n, ()))}
@@ -239,6 +244,18 @@ class PixelBehaviourCloning(Recipe):
 
     def training_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(outputs, targets)
+
+    def augment(self, x: Mapping[str, torch.Tensor], hp: Hyperparameters,
+                key: Sequence[int]) -> Mapping[str, torch.Tensor]:
+        """Each camera's frames shifted by up to `random_shift` pixels (`augment.py`), each
+        camera by its own draws."""
+        if not hp.random_shift:
+            return x
+        from arf_trainer.trainer.augment import random_shift
+
+        cameras = [camera_key(index) for index in range(len(x) - 1)]  # all but the state
+        return {**x, **{name: random_shift(x[name], hp.random_shift, [*key, index])
+                        for index, name in enumerate(cameras)}}
 
     def export_example(self, info: ModelInfo, columns: Mapping[str, np.ndarray]
                        ) -> tuple[np.ndarray, ...]:
