@@ -13,7 +13,9 @@ Like `arf datahub seed`, each runs `arf-trainer datahub ...` from this installat
 subprocess against the hub of ARF_DATAHUB_URI (default `$ARF_HOME/datahub`): the Airflow side
 imports nothing heavy (pyarrow, deltalake) and the container side does the reading, so ingest
 behaves the same here and in a pod. Exit codes are the container's: 0 done, 2 bad input (the
-table is then unchanged).
+table is then unchanged); `tables` exits 1 after listing them all when some table is damaged.
+A table name starting with '-' (given after `--`) is refused here: the container's parser
+would read it as an option.
 """
 
 from __future__ import annotations
@@ -72,10 +74,22 @@ def add_parsers(hsub: argparse._SubParsersAction) -> None:
     restore.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _check_table(args: argparse.Namespace) -> None:
+    """A table name `arf-trainer`'s parser would take for an option is refused, named."""
+    from arf_training.errors import ConfError
+
+    table = getattr(args, "table", None)
+    if table is not None and table.startswith("-"):
+        raise ConfError(
+            f"table name {table!r} starts with '-': data hub table names are lower-case "
+            "identifiers (e.g. robot_episodes), and options go before `--`, not after it")
+
+
 def trainer_command(args: argparse.Namespace, hub: str) -> list[str]:
     """The `arf-trainer datahub ...` command line for `args` (paths made absolute)."""
     from arf_training.settings import venv_bin
 
+    _check_table(args)
     cmd = [venv_bin("arf-trainer"), "datahub", args.sub, "--hub", hub]
     if args.sub == "ingest":
         cmd += ["--mode", args.mode, "--frames", args.frames, args.table]

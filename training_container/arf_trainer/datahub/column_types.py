@@ -12,6 +12,7 @@ values need a zone offset, `2026-12-01T10:00:00Z`: naive ones read as `timestamp
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 
@@ -22,6 +23,8 @@ from arf_trainer.errors import DataHubError
 _ALIASES = {"date": pa.date32(), "timestamp": pa.timestamp("us", tz="UTC")}
 _EXAMPLES = "int64, float64, string, bool, date, timestamp, float32[7]"
 _ARRAY = re.compile(r"(.+?)((?:\[[0-9]+\])+)")
+# Arrow addresses list values with 32-bit offsets: an array of more values cannot be built.
+MAX_ARRAY_VALUES = 2 ** 31 - 1
 
 
 def parse_types(specs: Iterable[str]) -> dict[str, pa.DataType]:
@@ -48,9 +51,12 @@ def _type(name: str) -> pa.DataType:
     if array is None:
         return _ALIASES.get(name) or pa.type_for_alias(name)
     dtype = _type(array.group(1))
-    for size in reversed([int(n) for n in re.findall(r"[0-9]+", array.group(2))]):
-        if size < 1:
-            raise ValueError(f"array size {size} in {name!r}")
+    sizes = [int(n) for n in re.findall(r"[0-9]+", array.group(2))]
+    if min(sizes) < 1 or math.prod(sizes) > MAX_ARRAY_VALUES:
+        raise DataHubError(
+            f"--type {name!r}: array sizes must be at least 1 and hold at most "
+            f"{MAX_ARRAY_VALUES:,} values in all (Arrow's limit); got {array.group(2)}")
+    for size in reversed(sizes):
         dtype = pa.list_(dtype, size)
     return dtype
 

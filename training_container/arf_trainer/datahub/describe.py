@@ -17,7 +17,10 @@ from deltalake import DeltaTable
 
 from arf_trainer.datahub.arrow_types import type_name
 from arf_trainer.datahub.maintenance import SMALL_FILE_BYTES, SMALL_FILES, small_files
-from arf_trainer.datahub.tables import list_tables, open_table, table_path, table_versions
+from arf_trainer.datahub.table_damage import DamagedTableError
+from arf_trainer.datahub.tables import (format_versions, list_tables, open_table, table_path,
+                                       table_versions)
+from arf_trainer.errors import DataHubError
 
 
 def _files(table: DeltaTable) -> pa.Table:
@@ -64,7 +67,18 @@ def _history(table: DeltaTable, up_to: int) -> list[dict]:
 
 
 def describe_table(hub: Path, name: str, version: int | None = None) -> dict:
-    """Columns (with their Arrow types), rows, files, versions and history of `name`."""
+    """Columns (with their Arrow types), rows, files, versions and history of `name`.
+
+    A `version` the table does not have is named with the versions it has, in the CLI's words
+    (`--version N`; `open_table`'s own message speaks of a template's pin)."""
+    if version is not None:
+        versions = table_versions(hub, name)
+        if isinstance(version, bool) or version not in versions:
+            raise DataHubError(
+                f"data hub table {name!r} has no version {version}; versions available: "
+                f"{format_versions(versions)} (latest {versions[-1]}). Describe one of those "
+                f"with `arf datahub describe {name} --version N`, or leave out --version for "
+                "the latest")
     snapshot = open_table(hub, name, version)
     table = DeltaTable(str(table_path(hub, name)), version=snapshot.version)
     files = _files(table)
@@ -98,10 +112,16 @@ def _stored_videos(path: Path) -> dict | None:
 
 
 def list_summaries(hub: Path) -> list[dict]:
-    """One line per table: name, latest version, rows, columns."""
+    """One line per table: name, latest version, rows, columns; a damaged table (a commit or
+    data file missing, a commit unreadable) as its name and `damaged`, the one-line why, so
+    that it never hides the healthy ones."""
     summaries = []
     for name in list_tables(hub):
-        snapshot = open_table(hub, name)
+        try:
+            snapshot = open_table(hub, name)
+        except DamagedTableError as exc:
+            summaries.append({"table": name, "damaged": exc.reason})
+            continue
         table = DeltaTable(str(table_path(hub, name)))
         summaries.append({
             "table": name,
@@ -126,8 +146,14 @@ def format_tables(hub: Path, summaries: list[dict]) -> str:
                 "FILE_OR_FOLDER...` (or the demo tables with `arf datahub seed`)")
     width = max(len(s["table"]) for s in summaries)
     lines = [f"{'TABLE':<{width}}  {'VERSION':>7}  {'ROWS':>14}  COLUMNS"]
-    lines += [f"{s['table']:<{width}}  {s['version']:>7}  {s['rows']:>14,}  {s['columns']}"
+    lines += [f"{s['table']:<{width}}  DAMAGED: {s['damaged']}" if s.get("damaged") else
+              f"{s['table']:<{width}}  {s['version']:>7}  {s['rows']:>14,}  {s['columns']}"
               for s in summaries]
+    damaged = [s["table"] for s in summaries if s.get("damaged")]
+    if damaged:
+        lines.append(f"{len(damaged)} damaged table{'s' if len(damaged) > 1 else ''} "
+                     f"({', '.join(damaged)}): `arf datahub describe {damaged[0]}` says what is "
+                     "missing and how to repair it")
     return "\n".join(lines)
 
 

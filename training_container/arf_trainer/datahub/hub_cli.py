@@ -13,6 +13,8 @@ the container side of `arf datahub`, and the federated demo's site hubs.
                                    [--seed 0] [--force]
 
 Errors are `DataHubError`s: the CLI prints them and exits 2 (bad input; nothing was written).
+`tables` lists every table it can read even when some are damaged (a commit or data file
+missing): those show as DAMAGED with the reason, and it then exits 1.
 """
 
 from __future__ import annotations
@@ -114,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
     if args.hub_command == "ingest":
         from arf_trainer.datahub.column_types import parse_types
         from arf_trainer.datahub.ingest import ingest
+        from arf_trainer.datahub.tables import check_new_table_name
 
+        check_new_table_name(hub, args.table)
         result = ingest(hub, args.table, args.paths, mode=args.mode,
                         partition_by=args.partition_by, types=parse_types(args.types),
                         frames=args.frames)
@@ -141,8 +145,8 @@ def run(args: argparse.Namespace) -> int:
     if args.hub_command == "tables":
         summaries = describe.list_summaries(hub)
         print(json.dumps(summaries, indent=2) if args.json
-              else describe.format_tables(hub, summaries))
-        return 0
+              else describe.format_tables(hub, summaries), flush=True)
+        return 1 if any(s.get("damaged") for s in summaries) else 0
     info = describe.describe_table(hub, args.table, args.version)
     print(json.dumps(info, indent=2) if args.json else describe.format_description(info))
     return 0

@@ -32,10 +32,11 @@ import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Schema, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
+from arf_trainer.datahub import ingest_checks
 from arf_trainer.datahub.arrow_types import schema_differences, storable_schema, to_storable
 from arf_trainer.datahub.sources import Source, read_source, resolve_sources, source_schema
-from arf_trainer.datahub.tables import (WriteMode, damaged_log, make_hub, open_table,
-                                       table_path)
+from arf_trainer.datahub.table_damage import damaged_log
+from arf_trainer.datahub.tables import WriteMode, make_hub, open_table, table_path
 from arf_trainer.errors import DataHubError
 
 
@@ -128,7 +129,13 @@ def _hub_type(dtype: pa.DataType) -> pa.DataType:
 def _check_columns(source: Source, schema: pa.Schema) -> pa.Schema:
     """`schema` in the hub's types, after checking Delta can hold every column as named."""
     lower: dict[str, str] = {}
-    for column in schema.names:
+    for position, column in enumerate(schema.names, start=1):
+        if not column.strip():
+            # Delta cannot address a column with no name (nor can SQL in prepare).
+            raise DataHubError(
+                f"{source.path}: column {position} has no name ({column!r}); give it one in "
+                "the file (the CSV header, or the Parquet/Arrow schema) and ingest again "
+                "(nothing was written)")
         if column.lower() in lower:
             raise DataHubError(
                 f"{source.path}: columns {lower[column.lower()]!r} and {column!r} differ only "
@@ -165,20 +172,32 @@ class _Stream:
     """
 
     def __init__(self, sources: Sequence[Source], schema: pa.Schema, storable: pa.Schema,
-                 types: Mapping[str, pa.DataType]):
+                 types: Mapping[str, pa.DataType], partitions: Sequence[str], mode: str):
         self.sources, self.schema, self.storable, self.types = sources, schema, storable, types
+        self.partitions, self.mode = partitions, mode
         self.rows = 0
         self.error: BaseException | None = None
 
     def batches(self) -> Iterator[pa.RecordBatch]:
         try:
             for source in self.sources:
+                before = 0  # the source's rows already read, for the row an error names
                 for batch in read_source(source, self.schema, self.types):
+                    ingest_checks.check_batch(batch, str(source.path), self.partitions, before)
                     self.rows += batch.num_rows
-                    yield to_storable(batch, self.storable)
+                    before += batch.num_rows
+                    yield self._storable(batch, str(source.path))
+            if self.rows == 0:  # raised, not returned: delta-rs would commit an empty version
+                raise ingest_checks.no_rows(self.sources, self.mode)
         except BaseException as exc:
             self.error = exc
             raise
+
+    def _storable(self, batch: pa.RecordBatch, where: str) -> pa.RecordBatch:
+        try:
+            return to_storable(batch, self.storable)
+        except pa.ArrowException as exc:  # a uint64 above int64's range
+            raise ingest_checks.storable_error(batch, self.storable, where, exc) from exc
 
     def reader(self) -> pa.RecordBatchReader:
         return pa.RecordBatchReader.from_batches(self.storable, self.batches())
@@ -231,7 +250,10 @@ def _ingest_once(hub: Path, name: str, paths: Sequence[str | Path], mode: WriteM
                  types: Mapping[str, pa.DataType], frames: str) -> IngestResult:
     path = table_path(hub, name)
     sources = _with_frames(resolve_sources(paths), frames, path)
+    ingest_checks.check_distinct(sources)
     existing = _existing(hub, name)
+    if existing is None:
+        ingest_checks.check_table_folder(path, name)
     table = existing if mode == "append" else None
     current = open_table(hub, name).dataset.schema if table is not None else None
     # An append reads CSV with the table's column types, so inference cannot invent a clash.
@@ -242,7 +264,7 @@ def _ingest_once(hub: Path, name: str, paths: Sequence[str | Path], mode: WriteM
         schema = _check_append(name, table, current, schema, partitions)
         partitions = partitions or list(table.metadata().partition_columns)
     storable = storable_schema(schema)
-    stream = _Stream(sources, schema, storable, types)
+    stream = _Stream(sources, schema, storable, types, partitions, mode)
     make_hub(path.parent)
     named = [str(s.path.resolve()) for s in sources[:20]]  # the commit log stays small
     if len(sources) > 20:
@@ -264,8 +286,9 @@ def _ingest_once(hub: Path, name: str, paths: Sequence[str | Path], mode: WriteM
         if existing is None and isinstance(exc, CommitFailedError) and stream.error is None:
             raise _CreatedMeanwhile() from exc
         cause = stream.error or exc
+        action = f"{mode} to" if existing is not None else "ingest into"
         raise DataHubError(
-            f"could not {mode} to data hub table {name!r} at {path}: {_short(cause)}; the table "
+            f"could not {action} data hub table {name!r} at {path}: {_short(cause)}; the table "
             "is unchanged (still at its previous version)"
         ) from cause
     return IngestResult(table=name, version=_committed_version(path, token),

@@ -19,15 +19,15 @@ row per frame, the dataset's own column names (`observation.state`, `action`, ..
 - `task`: the task text of the row's `task_index` (meta/tasks.parquet, or tasks.jsonl).
 
 Data files are read in order (`data/**.parquet`, sorted), batch by batch; every error names
-the file and what to fix. The table's history records the data files read.
+the file and what to fix. The table's history records the data files read. What meta/ says
+(info.json, tasks, episodes) and which data files there are is read and checked first, in
+`arf_trainer.datahub.lerobot_meta`; this module converts the rows.
 """
 
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,165 +37,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from arf_trainer.datahub import workers
+from arf_trainer.datahub.lerobot_meta import INFO, LeRobotMeta
 from arf_trainer.datahub.video_frames import TOLERANCE_S, VideoFrames
 from arf_trainer.datahub.video_store import FRAME_REF, store
 from arf_trainer.errors import DataHubError
 
-INFO = Path("meta") / "info.json"
-VERSIONS = ("v2.0", "v2.1", "v3.0")
 FRAME_BATCH_BYTES = 64 << 20  # decoded pixels held per batch, before PNG encoding
 # zlib level of the PNG frames (the pixels are the same at any level): 1 encodes 1.25-1.5x as
 # fast as Pillow's default 6, for files 9-43 % larger (bench/lerobot_ingest.py).
 PNG_LEVEL = 1
-
-
-@dataclass(frozen=True)
-class LeRobotMeta:
-    """What meta/ says about a dataset: its features, videos, tasks and episodes."""
-
-    root: Path
-    version: str
-    features: dict[str, dict[str, Any]]
-    video_path: str | None
-    chunks_size: int
-    tasks: dict[int, str]
-    # v3.0: episode -> {video key: (chunk_index, file_index, from_timestamp)}
-    episodes: dict[int, dict[str, tuple[int, int, float]]]
-    total_frames: int | None = None  # what info.json says the dataset holds
-    # --frames video: the table folder whose video store keeps the MP4s (None: PNG frames)
-    video_store: Path | None = None
-
-    @property
-    def video_keys(self) -> list[str]:
-        return [k for k, f in self.features.items() if f.get("dtype") == "video"]
-
-    @property
-    def image_keys(self) -> list[str]:
-        return [k for k, f in self.features.items() if f.get("dtype") == "image"]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.features[key].get("shape") or ())
-
-
-def is_dataset(path: Path) -> bool:
-    return path.is_dir() and (path / INFO).is_file()
-
-
-def read_meta(root: Path) -> LeRobotMeta:
-    """The dataset's metadata, checked; errors name the file and the field."""
-    info_path = root / INFO
-    try:
-        info = json.loads(info_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataHubError(f"{info_path}: not a readable JSON file ({exc}); a LeRobot "
-                           "dataset's meta/info.json is written by lerobot") from exc
-    version = info.get("codebase_version") if isinstance(info, dict) else None
-    if version not in VERSIONS:
-        raise DataHubError(
-            f"{info_path}: codebase_version {version!r} is not one this ingest reads "
-            f"({', '.join(VERSIONS)}); convert the dataset with lerobot's converter "
-            "(e.g. lerobot.datasets.v30.convert_dataset_v21_to_v30) first")
-    features = info.get("features")
-    if not isinstance(features, dict) or not features:
-        raise DataHubError(f"{info_path}: 'features' must map column names to "
-                           "{dtype, shape}; found {features!r}")
-    for key, feature in features.items():
-        if not isinstance(feature, dict) or "dtype" not in feature:
-            raise DataHubError(f"{info_path}: features.{key} has no dtype: {feature!r}")
-    videos = [k for k, f in features.items() if f["dtype"] == "video"]
-    if videos and not isinstance(info.get("video_path"), str):
-        raise DataHubError(f"{info_path}: features {', '.join(videos)} are videos, but "
-                           "'video_path' (where their MP4 files are) is missing")
-    for key in videos:
-        shape = features[key].get("shape")
-        if not (isinstance(shape, list) and len(shape) == 3 and shape[2] in (1, 3)):
-            raise DataHubError(f"{info_path}: features.{key}.shape {shape!r} must be "
-                               "[height, width, channels] with 1 or 3 channels")
-    episodes = _episode_videos(root, videos) if version == "v3.0" and videos else {}
-    return LeRobotMeta(root=root, version=version, features=features,
-                       video_path=info.get("video_path"),
-                       chunks_size=int(info.get("chunks_size") or 1000),
-                       tasks=_tasks(root), episodes=episodes,
-                       total_frames=_whole(info.get("total_frames")))
-
-
-def _whole(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _tasks(root: Path) -> dict[int, str]:
-    """task_index -> task text, from meta/tasks.parquet (v3.0) or meta/tasks.jsonl (v2.x)."""
-    parquet, lines = root / "meta" / "tasks.parquet", root / "meta" / "tasks.jsonl"
-    if parquet.is_file():
-        table = pq.read_table(parquet)
-        # lerobot writes a pandas frame indexed by the task text: its index is a column
-        # ("task" when named so, else what pandas' metadata names).
-        index = [c for c in (table.schema.pandas_metadata or {}).get("index_columns", [])
-                 if isinstance(c, str)]
-        text = next((c for c in ("task", *index) if c in table.column_names), None)
-        if text is None or "task_index" not in table.column_names:
-            raise DataHubError(f"{parquet}: expected columns task_index and task (or the "
-                               f"task text as the index); found {table.column_names}")
-        return dict(zip(table["task_index"].to_pylist(), table[text].to_pylist(), strict=True))
-    if lines.is_file():
-        tasks = {}
-        for number, line in enumerate(lines.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    entry = json.loads(line)
-                    tasks[int(entry["task_index"])] = str(entry["task"])
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise DataHubError(f"{lines}:{number}: not a {{task_index, task}} "
-                                       f"line ({exc})") from exc
-        return tasks
-    return {}
-
-
-def _episode_videos(root: Path, videos: list[str]) -> dict[int, dict[str, tuple[int, int, float]]]:
-    """v3.0: where each episode's frames are: (chunk, file, from_timestamp) per camera."""
-    files = sorted((root / "meta" / "episodes").rglob("*.parquet"))
-    if not files:
-        raise DataHubError(f"{root / 'meta' / 'episodes'}: no episode metadata (Parquet), "
-                           "which a v3.0 dataset with videos needs to find each episode's frames")
-    wanted = ["episode_index"] + [f"videos/{key}/{part}" for key in videos
-                                  for part in ("chunk_index", "file_index", "from_timestamp")]
-    out: dict[int, dict[str, tuple[int, int, float]]] = {}
-    for path in files:
-        names = pq.read_schema(path).names
-        missing = [c for c in wanted if c not in names]
-        if missing:
-            raise DataHubError(f"{path}: episode metadata lacks {', '.join(missing)}")
-        table = pq.read_table(path, columns=wanted).to_pydict()
-        for i, episode in enumerate(table["episode_index"]):
-            out[int(episode)] = {key: (int(table[f"videos/{key}/chunk_index"][i]),
-                                       int(table[f"videos/{key}/file_index"][i]),
-                                       float(table[f"videos/{key}/from_timestamp"][i]))
-                                 for key in videos}
-    return out
-
-
-def data_files(meta: LeRobotMeta) -> list[Path]:
-    """The data files, sorted; all of them: their rows must add up to info.json's
-    total_frames (a partly downloaded dataset would otherwise train on a part, silently)."""
-    root = meta.root
-    files = sorted(p for p in (root / "data").rglob("*.parquet")
-                   if not any(part.startswith((".", "_")) for part in p.relative_to(root).parts))
-    if not files:
-        raise DataHubError(f"{root}: a LeRobot dataset (meta/info.json) with no data/**.parquet "
-                           "files; download its data folder too")
-    if meta.total_frames is not None:
-        try:
-            rows = sum(pq.read_metadata(f).num_rows for f in files)
-        except (pa.ArrowException, OSError) as exc:
-            raise DataHubError(f"{root}: a data file is not readable Parquet ({exc}); "
-                               "download the dataset again") from exc
-        if rows != meta.total_frames:
-            raise DataHubError(
-                f"{root}: data/ holds {rows:,} frames in {len(files)} files, but "
-                f"meta/info.json's total_frames is {meta.total_frames:,}: the dataset is "
-                "incomplete or mixed; download it whole (or fix total_frames if the data "
-                "was trimmed on purpose)")
-    return files
 
 
 def _fixed(dtype: pa.DataType, shape: tuple[int, ...]) -> pa.DataType:

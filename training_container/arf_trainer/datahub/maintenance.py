@@ -98,6 +98,12 @@ def _compact(hub: Path, name: str, target_size_mb: int | None, operation: str) -
             target_size=target_size_mb * 2**20 if target_size_mb else None,
             commit_properties=commit)
     except DeltaError as exc:
+        try:  # data files gone from disk fail every try the same way: name them instead
+            open_table(hub, name)
+        except DataHubError as missing:
+            raise DataHubError(
+                f"could not compact data hub table {name!r} (it is unchanged): {missing}"
+            ) from exc
         raise DataHubError(
             f"could not compact data hub table {name!r}: {exc}. The table is unchanged; "
             "run the compaction again") from exc

@@ -138,6 +138,12 @@ def seed_demo(hub: Path, episodes: int = 200, seed: int = 0, force: bool = False
         raise DataHubError(f"seed={seed!r} must be a non-negative integer (e.g. --seed 0)")
     collected_at = check_collected_at(collected_at)
     hub = uri_to_path(str(hub))  # accept a file:// URI too, as ARF_DATAHUB_URI may be one
+    # Every argument is checked before the first table is written: a bad --frame-size (even
+    # without --pixels, where it would otherwise be ignored unseen) must not leave reach_demos
+    # seeded and the pixels not.
+    from arf_trainer.datahub.seed_pixels import check_pixels
+
+    check_pixels(hub, frame_size, force and pixels)
     make_hub(hub)
     existing = set(list_tables(hub))
     summary: dict[str, Any] = {}

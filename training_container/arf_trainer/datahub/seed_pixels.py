@@ -110,18 +110,36 @@ def pixel_rows(episodes: int, seed: int, first_episode: int, collected_at: dt.da
     return pa.table(columns)
 
 
+def check_pixels(hub: Path, frame_size: object, force: bool) -> int:
+    """`frame_size`, checked against the range and, when `force` appends to an existing
+    `reach_pixels`, against the frame size already there (frames of two sizes cannot train
+    together). Run before anything is written: by `seed_demo` before its other tables too."""
+    from arf_trainer.errors import DataHubError
+    from arf_trainer.sim.reach_pixels import check_frame_size
+
+    try:
+        size = check_frame_size(frame_size, "--frame-size")
+    except ValueError as exc:
+        raise DataHubError(str(exc)) from None
+    if force and PIXELS_TABLE in list_tables(hub):
+        snapshot = open_table(hub, PIXELS_TABLE)
+        sizes = pc.unique(snapshot.dataset.to_table(columns=["frame_size"])["frame_size"])
+        if sizes.to_pylist() not in ([], [size]):
+            raise DataHubError(
+                f"table {PIXELS_TABLE!r} holds {sizes.to_pylist()}-pixel frames; appending "
+                f"{size}-pixel ones would mix shapes: seed with --frame-size "
+                f"{sizes[0].as_py()}, or start a new hub")
+    return size
+
+
 def seed_pixels(hub: Path, episodes: int, seed: int, force: bool, frame_size: int,
                 collected_at: dt.datetime | None = None) -> dict[str, Any]:
     """Create (or with `force`, append to) `reach_pixels`; the summary entry of the table:
     {"rows", "version", "action", "frame_size", "seconds"}. `collected_at` as in `seed_demo`."""
     from arf_trainer.datahub.seed import check_collected_at
-    from arf_trainer.errors import DataHubError
-    from arf_trainer.sim.reach_pixels import check_frame_size
 
-    try:
-        check_frame_size(frame_size, "--frame-size")
-    except ValueError as exc:
-        raise DataHubError(str(exc)) from None
+    check_pixels(hub, frame_size, force)
+    collected_at = check_collected_at(collected_at)
     exists = PIXELS_TABLE in list_tables(hub)
     started = time.perf_counter()
     converted = exists and _frames_as_arrays(hub)
@@ -133,16 +151,9 @@ def seed_pixels(hub: Path, episodes: int, seed: int, force: bool, frame_size: in
         first = 0
         if exists:
             snapshot = open_table(hub, PIXELS_TABLE)
-            sizes = pc.unique(snapshot.dataset.to_table(columns=["frame_size"])["frame_size"])
-            if sizes.to_pylist() not in ([], [frame_size]):
-                raise DataHubError(
-                    f"table {PIXELS_TABLE!r} holds {sizes.to_pylist()}-pixel frames; appending "
-                    f"{frame_size}-pixel ones would mix shapes: seed with --frame-size "
-                    f"{sizes[0].as_py()}, or start a new hub")
             latest = pc.max(snapshot.dataset.to_table(columns=["episode"])["episode"]).as_py()
             first = 0 if latest is None else int(latest) + 1
-        data = pixel_rows(episodes, seed, first, check_collected_at(collected_at),
-                          frame_size)
+        data = pixel_rows(episodes, seed, first, collected_at, frame_size)
         write_table(hub, PIXELS_TABLE, data, mode="append")
         action = "appended" if exists else "created"
         rate = float(np.mean(data["success"].to_numpy(zero_copy_only=False)))

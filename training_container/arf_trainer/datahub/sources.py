@@ -17,6 +17,7 @@ import gzip
 import io
 import os
 import re
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from arf_trainer.datahub import column_types, hive, jsonl, lerobot
+from arf_trainer.datahub import column_types, csv_values, hive, jsonl, lerobot, lerobot_meta
 from arf_trainer.datahub.arrow_types import schema_differences
 from arf_trainer.datahub.tables import open_delta_dataset
 from arf_trainer.errors import DataHubError
@@ -51,7 +52,7 @@ class Source:
     # the thread of its own runtime that pulls the batches during the write.
     dataset: pads.Dataset | None = field(default=None, compare=False, repr=False)
     partition: hive.Partition = ()  # the column=value folders it sits under, outermost first
-    lerobot: lerobot.LeRobotMeta | None = field(default=None, compare=False, repr=False)
+    lerobot: lerobot_meta.LeRobotMeta | None = field(default=None, compare=False, repr=False)
 
 
 def _format_of(path: Path) -> str | None:
@@ -121,10 +122,10 @@ def resolve_sources(paths: Sequence[str | Path]) -> list[Source]:
             raise DataHubError(f"{path} does not exist; check the path (nothing was written)")
         if path.is_dir() and (path / "_delta_log").is_dir():
             sources.append(_delta_source(path))
-        elif lerobot.is_dataset(path):
-            meta = lerobot.read_meta(path)
+        elif lerobot_meta.is_dataset(path):
+            meta = lerobot_meta.read_meta(path)
             sources.extend(Source(f, "lerobot", f.stat().st_size, lerobot=meta)
-                           for f in lerobot.data_files(meta))
+                           for f in lerobot_meta.data_files(meta))
         elif path.is_dir():
             found = _folder_sources(path)
             if not found:
@@ -142,7 +143,11 @@ def _csv_options(source: Source, schema: pa.Schema | None):
     parse = pacsv.ParseOptions(delimiter="\t" if source.path.name.lower().endswith(".tsv")
                                else ",")
     types = {field.name: field.type for field in schema} if schema is not None else None
-    return read, parse, pacsv.ConvertOptions(column_types=types)
+    # Only an empty field is null. Arrow's default tokens (`n/a`, `NA`, `null`, `nan`, `#N/A`,
+    # ...) would make a typo or a placeholder a silent null in a number column; as text they
+    # make the column a string (or fail at their line, once its type is known).
+    return read, parse, pacsv.ConvertOptions(column_types=types, null_values=[""],
+                                             quoted_strings_can_be_null=True)
 
 
 def _open_csv(source: Source, schema: pa.Schema | None) -> pacsv.CSVStreamingReader:
@@ -151,7 +156,7 @@ def _open_csv(source: Source, schema: pa.Schema | None) -> pacsv.CSVStreamingRea
     try:
         return pacsv.open_csv(stream, read_options=read, parse_options=parse,
                               convert_options=convert)
-    except pa.ArrowException as exc:
+    except (pa.ArrowException, OSError) as exc:  # OSError: a corrupt or truncated .gz
         raise _csv_error(source, exc, 0) from exc
 
 
@@ -170,14 +175,26 @@ def _file_schema(source: Source, hint: pa.Schema | None) -> pa.Schema:
     except (pa.ArrowException, OSError) as exc:
         raise DataHubError(f"{source.path}: not a readable {source.format} file: {exc}") from exc
     header = _csv_header(source)
+    if not header:
+        raise DataHubError(f"{source.path}: the CSV file is empty (no header line, no rows); "
+                           "remove it from the ingest or write its rows (nothing was written)")
     typed = pa.schema([hint.field(n) for n in header if n in hint.names]) if hint else None
-    return _open_csv(source, typed).schema
+    inferred = csv_values.readable(_open_csv(source, csv_values.as_read(typed)).schema, typed)
+    csv_values.check_text(source.path, inferred, typed)
+    return inferred
 
 
 def _csv_header(source: Source) -> list[str]:
-    with _text(source.path) as handle:
-        delimiter = "\t" if source.path.name.lower().endswith(".tsv") else ","
-        return next(csv.reader(handle, delimiter=delimiter), [])
+    delimiter = "\t" if source.path.name.lower().endswith(".tsv") else ","
+    try:
+        with _text(source.path) as handle:
+            return next(csv.reader(handle, delimiter=delimiter), [])
+    except UnicodeDecodeError as exc:
+        raise csv_values.not_utf8(source.path) from exc
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise DataHubError(f"{source.path}: not a readable gzip file ({exc}); check the file "
+                           "(`gzip -t` tests it) or pass it uncompressed (nothing was written)"
+                           ) from exc
 
 
 def _text(path: Path) -> io.TextIOBase:
@@ -240,18 +257,19 @@ def read_source(source: Source, schema: pa.Schema,
     partition folders' columns included); the `types` columns cast (CSV: parsed) to them."""
     fields = [schema.field(column) for column, _ in source.partition]
     where = str(source.path)
-    for batch in _file_batches(source, schema):
+    for batch in _file_batches(source, schema, types or {}):
         if source.format != "csv":
             batch = column_types.cast_named(batch, types or {}, where)
         yield hive.with_partition(batch, source, fields)
 
 
-def _file_batches(source: Source, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+def _file_batches(source: Source, schema: pa.Schema,
+                  types: Mapping[str, pa.DataType]) -> Iterator[pa.RecordBatch]:
     if source.format == "csv":
         yield from _csv_batches(source, schema)
         return
     if source.format == "json":
-        yield from jsonl.batches(source.path, schema)
+        yield from jsonl.batches(source.path, schema, types)
         return
     if source.lerobot is not None:
         yield from lerobot.batches(source.lerobot, source.path,
@@ -277,29 +295,55 @@ def _file_batches(source: Source, schema: pa.Schema) -> Iterator[pa.RecordBatch]
 
 def _csv_batches(source: Source, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
     header = _csv_header(source)
-    reader = _open_csv(source, pa.schema([schema.field(n) for n in header if n in schema.names]))
+    typed = pa.schema([schema.field(n) for n in header if n in schema.names])
+    reader = _open_csv(source, csv_values.as_read(typed))
     rows = 0
     while True:
         try:
             batch = reader.read_next_batch()
         except StopIteration:
             return
-        except pa.ArrowException as exc:
+        except (pa.ArrowException, OSError) as exc:  # OSError: a truncated .gz
             raise _csv_error(source, exc, rows) from exc
+        try:
+            batch = csv_values.finish(batch, typed)
+        except csv_values.BadRow as bad:
+            raise DataHubError(f"{source.path}: line {_line_of_row(source, rows + bad.index)}: "
+                               f"{bad} (nothing was written; the table is at its previous "
+                               "version)") from bad
         rows += batch.num_rows
         yield batch
 
 
 _ROW = re.compile(r"Row #(\d+): ")
+_NAIVE = re.compile(r"In CSV column #(\d+): .*expected a zone offset in '(.*?)'", re.DOTALL)
 _BAD_VALUE = re.compile(r"In CSV column #(\d+): .*invalid value '(.*)'", re.DOTALL)
 
 
 def _csv_error(source: Source, exc: Exception, rows_before: int) -> DataHubError:
     """A CSV error naming the file and the line (1 = the header) of the row that failed."""
     text = str(exc).replace("CSV parse error: ", "")
+    if isinstance(exc, OSError) and not isinstance(exc, pa.ArrowException):
+        return DataHubError(f"{source.path}: could not read the file ({text}): a corrupt or "
+                            "truncated .gz? Check it with `gzip -t` (nothing was written)")
+    if rows_before == 0 and ("Empty CSV file" in text or "cannot infer number" in text):
+        return DataHubError(f"{source.path}: no rows (the file is empty or holds only a "
+                            "header); remove it from the ingest or add its rows (nothing was "
+                            "written)")
+    if "invalid UTF8" in text:
+        return csv_values.not_utf8(source.path)
     line, retype = None, ""
     if match := _ROW.search(text):
         line, text = int(match.group(1)), _ROW.sub("", text, count=1)
+    if match := _NAIVE.search(text):
+        column, value = int(match.group(1)), match.group(2)
+        name = dict(enumerate(_csv_header(source))).get(column, f"#{column + 1}")
+        line = line or _line_of_value(source, column, value, rows_before)
+        return DataHubError(
+            f"{source.path}: line {line}: column {name!r}: the value {value!r} has no time "
+            "zone, and `timestamp` (UTC) needs one. Add the zone to the values "
+            f"(`2026-12-01T10:00:00Z`, `+02:00`), or read them as they are with --type "
+            f"{name}=timestamp[us] (nothing was written)")
     if match := _BAD_VALUE.search(text):
         column = int(match.group(1))
         line = line or _line_of_value(source, column, match.group(2), rows_before)
@@ -313,6 +357,19 @@ def _csv_error(source: Source, exc: Exception, rows_before: int) -> DataHubError
         f"{source.path}: {where}: {text.strip()}. Fix or remove that row and ingest again"
         f"{retype} (nothing was written; the table is at its previous version)"
     )
+
+
+def _line_of_row(source: Source, index: int) -> int | None:
+    """The physical line of data row `index` (0-based; quoted fields may span lines)."""
+    delimiter = "\t" if source.path.name.lower().endswith(".tsv") else ","
+    with _text(source.path) as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        next(reader, None)
+        rows = (row for row in reader if row)  # Arrow skips empty lines
+        for number, _ in enumerate(rows):
+            if number == index:
+                return reader.line_num
+    return None
 
 
 def _line_of_value(source: Source, column: int, value: str, rows_before: int) -> int | None:

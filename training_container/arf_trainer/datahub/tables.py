@@ -6,7 +6,8 @@ forever. Reading goes through `open_table`, which returns a lazily scanned Arrow
 (DuckDB scans it with projection and filter pushdown) together with the concrete version, so
 the caller can record exactly what it read.
 
-Only this module touches the Delta log; the query sandbox (`arf_trainer.datahub.query`) and the
+Only this module and `arf_trainer.datahub.table_damage` (which names a damaged log or lost
+data files) touch the Delta log; the query sandbox (`arf_trainer.datahub.query`) and the
 demo seeder (`arf_trainer.datahub.seed`) go through the functions here.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +30,8 @@ from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from arf_trainer.datahub.arrow_types import (logical_schema, recorded_types,
                                             storable_schema)
+from arf_trainer.datahub.table_damage import (damaged_log, files_gone, format_versions,
+                                             missing_commits)
 from arf_trainer.errors import DataHubError
 
 # Table names become directory names and SQL identifiers, so keep them to plain identifiers:
@@ -35,6 +39,7 @@ from arf_trainer.errors import DataHubError
 # quoting needed in SQL.
 # `\Z`, not `$`: `$` also matches before a trailing newline, which would let 'x\n' through.
 TABLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,127}\Z")
+MAX_NAME_LENGTH = 128
 
 WriteMode = Literal["append", "overwrite"]
 
@@ -55,10 +60,35 @@ def _seed_hint(hub: Path) -> str:
 
 def _check_name(name: str) -> None:
     if not TABLE_NAME.match(name):
+        shown = name if len(name) <= 60 else f"{name[:40]}...{name[-10:]}"
+        long = f" ({len(name)} characters)" if len(name) > MAX_NAME_LENGTH else ""
         raise DataHubError(
-            f"table name {name!r} is not allowed; data hub table names are lower-case "
-            "identifiers matching [a-z_][a-z0-9_]* (e.g. reach_demos)"
+            f"table name {shown!r}{long} is not allowed; data hub table names are lower-case "
+            f"identifiers matching [a-z_][a-z0-9_]* of at most {MAX_NAME_LENGTH} characters "
+            "(e.g. reach_demos)"
         )
+
+
+@functools.cache
+def sql_keywords() -> frozenset[str]:
+    """The words DuckDB cannot read as a bare table name (`SELECT * FROM select` is a parser
+    error): its reserved keywords and the type/function ones (`join`, `left`, ...)."""
+    import duckdb
+
+    with duckdb.connect() as con:
+        rows = con.execute("SELECT keyword_name FROM duckdb_keywords() WHERE keyword_category "
+                           "IN ('reserved', 'type_function')").fetchall()
+    return frozenset(row[0].lower() for row in rows)
+
+
+def check_new_table_name(hub: Path, name: str) -> None:
+    """Refuse a name a query could not use, for a table about to be created: an SQL keyword
+    (`FROM select` does not parse). A table that already has that name keeps working."""
+    path = table_path(hub, name)
+    if name in sql_keywords() and not _has_commits(path):
+        raise DataHubError(
+            f"table name {name!r} is an SQL keyword: a dataset query could not name it "
+            f"(`SELECT * FROM {name}` does not parse). Pick another name, e.g. {name}_data")
 
 
 def _check_hub(hub: Path) -> None:
@@ -110,8 +140,14 @@ def table_lock(hub: Path, name: str) -> Iterator[None]:
 
 
 def list_tables(hub: Path) -> list[str]:
-    """Names of the Delta tables directly under `hub`, sorted; [] if the hub does not exist."""
+    """Names of the Delta tables directly under `hub`, sorted; [] if the hub does not exist.
+    A hub path that is a file (or else not a folder) is named, not read as an empty hub."""
     if not hub.is_dir():
+        if hub.exists():
+            kind = "it is a file" if hub.is_file() else "it is not a directory"
+            raise DataHubError(
+                f"the data hub {hub} is not a folder this process can write or read ({kind}); "
+                "set ARF_DATAHUB_URI (or --hub) to the hub's folder")
         return []
     return sorted(child.name for child in hub.iterdir()
                   if TABLE_NAME.match(child.name) and _has_commits(child))
@@ -127,19 +163,6 @@ def _has_commits(table: Path) -> bool:
         return False
 
 
-def format_versions(versions: list[int]) -> str:
-    """[0, 1, ..., 41, 44, 45] as '0-41, 44, 45' (runs of three or more joined; version lists
-    can be long, and a vacuum leaves gaps); 'none' for []."""
-    runs: list[list[int]] = []
-    for v in versions:
-        if runs and v == runs[-1][-1] + 1:
-            runs[-1].append(v)
-        else:
-            runs.append([v])
-    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r))
-                     for r in runs) or "none"
-
-
 def _missing_table(hub: Path, name: str, version: int | None) -> DataHubError:
     available = list_tables(hub)
     asked = "latest" if version is None else str(version)
@@ -149,22 +172,14 @@ def _missing_table(hub: Path, name: str, version: int | None) -> DataHubError:
     )
 
 
-def damaged_log(path: Path, name: str, exc: Exception) -> DataHubError:
-    # delta-rs appends a Rust backtrace under RUST_BACKTRACE: the first line says what it is.
-    why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return DataHubError(
-        f"the Delta log of data hub table {name!r} ({path / '_delta_log'}) cannot be read: "
-        f"{why}. A commit file there is damaged (edited, or cut short by a full disk); restore "
-        "the table's folder from a backup, or move it aside and ingest (or seed) the table again"
-    )
-
-
 def latest_table(hub: Path, name: str) -> DeltaTable:
     """The latest version of `name`; a missing table or an unreadable log is named."""
     path = table_path(hub, name)
     try:
         return DeltaTable(str(path))
     except TableNotFoundError as exc:
+        if missing_commits(path):  # a log without its first commit: not a missing table
+            raise damaged_log(path, name, exc) from exc
         raise _missing_table(hub, name, None) from exc
     except DeltaError as exc:
         raise damaged_log(path, name, exc) from exc
@@ -192,6 +207,8 @@ def open_table(hub: Path, name: str, version: int | None = None) -> TableSnapsho
     try:
         table = DeltaTable(str(path), version=version)
     except TableNotFoundError as exc:
+        if missing_commits(path):  # e.g. version 0's commit file deleted: name that
+            raise damaged_log(path, name, exc) from exc
         raise _missing_table(hub, name, version) from exc
     except DeltaError as exc:
         if version is None:
@@ -215,23 +232,14 @@ def open_table(hub: Path, name: str, version: int | None = None) -> TableSnapsho
 
 def vacuumed(hub: Path, snapshot: TableSnapshot, *, while_reading: bool = False
              ) -> DataHubError | None:
-    """The error naming the VACUUM that removed data files of `snapshot`'s version, or None
-    while every file is there. A version a vacuum emptied is still in the log: refused by name
-    when opened (its scan would fail half-way with a bare "Object ... not found"), and named
-    when a vacuum removed the files under a query reading it (`while_reading`). The dataset's
-    paths are relative to the table's folder (`file_uris` would be percent-encoded)."""
-    path = table_path(hub, snapshot.name)
-    missing = [f for f in snapshot.dataset.files if not (path / f).is_file()]
-    if not missing:
-        return None
-    latest = DeltaTable(str(path)).version()
-    when = "removed them while this run read the version" if while_reading else "removed them"
-    return DataHubError(
-        f"version {snapshot.version} of data hub table {snapshot.name!r} refers to data files "
-        f"that no longer exist ({len(missing)} missing, e.g. {Path(missing[0]).name}): a "
-        f"VACUUM of the table {when}. Pin a version written after the vacuum (the latest is "
-        f"{latest}), or drop the pin to read the latest"
-    )
+    """The error naming why data files of `snapshot`'s version are gone (a VACUUM, or files
+    deleted from disk by hand: `table_damage.files_gone`), or None while every file is there.
+    A version with files gone is still in the log: refused by name when opened (its scan would
+    fail half-way with a bare "Object ... not found"), and named when the files went under a
+    query reading it (`while_reading`). The dataset's paths are relative to the table's folder
+    (`file_uris` would be percent-encoded)."""
+    return files_gone(table_path(hub, snapshot.name), snapshot.name, snapshot.version,
+                      snapshot.dataset.files, while_reading=while_reading)
 
 
 def local_filesystem(path: Path) -> pafs.FileSystem:

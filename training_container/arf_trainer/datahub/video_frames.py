@@ -41,15 +41,19 @@ class VideoFrames:
         self._errors = av.FFmpegError
         try:
             self._container = av.open(str(path))
-            self._stream = self._container.streams.video[0]
-            # The step's CPU budget (`workers`), not every core FFmpeg can see; the decoded
-            # frames are the same for any number of threads.
-            self._stream.thread_type = "AUTO"
-            self._stream.codec_context.thread_count = worker_threads()
-        except (av.FFmpegError, IndexError, OSError) as exc:
-            raise DataHubError(f"{path}: not a readable video ({exc}); the dataset's video "
-                               "files must be where meta/info.json's video_path puts them"
-                               ) from exc
+        except (av.FFmpegError, OSError) as exc:
+            raise _unreadable(path, str(exc)) from exc
+        # A cut-short MP4 often still opens, with no video stream (or no codec for it) left in
+        # what was read.
+        streams = self._container.streams.video
+        if not streams or streams[0].codec_context is None:
+            self._container.close()
+            raise _unreadable(path, "no decodable video stream in it")
+        self._stream = streams[0]
+        # The step's CPU budget (`workers`), not every core FFmpeg can see; the decoded
+        # frames are the same for any number of threads.
+        self._stream.thread_type = "AUTO"
+        self._stream.codec_context.thread_count = worker_threads()
         self._base: Fraction = self._stream.time_base
         self._frames: Any = None  # the decoding generator, from the last seek
         self._held: list[tuple[float, Any]] = []  # decoded, not yet passed: (time, frame)
@@ -94,7 +98,11 @@ class VideoFrames:
 
     def _seek(self, time_s: float) -> None:
         target = max(0, int((time_s - self.tolerance_s) / self._base))
-        self._container.seek(target, stream=self._stream, backward=True, any_frame=False)
+        try:
+            self._container.seek(target, stream=self._stream, backward=True, any_frame=False)
+        except self._errors as exc:
+            raise DataHubError(f"{self.path}: the video cannot seek to {time_s:.4f} s ({exc}); "
+                               "the file is damaged or truncated: download it again") from exc
         self._frames = self._container.decode(self._stream)
         self._held = []
 
@@ -106,3 +114,13 @@ class VideoFrames:
                 f"meta/info.json gives this camera shape {list(self.shape)}; fix info.json")
         pixels = frame.to_ndarray(format=_FORMATS[channels])
         return pixels.reshape(height, width, channels)
+
+
+def _unreadable(path: Path, reason: str) -> DataHubError:
+    """Why `path` cannot be opened: not there (the dataset's layout), or there but damaged."""
+    if path.is_file():
+        return DataHubError(
+            f"{path}: not a readable video ({reason}): the file is there but damaged or "
+            "truncated (an interrupted download?); download it again")
+    return DataHubError(f"{path}: not a readable video ({reason}); the dataset's video files "
+                        "must be where meta/info.json's video_path puts them")
