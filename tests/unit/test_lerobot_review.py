@@ -136,6 +136,21 @@ def test_a_missing_video_keeps_its_download_advice(tmp_path: Path, originals, ca
     assert "damaged" not in err
 
 
+@pytest.mark.parametrize("video_path", [
+    "../outside/{video_key}/episode_{episode_index:06d}.mp4",
+    "videos/../../{video_key}.mp4", "/tmp/{video_key}.mp4"])
+def test_a_video_path_outside_the_dataset_is_refused(tmp_path: Path, originals, capsys,
+                                                     video_path: str) -> None:
+    """info.json's video_path must stay inside the dataset folder: the ingest reads what it
+    names, and a `../` there would read (and store) a video from anywhere."""
+    dataset = _copy(originals, "v2.1", tmp_path)
+    # The real videos there: without the check the first path ingests them (checked).
+    shutil.copytree(_video(dataset, "v2.1").parent, tmp_path / "outside" / TOP)
+    _edit_info(dataset, lambda info: info.update(video_path=video_path))
+    err = _refused(tmp_path, dataset, capsys)
+    assert "outside the dataset folder" in err and "fix info.json" in err
+
+
 # 6: a damaged data file is named --------------------------------------------------------------
 
 @pytest.mark.parametrize("with_total", [True, False], ids=["total_frames", "no-total_frames"])

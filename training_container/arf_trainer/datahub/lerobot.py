@@ -27,6 +27,7 @@ the file and what to fix. The table's history records the data files read. What 
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,12 @@ class _Videos:
         except (KeyError, IndexError, ValueError) as exc:
             raise DataHubError(f"{meta.root / INFO}: video_path {meta.video_path!r} names "
                                f"{exc}, which this ingest does not know") from exc
+        # Lexically, not resolved: a Hugging Face cache's files are links into its blobs folder.
+        if os.path.isabs(relative) or os.path.normpath(relative).split(os.sep)[0] == "..":
+            raise DataHubError(
+                f"{meta.root / INFO}: video_path {meta.video_path!r} gives {relative!r} for "
+                f"camera {key!r}, episode {episode}: outside the dataset folder. A LeRobot "
+                "dataset's video paths are relative to its folder (videos/...); fix info.json")
         path = meta.root / relative
         if not path.is_file():
             raise DataHubError(f"{path}: the video of camera {key!r}, episode {episode}, is "
