@@ -8,7 +8,8 @@ Settings: `client_settings.ClientSettings` (flags, environment, YAML file). Auth
 follows Airflow 3: a JWT from `POST /auth/token` (username + password), a given token, or
 `GET /auth/token` when the deployment lets everyone in (`simple_auth_manager_all_admins`).
 Credentials never appear in messages or `repr`. The job record is `client_jobs.Job`, the errors
-`client_errors`, the input caps `limits`; all are importable from here too.
+`client_errors`, the input caps `limits`, logs and waiting `client_logs.JobLogs`; all are
+importable from here too.
 
 `apache-airflow-client` is imported lazily (it is an extra of the Airflow side); a missing
 install is reported with the command that fixes it.
@@ -19,13 +20,13 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import time
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from arf_training.client_errors import (EXIT_BAD_INPUT, EXIT_OK, EXIT_RUN_FAILED,  # noqa: F401
                                         EXIT_UNREACHABLE, AuthFailed, BadInput, ClientError,
-                                        Conflict, NotFound, Unreachable)
+                                        Conflict, NotFound, Unreachable, airflow_client)
+from arf_training.client_logs import JobLogs
 from arf_training.client_jobs import (CANCEL_NOTE, FINISHED, STATUS, Job,  # noqa: F401
                                      split_job_id)
 from arf_training.client_settings import (DEFAULT_CONFIG, DEFAULT_URL,  # noqa: F401
@@ -36,16 +37,6 @@ from arf_training.limits import (MAX_DISPLAY_NAME, MAX_LIST_LIMIT, MAX_NAME, MAX
 
 PLATFORM_DAGS = frozenset({"arf_evaluate"})
 # The train step's progress lines (arf_trainer.trainer.run._epoch_line).
-PROGRESS_LINE = re.compile(r"epoch \d+/\d+ \| step \d+/\d+")
-
-
-def _airflow_client():
-    try:
-        import airflow_client.client as ac
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ClientError("the training client needs apache-airflow-client; install it with "
-                          "`pip install -e '.[client]'` (or `.[all]`)") from exc
-    return ac
 
 
 def _checked_sizes(values: dict[str, Any] | None) -> dict[str, Any]:
@@ -61,7 +52,7 @@ def _iso(value: Any) -> str | None:
     return value.isoformat() if isinstance(value, datetime) else value
 
 
-class TrainingClient:
+class TrainingClient(JobLogs):
     """Start, inspect and stop training jobs on one Airflow deployment."""
 
     def __init__(self, settings: ClientSettings | None = None):
@@ -72,7 +63,7 @@ class TrainingClient:
 
     def _api(self):
         if self._api_client is None:
-            ac = _airflow_client()
+            ac = airflow_client()
             config = ac.Configuration(host=self.settings.url,
                                       access_token=fetch_token(self.settings))
             config.retries = False
@@ -92,7 +83,7 @@ class TrainingClient:
         """Run one REST call and translate its failure into a `ClientError` subclass."""
         import urllib3
 
-        ac = _airflow_client()
+        ac = airflow_client()
         try:
             try:
                 return fn()
@@ -121,13 +112,13 @@ class TrainingClient:
                               "start it or check --url") from exc
 
     def _dag_runs(self):
-        return _airflow_client().DagRunApi(self._api())
+        return airflow_client().DagRunApi(self._api())
 
     # -- templates -----------------------------------------------------------------------------
 
     def templates(self) -> list[dict[str, Any]]:
         """The training templates Airflow knows (DAGs tagged `arf`, minus platform DAGs)."""
-        ac = _airflow_client()
+        ac = airflow_client()
         dags = self._call(lambda: ac.DAGApi(self._api()).get_dags(tags=["arf"], limit=1000),
                           what="listing templates")
         return [{"name": d.dag_id, "description": d.description or "",
@@ -138,7 +129,7 @@ class TrainingClient:
         """The template's Params as the running deployment has them (the trigger form's fields)."""
         from arf_training.params import schemas_from_airflow
 
-        ac = _airflow_client()
+        ac = airflow_client()
         check_name("template", template)
         if template in PLATFORM_DAGS:
             raise NotFound(f"{template!r} is a platform DAG, not a training template",
@@ -185,7 +176,7 @@ class TrainingClient:
               dataset_query: str | None = None) -> Job:
         """Validate the conf, then create a DAG run. Only the keys given are sent (the DAG's
         Params fill in the rest, so a later template default change applies)."""
-        ac = _airflow_client()
+        ac = airflow_client()
         check_name("template", template)
         check_length("display_name", display_name, MAX_DISPLAY_NAME)
         check_length("dataset_query", dataset_query, MAX_VALUE)
@@ -233,14 +224,14 @@ class TrainingClient:
         return job
 
     def task_states(self, template: str, run_id: str) -> dict[str, str]:
-        ac = _airflow_client()
+        ac = airflow_client()
         tis = self._call(lambda: ac.TaskInstanceApi(self._api()).get_task_instances(
             template, run_id), what=f"reading the tasks of {template}/{run_id}")
         return {ti.task_id: str(getattr(ti.state, "value", ti.state) or "none")
                 for ti in tis.task_instances}
 
     def _add_model_version(self, job: Job) -> None:
-        ac = _airflow_client()
+        ac = airflow_client()
         try:
             entry = self._call(lambda: ac.XComApi(self._api()).get_xcom_entry(
                 job.template, "register_model", job.run_id, "return_value"),
@@ -280,7 +271,7 @@ class TrainingClient:
 
     def cancel(self, job_id: str) -> Job:
         """Mark a queued or running job failed (Airflow stops its running tasks)."""
-        ac = _airflow_client()
+        ac = airflow_client()
         self.param_schemas(split_job_id(job_id)[0])  # a training template's run, or NotFound
         job = self.status(job_id, tasks=False)
         if job.state in FINISHED:
@@ -291,94 +282,6 @@ class TrainingClient:
         run = self._call(lambda: self._dag_runs().patch_dag_run(job.template, job.run_id, body),
                          what=f"cancelling {job_id}", not_found=f"no job {job_id!r}")
         return self._job(run)
-
-    # -- logs and waiting ----------------------------------------------------------------------
-
-    def log_chunk(self, template: str, run_id: str, task_id: str, try_number: int,
-                  token: str | None = None) -> tuple[list[str], str | None]:
-        """New log lines of one task try since `token`, and the token to continue from."""
-        ac = _airflow_client()
-        resp = self._call(lambda: ac.TaskInstanceApi(self._api()).get_log(
-            template, run_id, task_id, try_number, token=token, accept="application/json"),
-            what=f"reading the log of {task_id}", not_found=f"no log of {task_id} yet")
-        content = getattr(resp.content, "actual_instance", resp.content) or []
-        lines = []
-        for item in content if isinstance(content, list) else [content]:
-            event = getattr(item, "event", item)
-            if isinstance(event, str):
-                lines.extend(event.splitlines() or [""])
-        return lines, resp.continuation_token
-
-    def logs(self, job_id: str, *, task: str | None = None, follow: bool = False,
-             poll_s: float = 2.0, stop: Any = None) -> Iterator[tuple[str, str]]:
-        """(task_id, line) of every task's latest try; with `follow`, until the job finishes or
-        `stop` (a `threading.Event`: the gRPC caller left) is set."""
-        template, run_id = split_job_id(job_id)
-        check_name("task", task)
-        ac = _airflow_client()
-        offsets: dict[tuple[str, int], int] = {}
-        while True:
-            job = self.status(job_id, tasks=False)
-            tis = self._call(lambda: ac.TaskInstanceApi(self._api()).get_task_instances(
-                template, run_id), what="reading tasks").task_instances
-            if task and task not in {ti.task_id for ti in tis}:
-                raise BadInput(f"job {job_id} has no task {quote(task)}; its tasks: "
-                               f"{', '.join(ti.task_id for ti in tis)}", field="task")
-            for ti in tis:
-                if (task and ti.task_id != task) or not ti.try_number:
-                    continue
-                key = (ti.task_id, ti.try_number)
-                try:
-                    lines, _ = self.log_chunk(template, run_id, ti.task_id, ti.try_number)
-                except NotFound:
-                    continue
-                for line in lines[offsets.get(key, 0):]:
-                    yield ti.task_id, line
-                offsets[key] = len(lines)
-            if not follow or job.state in FINISHED:
-                return
-            if stop is None:
-                time.sleep(poll_s)
-            elif stop.wait(poll_s):  # the caller left while we waited
-                return
-
-    def wait(self, job_id: str, *, on_task: Callable[[str, str], None] | None = None,
-             on_line: Callable[[str, str], None] | None = None, poll_s: float = 2.0,
-             timeout_s: float | None = None) -> Job:
-        """Poll until the job finishes; report task state changes and the train step's progress
-        lines as they appear. Returns the final `Job` (with the model version on success)."""
-        template, run_id = split_job_id(job_id)
-        seen: dict[str, str] = {}
-        offsets: dict[str, int] = {}
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            job = self.status(job_id, tasks=True)
-            for task_id, state in job.tasks.items():
-                if seen.get(task_id) != state:
-                    seen[task_id] = state
-                    if on_task:
-                        on_task(task_id, state)
-            if on_line and job.tasks.get("train") in ("running", "success", "failed"):
-                try:
-                    lines, _ = self.log_chunk(template, run_id, "train", self._try(job, "train"))
-                except ClientError:
-                    lines = []
-                for line in lines[offsets.get("train", 0):]:
-                    found = PROGRESS_LINE.search(line)
-                    if found:  # from "epoch ..." on: the logger's prefix is noise here
-                        on_line("train", line[found.start():].strip())
-                offsets["train"] = len(lines)
-            if job.state in FINISHED:
-                return job
-            if deadline is not None and time.monotonic() > deadline:
-                raise ClientError(f"job {job_id} still {job.state} after {timeout_s:.0f} s")
-            time.sleep(poll_s)
-
-    def _try(self, job: Job, task_id: str) -> int:
-        ac = _airflow_client()
-        ti = self._call(lambda: ac.TaskInstanceApi(self._api()).get_task_instance(
-            job.template, job.run_id, task_id), what=f"reading task {task_id}")
-        return max(int(ti.try_number or 1), 1)
 
 
 def _detail(body: Any) -> str:

@@ -49,3 +49,14 @@ class Unreachable(ClientError):
     """Airflow did not answer (connection refused, timeout, 5xx)."""
 
     exit_code = EXIT_UNREACHABLE
+
+
+def airflow_client():
+    """`airflow_client.client` (an extra of the Airflow side), or a ClientError naming the
+    install command."""
+    try:
+        import airflow_client.client as ac
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ClientError("the training client needs apache-airflow-client; install it with "
+                          "`pip install -e '.[client]'` (or `.[all]`)") from exc
+    return ac

@@ -162,3 +162,43 @@ def test_job_table_columns_fit_long_ids():
     assert len({line.index(" running") if "running" in line else line.index(" success")
                 for line in lines}) == 1, lines
     assert lines[0].split() == ["t/manual__1", "running", "2026-12-03"]
+
+
+class _Replayed(TrainingClient):
+    """The REST answers of one job, poll by poll. Injected rather than run: the race (the
+    train log read as the run finishes) cannot be made to happen on demand against a real
+    Airflow; tests/integration/test_cli_training.py covers the real path."""
+
+    def __init__(self, polls: list[tuple[str, str, list]]):
+        super().__init__(ClientSettings(url="http://127.0.0.1:9"))
+        self.polls, self.reads = polls, []
+
+    def status(self, job_id: str, *, tasks: bool = True) -> Job:
+        state, train, self.reads = self.polls.pop(0)
+        return Job("digits_smoke", "r1", state, tasks={"train": train})
+
+    def _try(self, job: Job, task_id: str) -> int:
+        return 1
+
+    def log_chunk(self, template, run_id, task_id, try_number, token=None):
+        answer = self.reads.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer, None
+
+
+def test_wait_shows_every_epoch_when_the_finished_log_differs_or_fails_once(monkeypatch):
+    """The worker-served log of the running task and the finished task's file need not line
+    up (an offset carried over skipped the last epoch), and a read as the job finishes can
+    fail once; each progress line is shown once, in order."""
+    from arf_training.client_errors import Unreachable
+
+    monkeypatch.setattr("time.sleep", lambda _s: None)
+    served = ["source: worker", "header", "x epoch 1/2 | step 5/10 | loss 0.9"]
+    finished = ["x epoch 1/2 | step 5/10 | loss 0.9", "x epoch 2/2 | step 10/10 | loss 0.5"]
+    client = _Replayed([("running", "running", [served]),
+                        ("success", "success", [Unreachable("timed out"), finished])])
+    shown: list[str] = []
+    job = client.wait("digits_smoke/r1", on_line=lambda _t, line: shown.append(line))
+    assert job.state == "success"
+    assert shown == ["epoch 1/2 | step 5/10 | loss 0.9", "epoch 2/2 | step 10/10 | loss 0.5"]
