@@ -105,9 +105,7 @@ def _check_line(raw: bytes, schema: pa.Schema | None, expected: dict[str, str | 
     for column, value in record.items():
         kind = _kind(value)
         if kind == "integer" and abs(value) >= _INT64 and column not in given:
-            return (f"column {column!r}: the integer {value} is beyond int64's range, and "
-                    "reading it would turn the whole column into rounded floats; write it as "
-                    "a string (quoted) or drop it")
+            return _huge(column, value)
         if kind == "number" and math.isinf(value):  # Python reads 1e400 as inf
             return (f"column {column!r}: {raw.decode(errors='replace').strip()[:60]} holds a "
                     "number beyond float64's range; fix the value")
@@ -133,7 +131,11 @@ def huge_integer(path: Path, column: str) -> str | None:
         except (ValueError, AttributeError):
             continue
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= _INT64:
-            return (f"line {number}: column {column!r}: the integer {value} is beyond int64's "
-                    "range, and reading it would turn the whole column into rounded floats "
-                    "(1 as 1.0); write it as a string (quoted) or drop it")
+            return f"line {number}: {_huge(column, value)}"
     return None
+
+
+def _huge(column: str, value: int) -> str:
+    return (f"column {column!r}: the integer {value} is beyond int64's range, and reading it "
+            "would turn the whole column into rounded floats (1 as 1.0); write it as a string "
+            "(quoted) or drop it")
